@@ -1,0 +1,112 @@
+"""The ``llmsim`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmsim.errors import LLMSimError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from llmsim.config import load_config
+    from llmsim.run import format_summary, run_experiment
+
+    cfg = load_config(args.config)
+    updates = {}
+    if args.seed is not None:
+        updates["seed"] = args.seed
+    if args.step:
+        updates["simulation"] = cfg.simulation.model_copy(update={"fast_forward": False})
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    out = Path(args.out) if args.out else cfg.output_dir
+    total = cfg.workload.num_requests
+    with tqdm(total=total, unit="req", desc="arrivals", disable=args.quiet or None, leave=False) as bar:
+        _, summary = run_experiment(cfg, on_progress=bar.update, output_dir=out)
+    if not args.quiet:
+        print(format_summary(summary))
+    print(f"results written to {out}/ (requests.parquet, iterations.parquet, summary.json, config.yaml)")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from llmsim.models.spec import catalog, load_model
+
+    print(f"{'model':<15}{'params':>9}{'layers':>8}{'hidden':>8}{'heads':>7}{'kv':>5}{'experts':>9}")
+    for name in catalog():
+        m = load_model(name)
+        print(f"{name:<15}{m.num_params / 1e9:8.1f}B{m.num_layers:>8}{m.hidden_size:>8}{m.num_heads:>7}"
+              f"{m.num_kv_heads:>5}{m.num_experts:>9}")
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from llmsim.hardware.profile import available_profiles, load_profile
+
+    print(f"{'device':<12}{'bf16/fp16 TFLOPS':>18}{'memory GiB':>12}{'TB/s':>7}  calibrated")
+    for name in available_profiles():
+        p = load_profile(name)
+        peak = p.peak_flops.get("bf16") or p.peak_flops.get("fp16") or max(p.peak_flops.values())
+        print(f"{name:<12}{peak / 1e12:18.1f}{p.memory_bytes / 2**30:12.0f}"
+              f"{p.memory_bandwidth_bytes_per_s / 1e12:7.2f}  {'yes' if p.calibrated else 'no'}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from llmsim.cluster.simulation import build_execution
+    from llmsim.config import load_config
+
+    cfg = load_config(args.config)
+    model, execution, memory, max_len = build_execution(cfg)
+    gib = 2**30
+    print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {execution.hardware.name}, "
+          f"TP={execution.plan.tp} PP={execution.plan.pp}: per GPU weights {memory.weights_bytes / gib:.1f} GiB, "
+          f"activations {memory.activation_bytes / gib:.2f} GiB, {memory.num_blocks} KV blocks "
+          f"({memory.num_blocks * cfg.scheduler.block_size} tokens) per replica, max_model_len {max_len}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmsim", description="Discrete-event simulator of LLM serving clusters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one experiment YAML and write its results folder",
+                         description="Simulate one experiment: writes requests.parquet, iterations.parquet, "
+                                     "summary.json and config.yaml, and prints a summary table.")
+    run.add_argument("config", help="experiment YAML")
+    run.add_argument("--out", help="results folder (default: output_dir from the config)")
+    run.add_argument("--seed", type=int, help="override the config's seed")
+    run.add_argument("--step", action="store_true",
+                     help="step every iteration instead of fast-forwarding decode runs (same results, slower)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate an experiment YAML and show its memory plan")
+    check.add_argument("config", help="experiment YAML")
+    check.set_defaults(func=_cmd_check)
+
+    models = sub.add_parser("models", help="list the model catalog")
+    models.set_defaults(func=_cmd_models)
+
+    devices = sub.add_parser("devices", help="list hardware profiles")
+    devices.set_defaults(func=_cmd_devices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LLMSimError as exc:
+        print(f"llmsim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

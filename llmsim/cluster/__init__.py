@@ -1,0 +1,1 @@
+"""Replicas, routers and the cluster-level simulation."""

@@ -1,0 +1,251 @@
+"""Typed experiment configuration. YAML maps one-to-one onto these models; unknown keys are errors.
+
+``load_config`` turns every validation problem into a ``ConfigError`` that names the YAML path (e.g.
+``workload.arrival.rate_per_s``) and, where there is a fixed set, the allowed values or keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmsim.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str  # catalog name or path to a HuggingFace config.json
+    dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] | None = None
+
+
+class HardwareConfig(_Strict):
+    device: str = "a100-80gb"  # profile name in hardware_profiles/ or a path to a profile YAML
+
+
+class ParallelConfig(_Strict):
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+
+
+class ClusterConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    router: Literal["round_robin", "least_outstanding"] = "round_robin"
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["fcfs", "sarathi"] = "fcfs"
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    chunk_size: int = Field(default=512, ge=1)  # sarathi: token budget per iteration
+    block_size: int = Field(default=16, ge=1)  # tokens per KV block
+    preemption: Literal["recompute", "swap"] = "recompute"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    watermark: float = Field(default=0.01, ge=0, lt=1)  # share of KV blocks kept free at admission
+    max_model_len: int | None = Field(default=None, ge=1)  # default: the model's max position
+    runtime_reserve_gib: float = Field(default=1.0, ge=0)  # CUDA context, communicator buffers
+
+
+class Fixed(_Strict):
+    kind: Literal["fixed"]
+    value: int = Field(ge=1)
+
+
+class Uniform(_Strict):
+    kind: Literal["uniform"]
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+
+class Zipf(_Strict):
+    """P(n) proportional to n^-a on [min, max]: many short requests, a heavy tail of long ones."""
+
+    kind: Literal["zipf"]
+    a: float = Field(gt=0)
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+
+class LogNormal(_Strict):
+    kind: Literal["lognormal"]
+    median: float = Field(gt=0)
+    sigma: float = Field(ge=0)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=1_000_000, ge=1)
+
+
+LengthDist = Annotated[Union[Fixed, Uniform, Zipf, LogNormal], Field(discriminator="kind")]
+
+
+class Poisson(_Strict):
+    kind: Literal["poisson"]
+    rate_per_s: float = Field(gt=0)
+
+
+class Gamma(_Strict):
+    """Gamma inter-arrival times: CV > 1 gives bursts (BurstGPT fits CV of 2-5), CV = 1 is Poisson."""
+
+    kind: Literal["gamma"]
+    rate_per_s: float = Field(gt=0)
+    cv: float = Field(gt=0)
+
+
+ArrivalProcess = Annotated[Union[Poisson, Gamma], Field(discriminator="kind")]
+
+
+class TraceConfig(_Strict):
+    path: Path
+    format: Literal["burstgpt", "azure", "mooncake"]
+    model: str | None = None  # burstgpt: keep rows of this model (e.g. ChatGPT, GPT-4)
+    log_type: str | None = None  # burstgpt: "Conversation log" or "API log"
+    failed: Literal["skip", "reject"] = "skip"  # burstgpt rows with Response tokens == 0
+    start_s: float = Field(default=0.0, ge=0)  # window on the trace's own clock
+    end_s: float | None = None
+    time_scale: float = Field(default=1.0, gt=0)  # >1 stretches time (slower), <1 compresses (faster)
+
+
+class WorkloadConfig(_Strict):
+    """Either replay a ``trace``, or draw ``arrival`` times with lengths from distributions or a trace."""
+
+    num_requests: int | None = Field(default=None, ge=1)
+    duration_s: float | None = Field(default=None, gt=0)  # stop arrivals after this simulated time
+    trace: TraceConfig | None = None
+    arrival: ArrivalProcess | None = None
+    prompt_tokens: LengthDist | None = None
+    output_tokens: LengthDist | None = None
+    lengths_from: TraceConfig | None = None  # joint (prompt, output) pairs sampled from a trace
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WorkloadConfig":
+        if self.trace is not None:
+            if self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from:
+                raise ValueError("a trace replay takes arrivals and lengths from the trace; "
+                                 "remove arrival/prompt_tokens/output_tokens/lengths_from")
+            return self
+        if self.arrival is None:
+            raise ValueError("set either trace (replay) or arrival (synthetic)")
+        has_dists = self.prompt_tokens is not None and self.output_tokens is not None
+        if has_dists == (self.lengths_from is not None):
+            raise ValueError("synthetic workloads need prompt_tokens and output_tokens, or lengths_from")
+        if self.num_requests is None and self.duration_s is None:
+            raise ValueError("synthetic workloads need num_requests or duration_s")
+        return self
+
+
+class SLOConfig(_Strict):
+    ttft_s: float = Field(default=2.0, gt=0)
+    tpot_s: float = Field(default=0.1, gt=0)
+    attainment: float = Field(default=0.9, gt=0, le=1)  # share of requests that must meet both
+
+
+class SimulationConfig(_Strict):
+    fast_forward: bool = True  # closed-form decode runs; exact, see cluster/replica.py
+    max_time_s: float | None = Field(default=None, gt=0)  # stop here; unfinished requests are in flight
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: Path = Path("results")
+    model: ModelConfig
+    hardware: HardwareConfig = HardwareConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    workload: WorkloadConfig
+    slo: SLOConfig = SLOConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model that holds the key at ``loc`` (for 'unknown key' errors)."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str):
+            return []
+        if part not in model.model_fields:
+            nested = [a for a in _union_members(model) if part in a.model_fields]
+            if not nested:
+                return []
+            model = nested[0]
+        annotation = model.model_fields[part].annotation
+        members = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = members[0] if len(members) == 1 else (_Union(members) if members else None)
+    return sorted(model.model_fields) if model is not None else []
+
+
+class _Union:
+    """Stand-in for a discriminated union while walking a location: the union of its members' fields."""
+
+    def __init__(self, members):
+        self.members = members
+        self.model_fields = {k: v for m in members for k, v in m.model_fields.items()}
+
+
+def _union_members(model):
+    return getattr(model, "members", [])
+
+
+def _flatten(annotation) -> list:
+    args = getattr(annotation, "__args__", None)
+    if args is None:
+        return [annotation]
+    out = []
+    for a in args:
+        out += _flatten(a)
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid experiment config {source}:"]
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
+                                                                                 "uniform", "zipf", "lognormal"}))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"  {where}: unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else ""))
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid experiment config {source}: expected a mapping at the top level")
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read experiment config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment config {path} is not valid YAML: {exc}") from None
+    data = data or {}
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    # Relative paths in a config are relative to the config file, so experiments run from anywhere.
+    _resolve_paths(data.get("workload"), path.parent)
+    return parse_config(data, str(path))
+
+
+def _resolve_paths(workload, base: Path) -> None:
+    if not isinstance(workload, dict):
+        return
+    for key in ("trace", "lengths_from"):
+        section = workload.get(key)
+        if isinstance(section, dict) and isinstance(section.get("path"), str):
+            p = Path(section["path"])
+            if not p.is_absolute():
+                section["path"] = str(base / p)

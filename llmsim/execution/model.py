@@ -1,0 +1,105 @@
+"""Iteration time of one batch on one replica, from the model's ops, the parallel plan and the hardware.
+
+A batch is described by its *signature*: the prefill chunks (new tokens, cached tokens), the number of
+decoding requests and the total KV length they read, and how many tokens sample. The parts that depend only
+on the token count (every GEMM, norm and collective) are cached per token count; attention is evaluated per
+batch. Pure decode batches take the same arithmetic path as any other batch, so fast-forwarded decode runs
+and iteration-by-iteration stepping give bit-identical times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from llmsim.execution import ops
+from llmsim.hardware.profile import HardwareProfile, LinkModel
+from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
+from llmsim.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    tp: int = 1  # tensor-parallel degree (GPUs sharing each layer)
+    pp: int = 1  # pipeline stages (layers split across GPUs)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp
+
+
+class IterationCost(NamedTuple):
+    time_s: float
+    flops: float  # summed over all GPUs of the replica
+    num_bytes: float  # memory traffic summed over all GPUs
+
+
+class ExecutionModel:
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan):
+        self.model, self.hardware, self.plan = model, hardware, plan
+        self.shapes = ops.ShardShapes.of(model, plan.tp)
+        self.peak_flops = hardware.peak(model.dtype)
+        self.bandwidth = hardware.memory_bandwidth_bytes_per_s
+        self._tp_link = tp_link(hardware, plan.tp)
+        # Pipeline stages hand activations over NVLink-class links inside a node, the network across nodes.
+        self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
+            latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
+        self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
+
+    def op_cost(self, op: ops.OpWork) -> float:
+        return op_time_s(self.hardware.efficiency[op.kind], self.peak_flops, self.bandwidth,
+                         op.flops, op.num_bytes, op.num_tokens)
+
+    def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
+        """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""
+        key = (num_tokens, num_samples)
+        cached = self._fixed_cache.get(key)
+        if cached is not None:
+            return cached
+        s, tp, layers = self.shapes, self.plan.tp, self.model.num_layers
+        layer_ops = ops.dense_layer_ops(s, num_tokens)
+        layer_s = sum(self.op_cost(op) for op in layer_ops)
+        activation_bytes = num_tokens * s.hidden * s.dtype_bytes
+        layer_s += 2 * all_reduce_s(self._tp_link, activation_bytes, tp)
+        other = [ops.embedding(s, num_tokens)] + (ops.lm_head(s, num_samples) if num_samples else [])
+        time_s = layers * layer_s + sum(self.op_cost(op) for op in other)
+        if self.plan.pp > 1:
+            time_s += (self.plan.pp - 1) * send_recv_s(self._pp_link, activation_bytes)
+        flops = layers * sum(op.flops for op in layer_ops) + sum(op.flops for op in other)
+        num_bytes = layers * sum(op.num_bytes for op in layer_ops) + sum(op.num_bytes for op in other)
+        cost = IterationCost(time_s, flops * tp, num_bytes * tp)
+        self._fixed_cache[key] = cost
+        return cost
+
+    def iteration(self, prefill_chunks: tuple[tuple[int, int], ...], num_decode: int, decode_kv_tokens: int,
+                  num_samples: int) -> IterationCost:
+        """Cost of one iteration. ``prefill_chunks``: (new tokens, cached tokens) per prefilling request."""
+        num_tokens = num_decode + sum(new for new, _ in prefill_chunks)
+        time_s, flops, num_bytes = self._fixed(num_tokens, num_samples)
+        layers, tp = self.model.num_layers, self.plan.tp
+        if prefill_chunks:
+            op = ops.prefill_attention(self.shapes, prefill_chunks)
+            time_s += layers * self.op_cost(op)
+            flops += layers * op.flops * tp
+            num_bytes += layers * op.num_bytes * tp
+        if num_decode:
+            op = ops.decode_attention(self.shapes, num_decode, decode_kv_tokens)
+            time_s += layers * self.op_cost(op)
+            flops += layers * op.flops * tp
+            num_bytes += layers * op.num_bytes * tp
+        return IterationCost(time_s, flops, num_bytes)
+
+    def decode_iteration(self, num_decode: int, decode_kv_tokens: int) -> IterationCost:
+        return self.iteration((), num_decode, decode_kv_tokens, num_decode)
+
+    def kv_transfer_s(self, num_tokens: int, inter_node: bool) -> float:
+        """Time to move ``num_tokens`` of KV cache to another instance (KV hand-off, migration)."""
+        num_bytes = num_tokens * self.model.kv_bytes_per_token()
+        link = self.hardware.inter_node if inter_node else self.hardware.intra_node
+        # Every GPU of the source ships its own shard in parallel.
+        return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * self.plan.num_gpus)
+
+    @property
+    def layers_per_stage(self) -> int:
+        return math.ceil(self.model.num_layers / self.plan.pp)

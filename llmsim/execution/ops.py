@@ -1,0 +1,110 @@
+"""FLOPs and bytes of every operator of one transformer layer on one tensor-parallel shard.
+
+Names follow the kernel names of the shipped measurements (attn_pre_proj = fused QKV, mlp_up_proj = fused
+up+gate, ...), so calibration maps measured rows onto these ops one to one. ``M`` is the token dimension
+that decides GEMM efficiency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmsim.models.spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class OpWork:
+    name: str
+    kind: str  # efficiency class in the hardware profile
+    flops: float
+    num_bytes: float
+    num_tokens: float  # GEMM M dimension (or tokens touched)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardShapes:
+    """Per-GPU shapes of a model under tensor parallelism ``tp``."""
+
+    hidden: int
+    q: int  # query width on this shard
+    kv: int  # key (= value) width on this shard; KV heads are replicated when there are fewer than tp
+    ffn: int  # MLP intermediate width on this shard (one expert)
+    vocab: int
+    num_heads: int
+    head_dim: int
+    gated: bool
+    num_experts: int
+    experts_per_token: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, m: ModelSpec, tp: int) -> "ShardShapes":
+        return cls(hidden=m.hidden_size, q=m.q_size // tp, kv=max(1, math.ceil(m.num_kv_heads / tp)) * m.head_dim,
+                   ffn=m.ffn_size // tp, vocab=math.ceil(m.vocab_size / tp), num_heads=m.num_heads // tp,
+                   head_dim=m.head_dim, gated=m.gated_mlp, num_experts=m.num_experts,
+                   experts_per_token=m.experts_per_token, dtype_bytes=m.dtype_bytes)
+
+
+def linear(name: str, tokens: int, n_in: int, n_out: int, d: int, weight_copies: int = 1) -> OpWork:
+    """GEMM [tokens, n_in] x [n_in, n_out]: reads input and weights, writes output."""
+    flops = 2.0 * tokens * n_in * n_out
+    num_bytes = (tokens * n_in + weight_copies * n_in * n_out + tokens * n_out) * d
+    return OpWork(name, "linear", flops, num_bytes, tokens)
+
+
+def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
+    """Every op of a layer except attention itself and the TP all-reduces."""
+    d, h, T = s.dtype_bytes, s.hidden, tokens
+    routed = T * s.experts_per_token  # token-expert pairs (= T for dense models)
+    active_experts = min(s.num_experts, routed)  # distinct expert weights that must be read
+    up_out = (2 if s.gated else 1) * s.ffn
+    ops = [
+        OpWork("input_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
+        linear("attn_pre_proj", T, h, s.q + 2 * s.kv, d),
+        OpWork("attn_rope", "elementwise", 6.0 * T * (s.q + s.kv), 2 * T * (s.q + s.kv) * d, T),
+        linear("attn_post_proj", T, s.q, h, d),
+        OpWork("post_attention_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
+    ]
+    if s.num_experts > 1:
+        ops.append(linear("moe_gate", T, h, s.num_experts, d))
+    ops += [
+        OpWork("mlp_up_proj", "linear", 2.0 * routed * h * up_out,
+               (T * h + active_experts * h * up_out + routed * up_out) * d, routed),
+        OpWork("mlp_act", "elementwise", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
+        OpWork("mlp_down_proj", "linear", 2.0 * routed * s.ffn * h,
+               (routed * s.ffn + active_experts * s.ffn * h + T * h) * d, routed),
+        OpWork("add", "elementwise", 2.0 * T * h, 6 * T * h * d, T),  # two residual adds
+    ]
+    return ops
+
+
+def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:
+    """Causal attention of prefill chunks, one varlen kernel. A chunk is (new tokens, tokens already cached)."""
+    flops = num_bytes = 0.0
+    tokens = 0
+    for new, cached in chunks:
+        # Each new token attends to the cached prefix and, causally, to half the chunk on average.
+        keys = cached + (new + 1) / 2.0
+        flops += 4.0 * s.num_heads * s.head_dim * new * keys
+        num_bytes += (2 * new * s.q + 2 * (cached + new) * s.kv + 2 * new * s.kv) * s.dtype_bytes
+        tokens += new
+    return OpWork("attn_prefill", "attention_prefill", flops, num_bytes, tokens)
+
+
+def decode_attention(s: ShardShapes, num_decode: int, kv_tokens: int) -> OpWork:
+    """Paged decode attention: each query reads its whole KV history (``kv_tokens`` summed over the batch)."""
+    flops = 4.0 * s.num_heads * s.head_dim * kv_tokens
+    num_bytes = (2 * kv_tokens * s.kv + 2 * num_decode * s.q + 2 * num_decode * s.kv) * s.dtype_bytes
+    return OpWork("attn_decode", "attention_decode", flops, num_bytes, num_decode)
+
+
+def embedding(s: ShardShapes, tokens: int) -> OpWork:
+    return OpWork("emb", "embedding", 0.0, 2 * tokens * s.hidden * s.dtype_bytes, tokens)
+
+
+def lm_head(s: ShardShapes, num_samples: int) -> list[OpWork]:
+    """Final norm and the vocabulary projection, for the tokens that sample (not every prefill token)."""
+    d, h = s.dtype_bytes, s.hidden
+    return [OpWork("final_norm", "norm", 4.0 * num_samples * h, (2 * num_samples * h + h) * d, num_samples),
+            linear("lm_head", num_samples, h, s.vocab, d)]

@@ -1,0 +1,110 @@
+"""Hardware profiles: datasheet numbers with sources, plus fitted efficiency curves.
+
+Profiles live in ``hardware_profiles/<name>.yaml`` at the repository root (or any path a config names).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmsim.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ComputeEfficiency(_Frozen):
+    """Achieved / peak FLOP rate as a function of the token (GEMM M) dimension:
+    ``eff(M) = max_eff * M / (M + half_tokens)`` -- small batches under-fill the tensor cores."""
+
+    max_eff: float = Field(gt=0, le=1)
+    half_tokens: float = Field(ge=0)
+
+    def at(self, num_tokens: float) -> float:
+        return self.max_eff * num_tokens / (num_tokens + self.half_tokens)
+
+
+class OpEfficiency(_Frozen):
+    """Efficiency of one kind of operator: compute curve, memory-bandwidth fraction, fixed overhead."""
+
+    compute: ComputeEfficiency
+    memory_eff: float = Field(gt=0, le=1)
+    overhead_s: float = Field(ge=0)  # kernel launch + tail, per kernel
+
+
+class LinkModel(_Frozen):
+    """Alpha-beta model of a collective: ``latency_s + algorithm_bytes / bus_bandwidth``."""
+
+    latency_s: float = Field(ge=0)
+    bandwidth_bytes_per_s: float = Field(gt=0)
+
+
+class Interconnect(_Frozen):
+    name: str
+    bandwidth_bytes_per_s: float = Field(gt=0)  # one direction, per GPU
+    latency_s: float = Field(ge=0)
+
+
+class Power(_Frozen):
+    idle_w: float = Field(ge=0)
+    max_w: float = Field(gt=0)
+    decode_w: float | None = None  # typical draw in memory-bound decode, where published
+
+
+class HardwareProfile(_Frozen):
+    name: str
+    description: str
+    calibrated: bool  # False: efficiencies are documented assumptions, not fits
+    peak_flops: dict[str, float]  # dense, per dtype
+    memory_bytes: float = Field(gt=0)
+    memory_bandwidth_bytes_per_s: float = Field(gt=0)
+    gpus_per_node: int = Field(default=8, ge=1)
+    intra_node: Interconnect
+    inter_node: Interconnect
+    host_link: Interconnect  # PCIe to host memory, used by KV swap
+    power: Power
+    efficiency: dict[str, OpEfficiency]  # by op kind: linear, norm, elementwise, attention_prefill, ...
+    all_reduce: LinkModel
+    send_recv: LinkModel
+    sources: dict[str, str]
+    validation: dict[str, str] = {}
+
+    def peak(self, dtype: str) -> float:
+        try:
+            return self.peak_flops[dtype]
+        except KeyError:
+            raise ConfigError(
+                f"hardware: {self.name} has no peak FLOPS for dtype {dtype!r}; allowed: {', '.join(self.peak_flops)}"
+            ) from None
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+@lru_cache(maxsize=32)
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path.lower()}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
+            "or a path to a profile YAML"
+        )
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    try:
+        return HardwareProfile(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None

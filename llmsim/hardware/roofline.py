@@ -1,0 +1,36 @@
+"""One operator cost function and the collective models.
+
+``time = max(flops / (peak * eff_compute(M)), bytes / (bandwidth * eff_memory)) + overhead``:
+an operator is bound by whichever of compute or memory traffic takes longer at the efficiency the
+hardware actually reaches for that kind of kernel, plus a fixed launch/tail overhead.
+"""
+
+from __future__ import annotations
+
+from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+
+
+def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: float, num_bytes: float,
+              num_tokens: float) -> float:
+    compute_s = flops / (peak_flops * eff.compute.at(num_tokens)) if flops > 0 else 0.0
+    memory_s = num_bytes / (bandwidth * eff.memory_eff)
+    return max(compute_s, memory_s) + eff.overhead_s
+
+
+def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
+    """Ring all-reduce: each worker sends and receives ``2 (n-1)/n`` of the message."""
+    if num_workers <= 1:
+        return 0.0
+    return link.latency_s + 2.0 * (num_workers - 1) / num_workers * num_bytes / link.bandwidth_bytes_per_s
+
+
+def send_recv_s(link: LinkModel, num_bytes: float) -> float:
+    return link.latency_s + num_bytes / link.bandwidth_bytes_per_s
+
+
+def tp_link(profile: HardwareProfile, tp: int) -> LinkModel:
+    """The all-reduce model for a TP group: measured intra-node, or bounded by the inter-node network."""
+    if tp <= profile.gpus_per_node:
+        return profile.all_reduce
+    return LinkModel(latency_s=profile.inter_node.latency_s + profile.all_reduce.latency_s,
+                     bandwidth_bytes_per_s=profile.inter_node.bandwidth_bytes_per_s)

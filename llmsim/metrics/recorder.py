@@ -1,0 +1,68 @@
+"""Columnar records of requests, iterations and token gaps.
+
+Requests are written out when they end (and the object dropped), so memory grows by a few dozen bytes per
+request rather than by the request objects themselves; iterations and token gaps are packed arrays.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import pandas as pd
+
+from llmsim.request import Request
+
+REQUEST_FLOAT_FIELDS = ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s")
+REQUEST_INT_FIELDS = ("id", "replica_id", "num_prompt_tokens", "num_output_tokens", "num_generated_tokens",
+                      "num_preemptions", "num_migrations")
+ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes")
+ITERATION_INT_FIELDS = ("replica_id", "num_prefill_tokens", "num_decode_tokens", "kv_used_blocks")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests = {name: array("d") for name in REQUEST_FLOAT_FIELDS}
+        self.requests.update({name: array("q") for name in REQUEST_INT_FIELDS})
+        self.status: list[str] = []
+        self.reason: list[str] = []
+        self.iterations = {name: array("d") for name in ITERATION_FIELDS}
+        self.iterations.update({name: array("q") for name in ITERATION_INT_FIELDS})
+        # Gaps between consecutive output tokens, with how many tokens saw each gap.
+        self.tbt_gap_s = array("d")
+        self.tbt_count = array("q")
+
+    def request(self, r: Request, status: str) -> None:
+        cols = self.requests
+        for name in REQUEST_FLOAT_FIELDS + REQUEST_INT_FIELDS:
+            cols[name].append(getattr(r, name))
+        self.status.append(status)
+        self.reason.append(r.reject_reason)
+
+    def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
+                  num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
+        it = self.iterations
+        it["replica_id"].append(replica_id)
+        it["start_s"].append(start_s)
+        it["duration_s"].append(duration_s)
+        it["flops"].append(flops)
+        it["num_bytes"].append(num_bytes)
+        it["num_prefill_tokens"].append(num_prefill_tokens)
+        it["num_decode_tokens"].append(num_decode_tokens)
+        it["kv_used_blocks"].append(kv_used_blocks)
+
+    def gap(self, gap_s: float, count: int) -> None:
+        self.tbt_gap_s.append(gap_s)
+        self.tbt_count.append(count)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.status)
+
+    def request_frame(self) -> pd.DataFrame:
+        df = pd.DataFrame({name: pd.Series(col) for name, col in self.requests.items()})
+        df["status"] = pd.Categorical(self.status)
+        df["reason"] = self.reason
+        return df.sort_values("id", kind="stable").reset_index(drop=True)
+
+    def iteration_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({name: pd.Series(col) for name, col in self.iterations.items()})

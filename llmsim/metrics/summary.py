@@ -1,0 +1,111 @@
+"""Summary statistics computed from the records after a run.
+
+TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). TBT: every gap between
+consecutive tokens of a request, pooled over requests. SLO attainment: the share of *arrived* requests that
+finished within both the TTFT and TPOT SLOs (rejected and unfinished requests count as misses).
+Goodput here is the throughput of requests that met both SLOs; DistServe's rate-search goodput (the highest
+rate with attainment >= target) comes from a sweep over rates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+PERCENTILES = (50, 90, 99)
+
+
+def _stats(values: np.ndarray, unit: str = "s") -> dict:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return {"count": 0}
+    out = {"count": int(len(values)), f"mean_{unit}": float(values.mean())}
+    for p in PERCENTILES:
+        out[f"p{p}_{unit}"] = float(np.percentile(values, p))
+    out[f"max_{unit}"] = float(values.max())
+    return out
+
+
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative weight reaches ``q`` percent (inverted-CDF definition)."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    idx = int(np.searchsorted(cum, q / 100.0 * cum[-1], side="left"))
+    return float(values[order][min(idx, len(order) - 1)])
+
+
+def tbt_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
+    if len(gaps) == 0:
+        return {"count": 0}
+    total = counts.sum()
+    out = {"count": int(total), "mean_s": float((gaps * counts).sum() / total)}
+    for p in PERCENTILES:
+        out[f"p{p}_s"] = weighted_percentile(gaps, counts, p)
+    out["max_s"] = float(gaps.max())
+    return out
+
+
+def add_derived_columns(requests: pd.DataFrame) -> pd.DataFrame:
+    df = requests
+    df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
+    df["e2e_s"] = df["finish_s"] - df["arrival_s"]
+    df["queue_s"] = df["scheduled_s"] - df["arrival_s"]
+    decode_tokens = (df["num_generated_tokens"] - 1).where(df["num_generated_tokens"] > 1)
+    df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / decode_tokens
+    return df
+
+
+def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, gaps: np.ndarray, gap_counts: np.ndarray, *,
+              ttft_slo_s: float, tpot_slo_s: float, attainment_target: float, num_gpus: int,
+              peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int) -> dict:
+    df = requests
+    finished = df[df["status"] == "finished"]
+    n_arrived = len(df)
+    start = float(df["arrival_s"].min()) if n_arrived else 0.0
+    end = float(finished["finish_s"].max()) if len(finished) else start
+    span = max(end - start, 1e-12)
+    tpot_ok = finished["tpot_s"].fillna(0.0) <= tpot_slo_s  # one-token outputs have no TPOT to miss
+    met = (finished["ttft_s"] <= ttft_slo_s) & tpot_ok
+    out_tokens = int(finished["num_generated_tokens"].sum())
+    in_tokens = int(finished["num_prompt_tokens"].sum())
+    busy = iterations["duration_s"].to_numpy()
+    total_gpu_s = span * num_gpus * num_replicas
+    kv_util = (float((iterations["kv_used_blocks"] * iterations["duration_s"]).sum()
+                     / (num_blocks_per_replica * busy.sum())) if busy.sum() > 0 else 0.0)
+    summary = {
+        "requests": {
+            "arrived": n_arrived,
+            "finished": int(len(finished)),
+            "rejected": int((df["status"] == "rejected").sum()),
+            "in_flight": int((df["status"] == "in_flight").sum()),
+            "preemptions": int(df["num_preemptions"].sum()),
+        },
+        "ttft": _stats(finished["ttft_s"].to_numpy()),
+        "tpot": _stats(finished["tpot_s"].to_numpy()),
+        "tbt": tbt_stats(gaps, gap_counts),
+        "e2e": _stats(finished["e2e_s"].to_numpy()),
+        "queueing": _stats(finished["queue_s"].to_numpy()),
+        "throughput": {
+            "duration_s": span,
+            "requests_per_s": len(finished) / span,
+            "output_tokens_per_s": out_tokens / span,
+            "total_tokens_per_s": (out_tokens + in_tokens) / span,
+        },
+        "slo": {
+            "ttft_s": ttft_slo_s,
+            "tpot_s": tpot_slo_s,
+            "attainment": float(met.sum() / n_arrived) if n_arrived else 0.0,
+            "target": attainment_target,
+            "meets_target": bool(n_arrived and met.sum() / n_arrived >= attainment_target),
+            "goodput_requests_per_s": float(met.sum() / span),
+            "goodput_requests_per_s_per_gpu": float(met.sum() / span / (num_gpus * num_replicas)),
+        },
+        "utilization": {
+            "kv_cache_busy_mean": kv_util,
+            "busy_fraction": float(busy.sum() / (span * num_replicas)),
+            # MFU/MBU over the whole run, idle time included.
+            "mfu": float(iterations["flops"].sum() / (peak_flops * total_gpu_s)),
+            "mbu": float(iterations["num_bytes"].sum() / (bandwidth * total_gpu_s)),
+        },
+    }
+    return summary

@@ -1,0 +1,130 @@
+"""Model shape specs, from the shipped catalog or from a HuggingFace ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmsim.errors import ConfigError
+
+CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+
+
+class ModelSpec(BaseModel):
+    """Transformer decoder shapes. Sizes are counts; ``dtype`` sets bytes per weight and KV element."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    ffn_size: int = Field(gt=0)  # intermediate size of one (expert) MLP
+    gated_mlp: bool = True  # SwiGLU-style up+gate projections
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    vocab_size: int = Field(gt=0)
+    num_experts: int = Field(default=1, ge=1)
+    experts_per_token: int = Field(default=1, ge=1)
+    max_position: int = Field(default=4096, gt=0)
+    dtype: str = "fp16"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def params_per_layer(self) -> int:
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.ffn_size * self.num_experts
+        router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
+        return attn + mlp + router + 2 * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        embed = self.vocab_size * self.hidden_size
+        return self.num_layers * self.params_per_layer + 2 * embed + self.hidden_size
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token, whole model."""
+        return 2 * self.num_layers * self.kv_size * self.dtype_bytes
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, dict]:
+    with CATALOG_PATH.open() as f:
+        return yaml.safe_load(f)
+
+
+def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
+    """Read the fields that decide cost from a HuggingFace ``config.json``."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model: cannot read HuggingFace config {path}: {exc}") from None
+    try:
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        arch = (cfg.get("architectures") or [""])[0].lower()
+        is_opt = cfg.get("model_type") == "opt" or "opt" in arch
+        spec = ModelSpec(
+            name=cfg.get("_name_or_path") or Path(path).parent.name,
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            ffn_size=cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden,
+            gated_mlp=not is_opt,
+            norm="layernorm" if is_opt else "rmsnorm",
+            vocab_size=cfg["vocab_size"],
+            num_experts=cfg.get("num_local_experts", 1),
+            experts_per_token=cfg.get("num_experts_per_tok", 1),
+            max_position=cfg.get("max_position_embeddings", 4096),
+            dtype=dtype or _hf_dtype(cfg.get("torch_dtype")),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"model: HuggingFace config {path} lacks the field {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"model: HuggingFace config {path} is not usable: {exc}") from None
+    return spec
+
+
+def _hf_dtype(torch_dtype: str | None) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype or "", "fp16")
+
+
+def load_model(name: str, dtype: str | None = None) -> ModelSpec:
+    """A catalog name (case-insensitive) or a path to a HuggingFace ``config.json`` (or its folder)."""
+    path = Path(name)
+    if name.endswith(".json") or path.is_dir():
+        return from_hf_config(path / "config.json" if path.is_dir() else path, dtype)
+    entries = {k.lower(): (k, v) for k, v in catalog().items()}
+    if name.lower() not in entries:
+        raise ConfigError(
+            f"model: unknown model {name!r}; allowed: {', '.join(sorted(catalog()))} "
+            "or a path to a HuggingFace config.json"
+        )
+    key, fields = entries[name.lower()]
+    fields = dict(fields, name=key)
+    if dtype:
+        fields["dtype"] = dtype
+    return ModelSpec(**fields)

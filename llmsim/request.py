@@ -1,0 +1,65 @@
+"""A request and its lifecycle.
+
+Progress is tracked the vLLM-v1 way: ``num_computed_tokens`` counts tokens whose KV is in the cache and
+``num_tokens`` (prompt + generated) counts the tokens known so far. Each iteration schedules
+``min(num_tokens - num_computed_tokens, budget)`` tokens, which covers prefill, chunked prefill and decode
+alike; when a request's computed tokens catch up with its known tokens, one new token is sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class RequestStatus(IntEnum):
+    """Ordered states; FINISHED and REJECTED are terminal."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED = 3
+    REJECTED = 4
+
+
+NAN = math.nan
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    id: int
+    arrival_s: float
+    num_prompt_tokens: int
+    num_output_tokens: int  # tokens the request will generate before it stops
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_generated_tokens: int = 0
+    replica_id: int = -1
+    # Lifecycle timestamps (simulated seconds); NaN until they happen.
+    scheduled_s: float = NAN  # first time any of its tokens ran
+    first_token_s: float = NAN
+    last_token_s: float = NAN
+    finish_s: float = NAN
+    max_tbt_s: float = 0.0  # largest gap between consecutive output tokens
+    num_preemptions: int = 0
+    num_migrations: int = 0
+    reject_reason: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known so far: the prompt plus what has been generated."""
+        return self.num_prompt_tokens + self.num_generated_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Known tokens whose KV is not computed yet (1 for a decoding request)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_generated_tokens > 0 and self.num_pending_tokens == 1
+
+    @property
+    def is_done(self) -> bool:
+        return self.status >= RequestStatus.FINISHED

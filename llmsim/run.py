@@ -1,0 +1,83 @@
+"""Run one experiment end to end and write its results folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from llmsim.cluster.simulation import SimulationResult, simulate
+from llmsim.config import ExperimentConfig
+from llmsim.metrics.summary import add_derived_columns, summarize
+from llmsim.workload import build_workload
+
+
+def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None = None,
+                   output_dir: Path | None = None, write: bool = True) -> tuple[SimulationResult, dict]:
+    result = simulate(cfg, build_workload(cfg.workload, cfg.seed), on_progress)
+    rec = result.recorder
+    requests = add_derived_columns(rec.request_frame())
+    iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable").reset_index(drop=True)
+    ex = result.execution
+    summary = summarize(
+        requests, iterations, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
+        ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, attainment_target=cfg.slo.attainment,
+        num_gpus=ex.plan.num_gpus, peak_flops=ex.peak_flops, bandwidth=ex.bandwidth,
+        num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas)
+    summary = {
+        "experiment": cfg.name,
+        "model": result.model.name,
+        "device": ex.hardware.name,
+        "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": cfg.cluster.num_replicas},
+        "scheduler": cfg.scheduler.name,
+        "kv_blocks_per_replica": result.memory.num_blocks,
+        **summary,
+        "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
+                       "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
+    }
+    if write:
+        out = Path(output_dir or cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        requests.to_parquet(out / "requests.parquet", index=False)
+        iterations.to_parquet(out / "iterations.parquet", index=False)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return result, summary
+
+
+def format_summary(summary: dict) -> str:
+    """A readable table of the headline numbers."""
+    def ms(section: dict, key: str) -> str:
+        v = section.get(key)
+        return f"{v * 1e3:9.1f}" if v is not None else f"{'-':>9}"
+
+    r = summary["requests"]
+    lines = [
+        f"{summary['experiment']}: {summary['model']} on {summary['device']} "
+        f"(TP={summary['parallel']['tp']}, PP={summary['parallel']['pp']}, replicas={summary['parallel']['replicas']}, "
+        f"scheduler={summary['scheduler']})",
+        f"requests: {r['arrived']} arrived, {r['finished']} finished, {r['rejected']} rejected, "
+        f"{r['in_flight']} in flight, {r['preemptions']} preemptions",
+        "",
+        f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
+    ]
+    for name in ("ttft", "tpot", "tbt", "e2e", "queueing"):
+        s = summary[name]
+        lines.append(f"{name.upper():<14}{ms(s, 'mean_s')}{ms(s, 'p50_s')}{ms(s, 'p90_s')}{ms(s, 'p99_s')}")
+    t, slo, u = summary["throughput"], summary["slo"], summary["utilization"]
+    lines += [
+        "",
+        f"throughput: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s "
+        f"over {t['duration_s']:.1f} s",
+        f"SLO (TTFT<={slo['ttft_s']}s, TPOT<={slo['tpot_s']}s): attainment {slo['attainment']:.1%} "
+        f"(target {slo['target']:.0%}: {'met' if slo['meets_target'] else 'missed'}), "
+        f"goodput {slo['goodput_requests_per_s']:.2f} req/s",
+        f"KV cache use {u['kv_cache_busy_mean']:.1%}, busy {u['busy_fraction']:.1%}, "
+        f"MFU {u['mfu']:.1%}, MBU {u['mbu']:.1%}",
+        f"simulated {summary['simulation']['simulated_s']:.1f} s in {summary['simulation']['wall_s']:.2f} s wall "
+        f"({summary['simulation']['requests_per_wall_s']:.0f} req/s)",
+    ]
+    return "\n".join(lines)

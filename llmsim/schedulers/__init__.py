@@ -1,0 +1,9 @@
+"""Replica schedulers (pure policy): given the queues and the KV cache, pick the next batch."""
+
+from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
+from llmsim.schedulers.fcfs import FCFSScheduler
+from llmsim.schedulers.sarathi import SarathiScheduler
+
+SCHEDULERS = {"fcfs": FCFSScheduler, "sarathi": SarathiScheduler}
+
+__all__ = ["SCHEDULERS", "FCFSScheduler", "PrefillChunk", "SarathiScheduler", "Scheduler", "SchedulerOutput"]

@@ -1,0 +1,125 @@
+"""What every replica scheduler shares: the queues, preemption and the output contract.
+
+A policy implements ``schedule()``. Contract that decode fast-forwarding relies on: if a step schedules no
+prefill while requests wait, the head of the queue stays blocked until a request finishes or is preempted
+(strict FCFS admission, and KV headroom only shrinks while requests decode).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmsim.kv_cache import BlockManager
+from llmsim.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    request: Request
+    num_new_tokens: int  # prompt (or recomputed) tokens processed this iteration
+    num_cached_tokens: int  # tokens of this request already in the KV cache
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decodes: list[Request] = field(default_factory=list)  # one new token each
+    preempted: list[Request] = field(default_factory=list)  # evicted this step to make room
+    swap_bytes: float = 0.0  # KV moved between GPU and host memory this step
+    decode_kv_tokens: int = 0  # KV tokens the decodes attend over, summed
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.prefills)
+
+    def signature(self) -> tuple[tuple[tuple[int, int], ...], int, int, int]:
+        """(prefill chunks, decodes, decode KV tokens, sampling tokens): all the execution model needs."""
+        chunks = tuple((c.num_new_tokens, c.num_cached_tokens) for c in self.prefills)
+        samples = len(self.decodes) + sum(
+            1 for c in self.prefills if c.num_new_tokens == c.request.num_pending_tokens)
+        return chunks, len(self.decodes), self.decode_kv_tokens, samples
+
+
+class Scheduler:
+    """Queues plus preemption mechanics; subclasses choose the batch."""
+
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption: str = "recompute", kv_bytes_per_token: float = 0.0):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption = preemption  # "recompute" drops the KV; "swap" parks it in host memory
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is evicted first
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        raise NotImplementedError
+
+    def remove_finished(self) -> None:
+        self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+
+    def allows_fast_forward(self, out: SchedulerOutput) -> bool:
+        """True when the next steps repeat this batch until a request finishes or KV runs short."""
+        return (not out.prefills and not out.preempted and not out.swap_bytes
+                and len(out.decodes) == len(self.running))
+
+    # --- mechanism shared by the policies -------------------------------------------------------------
+
+    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
+        """Move the head of the waiting queue into the batch with ``num_new_tokens`` of prefill."""
+        cached = request.num_computed_tokens
+        if request.status is RequestStatus.PREEMPTED and self.preemption == "swap" and cached:
+            out.swap_bytes += cached * self.kv_bytes_per_token  # swap its KV back in
+        self.blocks.allocate(request, num_new_tokens)
+        self.waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.prefills.append(PrefillChunk(request, num_new_tokens, cached))
+
+    def _reserve(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        """Allocate KV for a running request, evicting the most recently admitted request until it fits.
+
+        Returns False when the request itself had to be evicted."""
+        while not self.blocks.can_allocate(request, num_new_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is request:
+                return False
+            if victim in out.decodes:  # it already had its slot this step: take it back
+                out.decodes.remove(victim)
+                out.decode_kv_tokens -= victim.num_computed_tokens + 1
+            out.prefills = [c for c in out.prefills if c.request is not victim]
+        self.blocks.allocate(request, num_new_tokens)
+        return True
+
+    def _schedule_decodes(self, candidates: list[Request], out: SchedulerOutput) -> None:
+        """One new token for each candidate still running, in order."""
+        for request in candidates:
+            if request.status is RequestStatus.RUNNING and self._reserve(request, 1, out):
+                out.decodes.append(request)
+                out.decode_kv_tokens += request.num_computed_tokens + 1
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        if self.preemption == "swap":
+            out.swap_bytes += request.num_computed_tokens * self.kv_bytes_per_token
+        else:
+            request.num_computed_tokens = 0  # recompute the prompt and generated tokens later
+        self.waiting.appendleft(request)
+        out.preempted.append(request)

@@ -1,0 +1,28 @@
+"""FCFS continuous batching in the style of vLLM (v0) and Orca: prefill-prioritised, no chunking.
+
+Each step first admits waiting requests in arrival order while their whole pending prompt fits the token
+budget, the sequence limit and the KV cache (above the watermark); a step with any prefill runs prefills
+only. Otherwise every running request decodes one token, evicting the latest-admitted request when the KV
+cache is full (recompute, or swap to host memory).
+"""
+
+from __future__ import annotations
+
+from llmsim.schedulers.base import Scheduler, SchedulerOutput
+
+
+class FCFSScheduler(Scheduler):
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            n = request.num_pending_tokens
+            if n > budget or not self.blocks.can_admit(request, n):
+                break
+            self._admit(request, n, out)
+            budget -= n
+        if out.prefills:
+            return out
+        self._schedule_decodes(list(self.running), out)
+        return out

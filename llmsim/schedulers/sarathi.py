@@ -1,0 +1,43 @@
+"""Sarathi-Serve: stall-free batching with chunked prefills under a per-iteration token budget.
+
+Every step first gives each running decode its token (decodes are never stalled by a prefill), then spends
+what is left of the budget on prefill chunks: first requests already part-way through their prompt, then
+waiting requests in arrival order. ``chunk_size`` is the budget (Sarathi's token budget, e.g. 512).
+"""
+
+from __future__ import annotations
+
+from llmsim.request import RequestStatus
+from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
+
+
+class SarathiScheduler(Scheduler):
+    def __init__(self, blocks, *, chunk_size: int = 512, **kwargs):
+        super().__init__(blocks, **kwargs)
+        self.chunk_size = chunk_size
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = min(self.chunk_size, self.max_num_batched_tokens)
+        decoding = [r for r in self.running if r.num_pending_tokens == 1][:budget]
+        self._schedule_decodes(decoding, out)
+        budget -= len(out.decodes)
+        for request in list(self.running):  # part-way prefills continue in admission order
+            if budget <= 0:
+                break
+            pending = request.num_pending_tokens
+            if pending <= 1 or request.status is not RequestStatus.RUNNING:
+                continue
+            n = min(pending, budget)
+            if not self._reserve(request, n, out):
+                continue
+            out.prefills.append(PrefillChunk(request, n, request.num_computed_tokens))
+            budget -= n
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs and not out.preempted:
+            request = self.waiting[0]
+            n = min(request.num_pending_tokens, budget)
+            if not self.blocks.can_admit(request, n):
+                break
+            self._admit(request, n, out)
+            budget -= n
+        return out

@@ -1,0 +1,63 @@
+"""Compose arrivals and lengths into a lazy, seeded stream of requests."""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Iterator
+
+import numpy as np
+
+from llmsim.config import WorkloadConfig
+from llmsim.request import Request, RequestStatus
+from llmsim.workload.arrivals import arrival_times
+from llmsim.workload.lengths import empirical_pairs, length_pairs
+from llmsim.workload.traces import read_trace
+
+
+def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
+    trace = cfg.trace
+    for i, row in enumerate(read_trace(trace)):
+        if row.failed and trace.failed == "skip":
+            continue
+        # A failed row keeps at least one output token so its shape is valid; it is rejected at arrival.
+        r = Request(i, row.time_s, max(1, row.prompt_tokens), max(1, row.output_tokens))
+        if row.failed:
+            r.status = RequestStatus.REJECTED
+            r.reject_reason = "failed in trace"
+        yield r
+
+
+def _empirical_source(cfg: WorkloadConfig) -> tuple[np.ndarray, np.ndarray]:
+    prompts, outputs = [], []
+    for row in read_trace(cfg.lengths_from):
+        if not row.failed and row.prompt_tokens > 0:
+            prompts.append(row.prompt_tokens)
+            outputs.append(row.output_tokens)
+    return np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64)
+
+
+def _synthetic_requests(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
+    arrival_rng, length_rng = (np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(2))
+    if cfg.lengths_from is not None:
+        pairs = empirical_pairs(*_empirical_source(cfg), length_rng)
+    else:
+        pairs = length_pairs(cfg.prompt_tokens, cfg.output_tokens, length_rng)
+    for i, (t, (prompt, output)) in enumerate(zip(arrival_times(cfg.arrival, arrival_rng), pairs)):
+        yield Request(i, t, max(1, prompt), max(1, output))
+
+
+def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
+    """Requests in arrival order, capped by ``num_requests`` and ``duration_s``."""
+    stream = _trace_requests(cfg) if cfg.trace is not None else _synthetic_requests(cfg, seed)
+    if cfg.duration_s is not None:
+        stream = _until(stream, cfg.duration_s)
+    if cfg.num_requests is not None:
+        stream = islice(stream, cfg.num_requests)
+    return stream
+
+
+def _until(stream: Iterator[Request], end_s: float) -> Iterator[Request]:
+    for r in stream:
+        if r.arrival_s >= end_s:
+            return
+        yield r
