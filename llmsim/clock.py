@@ -1,35 +1,32 @@
-"""Exact absolute-time events on a simpy clock.
+"""A simpy environment that schedules events at exact absolute times.
 
-simpy schedules an event at ``now + delay``. Replicas compute iteration end times themselves (``t + dt``,
-accumulated the same way whether they step or fast-forward), so they need an event at an exact absolute
-time; ``at()`` finds the delay whose sum with ``now`` rounds to that time. Arrivals are scheduled URGENT so
-that a request arriving exactly at an iteration boundary is always seen by that boundary.
+simpy schedules at ``now + delay``, and that sum cannot always round to a wanted time. Replicas compute
+iteration end times themselves (``t + dt``, accumulated the same way whether they step or fast-forward), so
+they need events at exactly those times: ``at(t)`` puts an event on simpy's queue at ``t`` itself.
+Arrivals use ``urgent_at``: a request arriving exactly at an iteration boundary is seen by that boundary.
+This uses simpy's event queue layout (``(time, priority, id, event)``), stable across simpy 4.x.
 """
 
 from __future__ import annotations
 
-import math
+from heapq import heappush
 
 import simpy
-from simpy.core import URGENT
+from simpy.core import NORMAL, URGENT
 
 
-def at(env: simpy.Environment, time_s: float) -> simpy.Timeout:
-    delay = time_s - env.now
-    if delay < 0:
-        raise ValueError(f"cannot schedule in the past: {time_s} < {env.now}")
-    while env.now + delay < time_s:
-        delay = math.nextafter(delay, math.inf)
-    while env.now + delay > time_s and delay > 0:
-        delay = math.nextafter(delay, -math.inf)
-    return env.timeout(delay)
+class Clock(simpy.Environment):
+    def _at(self, time_s: float, priority: int) -> simpy.Event:
+        if time_s < self._now:
+            raise ValueError(f"cannot schedule in the past: {time_s} < {self._now}")
+        event = simpy.Event(self)
+        event._ok = True
+        event._value = None
+        heappush(self._queue, (time_s, priority, next(self._eid), event))
+        return event
 
+    def at(self, time_s: float) -> simpy.Event:
+        return self._at(time_s, NORMAL)
 
-class UrgentAt(simpy.Event):
-    """An event that fires at ``now + delay`` ahead of ordinary events at the same time."""
-
-    def __init__(self, env: simpy.Environment, delay: float):
-        super().__init__(env)
-        self._ok = True
-        self._value = None
-        env.schedule(self, URGENT, delay)
+    def urgent_at(self, time_s: float) -> simpy.Event:
+        return self._at(time_s, URGENT)

@@ -44,6 +44,14 @@ class BlockManager:
             self._held[request.id] = self._held.get(request.id, 0) + need
             self.num_free_blocks -= need
 
+    def append_slot(self, request: Request) -> None:
+        """Room for one more token of a request whose blocks exactly hold its computed tokens."""
+        if request.num_computed_tokens % self.block_size == 0:
+            if self.num_free_blocks == 0:
+                raise RuntimeError(f"request {request.id} needs a block, none free")
+            self._held[request.id] = self._held.get(request.id, 0) + 1
+            self.num_free_blocks -= 1
+
     def grow_to(self, request_id: int, num_blocks: int) -> None:
         """Bring a request's holding up to ``num_blocks`` (bulk decode bookkeeping)."""
         need = num_blocks - self._held.get(request_id, 0)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from llmsim.clock import at
+from llmsim.clock import Clock
 from llmsim.execution.model import ExecutionModel
 from llmsim.kv_cache import BlockManager
 from llmsim.metrics.recorder import Recorder
@@ -31,7 +31,7 @@ from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
 
 class Replica:
-    def __init__(self, env: simpy.Environment, replica_id: int, scheduler: Scheduler,
+    def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
                  on_finish: Callable[[Request], None] | None = None):
         self.env = env
@@ -86,7 +86,7 @@ class Replica:
             end = start + duration
             self.recorder.iteration(self.id, start, end - start, cost.flops, cost.num_bytes,
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
-            yield at(env, end)
+            yield env.at(end)
             self.busy_s += end - start
             self._apply(out, start, end)
 
@@ -162,29 +162,24 @@ class Replica:
             num_steps = int(np.searchsorted(cum_blocks, self.blocks.num_free_blocks, side="right")) - 1
         used0 = self.blocks.num_used_blocks
 
+        step_s, step_flops, step_bytes = self.execution.decode_run(num_decode, out.decode_kv_tokens, num_steps)
         times = [start]
-        costs = []
-        t, kv_tokens = start, out.decode_kv_tokens
-        for _ in range(num_steps):
-            cost = self.execution.decode_iteration(num_decode, kv_tokens)
-            t = t + cost.time_s
+        t = start
+        for dt in step_s:
+            t = t + dt
             times.append(t)
-            costs.append(cost)
-            kv_tokens += num_decode
         done = num_steps
         self._interruptible = num_steps > 1 and not self.scheduler.waiting
         try:
-            yield at(self.env, times[-1])
+            yield self.env.at(times[-1])
         except simpy.Interrupt:
             done = bisect_left(times, self.env.now, 1)
-            yield at(self.env, times[done])
+            yield self.env.at(times[done])
         self._interruptible = False
 
-        rec = self.recorder
-        for j in range(1, done + 1):
-            cost = costs[j - 1]
-            rec.iteration(self.id, times[j - 1], times[j] - times[j - 1], cost.flops, cost.num_bytes, 0,
-                          num_decode, used0 + int(cum_blocks[j]))
+        durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
+        self.recorder.iterations_bulk(self.id, times[:done], durations, step_flops[:done], step_bytes[:done],
+                                      num_decode, (used0 + cum_blocks[1:done + 1]).tolist())
         self.busy_s += times[done] - start
         self._apply_decode_steps(requests, times, done)
 
@@ -195,8 +190,7 @@ class Replica:
         if steady:
             self.recorder.gap(times[1] - start, steady)
         later_gaps = [times[j] - times[j - 1] for j in range(2, num_steps + 1)]
-        for gap in later_gaps:
-            self.recorder.gap(gap, len(requests))
+        self.recorder.gaps_bulk(later_gaps, len(requests))
         max_gap = max(later_gaps, default=0.0)
         block_size = self.blocks.block_size
         for r in requests:

@@ -6,9 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import simpy
-
-from llmsim.clock import UrgentAt
+from llmsim.clock import Clock
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
@@ -49,7 +47,7 @@ def build_execution(cfg: ExperimentConfig) -> tuple[ModelSpec, ExecutionModel, M
     return model, ExecutionModel(model, hardware, plan), memory, max_model_len
 
 
-def make_replica(env: simpy.Environment, replica_id: int, cfg: ExperimentConfig, execution: ExecutionModel,
+def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, execution: ExecutionModel,
                  num_blocks: int, recorder: Recorder) -> Replica:
     s = cfg.scheduler
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks))
@@ -79,7 +77,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals)."""
     wall0 = time.perf_counter()
     model, execution, memory, max_model_len = build_execution(cfg)
-    env = simpy.Environment()
+    env = Clock()
     recorder = Recorder()
     replicas = [make_replica(env, i, cfg, execution, memory.num_blocks, recorder)
                 for i in range(cfg.cluster.num_replicas)]
@@ -89,7 +87,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     def arrivals():
         for r in requests:
             if r.arrival_s > env.now:
-                yield UrgentAt(env, r.arrival_s - env.now)
+                yield env.urgent_at(r.arrival_s)
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
                 on_progress(1024)

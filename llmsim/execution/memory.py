@@ -31,7 +31,8 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
     layers = math.ceil(model.num_layers / plan.pp)
     embed_params = model.vocab_size * model.hidden_size / plan.tp
     # With one stage, the GPU holds both embedding and LM head; with several, each end stage holds one.
-    weights = (layers * model.params_per_layer / plan.tp + embed_params * (2 if plan.pp == 1 else 1)) * d
+    weights = (layers * model.params_per_layer / plan.tp + embed_params * (2 if plan.pp == 1 else 1)
+               + model.hidden_size) * d  # + final norm
     routed = max_num_batched_tokens * model.experts_per_token
     # Live tensors at the widest point of a layer (residual, normed input, QKV, MLP intermediate),
     # plus fp32 logits for every sequence that samples.

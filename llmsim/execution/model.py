@@ -46,6 +46,7 @@ class ExecutionModel:
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
         self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
+        self._decode_attn_cache: dict[int, tuple[int, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
         return op_time_s(self.hardware.efficiency[op.kind], self.peak_flops, self.bandwidth,
@@ -84,14 +85,46 @@ class ExecutionModel:
             flops += layers * op.flops * tp
             num_bytes += layers * op.num_bytes * tp
         if num_decode:
-            op = ops.decode_attention(self.shapes, num_decode, decode_kv_tokens)
-            time_s += layers * self.op_cost(op)
-            flops += layers * op.flops * tp
-            num_bytes += layers * op.num_bytes * tp
+            attn_s, attn_flops, attn_bytes = self._decode_attention(num_decode, decode_kv_tokens)
+            time_s += attn_s
+            flops += attn_flops
+            num_bytes += attn_bytes
         return IterationCost(time_s, flops, num_bytes)
+
+    def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
+        """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
+        cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator."""
+        c = self._decode_attn_cache.get(num_decode)
+        if c is None:
+            s, eff = self.shapes, self.hardware.efficiency["attention_decode"]
+            probe = ops.decode_attention(s, num_decode, 0)
+            c = (4 * s.num_heads * s.head_dim, 2 * s.kv * s.dtype_bytes, probe.num_bytes,
+                 self.peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
+            self._decode_attn_cache[num_decode] = c
+        flops_per_kv, bytes_per_kv, fixed_bytes, compute_rate, memory_rate, overhead_s = c
+        flops = 1.0 * flops_per_kv * kv_tokens
+        num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
+        layer_s = max(flops / compute_rate, num_bytes / memory_rate) + overhead_s
+        layers, tp = self.model.num_layers, self.plan.tp
+        return layers * layer_s, layers * flops * tp, layers * num_bytes * tp
 
     def decode_iteration(self, num_decode: int, decode_kv_tokens: int) -> IterationCost:
         return self.iteration((), num_decode, decode_kv_tokens, num_decode)
+
+    def decode_run(self, num_decode: int, kv_tokens: int, num_steps: int
+                   ) -> tuple[list[float], list[float], list[float]]:
+        """Times, FLOPs and bytes of ``num_steps`` consecutive decode iterations of the same batch, whose KV
+        grows by ``num_decode`` tokens a step. Same arithmetic, in the same order, as ``decode_iteration``."""
+        fixed_s, fixed_flops, fixed_bytes = self._fixed(num_decode, num_decode)
+        attention = self._decode_attention
+        times, flops, num_bytes = [], [], []
+        for _ in range(num_steps):
+            attn_s, attn_flops, attn_bytes = attention(num_decode, kv_tokens)
+            times.append(fixed_s + attn_s)
+            flops.append(fixed_flops + attn_flops)
+            num_bytes.append(fixed_bytes + attn_bytes)
+            kv_tokens += num_decode
+        return times, flops, num_bytes
 
     def kv_transfer_s(self, num_tokens: int, inter_node: bool) -> float:
         """Time to move ``num_tokens`` of KV cache to another instance (KV hand-off, migration)."""

@@ -50,6 +50,23 @@ class Recorder:
         it["num_decode_tokens"].append(num_decode_tokens)
         it["kv_used_blocks"].append(kv_used_blocks)
 
+    def iterations_bulk(self, replica_id: int, starts: list[float], durations: list[float], flops: list[float],
+                        num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
+        """Several decode-only iterations at once (a fast-forwarded run)."""
+        it, n = self.iterations, len(starts)
+        it["replica_id"].extend([replica_id] * n)
+        it["start_s"].extend(starts)
+        it["duration_s"].extend(durations)
+        it["flops"].extend(flops)
+        it["num_bytes"].extend(num_bytes)
+        it["num_prefill_tokens"].extend([0] * n)
+        it["num_decode_tokens"].extend([num_decode_tokens] * n)
+        it["kv_used_blocks"].extend(kv_used_blocks)
+
+    def gaps_bulk(self, gaps_s: list[float], count: int) -> None:
+        self.tbt_gap_s.extend(gaps_s)
+        self.tbt_count.extend([count] * len(gaps_s))
+
     def gap(self, gap_s: float, count: int) -> None:
         self.tbt_gap_s.append(gap_s)
         self.tbt_count.append(count)

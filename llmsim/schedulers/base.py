@@ -107,6 +107,14 @@ class Scheduler:
 
     def _schedule_decodes(self, candidates: list[Request], out: SchedulerOutput) -> None:
         """One new token for each candidate still running, in order."""
+        blocks = self.blocks
+        if blocks.num_free_blocks >= len(candidates) and not out.preempted:
+            # Fast path: a decode adds at most one block, so nobody can be evicted.
+            for request in candidates:
+                blocks.append_slot(request)
+                out.decode_kv_tokens += request.num_computed_tokens + 1
+            out.decodes.extend(candidates)
+            return
         for request in candidates:
             if request.status is RequestStatus.RUNNING and self._reserve(request, 1, out):
                 out.decodes.append(request)

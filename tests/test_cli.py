@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmsim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_quickstart_writes_results(tmp_path, capsys):
+    assert main(["run", str(ROOT / "experiments" / "quickstart.yaml"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT" in out and "goodput" in out
+    for name in ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml"):
+        assert (tmp_path / name).exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["requests"]["arrived"] == 2000
+
+
+def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: Llama-2-7B}\nscheduler: {name: lifo}\nworkload: {num_requests: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "llmsim.cli", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "scheduler.name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text("model: {name: Llama-2-70B}\nhardware: {device: t4}\n"
+                   "workload: {num_requests: 1, arrival: {kind: poisson, rate_per_s: 1},"
+                   " prompt_tokens: {kind: fixed, value: 5}, output_tokens: {kind: fixed, value: 5}}\n")
+    assert main(["check", str(cfg)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_help_documents_every_command():
+    proc = subprocess.run([sys.executable, "-m", "llmsim.cli", "--help"], capture_output=True, text=True)
+    for command in ("run", "check", "models", "devices"):
+        assert command in proc.stdout
+
+
+def test_listing_commands(capsys):
+    assert main(["models"]) == 0 and "Mixtral-8x7B" in capsys.readouterr().out
+    assert main(["devices"]) == 0 and "mi325x" in capsys.readouterr().out

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from llmsim.config import load_config
+from llmsim.errors import ConfigError
+from tests.factories import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_experiments_parse():
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name
+
+
+def test_error_names_yaml_path_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        make_config(scheduler={"name": "lifo"})
+    assert "scheduler.name" in str(err.value) and "'fcfs' or 'sarathi'" in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        make_config(parallel={"tp": 2, "tensor_parallel": 2})
+    msg = str(err.value)
+    assert "parallel.tensor_parallel: unknown key" in msg and "pp, tp" in msg
+
+
+def test_bad_nested_value_names_full_path():
+    with pytest.raises(ConfigError) as err:
+        make_config(workload={"num_requests": 5, "arrival": {"kind": "gamma", "rate_per_s": 1, "cv": -1},
+                              "prompt_tokens": {"kind": "fixed", "value": 8},
+                              "output_tokens": {"kind": "fixed", "value": 8}})
+    assert "workload.arrival.cv" in str(err.value)
+
+
+def test_workload_needs_one_source():
+    with pytest.raises(ConfigError, match="prompt_tokens and output_tokens, or lengths_from"):
+        make_config(workload={"num_requests": 5, "arrival": {"kind": "poisson", "rate_per_s": 1}})
+
+
+def test_yaml_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_trace_paths_resolve_relative_to_the_config(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
+    assert cfg.workload.lengths_from.path.exists()

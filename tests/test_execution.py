@@ -1,0 +1,94 @@
+import pytest
+
+from llmsim.errors import ConfigError, PlanError
+from llmsim.execution import ops
+from llmsim.execution.memory import plan_memory
+from llmsim.execution.model import ExecutionModel, ParallelPlan
+from llmsim.hardware.profile import load_profile
+from llmsim.models import load_model
+
+LLAMA7 = load_model("Llama-2-7B")
+A100 = load_profile("a100-80gb")
+
+
+def by_name(op_list):
+    return {op.name: op for op in op_list}
+
+
+def test_layer_flops_and_bytes_by_hand():
+    # Llama-2-7B, TP=1, 100 tokens, fp16: hand-computed from the shapes.
+    s = ops.ShardShapes.of(LLAMA7, 1)
+    layer = by_name(ops.dense_layer_ops(s, 100))
+    assert layer["attn_pre_proj"].flops == 2 * 100 * 4096 * (3 * 4096)
+    assert layer["attn_pre_proj"].num_bytes == (100 * 4096 + 4096 * 12288 + 100 * 12288) * 2
+    assert layer["mlp_up_proj"].flops == 2 * 100 * 4096 * 2 * 11008
+    assert layer["mlp_down_proj"].num_bytes == (100 * 11008 + 11008 * 4096 + 100 * 4096) * 2
+    assert layer["input_layernorm"].num_bytes == (2 * 100 * 4096 + 4096) * 2
+
+
+def test_tensor_parallel_shards_the_weights():
+    s1, s4 = ops.ShardShapes.of(LLAMA7, 1), ops.ShardShapes.of(LLAMA7, 4)
+    q1 = by_name(ops.dense_layer_ops(s1, 1))["attn_pre_proj"]
+    q4 = by_name(ops.dense_layer_ops(s4, 1))["attn_pre_proj"]
+    assert q4.flops == pytest.approx(q1.flops / 4)
+    # Llama-2-70B has 8 KV heads: at TP=16 each shard still keeps one whole KV head.
+    s = ops.ShardShapes.of(load_model("Llama-2-70B"), 16)
+    assert s.kv == 128
+
+
+def test_attention_flops_by_hand():
+    s = ops.ShardShapes.of(LLAMA7, 1)
+    decode = ops.decode_attention(s, num_decode=4, kv_tokens=4000)
+    assert decode.flops == 4 * 32 * 128 * 4000
+    assert decode.num_bytes == (2 * 4000 * 4096 + 2 * 4 * 4096 + 2 * 4 * 4096) * 2
+    prefill = ops.prefill_attention(s, ((10, 0),))
+    assert prefill.flops == 4 * 32 * 128 * 10 * 5.5  # causal: 5.5 keys per query on average
+
+
+def test_roofline_regimes():
+    ex = ExecutionModel(LLAMA7, A100, ParallelPlan())
+    small = ex.iteration((), 1, 1000, 1)
+    # One decode token: bound by reading ~13.5 GB of weights at 2 TB/s -> a few ms.
+    assert LLAMA7.weight_bytes / A100.memory_bandwidth_bytes_per_s < small.time_s < 3 * LLAMA7.weight_bytes / 2.039e12
+    big = ex.iteration(((4096, 0),), 0, 0, 1)
+    # A 4k-token prefill is compute bound: 2 * params * tokens FLOPs, within a factor of 2 of peak time.
+    ideal = 2 * LLAMA7.num_params * 4096 / A100.peak("fp16")
+    assert ideal < big.time_s < 2.5 * ideal
+
+
+def test_decode_iteration_is_the_general_path():
+    ex = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2))
+    assert ex.decode_iteration(37, 12345) == ex.iteration((), 37, 12345, 37)
+    times, flops, num_bytes = ex.decode_run(37, 12345, 5)
+    for j in range(5):
+        assert (times[j], flops[j], num_bytes[j]) == tuple(ex.decode_iteration(37, 12345 + 37 * j))
+
+
+def test_tp_and_pp_add_communication():
+    t1 = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1)).iteration(((512, 0),), 0, 0, 1).time_s
+    t2 = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2)).iteration(((512, 0),), 0, 0, 1).time_s
+    assert t2 < t1  # halving the work outweighs the all-reduces
+    p2 = ExecutionModel(LLAMA7, A100, ParallelPlan(pp=2)).iteration(((512, 0),), 0, 0, 1).time_s
+    assert p2 > t1  # without micro-batching, stages run one after another plus the hand-off
+
+
+def test_memory_plan_and_fit_error():
+    kw = dict(block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=8192, max_num_seqs=256,
+              runtime_reserve_gib=1.0, max_model_len=4096)
+    plan = plan_memory(LLAMA7, A100, ParallelPlan(), **kw)
+    assert plan.weights_bytes == pytest.approx(LLAMA7.weight_bytes, rel=1e-9)
+    assert plan.kv_bytes_per_block == 16 * LLAMA7.kv_bytes_per_token()
+    # 72 GiB usable - 12.6 GiB weights - 0.9 GiB activations - 1 GiB reserve = 57.5 GiB at 8 MiB per block
+    # (vLLM reports ~7,000+ blocks for this setup).
+    assert plan.num_blocks == int((0.9 * 80 * 2**30 - plan.weights_bytes - plan.activation_bytes - 2**30) // 2**23)
+    assert 7000 < plan.num_blocks < 7600
+    with pytest.raises(PlanError, match="does not fit"):
+        plan_memory(load_model("Llama-2-70B"), A100, ParallelPlan(), **kw)
+    assert plan_memory(load_model("Llama-2-70B"), A100, ParallelPlan(tp=4), **kw).num_blocks > 0
+
+
+def test_unknown_device_and_dtype():
+    with pytest.raises(ConfigError, match="allowed: .*a100-80gb"):
+        load_profile("b200")
+    with pytest.raises(ConfigError, match="no peak FLOPS for dtype"):
+        load_profile("t4").peak("bf16")

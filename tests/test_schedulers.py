@@ -1,0 +1,92 @@
+from llmsim.kv_cache import BlockManager
+from llmsim.request import Request, RequestStatus
+from llmsim.schedulers import FCFSScheduler, SarathiScheduler
+
+
+def apply(out):
+    """Minimal executor: advance computed tokens, sample when caught up."""
+    for c in out.prefills:
+        c.request.num_computed_tokens += c.num_new_tokens
+        if c.request.num_computed_tokens == c.request.num_tokens:
+            c.request.num_generated_tokens += 1
+    for r in out.decodes:
+        r.num_computed_tokens += 1
+        r.num_generated_tokens += 1
+
+
+def test_fcfs_prefill_first_then_decode():
+    s = FCFSScheduler(BlockManager(100, 16), max_num_seqs=8, max_num_batched_tokens=1000)
+    a, b = Request(0, 0, 300, 4), Request(1, 0, 600, 4)
+    s.add(a)
+    out = s.schedule()
+    assert [c.request for c in out.prefills] == [a] and not out.decodes
+    apply(out)
+    s.add(b)
+    out = s.schedule()  # b's prefill runs alone: prefills are prioritised and never mixed with decodes
+    assert [c.request for c in out.prefills] == [b] and not out.decodes
+    apply(out)
+    out = s.schedule()
+    assert out.decodes == [a, b] and out.decode_kv_tokens == 301 + 601
+
+
+def test_fcfs_token_budget_and_strict_order():
+    s = FCFSScheduler(BlockManager(1000, 16), max_num_seqs=8, max_num_batched_tokens=1000)
+    reqs = [Request(0, 0, 600, 2), Request(1, 0, 500, 2), Request(2, 0, 100, 2)]
+    for r in reqs:
+        s.add(r)
+    out = s.schedule()
+    # The second prompt would overflow the budget; the third must not jump the queue.
+    assert [c.request.id for c in out.prefills] == [0]
+
+
+def test_fcfs_preempts_latest_by_recompute_when_cache_full():
+    s = FCFSScheduler(BlockManager(4, 16), max_num_seqs=8, max_num_batched_tokens=1000)
+    a, b = Request(0, 0, 32, 50), Request(1, 0, 32, 50)
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    assert len(out.prefills) == 2  # 2 blocks each: cache full
+    apply(out)
+    out = s.schedule()
+    assert out.preempted == [b] and out.decodes == [a]
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert s.waiting[0] is b
+    s.blocks.check_integrity()
+
+
+def test_swap_preemption_keeps_kv_and_charges_transfer():
+    s = FCFSScheduler(BlockManager(4, 16), max_num_seqs=8, max_num_batched_tokens=1000, preemption="swap",
+                      kv_bytes_per_token=100.0)
+    a, b = Request(0, 0, 32, 50), Request(1, 0, 32, 50)
+    s.add(a)
+    s.add(b)
+    apply(s.schedule())
+    out = s.schedule()
+    assert out.preempted == [b] and b.num_computed_tokens == 33 - 1 + 0 or b.num_computed_tokens == 32
+    assert out.swap_bytes == b.num_computed_tokens * 100.0
+
+
+def test_sarathi_decodes_first_then_chunks_within_budget():
+    s = SarathiScheduler(BlockManager(1000, 16), chunk_size=256, max_num_seqs=64, max_num_batched_tokens=4096)
+    a = Request(0, 0, 100, 10)
+    s.add(a)
+    apply(s.schedule())  # a's whole prompt fits one chunk
+    big = Request(1, 0, 1000, 10)
+    s.add(big)
+    out = s.schedule()
+    assert out.decodes == [a]
+    assert [(c.request.id, c.num_new_tokens) for c in out.prefills] == [(1, 255)]
+    apply(out)
+    out = s.schedule()  # the part-way prefill continues, the decode is not stalled
+    assert out.decodes == [a] and [(c.request.id, c.num_new_tokens, c.num_cached_tokens) for c in out.prefills] == [
+        (1, 255, 255)]
+    assert out.signature()[3] == 1  # only the decode samples; the unfinished chunk does not
+
+
+def test_sarathi_last_chunk_samples_first_token():
+    s = SarathiScheduler(BlockManager(1000, 16), chunk_size=64, max_num_seqs=64, max_num_batched_tokens=4096)
+    r = Request(0, 0, 100, 3)
+    s.add(r)
+    apply(s.schedule())
+    out = s.schedule()
+    assert out.prefills[0].num_new_tokens == 36 and out.signature()[3] == 1

@@ -1,0 +1,122 @@
+from pathlib import Path
+import types
+
+import numpy as np
+import pytest
+
+from llmsim.config import TraceConfig, WorkloadConfig
+from llmsim.errors import TraceError
+from llmsim.workload import build_workload
+from llmsim.workload.traces import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+
+
+def burstgpt_file(tmp_path, rows, name="burst.csv"):
+    path = tmp_path / name
+    path.write_text(HEADER + "".join(rows))
+    return path
+
+
+def make_burstgpt(tmp_path, n=1000, seed=0):
+    """BurstGPT-shaped data: bursty timestamps, two models, two log types, ~5% failures."""
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.gamma(0.25, 4.0, n))
+    rows = []
+    for i in range(n):
+        req, resp = int(rng.lognormal(6, 1)) + 1, int(rng.lognormal(5, 1))
+        resp = 0 if rng.random() < 0.05 else resp
+        rows.append(f"{t[i]:.0f},{'ChatGPT' if i % 3 else 'GPT-4'},{req},{resp},{req + resp},"
+                    f"{'Conversation log' if i % 2 else 'API log'}\n")
+    return burstgpt_file(tmp_path, rows)
+
+
+def test_burstgpt_filters_window_and_failures(tmp_path):
+    path = make_burstgpt(tmp_path)
+    wl = WorkloadConfig(trace=TraceConfig(path=path, format="burstgpt", model="ChatGPT", log_type="Conversation log",
+                                          failed="reject", start_s=100, end_s=2000, time_scale=0.5))
+    reqs = list(build_workload(wl, seed=0))
+    rows = [r for r in read_trace(wl.trace)]
+    assert len(reqs) == len(rows) > 10
+    assert all(0 <= r.arrival_s < (2000 - 100) * 0.5 for r in reqs)
+    failed = [r for r in reqs if r.reject_reason == "failed in trace"]
+    assert failed and len(failed) == sum(row.failed for row in rows)
+    skip = WorkloadConfig(trace=wl.trace.model_copy(update={"failed": "skip"}))
+    assert len(list(build_workload(skip, 0))) == len(reqs) - len(failed)
+
+
+def test_shipped_burstgpt_fixture_replays():
+    wl = WorkloadConfig(trace=TraceConfig(path=ROOT / "workloads" / "burstgpt_schema_fixture.csv", format="burstgpt"))
+    reqs = list(build_workload(wl, 0))
+    assert [(r.arrival_s, r.num_prompt_tokens, r.num_output_tokens) for r in reqs] == [
+        (5.0, 472, 18), (45.0, 1087, 230), (118.0, 417, 276)]
+
+
+@pytest.mark.parametrize("row,needle", [
+    ("12,ChatGPT,abc,5,5,API log\n", "'Request tokens' is 'abc'"),
+    ("12,ChatGPT,5,5\n", "expected 6 columns"),
+    ("x,ChatGPT,5,5,10,API log\n", "'Timestamp' is 'x'"),
+])
+def test_bad_trace_row_names_file_and_line(tmp_path, row, needle):
+    path = burstgpt_file(tmp_path, ["1,ChatGPT,5,5,10,API log\n", row])
+    with pytest.raises(TraceError) as err:
+        list(build_workload(WorkloadConfig(trace=TraceConfig(path=path, format="burstgpt")), 0))
+    assert f"{path}:3" in str(err.value) and needle in str(err.value)
+
+
+def test_unsorted_trace_is_an_error(tmp_path):
+    path = burstgpt_file(tmp_path, ["10,ChatGPT,5,5,10,API log\n", "3,ChatGPT,5,5,10,API log\n"])
+    with pytest.raises(TraceError, match=":3: timestamp goes backwards"):
+        list(read_trace(TraceConfig(path=path, format="burstgpt")))
+
+
+def test_traces_stream_lazily(tmp_path):
+    path = make_burstgpt(tmp_path)
+    stream = build_workload(WorkloadConfig(trace=TraceConfig(path=path, format="burstgpt")), 0)
+    assert isinstance(stream, types.GeneratorType) or hasattr(stream, "__next__")
+    first = next(iter(stream))
+    assert first.id == 0
+
+
+def test_azure_and_mooncake_traces():
+    az = list(read_trace(TraceConfig(path=ROOT / "workloads" / "azure_code_2023.csv", format="azure")))
+    assert len(az) == 8819 and az[0].time_s == 0 and az[0].prompt_tokens == 4808 and az[0].output_tokens == 10
+    assert az[1].time_s == pytest.approx(0.052, abs=1e-6)
+    mc = list(read_trace(TraceConfig(path=ROOT / "workloads" / "mooncake_conversation.jsonl", format="mooncake",
+                                     end_s=60)))
+    assert mc and mc[0].prompt_tokens == 6758 and all(r.time_s < 60 for r in mc)
+
+
+def test_gamma_arrivals_have_the_requested_rate_and_cv():
+    wl = WorkloadConfig(num_requests=20000, arrival={"kind": "gamma", "rate_per_s": 5.0, "cv": 3.0},
+                        prompt_tokens={"kind": "fixed", "value": 10}, output_tokens={"kind": "fixed", "value": 5})
+    t = np.array([r.arrival_s for r in build_workload(wl, 1)])
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(0.2, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.1)
+
+
+def test_length_distributions_respect_bounds_and_shape():
+    wl = WorkloadConfig(num_requests=5000, arrival={"kind": "poisson", "rate_per_s": 1.0},
+                        prompt_tokens={"kind": "zipf", "a": 1.2, "min": 10, "max": 2000},
+                        output_tokens={"kind": "lognormal", "median": 200, "sigma": 0.5, "min": 1, "max": 4000})
+    reqs = list(build_workload(wl, 3))
+    p = np.array([r.num_prompt_tokens for r in reqs])
+    o = np.array([r.num_output_tokens for r in reqs])
+    assert p.min() >= 10 and p.max() <= 2000 and np.median(p) < 100  # heavy head at the minimum
+    assert np.median(o) == pytest.approx(200, rel=0.05)
+
+
+def test_empirical_lengths_keep_joint_pairs():
+    src = TraceConfig(path=ROOT / "workloads" / "azure_conv_2023.csv", format="azure")
+    pairs = {(r.prompt_tokens, r.output_tokens) for r in read_trace(src)}
+    wl = WorkloadConfig(num_requests=500, arrival={"kind": "poisson", "rate_per_s": 1.0}, lengths_from=src)
+    assert all((r.num_prompt_tokens, r.num_output_tokens) in pairs for r in build_workload(wl, 0))
+
+
+def test_duration_cap():
+    wl = WorkloadConfig(duration_s=10.0, arrival={"kind": "poisson", "rate_per_s": 20.0},
+                        prompt_tokens={"kind": "fixed", "value": 10}, output_tokens={"kind": "fixed", "value": 5})
+    reqs = list(build_workload(wl, 0))
+    assert 150 < len(reqs) < 250 and reqs[-1].arrival_s < 10.0
