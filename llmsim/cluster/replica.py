@@ -16,10 +16,10 @@ have seen it too; results are bit-identical to stepping (tests compare both).
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
 from typing import Callable
 
-import numpy as np
 import simpy
 
 from llmsim.clock import Clock
@@ -146,20 +146,18 @@ class Replica:
         requests = out.decodes
         num_decode = len(requests)
         bs = self.blocks.block_size
-        # KV tokens before this run's first step, and blocks each request holds once step 1 is allocated.
-        computed = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=num_decode)
         num_steps = min(r.num_output_tokens - r.num_generated_tokens for r in requests)
-        # Step j >= 2 needs a new block for request i when c_i + j - 1 is a multiple of the block size.
-        new_blocks = np.zeros(num_steps + 1, dtype=np.int64)
-        if num_steps > 1:
-            first = (-computed) % bs
-            first = np.where(first == 0, bs, first) + 1
-            for m in range(0, (num_steps - 2) // bs + 1):
-                steps = first + m * bs
-                np.add.at(new_blocks, steps[steps <= num_steps], 1)
-        cum_blocks = np.cumsum(new_blocks)
+        # Step j >= 2 needs a new block for request i when c_i + j - 1 is a multiple of the block size
+        # (c_i: KV tokens before step 1, whose block was allocated by the scheduler).
+        new_blocks = [0] * (num_steps + 1)
+        for r in requests:
+            j = 1 + ((-r.num_computed_tokens) % bs or bs)
+            while j <= num_steps:
+                new_blocks[j] += 1
+                j += bs
+        cum_blocks = list(accumulate(new_blocks))
         if cum_blocks[-1] > self.blocks.num_free_blocks:
-            num_steps = int(np.searchsorted(cum_blocks, self.blocks.num_free_blocks, side="right")) - 1
+            num_steps = bisect_right(cum_blocks, self.blocks.num_free_blocks) - 1
         used0 = self.blocks.num_used_blocks
 
         step_s, step_flops, step_bytes = self.execution.decode_run(num_decode, out.decode_kv_tokens, num_steps)
@@ -179,7 +177,7 @@ class Replica:
 
         durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
         self.recorder.iterations_bulk(self.id, times[:done], durations, step_flops[:done], step_bytes[:done],
-                                      num_decode, (used0 + cum_blocks[1:done + 1]).tolist())
+                                      num_decode, [used0 + b for b in cum_blocks[1:done + 1]])
         self.busy_s += times[done] - start
         self._apply_decode_steps(requests, times, done)
 
