@@ -55,11 +55,3 @@ class Request:
     def num_pending_tokens(self) -> int:
         """Known tokens whose KV is not computed yet (1 for a decoding request)."""
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_decoding(self) -> bool:
-        return self.num_generated_tokens > 0 and self.num_pending_tokens == 1
-
-    @property
-    def is_done(self) -> bool:
-        return self.status >= RequestStatus.FINISHED

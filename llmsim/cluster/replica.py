@@ -43,7 +43,6 @@ class Replica:
         self.fast_forward = fast_forward
         self.on_finish = on_finish
         self.num_outstanding = 0  # routed here and not finished
-        self.busy_s = 0.0
         self._idle: simpy.Event | None = None
         self._interruptible = False  # inside a fast-forward wait that an arrival may cut short
         self.process = env.process(self._run())
@@ -87,7 +86,6 @@ class Replica:
             self.recorder.iteration(self.id, start, end - start, cost.flops, cost.num_bytes,
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
             yield env.at(end)
-            self.busy_s += end - start
             self._apply(out, start, end)
 
     def _apply(self, out: SchedulerOutput, start: float, end: float) -> None:
@@ -178,7 +176,6 @@ class Replica:
         durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
         self.recorder.iterations_bulk(self.id, times[:done], durations, step_flops[:done], step_bytes[:done],
                                       num_decode, [used0 + b for b in cum_blocks[1:done + 1]])
-        self.busy_s += times[done] - start
         self._apply_decode_steps(requests, times, done)
 
     def _apply_decode_steps(self, requests: list[Request], times: list[float], num_steps: int) -> None:
