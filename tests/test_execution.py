@@ -59,6 +59,9 @@ def test_roofline_regimes():
 def test_decode_iteration_is_the_general_path():
     ex = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2))
     assert ex.decode_iteration(37, 12345) == ex.iteration((), 37, 12345, 37)
+    # The cached decode-attention path is exactly ops.decode_attention through the roofline.
+    op = ops.decode_attention(ex.shapes, 37, 12345)
+    assert ex._decode_attention(37, 12345) == (32 * ex.op_cost(op), 32 * op.flops * 2, 32 * op.num_bytes * 2)
     times, flops, num_bytes = ex.decode_run(37, 12345, 5)
     for j in range(5):
         assert (times[j], flops[j], num_bytes[j]) == tuple(ex.decode_iteration(37, 12345 + 37 * j))

@@ -176,15 +176,16 @@ class Replica:
         durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
         self.recorder.iterations_bulk(self.id, times[:done], durations, step_flops[:done], step_bytes[:done],
                                       num_decode, [used0 + b for b in cum_blocks[1:done + 1]])
-        self._apply_decode_steps(requests, times, done)
+        self._apply_decode_steps(requests, times, durations)
 
-    def _apply_decode_steps(self, requests: list[Request], times: list[float], num_steps: int) -> None:
-        """Apply ``num_steps`` decode iterations ending at ``times[1..num_steps]`` to every request."""
+    def _apply_decode_steps(self, requests: list[Request], times: list[float], durations: list[float]) -> None:
+        """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``)."""
+        num_steps = len(durations)
         start, end = times[0], times[num_steps]
         steady = sum(self._sample(r, start, times[1]) for r in requests)
         if steady:
-            self.recorder.gap(times[1] - start, steady)
-        later_gaps = [times[j] - times[j - 1] for j in range(2, num_steps + 1)]
+            self.recorder.gap(durations[0], steady)
+        later_gaps = durations[1:]
         self.recorder.gaps_bulk(later_gaps, len(requests))
         max_gap = max(later_gaps, default=0.0)
         block_size = self.blocks.block_size

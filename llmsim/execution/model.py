@@ -46,7 +46,7 @@ class ExecutionModel:
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
         self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
-        self._decode_attn_cache: dict[int, tuple[int, int, int, float, float, float]] = {}
+        self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
         return op_time_s(self.hardware.efficiency[op.kind], self.peak_flops, self.bandwidth,
@@ -96,13 +96,15 @@ class ExecutionModel:
         cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator."""
         c = self._decode_attn_cache.get(num_decode)
         if c is None:
-            s, eff = self.shapes, self.hardware.efficiency["attention_decode"]
-            probe = ops.decode_attention(s, num_decode, 0)
-            c = (4 * s.num_heads * s.head_dim, 2 * s.kv * s.dtype_bytes, probe.num_bytes,
+            # FLOPs and bytes are linear in the KV length: read both coefficients off ops.decode_attention.
+            eff = self.hardware.efficiency["attention_decode"]
+            empty = ops.decode_attention(self.shapes, num_decode, 0)
+            one = ops.decode_attention(self.shapes, num_decode, 1)
+            c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes,
                  self.peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
             self._decode_attn_cache[num_decode] = c
         flops_per_kv, bytes_per_kv, fixed_bytes, compute_rate, memory_rate, overhead_s = c
-        flops = 1.0 * flops_per_kv * kv_tokens
+        flops = flops_per_kv * kv_tokens
         num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
         layer_s = max(flops / compute_rate, num_bytes / memory_rate) + overhead_s
         layers, tp = self.model.num_layers, self.plan.tp
