@@ -70,6 +70,57 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_line(argv_name: str) -> str:
+    return "llmsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmsim") else argv_name
+
+
+def _cmd_import_vidur(args: argparse.Namespace) -> int:
+    from llmsim.calibration.measurements import write_measurements
+    from llmsim.calibration.vidur import import_vidur
+
+    df = import_vidur(args.root, args.device, args.node)
+    write_measurements(df, args.out)
+    print(f"{args.out}: {len(df)} rows ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
+    return 0
+
+
+def _print_errors(table, split: str) -> None:
+    part = table[table["split"] == split]
+    if part.empty:
+        return
+    print(f"{split}:  {'op':<32}{'rows':>7}{'MAPE':>8}{'P90':>8}{'max':>8}{'bias':>8}")
+    for r in part.itertuples(index=False):
+        print(f"       {r.op:<32}{r.rows:>7}{r.mape:8.1%}{r.p90:8.1%}{r.max:8.1%}{r.bias:+8.1%}")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from llmsim.calibration.fit import Split
+    from llmsim.calibration.workflow import profile_path, run_calibration
+
+    path = profile_path(args.device)
+    out = Path(args.out) if args.out else path
+    split = Split(tuple(args.hold_out_model), tuple(args.hold_out_workers))
+    command = _command_line(f"llmsim calibrate --device {args.device} --measurements {args.measurements}")
+    profile, result = run_calibration(path, Path(args.measurements), split, out, Path(args.report_dir), command)
+    _print_errors(result.table, "fit")
+    _print_errors(result.table, "held-out")
+    print(f"fitted profile written to {out}; report {result.report_path}, parity plot {result.plot_path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from llmsim.calibration.workflow import profile_path, validate
+
+    path = profile_path(args.device)
+    measurements = Path(args.measurements) if args.measurements else None
+    command = _command_line(f"llmsim validate --device {args.device}")
+    result = validate(path, measurements, Path(args.report_dir), command)
+    _print_errors(result.table, "fit")
+    _print_errors(result.table, "held-out")
+    print(f"report {result.report_path}, parity plot {result.plot_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmsim", description="Discrete-event simulator of LLM serving clusters.")
@@ -95,6 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list hardware profiles")
     devices.set_defaults(func=_cmd_devices)
+
+    imp = sub.add_parser("import-vidur", help="convert Vidur profiling CSVs to the measurements schema")
+    imp.add_argument("root", help="Vidur profiling folder (with compute/ and network/)")
+    imp.add_argument("--device", required=True, help="device folder under compute/, e.g. a100")
+    imp.add_argument("--node", help="network folder to include, e.g. a100_dgx")
+    imp.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
+    imp.set_defaults(func=_cmd_import_vidur)
+
+    cal = sub.add_parser("calibrate", help="fit a hardware profile's efficiencies to measured kernel latencies",
+                         description="Fit every op kind and collective present in the measurements, write the "
+                                     "fitted profile, then validate it on fitted and held-out rows.")
+    cal.add_argument("--device", required=True, help="profile name, unique prefix (a100) or profile YAML path")
+    cal.add_argument("--measurements", required=True, help="measurements CSV (llmsim microbench or import-vidur)")
+    cal.add_argument("--hold-out-model", action="append", default=[], metavar="MODEL",
+                     help="keep this model's rows out of the fit (repeatable)")
+    cal.add_argument("--hold-out-workers", action="append", default=[], type=int, metavar="N",
+                     help="keep collectives over N workers out of the fit (repeatable)")
+    cal.add_argument("--out", help="where to write the fitted profile (default: overwrite the profile)")
+    cal.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
+                     help="folder for the markdown report and parity plot")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    val = sub.add_parser("validate", help="predicted vs measured per op: MAPE, max error, parity plot, report")
+    val.add_argument("--device", required=True, help="profile name, unique prefix (a100) or profile YAML path")
+    val.add_argument("--measurements", help="measurements CSV (default: the one the profile was fitted on)")
+    val.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
+                     help="folder for the markdown report and parity plot")
+    val.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -62,7 +62,7 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
     ops = [
         OpWork("input_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
         linear("attn_pre_proj", T, h, s.q + 2 * s.kv, d),
-        OpWork("attn_rope", "elementwise", 6.0 * T * (s.q + s.kv), 2 * T * (s.q + s.kv) * d, T),
+        OpWork("attn_rope", "rope", 6.0 * T * (s.q + s.kv), 2 * T * (s.q + s.kv) * d, T),
         linear("attn_post_proj", T, s.q, h, d),
         OpWork("post_attention_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
     ]
@@ -71,11 +71,12 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
     ops += [
         OpWork("mlp_up_proj", "linear", 2.0 * routed * h * up_out,
                (T * h + active_experts * h * up_out + routed * up_out) * d, routed),
-        OpWork("mlp_act", "elementwise", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
+        OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
         OpWork("mlp_down_proj", "linear", 2.0 * routed * s.ffn * h,
                (routed * s.ffn + active_experts * s.ffn * h + T * h) * d, routed),
-        OpWork("add", "elementwise", 2.0 * T * h, 6 * T * h * d, T),  # two residual adds
     ]
+    residual_add = OpWork("add", "residual", 1.0 * T * h, 3 * T * h * d, T)  # reads two tensors, writes one
+    ops += [residual_add, residual_add]  # after attention and after the MLP
     return ops
 
 

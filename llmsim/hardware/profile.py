@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,10 +72,14 @@ class HardwareProfile(_Frozen):
     host_link: Interconnect  # PCIe to host memory, used by KV swap
     power: Power
     efficiency: dict[str, OpEfficiency]  # by op kind: linear, norm, elementwise, attention_prefill, ...
-    all_reduce: LinkModel
+    all_reduce: LinkModel  # inside a node (NVLink / NVSwitch / Infinity Fabric)
     send_recv: LinkModel
+    all_reduce_inter_node: LinkModel | None = None  # fitted where multi-node measurements exist
+    send_recv_inter_node: LinkModel | None = None
+    all_gather: LinkModel | None = None
     sources: dict[str, str]
-    validation: dict[str, str] = {}
+    calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
+    validation: dict[str, Any] = {}  # error of the fit, per op, on fitted and held-out data
 
     def peak(self, dtype: str) -> float:
         try:

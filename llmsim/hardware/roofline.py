@@ -24,6 +24,13 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
     return link.latency_s + 2.0 * (num_workers - 1) / num_workers * num_bytes / link.bandwidth_bytes_per_s
 
 
+def all_gather_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
+    """Ring all-gather of a ``num_bytes`` result: each worker receives ``(n-1)/n`` of it."""
+    if num_workers <= 1:
+        return 0.0
+    return link.latency_s + (num_workers - 1) / num_workers * num_bytes / link.bandwidth_bytes_per_s
+
+
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
     return link.latency_s + num_bytes / link.bandwidth_bytes_per_s
 
@@ -32,5 +39,7 @@ def tp_link(profile: HardwareProfile, tp: int) -> LinkModel:
     """The all-reduce model for a TP group: measured intra-node, or bounded by the inter-node network."""
     if tp <= profile.gpus_per_node:
         return profile.all_reduce
+    if profile.all_reduce_inter_node is not None:
+        return profile.all_reduce_inter_node
     return LinkModel(latency_s=profile.inter_node.latency_s + profile.all_reduce.latency_s,
                      bandwidth_bytes_per_s=profile.inter_node.bandwidth_bytes_per_s)

@@ -1,0 +1,106 @@
+"""Fit a profile's efficiency curves and collective models to measured latencies.
+
+Each op kind gets ``max_eff``, ``half_tokens``, ``memory_eff`` and ``overhead_s`` of the roofline; each collective
+(inside a node, across nodes) gets an alpha-beta ``latency_s`` and bus ``bandwidth``. The fit minimises the log of
+predicted / measured time (relative error, symmetric in over- and under-prediction) with a soft-L1 loss, so a few
+noisy microsecond-scale rows cannot drag the curve. Held-out rows are split off before fitting and never seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+from llmsim.calibration.predict import COLLECTIVES, Rows, link_s, roofline_s
+from llmsim.hardware.profile import ComputeEfficiency, HardwareProfile, LinkModel, OpEfficiency
+
+_LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
+# Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
+# memory-bound at every size; fitting their compute curve would only turn it into a second overhead term.
+COMPUTE_BOUND_KINDS = ("linear", "attention_prefill")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which rows are held out: every row of the named models, and collectives over the named worker counts."""
+
+    held_out_models: tuple[str, ...] = ()
+    held_out_num_workers: tuple[int, ...] = ()
+
+    def held_out(self, df: pd.DataFrame) -> np.ndarray:
+        by_model = df["model"].isin(self.held_out_models).to_numpy()
+        by_workers = (df["op"].isin(COLLECTIVES) & df["num_workers"].isin(self.held_out_num_workers)).to_numpy()
+        return by_model | by_workers
+
+
+@dataclass
+class FitResult:
+    profile: HardwareProfile
+    num_rows: dict[str, int] = field(default_factory=dict)  # rows fitted per kind
+
+
+def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
+                   start: OpEfficiency) -> OpEfficiency:
+    """Least-squares fit of one op kind's roofline parameters on ``rows[mask]``."""
+    f, b, t, y, p = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask], peak
+    fit_compute = kind in COMPUTE_BOUND_KINDS
+
+    def unpack(x):
+        if fit_compute:
+            return x
+        return start.compute.max_eff, start.compute.half_tokens, x[0], x[1]
+
+    def residuals(x):
+        max_eff, half_tokens, memory_eff, overhead_us = unpack(x)
+        predicted = roofline_s(f, b, t, p, bandwidth, max_eff, half_tokens, memory_eff, overhead_us * 1e-6)
+        return np.log(predicted / y)
+
+    # Overhead is fitted in microseconds so that every parameter is O(1)-O(100) for the optimiser.
+    x0 = [start.compute.max_eff, start.compute.half_tokens, start.memory_eff, start.overhead_s * 1e6]
+    lower, upper = [0.01, 0.0, 0.01, 0.0], [1.0, 1e5, 1.0, 1e4]
+    if not fit_compute:
+        x0, lower, upper = x0[2:], lower[2:], upper[2:]
+    fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
+                        f_scale=_LOSS_SCALE)
+    max_eff, half_tokens, memory_eff, overhead_us = (float(v) for v in unpack(fit.x))
+    return OpEfficiency(compute=ComputeEfficiency(max_eff=round(max_eff, 4), half_tokens=round(half_tokens, 2)),
+                        memory_eff=round(memory_eff, 4), overhead_s=round(overhead_us * 1e-6, 9))
+
+
+def fit_link(rows: Rows, mask: np.ndarray, kind: str, start: LinkModel | None) -> LinkModel:
+    """Alpha-beta fit of one collective: ``latency + ring_factor * bytes / bandwidth``."""
+    size, workers, y = rows.size_bytes[mask], rows.num_workers[mask], rows.measured_s[mask]
+
+    def residuals(x):
+        latency_us, bandwidth_gbs = x
+        return np.log(link_s(kind, size, workers, latency_us * 1e-6, bandwidth_gbs * 1e9) / y)
+
+    x0 = [10.0, 100.0] if start is None else [start.latency_s * 1e6, start.bandwidth_bytes_per_s / 1e9]
+    lower, upper = [0.0, 0.01], [1e5, 1e5]
+    fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
+                        f_scale=_LOSS_SCALE)
+    latency_us, bandwidth_gbs = (float(v) for v in fit.x)
+    return LinkModel(latency_s=round(latency_us * 1e-6, 9), bandwidth_bytes_per_s=round(bandwidth_gbs * 1e9, 0))
+
+
+def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> FitResult:
+    """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
+    train = ~split.held_out(rows.df)
+    efficiency = dict(profile.efficiency)
+    links: dict[str, LinkModel] = {}
+    counts: dict[str, int] = {}
+    for kind in sorted(set(rows.kind[train])):
+        mask = train & (rows.kind == kind)
+        counts[kind] = int(mask.sum())
+        if kind.split("_inter_node")[0] in COLLECTIVES:
+            links[kind] = fit_link(rows, mask, kind, getattr(profile, kind, None))
+            continue
+        peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
+        start = efficiency.get(kind) or OpEfficiency(compute=ComputeEfficiency(max_eff=0.5, half_tokens=64.0),
+                                                     memory_eff=0.7, overhead_s=5e-6)
+        efficiency[kind] = fit_efficiency(rows, mask, kind, peak, profile.memory_bandwidth_bytes_per_s, start)
+    fitted = profile.model_copy(update={"efficiency": efficiency, **links})
+    return FitResult(fitted, counts)

@@ -1,0 +1,89 @@
+"""The one CSV schema of measured kernel latencies, read by calibration and validation.
+
+The microbenchmark suite writes it; Vidur's profiling CSVs are imported into it. A row names an op of the
+execution model (``attn_pre_proj``, ``attn_decode``, ``all_reduce``, ...) and the shapes that op needs, so the
+prediction for a row comes from the very same op functions the simulator runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmsim.errors import TraceError
+
+# Layer ops of one transformer layer on one TP shard (shapes from the model columns, num_tokens, tp).
+LAYER_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
+             "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "lm_head")
+ATTENTION_OPS = ("attn_prefill", "attn_decode")  # batch_size sequences of seq_len new tokens over kv_len cached
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "send_recv")  # size_bytes over num_workers, devices_per_node
+MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
+OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS
+
+SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size",
+                 "gated", "batch_size", "seq_len", "kv_len", "size_bytes", "num_workers", "devices_per_node")
+TIME_COLUMNS = ("median_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
+COLUMNS = ("device", "op", "dtype", *SHAPE_COLUMNS, *TIME_COLUMNS, "repetitions", "torch_version", "date", "source")
+
+_MODEL_COLUMNS = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "tp", "num_tokens")
+_REQUIRED = {
+    **{op: _MODEL_COLUMNS for op in LAYER_OPS},
+    "attn_prefill": ("n_head", "n_kv_head", "n_embd", "tp", "batch_size", "seq_len", "kv_len"),
+    "attn_decode": ("n_head", "n_kv_head", "n_embd", "tp", "batch_size", "kv_len"),
+    **{op: ("size_bytes", "num_workers", "devices_per_node") for op in COLLECTIVE_OPS},
+    "memcpy": ("size_bytes",),
+}
+
+
+def empty_frame() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Add missing schema columns as empty and put the columns in schema order (extra columns are kept last)."""
+    df = df.copy()
+    for column in COLUMNS:
+        if column not in df.columns:
+            df[column] = np.nan
+    extra = [c for c in df.columns if c not in COLUMNS]
+    return df[list(COLUMNS) + extra].reset_index(drop=True)
+
+
+def check(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Reject rows that calibration could not use, naming the file and line (header is line 1)."""
+    for i, row in enumerate(df.itertuples(index=False)):
+        line = f"{where}:{i + 2}"
+        op = row.op
+        if op not in _REQUIRED:
+            raise TraceError(f"{line}: unknown op {op!r}; allowed: {', '.join(OPS)}")
+        for column in _REQUIRED[op]:
+            value = getattr(row, column)
+            if pd.isna(value) or float(value) < 0:
+                raise TraceError(f"{line}: op {op} needs a non-negative {column!r}, got {value!r}")
+        median = row.median_ms
+        if pd.isna(median) or not float(median) > 0:
+            raise TraceError(f"{line}: median_ms must be a positive number, got {median!r}")
+    return df
+
+
+def read_measurements(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: measurements file not found")
+    try:
+        df = pd.read_csv(path, dtype={"device": str, "op": str, "model": str, "dtype": str, "gated": str,
+                                      "torch_version": str, "date": str, "source": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise TraceError(f"{path}: not a measurements CSV: {exc}") from None
+    missing = [c for c in ("device", "op", "median_ms") if c not in df.columns]
+    if missing:
+        raise TraceError(f"{path}: missing columns {', '.join(missing)}; the schema is: {', '.join(COLUMNS)}")
+    return check(normalize(df), str(path))
+
+
+def write_measurements(df: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    normalize(df).to_csv(path, index=False)

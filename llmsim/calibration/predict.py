@@ -1,0 +1,136 @@
+"""What the simulator predicts for each measured row.
+
+A compute row becomes the same ``OpWork`` the execution model builds (same FLOP and byte counts, through the same
+``ops`` functions); a collective row goes through the same ring formulas. Prediction is vectorised over rows so
+that calibration can evaluate ~10^5 rows per optimiser step; ``roofline_s`` is ``op_time_s`` on arrays (a test
+holds them equal).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+from llmsim.execution import ops
+from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+from llmsim.models.spec import ModelSpec
+
+COLLECTIVES = ("all_reduce", "all_gather", "send_recv")
+
+
+@lru_cache(maxsize=4096)
+def _shapes(n_head: int, n_kv_head: int, n_embd: int, n_expanded: int, vocab: int, gated: bool, dtype: str,
+            tp: int) -> ops.ShardShapes:
+    spec = ModelSpec(name="measured", num_layers=1, hidden_size=n_embd, num_heads=n_head, num_kv_heads=n_kv_head,
+                     head_dim=n_embd // n_head, ffn_size=n_expanded, gated_mlp=gated, vocab_size=vocab, dtype=dtype)
+    return ops.ShardShapes.of(spec, tp)
+
+
+def _int(value, default: int) -> int:
+    return default if pd.isna(value) else int(value)
+
+
+def row_shapes(row) -> ops.ShardShapes:
+    """Shard shapes of the model a row describes (the simulator's own ``ShardShapes.of``)."""
+    n_embd = int(row.n_embd)
+    gated = True if pd.isna(row.gated) else str(row.gated).lower() in ("true", "1", "1.0")
+    dtype = row.dtype if isinstance(row.dtype, str) else "fp16"
+    return _shapes(int(row.n_head), int(row.n_kv_head), n_embd, _int(row.n_expanded_embd, 4 * n_embd),
+                   _int(row.vocab_size, 32000), gated, dtype, int(row.tp))
+
+
+def row_work(row) -> ops.OpWork:
+    """The op the simulator would run for a measured compute row."""
+    op = row.op
+    if op == "memcpy":  # device copy: reads and writes size_bytes
+        return ops.OpWork("memcpy", "copy", 0.0, 2.0 * float(row.size_bytes), 0.0)
+    s = row_shapes(row)
+    if op == "attn_prefill":
+        chunk = (int(row.seq_len), int(row.kv_len))
+        return ops.prefill_attention(s, (chunk,) * int(row.batch_size))
+    if op == "attn_decode":
+        batch = int(row.batch_size)
+        return ops.decode_attention(s, batch, batch * int(row.kv_len))
+    tokens = int(row.num_tokens)
+    if op == "emb":
+        return ops.embedding(s, tokens)
+    if op == "lm_head":
+        return ops.lm_head(s, tokens)[1]
+    return next(w for w in ops.dense_layer_ops(s, tokens) if w.name == op)
+
+
+class Rows:
+    """Measured rows with their op kind, FLOPs, bytes, GEMM M, and collective shapes as arrays."""
+
+    def __init__(self, df: pd.DataFrame):
+        self.df = df.reset_index(drop=True)
+        n = len(self.df)
+        self.measured_s = self.df["median_ms"].to_numpy(dtype=float) / 1e3
+        self.kind = np.empty(n, dtype=object)
+        self.flops = np.zeros(n)
+        self.num_bytes = np.zeros(n)
+        self.num_tokens = np.zeros(n)
+        self.dtype = np.array([d if isinstance(d, str) else "fp16" for d in self.df["dtype"]], dtype=object)
+        is_collective = self.df["op"].isin(COLLECTIVES).to_numpy()
+        for i, row in enumerate(self.df.itertuples(index=False)):
+            if is_collective[i]:
+                inter = int(row.devices_per_node) < int(row.num_workers)
+                self.kind[i] = f"{row.op}_inter_node" if inter else row.op
+                continue
+            work = row_work(row)
+            self.kind[i] = work.kind
+            self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
+        self.size_bytes = self.df["size_bytes"].to_numpy(dtype=float)
+        self.num_workers = self.df["num_workers"].to_numpy(dtype=float)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+
+def roofline_s(flops, num_bytes, num_tokens, peak, bandwidth, max_eff, half_tokens, memory_eff, overhead_s):
+    """``op_time_s`` on arrays: ``max(flops / (peak * eff(M)), bytes / (bw * memory_eff)) + overhead``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = max_eff * num_tokens / (num_tokens + half_tokens)
+        compute = np.where(flops > 0, flops / (peak * eff), 0.0)
+    return np.maximum(compute, num_bytes / (bandwidth * memory_eff)) + overhead_s
+
+
+def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
+    """Bytes each worker moves per message byte: ring all-reduce ``2(n-1)/n``, all-gather ``(n-1)/n``."""
+    if op.startswith("all_reduce"):
+        return 2.0 * (num_workers - 1) / num_workers
+    if op.startswith("all_gather"):
+        return (num_workers - 1) / num_workers
+    return np.ones_like(num_workers)
+
+
+def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
+    """Collective time on arrays, same formulas as ``roofline.all_reduce_s`` / ``all_gather_s`` / ``send_recv_s``."""
+    return latency_s + ring_factor(op, num_workers) * size_bytes / bandwidth
+
+
+def profile_link(profile: HardwareProfile, kind: str) -> LinkModel | None:
+    return getattr(profile, kind, None)
+
+
+def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
+    """Predicted seconds per row; NaN where the profile has no model for the row's kind."""
+    out = np.full(len(rows), np.nan)
+    for kind in np.unique(rows.kind):
+        m = rows.kind == kind
+        if kind.split("_inter_node")[0] in COLLECTIVES:
+            link = profile_link(profile, kind)
+            if link is not None:
+                out[m] = link_s(kind, rows.size_bytes[m], rows.num_workers[m], link.latency_s,
+                                link.bandwidth_bytes_per_s)
+            continue
+        eff: OpEfficiency | None = profile.efficiency.get(kind)
+        if eff is None:
+            continue
+        peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
+        out[m] = roofline_s(rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], peak,
+                            profile.memory_bandwidth_bytes_per_s, eff.compute.max_eff, eff.compute.half_tokens,
+                            eff.memory_eff, eff.overhead_s)
+    return out

@@ -1,0 +1,89 @@
+"""Validation: predicted vs measured for every op and collective, as a table, a parity plot and a markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmsim.calibration.fit import Split
+from llmsim.calibration.predict import Rows, predict_s
+from llmsim.hardware.profile import HardwareProfile
+
+
+def compare(profile: HardwareProfile, rows: Rows, split: Split) -> pd.DataFrame:
+    """One row per measurement: op, split (fit / held-out), measured and predicted seconds, relative error."""
+    predicted = predict_s(profile, rows)
+    out = pd.DataFrame({
+        "op": rows.df["op"].where(~pd.Series(rows.kind).str.endswith("_inter_node"),
+                                  rows.df["op"] + " (inter-node)"),
+        "model": rows.df["model"],
+        "split": np.where(split.held_out(rows.df), "held-out", "fit"),
+        "measured_s": rows.measured_s,
+        "predicted_s": predicted,
+    })
+    out["rel_error"] = out["predicted_s"] / out["measured_s"] - 1.0
+    return out[out["predicted_s"].notna()].reset_index(drop=True)
+
+
+def error_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    """MAPE, P90 and max absolute relative error, and median signed error (bias), per split and op."""
+    abs_err = comparison["rel_error"].abs()
+    grouped = comparison.assign(abs_err=abs_err).groupby(["split", "op"], sort=True)
+    table = grouped.agg(rows=("abs_err", "size"), mape=("abs_err", "mean"),
+                        p90=("abs_err", lambda e: float(np.quantile(e, 0.9))), max=("abs_err", "max"),
+                        bias=("rel_error", "median"))
+    return table.reset_index()
+
+
+def parity_plot(comparison: pd.DataFrame, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True, sharey=True)
+    for ax, split in zip(axes, ("fit", "held-out")):
+        part = comparison[comparison["split"] == split]
+        for op, group in part.groupby("op", sort=True):
+            ax.scatter(group["measured_s"] * 1e3, group["predicted_s"] * 1e3, s=3, alpha=0.4, label=op)
+        lo = max(comparison["measured_s"].min() * 1e3 / 2, 1e-4)
+        hi = comparison["measured_s"].max() * 1e3 * 2
+        for factor, style in ((1.0, "k-"), (1.1, "k:"), (1 / 1.1, "k:")):
+            ax.plot([lo, hi], [lo * factor, hi * factor], style, linewidth=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="measured (ms)", title=f"{split} rows ({len(part)})")
+    axes[0].set_ylabel("predicted (ms)")
+    axes[1].legend(fontsize=7, markerscale=3, loc="upper left")
+    fig.suptitle(f"{title}: predicted vs measured (dotted: ±10%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, split: Split, png_name: str,
+             command: str) -> str:
+    lines = [
+        f"# Validation: {profile.name} ({profile.description})",
+        "",
+        f"Produced by `{command}`.",
+        f"Measurements: `{measurements}`. Held-out models: {', '.join(split.held_out_models) or 'none'}; "
+        f"held-out collective worker counts: {', '.join(map(str, split.held_out_num_workers)) or 'none'}. "
+        "Held-out rows were never seen by the fit.",
+        "",
+        "Relative error = predicted / measured - 1. MAPE = mean absolute relative error; bias = median signed error.",
+        "",
+        "| split | op | rows | MAPE | P90 | max | bias |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.split} | {r.op} | {r.rows} | {r.mape:.1%} | {r.p90:.1%} | {r.max:.1%} | {r.bias:+.1%} |")
+    lines += ["", f"![parity plot]({png_name})", ""]
+    return "\n".join(lines)
+
+
+def summary(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per split, per op MAPE, rounded, for the profile's ``validation`` block."""
+    return {split: {r.op: round(float(r.mape), 4) for r in part.itertuples(index=False)}
+            for split, part in table.groupby("split", sort=True)}
