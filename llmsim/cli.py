@@ -74,6 +74,20 @@ def _command_line(argv_name: str) -> str:
     return "llmsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmsim") else argv_name
 
 
+def _cmd_microbench(args: argparse.Namespace) -> int:
+    try:
+        from llmsim.microbench.run import main as microbench
+    except ImportError as exc:
+        raise LLMSimError(f"microbench needs torch: pip install -e '.[bench]' ({exc})") from None
+    try:
+        df = microbench(args.device, Path(args.out), args.grid, args.dtype, args.warmup, args.repetitions,
+                        not args.no_collectives, args.quiet)
+    except RuntimeError as exc:
+        raise LLMSimError(str(exc)) from None
+    print(f"{args.out}: {len(df)} measurements ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
+    return 0
+
+
 def _cmd_import_vidur(args: argparse.Namespace) -> int:
     from llmsim.calibration.measurements import write_measurements
     from llmsim.calibration.vidur import import_vidur
@@ -146,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list hardware profiles")
     devices.set_defaults(func=_cmd_devices)
+
+    mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
+                        description="Measure GEMMs, attention (SDPA), norms, activation, rotary, add, embedding, "
+                                    "memory copies and collectives; write the measurements CSV that calibrate reads.")
+    mb.add_argument("--device", choices=("cpu", "cuda", "rocm"), default="cpu")
+    mb.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
+    mb.add_argument("--grid", choices=("small", "full"), default="small",
+                    help="small: a minute on a CPU; full: the catalog's dense models, TP 1-8, 1-4096 tokens")
+    mb.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on cpu, bf16 on GPUs")
+    mb.add_argument("--warmup", type=int, default=2)
+    mb.add_argument("--repetitions", type=int, default=7)
+    mb.add_argument("--no-collectives", action="store_true", help="skip the torch.distributed collectives")
+    mb.add_argument("-q", "--quiet", action="store_true")
+    mb.set_defaults(func=_cmd_microbench)
 
     imp = sub.add_parser("import-vidur", help="convert Vidur profiling CSVs to the measurements schema")
     imp.add_argument("root", help="Vidur profiling folder (with compute/ and network/)")

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Refit the calibrated profiles from the shipped measurements and rewrite validation/ (deterministic).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+llmsim calibrate --device a100-80gb --measurements hardware_profiles/measurements/vidur-a100.csv.gz \
+  --hold-out-model Qwen/Qwen-72B --hold-out-model internlm/internlm-20b \
+  --hold-out-model meta-llama/Meta-Llama-3-70B --hold-out-model microsoft/phi-2 --hold-out-workers 8
+llmsim calibrate --device h100-sxm --measurements hardware_profiles/measurements/vidur-h100.csv.gz \
+  --hold-out-model codellama/CodeLlama-34b-Instruct-hf --hold-out-model microsoft/phi-2 --hold-out-workers 8
+llmsim calibrate --device cpu --measurements hardware_profiles/measurements/cpu-small.csv --hold-out-model Llama-3-8B

@@ -1,0 +1,76 @@
+"""What the suite measures: op x model x TP shard x token count, attention shapes, copies and collectives.
+
+``small`` is sized for a CPU in CI (about a minute on two cores); ``full`` is for a GPU and covers the catalog's
+dense models at every TP degree up to 8 and 1-4096 tokens, like Vidur's profiling grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmsim.models.spec import load_model
+
+LAYER_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
+             "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "lm_head")
+
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...]
+    tps: tuple[int, ...]
+    tokens: tuple[int, ...]
+    prefill: tuple[tuple[int, int, int], ...]  # (batch, new tokens, cached tokens)
+    decode: tuple[tuple[int, int], ...]  # (batch, KV length)
+    attention_tp: int  # shard the attention heads as at this TP degree
+    memcpy_bytes: tuple[int, ...]
+    collective_bytes: tuple[int, ...]
+    world_sizes: tuple[int, ...]
+
+
+_MB = 2**20
+GRIDS = {
+    "small": Grid(
+        models=("Llama-2-7B", "Phi-2", "Llama-3-8B"), tps=(4, 8), tokens=(1, 4, 16, 32, 64, 128),
+        prefill=((1, 32, 0), (1, 128, 0), (1, 256, 0), (2, 128, 0), (1, 64, 256)),
+        decode=((1, 256), (8, 256), (8, 1024), (32, 512)), attention_tp=8,
+        memcpy_bytes=(_MB, 4 * _MB, 16 * _MB, 64 * _MB),
+        collective_bytes=(4096, 65536, _MB, 4 * _MB, 16 * _MB), world_sizes=(2,)),
+    "full": Grid(
+        models=("Llama-2-7B", "Llama-2-13B", "Llama-2-70B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B",
+                "Qwen2-72B", "CodeLlama-34B", "Phi-2"),
+        tps=(1, 2, 4, 8), tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096),
+        prefill=tuple((b, s, c) for b in (1, 4) for s in (128, 512, 1024, 2048, 4096, 8192) for c in (0,))
+        + ((1, 512, 2048), (1, 512, 8192), (1, 2048, 4096)),
+        decode=tuple((b, k) for b in (1, 8, 32, 64, 128, 256) for k in (128, 512, 1024, 2048, 4096, 8192)),
+        attention_tp=1,
+        memcpy_bytes=tuple(2**e for e in range(20, 31)),
+        collective_bytes=tuple(2**e for e in range(11, 29, 1)), world_sizes=(2, 4, 8)),
+}
+
+
+def model_columns(name: str, tp: int) -> dict:
+    m = load_model(name)
+    return {"model": m.name, "tp": tp, "n_head": m.num_heads, "n_kv_head": m.num_kv_heads, "n_embd": m.hidden_size,
+            "n_expanded_embd": m.ffn_size, "vocab_size": m.vocab_size, "gated": m.gated_mlp}
+
+
+def compute_specs(grid: Grid, dtype: str) -> list[dict]:
+    """Every compute row to measure, as schema columns (times filled in by the runner)."""
+    specs = []
+    for name in grid.models:
+        for tp in grid.tps:
+            if load_model(name).num_heads % tp:
+                continue
+            cols = model_columns(name, tp)
+            for op in LAYER_OPS:
+                for tokens in grid.tokens:
+                    specs.append({"op": op, "dtype": dtype, **cols, "num_tokens": tokens})
+        cols = model_columns(name, grid.attention_tp)
+        for batch, new, cached in grid.prefill:
+            specs.append({"op": "attn_prefill", "dtype": dtype, **cols, "batch_size": batch, "seq_len": new,
+                          "kv_len": cached})
+        for batch, kv_len in grid.decode:
+            specs.append({"op": "attn_decode", "dtype": dtype, **cols, "batch_size": batch, "seq_len": 1,
+                          "kv_len": kv_len})
+    specs += [{"op": "memcpy", "dtype": dtype, "size_bytes": size} for size in grid.memcpy_bytes]
+    return specs

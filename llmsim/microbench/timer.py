@@ -1,0 +1,87 @@
+"""Timing one kernel on one device: warm-up, synchronisation, repetitions, median and spread.
+
+On CUDA and ROCm (torch exposes both as ``cuda``) each repetition is bracketed by CUDA events, and a buffer larger
+than the L2 cache is overwritten before it, so weights are read from HBM as they are in a real forward pass (the
+next layer's weights are never still in cache). On CPU, ``perf_counter_ns`` brackets each call; CPU caches are not
+flushed (the last-level cache can be hundreds of MB), which the CPU profile states.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB, MI325X: 256 MB Infinity Cache)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    repetitions: int
+
+
+def torch_device(kind: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``rocm`` (a ROCm build of torch drives AMD GPUs through the ``cuda`` API)."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {kind}: torch {torch.__version__} sees no GPU")
+    is_rocm = torch.version.hip is not None
+    if (kind == "rocm") != is_rocm:
+        raise RuntimeError(f"--device {kind}: this torch build is for {'ROCm' if is_rocm else 'CUDA'}")
+    return torch.device("cuda")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, repetitions: int):
+        self.device, self.warmup, self.repetitions = device, warmup, repetitions
+        self._flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
+            if device.type == "cuda" else None
+
+    def __call__(self, fn: Callable[[], object]) -> Timing:
+        for _ in range(self.warmup):
+            fn()
+        times = self._cuda_times(fn) if self.device.type == "cuda" else self._cpu_times(fn)
+        return Timing(statistics.median(times), statistics.fmean(times),
+                      statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times), len(times))
+
+    def _cpu_times(self, fn) -> list[float]:
+        times = []
+        for _ in range(self.repetitions):
+            start = time.perf_counter_ns()
+            fn()
+            times.append((time.perf_counter_ns() - start) / 1e6)
+        return times
+
+    def _cuda_times(self, fn) -> list[float]:
+        pairs = []
+        for _ in range(self.repetitions):
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in pairs]
