@@ -4,6 +4,10 @@ Default workload (issue targets): Llama-2-7B on A100-80GB, TP1, 16 replicas, Poi
 requests, mean prompt ~2k tokens, mean output ~200 tokens.
 
     python benchmarks/bench_sim_speed.py [--requests N] [--replicas R] [--rate RPS] [--step] [--profile]
+
+Replay a BurstGPT-format CSV instead (see make_burstgpt_like.py), without per-iteration records:
+
+    python benchmarks/bench_sim_speed.py --trace results/burstgpt_like_1m.csv --requests 1000000 --no-iteration-records
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ from llmsim.config import parse_config
 from llmsim.run import run_experiment
 
 
-def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool, output_median: float):
+def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool, output_median: float,
+           trace: str | None = None, record_iterations: bool = True):
+    if trace:
+        # Failed rows (Response tokens == 0) arrive and are rejected with a reason, so every row is a request.
+        workload = {"num_requests": num_requests, "trace": {"path": trace, "format": "burstgpt", "failed": "reject"}}
+    else:
+        workload = {
+            "num_requests": num_requests,
+            "arrival": {"kind": "poisson", "rate_per_s": rate},
+            # lognormal(median, sigma) has mean median * exp(sigma^2 / 2): ~1,950 and ~200 tokens.
+            "prompt_tokens": {"kind": "lognormal", "median": 1650, "sigma": 0.55, "min": 16, "max": 3500},
+            "output_tokens": {"kind": "lognormal", "median": output_median, "sigma": 0.6, "min": 1,
+                              "max": round(590 * output_median / 168)},
+        }
     return parse_config({
         "name": "speed-benchmark",
         "seed": 1,
@@ -25,14 +42,8 @@ def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool
         "hardware": {"device": "a100-80gb"},
         "cluster": {"num_replicas": num_replicas, "router": "round_robin"},
         "scheduler": {"name": "fcfs", "max_num_batched_tokens": 4096},
-        "workload": {
-            "num_requests": num_requests,
-            "arrival": {"kind": "poisson", "rate_per_s": rate},
-            # lognormal(median, sigma) has mean median * exp(sigma^2 / 2): ~1,950 and ~200 tokens.
-            "prompt_tokens": {"kind": "lognormal", "median": 1650, "sigma": 0.55, "min": 16, "max": 3500},
-            "output_tokens": {"kind": "lognormal", "median": output_median, "sigma": 0.6, "min": 1, "max": 590},
-        },
-        "simulation": {"fast_forward": fast_forward},
+        "workload": workload,
+        "simulation": {"fast_forward": fast_forward, "record_iterations": record_iterations},
     })
 
 
@@ -43,9 +54,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=40.0, help="cluster arrival rate, requests/s")
     ap.add_argument("--output-median", type=float, default=168.0)
     ap.add_argument("--step", action="store_true", help="step every iteration (no fast-forward)")
+    ap.add_argument("--trace", help="replay this BurstGPT-format CSV instead of the synthetic workload")
+    ap.add_argument("--no-iteration-records", action="store_true", help="keep only iteration totals (less memory)")
     ap.add_argument("--profile", action="store_true", help="print a pyinstrument profile (needs pyinstrument)")
     args = ap.parse_args()
-    cfg = config(args.requests, args.replicas, args.rate, not args.step, args.output_median)
+    cfg = config(args.requests, args.replicas, args.rate, not args.step, args.output_median, args.trace,
+                 not args.no_iteration_records)
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
@@ -62,7 +76,7 @@ def main() -> None:
     print(f"requests={args.requests} replicas={args.replicas} rate={args.rate}/s "
           f"mode={'step' if args.step else 'fast-forward'}")
     print(f"finished={r['finished']} rejected={r['rejected']} preemptions={r['preemptions']} "
-          f"iterations={len(result.recorder.iterations['start_s'])} "
+          f"iterations={summary['utilization']['iterations']} "
           f"simulated={summary['simulation']['simulated_s']:.0f}s")
     print(f"simulation loop: {result.wall_s:.2f} s -> {args.requests / result.wall_s:,.0f} simulated requests/s")
     print(f"end to end (incl. summary): {wall:.2f} s; peak RSS {peak_mib:,.0f} MiB; python {sys.version.split()[0]}")

@@ -20,10 +20,10 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     result = simulate(cfg, build_workload(cfg.workload, cfg.seed), on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
-    iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable").reset_index(drop=True)
+    totals = {f: rec.total(f) for f in ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")}
     ex = result.execution
     summary = summarize(
-        requests, iterations, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
+        requests, totals, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, attainment_target=cfg.slo.attainment,
         num_gpus=ex.plan.num_gpus, peak_flops=ex.peak_flops, bandwidth=ex.bandwidth,
         num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas)
@@ -42,7 +42,9 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         out = Path(output_dir or cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         requests.to_parquet(out / "requests.parquet", index=False)
-        iterations.to_parquet(out / "iterations.parquet", index=False)
+        if rec.record_iterations:
+            iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
+            iterations.reset_index(drop=True).to_parquet(out / "iterations.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return result, summary

@@ -86,10 +86,27 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                                      "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}},
                            simulation={"fast_forward": ff})
     ff, step = cfg(True), cfg(False)
-    a_req, a_it = frames(simulate(ff, _wl(ff)))
-    b_req, b_it = frames(simulate(step, _wl(step)))
+    a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
+    a_req, a_it = frames(a)
+    b_req, b_it = frames(b)
     pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
     pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
+    totals = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
+    assert [a.recorder.total(f) for f in totals] == [b.recorder.total(f) for f in totals]
+
+
+def test_skipping_iteration_records_changes_nothing_else():
+    full = make_config(workload={"num_requests": 150, "arrival": {"kind": "poisson", "rate_per_s": 20.0},
+                                 "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                                 "output_tokens": {"kind": "uniform", "min": 1, "max": 300}})
+    lean = full.model_copy(update={"simulation": full.simulation.model_copy(update={"record_iterations": False})})
+    _, a = run_experiment(full, write=False)
+    result, b = run_experiment(lean, write=False)
+    assert len(result.recorder.iterations["start_s"]) == 0
+    assert b["utilization"]["iterations"] > 0
+    for summary in (a, b):
+        summary.pop("simulation")
+    assert a == b
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),

@@ -78,7 +78,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     wall0 = time.perf_counter()
     model, execution, memory, max_model_len = build_execution(cfg)
     env = Clock()
-    recorder = Recorder()
+    recorder = Recorder(cfg.simulation.record_iterations)
     replicas = [make_replica(env, i, cfg, execution, memory.num_blocks, recorder)
                 for i in range(cfg.cluster.num_replicas)]
     router = ROUTERS[cfg.cluster.router]()

@@ -19,8 +19,21 @@ ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes")
 ITERATION_INT_FIELDS = ("replica_id", "num_prefill_tokens", "num_decode_tokens", "kv_used_blocks")
 
 
-class Recorder:
+class ReplicaTotals:
+    """Running sums over one replica's iterations, added one iteration at a time in time order, so stepping and
+    fast-forwarding give bit-identical totals. These feed the summary whether or not iterations are recorded."""
+
+    __slots__ = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
+
     def __init__(self) -> None:
+        self.busy_s = self.flops = self.num_bytes = self.kv_block_s = 0.0
+        self.num_iterations = 0
+
+
+class Recorder:
+    def __init__(self, record_iterations: bool = True) -> None:
+        self.record_iterations = record_iterations
+        self.totals: dict[int, ReplicaTotals] = {}
         self.requests = {name: array("d") for name in REQUEST_FLOAT_FIELDS}
         self.requests.update({name: array("q") for name in REQUEST_INT_FIELDS})
         self.status: list[str] = []
@@ -40,6 +53,14 @@ class Recorder:
 
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
+        t = self._totals(replica_id)
+        t.busy_s += duration_s
+        t.flops += flops
+        t.num_bytes += num_bytes
+        t.kv_block_s += kv_used_blocks * duration_s
+        t.num_iterations += 1
+        if not self.record_iterations:
+            return
         it = self.iterations
         it["replica_id"].append(replica_id)
         it["start_s"].append(start_s)
@@ -53,6 +74,17 @@ class Recorder:
     def iterations_bulk(self, replica_id: int, starts: list[float], durations: list[float], flops: list[float],
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
         """Several decode-only iterations at once (a fast-forwarded run)."""
+        t = self._totals(replica_id)
+        busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
+        for duration, f, b, kv in zip(durations, flops, num_bytes, kv_used_blocks):
+            busy_s += duration
+            total_flops += f
+            total_bytes += b
+            kv_block_s += kv * duration
+        t.busy_s, t.flops, t.num_bytes, t.kv_block_s = busy_s, total_flops, total_bytes, kv_block_s
+        t.num_iterations += len(durations)
+        if not self.record_iterations:
+            return
         it, n = self.iterations, len(starts)
         it["replica_id"].extend([replica_id] * n)
         it["start_s"].extend(starts)
@@ -62,6 +94,16 @@ class Recorder:
         it["num_prefill_tokens"].extend([0] * n)
         it["num_decode_tokens"].extend([num_decode_tokens] * n)
         it["kv_used_blocks"].extend(kv_used_blocks)
+
+    def _totals(self, replica_id: int) -> ReplicaTotals:
+        t = self.totals.get(replica_id)
+        if t is None:
+            t = self.totals[replica_id] = ReplicaTotals()
+        return t
+
+    def total(self, field: str) -> float:
+        """A total over all replicas, summed in replica order."""
+        return sum(getattr(self.totals[r], field) for r in sorted(self.totals))
 
     def gaps_bulk(self, gaps_s: list[float], count: int) -> None:
         self.tbt_gap_s.extend(gaps_s)

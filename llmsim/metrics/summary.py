@@ -55,7 +55,7 @@ def add_derived_columns(requests: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, gaps: np.ndarray, gap_counts: np.ndarray, *,
+def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray, gap_counts: np.ndarray, *,
               ttft_slo_s: float, tpot_slo_s: float, attainment_target: float, num_gpus: int,
               peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int) -> dict:
     df = requests
@@ -68,10 +68,9 @@ def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, gaps: np.ndarray
     met = (finished["ttft_s"] <= ttft_slo_s) & tpot_ok
     out_tokens = int(finished["num_generated_tokens"].sum())
     in_tokens = int(finished["num_prompt_tokens"].sum())
-    busy = iterations["duration_s"].to_numpy()
+    busy = totals["busy_s"]
     total_gpu_s = span * num_gpus * num_replicas
-    kv_util = (float((iterations["kv_used_blocks"] * iterations["duration_s"]).sum()
-                     / (num_blocks_per_replica * busy.sum())) if busy.sum() > 0 else 0.0)
+    kv_util = float(totals["kv_block_s"] / (num_blocks_per_replica * busy)) if busy > 0 else 0.0
     summary = {
         "requests": {
             "arrived": n_arrived,
@@ -102,10 +101,11 @@ def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, gaps: np.ndarray
         },
         "utilization": {
             "kv_cache_busy_mean": kv_util,
-            "busy_fraction": float(busy.sum() / (span * num_replicas)),
+            "busy_fraction": float(busy / (span * num_replicas)),
             # MFU/MBU over the whole run, idle time included.
-            "mfu": float(iterations["flops"].sum() / (peak_flops * total_gpu_s)),
-            "mbu": float(iterations["num_bytes"].sum() / (bandwidth * total_gpu_s)),
+            "mfu": float(totals["flops"] / (peak_flops * total_gpu_s)),
+            "mbu": float(totals["num_bytes"] / (bandwidth * total_gpu_s)),
+            "iterations": int(totals["num_iterations"]),
         },
     }
     return summary
