@@ -150,6 +150,10 @@ class SimulationConfig(_Strict):
     record_iterations: bool = True
 
 
+class EnergyConfig(_Strict):
+    pue: float = Field(default=1.0, ge=1.0)  # facility power usage effectiveness, multiplies GPU energy
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -161,6 +165,7 @@ class ExperimentConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     workload: WorkloadConfig
     slo: SLOConfig = SLOConfig()
+    energy: EnergyConfig = EnergyConfig()
     simulation: SimulationConfig = SimulationConfig()
 
 

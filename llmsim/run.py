@@ -20,13 +20,15 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     result = simulate(cfg, build_workload(cfg.workload, cfg.seed), on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
-    totals = {f: rec.total(f) for f in ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")}
+    totals = {f: rec.total(f) for f in ("busy_s", "flops", "num_bytes", "kv_block_s", "busy_energy_j",
+                                        "num_iterations")}
     ex = result.execution
     summary = summarize(
         requests, totals, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, attainment_target=cfg.slo.attainment,
         num_gpus=ex.plan.num_gpus, peak_flops=ex.peak_flops, bandwidth=ex.bandwidth,
-        num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas)
+        num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas,
+        idle_w=rec.power.idle_w, pue=cfg.energy.pue)
     summary = {
         "experiment": cfg.name,
         "model": result.model.name,
@@ -48,6 +50,13 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return result, summary
+
+
+def _energy_line(e: dict) -> str:
+    per_token = e["j_per_output_token"]
+    return (f"energy {e['total_j'] / 3.6e6:.3f} kWh (busy {e['busy_j'] / 3.6e6:.3f}, idle {e['idle_j'] / 3.6e6:.3f}, "
+            f"PUE {e['pue']:g}): " + (f"{per_token:.3f} J/output token, " if per_token else "")
+            + f"{e['output_tokens_per_j']:.2f} output tokens/J, mean {e['mean_power_w_per_gpu']:.0f} W/GPU")
 
 
 def format_summary(summary: dict) -> str:
@@ -79,6 +88,7 @@ def format_summary(summary: dict) -> str:
         f"goodput {slo['goodput_requests_per_s']:.2f} req/s",
         f"KV cache use {u['kv_cache_busy_mean']:.1%}, busy {u['busy_fraction']:.1%}, "
         f"MFU {u['mfu']:.1%}, MBU {u['mbu']:.1%}",
+        _energy_line(summary["energy"]),
         f"simulated {summary['simulation']['simulated_s']:.1f} s in {summary['simulation']['wall_s']:.2f} s wall "
         f"({summary['simulation']['requests_per_wall_s']:.0f} req/s)",
     ]

@@ -10,6 +10,7 @@ from llmsim.clock import Clock
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
+from llmsim.energy import power_model
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.profile import load_profile
@@ -78,7 +79,8 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     wall0 = time.perf_counter()
     model, execution, memory, max_model_len = build_execution(cfg)
     env = Clock()
-    recorder = Recorder(cfg.simulation.record_iterations)
+    power = power_model(execution.hardware, execution.peak_flops, execution.bandwidth, execution.plan.num_gpus)
+    recorder = Recorder(power, cfg.simulation.record_iterations)
     replicas = [make_replica(env, i, cfg, execution, memory.num_blocks, recorder)
                 for i in range(cfg.cluster.num_replicas)]
     router = ROUTERS[cfg.cluster.router]()

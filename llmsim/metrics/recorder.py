@@ -10,12 +10,13 @@ from array import array
 
 import pandas as pd
 
+from llmsim.energy import PowerModel
 from llmsim.request import Request
 
 REQUEST_FLOAT_FIELDS = ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s")
 REQUEST_INT_FIELDS = ("id", "replica_id", "num_prompt_tokens", "num_output_tokens", "num_generated_tokens",
                       "num_preemptions", "num_migrations")
-ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes")
+ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes", "power_w")  # power_w: per GPU
 ITERATION_INT_FIELDS = ("replica_id", "num_prefill_tokens", "num_decode_tokens", "kv_used_blocks")
 
 
@@ -23,15 +24,16 @@ class ReplicaTotals:
     """Running sums over one replica's iterations, added one iteration at a time in time order, so stepping and
     fast-forwarding give bit-identical totals. These feed the summary whether or not iterations are recorded."""
 
-    __slots__ = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
+    __slots__ = ("busy_s", "flops", "num_bytes", "kv_block_s", "busy_energy_j", "num_iterations")
 
     def __init__(self) -> None:
-        self.busy_s = self.flops = self.num_bytes = self.kv_block_s = 0.0
+        self.busy_s = self.flops = self.num_bytes = self.kv_block_s = self.busy_energy_j = 0.0
         self.num_iterations = 0
 
 
 class Recorder:
-    def __init__(self, record_iterations: bool = True) -> None:
+    def __init__(self, power: PowerModel, record_iterations: bool = True) -> None:
+        self.power = power
         self.record_iterations = record_iterations
         self.totals: dict[int, ReplicaTotals] = {}
         self.requests = {name: array("d") for name in REQUEST_FLOAT_FIELDS}
@@ -54,14 +56,17 @@ class Recorder:
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
         t = self._totals(replica_id)
+        power_w = self.power.power_w(duration_s, flops, num_bytes)
         t.busy_s += duration_s
         t.flops += flops
         t.num_bytes += num_bytes
         t.kv_block_s += kv_used_blocks * duration_s
+        t.busy_energy_j += power_w * duration_s * self.power.num_gpus
         t.num_iterations += 1
         if not self.record_iterations:
             return
         it = self.iterations
+        it["power_w"].append(power_w)
         it["replica_id"].append(replica_id)
         it["start_s"].append(start_s)
         it["duration_s"].append(duration_s)
@@ -75,17 +80,23 @@ class Recorder:
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
         """Several decode-only iterations at once (a fast-forwarded run)."""
         t = self._totals(replica_id)
+        power, gpus = self.power.power_w, self.power.num_gpus
+        powers = [power(d, f, b) for d, f, b in zip(durations, flops, num_bytes)]
         busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
-        for duration, f, b, kv in zip(durations, flops, num_bytes, kv_used_blocks):
+        energy_j = t.busy_energy_j
+        for duration, f, b, kv, w in zip(durations, flops, num_bytes, kv_used_blocks, powers):
             busy_s += duration
             total_flops += f
             total_bytes += b
             kv_block_s += kv * duration
+            energy_j += w * duration * gpus
         t.busy_s, t.flops, t.num_bytes, t.kv_block_s = busy_s, total_flops, total_bytes, kv_block_s
+        t.busy_energy_j = energy_j
         t.num_iterations += len(durations)
         if not self.record_iterations:
             return
         it, n = self.iterations, len(starts)
+        it["power_w"].extend(powers)
         it["replica_id"].extend([replica_id] * n)
         it["start_s"].extend(starts)
         it["duration_s"].extend(durations)

@@ -57,7 +57,8 @@ def add_derived_columns(requests: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray, gap_counts: np.ndarray, *,
               ttft_slo_s: float, tpot_slo_s: float, attainment_target: float, num_gpus: int,
-              peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int) -> dict:
+              peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int,
+              idle_w: float, pue: float) -> dict:
     df = requests
     finished = df[df["status"] == "finished"]
     n_arrived = len(df)
@@ -107,5 +108,30 @@ def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray
             "mbu": float(totals["num_bytes"] / (bandwidth * total_gpu_s)),
             "iterations": int(totals["num_iterations"]),
         },
+        "energy": energy(totals, span, num_gpus, num_replicas, idle_w, pue, len(finished), out_tokens, in_tokens),
     }
     return summary
+
+
+def energy(totals: dict[str, float], span: float, num_gpus: int, num_replicas: int, idle_w: float, pue: float,
+           finished: int, out_tokens: int, in_tokens: int) -> dict:
+    """Busy energy from each iteration's power, idle power for every GPU-second between iterations, times PUE."""
+    busy_j = totals["busy_energy_j"]
+    idle_j = idle_w * num_gpus * max(span * num_replicas - totals["busy_s"], 0.0)
+    total_j = (busy_j + idle_j) * pue
+    gpu_s = span * num_gpus * num_replicas
+
+    def per(count: float) -> float | None:
+        return total_j / count if count else None
+
+    return {
+        "total_j": total_j,
+        "busy_j": busy_j * pue,
+        "idle_j": idle_j * pue,
+        "pue": pue,
+        "mean_power_w_per_gpu": (busy_j + idle_j) / gpu_s if gpu_s > 0 else 0.0,
+        "j_per_output_token": per(out_tokens),
+        "j_per_token": per(out_tokens + in_tokens),
+        "j_per_request": per(finished),
+        "output_tokens_per_j": out_tokens / total_j if total_j > 0 else 0.0,
+    }
