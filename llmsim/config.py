@@ -140,7 +140,9 @@ class WorkloadConfig(_Strict):
 class SLOConfig(_Strict):
     ttft_s: float = Field(default=2.0, gt=0)
     tpot_s: float = Field(default=0.1, gt=0)
-    attainment: float = Field(default=0.9, gt=0, le=1)  # share of requests that must meet both
+    # Optional Sarathi-Serve-style bound on every gap between consecutive tokens of a request (its max TBT).
+    tbt_s: float | None = Field(default=None, gt=0)
+    attainment: float = Field(default=0.9, gt=0, le=1)  # share of requests that must meet every SLO
 
 
 class SimulationConfig(_Strict):

@@ -25,7 +25,8 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     ex = result.execution
     summary = summarize(
         requests, totals, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
-        ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, attainment_target=cfg.slo.attainment,
+        ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
+        attainment_target=cfg.slo.attainment,
         num_gpus=ex.plan.num_gpus, peak_flops=ex.peak_flops, bandwidth=ex.bandwidth,
         num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas,
         idle_w=rec.power.idle_w, pue=cfg.energy.pue)
@@ -83,7 +84,8 @@ def format_summary(summary: dict) -> str:
         "",
         f"throughput: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s "
         f"over {t['duration_s']:.1f} s",
-        f"SLO (TTFT<={slo['ttft_s']}s, TPOT<={slo['tpot_s']}s): attainment {slo['attainment']:.1%} "
+        f"SLO (TTFT<={slo['ttft_s']}s, TPOT<={slo['tpot_s']}s"
+        + (f", max TBT<={slo['tbt_s']}s" if slo.get("tbt_s") else "") + f"): attainment {slo['attainment']:.1%} "
         f"(target {slo['target']:.0%}: {'met' if slo['meets_target'] else 'missed'}), "
         f"goodput {slo['goodput_requests_per_s']:.2f} req/s",
         f"KV cache use {u['kv_cache_busy_mean']:.1%}, busy {u['busy_fraction']:.1%}, "

@@ -91,3 +91,28 @@ def test_sarathi_last_chunk_samples_first_token():
     apply(s.schedule())
     out = s.schedule()
     assert out.prefills[0].num_new_tokens == 36 and out.signature()[3] == 1
+
+
+def test_sarathi_beats_fcfs_on_tail_tbt_and_goodput():
+    """Sarathi-Serve's claim, on Mistral-7B / A100 at equal load: stall-free chunked prefill cuts P99 TBT and
+    raises the rate of requests served within a TBT SLO; FCFS (prefill-prioritised) wins on TTFT."""
+    from pathlib import Path
+
+    from llmsim.config import parse_config
+    from llmsim.run import run_experiment
+
+    REPO = Path(__file__).resolve().parents[1]
+    def run(scheduler):
+        cfg = parse_config({
+            "name": scheduler, "seed": 3, "model": {"name": "Mistral-7B"}, "hardware": {"device": "a100-80gb"},
+            "cluster": {"num_replicas": 1},
+            "scheduler": {"name": scheduler, "max_num_batched_tokens": 4096, "chunk_size": 512},
+            "workload": {"num_requests": 400, "arrival": {"kind": "poisson", "rate_per_s": 5.0},
+                         "lengths_from": {"path": str(REPO / "workloads/azure_conv_2023.csv"), "format": "azure"}},
+            "slo": {"ttft_s": 2.0, "tpot_s": 0.1, "tbt_s": 0.1}}, "<test>")
+        return run_experiment(cfg, write=False)[1]
+
+    fcfs, sarathi = run("fcfs"), run("sarathi")
+    assert sarathi["tbt"]["p99_s"] < 0.5 * fcfs["tbt"]["p99_s"]
+    assert sarathi["slo"]["goodput_requests_per_s"] > 2 * fcfs["slo"]["goodput_requests_per_s"]
+    assert sarathi["ttft"]["p90_s"] > fcfs["ttft"]["p90_s"]  # the price: prompts are chunked behind decodes

@@ -56,7 +56,8 @@ def add_derived_columns(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray, gap_counts: np.ndarray, *,
-              ttft_slo_s: float, tpot_slo_s: float, attainment_target: float, num_gpus: int,
+              ttft_slo_s: float, tpot_slo_s: float, tbt_slo_s: float | None, attainment_target: float,
+              num_gpus: int,
               peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int,
               idle_w: float, pue: float) -> dict:
     df = requests
@@ -67,6 +68,8 @@ def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray
     span = max(end - start, 1e-12)
     tpot_ok = finished["tpot_s"].fillna(0.0) <= tpot_slo_s  # one-token outputs have no TPOT to miss
     met = (finished["ttft_s"] <= ttft_slo_s) & tpot_ok
+    if tbt_slo_s is not None:
+        met &= finished["max_tbt_s"] <= tbt_slo_s
     out_tokens = int(finished["num_generated_tokens"].sum())
     in_tokens = int(finished["num_prompt_tokens"].sum())
     busy = totals["busy_s"]
@@ -94,6 +97,7 @@ def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray
         "slo": {
             "ttft_s": ttft_slo_s,
             "tpot_s": tpot_slo_s,
+            "tbt_s": tbt_slo_s,
             "attainment": float(met.sum() / n_arrived) if n_arrived else 0.0,
             "target": attainment_target,
             "meets_target": bool(n_arrived and met.sum() / n_arrived >= attainment_target),
