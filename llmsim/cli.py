@@ -74,6 +74,39 @@ def _command_line(argv_name: str) -> str:
     return "llmsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llmsim") else argv_name
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from llmsim.sweep.execute import run_points
+    from llmsim.sweep.report import curves, goodput, table
+    from llmsim.sweep.spec import load_sweep
+
+    sweep, points = load_sweep(args.sweep)
+    root = Path(args.out) if args.out else sweep.output_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(points), unit="point", desc=sweep.name, disable=args.quiet or None, leave=False) as bar:
+        summaries = run_points(root, points, args.executor, args.workers, args.address,
+                               on_done=lambda point, summary: bar.update(1))
+    df = table(points, summaries)
+    df.to_csv(root / "results.csv", index=False)
+    target = points[0].config.slo.attainment
+    best = goodput(df, sweep, target)
+    if not best.empty:
+        best.to_csv(root / "goodput.csv", index=False)
+    plots = curves(df, sweep, target, root)
+    if not args.quiet:
+        shown = [c for c in ("point", "attainment", "goodput_rps", "ttft_p90_s", "tbt_p99_s", "j_per_output_token",
+                             "error") if c in df]
+        print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if not best.empty:
+            print(f"\ngoodput (highest {sweep.x} with attainment >= {target:.0%}):")
+            print(best.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    errors = int((df["error"].fillna("") != "").sum()) if "error" in df else 0
+    print(f"{len(points)} points ({errors} failed) in {root}/: results.csv"
+          + (", goodput.csv" if not best.empty else "") + "".join(f", {p.name}" for p in plots))
+    return 0
+
+
 def _cmd_microbench(args: argparse.Namespace) -> int:
     try:
         from llmsim.microbench.run import main as microbench
@@ -160,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list hardware profiles")
     devices.set_defaults(func=_cmd_devices)
+
+    sw = sub.add_parser("sweep", help="run a grid of experiments in parallel; table, goodput and energy curves",
+                        description="Expand a sweep YAML (base experiment + grid of dotted-path overrides), run the "
+                                    "points in parallel (resuming finished ones), write results.csv, goodput.csv "
+                                    "and goodput/energy curve PNGs.")
+    sw.add_argument("sweep", help="sweep YAML")
+    sw.add_argument("--out", help="results folder (default: output_dir from the sweep file)")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local")
+    sw.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    sw.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    sw.add_argument("-q", "--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
                         description="Measure GEMMs, attention (SDPA), norms, activation, rotary, add, embedding, "

@@ -1,0 +1,109 @@
+"""Run a sweep's points in parallel -- local processes by default, or a Ray cluster -- and resume after a crash.
+
+A point is done when its folder holds ``summary.json`` and a ``config.yaml`` equal to the point's resolved config
+(``run_experiment`` writes the config last), so an interrupted or crashed sweep reruns only what is missing or
+changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from llmsim.config import parse_config
+from llmsim.errors import LLMSimError
+from llmsim.sweep.spec import Point
+
+
+def point_dir(root: Path, point: Point) -> Path:
+    return root / point.name
+
+
+def is_done(root: Path, point: Point) -> bool:
+    folder = point_dir(root, point)
+    summary, config = folder / "summary.json", folder / "config.yaml"
+    if not (summary.exists() and config.exists()):
+        return False
+    try:
+        return yaml.safe_load(config.read_text()) == point.config.model_dump(mode="json") | {
+            "output_dir": str(folder)}
+    except yaml.YAMLError:
+        return False
+
+
+def run_point(config_json: dict, folder: str) -> dict:
+    """One point in a worker process (or Ray task): returns the summary, or an ``error`` entry."""
+    from llmsim.run import run_experiment
+
+    try:
+        cfg = parse_config(config_json, folder)
+        _, summary = run_experiment(cfg, output_dir=Path(folder))
+        return summary
+    except LLMSimError as exc:  # a plan that does not fit is a result of the sweep, not a crash
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "error.txt").write_text(str(exc))
+        return {"error": str(exc)}
+
+
+def _job(root: Path, point: Point) -> tuple[dict, str]:
+    folder = point_dir(root, point)
+    config = point.config.model_dump(mode="json") | {"output_dir": str(folder)}
+    return config, str(folder)
+
+
+def run_points(root: Path, points: list[Point], executor: str = "local", workers: int | None = None,
+               address: str | None = None, on_done: Callable[[Point, dict], None] | None = None) -> dict[int, dict]:
+    """Summaries by point index; finished points are read back, not rerun."""
+    results: dict[int, dict] = {}
+    todo = []
+    for point in points:
+        if is_done(root, point):
+            results[point.index] = json.loads((point_dir(root, point) / "summary.json").read_text())
+            if on_done:
+                on_done(point, results[point.index])
+        else:
+            todo.append(point)
+    if not todo:
+        return results
+    if executor == "ray":
+        results.update(_run_ray(root, todo, address, on_done))
+        return results
+    workers = workers or max(1, (os.cpu_count() or 1))
+    if workers == 1:
+        for point in todo:
+            results[point.index] = run_point(*_job(root, point))
+            if on_done:
+                on_done(point, results[point.index])
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_point, *_job(root, p)): p for p in todo}
+        for future in as_completed(futures):
+            point = futures[future]
+            results[point.index] = future.result()
+            if on_done:
+                on_done(point, results[point.index])
+    return results
+
+
+def _run_ray(root: Path, todo: list[Point], address: str | None, on_done) -> dict[int, dict]:
+    try:
+        import ray
+    except ImportError:
+        raise LLMSimError("--executor ray needs Ray: pip install -e '.[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(run_point)
+    refs = {remote.remote(*_job(root, p)): p for p in todo}
+    results = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        point = refs[done[0]]
+        results[point.index] = ray.get(done[0])
+        if on_done:
+            on_done(point, results[point.index])
+    return results

@@ -1,0 +1,89 @@
+"""A sweep's combined table, DistServe-style goodput per curve, and goodput / energy curves as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from llmsim.sweep.spec import Point, SweepConfig
+
+
+def _label(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
+    rows = []
+    for p in points:
+        s = summaries.get(p.index, {})
+        row = {"point": p.name, **{k: _label(v) if isinstance(v, dict) else v for k, v in p.values.items()}}
+        if "error" in s or not s:
+            rows.append({**row, "error": s.get("error", "not run")})
+            continue
+        par = s["parallel"]
+        rows.append({
+            **row,
+            "num_gpus": par["tp"] * par["pp"] * par["replicas"],
+            "finished": s["requests"]["finished"], "rejected": s["requests"]["rejected"],
+            "throughput_rps": s["throughput"]["requests_per_s"],
+            "attainment": s["slo"]["attainment"], "goodput_rps": s["slo"]["goodput_requests_per_s"],
+            "ttft_p90_s": s["ttft"]["p90_s"], "tpot_p90_s": s["tpot"]["p90_s"], "tbt_p99_s": s["tbt"]["p99_s"],
+            "j_per_output_token": s["energy"]["j_per_output_token"],
+            "mean_power_w_per_gpu": s["energy"]["mean_power_w_per_gpu"],
+            "mfu": s["utilization"]["mfu"], "error": "",
+        })
+    return pd.DataFrame(rows)
+
+
+def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame:
+    """DistServe's goodput: for each curve, the highest rate whose SLO attainment reaches ``target``."""
+    x = sweep.x
+    if x is None or "attainment" not in df:
+        return pd.DataFrame()
+    others = [k for k in sweep.grid if k != x]
+    out = []
+    for key, group in (df.groupby(others, sort=False) if others else [((), df)]):
+        key = key if isinstance(key, tuple) else (key,)
+        ok = group[group["attainment"] >= target]
+        best = float(ok[x].max()) if len(ok) else 0.0
+        gpus = int(group["num_gpus"].dropna().iloc[0]) if group["num_gpus"].notna().any() else 0
+        out.append({**dict(zip(others, key)), "goodput_rate": best,
+                    "goodput_rate_per_gpu": best / gpus if gpus else 0.0, "num_gpus": gpus})
+    return pd.DataFrame(out)
+
+
+def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = sweep.x
+    if x is None or "attainment" not in df:
+        return []
+    others = [k for k in sweep.grid if k != x]
+    paths = []
+    for column, ylabel, filename in (("attainment", "SLO attainment", "goodput_curve.png"),
+                                     ("j_per_output_token", "joules per output token", "energy_curve.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups = df.groupby(others, sort=False) if others else [((), df)]
+        for key, group in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(others, key)) or sweep.name
+            group = group.sort_values(x)
+            ax.plot(group[x], group[column], marker="o", label=label)
+        if column == "attainment":
+            ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.0%}")
+            ax.set_ylim(0, 1.02)
+        ax.set(xlabel=x, ylabel=ylabel, title=f"{sweep.name}: {ylabel} vs {x.rsplit('.', 1)[-1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

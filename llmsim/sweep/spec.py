@@ -1,0 +1,106 @@
+"""A sweep file: a base experiment and a grid of overrides addressed by dotted config paths.
+
+```yaml
+name: sarathi-vs-fcfs
+base: sarathi_vs_fcfs.yaml            # an experiment YAML (relative to this file) or an inline mapping
+output_dir: ../results/sarathi_vs_fcfs
+grid:                                 # every combination is one point
+  workload.arrival.rate_per_s: [2, 4, 6, 8]
+  scheduler.name: [fcfs, sarathi]
+x: workload.arrival.rate_per_s        # the axis of the goodput and energy curves (default: a rate in the grid)
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmsim.config import ExperimentConfig, _resolve_paths, format_validation_error, parse_config
+from llmsim.errors import ConfigError
+
+RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "sweep"
+    base: str | dict[str, Any]
+    output_dir: Path = Path("results/sweep")
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    x: str | None = None
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    values: dict[str, Any]  # grid path -> value
+    config: ExperimentConfig
+
+    @property
+    def name(self) -> str:
+        parts = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in self.values.items()]
+        return f"p{self.index:03d}_" + "_".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = str(value) if not isinstance(value, dict) else "-".join(f"{k}{v}" for k, v in value.items())
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)[:40]
+
+
+def set_path(data: dict, path: str, value: Any) -> None:
+    node = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, list[Point]]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    try:
+        sweep = SweepConfig(**(raw or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path)).replace("experiment config", "sweep file")) from None
+    if isinstance(sweep.base, str):
+        base_path = path.parent / sweep.base
+        try:
+            base = yaml.safe_load(base_path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
+        base_dir = base_path.parent
+    else:
+        base, base_dir = sweep.base, path.parent
+    _resolve_paths(base.get("workload"), base_dir)
+    if not sweep.output_dir.is_absolute():
+        sweep = sweep.model_copy(update={"output_dir": path.parent / sweep.output_dir})
+    if sweep.x is None:
+        sweep = sweep.model_copy(update={"x": next((p for p in RATE_PATHS if p in sweep.grid), None)})
+    elif sweep.x not in sweep.grid:
+        raise ConfigError(f"{path}: x: {sweep.x!r} is not a grid path; allowed: {', '.join(sweep.grid)}")
+    points = []
+    for index, combo in enumerate(itertools.product(*sweep.grid.values())):
+        values = dict(zip(sweep.grid, combo))
+        data = copy.deepcopy(base)
+        for key, value in values.items():
+            set_path(data, key, value)
+        data["name"] = f"{sweep.name}/{index}"
+        where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
+        points.append(Point(index, values, parse_config(data, where)))
+    return sweep, points

@@ -1,0 +1,73 @@
+import pandas as pd
+import pytest
+import yaml
+
+from llmsim.cli import main
+from llmsim.errors import ConfigError
+from llmsim.sweep.spec import load_sweep
+
+BASE = {
+    "name": "base", "seed": 1, "model": {"name": "Llama-2-7B"}, "hardware": {"device": "a100-80gb"},
+    "cluster": {"num_replicas": 1},
+    "scheduler": {"name": "fcfs", "max_num_batched_tokens": 4096},
+    "workload": {"num_requests": 60, "arrival": {"kind": "poisson", "rate_per_s": 1.0},
+                 "prompt_tokens": {"kind": "uniform", "min": 200, "max": 1500},
+                 "output_tokens": {"kind": "uniform", "min": 20, "max": 200}},
+    "slo": {"ttft_s": 1.0, "tpot_s": 0.05, "tbt_s": 0.1},
+}
+
+
+def write_sweep(tmp_path, grid, base=BASE):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "output_dir": "out", "grid": grid}))
+    return path
+
+
+def test_sweep_runs_grid_writes_table_curves_and_goodput(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 4.0, 30.0],
+                                  "scheduler.name": ["fcfs", "sarathi"]})
+    assert main(["sweep", str(path), "--workers", "2", "-q"]) == 0
+    out = tmp_path / "out"
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 6 and df["error"].isna().all()
+    assert set(df["scheduler.name"]) == {"fcfs", "sarathi"}
+    best = pd.read_csv(out / "goodput.csv").set_index("scheduler.name")
+    for scheduler, group in df.groupby("scheduler.name"):
+        ok = group[group["attainment"] >= 0.9]["workload.arrival.rate_per_s"]
+        assert best.loc[scheduler, "goodput_rate"] == (ok.max() if len(ok) else 0.0)
+    assert best.loc["sarathi", "goodput_rate"] >= best.loc["fcfs", "goodput_rate"]
+    assert (out / "goodput_curve.png").stat().st_size > 5000 and (out / "energy_curve.png").exists()
+
+
+def test_sweep_resumes_without_redoing_finished_points(tmp_path):
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0, 3.0]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    folders = sorted((tmp_path / "out").glob("p*"))
+    assert len(folders) == 3
+    stamps = {f.name: (f / "summary.json").stat().st_mtime_ns for f in folders}
+    (folders[1] / "summary.json").unlink()  # as if the sweep crashed while running this point
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    for f in folders:
+        if f == folders[1]:
+            assert (f / "summary.json").exists()
+        else:
+            assert (f / "summary.json").stat().st_mtime_ns == stamps[f.name]
+    # A changed base config invalidates every point.
+    write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0, 3.0]}, {**BASE, "seed": 2})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert all((f / "summary.json").stat().st_mtime_ns != stamps[f.name] for f in folders if f != folders[1])
+
+
+def test_plan_that_does_not_fit_is_a_row_not_a_crash(tmp_path):
+    path = write_sweep(tmp_path, {"hardware.device": ["a100-80gb", "t4"], "model.name": ["Llama-2-70B"]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert df["error"].fillna("").str.contains("does not fit").all()
+
+
+def test_bad_grid_path_names_the_sweep_point_and_allowed_keys(tmp_path):
+    path = write_sweep(tmp_path, {"scheduler.nam": ["fcfs"]})
+    with pytest.raises(ConfigError, match=r"(?s)grid point 0: scheduler.nam=fcfs.*scheduler.nam: unknown key; "
+                                          r"allowed keys: .*max_num_seqs, name, preemption"):
+        load_sweep(path)
