@@ -71,3 +71,13 @@ def test_bad_grid_path_names_the_sweep_point_and_allowed_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)grid point 0: scheduler.nam=fcfs.*scheduler.nam: unknown key; "
                                           r"allowed keys: .*max_num_seqs, name, preemption"):
         load_sweep(path)
+
+
+def test_ray_executor_matches_local(tmp_path):
+    pytest.importorskip("ray")  # optional extra: pip install -e ".[ray]"
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 3.0]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert main(["sweep", str(path), "--executor", "ray", "--out", str(tmp_path / "ray"), "-q"]) == 0
+    local = pd.read_csv(tmp_path / "out" / "results.csv").drop(columns="point")
+    remote = pd.read_csv(tmp_path / "ray" / "results.csv").drop(columns="point")
+    pd.testing.assert_frame_equal(local, remote)
