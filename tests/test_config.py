@@ -10,9 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_experiments_parse():
+    from llmsim.sweep.spec import load_sweep
+
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
-        cfg = load_config(path)
-        assert cfg.name
+        if path.name.startswith("sweep_"):  # sweeps: every grid point must be a valid experiment
+            _, points = load_sweep(path)
+            assert points and all(p.config.name for p in points)
+        else:
+            assert load_config(path).name
 
 
 def test_error_names_yaml_path_and_allowed_values():

@@ -21,6 +21,10 @@ _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not qu
 # Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
 # memory-bound at every size; fitting their compute curve would only turn it into a second overhead term.
 COMPUTE_BOUND_KINDS = ("linear", "attention_prefill")
+# Every fit starts from the same point, not from the profile's current values, so refitting a fitted profile
+# reproduces it exactly (the optimiser's end point depends on its start).
+START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds
+LINK_START = (10.0, 100.0)  # latency in microseconds, bandwidth in GB/s
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class FitResult:
 
 
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
-                   start: OpEfficiency) -> OpEfficiency:
+                   kept_compute: ComputeEfficiency) -> OpEfficiency:
     """Least-squares fit of one op kind's roofline parameters on ``rows[mask]``."""
     f, b, t, y, p = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask], peak
     fit_compute = kind in COMPUTE_BOUND_KINDS
@@ -51,7 +55,7 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
     def unpack(x):
         if fit_compute:
             return x
-        return start.compute.max_eff, start.compute.half_tokens, x[0], x[1]
+        return kept_compute.max_eff, kept_compute.half_tokens, x[0], x[1]
 
     def residuals(x):
         max_eff, half_tokens, memory_eff, overhead_us = unpack(x)
@@ -59,7 +63,7 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
         return np.log(predicted / y)
 
     # Overhead is fitted in microseconds so that every parameter is O(1)-O(100) for the optimiser.
-    x0 = [start.compute.max_eff, start.compute.half_tokens, start.memory_eff, start.overhead_s * 1e6]
+    x0 = list(START)
     lower, upper = [0.01, 0.0, 0.01, 0.0], [1.0, 1e5, 1.0, 1e4]
     if not fit_compute:
         x0, lower, upper = x0[2:], lower[2:], upper[2:]
@@ -70,7 +74,7 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
                         memory_eff=round(memory_eff, 4), overhead_s=round(overhead_us * 1e-6, 9))
 
 
-def fit_link(rows: Rows, mask: np.ndarray, kind: str, start: LinkModel | None) -> LinkModel:
+def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
     """Alpha-beta fit of one collective: ``latency + ring_factor * bytes / bandwidth``."""
     size, workers, y = rows.size_bytes[mask], rows.num_workers[mask], rows.measured_s[mask]
 
@@ -78,7 +82,7 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str, start: LinkModel | None) -
         latency_us, bandwidth_gbs = x
         return np.log(link_s(kind, size, workers, latency_us * 1e-6, bandwidth_gbs * 1e9) / y)
 
-    x0 = [10.0, 100.0] if start is None else [start.latency_s * 1e6, start.bandwidth_bytes_per_s / 1e9]
+    x0 = list(LINK_START)
     lower, upper = [0.0, 0.01], [1e5, 1e5]
     fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
                         f_scale=_LOSS_SCALE)
@@ -96,11 +100,12 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> FitResult:
         mask = train & (rows.kind == kind)
         counts[kind] = int(mask.sum())
         if kind.split("_inter_node")[0] in COLLECTIVES:
-            links[kind] = fit_link(rows, mask, kind, getattr(profile, kind, None))
+            links[kind] = fit_link(rows, mask, kind)
             continue
         peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
-        start = efficiency.get(kind) or OpEfficiency(compute=ComputeEfficiency(max_eff=0.5, half_tokens=64.0),
-                                                     memory_eff=0.7, overhead_s=5e-6)
-        efficiency[kind] = fit_efficiency(rows, mask, kind, peak, profile.memory_bandwidth_bytes_per_s, start)
+        # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
+        current = efficiency.get(kind)
+        kept = current.compute if current else ComputeEfficiency(max_eff=START[0], half_tokens=START[1])
+        efficiency[kind] = fit_efficiency(rows, mask, kind, peak, profile.memory_bandwidth_bytes_per_s, kept)
     fitted = profile.model_copy(update={"efficiency": efficiency, **links})
     return FitResult(fitted, counts)
