@@ -107,6 +107,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from llmsim.plan_search import load_plan_search, run_plan_search
+
+    cfg, base, combos = load_plan_search(args.plan)
+    out = Path(args.out) if args.out else cfg.output_dir
+    with tqdm(total=len(combos), unit="plan", desc=cfg.name, disable=args.quiet or None, leave=False) as bar:
+        df = run_plan_search(cfg, base, combos, args.workers, on_done=lambda: bar.update(1))
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "plans.csv", index=False)
+    shown = [c for c in (*cfg.candidates, "replicas", "goodput_rate", "goodput_per_gpu", "goodput_per_dollar",
+                         "goodput_per_watt", "j_per_output_token", "error") if c in df]
+    print(f"{cfg.name}: {cfg.gpus} GPUs per plan, ranked by {cfg.rank_by} "
+          "(goodput = highest req/s with SLO attainment at target)")
+    print(df[shown].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"{len(df)} candidates in {out}/plans.csv")
+    return 0
+
+
 def _cmd_microbench(args: argparse.Namespace) -> int:
     try:
         from llmsim.microbench.run import main as microbench
@@ -205,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+
+    pl = sub.add_parser("plan", help="search device x parallelism x replicas x scheduler for the best goodput",
+                        description="For each candidate plan on a fixed GPU budget, find DistServe's goodput (the "
+                                    "highest rate meeting the SLO attainment target) by doubling and bisection, "
+                                    "then rank by goodput per GPU, per dollar or per watt.")
+    pl.add_argument("plan", help="plan-search YAML")
+    pl.add_argument("--out", help="results folder (default: output_dir from the plan file)")
+    pl.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    pl.add_argument("--top", type=int, default=20, help="rows to print")
+    pl.add_argument("-q", "--quiet", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
                         description="Measure GEMMs, attention (SDPA), norms, activation, rotary, add, embedding, "

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmsim.config import load_config
+from llmsim.config import load_config, parse_config
 from llmsim.errors import ConfigError
 from tests.factories import make_config
 
@@ -10,12 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_experiments_parse():
+    import yaml
+
+    from llmsim.plan_search import candidate_config, load_plan_search
     from llmsim.sweep.spec import load_sweep
 
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
-        if path.name.startswith("sweep_"):  # sweeps: every grid point must be a valid experiment
+        raw = yaml.safe_load(path.read_text())
+        if "grid" in raw:  # a sweep: every grid point must be a valid experiment
             _, points = load_sweep(path)
             assert points and all(p.config.name for p in points)
+        elif "candidates" in raw:  # a plan search: every candidate must be a valid experiment
+            cfg, base, combos = load_plan_search(path)
+            for values in combos:
+                parse_config(candidate_config(base, values, cfg.gpus, 1.0), str(path))
         else:
             assert load_config(path).name
 
