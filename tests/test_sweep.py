@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
@@ -81,3 +83,22 @@ def test_ray_executor_matches_local(tmp_path):
     local = pd.read_csv(tmp_path / "out" / "results.csv").drop(columns="point")
     remote = pd.read_csv(tmp_path / "ray" / "results.csv").drop(columns="point")
     pd.testing.assert_frame_equal(local, remote)
+
+
+def test_analysis_notebook_runs_on_a_small_sweep(tmp_path, monkeypatch):
+    """The shipped notebook, executed with nbclient on a small version of the Sarathi/FCFS sweep."""
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 3.0, 6.0],
+                                  "scheduler.name": ["fcfs", "sarathi"]})
+    assert main(["sweep", str(path), "--workers", "2", "-q"]) == 0
+    notebook = Path(__file__).resolve().parents[1] / "experiments" / "notebooks" / "goodput_energy.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    monkeypatch.setenv("LLMSIM_SWEEP_DIR", str(tmp_path / "out"))
+    nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # goodput/energy and TTFT figures
+    goodput_text = nb.cells[3].outputs[0]["data"]["text/plain"]
+    assert "sarathi" in goodput_text
