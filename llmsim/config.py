@@ -33,9 +33,29 @@ class ParallelConfig(_Strict):
     pp: int = Field(default=1, ge=1)
 
 
+class PoolConfig(_Strict):
+    """One DistServe instance pool: its replica count and its own parallel plan."""
+
+    replicas: int = Field(default=1, ge=1)
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+
+
+class DistServeConfig(_Strict):
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+    # Where the KV cache travels from a prefill to a decode instance: NVLink-class links inside a node, or the
+    # inter-node network (InfiniBand) between nodes.
+    kv_link: Literal["intra_node", "inter_node"] = "intra_node"
+
+
 class ClusterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     router: Literal["round_robin", "least_outstanding"] = "round_robin"
+    # colocated: every replica prefills and decodes. distserve: separate prefill and decode pools (the
+    # ``distserve`` section; ``parallel`` and ``num_replicas`` are then unused), KV handed over the network.
+    policy: Literal["colocated", "distserve"] = "colocated"
+    distserve: DistServeConfig = DistServeConfig()
 
 
 class SchedulerConfig(_Strict):

@@ -11,7 +11,8 @@ import yaml
 
 from llmsim.cluster.simulation import SimulationResult, simulate
 from llmsim.config import ExperimentConfig
-from llmsim.metrics.summary import add_derived_columns, summarize
+from llmsim.metrics.recorder import ReplicaTotals
+from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, summarize
 from llmsim.workload import build_workload
 
 
@@ -20,21 +21,26 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     result = simulate(cfg, build_workload(cfg.workload, cfg.seed), on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
-    totals = {f: rec.total(f) for f in ("busy_s", "flops", "num_bytes", "kv_block_s", "busy_energy_j",
-                                        "num_iterations")}
-    ex = result.execution
+    usage = []
+    for rid, pool_index in enumerate(result.replica_pool):
+        pool, t = result.pools[pool_index], rec.totals.get(rid) or ReplicaTotals()
+        ex = pool.execution
+        usage.append(ReplicaUsage(pool.num_gpus, pool.memory.num_blocks, ex.peak_flops, ex.bandwidth,
+                                  pool.power.idle_w, t.busy_s, t.flops, t.num_bytes, t.kv_block_s, t.busy_energy_j,
+                                  t.num_iterations))
     summary = summarize(
-        requests, totals, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
+        requests, usage, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
-        attainment_target=cfg.slo.attainment,
-        num_gpus=ex.plan.num_gpus, peak_flops=ex.peak_flops, bandwidth=ex.bandwidth,
-        num_blocks_per_replica=result.memory.num_blocks, num_replicas=cfg.cluster.num_replicas,
-        idle_w=rec.power.idle_w, pue=cfg.energy.pue)
+        attainment_target=cfg.slo.attainment, pue=cfg.energy.pue)
+    ex = result.execution
     summary = {
         "experiment": cfg.name,
         "model": result.model.name,
         "device": ex.hardware.name,
-        "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": cfg.cluster.num_replicas},
+        "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": len(result.replicas)},
+        "policy": cfg.cluster.policy,
+        "pools": [{"role": p.role, "tp": p.execution.plan.tp, "pp": p.execution.plan.pp, "replicas": p.num_replicas,
+                   "kv_blocks_per_replica": p.memory.num_blocks} for p in result.pools],
         "scheduler": cfg.scheduler.name,
         "kv_blocks_per_replica": result.memory.num_blocks,
         **summary,
@@ -67,9 +73,14 @@ def format_summary(summary: dict) -> str:
         return f"{v * 1e3:9.1f}" if v is not None else f"{'-':>9}"
 
     r = summary["requests"]
+    if summary.get("policy") == "distserve":
+        plan = "DistServe: " + ", ".join(f"{p['role']} {p['replicas']}x TP={p['tp']} PP={p['pp']}"
+                                         for p in summary["pools"])
+    else:
+        par = summary["parallel"]
+        plan = f"TP={par['tp']}, PP={par['pp']}, replicas={par['replicas']}"
     lines = [
-        f"{summary['experiment']}: {summary['model']} on {summary['device']} "
-        f"(TP={summary['parallel']['tp']}, PP={summary['parallel']['pp']}, replicas={summary['parallel']['replicas']}, "
+        f"{summary['experiment']}: {summary['model']} on {summary['device']} ({plan}, "
         f"scheduler={summary['scheduler']})",
         f"requests: {r['arrived']} arrived, {r['finished']} finished, {r['rejected']} rejected, "
         f"{r['in_flight']} in flight, {r['preemptions']} preemptions",

@@ -74,11 +74,13 @@ def test_preemption_under_memory_pressure_still_finishes_everything():
 
 @given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding"]),
-       mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]))
-def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption):
+       mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
+       policy=st.sampled_from(["colocated", "distserve"]))
+def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping."""
     def cfg(ff):
-        return make_config(seed=seed, cluster={"num_replicas": 2, "router": router},
+        return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
+                                               "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
                            scheduler={"name": scheduler, "gpu_memory_utilization": mem, "chunk_size": 256,
                                       "max_num_batched_tokens": 4096, "preemption": preemption},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},

@@ -33,7 +33,8 @@ from llmsim.schedulers.base import Scheduler, SchedulerOutput
 class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
-                 on_finish: Callable[[Request], None] | None = None):
+                 on_finish: Callable[[Request], None] | None = None,
+                 handoff: Callable[[Request], None] | None = None):
         self.env = env
         self.id = replica_id
         self.scheduler = scheduler
@@ -42,6 +43,9 @@ class Replica:
         self.recorder = recorder
         self.fast_forward = fast_forward
         self.on_finish = on_finish
+        # DistServe prefill instance: a request leaves as soon as its prompt is computed and its first token
+        # sampled; ``handoff`` moves it (and its KV) on to the decode pool.
+        self.handoff = handoff
         self.num_outstanding = 0  # routed here and not finished
         self._idle: simpy.Event | None = None
         self._interruptible = False  # inside a fast-forward wait that an arrival may cut short
@@ -105,6 +109,20 @@ class Replica:
         if steady:
             self.recorder.gap(end - start, steady)
         self._finish_done([c.request for c in out.prefills], out.decodes)
+        if self.handoff is not None:
+            self._hand_off(out.prefills)
+
+    def _hand_off(self, prefills) -> None:
+        moved = [c.request for c in prefills
+                 if c.request.status is RequestStatus.RUNNING and c.request.num_pending_tokens == 1]
+        if not moved:
+            return
+        for r in moved:
+            self.scheduler.running.remove(r)
+            self.blocks.free(r)  # the copy leaves with the request (in-flight transfers hold no prefill memory)
+            self.num_outstanding -= 1
+            r.status = RequestStatus.WAITING
+            self.handoff(r)
 
     def _sample(self, r: Request, start: float, end: float) -> int:
         """A new token at ``end``. Returns 1 when the previous token ended the previous iteration."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from llmsim.clock import Clock
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
-from llmsim.energy import power_model
+from llmsim.energy import PowerModel, power_model
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.profile import load_profile
@@ -19,13 +19,30 @@ from llmsim.metrics.recorder import Recorder
 from llmsim.models.spec import ModelSpec, load_model
 from llmsim.request import Request, RequestStatus
 from llmsim.schedulers import SCHEDULERS
+from llmsim.schedulers.decode import DecodeScheduler
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Replicas that share a role and a parallel plan: ``colocated`` (prefill and decode), or DistServe's
+    ``prefill`` and ``decode`` instance pools."""
+
+    role: str
+    execution: ExecutionModel
+    memory: MemoryPlan
+    power: PowerModel
+    num_replicas: int
+
+    @property
+    def num_gpus(self) -> int:  # per replica
+        return self.execution.plan.num_gpus
 
 
 @dataclass
 class SimulationResult:
     config: ExperimentConfig
     model: ModelSpec
-    execution: ExecutionModel
+    execution: ExecutionModel  # of the first pool (the only one unless DistServe)
     memory: MemoryPlan
     recorder: Recorder
     replicas: list[Replica]
@@ -33,12 +50,15 @@ class SimulationResult:
     num_in_flight: int
     sim_time_s: float
     wall_s: float
+    pools: list[Pool] = field(default_factory=list)
+    replica_pool: list[int] = field(default_factory=list)  # pool index of each replica
 
 
-def build_execution(cfg: ExperimentConfig) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
+def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None
+                    ) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
     model = load_model(cfg.model.name, cfg.model.dtype)
     hardware = load_profile(cfg.hardware.device)
-    plan = ParallelPlan(cfg.parallel.tp, cfg.parallel.pp)
+    plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp)
     s = cfg.scheduler
     max_model_len = s.max_model_len or model.max_position
     memory = plan_memory(model, hardware, plan, block_size=s.block_size,
@@ -48,19 +68,42 @@ def build_execution(cfg: ExperimentConfig) -> tuple[ModelSpec, ExecutionModel, M
     return model, ExecutionModel(model, hardware, plan), memory, max_model_len
 
 
-def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, execution: ExecutionModel,
-                 num_blocks: int, recorder: Recorder) -> Replica:
+def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
+    if cfg.cluster.policy == "colocated":
+        specs = [("colocated", cfg.parallel.tp, cfg.parallel.pp, cfg.cluster.num_replicas)]
+    else:
+        d = cfg.cluster.distserve
+        specs = [("prefill", d.prefill.tp, d.prefill.pp, d.prefill.replicas),
+                 ("decode", d.decode.tp, d.decode.pp, d.decode.replicas)]
+    pools = []
+    for role, tp, pp, n in specs:
+        model, ex, memory, max_len = build_execution(cfg, tp, pp)
+        pools.append(Pool(role, ex, memory, power_model(ex.hardware, ex.peak_flops, ex.bandwidth, ex.plan.num_gpus),
+                          n))
+    return model, pools, max_len
+
+
+def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool, recorder: Recorder,
+                 handoff: Callable[[Request], None] | None = None) -> Replica:
     s = cfg.scheduler
+    num_blocks = pool.memory.num_blocks
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks))
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-                  preemption=s.preemption, kv_bytes_per_token=execution.model.kv_bytes_per_token())
-    if s.name == "sarathi":
-        kwargs["chunk_size"] = s.chunk_size
-    scheduler = SCHEDULERS[s.name](blocks, **kwargs)
-    return Replica(env, replica_id, scheduler, execution, recorder, fast_forward=cfg.simulation.fast_forward)
+                  preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token())
+    if pool.role == "decode":
+        scheduler = DecodeScheduler(blocks, **kwargs)
+    else:
+        if s.name == "sarathi":
+            kwargs["chunk_size"] = s.chunk_size
+        scheduler = SCHEDULERS[s.name](blocks, **kwargs)
+    return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
+                   handoff=handoff)
 
 
-def rejection_reason(r: Request, cfg: ExperimentConfig, max_model_len: int, blocks: BlockManager) -> str:
+def rejection_reason(r: Request, cfg: ExperimentConfig, max_model_len: int, blocks: BlockManager,
+                     prefill_blocks: BlockManager | None = None) -> str:
+    """Why a request can never be served, or "". ``blocks``: a replica that must hold the whole sequence;
+    ``prefill_blocks``: a DistServe prefill instance, which must hold the prompt."""
     total = r.num_prompt_tokens + r.num_output_tokens
     if r.reject_reason:
         return r.reject_reason
@@ -68,21 +111,55 @@ def rejection_reason(r: Request, cfg: ExperimentConfig, max_model_len: int, bloc
         return f"prompt + output = {total} tokens exceeds max_model_len {max_model_len}"
     if blocks.blocks_for(total) > blocks.num_blocks - blocks.watermark_blocks:
         return f"needs {blocks.blocks_for(total)} KV blocks, a replica has {blocks.num_blocks}"
+    if prefill_blocks is not None:
+        need = prefill_blocks.blocks_for(r.num_prompt_tokens + 1)
+        if need > prefill_blocks.num_blocks - prefill_blocks.watermark_blocks:
+            return f"prompt needs {need} KV blocks, a prefill instance has {prefill_blocks.num_blocks}"
     if cfg.scheduler.name == "fcfs" and r.num_prompt_tokens > cfg.scheduler.max_num_batched_tokens:
         return f"prompt of {r.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
     return ""
+
+
+def kv_handoff_s(prefill: Pool, decode: Pool, num_tokens: int, inter_node: bool) -> float:
+    """KV of ``num_tokens`` from a prefill to a decode instance: each GPU pair moves its shard in parallel, so
+    the side with fewer GPUs sets the number of parallel links."""
+    hw = prefill.execution.hardware
+    link = hw.inter_node if inter_node else hw.intra_node
+    num_bytes = num_tokens * prefill.execution.model.kv_bytes_per_token()
+    links = min(prefill.num_gpus, decode.num_gpus)
+    return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)
 
 
 def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
              on_progress: Callable[[int], None] | None = None) -> SimulationResult:
     """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals)."""
     wall0 = time.perf_counter()
-    model, execution, memory, max_model_len = build_execution(cfg)
+    model, pools, max_model_len = build_pools(cfg)
     env = Clock()
-    power = power_model(execution.hardware, execution.peak_flops, execution.bandwidth, execution.plan.num_gpus)
-    recorder = Recorder(power, cfg.simulation.record_iterations)
-    replicas = [make_replica(env, i, cfg, execution, memory.num_blocks, recorder)
-                for i in range(cfg.cluster.num_replicas)]
+    replica_pool = [i for i, pool in enumerate(pools) for _ in range(pool.num_replicas)]
+    recorder = Recorder([pools[i].power for i in replica_pool], cfg.simulation.record_iterations)
+    in_transfer: dict[int, Request] = {}
+    decode_replicas: list[Replica] = []
+    decode_router = ROUTERS[cfg.cluster.router]()
+
+    def deliver(r: Request, at: float):
+        yield env.at(at)
+        del in_transfer[r.id]
+        decode_router.pick(r, decode_replicas).submit(r)
+
+    def handoff(r: Request) -> None:
+        in_transfer[r.id] = r
+        delay = kv_handoff_s(pools[0], pools[1], r.num_computed_tokens, cfg.cluster.distserve.kv_link == "inter_node")
+        env.process(deliver(r, env.now + delay))
+
+    replicas = []
+    for rid, pool_index in enumerate(replica_pool):
+        pool = pools[pool_index]
+        replicas.append(make_replica(env, rid, cfg, pool, recorder, handoff if pool.role == "prefill" else None))
+    entry = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role != "decode"]
+    decode_replicas += [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"]
+    whole_blocks = (decode_replicas or entry)[0].blocks
+    prefill_blocks = entry[0].blocks if decode_replicas else None
     router = ROUTERS[cfg.cluster.router]()
     counts = {"arrived": 0}
 
@@ -93,21 +170,21 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
                 on_progress(1024)
-            reason = rejection_reason(r, cfg, max_model_len, replicas[0].blocks)
+            reason = rejection_reason(r, cfg, max_model_len, whole_blocks, prefill_blocks)
             if reason:
                 r.status, r.reject_reason = RequestStatus.REJECTED, reason
                 recorder.request(r, "rejected")
                 continue
-            router.pick(r, replicas).submit(r)
+            router.pick(r, entry).submit(r)
 
     env.process(arrivals())
     env.run(until=cfg.simulation.max_time_s)
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)
-    in_flight = [r for rep in replicas for r in rep.in_flight()]
+    in_flight = [r for rep in replicas for r in rep.in_flight()] + list(in_transfer.values())
     for r in in_flight:
         recorder.request(r, "in_flight")
     for rep in replicas:
         rep.blocks.check_integrity()
-    return SimulationResult(cfg, model, execution, memory, recorder, replicas, counts["arrived"], len(in_flight),
-                            env.now, time.perf_counter() - wall0)
+    return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
+                            len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool)

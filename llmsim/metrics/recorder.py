@@ -32,8 +32,8 @@ class ReplicaTotals:
 
 
 class Recorder:
-    def __init__(self, power: PowerModel, record_iterations: bool = True) -> None:
-        self.power = power
+    def __init__(self, powers: list[PowerModel], record_iterations: bool = True) -> None:
+        self.powers = powers  # by replica id
         self.record_iterations = record_iterations
         self.totals: dict[int, ReplicaTotals] = {}
         self.requests = {name: array("d") for name in REQUEST_FLOAT_FIELDS}
@@ -56,12 +56,13 @@ class Recorder:
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
         t = self._totals(replica_id)
-        power_w = self.power.power_w(duration_s, flops, num_bytes)
+        power = self.powers[replica_id]
+        power_w = power.power_w(duration_s, flops, num_bytes)
         t.busy_s += duration_s
         t.flops += flops
         t.num_bytes += num_bytes
         t.kv_block_s += kv_used_blocks * duration_s
-        t.busy_energy_j += power_w * duration_s * self.power.num_gpus
+        t.busy_energy_j += power_w * duration_s * power.num_gpus
         t.num_iterations += 1
         if not self.record_iterations:
             return
@@ -80,7 +81,7 @@ class Recorder:
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
         """Several decode-only iterations at once (a fast-forwarded run)."""
         t = self._totals(replica_id)
-        power, gpus = self.power.power_w, self.power.num_gpus
+        power, gpus = self.powers[replica_id].power_w, self.powers[replica_id].num_gpus
         powers = [power(d, f, b) for d, f, b in zip(durations, flops, num_bytes)]
         busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
         energy_j = t.busy_energy_j

@@ -3,11 +3,13 @@
 TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). TBT: every gap between
 consecutive tokens of a request, pooled over requests. SLO attainment: the share of *arrived* requests that
 finished within both the TTFT and TPOT SLOs (rejected and unfinished requests count as misses).
-Goodput here is the throughput of requests that met both SLOs; DistServe's rate-search goodput (the highest
+Goodput here is the throughput of requests that met every SLO; DistServe's rate-search goodput (the highest
 rate with attainment >= target) comes from a sweep over rates.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -55,11 +57,26 @@ def add_derived_columns(requests: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray, gap_counts: np.ndarray, *,
+@dataclass(frozen=True)
+class ReplicaUsage:
+    """One replica's hardware and its iteration totals over the run."""
+
+    num_gpus: int
+    num_blocks: int
+    peak_flops: float  # per GPU
+    bandwidth: float  # per GPU
+    idle_w: float  # per GPU
+    busy_s: float
+    flops: float
+    num_bytes: float
+    kv_block_s: float
+    busy_energy_j: float
+    num_iterations: int
+
+
+def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.ndarray, gap_counts: np.ndarray, *,
               ttft_slo_s: float, tpot_slo_s: float, tbt_slo_s: float | None, attainment_target: float,
-              num_gpus: int,
-              peak_flops: float, bandwidth: float, num_blocks_per_replica: int, num_replicas: int,
-              idle_w: float, pue: float) -> dict:
+              pue: float) -> dict:
     df = requests
     finished = df[df["status"] == "finished"]
     n_arrived = len(df)
@@ -72,9 +89,10 @@ def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray
         met &= finished["max_tbt_s"] <= tbt_slo_s
     out_tokens = int(finished["num_generated_tokens"].sum())
     in_tokens = int(finished["num_prompt_tokens"].sum())
-    busy = totals["busy_s"]
-    total_gpu_s = span * num_gpus * num_replicas
-    kv_util = float(totals["kv_block_s"] / (num_blocks_per_replica * busy)) if busy > 0 else 0.0
+    busy = sum(r.busy_s for r in replicas)
+    total_gpus = sum(r.num_gpus for r in replicas)
+    kv_capacity_s = sum(r.num_blocks * r.busy_s for r in replicas)
+    kv_util = float(sum(r.kv_block_s for r in replicas) / kv_capacity_s) if kv_capacity_s > 0 else 0.0
     summary = {
         "requests": {
             "arrived": n_arrived,
@@ -102,28 +120,29 @@ def summarize(requests: pd.DataFrame, totals: dict[str, float], gaps: np.ndarray
             "target": attainment_target,
             "meets_target": bool(n_arrived and met.sum() / n_arrived >= attainment_target),
             "goodput_requests_per_s": float(met.sum() / span),
-            "goodput_requests_per_s_per_gpu": float(met.sum() / span / (num_gpus * num_replicas)),
+            "goodput_requests_per_s_per_gpu": float(met.sum() / span / total_gpus),
         },
         "utilization": {
             "kv_cache_busy_mean": kv_util,
-            "busy_fraction": float(busy / (span * num_replicas)),
+            "busy_fraction": float(busy / (span * len(replicas))),
             # MFU/MBU over the whole run, idle time included.
-            "mfu": float(totals["flops"] / (peak_flops * total_gpu_s)),
-            "mbu": float(totals["num_bytes"] / (bandwidth * total_gpu_s)),
-            "iterations": int(totals["num_iterations"]),
+            "mfu": float(sum(r.flops for r in replicas) / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
+            "mbu": float(sum(r.num_bytes for r in replicas) / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
+            "iterations": int(sum(r.num_iterations for r in replicas)),
+            "num_gpus": int(total_gpus),
         },
-        "energy": energy(totals, span, num_gpus, num_replicas, idle_w, pue, len(finished), out_tokens, in_tokens),
+        "energy": energy(replicas, span, pue, len(finished), out_tokens, in_tokens),
     }
     return summary
 
 
-def energy(totals: dict[str, float], span: float, num_gpus: int, num_replicas: int, idle_w: float, pue: float,
-           finished: int, out_tokens: int, in_tokens: int) -> dict:
+def energy(replicas: list[ReplicaUsage], span: float, pue: float, finished: int, out_tokens: int,
+           in_tokens: int) -> dict:
     """Busy energy from each iteration's power, idle power for every GPU-second between iterations, times PUE."""
-    busy_j = totals["busy_energy_j"]
-    idle_j = idle_w * num_gpus * max(span * num_replicas - totals["busy_s"], 0.0)
+    busy_j = sum(r.busy_energy_j for r in replicas)
+    idle_j = sum(r.idle_w * r.num_gpus * max(span - r.busy_s, 0.0) for r in replicas)
     total_j = (busy_j + idle_j) * pue
-    gpu_s = span * num_gpus * num_replicas
+    gpu_s = span * sum(r.num_gpus for r in replicas)
 
     def per(count: float) -> float | None:
         return total_j / count if count else None

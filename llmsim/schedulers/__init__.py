@@ -4,6 +4,6 @@ from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 from llmsim.schedulers.fcfs import FCFSScheduler
 from llmsim.schedulers.sarathi import SarathiScheduler
 
-SCHEDULERS = {"fcfs": FCFSScheduler, "sarathi": SarathiScheduler}
+SCHEDULERS = {"fcfs": FCFSScheduler, "sarathi": SarathiScheduler}  # policies a YAML names; decode.py is DistServe-internal
 
 __all__ = ["SCHEDULERS", "FCFSScheduler", "PrefillChunk", "SarathiScheduler", "Scheduler", "SchedulerOutput"]

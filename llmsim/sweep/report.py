@@ -23,10 +23,9 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
         if "error" in s or not s:
             rows.append({**row, "error": s.get("error", "not run")})
             continue
-        par = s["parallel"]
         rows.append({
             **row,
-            "num_gpus": par["tp"] * par["pp"] * par["replicas"],
+            "num_gpus": s["utilization"]["num_gpus"],
             "finished": s["requests"]["finished"], "rejected": s["requests"]["rejected"],
             "throughput_rps": s["throughput"]["requests_per_s"],
             "attainment": s["slo"]["attainment"], "goodput_rps": s["slo"]["goodput_requests_per_s"],
