@@ -31,14 +31,22 @@ class PowerModel:
     bandwidth: float
     num_gpus: int
 
+    @property
+    def w_per_flop_s(self) -> float:
+        """``per_mfu_w * MFU = w_per_flop_s * flops / duration`` (flops summed over the replica's GPUs)."""
+        return self.per_mfu_w / (self.peak_flops * self.num_gpus)
+
+    @property
+    def w_per_byte_s(self) -> float:
+        return self.per_mbu_w / (self.bandwidth * self.num_gpus)
+
     def power_w(self, duration_s: float, flops: float, num_bytes: float) -> float:
-        """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs)."""
+        """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs).
+        ``Recorder.iterations_bulk`` inlines this expression; keep the two identical."""
         if duration_s <= 0.0:
             return self.idle_w
-        gpu_s = self.num_gpus * duration_s
-        mfu = flops / (self.peak_flops * gpu_s)
-        mbu = num_bytes / (self.bandwidth * gpu_s)
-        return min(self.max_w, self.idle_w + self.per_mfu_w * mfu + self.per_mbu_w * mbu)
+        w = self.idle_w + (self.w_per_flop_s * flops + self.w_per_byte_s * num_bytes) / duration_s
+        return w if w < self.max_w else self.max_w
 
 
 def _operating_points(profile: HardwareProfile) -> tuple[tuple[float, float], tuple[float, float]]:

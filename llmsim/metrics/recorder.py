@@ -81,11 +81,23 @@ class Recorder:
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
         """Several decode-only iterations at once (a fast-forwarded run)."""
         t = self._totals(replica_id)
-        power, gpus = self.powers[replica_id].power_w, self.powers[replica_id].num_gpus
-        powers = [power(d, f, b) for d, f, b in zip(durations, flops, num_bytes)]
+        # PowerModel.power_w inlined (same operations in the same order, so stepping and fast-forwarding agree
+        # bit for bit): this loop runs once per simulated decode step.
+        pm = self.powers[replica_id]
+        gpus, idle_w, max_w = pm.num_gpus, pm.idle_w, pm.max_w
+        w_per_flop_s, w_per_byte_s = pm.w_per_flop_s, pm.w_per_byte_s
+        powers: list[float] = []
+        append = powers.append
         busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
         energy_j = t.busy_energy_j
-        for duration, f, b, kv, w in zip(durations, flops, num_bytes, kv_used_blocks, powers):
+        for duration, f, b, kv in zip(durations, flops, num_bytes, kv_used_blocks):
+            if duration > 0.0:
+                w = idle_w + (w_per_flop_s * f + w_per_byte_s * b) / duration
+                if w >= max_w:
+                    w = max_w
+            else:
+                w = idle_w
+            append(w)
             busy_s += duration
             total_flops += f
             total_bytes += b
