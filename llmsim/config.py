@@ -230,8 +230,8 @@ def _flatten(annotation) -> list:
     return out
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid experiment config {source}:"]
+def format_validation_error(exc: ValidationError, source: str, what: str = "experiment config") -> str:
+    lines = [f"invalid {what} {source}:"]
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
                                                                                  "uniform", "zipf", "lognormal"}))
@@ -253,15 +253,19 @@ def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def read_yaml(path: Path, what: str):
+    """A YAML file's content; a missing file or bad YAML is a ConfigError naming ``what`` and the path."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read experiment config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment config {path} is not valid YAML: {exc}") from None
-    data = data or {}
+    data = read_yaml(path, "experiment config") or {}
     for key, value in (overrides or {}).items():
         data[key] = value
     # Relative paths in a config are relative to the config file, so experiments run from anywhere.

@@ -25,20 +25,10 @@ DECODE_SHARE_OF_RANGE = 0.52
 class PowerModel:
     idle_w: float
     max_w: float
-    per_mfu_w: float
-    per_mbu_w: float
-    peak_flops: float
-    bandwidth: float
+    # Watts per FLOP/s and per byte/s of the whole replica: ``per_mfu_w * MFU = w_per_flop_s * flops / duration``.
+    w_per_flop_s: float
+    w_per_byte_s: float
     num_gpus: int
-
-    @property
-    def w_per_flop_s(self) -> float:
-        """``per_mfu_w * MFU = w_per_flop_s * flops / duration`` (flops summed over the replica's GPUs)."""
-        return self.per_mfu_w / (self.peak_flops * self.num_gpus)
-
-    @property
-    def w_per_byte_s(self) -> float:
-        return self.per_mbu_w / (self.bandwidth * self.num_gpus)
 
     def power_w(self, duration_s: float, flops: float, num_bytes: float) -> float:
         """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs).
@@ -72,4 +62,5 @@ def power_model(profile: HardwareProfile, peak_flops: float, bandwidth: float, n
     per_mfu, per_mbu = (float(v) for v in np.linalg.solve(a, b))
     if per_mfu < 0 or per_mbu < 0:  # operating points that cannot both hold: compute sets prefill, memory decode
         per_mfu, per_mbu = (p.max_w - p.idle_w) / mfu_p, (decode_w - p.idle_w) / mbu_d
-    return PowerModel(p.idle_w, p.max_w, per_mfu, per_mbu, peak_flops, bandwidth, num_gpus)
+    return PowerModel(p.idle_w, p.max_w, per_mfu / (peak_flops * num_gpus), per_mbu / (bandwidth * num_gpus),
+                      num_gpus)

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmsim.config import _resolve_paths, format_validation_error, parse_config
+from llmsim.config import format_validation_error, parse_config, read_yaml
 from llmsim.errors import ConfigError, LLMSimError
-from llmsim.sweep.spec import set_path
+from llmsim.sweep.spec import load_base, set_path
 
 
 class RateSearch(BaseModel):
@@ -59,25 +58,12 @@ class PlanSearchConfig(BaseModel):
 
 def load_plan_search(path: str | Path) -> tuple[PlanSearchConfig, dict, list[dict[str, Any]]]:
     path = Path(path)
+    raw = read_yaml(path, "plan file") or {}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
         cfg = PlanSearchConfig(**raw)
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"plan file {path} is not valid YAML: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path)).replace("experiment config", "plan file")) from None
-    if isinstance(cfg.base, str):
-        base_path = path.parent / cfg.base
-        try:
-            base = yaml.safe_load(base_path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
-        _resolve_paths(base.get("workload"), base_path.parent)
-    else:
-        base = copy.deepcopy(cfg.base)
-        _resolve_paths(base.get("workload"), path.parent)
+        raise ConfigError(format_validation_error(exc, str(path), "plan file")) from None
+    base = load_base(path, cfg.base)
     if cfg.rank_by == "goodput_per_dollar":
         devices = cfg.candidates.get("hardware.device") or [base.get("hardware", {}).get("device", "a100-80gb")]
         missing = [d for d in devices if d not in cfg.price_per_gpu_hour]

@@ -26,8 +26,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         pool, t = result.pools[pool_index], rec.totals.get(rid) or ReplicaTotals()
         ex = pool.execution
         usage.append(ReplicaUsage(pool.num_gpus, pool.memory.num_blocks, ex.peak_flops, ex.bandwidth,
-                                  pool.power.idle_w, t.busy_s, t.flops, t.num_bytes, t.kv_block_s, t.busy_energy_j,
-                                  t.num_iterations))
+                                  pool.power.idle_w, t))
     summary = summarize(
         requests, usage, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,

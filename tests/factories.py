@@ -29,3 +29,17 @@ def make_config(**overrides) -> ExperimentConfig:
 def make_requests(specs: list[tuple[float, int, int]]) -> list[Request]:
     """Requests from (arrival_s, prompt_tokens, output_tokens) triples."""
     return [Request(i, t, p, o) for i, (t, p, o) in enumerate(specs)]
+
+
+def assert_nothing_lost(result, num_requests: int):
+    """Every request ended finished (every token generated) or rejected, and every KV block is free again.
+    Returns the request frame for further checks."""
+    df = result.recorder.request_frame()
+    assert sorted(df["id"]) == list(range(num_requests))
+    assert set(df["status"]) <= {"finished", "rejected"}
+    fin = df[df["status"] == "finished"]
+    assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
+    for rep in result.replicas:
+        rep.blocks.check_integrity()
+        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+    return df

@@ -78,7 +78,7 @@ def test_calibration_recovers_known_parameters():
     start = truth.model_copy(update={"efficiency": {**truth.efficiency, "linear": wrong},
                                      "all_reduce": LinkModel(latency_s=1e-6, bandwidth_bytes_per_s=50e9),
                                      "send_recv": LinkModel(latency_s=1e-6, bandwidth_bytes_per_s=50e9)})
-    fitted = calibrate(start, Rows(df), Split()).profile
+    fitted = calibrate(start, Rows(df), Split())
     got = fitted.efficiency["linear"]
     assert got.compute.max_eff == pytest.approx(0.62, rel=0.03)
     assert got.compute.half_tokens == pytest.approx(90.0, rel=0.1)
@@ -96,8 +96,8 @@ def test_held_out_rows_do_not_move_the_fit():
     poisoned = df.copy()
     poisoned.loc[poisoned.model == "llama70", "median_ms"] *= 5  # garbage in the held-out model only
     split = Split(held_out_models=("llama70",))
-    clean = calibrate(profile, Rows(df), split).profile.efficiency["linear"]
-    dirty = calibrate(profile, Rows(poisoned), split).profile.efficiency["linear"]
+    clean = calibrate(profile, Rows(df), split).efficiency["linear"]
+    dirty = calibrate(profile, Rows(poisoned), split).efficiency["linear"]
     assert clean == dirty
 
 

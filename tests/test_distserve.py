@@ -8,7 +8,7 @@ from llmsim.cluster.simulation import simulate
 from llmsim.config import parse_config
 from llmsim.run import run_experiment
 from llmsim.workload import build_workload
-from tests.factories import make_config, make_requests
+from tests.factories import assert_nothing_lost, make_config, make_requests
 
 PAPER_LIKE = {  # long prompts, short outputs, tight TPOT: where prefill-decode interference hurts most
     "prompt_tokens": {"kind": "lognormal", "median": 1500, "sigma": 0.4, "min": 64, "max": 3500},
@@ -70,15 +70,7 @@ def test_distserve_loses_nothing(specs, preemption, inter_node):
                           "kv_link": "inter_node" if inter_node else "intra_node"}},
                       scheduler={"name": "fcfs", "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096,
                                  "preemption": preemption})
-    result = simulate(cfg, make_requests(specs))
-    df = result.recorder.request_frame()
-    assert sorted(df["id"]) == list(range(len(specs)))
-    assert set(df["status"]) <= {"finished", "rejected"}
-    fin = df[df["status"] == "finished"]
-    assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
-    for rep in result.replicas:
-        rep.blocks.check_integrity()
-        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+    assert_nothing_lost(simulate(cfg, make_requests(specs)), len(specs))
 
 
 def test_distserve_fast_forward_equals_stepping():

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.run import run_experiment
-from tests.factories import make_config, make_requests
+from tests.factories import assert_nothing_lost, make_config, make_requests
 
 
 def outcome(cfg, requests=None):
@@ -116,17 +116,9 @@ def test_skipping_iteration_records_changes_nothing_else():
 def test_nothing_lost_property(specs, scheduler):
     specs.sort()
     cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096})
-    result = simulate(cfg, make_requests(specs))
-    df = result.recorder.request_frame()
-    assert sorted(df["id"]) == list(range(len(specs)))
-    assert set(df["status"]) <= {"finished", "rejected"}
-    fin = df[df["status"] == "finished"]
-    assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
+    df = assert_nothing_lost(simulate(cfg, make_requests(specs)), len(specs))
     too_long = np.array([p + o > 4096 for _, p, o in specs])
     assert (df.sort_values("id")["status"].to_numpy() == "rejected").tolist() == too_long.tolist()
-    for rep in result.replicas:
-        rep.blocks.check_integrity()
-        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
 
 
 def test_summary_fields():

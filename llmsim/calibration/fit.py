@@ -8,13 +8,14 @@ noisy microsecond-scale rows cannot drag the curve. Held-out rows are split off 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
-from llmsim.calibration.predict import COLLECTIVES, Rows, link_s, roofline_s
+from llmsim.calibration.measurements import COLLECTIVE_OPS
+from llmsim.calibration.predict import Rows, link_s, roofline_s
 from llmsim.hardware.profile import ComputeEfficiency, HardwareProfile, LinkModel, OpEfficiency
 
 _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
@@ -36,14 +37,8 @@ class Split:
 
     def held_out(self, df: pd.DataFrame) -> np.ndarray:
         by_model = df["model"].isin(self.held_out_models).to_numpy()
-        by_workers = (df["op"].isin(COLLECTIVES) & df["num_workers"].isin(self.held_out_num_workers)).to_numpy()
+        by_workers = (df["op"].isin(COLLECTIVE_OPS) & df["num_workers"].isin(self.held_out_num_workers)).to_numpy()
         return by_model | by_workers
-
-
-@dataclass
-class FitResult:
-    profile: HardwareProfile
-    num_rows: dict[str, int] = field(default_factory=dict)  # rows fitted per kind
 
 
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
@@ -90,16 +85,14 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
     return LinkModel(latency_s=round(latency_us * 1e-6, 9), bandwidth_bytes_per_s=round(bandwidth_gbs * 1e9, 0))
 
 
-def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> FitResult:
+def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwareProfile:
     """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
     train = ~split.held_out(rows.df)
     efficiency = dict(profile.efficiency)
     links: dict[str, LinkModel] = {}
-    counts: dict[str, int] = {}
     for kind in sorted(set(rows.kind[train])):
         mask = train & (rows.kind == kind)
-        counts[kind] = int(mask.sum())
-        if kind.split("_inter_node")[0] in COLLECTIVES:
+        if kind.split("_inter_node")[0] in COLLECTIVE_OPS:
             links[kind] = fit_link(rows, mask, kind)
             continue
         peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
@@ -107,5 +100,4 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> FitResult:
         current = efficiency.get(kind)
         kept = current.compute if current else ComputeEfficiency(max_eff=START[0], half_tokens=START[1])
         efficiency[kind] = fit_efficiency(rows, mask, kind, peak, profile.memory_bandwidth_bytes_per_s, kept)
-    fitted = profile.model_copy(update={"efficiency": efficiency, **links})
-    return FitResult(fitted, counts)
+    return profile.model_copy(update={"efficiency": efficiency, **links})

@@ -13,11 +13,12 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
 from llmsim.models.spec import ModelSpec
 
-COLLECTIVES = ("all_reduce", "all_gather", "send_recv")
 
 
 @lru_cache(maxsize=4096)
@@ -73,7 +74,7 @@ class Rows:
         self.num_bytes = np.zeros(n)
         self.num_tokens = np.zeros(n)
         self.dtype = np.array([d if isinstance(d, str) else "fp16" for d in self.df["dtype"]], dtype=object)
-        is_collective = self.df["op"].isin(COLLECTIVES).to_numpy()
+        is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
         for i, row in enumerate(self.df.itertuples(index=False)):
             if is_collective[i]:
                 inter = int(row.devices_per_node) < int(row.num_workers)
@@ -98,11 +99,11 @@ def roofline_s(flops, num_bytes, num_tokens, peak, bandwidth, max_eff, half_toke
 
 
 def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
-    """Bytes each worker moves per message byte: ring all-reduce ``2(n-1)/n``, all-gather ``(n-1)/n``."""
+    """Bytes each worker moves per message byte, from the roofline's ring formulas (1 for send/recv)."""
     if op.startswith("all_reduce"):
-        return 2.0 * (num_workers - 1) / num_workers
+        return all_reduce_factor(num_workers)
     if op.startswith("all_gather"):
-        return (num_workers - 1) / num_workers
+        return all_gather_factor(num_workers)
     return np.ones_like(num_workers)
 
 
@@ -111,17 +112,13 @@ def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
     return latency_s + ring_factor(op, num_workers) * size_bytes / bandwidth
 
 
-def profile_link(profile: HardwareProfile, kind: str) -> LinkModel | None:
-    return getattr(profile, kind, None)
-
-
 def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
     """Predicted seconds per row; NaN where the profile has no model for the row's kind."""
     out = np.full(len(rows), np.nan)
     for kind in np.unique(rows.kind):
         m = rows.kind == kind
-        if kind.split("_inter_node")[0] in COLLECTIVES:
-            link = profile_link(profile, kind)
+        if kind.split("_inter_node")[0] in COLLECTIVE_OPS:
+            link: LinkModel | None = getattr(profile, kind, None)  # all_reduce, send_recv_inter_node, ...
             if link is not None:
                 out[m] = link_s(kind, rows.size_bytes[m], rows.num_workers[m], link.latency_s,
                                 link.bandwidth_bytes_per_s)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from llmsim.calibration.fit import Split
+from llmsim.calibration.measurements import LAYER_OPS
 from llmsim.calibration.predict import Rows, predict_s
 from llmsim.hardware.profile import HardwareProfile
 
@@ -28,8 +29,8 @@ def compare(profile: HardwareProfile, rows: Rows, split: Split) -> pd.DataFrame:
     return out[out["predicted_s"].notna()].reset_index(drop=True)
 
 
-_LAYER = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
-          "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
+# The ops of one layer, as measured: the schema's layer ops without the embedding and LM head.
+_LAYER = tuple(op for op in LAYER_OPS if op not in ("emb", "lm_head"))
 
 
 def _layer_sums(per_row: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:

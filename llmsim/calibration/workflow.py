@@ -85,7 +85,7 @@ def run_calibration(path: Path, measurements: Path, split: Split, out: Path, rep
     """Fit ``path``'s profile to ``measurements``, write the fitted profile to ``out``, validate it."""
     profile = _read_profile(path)
     rows = Rows(read_measurements(measurements))
-    fitted = calibrate(profile, rows, split).profile
+    fitted = calibrate(profile, rows, split)
     calibration = {
         "measurements": _relative(measurements, out.parent),
         "held_out_models": list(split.held_out_models),

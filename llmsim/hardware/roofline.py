@@ -17,18 +17,26 @@ def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: flo
     return max(compute_s, memory_s) + eff.overhead_s
 
 
+def all_reduce_factor(num_workers):
+    """Ring all-reduce: each worker sends and receives ``2 (n-1)/n`` of the message (scalars or arrays)."""
+    return 2.0 * (num_workers - 1) / num_workers
+
+
+def all_gather_factor(num_workers):
+    """Ring all-gather of a result: each worker receives ``(n-1)/n`` of it (scalars or arrays)."""
+    return (num_workers - 1) / num_workers
+
+
 def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
-    """Ring all-reduce: each worker sends and receives ``2 (n-1)/n`` of the message."""
     if num_workers <= 1:
         return 0.0
-    return link.latency_s + 2.0 * (num_workers - 1) / num_workers * num_bytes / link.bandwidth_bytes_per_s
+    return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
 
 def all_gather_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
-    """Ring all-gather of a ``num_bytes`` result: each worker receives ``(n-1)/n`` of it."""
     if num_workers <= 1:
         return 0.0
-    return link.latency_s + (num_workers - 1) / num_workers * num_bytes / link.bandwidth_bytes_per_s
+    return link.latency_s + all_gather_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
 
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from llmsim.metrics.recorder import ReplicaTotals
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -66,12 +68,7 @@ class ReplicaUsage:
     peak_flops: float  # per GPU
     bandwidth: float  # per GPU
     idle_w: float  # per GPU
-    busy_s: float
-    flops: float
-    num_bytes: float
-    kv_block_s: float
-    busy_energy_j: float
-    num_iterations: int
+    totals: ReplicaTotals
 
 
 def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.ndarray, gap_counts: np.ndarray, *,
@@ -89,10 +86,10 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
         met &= finished["max_tbt_s"] <= tbt_slo_s
     out_tokens = int(finished["num_generated_tokens"].sum())
     in_tokens = int(finished["num_prompt_tokens"].sum())
-    busy = sum(r.busy_s for r in replicas)
+    busy = sum(r.totals.busy_s for r in replicas)
     total_gpus = sum(r.num_gpus for r in replicas)
-    kv_capacity_s = sum(r.num_blocks * r.busy_s for r in replicas)
-    kv_util = float(sum(r.kv_block_s for r in replicas) / kv_capacity_s) if kv_capacity_s > 0 else 0.0
+    kv_capacity_s = sum(r.num_blocks * r.totals.busy_s for r in replicas)
+    kv_util = float(sum(r.totals.kv_block_s for r in replicas) / kv_capacity_s) if kv_capacity_s > 0 else 0.0
     summary = {
         "requests": {
             "arrived": n_arrived,
@@ -126,9 +123,9 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
             "kv_cache_busy_mean": kv_util,
             "busy_fraction": float(busy / (span * len(replicas))),
             # MFU/MBU over the whole run, idle time included.
-            "mfu": float(sum(r.flops for r in replicas) / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
-            "mbu": float(sum(r.num_bytes for r in replicas) / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
-            "iterations": int(sum(r.num_iterations for r in replicas)),
+            "mfu": float(sum(r.totals.flops for r in replicas) / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
+            "mbu": float(sum(r.totals.num_bytes for r in replicas) / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
+            "iterations": int(sum(r.totals.num_iterations for r in replicas)),
             "num_gpus": int(total_gpus),
         },
         "energy": energy(replicas, span, pue, len(finished), out_tokens, in_tokens),
@@ -139,8 +136,8 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
 def energy(replicas: list[ReplicaUsage], span: float, pue: float, finished: int, out_tokens: int,
            in_tokens: int) -> dict:
     """Busy energy from each iteration's power, idle power for every GPU-second between iterations, times PUE."""
-    busy_j = sum(r.busy_energy_j for r in replicas)
-    idle_j = sum(r.idle_w * r.num_gpus * max(span - r.busy_s, 0.0) for r in replicas)
+    busy_j = sum(r.totals.busy_energy_j for r in replicas)
+    idle_j = sum(r.idle_w * r.num_gpus * max(span - r.totals.busy_s, 0.0) for r in replicas)
     total_j = (busy_j + idle_j) * pue
     gpu_s = span * sum(r.num_gpus for r in replicas)
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmsim.calibration.measurements import LAYER_OPS
 from llmsim.models.spec import load_model
-
-LAYER_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
-             "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "lm_head")
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,18 @@ def point_dir(root: Path, point: Point) -> Path:
     return root / point.name
 
 
+def point_config(root: Path, point: Point) -> dict:
+    """The point's resolved config as ``run_experiment`` writes it to ``config.yaml``."""
+    return point.config.model_dump(mode="json") | {"output_dir": str(point_dir(root, point))}
+
+
 def is_done(root: Path, point: Point) -> bool:
     folder = point_dir(root, point)
     summary, config = folder / "summary.json", folder / "config.yaml"
     if not (summary.exists() and config.exists()):
         return False
     try:
-        return yaml.safe_load(config.read_text()) == point.config.model_dump(mode="json") | {
-            "output_dir": str(folder)}
+        return yaml.safe_load(config.read_text()) == point_config(root, point)
     except yaml.YAMLError:
         return False
 
@@ -51,9 +55,7 @@ def run_point(config_json: dict, folder: str) -> dict:
 
 
 def _job(root: Path, point: Point) -> tuple[dict, str]:
-    folder = point_dir(root, point)
-    config = point.config.model_dump(mode="json") | {"output_dir": str(folder)}
-    return config, str(folder)
+    return point_config(root, point), str(point_dir(root, point))
 
 
 def run_points(root: Path, points: list[Point], executor: str = "local", workers: int | None = None,

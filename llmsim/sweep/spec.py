@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmsim.config import ExperimentConfig, _resolve_paths, format_validation_error, parse_config
+from llmsim.config import ExperimentConfig, _resolve_paths, format_validation_error, parse_config, read_yaml
 from llmsim.errors import ConfigError
 
 RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
@@ -66,28 +66,32 @@ def set_path(data: dict, path: str, value: Any) -> None:
     node[keys[-1]] = copy.deepcopy(value)
 
 
+def load_base(path: Path, base: str | dict) -> dict:
+    """The base experiment of a sweep or plan file (``path``): a YAML path relative to it, or an inline mapping.
+    Returns a fresh dict with workload paths resolved against the file that holds them."""
+    if isinstance(base, str):
+        base_path = path.parent / base
+        try:
+            data = yaml.safe_load(base_path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: base: {base_path} is not valid YAML: {exc}") from None
+        base_dir = base_path.parent
+    else:
+        data, base_dir = copy.deepcopy(base), path.parent
+    _resolve_paths(data.get("workload"), base_dir)
+    return data
+
+
 def load_sweep(path: str | Path) -> tuple[SweepConfig, list[Point]]:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    raw = read_yaml(path, "sweep file")
     try:
         sweep = SweepConfig(**(raw or {}))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path)).replace("experiment config", "sweep file")) from None
-    if isinstance(sweep.base, str):
-        base_path = path.parent / sweep.base
-        try:
-            base = yaml.safe_load(base_path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
-        base_dir = base_path.parent
-    else:
-        base, base_dir = sweep.base, path.parent
-    _resolve_paths(base.get("workload"), base_dir)
+        raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
+    base = load_base(path, sweep.base)
     if not sweep.output_dir.is_absolute():
         sweep = sweep.model_copy(update={"output_dir": path.parent / sweep.output_dir})
     if sweep.x is None:
