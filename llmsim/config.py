@@ -49,13 +49,43 @@ class DistServeConfig(_Strict):
     kv_link: Literal["intra_node", "inter_node"] = "intra_node"
 
 
+class LlumnixConfig(_Strict):
+    """Llumnix (OSDI'24): load-aware dispatch and live migration. Defaults follow Llumnix's own."""
+
+    polling_interval_s: float = Field(default=0.05, gt=0)  # how often instance loads are read and paired
+    migration: bool = True  # False: load-aware dispatch only
+    # Count the head-of-line queued request's KV demand as virtual usage, so instances whose queue is blocked
+    # migrate requests out and make room for it (de-fragmentation).
+    defrag: bool = True
+    # Freeness (decode steps the free KV lasts the running batch) below which an instance migrates out, and
+    # above which one may take a request in (higher, so a migration cannot turn the pair around).
+    migrate_out_threshold: float = 3.0
+    migrate_in_threshold: float = 6.0
+    max_stages: int = Field(default=3, ge=0)  # copy stages while decoding before giving up
+    last_stage_max_blocks: int = Field(default=16, ge=1)  # stop and copy once this few blocks are left
+    # Share of an instance's KV blocks added to its virtual usage while it serves a high-priority request:
+    # dispatch and migration then keep its load down so the high-priority request runs in a lighter batch.
+    priority_headroom: float = Field(default=0.0, ge=0, le=1)
+    # Where migrated KV travels: "auto" places replicas on nodes in order (NVLink inside a node).
+    link: Literal["auto", "intra_node", "inter_node"] = "auto"
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "LlumnixConfig":
+        if self.migrate_in_threshold < self.migrate_out_threshold:
+            raise ValueError("migrate_in_threshold must be at least migrate_out_threshold")
+        return self
+
+
 class ClusterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     router: Literal["round_robin", "least_outstanding"] = "round_robin"
     # colocated: every replica prefills and decodes. distserve: separate prefill and decode pools (the
     # ``distserve`` section; ``parallel`` and ``num_replicas`` are then unused), KV handed over the network.
-    policy: Literal["colocated", "distserve"] = "colocated"
+    # llumnix: colocated replicas with Llumnix's load-aware dispatch (instead of ``router``) and live
+    # migration (the ``llumnix`` section).
+    policy: Literal["colocated", "distserve", "llumnix"] = "colocated"
     distserve: DistServeConfig = DistServeConfig()
+    llumnix: LlumnixConfig = LlumnixConfig()
 
 
 class SchedulerConfig(_Strict):
@@ -139,6 +169,7 @@ class WorkloadConfig(_Strict):
     prompt_tokens: LengthDist | None = None
     output_tokens: LengthDist | None = None
     lengths_from: TraceConfig | None = None  # joint (prompt, output) pairs sampled from a trace
+    high_priority_fraction: float = Field(default=0.0, ge=0, le=1)  # share of requests marked high priority
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadConfig":

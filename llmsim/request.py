@@ -14,13 +14,15 @@ from enum import IntEnum
 
 
 class RequestStatus(IntEnum):
-    """Ordered states; FINISHED and REJECTED are terminal."""
+    """FINISHED and REJECTED are terminal. MIGRATING: out of every batch during a live migration's final
+    stop-and-copy, its KV on the wire to the destination instance."""
 
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
     FINISHED = 3
     REJECTED = 4
+    MIGRATING = 5
 
 
 NAN = math.nan
@@ -44,6 +46,7 @@ class Request:
     max_tbt_s: float = 0.0  # largest gap between consecutive output tokens
     num_preemptions: int = 0
     num_migrations: int = 0
+    priority: int = 0  # 0: normal; higher is served first (Llumnix priorities)
     reject_reason: str = ""
 
     @property

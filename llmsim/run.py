@@ -43,6 +43,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         "scheduler": cfg.scheduler.name,
         "kv_blocks_per_replica": result.memory.num_blocks,
         **summary,
+        **({"migration": _migration_summary(result.migration)} if result.migration is not None else {}),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -56,6 +57,12 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return result, summary
+
+
+def _migration_summary(stats) -> dict:
+    return {"started": stats.started, "committed": stats.committed, "aborted": dict(sorted(stats.aborted.items())),
+            "copied_tokens": stats.copied_tokens,
+            "mean_downtime_s": stats.downtime_s / stats.committed if stats.committed else None}
 
 
 def _energy_line(e: dict) -> str:
@@ -78,11 +85,13 @@ def format_summary(summary: dict) -> str:
     else:
         par = summary["parallel"]
         plan = f"TP={par['tp']}, PP={par['pp']}, replicas={par['replicas']}"
+        if summary.get("policy") == "llumnix":
+            plan = "Llumnix: " + plan
     lines = [
         f"{summary['experiment']}: {summary['model']} on {summary['device']} ({plan}, "
         f"scheduler={summary['scheduler']})",
         f"requests: {r['arrived']} arrived, {r['finished']} finished, {r['rejected']} rejected, "
-        f"{r['in_flight']} in flight, {r['preemptions']} preemptions",
+        f"{r['in_flight']} in flight, {r['preemptions']} preemptions, {r['migrations']} migrations",
         "",
         f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]

@@ -10,8 +10,12 @@ repeat it until a request finishes or the KV cache runs short, so their end time
     t0 ---dt1--- t1 ---dt2--- t2 ... tk        one simpy wait instead of k, one update per request
               ^ arrival: wait for the next boundary t_j, apply j steps, schedule afresh
 
-An arrival that the scheduler could admit interrupts the run at the next boundary, where stepping would
-have seen it too; results are bit-identical to stepping (tests compare both).
+An arrival that becomes the head of the waiting queue (the only one the scheduler could admit) cuts the
+run at the next boundary, where stepping would have seen it too; results are bit-identical to stepping
+(tests compare both). Cluster policies that act on a replica from outside (Llumnix migration) ``post``
+actions that run at its next boundary, or ``wake`` it after changing its KV or batch, which cuts a run the
+same way; while a run is waited out, ``num_used_blocks_now`` and ``num_computed_now`` report the state
+stepping would show.
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ class Replica:
         self.handoff = handoff
         self.num_outstanding = 0  # routed here and not finished
         self._idle: simpy.Event | None = None
-        self._interruptible = False  # inside a fast-forward wait that an arrival may cut short
+        self._actions: list[Callable[[], None]] = []  # cluster-policy actions for the next boundary
+        # While a decode run is waited out: (boundary times, cumulative new blocks, its requests);
+        # ``_cuttable``: the wait may still be interrupted.
+        self._run_state: tuple[list[float], list[int], list[Request]] | None = None
+        self._cuttable = False
         self.process = env.process(self._run())
 
     # --- interface for routers and cluster policies ----------------------------------------------------
@@ -59,18 +67,69 @@ class Replica:
         self.num_outstanding += 1
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
-        elif self._interruptible:
-            self._interruptible = False
-            self.process.interrupt("arrival")
+        elif self._cuttable and self.scheduler.waiting[0] is request:
+            self._cut()
 
     def in_flight(self) -> list[Request]:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    def wake(self) -> None:
+        """Something outside changed this replica (KV held, batch): schedule afresh at the next boundary."""
+        if self._idle is not None and not self._idle.triggered:
+            self._idle.succeed()
+        elif self._cuttable:
+            self._cut()
+
+    def post(self, action: Callable[[], None]) -> None:
+        """Run ``action`` at the next iteration boundary, where the request states are exact."""
+        self._actions.append(action)
+        self.wake()
+
+    def adopt(self, request: Request) -> None:
+        """Take a migrated request whose KV already sits in this replica's blocks; it decodes from the next
+        batch on."""
+        request.replica_id = self.id
+        request.status = RequestStatus.RUNNING
+        self.scheduler.running.append(request)
+        self.num_outstanding += 1
+        self.wake()
+
+    def release(self, request: Request) -> None:
+        """Let a running request go (with its KV, which is freed here); call at a boundary."""
+        self.scheduler.running.remove(request)
+        self.blocks.free(request)
+        self.num_outstanding -= 1
+
+    def num_used_blocks_now(self) -> int:
+        """KV blocks in use as stepping would show them now (a decode run books its blocks when it ends)."""
+        if self._run_state is None:
+            return self.blocks.num_used_blocks
+        times, cum_blocks, _ = self._run_state
+        # The manager holds the run's first step plus whatever changed from outside since; the run's later
+        # steps are booked when it ends.
+        return self.blocks.num_used_blocks + cum_blocks[bisect_left(times, self.env.now, 1)]
+
+    def num_computed_now(self, request: Request) -> int:
+        """KV tokens of a running request as stepping would show them now."""
+        if self._run_state is None:
+            return request.num_computed_tokens
+        times, _, requests = self._run_state
+        done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+        return request.num_computed_tokens + (done if request in requests else 0)
+
+    def _cut(self) -> None:
+        self._cuttable = False
+        self.process.interrupt("cut")
 
     # --- the iteration loop ----------------------------------------------------------------------------
 
     def _run(self):
         env, scheduler = self.env, self.scheduler
         while True:
+            if self._actions:
+                actions, self._actions = self._actions, []
+                for action in actions:
+                    action()
             if not scheduler.has_work:
                 self._idle = env.event()
                 yield self._idle
@@ -183,13 +242,15 @@ class Replica:
             t = t + dt
             times.append(t)
         done = num_steps
-        self._interruptible = num_steps > 1 and not self.scheduler.waiting
+        self._run_state = (times, cum_blocks, requests)
+        self._cuttable = num_steps > 1
         try:
             yield self.env.at(times[-1])
         except simpy.Interrupt:
             done = bisect_left(times, self.env.now, 1)
             yield self.env.at(times[done])
-        self._interruptible = False
+        self._cuttable = False
+        self._run_state = None
 
         durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
         self.recorder.iterations_bulk(self.id, times[:done], durations, step_flops[:done], step_bytes[:done],

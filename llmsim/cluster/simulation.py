@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from llmsim.clock import Clock
+from llmsim.cluster.llumnix import Llumnix, migration_transfer
+from llmsim.cluster.migration import MigrationStats
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
@@ -52,6 +54,7 @@ class SimulationResult:
     wall_s: float
     pools: list[Pool] = field(default_factory=list)
     replica_pool: list[int] = field(default_factory=list)  # pool index of each replica
+    migration: MigrationStats | None = None  # Llumnix with migration on
 
 
 def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None
@@ -69,7 +72,7 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
 
 
 def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
-    if cfg.cluster.policy == "colocated":
+    if cfg.cluster.policy in ("colocated", "llumnix"):
         specs = [("colocated", cfg.parallel.tp, cfg.parallel.pp, cfg.cluster.num_replicas)]
     else:
         d = cfg.cluster.distserve
@@ -160,7 +163,14 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     decode_replicas += [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"]
     whole_blocks = (decode_replicas or entry)[0].blocks
     prefill_blocks = entry[0].blocks if decode_replicas else None
-    router = ROUTERS[cfg.cluster.router]()
+    llumnix = None
+    if cfg.cluster.policy == "llumnix":
+        transfer = migration_transfer(pools[0].execution.hardware.gpus_per_node, pools[0].num_gpus,
+                                      cfg.cluster.llumnix.link)
+        router = llumnix = Llumnix(env, replicas, cfg.cluster.llumnix, transfer)
+    else:
+        router = ROUTERS[cfg.cluster.router]()
+    migrator = llumnix.migrator if llumnix is not None else None
     counts = {"arrived": 0}
 
     def arrivals():
@@ -182,9 +192,12 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)
     in_flight = [r for rep in replicas for r in rep.in_flight()] + list(in_transfer.values())
+    if migrator is not None:
+        in_flight += migrator.in_flight()
     for r in in_flight:
         recorder.request(r, "in_flight")
     for rep in replicas:
         rep.blocks.check_integrity()
     return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
-                            len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool)
+                            len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool,
+                            migrator.stats if migrator is not None else None)

@@ -15,7 +15,7 @@ from llmsim.request import Request
 
 REQUEST_FLOAT_FIELDS = ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s")
 REQUEST_INT_FIELDS = ("id", "replica_id", "num_prompt_tokens", "num_output_tokens", "num_generated_tokens",
-                      "num_preemptions", "num_migrations")
+                      "num_preemptions", "num_migrations", "priority")
 ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes", "power_w")  # power_w: per GPU
 ITERATION_INT_FIELDS = ("replica_id", "num_prefill_tokens", "num_decode_tokens", "kv_used_blocks")
 

@@ -97,6 +97,7 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
             "rejected": int((df["status"] == "rejected").sum()),
             "in_flight": int((df["status"] == "in_flight").sum()),
             "preemptions": int(df["num_preemptions"].sum()),
+            "migrations": int(df["num_migrations"].sum()),
         },
         "ttft": _stats(finished["ttft_s"].to_numpy()),
         "tpot": _stats(finished["tpot_s"].to_numpy()),
@@ -130,6 +131,11 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
         },
         "energy": energy(replicas, span, pue, len(finished), out_tokens, in_tokens),
     }
+    if (df["priority"] > 0).any():
+        summary["by_priority"] = {
+            str(p): {"finished": int(len(group)), "ttft": _stats(group["ttft_s"].to_numpy()),
+                     "tpot": _stats(group["tpot_s"].to_numpy()), "e2e": _stats(group["e2e_s"].to_numpy())}
+            for p, group in finished.groupby("priority")}
     return summary
 
 

@@ -57,9 +57,19 @@ class Scheduler:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is evicted first
+        self.num_reserved_seqs = 0  # batch slots held for requests migrating in
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        """Queue in arrival order, except that a request goes ahead of every waiting request of lower priority."""
+        waiting = self.waiting
+        if request.priority and waiting and waiting[-1].priority < request.priority:
+            at = next(i for i, w in enumerate(waiting) if w.priority < request.priority)
+            waiting.insert(at, request)
+        else:
+            waiting.append(request)
+
+    def has_seq_room(self) -> bool:
+        return len(self.running) + self.num_reserved_seqs < self.max_num_seqs
 
     @property
     def has_work(self) -> bool:

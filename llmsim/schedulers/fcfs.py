@@ -15,7 +15,7 @@ class FCFSScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and self.has_seq_room():
             request = self.waiting[0]
             n = request.num_pending_tokens
             if n > budget or not self.blocks.can_admit(request, n):

@@ -33,7 +33,7 @@ class SarathiScheduler(Scheduler):
                 continue
             out.prefills.append(PrefillChunk(request, n, request.num_computed_tokens))
             budget -= n
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs and not out.preempted:
+        while budget > 0 and self.waiting and self.has_seq_room() and not out.preempted:
             request = self.waiting[0]
             n = min(request.num_pending_tokens, budget)
             if not self.blocks.can_admit(request, n):

@@ -53,7 +53,19 @@ def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
         stream = _until(stream, cfg.duration_s)
     if cfg.num_requests is not None:
         stream = islice(stream, cfg.num_requests)
+    if cfg.high_priority_fraction > 0:
+        stream = _with_priorities(stream, cfg.high_priority_fraction, seed)
     return stream
+
+
+def _with_priorities(stream: Iterator[Request], fraction: float, seed: int) -> Iterator[Request]:
+    """Mark each request high priority (1) with probability ``fraction``, from a stream of its own so the
+    arrivals and lengths stay the same as without priorities."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed).spawn(3)[2]))
+    for r in stream:
+        if rng.random() < fraction:
+            r.priority = 1
+        yield r
 
 
 def _until(stream: Iterator[Request], end_s: float) -> Iterator[Request]:

@@ -1,0 +1,121 @@
+"""Live migration of a running request between two replicas (mechanism; Llumnix's policy picks who and where).
+
+Llumnix's protocol, stage by stage, each step taken at an iteration boundary of the source, where the request's
+progress is exact::
+
+    stage 1: reserve blocks on the destination, copy all KV computed so far   (request keeps decoding)
+    stage k: copy the blocks written during stage k-1                        (request keeps decoding)
+    last:    once at most ``last_stage_max_blocks`` are left uncopied: take the request out of the batch,
+             copy the rest (the downtime), and hand it to the destination, which decodes it from then on
+
+A copy of ``n`` tokens takes the network model's time (``transfer_s``). The migration is dropped, and the
+destination's reservation freed, when the request finishes or is preempted on the source meanwhile, when the
+destination runs out of KV, or when ``max_stages`` pass without the remainder getting small enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from llmsim.clock import Clock
+from llmsim.cluster.replica import Replica
+from llmsim.request import Request, RequestStatus
+
+
+@dataclass(eq=False)
+class Migration:
+    request: Request
+    src: Replica
+    dst: Replica
+    num_preemptions: int  # the request's count at the start: a preemption since then drops the migration
+    num_stages: int = 0
+    copied_tokens: int = 0  # KV tokens already on the destination
+
+
+@dataclass
+class MigrationStats:
+    started: int = 0
+    committed: int = 0
+    aborted: dict[str, int] | None = None
+    copied_tokens: int = 0
+    downtime_s: float = 0.0  # summed over committed migrations
+
+    def __post_init__(self) -> None:
+        self.aborted = {}
+
+
+class Migrator:
+    def __init__(self, env: Clock, transfer_s: Callable[[Replica, Replica, int], float], *, max_stages: int,
+                 last_stage_max_blocks: int, on_end: Callable[[Migration], None] | None = None):
+        self.env = env
+        self.transfer_s = transfer_s
+        self.max_stages = max_stages
+        self.last_stage_max_blocks = last_stage_max_blocks
+        self.on_end = on_end
+        self.active: dict[int, Migration] = {}  # by request id
+        self.stats = MigrationStats()
+
+    def start(self, request: Request, src: Replica, dst: Replica) -> Migration:
+        m = Migration(request, src, dst, request.num_preemptions)
+        self.active[request.id] = m
+        self.stats.started += 1
+        dst.scheduler.num_reserved_seqs += 1
+        src.post(lambda: self._stage(m))
+        return m
+
+    def in_flight(self) -> list[Request]:
+        """Requests between replicas (in their stop-and-copy)."""
+        return [m.request for m in self.active.values() if m.request.status is RequestStatus.MIGRATING]
+
+    def _stage(self, m: Migration) -> None:
+        r, src, dst = m.request, m.src, m.dst
+        if (r.status is not RequestStatus.RUNNING or r.replica_id != src.id or r.num_pending_tokens != 1
+                or r.num_preemptions != m.num_preemptions):
+            return self._abort(m, "finished or preempted on the source")
+        block_size = dst.blocks.block_size
+        copied_blocks = m.copied_tokens // block_size  # whole blocks on the destination; a partial one is resent
+        uncopied_tokens = r.num_computed_tokens - copied_blocks * block_size
+        need = dst.blocks.blocks_for(r.num_computed_tokens) - dst.blocks.num_held(r)
+        if need + dst.blocks.watermark_blocks > dst.blocks.num_blocks - dst.num_used_blocks_now():
+            return self._abort(m, "destination out of KV blocks")
+        last = dst.blocks.blocks_for(uncopied_tokens) <= self.last_stage_max_blocks
+        if not last and m.num_stages >= self.max_stages:
+            return self._abort(m, "did not converge within max_stages")
+        dst.blocks.grow_to(r.id, dst.blocks.num_held(r) + need)
+        dst.wake()  # its free KV changed
+        delay = self.transfer_s(src, dst, uncopied_tokens)
+        self.stats.copied_tokens += uncopied_tokens
+        m.copied_tokens = r.num_computed_tokens
+        if last:
+            src.release(r)
+            r.status = RequestStatus.MIGRATING
+            self.env.process(self._after(delay, lambda: self._commit(m, delay)))
+        else:
+            m.num_stages += 1
+            self.env.process(self._after(delay, lambda: src.post(lambda: self._stage(m))))
+
+    def _after(self, delay: float, action: Callable[[], None]):
+        # Urgent, like arrivals: an event exactly at an iteration boundary is seen by that boundary.
+        yield self.env.urgent_at(self.env.now + delay)
+        action()
+
+    def _commit(self, m: Migration, downtime_s: float) -> None:
+        m.dst.scheduler.num_reserved_seqs -= 1
+        m.request.num_migrations += 1
+        m.dst.adopt(m.request)
+        self.stats.committed += 1
+        self.stats.downtime_s += downtime_s
+        self._end(m)
+
+    def _abort(self, m: Migration, reason: str) -> None:
+        m.dst.scheduler.num_reserved_seqs -= 1
+        if m.dst.blocks.free(m.request):
+            m.dst.wake()
+        self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
+        self._end(m)
+
+    def _end(self, m: Migration) -> None:
+        del self.active[m.request.id]
+        if self.on_end is not None:
+            self.on_end(m)
