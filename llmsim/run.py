@@ -65,6 +65,22 @@ def _migration_summary(stats) -> dict:
             "mean_downtime_s": stats.downtime_s / stats.committed if stats.committed else None}
 
 
+def _policy_lines(summary: dict) -> list[str]:
+    lines = []
+    m = summary.get("migration")
+    if m is not None:
+        aborted = sum(m["aborted"].values())
+        downtime = f", mean downtime {m['mean_downtime_s'] * 1e3:.2f} ms" if m["mean_downtime_s"] is not None else ""
+        lines.append(f"migrations: {m['committed']} committed, {aborted} dropped, "
+                     f"{m['copied_tokens']} KV tokens copied{downtime}")
+    for priority, g in summary.get("by_priority", {}).items():
+        ttft, tpot = g["ttft"]["p99_s"], g["tpot"]["mean_s"]
+        lines.append(f"priority {priority}: {g['finished']} finished, TTFT P99 "
+                     + (f"{ttft * 1e3:.1f} ms" if ttft is not None else "-") + ", TPOT mean "
+                     + (f"{tpot * 1e3:.1f} ms" if tpot is not None else "-"))
+    return lines
+
+
 def _energy_line(e: dict) -> str:
     per_token = e["j_per_output_token"]
     return (f"energy {e['total_j'] / 3.6e6:.3f} kWh (busy {e['busy_j'] / 3.6e6:.3f}, idle {e['idle_j'] / 3.6e6:.3f}, "
@@ -110,6 +126,7 @@ def format_summary(summary: dict) -> str:
         f"KV cache use {u['kv_cache_busy_mean']:.1%}, busy {u['busy_fraction']:.1%}, "
         f"MFU {u['mfu']:.1%}, MBU {u['mbu']:.1%}",
         _energy_line(summary["energy"]),
+        *_policy_lines(summary),
         f"simulated {summary['simulation']['simulated_s']:.1f} s in {summary['simulation']['wall_s']:.2f} s wall "
         f"({summary['simulation']['requests_per_wall_s']:.0f} req/s)",
     ]

@@ -75,17 +75,19 @@ def test_preemption_under_memory_pressure_still_finishes_everything():
 @given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
-       policy=st.sampled_from(["colocated", "distserve"]))
-def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy):
+       policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]))
+def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping."""
     def cfg(ff):
         return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
-                                               "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+                                               "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
+                                               "llumnix": {"priority_headroom": 0.2}},
                            scheduler={"name": scheduler, "gpu_memory_utilization": mem, "chunk_size": 256,
                                       "max_num_batched_tokens": 4096, "preemption": preemption},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      "prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
-                                     "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}},
+                                     "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000},
+                                     "high_priority_fraction": high_priority},
                            simulation={"fast_forward": ff})
     ff, step = cfg(True), cfg(False)
     a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
@@ -112,11 +114,15 @@ def test_skipping_iteration_records_changes_nothing_else():
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "sarathi"]))
-def test_nothing_lost_property(specs, scheduler):
+       st.sampled_from(["fcfs", "sarathi"]), st.sampled_from(["colocated", "llumnix"]))
+def test_nothing_lost_property(specs, scheduler, policy):
     specs.sort()
-    cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096})
-    df = assert_nothing_lost(simulate(cfg, make_requests(specs)), len(specs))
+    cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096},
+                      cluster={"num_replicas": 2, "policy": policy})
+    result = simulate(cfg, make_requests(specs))
+    df = assert_nothing_lost(result, len(specs))
+    fin = df[df["status"] == "finished"]
+    assert sum(result.recorder.tbt_count) == (fin["num_generated_tokens"] - 1).sum()  # no token lost or doubled
     too_long = np.array([p + o > 4096 for _, p, o in specs])
     assert (df.sort_values("id")["status"].to_numpy() == "rejected").tolist() == too_long.tolist()
 
