@@ -42,6 +42,31 @@ def test_sweep_runs_grid_writes_table_curves_and_goodput(tmp_path, capsys):
     assert (out / "goodput_curve.png").stat().st_size > 5000 and (out / "energy_curve.png").exists()
 
 
+def test_sweep_variants_apply_their_overrides_together(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "cluster": {"num_replicas": 2}}))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "v", "base": "base.yaml", "output_dir": "out", "grid": {"workload.arrival.rate_per_s": [2.0, 6.0]},
+        "variants": {"rr": {"cluster.policy": "colocated", "cluster.router": "round_robin"},
+                     "llumnix": {"cluster.policy": "llumnix", "cluster.llumnix.defrag": False}}}, sort_keys=False))
+    sweep, points = load_sweep(path)
+    assert sweep.curve_keys == ["variant"]
+    assert [(p.values["variant"], p.values["workload.arrival.rate_per_s"]) for p in points] == [
+        ("rr", 2.0), ("rr", 6.0), ("llumnix", 2.0), ("llumnix", 6.0)]
+    assert points[0].config.cluster.router == "round_robin" and points[0].config.cluster.policy == "colocated"
+    assert points[3].config.cluster.policy == "llumnix" and not points[3].config.cluster.llumnix.defrag
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(df["variant"]) == ["rr", "rr", "llumnix", "llumnix"] and df["error"].isna().all()
+    assert set(pd.read_csv(tmp_path / "out" / "goodput.csv")["variant"]) == {"rr", "llumnix"}
+    assert (tmp_path / "out" / "ttft_p99_curve.png").exists()
+    # A variant's bad path is reported with the point it belongs to.
+    path.write_text(yaml.safe_dump({"name": "v", "base": "base.yaml", "grid": {"seed": [1]},
+                                    "variants": {"bad": {"cluster.policy": "nope"}}}))
+    with pytest.raises(ConfigError, match="cluster.policy"):
+        load_sweep(path)
+
+
 def test_sweep_resumes_without_redoing_finished_points(tmp_path):
     path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0, 3.0]})
     assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0

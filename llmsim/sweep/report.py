@@ -29,7 +29,9 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
             "finished": s["requests"]["finished"], "rejected": s["requests"]["rejected"],
             "throughput_rps": s["throughput"]["requests_per_s"],
             "attainment": s["slo"]["attainment"], "goodput_rps": s["slo"]["goodput_requests_per_s"],
-            "ttft_p90_s": s["ttft"]["p90_s"], "tpot_p90_s": s["tpot"]["p90_s"], "tbt_p99_s": s["tbt"]["p99_s"],
+            "ttft_p90_s": s["ttft"]["p90_s"], "ttft_p99_s": s["ttft"]["p99_s"], "tpot_p90_s": s["tpot"]["p90_s"],
+            "tbt_p99_s": s["tbt"]["p99_s"], "e2e_p99_s": s["e2e"]["p99_s"],
+            "preemptions": s["requests"]["preemptions"], "migrations": s["requests"]["migrations"],
             "j_per_output_token": s["energy"]["j_per_output_token"],
             "mean_power_w_per_gpu": s["energy"]["mean_power_w_per_gpu"],
             "mfu": s["utilization"]["mfu"], "error": "",
@@ -42,7 +44,7 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
     x = sweep.x
     if x is None or "attainment" not in df:
         return pd.DataFrame()
-    others = [k for k in sweep.grid if k != x]
+    others = sweep.curve_keys
     out = []
     for key, group in (df.groupby(others, sort=False) if others else [((), df)]):
         key = key if isinstance(key, tuple) else (key,)
@@ -63,10 +65,11 @@ def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) ->
     x = sweep.x
     if x is None or "attainment" not in df:
         return []
-    others = [k for k in sweep.grid if k != x]
+    others = sweep.curve_keys
     paths = []
     for column, ylabel, filename in (("attainment", "SLO attainment", "goodput_curve.png"),
-                                     ("j_per_output_token", "joules per output token", "energy_curve.png")):
+                                     ("j_per_output_token", "joules per output token", "energy_curve.png"),
+                                     ("ttft_p99_s", "P99 TTFT (s)", "ttft_p99_curve.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         groups = df.groupby(others, sort=False) if others else [((), df)]
         for key, group in groups:
@@ -77,6 +80,8 @@ def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) ->
         if column == "attainment":
             ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.0%}")
             ax.set_ylim(0, 1.02)
+        if column == "ttft_p99_s":
+            ax.set_yscale("log")
         ax.set(xlabel=x, ylabel=ylabel, title=f"{sweep.name}: {ylabel} vs {x.rsplit('.', 1)[-1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -9,6 +9,14 @@ grid:                                 # every combination is one point
   scheduler.name: [fcfs, sarathi]
 x: workload.arrival.rate_per_s        # the axis of the goodput and energy curves (default: a rate in the grid)
 ```
+
+``variants`` (optional) name sets of overrides applied together, for comparisons a product grid cannot express
+(each policy with its own settings); every variant runs at every grid combination, and the variant's name is
+the ``variant`` column of the results::
+
+    variants:
+      round_robin: {cluster.policy: colocated, cluster.router: round_robin}
+      llumnix: {cluster.policy: llumnix}
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ class SweepConfig(BaseModel):
     base: str | dict[str, Any]
     output_dir: Path = Path("results/sweep")
     grid: dict[str, list[Any]] = Field(min_length=1)
+    variants: dict[str, dict[str, Any]] = {}
     x: str | None = None
+
+    @property
+    def curve_keys(self) -> list[str]:
+        """The result columns that tell curves apart (all but the x axis)."""
+        return (["variant"] if self.variants else []) + [k for k in self.grid if k != self.x]
 
 
 @dataclass(frozen=True)
@@ -99,11 +113,14 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[Point]]:
     elif sweep.x not in sweep.grid:
         raise ConfigError(f"{path}: x: {sweep.x!r} is not a grid path; allowed: {', '.join(sweep.grid)}")
     points = []
-    for index, combo in enumerate(itertools.product(*sweep.grid.values())):
-        values = dict(zip(sweep.grid, combo))
+    variants = list(sweep.variants.items()) or [(None, {})]
+    combos = itertools.product(variants, itertools.product(*sweep.grid.values()))
+    for index, ((variant, overrides), combo) in enumerate(combos):
+        values = ({"variant": variant} if variant is not None else {}) | dict(zip(sweep.grid, combo))
         data = copy.deepcopy(base)
-        for key, value in values.items():
-            set_path(data, key, value)
+        for key, value in [*overrides.items(), *values.items()]:
+            if key != "variant":
+                set_path(data, key, value)
         data["name"] = f"{sweep.name}/{index}"
         where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
         points.append(Point(index, values, parse_config(data, where)))
