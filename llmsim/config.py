@@ -31,6 +31,15 @@ class HardwareConfig(_Strict):
 class ParallelConfig(_Strict):
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
+    # Micro-batches in flight through the pipeline (default: one per stage, as vLLM runs PP); 1 runs each
+    # batch through every stage before the next starts.
+    micro_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> "ParallelConfig":
+        if self.micro_batches is not None and self.micro_batches > self.pp:
+            raise ValueError(f"micro_batches ({self.micro_batches}) can be at most pp ({self.pp}): one per stage")
+        return self
 
 
 class PoolConfig(_Strict):
@@ -220,6 +229,14 @@ class ExperimentConfig(_Strict):
     slo: SLOConfig = SLOConfig()
     energy: EnergyConfig = EnergyConfig()
     simulation: SimulationConfig = SimulationConfig()
+
+    @model_validator(mode="after")
+    def _llumnix_without_pipelines(self) -> "ExperimentConfig":
+        if self.cluster.policy == "llumnix" and self.parallel.pp > 1:
+            # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
+            raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
+                             "pipeline)")
+        return self
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -16,11 +16,19 @@ run at the next boundary, where stepping would have seen it too; results are bit
 actions that run at its next boundary, or ``wake`` it after changing its KV or batch, which cuts a run the
 same way; while a run is waited out, ``num_used_blocks_now`` and ``num_computed_now`` report the state
 stepping would show.
+
+Pipeline parallelism (``pp`` > 1). Up to ``micro_batches`` batches are in flight, by default one per stage as
+in vLLM: a batch enters stage 0 as soon as stage 0 is free, each stage takes an equal share of the batch's
+time, and stage ``k`` starts a batch when both the batch has left stage ``k-1`` (plus the activation hand-off)
+and stage ``k`` has finished the previous batch. Requests of a batch in flight sit out of later batches
+until it leaves the last stage. An iteration record is one micro-batch, its duration the time it holds a
+stage: busy time and energy count each GPU once, and a stage's power is capped at its own utilisation.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import deque
 from itertools import accumulate
 from typing import Callable
 
@@ -38,7 +46,7 @@ class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
                  on_finish: Callable[[Request], None] | None = None,
-                 handoff: Callable[[Request], None] | None = None):
+                 handoff: Callable[[Request], None] | None = None, micro_batches: int = 1):
         self.env = env
         self.id = replica_id
         self.scheduler = scheduler
@@ -57,7 +65,10 @@ class Replica:
         # ``_cuttable``: the wait may still be interrupted.
         self._run_state: tuple[list[float], list[int], list[Request]] | None = None
         self._cuttable = False
-        self.process = env.process(self._run())
+        self.micro_batches = scheduler.micro_batches = micro_batches
+        # Pipelines run stage by stage even with one micro-batch, so that each stage's power is its own.
+        self.pipelined = execution.plan.pp > 1
+        self.process = env.process(self._run_pipeline() if self.pipelined else self._run())
 
     # --- interface for routers and cluster policies ----------------------------------------------------
 
@@ -67,7 +78,7 @@ class Replica:
         self.num_outstanding += 1
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
-        elif self._cuttable and self.scheduler.waiting[0] is request:
+        elif self._cuttable and (self.pipelined or self.scheduler.waiting[0] is request):
             self._cut()
 
     def in_flight(self) -> list[Request]:
@@ -150,6 +161,59 @@ class Replica:
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
             yield env.at(end)
             self._apply(out, start, end)
+
+    def _run_pipeline(self):
+        env, scheduler, ex = self.env, self.scheduler, self.execution
+        stage_free = [env.now] * ex.plan.pp  # when each stage finishes its current micro-batch
+        flights: deque[tuple[float, SchedulerOutput, float]] = deque()  # (leaves the last stage, batch, entered)
+        while True:
+            if self._actions:
+                actions, self._actions = self._actions, []
+                for action in actions:
+                    action()
+            now = env.now
+            while flights and flights[0][0] <= now:
+                end, out, start = flights.popleft()
+                scheduler.busy.difference_update(
+                    [c.request.id for c in out.prefills] + [r.id for r in out.decodes])
+                self._apply(out, start, end)
+            can_launch = len(flights) < self.micro_batches and scheduler.has_schedulable_work
+            if can_launch and stage_free[0] <= now:
+                out = scheduler.schedule()
+                if not out.is_empty:
+                    flights.append((self._launch(out, now, stage_free), out, now))
+                    continue
+                can_launch = False  # nothing schedulable now (KV short, or all work in flight)
+            wake_at = [flights[0][0]] if flights else []
+            if can_launch:
+                wake_at.append(stage_free[0])
+            if not wake_at:
+                self._idle = env.event()
+                yield self._idle
+                self._idle = None
+                continue
+            self._cuttable = True  # an arrival or a cluster policy may have work for stage 0 sooner
+            try:
+                yield env.at(min(wake_at))
+            except simpy.Interrupt:
+                pass
+            self._cuttable = False
+
+    def _launch(self, out: SchedulerOutput, now: float, stage_free: list[float]) -> float:
+        """Put a batch into the pipeline; returns when it leaves the last stage."""
+        chunks, num_decode, kv_tokens, num_samples = out.signature()
+        cost = self.execution.iteration(chunks, num_decode, kv_tokens, num_samples)
+        stage_s, hand_off_s = self.execution.pipeline_stages(cost, num_decode + sum(n for n, _ in chunks))
+        # Swapped KV moves over the host link before the batch can start.
+        t = now + out.swap_bytes / self.execution.hardware.host_link.bandwidth_bytes_per_s
+        for k in range(len(stage_free)):
+            start = t if t > stage_free[k] else stage_free[k]
+            stage_free[k] = start + stage_s
+            t = stage_free[k] + hand_off_s
+        self.recorder.iteration(self.id, now, stage_free[0] - now, cost.flops, cost.num_bytes,
+                                out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
+        self.scheduler.busy.update([c.request.id for c in out.prefills] + [r.id for r in out.decodes])
+        return stage_free[-1]
 
     def _apply(self, out: SchedulerOutput, start: float, end: float) -> None:
         steady = 0

@@ -99,8 +99,9 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
         if s.name == "sarathi":
             kwargs["chunk_size"] = s.chunk_size
         scheduler = SCHEDULERS[s.name](blocks, **kwargs)
+    pp = pool.execution.plan.pp
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
-                   handoff=handoff)
+                   handoff=handoff, micro_batches=min(cfg.parallel.micro_batches or pp, pp))
 
 
 def rejection_reason(r: Request, cfg: ExperimentConfig, max_model_len: int, blocks: BlockManager,

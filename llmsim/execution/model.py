@@ -128,6 +128,15 @@ class ExecutionModel:
             kv_tokens += num_decode
         return times, flops, num_bytes
 
+    def pipeline_stages(self, cost: IterationCost, num_tokens: int) -> tuple[float, float]:
+        """(time on each stage, activation hand-off between stages) of a batch whose whole-pipeline time is
+        ``cost.time_s``: layers split evenly, so each stage takes an equal share of the compute."""
+        pp = self.plan.pp
+        if pp == 1:
+            return cost.time_s, 0.0
+        hand_off = send_recv_s(self._pp_link, num_tokens * self.shapes.hidden * self.shapes.dtype_bytes)
+        return (cost.time_s - (pp - 1) * hand_off) / pp, hand_off
+
     def kv_transfer_s(self, num_tokens: int, inter_node: bool) -> float:
         """Time to move ``num_tokens`` of KV cache to another instance (KV hand-off, migration)."""
         num_bytes = num_tokens * self.model.kv_bytes_per_token()

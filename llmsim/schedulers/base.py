@@ -58,6 +58,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is evicted first
         self.num_reserved_seqs = 0  # batch slots held for requests migrating in
+        # Requests in a pipeline micro-batch still in flight: they sit out (and are never evicted) until it lands.
+        self.busy: set[int] = set()
+        self.micro_batches = 1  # set by a pipelined replica
 
     def add(self, request: Request) -> None:
         """Queue in arrival order, except that a request goes ahead of every waiting request of lower priority."""
@@ -74,6 +77,22 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def has_schedulable_work(self) -> bool:
+        return bool(self.waiting) or len(self.running) > len(self.busy)
+
+    def decode_share(self) -> int:
+        """Most decodes one batch takes: with pipeline micro-batches an even share of the running requests, so
+        that every stage has work (vLLM gives each stage's micro-batch its own share of the requests)."""
+        if self.micro_batches == 1:
+            return len(self.running)
+        return -(-len(self.running) // self.micro_batches)
+
+    def idle_running(self) -> list[Request]:
+        """Running requests not in a micro-batch in flight."""
+        busy = self.busy
+        return [r for r in self.running if r.id not in busy] if busy else list(self.running)
 
     def schedule(self) -> SchedulerOutput:
         raise NotImplementedError
@@ -105,6 +124,8 @@ class Scheduler:
         Returns False when the request itself had to be evicted."""
         while not self.blocks.can_allocate(request, num_new_tokens):
             victim = self.running[-1]
+            if self.busy and victim.id in self.busy:  # in flight: the latest admitted one that is not
+                victim = next(r for r in reversed(self.running) if r.id not in self.busy)
             self._preempt(victim, out)
             if victim is request:
                 return False

@@ -24,5 +24,5 @@ class FCFSScheduler(Scheduler):
             budget -= n
         if out.prefills:
             return out
-        self._schedule_decodes(list(self.running), out)
+        self._schedule_decodes(self.idle_running()[:self.decode_share()], out)
         return out

@@ -19,10 +19,11 @@ class SarathiScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = min(self.chunk_size, self.max_num_batched_tokens)
-        decoding = [r for r in self.running if r.num_pending_tokens == 1][:budget]
+        running = self.idle_running()
+        decoding = [r for r in running if r.num_pending_tokens == 1][:min(budget, self.decode_share())]
         self._schedule_decodes(decoding, out)
         budget -= len(out.decodes)
-        for request in list(self.running):  # part-way prefills continue in admission order
+        for request in running:  # part-way prefills continue in admission order
             if budget <= 0:
                 break
             pending = request.num_pending_tokens

@@ -1,0 +1,104 @@
+"""Pipeline parallelism with micro-batches in flight, one per stage."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmsim.cluster.replica import Replica
+from llmsim.cluster.simulation import simulate
+from llmsim.config import ConfigError
+from llmsim.run import run_experiment
+from tests.factories import assert_nothing_lost, make_config, make_requests
+
+
+def pipeline_config(pp: int, micro_batches: int | None, scheduler: str = "sarathi", **overrides):
+    data = dict(model={"name": "Llama-2-13B"}, parallel={"pp": pp, "micro_batches": micro_batches},
+                cluster={"num_replicas": 1}, scheduler={"name": scheduler, "max_num_batched_tokens": 4096},
+                workload={"num_requests": 600, "arrival": {"kind": "poisson", "rate_per_s": 40.0},
+                          "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                          "output_tokens": {"kind": "uniform", "min": 1, "max": 300}})
+    data.update(overrides)
+    return make_config(**data)
+
+
+def test_a_lone_request_takes_the_same_time_with_or_without_micro_batches():
+    times = []
+    for micro_batches in (1, 2):
+        result = simulate(pipeline_config(2, micro_batches, "fcfs"), make_requests([(0.0, 1000, 50)]))
+        df = result.recorder.request_frame()
+        times.append((df["first_token_s"].item(), df["finish_s"].item()))
+    assert times[0] == pytest.approx(times[1], rel=1e-12)
+    # One batch through two stages costs what the execution model charges for the whole pipeline.
+    ex = result.execution
+    assert times[0][0] == pytest.approx(ex.iteration(((1000, 0),), 0, 0, 1).time_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("scheduler", ["fcfs", "sarathi"])
+def test_micro_batches_fill_the_pipeline_and_raise_throughput(scheduler):
+    out = {}
+    for pp, micro_batches in ((2, 1), (2, 2), (4, 1), (4, 4)):
+        result, summary = run_experiment(pipeline_config(pp, micro_batches, scheduler), write=False)
+        assert_nothing_lost(result, 600)
+        out[pp, micro_batches] = summary["throughput"]["requests_per_s"]
+    assert out[2, 2] > 1.4 * out[2, 1]
+    assert out[4, 4] > 2.0 * out[4, 1]
+
+
+def test_stage_zero_holds_one_micro_batch_at_a_time_and_no_request_is_in_two(monkeypatch):
+    launched = []
+    original = Replica._launch
+
+    def checked_launch(self, out, now, stage_free):
+        ids = [c.request.id for c in out.prefills] + [r.id for r in out.decodes]
+        assert not set(ids) & self.scheduler.busy, "a request joined a second micro-batch in flight"
+        end = original(self, out, now, stage_free)
+        launched.append((now, stage_free[0], end))
+        return end
+
+    monkeypatch.setattr(Replica, "_launch", checked_launch)
+    result, _ = run_experiment(pipeline_config(4, 4), write=False)
+    assert len(launched) > 100
+    in_flight_max = 0
+    for i, (start, stage0_free, end) in enumerate(launched):
+        if i:
+            assert start >= launched[i - 1][1]  # stage 0 was free
+            assert end >= launched[i - 1][2]  # batches leave the pipeline in order
+        in_flight_max = max(in_flight_max, sum(1 for s, _, e in launched if s <= start < e))
+    assert in_flight_max == 4
+    it = result.recorder.iteration_frame().sort_values("start_s")
+    assert ((it["start_s"] + it["duration_s"]).shift().fillna(0) <= it["start_s"] + 1e-12).all()
+
+
+def test_energy_of_a_lone_request_does_not_depend_on_micro_batching():
+    energies = []
+    for micro_batches in (1, 2):
+        _, summary = run_experiment(pipeline_config(2, micro_batches, workload={
+            "num_requests": 1, "arrival": {"kind": "poisson", "rate_per_s": 1.0},
+            "prompt_tokens": {"kind": "fixed", "value": 800}, "output_tokens": {"kind": "fixed", "value": 40}}),
+            write=False)
+        energies.append(summary["energy"]["total_j"])
+    assert energies[0] == pytest.approx(energies[1], rel=1e-9)
+
+
+@given(st.lists(st.tuples(st.floats(0, 10), st.integers(1, 3000), st.integers(1, 400)), min_size=1, max_size=40),
+       st.sampled_from(["fcfs", "sarathi"]), st.sampled_from([2, 3]), st.sampled_from(["recompute", "swap"]))
+def test_nothing_lost_with_micro_batches(specs, scheduler, pp, preemption):
+    specs.sort()
+    cfg = make_config(parallel={"pp": pp}, cluster={"num_replicas": 2},
+                      scheduler={"name": scheduler, "gpu_memory_utilization": 0.5, "max_num_batched_tokens": 4096,
+                                 "preemption": preemption})
+    result = simulate(cfg, make_requests(specs))
+    df = assert_nothing_lost(result, len(specs))
+    fin = df[df["status"] == "finished"]
+    assert sum(result.recorder.tbt_count) == (fin["num_generated_tokens"] - 1).sum()
+    for rep in result.replicas:
+        assert not rep.scheduler.busy
+
+
+def test_pipeline_config_errors():
+    with pytest.raises(ConfigError, match="micro_batches"):
+        make_config(parallel={"pp": 2, "micro_batches": 3})
+    with pytest.raises(ConfigError, match="llumnix runs with parallel.pp: 1"):
+        make_config(parallel={"pp": 2}, cluster={"policy": "llumnix"})
