@@ -24,6 +24,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ROUNDS = 3
+
+
 def _worker(rank: int, world: int, port: int, device_kind: str, sizes: list[int], warmup: int, reps: int,
             queue) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -39,7 +42,7 @@ def _worker(rank: int, world: int, port: int, device_kind: str, sizes: list[int]
         if gpu:
             torch.cuda.synchronize(device)
 
-    def timed(fn) -> list[float]:
+    def timed(fn, warmup: int, reps: int) -> list[float]:
         times = []
         for i in range(warmup + reps):
             dist.barrier()
@@ -51,23 +54,33 @@ def _worker(rank: int, world: int, port: int, device_kind: str, sizes: list[int]
                 times.append((time.perf_counter_ns() - start) / 1e6)
         return times
 
-    results = []
-    for size in sizes:
-        numel = max(world, size // 4)
-        data = torch.ones(numel, dtype=torch.float32, device=device)
-        results.append(("all_reduce", size, timed(lambda: dist.all_reduce(data))))
-        shard = torch.ones(numel // world, dtype=torch.float32, device=device)
-        gathered = [torch.empty_like(shard) for _ in range(world)]
-        results.append(("all_gather", size, timed(lambda: dist.all_gather(gathered, shard))))
-        if world == 2:
-            def ping_pong():
-                if rank == 0:
-                    dist.send(data, 1)
-                    dist.recv(data, 1)
-                else:
-                    dist.recv(data, 0)
-                    dist.send(data, 0)
-            results.append(("send_recv", size, [t / 2 for t in timed(ping_pong)]))
+    # Sizes are visited in several interleaved rounds, so a slow spell of the machine (another process, a
+    # frequency drop) spreads over many sizes' samples, where the median discards it, instead of shifting
+    # every sample of one size.
+    samples: dict[tuple[str, int], list[float]] = {}
+    per_round = -(-reps // ROUNDS)
+    for round_index in range(ROUNDS):
+        round_warmup = warmup if round_index == 0 else 1
+        for size in sizes:
+            numel = max(world, size // 4)
+            data = torch.ones(numel, dtype=torch.float32, device=device)
+            samples.setdefault(("all_reduce", size), []).extend(
+                timed(lambda: dist.all_reduce(data), round_warmup, per_round))
+            shard = torch.ones(numel // world, dtype=torch.float32, device=device)
+            gathered = [torch.empty_like(shard) for _ in range(world)]
+            samples.setdefault(("all_gather", size), []).extend(
+                timed(lambda: dist.all_gather(gathered, shard), round_warmup, per_round))
+            if world == 2:
+                def ping_pong():
+                    if rank == 0:
+                        dist.send(data, 1)
+                        dist.recv(data, 1)
+                    else:
+                        dist.recv(data, 0)
+                        dist.send(data, 0)
+                samples.setdefault(("send_recv", size), []).extend(
+                    t / 2 for t in timed(ping_pong, round_warmup, per_round))
+    results = [(op, size, times) for (op, size), times in samples.items()]
     if rank == 0:
         queue.put(results)
     dist.barrier()
