@@ -213,3 +213,16 @@ def test_llumnix_config_errors_name_the_path():
         make_config(cluster={"policy": "llumnix", "llumnix": {"migrate_out_threshold": 5, "migrate_in_threshold": 1}})
     with pytest.raises(ConfigError, match="llumnix"):
         make_config(cluster={"policy": "llumnx"})
+
+
+@pytest.mark.parametrize("cut_s", [50.0, 123.4])
+def test_stopping_mid_migration_reports_every_request(cut_s):
+    # Inter-node copies take milliseconds, so some runs stop with requests between instances.
+    result, summary = run_experiment(bursty("llumnix", simulation={"max_time_s": cut_s},
+                                            llumnix={"link": "inter_node"}), write=False)
+    df = result.recorder.request_frame()
+    assert df["id"].is_unique and len(df) == summary["requests"]["arrived"] > 100
+    assert set(df["status"]) <= {"finished", "in_flight", "rejected"} and summary["requests"]["in_flight"] > 0
+    assert summary["migration"]["started"] > 0
+    for rep in result.replicas:
+        rep.blocks.check_integrity()
