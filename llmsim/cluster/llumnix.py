@@ -121,8 +121,7 @@ class Llumnix:
     @staticmethod
     def _fits(request: Request, src: Replica, dst: Replica) -> bool:
         """The destination has room for the request's KV now (the handshake would refuse it otherwise)."""
-        need = dst.blocks.blocks_for(src.num_computed_now(request))
-        return need + dst.blocks.watermark_blocks <= dst.blocks.num_blocks - dst.num_used_blocks_now()
+        return dst.has_room_for(dst.blocks.blocks_for(src.num_computed_now(request)))
 
     def _ended(self, m: Migration) -> None:
         self._pairing -= {m.src.id, m.dst.id}

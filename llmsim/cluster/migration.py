@@ -15,7 +15,7 @@ destination runs out of KV, or when ``max_stages`` pass without the remainder ge
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from llmsim.clock import Clock
@@ -37,12 +37,9 @@ class Migration:
 class MigrationStats:
     started: int = 0
     committed: int = 0
-    aborted: dict[str, int] | None = None
+    aborted: dict[str, int] = field(default_factory=dict)  # by reason
     copied_tokens: int = 0
     downtime_s: float = 0.0  # summed over committed migrations
-
-    def __post_init__(self) -> None:
-        self.aborted = {}
 
 
 class Migrator:
@@ -77,7 +74,7 @@ class Migrator:
         copied_blocks = m.copied_tokens // block_size  # whole blocks on the destination; a partial one is resent
         uncopied_tokens = r.num_computed_tokens - copied_blocks * block_size
         need = dst.blocks.blocks_for(r.num_computed_tokens) - dst.blocks.num_held(r)
-        if need + dst.blocks.watermark_blocks > dst.blocks.num_blocks - dst.num_used_blocks_now():
+        if not dst.has_room_for(need):
             return self._abort(m, "destination out of KV blocks")
         last = dst.blocks.blocks_for(uncopied_tokens) <= self.last_stage_max_blocks
         if not last and m.num_stages >= self.max_stages:

@@ -120,6 +120,11 @@ class Replica:
         # steps are booked when it ends.
         return self.blocks.num_used_blocks + cum_blocks[bisect_left(times, self.env.now, 1)]
 
+    def has_room_for(self, num_blocks: int) -> bool:
+        """``num_blocks`` more KV blocks fit now, above the admission watermark."""
+        blocks = self.blocks
+        return num_blocks + blocks.watermark_blocks <= blocks.num_blocks - self.num_used_blocks_now()
+
     def num_computed_now(self, request: Request) -> int:
         """KV tokens of a running request as stepping would show them now."""
         if self._run_state is None:
@@ -127,6 +132,11 @@ class Replica:
         times, _, requests = self._run_state
         done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
         return request.num_computed_tokens + (done if request in requests else 0)
+
+    def _run_actions(self) -> None:
+        actions, self._actions = self._actions, []
+        for action in actions:
+            action()
 
     def _cut(self) -> None:
         self._cuttable = False
@@ -137,10 +147,8 @@ class Replica:
     def _run(self):
         env, scheduler = self.env, self.scheduler
         while True:
-            if self._actions:
-                actions, self._actions = self._actions, []
-                for action in actions:
-                    action()
+            if self._actions:  # cheap check first: this loop is hot
+                self._run_actions()
             if not scheduler.has_work:
                 self._idle = env.event()
                 yield self._idle
@@ -167,15 +175,12 @@ class Replica:
         stage_free = [env.now] * ex.plan.pp  # when each stage finishes its current micro-batch
         flights: deque[tuple[float, SchedulerOutput, float]] = deque()  # (leaves the last stage, batch, entered)
         while True:
-            if self._actions:
-                actions, self._actions = self._actions, []
-                for action in actions:
-                    action()
+            if self._actions:  # cheap check first: this loop is hot
+                self._run_actions()
             now = env.now
             while flights and flights[0][0] <= now:
                 end, out, start = flights.popleft()
-                scheduler.busy.difference_update(
-                    [c.request.id for c in out.prefills] + [r.id for r in out.decodes])
+                scheduler.busy.difference_update(out.request_ids())
                 self._apply(out, start, end)
             can_launch = len(flights) < self.micro_batches and scheduler.has_schedulable_work
             if can_launch and stage_free[0] <= now:
@@ -212,7 +217,7 @@ class Replica:
             t = stage_free[k] + hand_off_s
         self.recorder.iteration(self.id, now, stage_free[0] - now, cost.flops, cost.num_bytes,
                                 out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
-        self.scheduler.busy.update([c.request.id for c in out.prefills] + [r.id for r in out.decodes])
+        self.scheduler.busy.update(out.request_ids())
         return stage_free[-1]
 
     def _apply(self, out: SchedulerOutput, start: float, end: float) -> None:

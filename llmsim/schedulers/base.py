@@ -33,6 +33,9 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    def request_ids(self) -> list[int]:
+        return [c.request.id for c in self.prefills] + [r.id for r in self.decodes]
+
     @property
     def num_prefill_tokens(self) -> int:
         return sum(c.num_new_tokens for c in self.prefills)
