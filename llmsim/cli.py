@@ -134,7 +134,7 @@ def _cmd_microbench(args: argparse.Namespace) -> int:
         raise LLMSimError(f"microbench needs torch: pip install -e '.[bench]' ({exc})") from None
     try:
         df = microbench(args.device, Path(args.out), args.grid, args.dtype, args.warmup, args.repetitions,
-                        not args.no_collectives, args.quiet)
+                        not args.no_collectives, args.quiet, args.threads)
     except RuntimeError as exc:
         raise LLMSimError(str(exc)) from None
     print(f"{args.out}: {len(df)} measurements ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--warmup", type=int, default=2)
     mb.add_argument("--repetitions", type=int, default=7)
     mb.add_argument("--no-collectives", action="store_true", help="skip the torch.distributed collectives")
+    mb.add_argument("--threads", type=int, help="CPU threads for torch (default: every core)")
     mb.add_argument("-q", "--quiet", action="store_true")
     mb.set_defaults(func=_cmd_microbench)
 

@@ -24,14 +24,23 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def layer_kernel(spec: SimpleNamespace, device: torch.device) -> Callable[[], object]:
-    """One op of a transformer layer on ``num_tokens`` tokens. Returns a no-argument callable."""
+def layer_kernel(spec: SimpleNamespace, device: torch.device,
+                 tensors: dict | None = None) -> Callable[[], object]:
+    """One op of a transformer layer on ``num_tokens`` tokens. Returns a no-argument callable.
+
+    ``tensors``: random tensors by shape to reuse across kernels (filling a vocabulary-sized weight with random
+    numbers takes longer than timing the GEMM that reads it); kernels only read their inputs."""
     s = row_shapes(spec)
     dtype = TORCH_DTYPES[spec.dtype]
     T, h = int(spec.num_tokens), s.hidden
 
     def randn(*shape):
-        return torch.randn(*shape, dtype=dtype, device=device)
+        if tensors is None:
+            return torch.randn(*shape, dtype=dtype, device=device)
+        key = (shape, dtype)
+        if key not in tensors:
+            tensors[key] = torch.randn(*shape, dtype=dtype, device=device)
+        return tensors[key]
 
     op = spec.op
     if op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "lm_head"):

@@ -15,10 +15,10 @@ from llmsim.calibration.measurements import normalize, write_measurements
 from llmsim.microbench.collectives import measure_collectives
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs
 from llmsim.microbench.kernels import attention_kernel, layer_kernel, memcpy_kernel
-from llmsim.microbench.timer import Timer, device_name, torch_device
+from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
-def _kernel(spec: dict, device: torch.device) -> Callable[[], object]:
+def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], object]:
     if spec["op"] == "memcpy":
         return memcpy_kernel(int(spec["size_bytes"]), device)
     row = SimpleNamespace(**{k: spec.get(k, float("nan")) for k in
@@ -26,23 +26,39 @@ def _kernel(spec: dict, device: torch.device) -> Callable[[], object]:
                               "vocab_size", "gated", "batch_size", "seq_len", "kv_len")})
     if spec["op"] in ("attn_prefill", "attn_decode"):
         return attention_kernel(row, device)
-    return layer_kernel(row, device)
+    return layer_kernel(row, device, tensors)
+
+
+# On a CPU the grid is timed in interleaved rounds: a shared machine's load comes and goes over minutes, and
+# timing each row in one block would let a busy spell land on one model's rows only (for example every row of
+# the model a calibration holds out). Spread over rounds, a busy spell slows every row alike, and the median
+# of a row's samples discards it. A GPU has the device to itself: one round.
+CPU_ROUNDS = 5
 
 
 def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repetitions: int,
-                   collectives: bool = True, on_progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+                   collectives: bool = True, on_progress: Callable[[int], None] | None = None,
+                   threads: int | None = None) -> pd.DataFrame:
     device = torch_device(device_kind)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    timer = Timer(device, warmup, repetitions)
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    rounds = min(CPU_ROUNDS, repetitions) if device.type == "cpu" else 1
+    timers = [Timer(device, warmup, repetitions // rounds + (k < repetitions % rounds)) for k in range(rounds)]
     name = device_name(device)
-    rows = []
+    specs = compute_specs(grid, dtype)
+    samples: list[list[float]] = [[] for _ in specs]
     with torch.inference_mode():
-        for spec in compute_specs(grid, dtype):
-            timing = timer(_kernel(spec, device))
-            rows.append({**spec, **vars(timing)})
-            if on_progress:
-                on_progress(1)
+        for timer in timers:
+            tensors: dict = {}  # random inputs by shape, kept while one model shard's rows are timed
+            shard = None
+            for spec, times in zip(specs, samples):
+                if (spec.get("model"), spec.get("tp")) != shard:
+                    tensors.clear()
+                    shard = (spec.get("model"), spec.get("tp"))
+                times += timer.samples(_kernel(spec, device, tensors))
+                if on_progress:
+                    on_progress(1)
+    rows = [{**spec, **vars(Timing.of(times))} for spec, times in zip(specs, samples)]
     if collectives:
         for world in grid.world_sizes:
             # Collectives between processes on a shared host are noisier than kernels: take three times the samples.
@@ -56,13 +72,13 @@ def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repeti
 
 
 def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup: int, repetitions: int,
-         collectives: bool, quiet: bool) -> pd.DataFrame:
+         collectives: bool, quiet: bool, threads: int | None = None) -> pd.DataFrame:
     from tqdm import tqdm
 
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
-    total = len(compute_specs(grid, dtype))
+    total = len(compute_specs(grid, dtype)) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
     with tqdm(total=total, unit="op", desc="microbench", disable=quiet or None, leave=False) as bar:
-        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update)
+        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads)
     write_measurements(df, out)
     return df

@@ -27,6 +27,11 @@ class Timing:
     max_ms: float
     repetitions: int
 
+    @staticmethod
+    def of(times: list[float]) -> "Timing":
+        return Timing(statistics.median(times), statistics.fmean(times),
+                      statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times), len(times))
+
 
 def torch_device(kind: str) -> torch.device:
     """``cpu``, ``cuda`` or ``rocm`` (a ROCm build of torch drives AMD GPUs through the ``cuda`` API)."""
@@ -60,11 +65,13 @@ class Timer:
             if device.type == "cuda" else None
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
+        return Timing.of(self.samples(fn))
+
+    def samples(self, fn: Callable[[], object]) -> list[float]:
+        """Milliseconds of each repetition, after the warm-up calls."""
         for _ in range(self.warmup):
             fn()
-        times = self._cuda_times(fn) if self.device.type == "cuda" else self._cpu_times(fn)
-        return Timing(statistics.median(times), statistics.fmean(times),
-                      statistics.stdev(times) if len(times) > 1 else 0.0, min(times), max(times), len(times))
+        return self._cuda_times(fn) if self.device.type == "cuda" else self._cpu_times(fn)
 
     def _cpu_times(self, fn) -> list[float]:
         times = []
