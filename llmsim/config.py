@@ -98,16 +98,36 @@ class ClusterConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["fcfs", "sarathi"] = "fcfs"
+    # vllm_v1: vLLM V1 (token budget, running first, chunked prefill, prefix caching); fcfs: vLLM v0 / Orca
+    # (prefill-priority steps); sarathi: Sarathi-Serve (stall-free chunked prefill under ``chunk_size``).
+    name: Literal["vllm_v1", "fcfs", "sarathi"] = "vllm_v1"
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     chunk_size: int = Field(default=512, ge=1)  # sarathi: token budget per iteration
+    # vllm_v1: a prefill takes at most this many tokens a step (0: no limit), so long prompts share the budget.
+    long_prefill_token_threshold: int = Field(default=0, ge=0)
+    # Reuse the KV of cached prefixes (vLLM's --enable-prefix-caching). Default: on for vllm_v1, as in vLLM;
+    # modelled for vllm_v1 only.
+    enable_prefix_caching: bool | None = None
     block_size: int = Field(default=16, ge=1)  # tokens per KV block
     preemption: Literal["recompute", "swap"] = "recompute"
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     watermark: float = Field(default=0.01, ge=0, lt=1)  # share of KV blocks kept free at admission
     max_model_len: int | None = Field(default=None, ge=1)  # default: the model's max position
     runtime_reserve_gib: float = Field(default=1.0, ge=0)  # CUDA context, communicator buffers
+
+    @model_validator(mode="after")
+    def _prefix_caching(self) -> "SchedulerConfig":
+        if self.enable_prefix_caching and self.name != "vllm_v1":
+            raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 scheduler only, not {self.name}")
+        return self
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether the KV cache reuses cached prefixes (the default resolved)."""
+        if self.enable_prefix_caching is None:
+            return self.name == "vllm_v1"
+        return self.enable_prefix_caching
 
 
 class Fixed(_Strict):
@@ -168,8 +188,24 @@ class TraceConfig(_Strict):
     time_scale: float = Field(default=1.0, gt=0)  # >1 stretches time (slower), <1 compresses (faster)
 
 
+class SharedPrefixConfig(_Strict):
+    """Shared-prefix traffic as kubernetes-sigs/inference-perf's ``shared_prefix`` generator makes it: a pool of
+    system prompts, each shared by several users, each user with a question of their own. Request ``i`` is user
+    ``i mod users`` (users = system prompts x users per prompt). Single turn: the prompt is the system prompt
+    plus the user's question. Multi-turn chat: round ``k`` of a user sends the conversation so far (system
+    prompt, then each earlier round's question and answer) plus the question again."""
+
+    num_system_prompts: int = Field(ge=1)
+    users_per_system_prompt: int = Field(ge=1)
+    system_prompt_tokens: int = Field(ge=1)
+    question_tokens: int = Field(ge=1)
+    output_tokens: int = Field(ge=1)
+    multi_turn: bool = False
+
+
 class WorkloadConfig(_Strict):
-    """Either replay a ``trace``, or draw ``arrival`` times with lengths from distributions or a trace."""
+    """Either replay a ``trace``, or draw ``arrival`` times with lengths from distributions or a trace, or with
+    ``shared_prefix`` traffic."""
 
     num_requests: int | None = Field(default=None, ge=1)
     duration_s: float | None = Field(default=None, gt=0)  # stop arrivals after this simulated time
@@ -178,17 +214,24 @@ class WorkloadConfig(_Strict):
     prompt_tokens: LengthDist | None = None
     output_tokens: LengthDist | None = None
     lengths_from: TraceConfig | None = None  # joint (prompt, output) pairs sampled from a trace
+    shared_prefix: SharedPrefixConfig | None = None  # system prompts shared by users (prefix caching)
     high_priority_fraction: float = Field(default=0.0, ge=0, le=1)  # share of requests marked high priority
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadConfig":
         if self.trace is not None:
-            if self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from:
+            if self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from or self.shared_prefix:
                 raise ValueError("a trace replay takes arrivals and lengths from the trace; "
-                                 "remove arrival/prompt_tokens/output_tokens/lengths_from")
+                                 "remove arrival/prompt_tokens/output_tokens/lengths_from/shared_prefix")
             return self
         if self.arrival is None:
             raise ValueError("set either trace (replay) or arrival (synthetic)")
+        if self.shared_prefix is not None:
+            if self.prompt_tokens or self.output_tokens or self.lengths_from:
+                raise ValueError("shared_prefix sets the lengths; remove prompt_tokens/output_tokens/lengths_from")
+            if self.num_requests is None and self.duration_s is None:
+                raise ValueError("set num_requests or duration_s for a synthetic workload")
+            return self
         has_dists = self.prompt_tokens is not None and self.output_tokens is not None
         if has_dists == (self.lengths_from is not None):
             raise ValueError("synthetic workloads need prompt_tokens and output_tokens, or lengths_from")

@@ -48,6 +48,12 @@ class Request:
     num_migrations: int = 0
     priority: int = 0  # 0: normal; higher is served first (Llumnix priorities)
     reject_reason: str = ""
+    # Prefix caching. ``prefix_segments``: the named content the request's tokens start with, as
+    # (content id, tokens) pairs -- a system prompt, the turns of a conversation so far, Mooncake's hash_ids;
+    # requests whose segments agree share those blocks. Tokens past them are the request's own.
+    prefix_segments: tuple[tuple[int, int], ...] = ()
+    block_hashes: tuple[int, ...] | None = None  # chained hashes of the blocks those segments fill (KV manager)
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache when first scheduled (-1: not yet)
 
     @property
     def num_tokens(self) -> int:

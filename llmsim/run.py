@@ -30,7 +30,8 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     summary = summarize(
         requests, usage, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
-        attainment_target=cfg.slo.attainment, pue=cfg.energy.pue)
+        attainment_target=cfg.slo.attainment, pue=cfg.energy.pue,
+        prefill_flops=_prefill_flops(result.pools[0].execution) if cfg.scheduler.prefix_caching else None)
     ex = result.execution
     summary = {
         "experiment": cfg.name,
@@ -59,6 +60,11 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     return result, summary
 
 
+def _prefill_flops(execution):
+    """FLOPs of one request's prefill chunk of ``new`` tokens after ``cached`` ones (first token sampled)."""
+    return lambda new, cached: execution.iteration(((new, cached),), 0, 0, 1).flops
+
+
 def _migration_summary(stats) -> dict:
     return {"started": stats.started, "committed": stats.committed, "aborted": dict(sorted(stats.aborted.items())),
             "copied_tokens": stats.copied_tokens,
@@ -67,6 +73,11 @@ def _migration_summary(stats) -> dict:
 
 def _policy_lines(summary: dict) -> list[str]:
     lines = []
+    pc = summary.get("prefix_cache")
+    if pc is not None:
+        lines.append(f"prefix cache: {pc['hit_rate_tokens']:.1%} of prompt tokens cached, "
+                     f"{pc['hit_rate_requests']:.1%} of requests hit, "
+                     f"{pc['prefill_flops_saved'] / 1e12:.1f} TFLOP of prefill saved")
     m = summary.get("migration")
     if m is not None:
         aborted = sum(m["aborted"].values())

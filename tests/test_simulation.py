@@ -72,12 +72,23 @@ def test_preemption_under_memory_pressure_still_finishes_everything():
     assert (df["status"] == "finished").all() and df["num_preemptions"].sum() > 0
 
 
-@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi"]),
+SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_prompt_tokens": 300,
+                 "question_tokens": 200, "output_tokens": 120, "multi_turn": True}
+
+
+@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
-       policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]))
-def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority):
-    """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping."""
+       policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
+       shared_prefix=st.booleans())
+def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
+                                      shared_prefix):
+    """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
+    (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic or on unrelated prompts)."""
+    lengths = ({"shared_prefix": SHARED_PREFIX} if shared_prefix else
+               {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
+                "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}})
+
     def cfg(ff):
         return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
                                                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
@@ -85,9 +96,7 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                            scheduler={"name": scheduler, "gpu_memory_utilization": mem, "chunk_size": 256,
                                       "max_num_batched_tokens": 4096, "preemption": preemption},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
-                                     "prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
-                                     "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000},
-                                     "high_priority_fraction": high_priority},
+                                     **lengths, "high_priority_fraction": high_priority},
                            simulation={"fast_forward": ff})
     ff, step = cfg(True), cfg(False)
     a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
@@ -114,7 +123,7 @@ def test_skipping_iteration_records_changes_nothing_else():
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "sarathi"]), st.sampled_from(["colocated", "llumnix"]))
+       st.sampled_from(["fcfs", "sarathi", "vllm_v1"]), st.sampled_from(["colocated", "llumnix"]))
 def test_nothing_lost_property(specs, scheduler, policy):
     specs.sort()
     cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096},

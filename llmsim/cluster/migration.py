@@ -79,7 +79,7 @@ class Migrator:
         last = dst.blocks.blocks_for(uncopied_tokens) <= self.last_stage_max_blocks
         if not last and m.num_stages >= self.max_stages:
             return self._abort(m, "did not converge within max_stages")
-        dst.blocks.grow_to(r.id, dst.blocks.num_held(r) + need)
+        dst.blocks.grow_to(r, dst.blocks.num_held(r) + need)
         dst.wake()  # its free KV changed
         delay = self.transfer_s(src, dst, uncopied_tokens)
         self.stats.copied_tokens += uncopied_tokens

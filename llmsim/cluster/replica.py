@@ -78,7 +78,7 @@ class Replica:
         self.num_outstanding += 1
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
-        elif self._cuttable and (self.pipelined or self.scheduler.waiting[0] is request):
+        elif self._cuttable and (self.pipelined or self.scheduler.cuts_run(request)):
             self._cut()
 
     def in_flight(self) -> list[Request]:
@@ -346,5 +346,5 @@ class Replica:
                     r.max_tbt_s = max_gap
             if r.scheduled_s != r.scheduled_s:
                 r.scheduled_s = start
-            self.blocks.grow_to(r.id, -(-r.num_computed_tokens // block_size))
+            self.blocks.grow_to(r, -(-r.num_computed_tokens // block_size), r.num_computed_tokens)
         self._finish_done(requests)

@@ -90,14 +90,18 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
                  handoff: Callable[[Request], None] | None = None) -> Replica:
     s = cfg.scheduler
     num_blocks = pool.memory.num_blocks
-    blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks))
+    decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV, no prefix lookups
+    blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks),
+                          enable_prefix_caching=s.prefix_caching and not decode_pool)
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                   preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token())
-    if pool.role == "decode":
+    if decode_pool:
         scheduler = DecodeScheduler(blocks, **kwargs)
     else:
         if s.name == "sarathi":
             kwargs["chunk_size"] = s.chunk_size
+        if s.name == "vllm_v1":
+            kwargs["long_prefill_token_threshold"] = s.long_prefill_token_threshold
         scheduler = SCHEDULERS[s.name](blocks, **kwargs)
     pp = pool.execution.plan.pp
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,

@@ -15,7 +15,7 @@ from llmsim.request import Request
 
 REQUEST_FLOAT_FIELDS = ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s")
 REQUEST_INT_FIELDS = ("id", "replica_id", "num_prompt_tokens", "num_output_tokens", "num_generated_tokens",
-                      "num_preemptions", "num_migrations", "priority")
+                      "num_preemptions", "num_migrations", "priority", "num_cached_tokens")
 ITERATION_FIELDS = ("start_s", "duration_s", "flops", "num_bytes", "power_w")  # power_w: per GPU
 ITERATION_INT_FIELDS = ("replica_id", "num_prefill_tokens", "num_decode_tokens", "kv_used_blocks")
 
@@ -50,6 +50,8 @@ class Recorder:
         cols = self.requests
         for name in REQUEST_FLOAT_FIELDS + REQUEST_INT_FIELDS:
             cols[name].append(getattr(r, name))
+        if r.num_cached_tokens < 0:  # never scheduled, or not a prefix-caching scheduler: nothing was cached
+            cols["num_cached_tokens"][-1] = 0
         self.status.append(status)
         self.reason.append(r.reject_reason)
 

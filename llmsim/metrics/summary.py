@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -73,7 +75,9 @@ class ReplicaUsage:
 
 def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.ndarray, gap_counts: np.ndarray, *,
               ttft_slo_s: float, tpot_slo_s: float, tbt_slo_s: float | None, attainment_target: float,
-              pue: float) -> dict:
+              pue: float, prefill_flops: Callable[[int, int], float] | None = None) -> dict:
+    """``prefill_flops(new, cached)``: FLOPs of prefilling ``new`` tokens after ``cached`` ones, given when
+    the KV cache reuses prefixes (the summary then reports what the cache saved)."""
     df = requests
     finished = df[df["status"] == "finished"]
     n_arrived = len(df)
@@ -131,12 +135,33 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
         },
         "energy": energy(replicas, span, pue, len(finished), out_tokens, in_tokens),
     }
+    if prefill_flops is not None:
+        summary["prefix_cache"] = prefix_cache_stats(df, prefill_flops)
     if (df["priority"] > 0).any():
         summary["by_priority"] = {
             str(p): {"finished": int(len(group)), "ttft": _stats(group["ttft_s"].to_numpy()),
                      "tpot": _stats(group["tpot_s"].to_numpy()), "e2e": _stats(group["e2e_s"].to_numpy())}
             for p, group in finished.groupby("priority")}
     return summary
+
+
+def prefix_cache_stats(df: pd.DataFrame, prefill_flops: Callable[[int, int], float]) -> dict:
+    """Prompt tokens found in the prefix cache when each request was first scheduled (requests that were
+    scheduled), and the prefill FLOPs those hits saved: a whole prompt's prefill minus the rest's after the
+    cached prefix (attention over the cached prefix is still paid)."""
+    started = df[df["scheduled_s"].notna()]
+    cached = started["num_cached_tokens"].to_numpy()
+    prompts = started["num_prompt_tokens"].to_numpy()
+    saved = 0.0
+    for (p, c), n in pd.Series(list(zip(prompts[cached > 0], cached[cached > 0]))).value_counts().items():
+        saved += n * (prefill_flops(int(p), 0) - prefill_flops(int(p - c), int(c)))
+    return {
+        "cached_tokens": int(cached.sum()),
+        "prompt_tokens": int(prompts.sum()),
+        "hit_rate_tokens": float(cached.sum() / prompts.sum()) if len(prompts) else 0.0,
+        "hit_rate_requests": float((cached > 0).mean()) if len(prompts) else 0.0,
+        "prefill_flops_saved": float(saved),
+    }
 
 
 def energy(replicas: list[ReplicaUsage], span: float, pue: float, finished: int, out_tokens: int,

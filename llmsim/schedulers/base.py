@@ -1,8 +1,18 @@
 """What every replica scheduler shares: the queues, preemption and the output contract.
 
-A policy implements ``schedule()``. Contract that decode fast-forwarding relies on: if a step schedules no
-prefill while requests wait, the head of the queue stays blocked until a request finishes or is preempted
-(strict FCFS admission, and KV headroom only shrinks while requests decode).
+A policy implements ``schedule()``, which returns a ``SchedulerOutput`` (what runs this step); the replica
+executes it and applies it. The KV cache is the ``BlockManager``'s: a scheduler asks it for room
+(``can_admit``, ``allocate``, ``allocate_slots`` with a prefix-cache hit) and never edits its free lists.
+
+The contract decode fast-forwarding relies on (vLLM v1 separates the same way what the scheduler decides from
+what the KV cache manager holds):
+
+- ``allows_fast_forward(out)``: the batch is pure decode over every running request, so the next steps repeat
+  it until a request finishes or the KV cache runs short -- unless something arrives that could change it.
+- ``cuts_run(request)``: a request just queued could be admitted at the next step boundary, so a run must stop
+  there. The shipped policies admit in queue order and stop at the first request that does not fit, and KV
+  headroom only shrinks while requests decode, so only a request that became the head of the queue can cut a
+  run. A policy with another admission order says so here.
 """
 
 from __future__ import annotations
@@ -103,6 +113,10 @@ class Scheduler:
     def remove_finished(self) -> None:
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
 
+    def cuts_run(self, request: Request) -> bool:
+        """True when ``request``, just queued during a decode run, could join the batch at the next boundary."""
+        return self.waiting[0] is request
+
     def allows_fast_forward(self, out: SchedulerOutput) -> bool:
         """True when the next steps repeat this batch until a request finishes or KV runs short."""
         return (not out.prefills and not out.preempted and not out.swap_bytes
@@ -156,7 +170,9 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.blocks.free(request)
+        # A recomputed request's KV stays valid in the cache until evicted (vLLM v1 frees it into the prefix
+        # cache); swapped-out KV is in host memory and comes back whole.
+        self.blocks.free(request, keep_cached=self.preemption == "recompute")
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         if self.preemption == "swap":

@@ -10,8 +10,9 @@ import numpy as np
 from llmsim.config import WorkloadConfig
 from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
+from llmsim.workload.shared_prefix import shared_prefix_requests
 from llmsim.workload.lengths import empirical_pairs, length_pairs
-from llmsim.workload.traces import read_trace
+from llmsim.workload.traces import mooncake_segments, read_trace
 
 
 def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
@@ -21,6 +22,8 @@ def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
             continue
         # A failed row keeps at least one output token so its shape is valid; it is rejected at arrival.
         r = Request(i, row.time_s, max(1, row.prompt_tokens), max(1, row.output_tokens))
+        if row.hash_ids:
+            r.prefix_segments = mooncake_segments(row.hash_ids, row.prompt_tokens)
         if row.failed:
             r.status = RequestStatus.REJECTED
             r.reject_reason = "failed in trace"
@@ -38,6 +41,11 @@ def _empirical_source(cfg: WorkloadConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def _synthetic_requests(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
     arrival_rng, length_rng = (np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(2))
+    if cfg.shared_prefix is not None:
+        shaped = shared_prefix_requests(cfg.shared_prefix, length_rng)
+        for i, (t, (prompt, output, segments)) in enumerate(zip(arrival_times(cfg.arrival, arrival_rng), shaped)):
+            yield Request(i, t, prompt, output, prefix_segments=segments)
+        return
     if cfg.lengths_from is not None:
         pairs = empirical_pairs(*_empirical_source(cfg), length_rng)
     else:

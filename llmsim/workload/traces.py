@@ -18,6 +18,7 @@ from llmsim.errors import TraceError
 
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash_ids name blocks of this many prompt tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class TraceRow:
     output_tokens: int
     failed: bool  # the trace records this request as failed (BurstGPT: Response tokens == 0)
     line: int  # line in the file, for error messages
+    hash_ids: tuple[int, ...] = ()  # Mooncake: ids of the prompt's 512-token blocks (equal ids, equal prefix)
 
 
 def _open(path: Path):
@@ -107,10 +109,16 @@ def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
                 row = json.loads(text)
                 t = float(row["timestamp"]) / 1000.0  # milliseconds in the trace
                 prompt, output = row["input_length"], row["output_length"]
+                hash_ids = tuple(row.get("hash_ids", ()))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise TraceError(f"{path}:{line}: not a Mooncake row ({exc})") from None
-            yield TraceRow(t, _int(prompt, path, line, "input_length"), _int(output, path, line, "output_length"),
-                           False, line)
+            if not all(type(h) is int and h >= 0 for h in hash_ids):
+                raise TraceError(f"{path}:{line}: hash_ids must be a list of non-negative whole numbers")
+            prompt = _int(prompt, path, line, "input_length")
+            if len(hash_ids) > -(-prompt // MOONCAKE_BLOCK_TOKENS):
+                raise TraceError(f"{path}:{line}: {len(hash_ids)} hash_ids cover more than the "
+                                 f"{prompt}-token prompt in {MOONCAKE_BLOCK_TOKENS}-token blocks")
+            yield TraceRow(t, prompt, _int(output, path, line, "output_length"), False, line, hash_ids)
 
 
 READERS = {"burstgpt": read_burstgpt, "azure": read_azure, "mooncake": read_mooncake}
@@ -129,4 +137,11 @@ def read_trace(cfg: TraceConfig) -> Iterator[TraceRow]:
         if cfg.end_s is not None and row.time_s >= cfg.end_s:
             break
         yield TraceRow((row.time_s - cfg.start_s) * cfg.time_scale, row.prompt_tokens, row.output_tokens, row.failed,
-                       row.line)
+                       row.line, row.hash_ids)
+
+
+def mooncake_segments(hash_ids: tuple[int, ...], prompt_tokens: int) -> tuple[tuple[int, int], ...]:
+    """The prompt's named content: block ``j`` of the trace covers tokens ``[512 j, 512 (j + 1))`` (the last one
+    what is left of the prompt). The KV manager splits them into its own blocks and chains their hashes."""
+    return tuple((h, min(MOONCAKE_BLOCK_TOKENS, prompt_tokens - j * MOONCAKE_BLOCK_TOKENS))
+                 for j, h in enumerate(hash_ids))
