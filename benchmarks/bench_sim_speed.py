@@ -22,7 +22,8 @@ from llmsim.run import run_experiment
 
 
 def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool, output_median: float,
-           trace: str | None = None, record_iterations: bool = True):
+           trace: str | None = None, record_iterations: bool = True, scheduler: str = "fcfs",
+           prefix_caching: bool | None = None):
     if trace:
         # Failed rows (Response tokens == 0) arrive and are rejected with a reason, so every row is a request.
         workload = {"num_requests": num_requests, "trace": {"path": trace, "format": "burstgpt", "failed": "reject"}}
@@ -41,7 +42,8 @@ def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool
         "model": {"name": "Llama-2-7B"},
         "hardware": {"device": "a100-80gb"},
         "cluster": {"num_replicas": num_replicas, "router": "round_robin"},
-        "scheduler": {"name": "fcfs", "max_num_batched_tokens": 4096},
+        "scheduler": {"name": scheduler, "max_num_batched_tokens": 4096,
+                      **({} if prefix_caching is None else {"enable_prefix_caching": prefix_caching})},
         "workload": workload,
         "simulation": {"fast_forward": fast_forward, "record_iterations": record_iterations},
     })
@@ -53,13 +55,16 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=16)
     ap.add_argument("--rate", type=float, default=40.0, help="cluster arrival rate, requests/s")
     ap.add_argument("--output-median", type=float, default=168.0)
+    ap.add_argument("--scheduler", choices=("fcfs", "sarathi", "vllm_v1"), default="fcfs")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="vllm_v1 without prefix caching")
     ap.add_argument("--step", action="store_true", help="step every iteration (no fast-forward)")
     ap.add_argument("--trace", help="replay this BurstGPT-format CSV instead of the synthetic workload")
     ap.add_argument("--no-iteration-records", action="store_true", help="keep only iteration totals (less memory)")
     ap.add_argument("--profile", action="store_true", help="print a pyinstrument profile (needs pyinstrument)")
     args = ap.parse_args()
     cfg = config(args.requests, args.replicas, args.rate, not args.step, args.output_median, args.trace,
-                 not args.no_iteration_records)
+                 not args.no_iteration_records, args.scheduler,
+                 False if args.no_prefix_caching else None)
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
@@ -74,7 +79,7 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r = summary["requests"]
     print(f"requests={args.requests} replicas={args.replicas} rate={args.rate}/s "
-          f"mode={'step' if args.step else 'fast-forward'}")
+          f"scheduler={args.scheduler} mode={'step' if args.step else 'fast-forward'}")
     print(f"finished={r['finished']} rejected={r['rejected']} preemptions={r['preemptions']} "
           f"iterations={summary['utilization']['iterations']} "
           f"simulated={summary['simulation']['simulated_s']:.0f}s")

@@ -142,7 +142,10 @@ class BlockManager:
     def append_slot(self, request: Request) -> None:
         """Room for one more token of a request whose blocks exactly hold its computed tokens."""
         if self.caching:
-            self.allocate(request, 1)
+            # Only a new block, or a named block this token fills (to be cached), needs the general path.
+            c = request.num_computed_tokens
+            if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._shared):
+                self.allocate(request, 1)
         elif request.num_computed_tokens % self.block_size == 0:
             if self.num_free_blocks == 0:
                 raise RuntimeError(f"request {request.id} needs a block, none free")
@@ -282,7 +285,7 @@ class BlockManager:
         if num_blocks > held:
             self._take(num_blocks - held)
             self._held[rid] = num_blocks
-            hashes = self._block_hashes(request)
+            hashes = request.block_hashes if request.block_hashes is not None else self._block_hashes(request)
             if held < len(hashes):
                 shared = self._shared.setdefault(rid, [])
                 for i in range(held, min(num_blocks, len(hashes))):

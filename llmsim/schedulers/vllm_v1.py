@@ -41,6 +41,7 @@ class VLLMV1Scheduler(Scheduler):
         budget = self.max_num_batched_tokens
         threshold = self.long_prefill_token_threshold
         num_decodes, max_decodes = 0, self.decode_share()
+        blocks = self.blocks
         for request in self.idle_running():
             if budget <= 0:
                 break
@@ -52,7 +53,9 @@ class VLLMV1Scheduler(Scheduler):
             n = min(pending, budget)
             if 0 < threshold < n:
                 n = threshold
-            if not self._reserve(request, n, out):
+            if pending == 1 and blocks.num_free_blocks:
+                blocks.append_slot(request)  # a decode needs at most one block: nobody is preempted
+            elif not self._reserve(request, n, out):
                 break  # it preempted itself: nothing else can run this step
             if pending == 1:
                 out.decodes.append(request)
@@ -63,7 +66,6 @@ class VLLMV1Scheduler(Scheduler):
             budget -= n
         if out.preempted:
             return out
-        blocks = self.blocks
         while self.waiting and budget > 0 and self.has_seq_room():
             request = self.waiting[0]
             resumed_swap = request.num_computed_tokens > 0  # swapped-out KV comes back whole
