@@ -229,15 +229,14 @@ class BlockManager:
         evictable = sum(1 for b in hits if b.ref == 0) + num_run
         return PrefixHit(tuple(hits), num_run, evictable, (len(hits) + num_run) * self.block_size)
 
-    def allocate_slots(self, request: Request, hit: PrefixHit, num_new_tokens: int, *,
-                       keep_free: int = 0) -> bool:
+    def allocate_slots(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool:
         """Admit a request that holds no blocks: take its cached prefix ``hit`` (its computed tokens become the
-        hit's) and room for ``num_new_tokens`` more. False, changing nothing, when fewer than ``keep_free``
-        blocks would stay free (vLLM v1's ``allocate_slots``; the hit's blocks still in the free queue count
-        against the free blocks, since taking them out of the queue uses them)."""
+        hit's) and room for ``num_new_tokens`` more. False, changing nothing, when they do not fit (vLLM v1's
+        ``allocate_slots``; the hit's blocks still in the free queue count against the free blocks, since
+        taking them out of the queue uses them)."""
         num_hit = len(hit.blocks) + hit.num_run_blocks
         need = self.blocks_for(hit.num_tokens + num_new_tokens) - num_hit
-        if need + hit.num_evictable + keep_free > self.num_free_blocks:
+        if need + hit.num_evictable > self.num_free_blocks:
             return False
         run = self._runs.pop(request.id, None)
         if run is not None:
@@ -285,7 +284,7 @@ class BlockManager:
         if num_blocks > held:
             self._take(num_blocks - held)
             self._held[rid] = num_blocks
-            hashes = request.block_hashes if request.block_hashes is not None else self._block_hashes(request)
+            hashes = self._block_hashes(request)
             if held < len(hashes):
                 shared = self._shared.setdefault(rid, [])
                 for i in range(held, min(num_blocks, len(hashes))):
@@ -357,12 +356,12 @@ class BlockManager:
             assert held + self.num_free_blocks == self.num_blocks, (
                 f"KV blocks not conserved: {held} held + {self.num_free_blocks} free != {self.num_blocks}")
             return
-        shared = {id(b): b for blocks in self._shared.values() for b in blocks}
-        refs: dict[int, int] = {}
+        holders: dict[Block, int] = {}  # each shared block -> how many requests list it
         for blocks in self._shared.values():
             for b in blocks:
-                refs[id(b)] = refs.get(id(b), 0) + 1
-        assert all(shared[k].ref == n for k, n in refs.items()), "a shared block's reference count is off"
+                holders[b] = holders.get(b, 0) + 1
+        assert all(b.ref == n for b, n in holders.items()), "a shared block's reference count is off"
+        shared = holders
         own = sum(self._held[rid] - len(self._shared.get(rid, ())) for rid in self._held)
         assert all(self._held[rid] >= len(self._shared.get(rid, ())) for rid in self._held)
         queued = 0

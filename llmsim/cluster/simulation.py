@@ -98,11 +98,8 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
     if decode_pool:
         scheduler = DecodeScheduler(blocks, **kwargs)
     else:
-        if s.name == "sarathi":
-            kwargs["chunk_size"] = s.chunk_size
-        if s.name == "vllm_v1":
-            kwargs["long_prefill_token_threshold"] = s.long_prefill_token_threshold
-        scheduler = SCHEDULERS[s.name](blocks, **kwargs)
+        policy = SCHEDULERS[s.name]
+        scheduler = policy(blocks, **kwargs, **{name: getattr(s, name) for name in policy.config_fields})
     pp = pool.execution.plan.pp
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
                    handoff=handoff, micro_batches=min(cfg.parallel.micro_batches or pp, pp))

@@ -10,7 +10,6 @@ rate with attainment >= target) comes from a sweep over rates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Callable
 
 import numpy as np

@@ -61,6 +61,9 @@ class SchedulerOutput:
 class Scheduler:
     """Queues plus preemption mechanics; subclasses choose the batch."""
 
+    # ``scheduler`` config fields this policy takes as keyword arguments beyond the shared ones.
+    config_fields: tuple[str, ...] = ()
+
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption: str = "recompute", kv_bytes_per_token: float = 0.0):
         self.blocks = blocks
@@ -130,10 +133,14 @@ class Scheduler:
         if request.status is RequestStatus.PREEMPTED and self.preemption == "swap" and cached:
             out.swap_bytes += cached * self.kv_bytes_per_token  # swap its KV back in
         self.blocks.allocate(request, num_new_tokens)
+        self._start(request, num_new_tokens, out)
+
+    def _start(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
+        """The head of the waiting queue, its blocks allocated, joins the batch with ``num_new_tokens``."""
         self.waiting.popleft()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-        out.prefills.append(PrefillChunk(request, num_new_tokens, cached))
+        out.prefills.append(PrefillChunk(request, num_new_tokens, request.num_computed_tokens))
 
     def _reserve(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate KV for a running request, evicting the most recently admitted request until it fits.

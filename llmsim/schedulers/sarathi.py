@@ -12,6 +12,8 @@ from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
 
 class SarathiScheduler(Scheduler):
+    config_fields = ("chunk_size",)
+
     def __init__(self, blocks, *, chunk_size: int = 512, **kwargs):
         super().__init__(blocks, **kwargs)
         self.chunk_size = chunk_size

@@ -24,6 +24,8 @@ from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
 
 class VLLMV1Scheduler(Scheduler):
+    config_fields = ("long_prefill_token_threshold",)
+
     def __init__(self, blocks, *, long_prefill_token_threshold: int = 0, **kwargs):
         super().__init__(blocks, **kwargs)
         self.long_prefill_token_threshold = long_prefill_token_threshold
@@ -83,9 +85,6 @@ class VLLMV1Scheduler(Scheduler):
                     break
                 if request.num_cached_tokens < 0:
                     request.num_cached_tokens = hit.num_tokens
-                self.waiting.popleft()
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                out.prefills.append(PrefillChunk(request, n, request.num_computed_tokens))
+                self._start(request, n, out)
             budget -= n
         return out
