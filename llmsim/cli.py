@@ -12,10 +12,10 @@ from llmsim.errors import LLMSimError
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from llmsim.config import load_config
+    from llmsim.config import load_config, parse_overrides
     from llmsim.run import format_summary, run_experiment
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, parse_overrides(args.set))
     updates = {}
     if args.seed is not None:
         updates["seed"] = args.seed
@@ -58,9 +58,9 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from llmsim.cluster.simulation import build_execution
-    from llmsim.config import load_config
+    from llmsim.config import load_config, parse_overrides
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, parse_overrides(args.set))
     model, execution, memory, max_len = build_execution(cfg)
     gib = 2**30
     print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {execution.hardware.name}, "
@@ -81,7 +81,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from llmsim.sweep.report import curves, goodput, table
     from llmsim.sweep.spec import load_sweep
 
-    sweep, points = load_sweep(args.sweep)
+    from llmsim.config import parse_overrides
+
+    sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
     root.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(points), unit="point", desc=sweep.name, disable=args.quiet or None, leave=False) as bar:
@@ -95,7 +97,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         best.to_csv(root / "goodput.csv", index=False)
     plots = curves(df, sweep, target, root)
     if not args.quiet:
-        shown = [c for c in ("point", "attainment", "goodput_rps", "ttft_p90_s", "tbt_p99_s", "j_per_output_token",
+        shown = [c for c in ("point", "attainment", "goodput_rps", "ttft_p90_s", "itl_p99_s", "j_per_output_token",
                              "error") if c in df]
         print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         if not best.empty:
@@ -112,10 +114,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from llmsim.plan_search import load_plan_search, run_plan_search
 
-    cfg, base, combos = load_plan_search(args.plan)
+    from llmsim.config import parse_overrides
+
+    cfg, base, combos = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
     with tqdm(total=len(combos), unit="plan", desc=cfg.name, disable=args.quiet or None, leave=False) as bar:
-        df = run_plan_search(cfg, base, combos, args.workers, on_done=lambda: bar.update(1))
+        df = run_plan_search(cfg, base, combos, out / "runs", args.executor, args.workers, args.address,
+                             on_done=lambda: bar.update(1))
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "plans.csv", index=False)
     shown = [c for c in (*cfg.candidates, "replicas", "goodput_rate", "goodput_per_gpu", "goodput_per_dollar",
@@ -188,10 +193,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from llmsim.version import code_version
+
+    return code_version()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmsim", description="Discrete-event simulator of LLM serving clusters.")
+    parser.add_argument("--version", action="version", version=f"llmsim {_version()}",
+                        help="the llmsim version and its source digest (recorded in every result's config.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    set_help = ("override a config value by its dotted path before validation, e.g. "
+                "--set workload.arrival.rate_per_s=4 (repeatable; values are YAML)")
 
     run = sub.add_parser("run", help="run one experiment YAML and write its results folder",
                          description="Simulate one experiment: writes requests.parquet, iterations.parquet, "
@@ -202,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--step", action="store_true",
                      help="step every iteration instead of fast-forwarding decode runs (same results, slower)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    run.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help)
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate an experiment YAML and show its memory plan")
     check.add_argument("config", help="experiment YAML")
+    check.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help)
     check.set_defaults(func=_cmd_check)
 
     models = sub.add_parser("models", help="list the model catalog")
@@ -224,17 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, help="local processes (default: CPU count)")
     sw.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     sw.add_argument("-q", "--quiet", action="store_true")
+    sw.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help + ' (to the base experiment)')
     sw.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plan", help="search device x parallelism x replicas x scheduler for the best goodput",
                         description="For each candidate plan on a fixed GPU budget, find DistServe's goodput (the "
                                     "highest rate meeting the SLO attainment target) by doubling and bisection, "
-                                    "then rank by goodput per GPU, per dollar or per watt.")
+                                    "then rank by goodput per GPU, per dollar or per watt. Each rate tried is a "
+                                    "results folder under OUT/runs/; a rerun reads finished ones back.")
     pl.add_argument("plan", help="plan-search YAML")
     pl.add_argument("--out", help="results folder (default: output_dir from the plan file)")
+    pl.add_argument("--executor", choices=("local", "ray"), default="local")
     pl.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    pl.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     pl.add_argument("--top", type=int, default=20, help="rows to print")
     pl.add_argument("-q", "--quiet", action="store_true")
+    pl.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help + ' (to the base experiment)')
     pl.set_defaults(func=_cmd_plan)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",

@@ -6,17 +6,31 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmsim.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):
+        # Checked here, where the model is known exactly (a union member, not the union), so the error lists
+        # the keys this model takes.
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise PydanticCustomError("unknown_key", "unknown key; allowed keys: {allowed}",
+                                              {"key": key, "allowed": ", ".join(sorted(cls.model_fields))})
+        return data
 
 
 class ModelConfig(_Strict):
@@ -98,9 +112,10 @@ class ClusterConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    # vllm_v1: vLLM V1 (token budget, running first, chunked prefill, prefix caching); fcfs: vLLM v0 / Orca
-    # (prefill-priority steps); sarathi: Sarathi-Serve (stall-free chunked prefill under ``chunk_size``).
-    name: Literal["vllm_v1", "fcfs", "sarathi"] = "vllm_v1"
+    # A name in ``llmsim.schedulers.SCHEDULERS``. vllm_v1: vLLM V1 (token budget, running first, chunked
+    # prefill, prefix caching); fcfs: vLLM v0 / Orca (prefill-priority steps); sarathi: Sarathi-Serve
+    # (stall-free chunked prefill under ``chunk_size``).
+    name: str = "vllm_v1"
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     chunk_size: int = Field(default=512, ge=1)  # sarathi: token budget per iteration
@@ -116,17 +131,30 @@ class SchedulerConfig(_Strict):
     max_model_len: int | None = Field(default=None, ge=1)  # default: the model's max position
     runtime_reserve_gib: float = Field(default=1.0, ge=0)  # CUDA context, communicator buffers
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from llmsim.schedulers import SCHEDULERS
+
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(map(repr, SCHEDULERS))}")
+        return name
+
     @model_validator(mode="after")
     def _prefix_caching(self) -> "SchedulerConfig":
-        if self.enable_prefix_caching and self.name != "vllm_v1":
+        from llmsim.schedulers import SCHEDULERS
+
+        if self.enable_prefix_caching and not SCHEDULERS[self.name].supports_prefix_caching:
             raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 scheduler only, not {self.name}")
         return self
 
     @property
     def prefix_caching(self) -> bool:
-        """Whether the KV cache reuses cached prefixes (the default resolved)."""
+        """Whether the KV cache reuses cached prefixes (default: where the scheduler models it, as vLLM V1)."""
         if self.enable_prefix_caching is None:
-            return self.name == "vllm_v1"
+            from llmsim.schedulers import SCHEDULERS
+
+            return SCHEDULERS[self.name].supports_prefix_caching
         return self.enable_prefix_caching
 
 
@@ -261,6 +289,9 @@ class EnergyConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
+    # Written into a result's config.yaml: the llmsim (version + source digest) that produced it. A config read
+    # back keeps it only as a record; the code that runs it writes its own.
+    llmsim_version: str | None = None
     seed: int = 0
     output_dir: Path = Path("results")
     model: ModelConfig
@@ -282,54 +313,15 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names of the model that holds the key at ``loc`` (for 'unknown key' errors)."""
-    model: type[BaseModel] | None = ExperimentConfig
-    for part in loc[:-1]:
-        if model is None or not isinstance(part, str):
-            return []
-        if part not in model.model_fields:
-            nested = [a for a in _union_members(model) if part in a.model_fields]
-            if not nested:
-                return []
-            model = nested[0]
-        annotation = model.model_fields[part].annotation
-        members = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = members[0] if len(members) == 1 else (_Union(members) if members else None)
-    return sorted(model.model_fields) if model is not None else []
-
-
-class _Union:
-    """Stand-in for a discriminated union while walking a location: the union of its members' fields."""
-
-    def __init__(self, members):
-        self.members = members
-        self.model_fields = {k: v for m in members for k, v in m.model_fields.items()}
-
-
-def _union_members(model):
-    return getattr(model, "members", [])
-
-
-def _flatten(annotation) -> list:
-    args = getattr(annotation, "__args__", None)
-    if args is None:
-        return [annotation]
-    out = []
-    for a in args:
-        out += _flatten(a)
-    return out
-
-
 def format_validation_error(exc: ValidationError, source: str, what: str = "experiment config") -> str:
     lines = [f"invalid {what} {source}:"]
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
                                                                                  "uniform", "zipf", "lognormal"}))
         where = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc)
-            lines.append(f"  {where}: unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else ""))
+        if err["type"] == "unknown_key":
+            key = ".".join(str(p) for p in (*loc, err["ctx"]["key"]))
+            lines.append(f"  {key}: {err['msg']}")
         else:
             lines.append(f"  {where}: {err['msg']}")
     return "\n".join(lines)
@@ -354,14 +346,58 @@ def read_yaml(path: Path, what: str):
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set path.to.key=value`` arguments as {dotted path: value}; values are YAML (``4``, ``true``,
+    ``[1, 2]``, ``{tp: 2}``)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        path, sep, text = item.partition("=")
+        if not sep or not path or any(not part for part in path.split(".")):
+            raise ConfigError(f"--set {item!r}: expected path.to.key=value, e.g. workload.arrival.rate_per_s=4")
+        try:
+            overrides[path] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    return overrides
+
+
+def set_path(data: dict, path: str, value: Any) -> None:
+    """Set a dotted path in a raw config mapping, creating missing sections; a scalar in the way is an error."""
+    node = data
+    keys = path.split(".")
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(keys[:depth + 1])
+            raise ConfigError(f"{path}: {where} is {child!r}, not a section that can hold {keys[depth + 1]!r}")
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def apply_overrides(data, overrides: dict[str, Any] | None, source: str):
+    if overrides and not isinstance(data, dict):
+        return data  # parse_config reports the top level
+    for path, value in (overrides or {}).items():
+        try:
+            set_path(data, path, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: --set {exc}") from None
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """An experiment YAML, with ``overrides`` ({dotted path: value}, from ``--set``) applied before validation."""
     path = Path(path)
-    data = read_yaml(path, "experiment config") or {}
-    for key, value in (overrides or {}).items():
-        data[key] = value
+    data = read_yaml(path, "experiment config")
+    data = {} if data is None else data
+    data = apply_overrides(data, overrides, str(path))
     # Relative paths in a config are relative to the config file, so experiments run from anywhere.
-    _resolve_paths(data.get("workload"), path.parent)
-    return parse_config(data, str(path))
+    if isinstance(data, dict):
+        _resolve_paths(data.get("workload"), path.parent)
+    source = str(path) + (" with " + " ".join(f"--set {k}={v}" for k, v in overrides.items()) if overrides else "")
+    return parse_config(data, source)
 
 
 def _resolve_paths(workload, base: Path) -> None:

@@ -31,8 +31,7 @@ class PowerModel:
     num_gpus: int
 
     def power_w(self, duration_s: float, flops: float, num_bytes: float) -> float:
-        """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs).
-        ``Recorder.iterations_bulk`` inlines this expression; keep the two identical."""
+        """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs)."""
         if duration_s <= 0.0:
             return self.idle_w
         w = self.idle_w + (self.w_per_flop_s * flops + self.w_per_byte_s * num_bytes) / duration_s

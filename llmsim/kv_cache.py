@@ -164,6 +164,24 @@ class BlockManager:
             self._held[request.id] = num_blocks
             self.num_free_blocks -= need
 
+    def grow_to_computed(self, requests: list[Request]) -> None:
+        """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop."""
+        bs = self.block_size
+        if self.caching:
+            for r in requests:
+                self.grow_to(r, -(-r.num_computed_tokens // bs), r.num_computed_tokens)
+            return
+        held, free = self._held, self.num_free_blocks
+        for r in requests:
+            n = -(-r.num_computed_tokens // bs)
+            need = n - held.get(r.id, 0)
+            if need > 0:
+                if need > free:
+                    raise RuntimeError(f"request {r.id} needs {need} blocks, {free} free")
+                held[r.id] = n
+                free -= need
+        self.num_free_blocks = free
+
     def free(self, request: Request, keep_cached: bool = False) -> int:
         """Release every block of the request; returns how many left its hold. ``keep_cached``: its KV stays
         valid (a recompute preemption), so its own full blocks stay cached for when it resumes."""

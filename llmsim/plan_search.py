@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmsim.config import format_validation_error, parse_config, read_yaml
+from llmsim.config import apply_overrides, format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
-from llmsim.sweep.spec import load_base, set_path
+from llmsim.sweep.execute import run_points
+from llmsim.sweep.spec import Point, load_base, values_label
 
 
 class RateSearch(BaseModel):
@@ -56,14 +56,15 @@ class PlanSearchConfig(BaseModel):
     output_dir: Path = Path("results/plan_search")
 
 
-def load_plan_search(path: str | Path) -> tuple[PlanSearchConfig, dict, list[dict[str, Any]]]:
+def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
+                     ) -> tuple[PlanSearchConfig, dict, list[dict[str, Any]]]:
     path = Path(path)
     raw = read_yaml(path, "plan file") or {}
     try:
         cfg = PlanSearchConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "plan file")) from None
-    base = load_base(path, cfg.base)
+    base = apply_overrides(load_base(path, cfg.base), overrides, str(path))
     if cfg.rank_by == "goodput_per_dollar":
         devices = cfg.candidates.get("hardware.device") or [base.get("hardware", {}).get("device", "a100-80gb")]
         missing = [d for d in devices if d not in cfg.price_per_gpu_hour]
@@ -96,49 +97,58 @@ def _attainment(data: dict) -> tuple[float, dict]:
     return summary["slo"]["attainment"], summary
 
 
-def search_candidate(base: dict, values: dict[str, Any], gpus: int, rates: RateSearch) -> dict:
-    """Goodput of one candidate: the highest rate meeting the attainment target, within ``rates.tolerance``."""
-    row: dict[str, Any] = {k: (",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v)
-                           for k, v in values.items()}
-    try:
-        probe = parse_config(candidate_config(base, values, gpus, rates.start), "<plan candidate>")
-        target = probe.slo.attainment
-        per_replica = probe.parallel.tp * probe.parallel.pp
-        if per_replica > gpus:
-            return {**row, "error": f"needs {per_replica} GPUs per replica, budget is {gpus}"}
-        row.update(replicas=probe.cluster.num_replicas, gpus_used=probe.cluster.num_replicas * per_replica)
-        good, good_summary, bad = 0.0, None, None
-        rate = rates.start
-        runs = 0
-        while rate <= rates.max:  # double until the target is missed
-            attained, summary = _attainment(candidate_config(base, values, gpus, rate))
-            runs += 1
-            if attained < target:
-                bad = rate
-                break
-            good, good_summary = rate, summary
-            rate *= 2.0
-        if bad is not None:
-            lo = good if good > 0 else 0.0
-            hi = bad
-            floor = rates.start / 64.0  # below this, report no goodput rather than bisect towards zero
-            while hi - lo > rates.tolerance * hi and hi > floor:
-                mid = (lo + hi) / 2.0
-                attained, summary = _attainment(candidate_config(base, values, gpus, mid))
-                runs += 1
-                if attained >= target:
-                    lo, good, good_summary = mid, mid, summary
-                else:
-                    hi = mid
-        row.update(goodput_rate=good, runs=runs, capped=bad is None)
-        if good_summary is not None:
-            row.update(power_w=good_summary["energy"]["mean_power_w_per_gpu"] * row["gpus_used"],
-                       j_per_output_token=good_summary["energy"]["j_per_output_token"],
-                       ttft_p90_s=good_summary["ttft"]["p90_s"], tpot_p90_s=good_summary["tpot"]["p90_s"])
-        row["error"] = ""
-        return row
-    except LLMSimError as exc:
-        return {**row, "error": str(exc).splitlines()[0]}
+@dataclass
+class RateBracket:
+    """One candidate's goodput search: double the rate until attainment misses the target, then bisect to
+    ``tolerance``. ``next_rate()`` is the next rate to try (None when done); ``record`` takes its result."""
+
+    rates: RateSearch
+    target: float
+    good: float = 0.0
+    good_summary: dict | None = None
+    bad: float | None = None
+    runs: int = 0
+    error: str = ""
+    _doubling: bool = True
+
+    def next_rate(self) -> float | None:
+        if self.error:
+            return None
+        if self._doubling:
+            rate = self.rates.start if self.runs == 0 else self.good * 2.0
+            return rate if rate <= self.rates.max else None
+        lo, hi = self.good, self.bad
+        floor = self.rates.start / 64.0  # below this, report no goodput rather than bisect towards zero
+        if hi - lo > self.rates.tolerance * hi and hi > floor:
+            return (lo + hi) / 2.0
+        return None
+
+    def record(self, rate: float, summary: dict) -> None:
+        self.runs += 1
+        if "error" in summary:
+            self.error = summary["error"].splitlines()[0]
+        elif summary["slo"]["attainment"] >= self.target:
+            self.good, self.good_summary = rate, summary
+        else:
+            self.bad = rate
+            self._doubling = False
+
+
+def _candidate_row(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v) for k, v in values.items()}
+
+
+def _finish_row(row: dict, search: RateBracket) -> dict:
+    if search.error:
+        return {**row, "error": search.error}
+    row.update(goodput_rate=search.good, runs=search.runs, capped=search.bad is None)
+    s = search.good_summary
+    if s is not None:
+        row.update(power_w=s["energy"]["mean_power_w_per_gpu"] * row["gpus_used"],
+                   j_per_output_token=s["energy"]["j_per_output_token"],
+                   ttft_p90_s=s["ttft"]["p90_s"], tpot_p90_s=s["tpot"]["p90_s"])
+    row["error"] = ""
+    return row
 
 
 def rank(rows: list[dict], cfg: PlanSearchConfig) -> pd.DataFrame:
@@ -158,20 +168,48 @@ def rank(rows: list[dict], cfg: PlanSearchConfig) -> pd.DataFrame:
     return pd.concat([df[ok].sort_values(key, ascending=False, kind="stable"), df[~ok]], ignore_index=True)
 
 
-def run_plan_search(cfg: PlanSearchConfig, base: dict, combos: list[dict], workers: int | None = None,
-                    on_done=None) -> pd.DataFrame:
-    workers = workers or os.cpu_count() or 1
-    rows: list[dict] = []
-    if workers == 1:
-        for values in combos:
-            rows.append(search_candidate(base, values, cfg.gpus, cfg.rates))
-            if on_done:
+def run_plan_search(cfg: PlanSearchConfig, base: dict, combos: list[dict], root: Path, executor: str = "local",
+                    workers: int | None = None, address: str | None = None, on_done=None) -> pd.DataFrame:
+    """Every candidate's goodput. The searches advance in rounds: each round runs the next rate of every
+    unfinished candidate as sweep points (``sweep.execute``: local processes or Ray, and its resume -- a
+    probe whose folder under ``root`` holds the same resolved config is read back, not rerun)."""
+    rows = [_candidate_row(values) for values in combos]
+    searches: dict[int, RateBracket] = {}
+    for i, row in enumerate(rows):
+        values = combos[i]
+        try:
+            probe = parse_config(candidate_config(base, values, cfg.gpus, cfg.rates.start), "<plan candidate>")
+        except LLMSimError as exc:
+            row["error"] = str(exc).splitlines()[0]
+            continue
+        per_replica = probe.parallel.tp * probe.parallel.pp
+        if per_replica > cfg.gpus:
+            row["error"] = f"needs {per_replica} GPUs per replica, budget is {cfg.gpus}"
+            continue
+        row.update(replicas=probe.cluster.num_replicas, gpus_used=probe.cluster.num_replicas * per_replica)
+        searches[i] = RateBracket(cfg.rates, probe.slo.attainment)
+    if on_done:
+        for _ in range(len(combos) - len(searches)):
+            on_done()
+    while True:
+        points, owner = [], {}
+        for i, search in searches.items():
+            rate = search.next_rate()
+            if rate is None:
+                continue
+            data = candidate_config(base, combos[i], cfg.gpus, rate)
+            data["name"] = f"{cfg.name}/{i}/{rate!r}"
+            point = Point(len(points), {"candidate": i, "rate": rate}, parse_config(data, "<plan candidate>"),
+                          folder=f"c{i:03d}_{values_label(combos[i])}/rate={rate!r}")
+            owner[point.index] = (i, rate)
+            points.append(point)
+        if not points:
+            break
+        for index, summary in sorted(run_points(root, points, executor, workers, address).items()):
+            i, rate = owner[index]
+            searches[i].record(rate, summary)
+            if on_done and searches[i].next_rate() is None:
                 on_done()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(search_candidate, base, values, cfg.gpus, cfg.rates) for values in combos]
-            for future in futures:
-                rows.append(future.result())
-                if on_done:
-                    on_done()
+    for i, search in searches.items():
+        rows[i] = _finish_row(rows[i], search)
     return rank(rows, cfg)

@@ -9,11 +9,18 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from llmsim.cluster.migration import migration_line
 from llmsim.cluster.simulation import SimulationResult, simulate
 from llmsim.config import ExperimentConfig
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, summarize
+from llmsim.version import code_version
 from llmsim.workload import build_workload
+
+
+def resolved_config(cfg: ExperimentConfig) -> dict:
+    """The config as a results folder records it, with the llmsim that ran it."""
+    return cfg.model_dump(mode="json") | {"llmsim_version": code_version()}
 
 
 def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None = None,
@@ -35,6 +42,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     ex = result.execution
     summary = {
         "experiment": cfg.name,
+        "llmsim_version": code_version(),
         "model": result.model.name,
         "device": ex.hardware.name,
         "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": len(result.replicas)},
@@ -44,7 +52,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         "scheduler": cfg.scheduler.name,
         "kv_blocks_per_replica": result.memory.num_blocks,
         **summary,
-        **({"migration": _migration_summary(result.migration)} if result.migration is not None else {}),
+        **({"migration": result.migration.summary()} if result.migration is not None else {}),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -56,19 +64,13 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
             iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
             iterations.reset_index(drop=True).to_parquet(out / "iterations.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
     return result, summary
 
 
 def _prefill_flops(execution):
     """FLOPs of one request's prefill chunk of ``new`` tokens after ``cached`` ones (first token sampled)."""
     return lambda new, cached: execution.iteration(((new, cached),), 0, 0, 1).flops
-
-
-def _migration_summary(stats) -> dict:
-    return {"started": stats.started, "committed": stats.committed, "aborted": dict(sorted(stats.aborted.items())),
-            "copied_tokens": stats.copied_tokens,
-            "mean_downtime_s": stats.downtime_s / stats.committed if stats.committed else None}
 
 
 def _policy_lines(summary: dict) -> list[str]:
@@ -78,12 +80,8 @@ def _policy_lines(summary: dict) -> list[str]:
         lines.append(f"prefix cache: {pc['hit_rate_tokens']:.1%} of prompt tokens cached, "
                      f"{pc['hit_rate_requests']:.1%} of requests hit, "
                      f"{pc['prefill_flops_saved'] / 1e12:.1f} TFLOP of prefill saved")
-    m = summary.get("migration")
-    if m is not None:
-        aborted = sum(m["aborted"].values())
-        downtime = f", mean downtime {m['mean_downtime_s'] * 1e3:.2f} ms" if m["mean_downtime_s"] is not None else ""
-        lines.append(f"migrations: {m['committed']} committed, {aborted} dropped, "
-                     f"{m['copied_tokens']} KV tokens copied{downtime}")
+    if "migration" in summary:
+        lines.append(migration_line(summary["migration"]))
     for priority, g in summary.get("by_priority", {}).items():
         ttft, tpot = g["ttft"]["p99_s"], g["tpot"]["mean_s"]
         lines.append(f"priority {priority}: {g['finished']} finished, TTFT P99 "
@@ -122,7 +120,7 @@ def format_summary(summary: dict) -> str:
         "",
         f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]
-    for name in ("ttft", "tpot", "tbt", "e2e", "queueing"):
+    for name in ("ttft", "tpot", "itl", "e2e", "queueing"):
         s = summary[name]
         lines.append(f"{name.upper():<14}{ms(s, 'mean_s')}{ms(s, 'p50_s')}{ms(s, 'p90_s')}{ms(s, 'p99_s')}")
     t, slo, u = summary["throughput"], summary["slo"], summary["utilization"]

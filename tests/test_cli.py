@@ -44,3 +44,42 @@ def test_help_documents_every_command():
 def test_listing_commands(capsys):
     assert main(["models"]) == 0 and "Mixtral-8x7B" in capsys.readouterr().out
     assert main(["devices"]) == 0 and "mi325x" in capsys.readouterr().out
+
+
+def test_version_names_the_package_and_its_source_digest(capsys):
+    import pytest
+
+    from llmsim import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"llmsim {__version__}+src.") and len(out.rsplit(".", 1)[-1]) == 12
+
+
+def test_set_overrides_config_values_by_dotted_path(tmp_path, capsys):
+    quickstart = str(ROOT / "experiments" / "quickstart.yaml")
+    assert main(["run", quickstart, "--out", str(tmp_path), "-q", "--set", "workload.num_requests=40",
+                 "--set", "parallel={tp: 2}", "--set", "name=overridden"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["requests"]["arrived"] == 40 and summary["parallel"]["tp"] == 2
+    assert summary["experiment"] == "overridden"
+    capsys.readouterr()
+    assert main(["check", quickstart, "--set", "scheduler.max_num_seqz=4"]) == 2
+    err = capsys.readouterr().err
+    assert "--set scheduler.max_num_seqz=4" in err and "scheduler.max_num_seqz: unknown key" in err
+    assert main(["check", quickstart, "--set", "workload.num_requests"]) == 2
+    assert "expected path.to.key=value" in capsys.readouterr().err
+    assert main(["check", quickstart, "--set", "model.name.size=4"]) == 2
+    assert "model.name is 'Llama-3-8B', not a section" in capsys.readouterr().err
+
+
+def test_check_does_not_load_the_results_stack():
+    """``llmsim check`` starts fast because the simulator imports neither pandas nor pyarrow."""
+    code = ("import sys; from llmsim.cli import main; main(['check', %r]); "
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'matplotlib', 'scipy') if m in sys.modules))"
+            % str(ROOT / "experiments" / "quickstart.yaml"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -31,7 +31,7 @@ def test_shipped_experiments_parse():
 def test_error_names_yaml_path_and_allowed_values():
     with pytest.raises(ConfigError) as err:
         make_config(scheduler={"name": "lifo"})
-    assert "scheduler.name" in str(err.value) and "'fcfs' or 'sarathi'" in str(err.value)
+    assert "scheduler.name: Value error, unknown scheduler 'lifo'; allowed: 'vllm_v1', 'fcfs', 'sarathi'" in str(err.value)
 
 
 def test_unknown_key_lists_allowed_keys():
@@ -66,3 +66,12 @@ def test_yaml_errors_are_config_errors(tmp_path):
 def test_trace_paths_resolve_relative_to_the_config(tmp_path):
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
     assert cfg.workload.lengths_from.path.exists()
+
+
+def test_unknown_key_in_a_union_member_lists_that_members_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"model": {"name": "Llama-2-7B"},
+                      "workload": {"num_requests": 1, "arrival": {"kind": "poisson", "rate_per_s": 1},
+                                   "prompt_tokens": {"kind": "zipf", "min": 1, "max": 9, "foo": 1},
+                                   "output_tokens": {"kind": "fixed", "value": 1}}})
+    assert "workload.prompt_tokens.foo: unknown key; allowed keys: a, kind, max, min" in str(err.value)

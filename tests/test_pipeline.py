@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmsim.cluster.replica import Replica
+from llmsim.cluster import pipeline
 from llmsim.cluster.simulation import simulate
 from llmsim.config import ConfigError
 from llmsim.run import run_experiment
@@ -48,16 +48,16 @@ def test_micro_batches_fill_the_pipeline_and_raise_throughput(scheduler):
 
 def test_stage_zero_holds_one_micro_batch_at_a_time_and_no_request_is_in_two(monkeypatch):
     launched = []
-    original = Replica._launch
+    original = pipeline.launch
 
-    def checked_launch(self, out, now, stage_free):
+    def checked_launch(replica, out, now, stage_free):
         ids = [c.request.id for c in out.prefills] + [r.id for r in out.decodes]
-        assert not set(ids) & self.scheduler.busy, "a request joined a second micro-batch in flight"
-        end = original(self, out, now, stage_free)
+        assert not set(ids) & replica.scheduler.busy, "a request joined a second micro-batch in flight"
+        end = original(replica, out, now, stage_free)
         launched.append((now, stage_free[0], end))
         return end
 
-    monkeypatch.setattr(Replica, "_launch", checked_launch)
+    monkeypatch.setattr(pipeline, "launch", checked_launch)
     result, _ = run_experiment(pipeline_config(4, 4), write=False)
     assert len(launched) > 100
     in_flight_max = 0

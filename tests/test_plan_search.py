@@ -37,3 +37,23 @@ def test_plan_search_finds_and_ranks_goodput(tmp_path, capsys):
     rate = by[("a100-80gb", "tp=1")]
     assert _attainment(candidate_config(base, values, 2, rate))[0] >= 0.9
     assert _attainment(candidate_config(base, values, 2, rate * 1.25))[0] < 0.9
+
+
+def test_plan_search_resumes_from_its_probe_folders(tmp_path, monkeypatch):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
+            "candidates": {"hardware.device": ["a100-80gb", "h100-sxm"]},
+            "rates": {"start": 2.0, "max": 64.0, "tolerance": 0.2}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
+    first = pd.read_csv(tmp_path / "out" / "plans.csv")
+    probes = sorted((tmp_path / "out" / "runs").glob("c*/rate=*/summary.json"))
+    assert len(probes) == first["runs"].sum()
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("a finished probe was run again")
+
+    monkeypatch.setattr("llmsim.run.run_experiment", no_rerun)
+    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "plans.csv"), first)

@@ -1,6 +1,10 @@
+import pandas as pd
+
+from llmsim.cluster.simulation import simulate
 from llmsim.kv_cache import BlockManager
 from llmsim.request import Request, RequestStatus
 from llmsim.schedulers import FCFSScheduler, SarathiScheduler
+from tests.factories import make_config, make_requests
 
 
 def apply(out):
@@ -113,6 +117,21 @@ def test_sarathi_beats_fcfs_on_tail_tbt_and_goodput():
         return run_experiment(cfg, write=False)[1]
 
     fcfs, sarathi = run("fcfs"), run("sarathi")
-    assert sarathi["tbt"]["p99_s"] < 0.5 * fcfs["tbt"]["p99_s"]
+    assert sarathi["itl"]["p99_s"] < 0.5 * fcfs["itl"]["p99_s"]
     assert sarathi["slo"]["goodput_requests_per_s"] > 2 * fcfs["slo"]["goodput_requests_per_s"]
     assert sarathi["ttft"]["p90_s"] > fcfs["ttft"]["p90_s"]  # the price: prompts are chunked behind decodes
+
+
+def test_a_policy_with_its_own_admission_order_plugs_in_by_name():
+    """``tests/spf_scheduler.py`` (registered in conftest.py): a short prompt queued behind a long one that
+    does not fit yet is admitted first, under fast-forward and stepping alike."""
+    results = []
+    for ff in (True, False):
+        cfg = make_config(scheduler={"name": "spf", "max_num_batched_tokens": 4096, "max_num_seqs": 1},
+                          cluster={"num_replicas": 1}, simulation={"fast_forward": ff})
+        # One request decodes; a long and then a short prompt queue behind it (max_num_seqs 1).
+        df = simulate(cfg, make_requests([(0.0, 100, 200), (0.1, 3000, 5), (0.2, 50, 5)])).recorder.request_frame()
+        results.append(df)
+        first = df.set_index("id")["first_token_s"]
+        assert first[2] < first[1]
+    pd.testing.assert_frame_equal(results[0], results[1], check_exact=True)

@@ -76,7 +76,7 @@ SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_
                  "question_tokens": 200, "output_tokens": 120, "multi_turn": True}
 
 
-@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1"]),
+@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "spf"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
@@ -123,7 +123,7 @@ def test_skipping_iteration_records_changes_nothing_else():
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "sarathi", "vllm_v1"]), st.sampled_from(["colocated", "llumnix"]))
+       st.sampled_from(["fcfs", "sarathi", "vllm_v1", "spf"]), st.sampled_from(["colocated", "llumnix"]))
 def test_nothing_lost_property(specs, scheduler, policy):
     specs.sort()
     cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096},
@@ -140,7 +140,7 @@ def test_summary_fields():
     s = outcome(make_config())
     assert s["requests"]["arrived"] == 200
     assert s["requests"]["finished"] + s["requests"]["rejected"] + s["requests"]["in_flight"] == 200
-    for key in ("ttft", "tpot", "tbt", "e2e", "queueing"):
+    for key in ("ttft", "tpot", "itl", "e2e", "queueing"):
         assert s[key]["p50_s"] <= s[key]["p90_s"] <= s[key]["p99_s"]
     assert 0 <= s["slo"]["attainment"] <= 1 and 0 < s["utilization"]["mfu"] < 1
 

@@ -127,3 +127,26 @@ def test_analysis_notebook_runs_on_a_small_sweep(tmp_path, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # goodput/energy and TTFT figures
     goodput_text = nb.cells[3].outputs[0]["data"]["text/plain"]
     assert "sarathi" in goodput_text
+
+
+def test_sweep_resumed_under_other_code_reruns_its_points(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    folders = sorted((tmp_path / "out").glob("p*"))
+    recorded = {yaml.safe_load((f / "config.yaml").read_text())["llmsim_version"] for f in folders}
+    from llmsim.version import code_version
+
+    assert recorded == {code_version()}
+    stamps = {f: (f / "summary.json").stat().st_mtime_ns for f in folders}
+    monkeypatch.setattr("llmsim.run.code_version", lambda: "0.0.0+src.other")
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert all((f / "summary.json").stat().st_mtime_ns != stamps[f] for f in folders)
+    assert {yaml.safe_load((f / "config.yaml").read_text())["llmsim_version"] for f in folders} == {"0.0.0+src.other"}
+
+
+def test_set_overrides_the_base_experiment_of_a_sweep(tmp_path):
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0]})
+    _, points = load_sweep(path, {"workload.num_requests": 7, "scheduler.max_num_seqs": 3})
+    assert points[0].config.workload.num_requests == 7 and points[0].config.scheduler.max_num_seqs == 3
+    assert main(["sweep", str(path), "--workers", "1", "-q", "--set", "workload.num_requests=7"]) == 0
+    assert pd.read_csv(tmp_path / "out" / "results.csv")["finished"].tolist() == [7]

@@ -140,6 +140,6 @@ def migration_transfer(gpus_per_node: int, gpus_per_replica: int, link: str
             inter_node = gpus_per_replica > gpus_per_node or node(src) != node(dst)
         else:
             inter_node = link == "inter_node"
-        return src.execution.kv_transfer_s(num_tokens, inter_node)
+        return src.execution.kv_transfer_s(num_tokens, inter_node, dst.execution.plan.num_gpus)
 
     return transfer_s

@@ -41,6 +41,19 @@ class MigrationStats:
     copied_tokens: int = 0
     downtime_s: float = 0.0  # summed over committed migrations
 
+    def summary(self) -> dict:
+        """The ``migration`` section of summary.json."""
+        return {"started": self.started, "committed": self.committed, "aborted": dict(sorted(self.aborted.items())),
+                "copied_tokens": self.copied_tokens,
+                "mean_downtime_s": self.downtime_s / self.committed if self.committed else None}
+
+
+def migration_line(m: dict) -> str:
+    """The summary table's line for a ``migration`` section."""
+    aborted = sum(m["aborted"].values())
+    downtime = f", mean downtime {m['mean_downtime_s'] * 1e3:.2f} ms" if m["mean_downtime_s"] is not None else ""
+    return f"migrations: {m['committed']} committed, {aborted} dropped, {m['copied_tokens']} KV tokens copied{downtime}"
+
 
 class Migrator:
     def __init__(self, env: Clock, transfer_s: Callable[[Replica, Replica, int], float], *, max_stages: int,
@@ -57,7 +70,7 @@ class Migrator:
         m = Migration(request, src, dst, request.num_preemptions)
         self.active[request.id] = m
         self.stats.started += 1
-        dst.scheduler.num_reserved_seqs += 1
+        dst.scheduler.reserve_seq()
         src.post(lambda: self._stage(m))
         return m
 
@@ -79,7 +92,7 @@ class Migrator:
         last = dst.blocks.blocks_for(uncopied_tokens) <= self.last_stage_max_blocks
         if not last and m.num_stages >= self.max_stages:
             return self._abort(m, "did not converge within max_stages")
-        dst.blocks.grow_to(r, dst.blocks.num_held(r) + need)
+        dst.scheduler.reserve_blocks(r, need)
         dst.wake()  # its free KV changed
         delay = self.transfer_s(src, dst, uncopied_tokens)
         self.stats.copied_tokens += uncopied_tokens
@@ -98,7 +111,6 @@ class Migrator:
         action()
 
     def _commit(self, m: Migration, downtime_s: float) -> None:
-        m.dst.scheduler.num_reserved_seqs -= 1
         m.request.num_migrations += 1
         m.dst.adopt(m.request)
         self.stats.committed += 1
@@ -106,8 +118,7 @@ class Migrator:
         self._end(m)
 
     def _abort(self, m: Migration, reason: str) -> None:
-        m.dst.scheduler.num_reserved_seqs -= 1
-        if m.dst.blocks.free(m.request):
+        if m.dst.scheduler.drop_reservation(m.request):
             m.dst.wake()
         self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
         self._end(m)

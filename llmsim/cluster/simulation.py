@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from llmsim.clock import Clock
+from llmsim.cluster.distserve import DistServe
 from llmsim.cluster.llumnix import Llumnix, migration_transfer
 from llmsim.cluster.migration import MigrationStats
 from llmsim.cluster.replica import Replica
@@ -87,7 +88,7 @@ def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
 
 
 def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool, recorder: Recorder,
-                 handoff: Callable[[Request], None] | None = None) -> Replica:
+                 on_prefilled: Callable | None = None) -> Replica:
     s = cfg.scheduler
     num_blocks = pool.memory.num_blocks
     decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV, no prefix lookups
@@ -102,37 +103,26 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
         scheduler = policy(blocks, **kwargs, **{name: getattr(s, name) for name in policy.config_fields})
     pp = pool.execution.plan.pp
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
-                   handoff=handoff, micro_batches=min(cfg.parallel.micro_batches or pp, pp))
+                   on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp))
 
 
-def rejection_reason(r: Request, cfg: ExperimentConfig, max_model_len: int, blocks: BlockManager,
-                     prefill_blocks: BlockManager | None = None) -> str:
-    """Why a request can never be served, or "". ``blocks``: a replica that must hold the whole sequence;
-    ``prefill_blocks``: a DistServe prefill instance, which must hold the prompt."""
+def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Replica) -> str:
+    """Why a request can never be served, or "". ``whole``: a replica that must hold the whole sequence;
+    ``entry``: the replica kind arrivals go to (a DistServe prefill instance must hold the prompt)."""
     total = r.num_prompt_tokens + r.num_output_tokens
     if r.reject_reason:
         return r.reject_reason
     if total > max_model_len:
         return f"prompt + output = {total} tokens exceeds max_model_len {max_model_len}"
+    blocks = whole.blocks
     if blocks.blocks_for(total) > blocks.num_blocks - blocks.watermark_blocks:
         return f"needs {blocks.blocks_for(total)} KV blocks, a replica has {blocks.num_blocks}"
-    if prefill_blocks is not None:
+    if entry is not whole:
+        prefill_blocks = entry.blocks
         need = prefill_blocks.blocks_for(r.num_prompt_tokens + 1)
         if need > prefill_blocks.num_blocks - prefill_blocks.watermark_blocks:
             return f"prompt needs {need} KV blocks, a prefill instance has {prefill_blocks.num_blocks}"
-    if cfg.scheduler.name == "fcfs" and r.num_prompt_tokens > cfg.scheduler.max_num_batched_tokens:
-        return f"prompt of {r.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
-    return ""
-
-
-def kv_handoff_s(prefill: Pool, decode: Pool, num_tokens: int, inter_node: bool) -> float:
-    """KV of ``num_tokens`` from a prefill to a decode instance: each GPU pair moves its shard in parallel, so
-    the side with fewer GPUs sets the number of parallel links."""
-    hw = prefill.execution.hardware
-    link = hw.inter_node if inter_node else hw.intra_node
-    num_bytes = num_tokens * prefill.execution.model.kv_bytes_per_token()
-    links = min(prefill.num_gpus, decode.num_gpus)
-    return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)
+    return entry.scheduler.rejection_reason(r)
 
 
 def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
@@ -143,28 +133,18 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     env = Clock()
     replica_pool = [i for i, pool in enumerate(pools) for _ in range(pool.num_replicas)]
     recorder = Recorder([pools[i].power for i in replica_pool], cfg.simulation.record_iterations)
-    in_transfer: dict[int, Request] = {}
-    decode_replicas: list[Replica] = []
-    decode_router = ROUTERS[cfg.cluster.router]()
-
-    def deliver(r: Request, at: float):
-        yield env.at(at)
-        del in_transfer[r.id]
-        decode_router.pick(r, decode_replicas).submit(r)
-
-    def handoff(r: Request) -> None:
-        in_transfer[r.id] = r
-        delay = kv_handoff_s(pools[0], pools[1], r.num_computed_tokens, cfg.cluster.distserve.kv_link == "inter_node")
-        env.process(deliver(r, env.now + delay))
-
+    distserve = None
+    if cfg.cluster.policy == "distserve":
+        distserve = DistServe(env, ROUTERS[cfg.cluster.router](), cfg.cluster.distserve.kv_link == "inter_node")
     replicas = []
     for rid, pool_index in enumerate(replica_pool):
         pool = pools[pool_index]
-        replicas.append(make_replica(env, rid, cfg, pool, recorder, handoff if pool.role == "prefill" else None))
+        on_prefilled = distserve.on_prefilled if pool.role == "prefill" else None
+        replicas.append(make_replica(env, rid, cfg, pool, recorder, on_prefilled))
     entry = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role != "decode"]
-    decode_replicas += [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"]
-    whole_blocks = (decode_replicas or entry)[0].blocks
-    prefill_blocks = entry[0].blocks if decode_replicas else None
+    if distserve is not None:
+        distserve.decode_replicas = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"]
+    whole = distserve.decode_replicas[0] if distserve is not None else entry[0]
     llumnix = None
     if cfg.cluster.policy == "llumnix":
         transfer = migration_transfer(pools[0].execution.hardware.gpus_per_node, pools[0].num_gpus,
@@ -182,7 +162,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
                 on_progress(1024)
-            reason = rejection_reason(r, cfg, max_model_len, whole_blocks, prefill_blocks)
+            reason = rejection_reason(r, max_model_len, entry[0], whole)
             if reason:
                 r.status, r.reject_reason = RequestStatus.REJECTED, reason
                 recorder.request(r, "rejected")
@@ -193,7 +173,9 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     env.run(until=cfg.simulation.max_time_s)
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)
-    in_flight = [r for rep in replicas for r in rep.in_flight()] + list(in_transfer.values())
+    in_flight = [r for rep in replicas for r in rep.in_flight()]
+    if distserve is not None:
+        in_flight += distserve.in_flight()
     if migrator is not None:
         in_flight += migrator.in_flight()
     for r in in_flight:

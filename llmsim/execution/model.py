@@ -9,7 +9,6 @@ and iteration-by-iteration stepping give bit-identical times.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -137,13 +136,11 @@ class ExecutionModel:
         hand_off = send_recv_s(self._pp_link, num_tokens * self.shapes.hidden * self.shapes.dtype_bytes)
         return (cost.time_s - (pp - 1) * hand_off) / pp, hand_off
 
-    def kv_transfer_s(self, num_tokens: int, inter_node: bool) -> float:
-        """Time to move ``num_tokens`` of KV cache to another instance (KV hand-off, migration)."""
+    def kv_transfer_s(self, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
+        """Time to move ``num_tokens`` of KV cache to an instance of ``dst_num_gpus`` GPUs (DistServe's hand-off,
+        Llumnix's migration): each GPU pair moves its shard in parallel, so the side with fewer GPUs sets the
+        number of parallel links."""
         num_bytes = num_tokens * self.model.kv_bytes_per_token()
         link = self.hardware.inter_node if inter_node else self.hardware.intra_node
-        # Every GPU of the source ships its own shard in parallel.
-        return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * self.plan.num_gpus)
-
-    @property
-    def layers_per_stage(self) -> int:
-        return math.ceil(self.model.num_layers / self.plan.pp)
+        links = min(self.plan.num_gpus, dst_num_gpus)
+        return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)

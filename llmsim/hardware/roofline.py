@@ -33,12 +33,6 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
     return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
 
-def all_gather_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
-    if num_workers <= 1:
-        return 0.0
-    return link.latency_s + all_gather_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
-
-
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
     return link.latency_s + num_bytes / link.bandwidth_bytes_per_s
 

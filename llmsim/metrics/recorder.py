@@ -7,11 +7,13 @@ request rather than by the request objects themselves; iterations and token gaps
 from __future__ import annotations
 
 from array import array
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from llmsim.energy import PowerModel
 from llmsim.request import Request
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUEST_FLOAT_FIELDS = ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s")
 REQUEST_INT_FIELDS = ("id", "replica_id", "num_prompt_tokens", "num_output_tokens", "num_generated_tokens",
@@ -83,23 +85,12 @@ class Recorder:
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
         """Several decode-only iterations at once (a fast-forwarded run)."""
         t = self._totals(replica_id)
-        # PowerModel.power_w inlined (same operations in the same order, so stepping and fast-forwarding agree
-        # bit for bit): this loop runs once per simulated decode step.
         pm = self.powers[replica_id]
-        gpus, idle_w, max_w = pm.num_gpus, pm.idle_w, pm.max_w
-        w_per_flop_s, w_per_byte_s = pm.w_per_flop_s, pm.w_per_byte_s
-        powers: list[float] = []
-        append = powers.append
+        gpus = pm.num_gpus
+        powers = list(map(pm.power_w, durations, flops, num_bytes))
         busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
         energy_j = t.busy_energy_j
-        for duration, f, b, kv in zip(durations, flops, num_bytes, kv_used_blocks):
-            if duration > 0.0:
-                w = idle_w + (w_per_flop_s * f + w_per_byte_s * b) / duration
-                if w >= max_w:
-                    w = max_w
-            else:
-                w = idle_w
-            append(w)
+        for duration, f, b, kv, w in zip(durations, flops, num_bytes, kv_used_blocks, powers):
             busy_s += duration
             total_flops += f
             total_bytes += b
@@ -144,10 +135,14 @@ class Recorder:
         return len(self.status)
 
     def request_frame(self) -> pd.DataFrame:
+        import pandas as pd  # here, not at import: the simulator itself runs without pandas (fast start-up)
+
         df = pd.DataFrame({name: pd.Series(col) for name, col in self.requests.items()})
         df["status"] = pd.Categorical(self.status)
         df["reason"] = self.reason
         return df.sort_values("id", kind="stable").reset_index(drop=True)
 
     def iteration_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.DataFrame({name: pd.Series(col) for name, col in self.iterations.items()})

@@ -1,7 +1,9 @@
 """Summary statistics computed from the records after a run.
 
-TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). TBT: every gap between
-consecutive tokens of a request, pooled over requests. SLO attainment: the share of *arrived* requests that
+TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). ITL (inter-token latency, as
+vLLM's benchmark defines it): every gap between consecutive tokens of a request, pooled over requests. E2EL:
+arrival -> last token. Every percentile is numpy's default (linear interpolation between the closest ranks), as
+in vLLM's ``benchmark_serving``; pooled ITL gaps, kept as (gap, count) pairs, get the same definition. SLO attainment: the share of *arrived* requests that
 finished within both the TTFT and TPOT SLOs (rejected and unfinished requests count as misses).
 Goodput here is the throughput of requests that met every SLO; DistServe's rate-search goodput (the highest
 rate with attainment >= target) comes from a sweep over rates.
@@ -31,22 +33,47 @@ def _stats(values: np.ndarray, unit: str = "s") -> dict:
     return out
 
 
-def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The smallest value whose cumulative weight reaches ``q`` percent (inverted-CDF definition)."""
+def pooled_percentile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """``np.percentile(np.repeat(values, counts), q)`` without expanding the repeats: linear interpolation
+    between the closest ranks, with numpy's own interpolation arithmetic."""
     order = np.argsort(values, kind="stable")
-    cum = np.cumsum(weights[order])
-    idx = int(np.searchsorted(cum, q / 100.0 * cum[-1], side="left"))
-    return float(values[order][min(idx, len(order) - 1)])
+    sorted_values, cum = values[order], np.cumsum(counts[order])
+    position = (q / 100.0) * float(cum[-1] - 1)
+    below = float(np.floor(position))
+    t = position - below
+
+    def at(rank: int) -> float:  # the value at 0-based rank in the expanded, sorted sample
+        return float(sorted_values[min(int(np.searchsorted(cum, rank, side="right")), len(cum) - 1)])
+
+    a, b = at(int(below)), at(min(int(below) + 1, int(cum[-1]) - 1))
+    diff = b - a
+    # numpy's _lerp: exact at both ends and monotone in t.
+    return a + diff * t if t < 0.5 else b - diff * (1.0 - t)
 
 
-def tbt_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
+def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     if len(gaps) == 0:
         return {"count": 0}
     total = counts.sum()
     out = {"count": int(total), "mean_s": float((gaps * counts).sum() / total)}
     for p in PERCENTILES:
-        out[f"p{p}_s"] = weighted_percentile(gaps, counts, p)
+        out[f"p{p}_s"] = pooled_percentile(gaps, counts, p)
     out["max_s"] = float(gaps.max())
+    return out
+
+
+def vllm_metrics(summary: dict) -> dict:
+    """The names vLLM's serving benchmark prints and saves (``benchmark_serving``), latencies in ms."""
+    out: dict = {"completed": summary["requests"]["finished"]}
+    for ours, theirs in (("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2el")):
+        section = summary[ours]
+        for stat, key in (("mean", "mean_s"), ("median", "p50_s"), ("p90", "p90_s"), ("p99", "p99_s")):
+            value = section.get(key)
+            out[f"{stat}_{theirs}_ms"] = value * 1e3 if value is not None else None
+    t = summary["throughput"]
+    out.update(request_throughput=t["requests_per_s"], output_throughput=t["output_tokens_per_s"],
+               total_token_throughput=t["total_tokens_per_s"],
+               request_goodput=summary["slo"]["goodput_requests_per_s"])
     return out
 
 
@@ -104,7 +131,7 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
         },
         "ttft": _stats(finished["ttft_s"].to_numpy()),
         "tpot": _stats(finished["tpot_s"].to_numpy()),
-        "tbt": tbt_stats(gaps, gap_counts),
+        "itl": itl_stats(gaps, gap_counts),
         "e2e": _stats(finished["e2e_s"].to_numpy()),
         "queueing": _stats(finished["queue_s"].to_numpy()),
         "throughput": {
@@ -141,6 +168,7 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
             str(p): {"finished": int(len(group)), "ttft": _stats(group["ttft_s"].to_numpy()),
                      "tpot": _stats(group["tpot_s"].to_numpy()), "e2e": _stats(group["e2e_s"].to_numpy())}
             for p, group in finished.groupby("priority")}
+    summary.update(vllm_metrics(summary))  # top level, as in a saved vLLM benchmark result
     return summary
 
 

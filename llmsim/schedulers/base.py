@@ -12,7 +12,20 @@ what the KV cache manager holds):
 - ``cuts_run(request)``: a request just queued could be admitted at the next step boundary, so a run must stop
   there. The shipped policies admit in queue order and stop at the first request that does not fit, and KV
   headroom only shrinks while requests decode, so only a request that became the head of the queue can cut a
-  run. A policy with another admission order says so here.
+  run. A policy with another admission order says so here (``tests/spf_scheduler.py`` is one).
+
+Nothing outside a scheduler edits its queues or block tables. The replica and the cluster policies act through
+these operations, each taken at an iteration boundary:
+
+- ``add(request)``: queue an arrival (or a request handed over from a DistServe prefill instance);
+- ``retire(finished)``: finished requests leave the batch and free their KV;
+- ``commit_decode_run(requests)``: a fast-forwarded decode run ended; grow the block tables to its tokens;
+- ``start_flight(out)`` / ``land_flight(out)``: a pipeline micro-batch enters / leaves the pipeline;
+- ``release(request)``: a running request leaves with its KV (migrated out, handed to a decode instance);
+- ``reserve_seq()`` / ``reserve_blocks(request, n)`` / ``drop_reservation(request)`` / ``adopt(request)``:
+  the destination side of a live migration -- hold a batch slot and the blocks the copy fills, give them
+  back if the migration is dropped, or take the request into the running batch when it commits.
+- ``rejection_reason(request)``: a request this policy can never run (checked once, at arrival).
 """
 
 from __future__ import annotations
@@ -63,6 +76,8 @@ class Scheduler:
 
     # ``scheduler`` config fields this policy takes as keyword arguments beyond the shared ones.
     config_fields: tuple[str, ...] = ()
+    # Whether the policy looks up cached prefixes (``enable_prefix_caching`` defaults to this).
+    supports_prefix_caching: bool = False
 
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption: str = "recompute", kv_bytes_per_token: float = 0.0):
@@ -113,8 +128,53 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         raise NotImplementedError
 
-    def remove_finished(self) -> None:
+    def rejection_reason(self, request: Request) -> str:
+        """Why this policy can never run ``request``, or "" (the cluster checks memory and length)."""
+        return ""
+
+    # --- operations for the replica and the cluster policies (see the module docstring) -----------------
+
+    def retire(self, finished: list[Request]) -> None:
+        """``finished`` (already marked FINISHED) leave the batch and free their KV."""
+        for r in finished:
+            self.blocks.free(r)
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+
+    def commit_decode_run(self, requests: list[Request]) -> None:
+        """A fast-forwarded decode run advanced ``requests``: their block tables follow their KV tokens."""
+        self.blocks.grow_to_computed(requests)
+
+    def start_flight(self, out: SchedulerOutput) -> None:
+        """A pipeline micro-batch entered stage 0: its requests sit out of later batches until it lands."""
+        self.busy.update(out.request_ids())
+
+    def land_flight(self, out: SchedulerOutput) -> None:
+        self.busy.difference_update(out.request_ids())
+
+    def release(self, request: Request) -> None:
+        """A running request leaves this replica, with its KV (whose blocks are freed here)."""
+        self.running.remove(request)
+        self.blocks.free(request)
+
+    def reserve_seq(self) -> None:
+        """Hold a batch slot for a request migrating in."""
+        self.num_reserved_seqs += 1
+
+    def reserve_blocks(self, request: Request, num_blocks: int) -> None:
+        """Hold ``num_blocks`` more blocks for a request migrating in (the copy fills them)."""
+        self.blocks.grow_to(request, self.blocks.num_held(request) + num_blocks)
+
+    def drop_reservation(self, request: Request) -> bool:
+        """A migration in was dropped: give back its slot and blocks. True when blocks were freed."""
+        self.num_reserved_seqs -= 1
+        return self.blocks.free(request)
+
+    def adopt(self, request: Request) -> None:
+        """A migrated request whose KV fills its reserved blocks joins the running batch; it decodes from the
+        next step on."""
+        self.num_reserved_seqs -= 1
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def cuts_run(self, request: Request) -> bool:
         """True when ``request``, just queued during a decode run, could join the batch at the next boundary."""

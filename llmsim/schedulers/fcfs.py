@@ -8,10 +8,17 @@ cache is full (recompute, or swap to host memory).
 
 from __future__ import annotations
 
+from llmsim.request import Request
 from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
 
 class FCFSScheduler(Scheduler):
+    def rejection_reason(self, request: Request) -> str:
+        # A prompt runs in one step, within the token budget.
+        if request.num_prompt_tokens > self.max_num_batched_tokens:
+            return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
+        return ""
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens

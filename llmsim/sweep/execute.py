@@ -2,7 +2,8 @@
 
 A point is done when its folder holds ``summary.json`` and a ``config.yaml`` equal to the point's resolved config
 (``run_experiment`` writes the config last), so an interrupted or crashed sweep reruns only what is missing or
-changed.
+changed. The resolved config includes the llmsim version and source digest (``llmsim.version``): a sweep resumed
+after the code changed reruns every point.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def point_dir(root: Path, point: Point) -> Path:
 
 def point_config(root: Path, point: Point) -> dict:
     """The point's resolved config as ``run_experiment`` writes it to ``config.yaml``."""
-    return point.config.model_dump(mode="json") | {"output_dir": str(point_dir(root, point))}
+    from llmsim.run import resolved_config
+
+    return resolved_config(point.config) | {"output_dir": str(point_dir(root, point))}
 
 
 def is_done(root: Path, point: Point) -> bool:

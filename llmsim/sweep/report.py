@@ -30,7 +30,7 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
             "throughput_rps": s["throughput"]["requests_per_s"],
             "attainment": s["slo"]["attainment"], "goodput_rps": s["slo"]["goodput_requests_per_s"],
             "ttft_p90_s": s["ttft"]["p90_s"], "ttft_p99_s": s["ttft"]["p99_s"], "tpot_p90_s": s["tpot"]["p90_s"],
-            "tbt_p99_s": s["tbt"]["p99_s"], "e2e_p99_s": s["e2e"]["p99_s"],
+            "itl_p99_s": s["itl"]["p99_s"], "e2e_p99_s": s["e2e"]["p99_s"],
             "preemptions": s["requests"]["preemptions"], "migrations": s["requests"]["migrations"],
             "j_per_output_token": s["energy"]["j_per_output_token"],
             "mean_power_w_per_gpu": s["energy"]["mean_power_w_per_gpu"],

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmsim.config import ExperimentConfig, _resolve_paths, format_validation_error, parse_config, read_yaml
+from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, format_validation_error, parse_config,
+                           read_yaml, set_path)
 from llmsim.errors import ConfigError
 
 RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
@@ -57,27 +58,23 @@ class Point:
     index: int
     values: dict[str, Any]  # grid path -> value
     config: ExperimentConfig
+    folder: str | None = None  # results folder under the sweep's root (default: from the index and values)
 
     @property
     def name(self) -> str:
-        parts = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in self.values.items()]
-        return f"p{self.index:03d}_" + "_".join(parts)
+        if self.folder is not None:
+            return self.folder
+        return f"p{self.index:03d}_" + values_label(self.values)
+
+
+def values_label(values: dict[str, Any]) -> str:
+    """``key=value`` parts of a folder name, from the last component of each dotted path."""
+    return "_".join(f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in values.items())
 
 
 def _short(value: Any) -> str:
     text = str(value) if not isinstance(value, dict) else "-".join(f"{k}{v}" for k, v in value.items())
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)[:40]
-
-
-def set_path(data: dict, path: str, value: Any) -> None:
-    node = data
-    keys = path.split(".")
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {}
-        node = child
-    node[keys[-1]] = copy.deepcopy(value)
 
 
 def load_base(path: Path, base: str | dict) -> dict:
@@ -98,14 +95,15 @@ def load_base(path: Path, base: str | dict) -> dict:
     return data
 
 
-def load_sweep(path: str | Path) -> tuple[SweepConfig, list[Point]]:
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepConfig, list[Point]]:
+    """The sweep's points; ``overrides`` ({dotted path: value}, from ``--set``) apply to the base experiment."""
     path = Path(path)
     raw = read_yaml(path, "sweep file")
     try:
         sweep = SweepConfig(**(raw or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
-    base = load_base(path, sweep.base)
+    base = apply_overrides(load_base(path, sweep.base), overrides, str(path))
     if not sweep.output_dir.is_absolute():
         sweep = sweep.model_copy(update={"output_dir": path.parent / sweep.output_dir})
     if sweep.x is None:

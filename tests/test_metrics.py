@@ -1,0 +1,36 @@
+"""Summary statistics: one percentile definition everywhere, and vLLM's metric names."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmsim.metrics.summary import pooled_percentile
+from llmsim.run import run_experiment
+from tests.factories import make_config
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 10.0), st.integers(1, 50)), min_size=1, max_size=40),
+       st.floats(0.0, 100.0))
+def test_pooled_percentile_is_numpys_percentile_of_the_expanded_sample(pairs, q):
+    values = np.array([v for v, _ in pairs])
+    counts = np.array([c for _, c in pairs], dtype=np.int64)
+    assert pooled_percentile(values, counts, q) == np.percentile(np.repeat(values, counts), q)
+
+
+def test_summary_speaks_vllm_benchmark_names_in_ms():
+    cfg = make_config(workload={"num_requests": 50, "arrival": {"kind": "poisson", "rate_per_s": 5.0},
+                                "prompt_tokens": {"kind": "uniform", "min": 16, "max": 600},
+                                "output_tokens": {"kind": "uniform", "min": 1, "max": 80}})
+    result, s = run_experiment(cfg, write=False)
+    assert s["completed"] == s["requests"]["finished"] == 50
+    for ours, theirs in (("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2el")):
+        assert s[f"mean_{theirs}_ms"] == s[ours]["mean_s"] * 1e3
+        assert s[f"median_{theirs}_ms"] == s[ours]["p50_s"] * 1e3
+        assert s[f"p99_{theirs}_ms"] == s[ours]["p99_s"] * 1e3
+    assert s["request_throughput"] == s["throughput"]["requests_per_s"]
+    assert s["request_goodput"] == s["slo"]["goodput_requests_per_s"]
+    # ITL pools every gap between consecutive tokens: one fewer than the tokens of each request.
+    df = result.recorder.request_frame()
+    assert s["itl"]["count"] == int((df["num_generated_tokens"] - 1).sum())
