@@ -156,6 +156,16 @@ def _cmd_import_vidur(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_aiconfigurator(args: argparse.Namespace) -> int:
+    from llmsim.calibration.aiconfigurator import import_aiconfigurator
+    from llmsim.calibration.measurements import write_measurements
+
+    df = import_aiconfigurator(args.root, args.device, args.gpus_per_node)
+    write_measurements(df, args.out)
+    print(f"{args.out}: {len(df)} rows ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
+    return 0
+
+
 def _print_errors(table, split: str) -> None:
     part = table[table["split"] == split]
     if part.empty:
@@ -171,11 +181,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     path = profile_path(args.device)
     out = Path(args.out) if args.out else path
-    split = Split(tuple(args.hold_out_model), tuple(args.hold_out_workers))
-    command = _command_line(f"llmsim calibrate --device {args.device} --measurements {args.measurements}")
-    profile, result = run_calibration(path, Path(args.measurements), split, out, Path(args.report_dir), command)
-    _print_errors(result.table, "fit")
-    _print_errors(result.table, "held-out")
+    split = Split(tuple(args.hold_out_model), tuple(args.hold_out_workers), tuple(args.hold_out_heads))
+    command = _command_line(f"llmsim calibrate --device {args.device} "
+                            + " ".join(f"--measurements {m}" for m in args.measurements))
+    profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out,
+                                      Path(args.report_dir), command)
+    for split_name in ("fit", "held-out", "l2-resident"):
+        _print_errors(result.table, split_name)
     print(f"fitted profile written to {out}; report {result.report_path}, parity plot {result.plot_path}")
     return 0
 
@@ -184,11 +196,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from llmsim.calibration.workflow import profile_path, validate
 
     path = profile_path(args.device)
-    measurements = Path(args.measurements) if args.measurements else None
+    measurements = [Path(m) for m in args.measurements] if args.measurements else None
     command = _command_line(f"llmsim validate --device {args.device}")
     result = validate(path, measurements, Path(args.report_dir), command)
-    _print_errors(result.table, "fit")
-    _print_errors(result.table, "held-out")
+    for split_name in ("fit", "held-out", "l2-resident"):
+        _print_errors(result.table, split_name)
     print(f"report {result.report_path}, parity plot {result.plot_path}")
     return 0
 
@@ -281,15 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
     imp.set_defaults(func=_cmd_import_vidur)
 
+    aic = sub.add_parser("import-aiconfigurator",
+                         help="convert NVIDIA aiconfigurator's measured vLLM kernel tables to the measurements schema")
+    aic.add_argument("root", help="aiconfigurator's systems/data/<gpu>/ folder")
+    aic.add_argument("--device", required=True, help="profile name to record on the rows, e.g. h100-sxm")
+    aic.add_argument("--gpus-per-node", type=int, default=8)
+    aic.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
+    aic.set_defaults(func=_cmd_import_aiconfigurator)
+
     cal = sub.add_parser("calibrate", help="fit a hardware profile's efficiencies to measured kernel latencies",
                          description="Fit every op kind and collective present in the measurements, write the "
                                      "fitted profile, then validate it on fitted and held-out rows.")
     cal.add_argument("--device", required=True, help="profile name, unique prefix (a100) or profile YAML path")
-    cal.add_argument("--measurements", required=True, help="measurements CSV (llmsim microbench or import-vidur)")
+    cal.add_argument("--measurements", required=True, action="append",
+                     help="measurements CSV (llmsim microbench, import-vidur or import-aiconfigurator); repeatable")
     cal.add_argument("--hold-out-model", action="append", default=[], metavar="MODEL",
                      help="keep this model's rows out of the fit (repeatable)")
     cal.add_argument("--hold-out-workers", action="append", default=[], type=int, metavar="N",
                      help="keep collectives over N workers out of the fit (repeatable)")
+    cal.add_argument("--hold-out-heads", action="append", default=[], metavar="Q/KV",
+                     help="keep attention rows of this head layout per GPU (e.g. 32/8) out of the fit (repeatable)")
     cal.add_argument("--out", help="where to write the fitted profile (default: overwrite the profile)")
     cal.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
                      help="folder for the markdown report and parity plot")
@@ -297,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="predicted vs measured per op: MAPE, max error, parity plot, report")
     val.add_argument("--device", required=True, help="profile name, unique prefix (a100) or profile YAML path")
-    val.add_argument("--measurements", help="measurements CSV (default: the one the profile was fitted on)")
+    val.add_argument("--measurements", action="append",
+                     help="measurements CSV (default: the ones the profile was fitted on); repeatable. Rows of "
+                          "shapes the fit never saw are reported as held-out")
     val.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
                      help="folder for the markdown report and parity plot")
     val.set_defaults(func=_cmd_validate)

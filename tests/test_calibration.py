@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmsim.calibration.aiconfigurator import import_aiconfigurator
 from llmsim.calibration.fit import Split, calibrate
 from llmsim.calibration.measurements import check, normalize, read_measurements, write_measurements
 from llmsim.calibration.predict import Rows, predict_s, roofline_s, row_work
@@ -15,6 +16,8 @@ from llmsim.cli import main
 from llmsim.errors import TraceError
 from llmsim.hardware.profile import ComputeEfficiency, LinkModel, OpEfficiency, load_profile
 from llmsim.hardware.roofline import op_time_s
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = Path(__file__).parent / "data"
 LLAMA_7B = {"n_head": 32, "n_kv_head": 32, "n_embd": 4096, "n_expanded_embd": 11008, "vocab_size": 32000,
@@ -112,9 +115,60 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, bound):
     held = table[table["split"] == "held-out"].set_index("op")["mape"]
     for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"):
         assert held[op] <= bound, (op, held[op])
+    # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
+    # 40/40); bounds as the README states them (decode <= 9%, prefill <= 16%), vLLM's custom all-reduce <= 25%.
+    assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= 0.16, held
+    assert held["all_reduce (vLLM custom)"] <= 0.25
     recorded = profile.validation["mape"]["held-out"]
     assert {op: round(float(v), 4) for op, v in held.items()} == recorded
     assert result.plot_path.stat().st_size > 10_000
+
+
+def test_aiconfigurator_import_maps_columns(tmp_path):
+    base = {"framework": "VLLM", "version": "0.14.0", "device": "X", "kernel_source": "vllm_flash_attn",
+            "head_dim": 128, "beam_width": 1, "attn_dtype": "bfloat16"}
+    folder = tmp_path / "attention" / "vllm" / "0.14.0"
+    folder.mkdir(parents=True)
+    pd.DataFrame([{**base, "op_name": "generation_attention", "batch_size": 4, "isl": 1, "num_heads": 32,
+                   "num_key_value_heads": 8, "kv_cache_dtype": "fp8", "step": 511, "latency": 0.02}]
+                 ).to_parquet(folder / "generation_attention_perf.parquet")
+    pd.DataFrame([{**base, "op_name": "context_attention", "batch_size": 2, "isl": 1024, "num_heads": 16,
+                   "num_key_value_heads": 16, "kv_cache_dtype": "bfloat16", "step": 0, "latency": 0.3}]
+                 ).to_parquet(folder / "context_attention_perf.parquet")
+    comm = tmp_path / "comm" / "vllm" / "0.14.0"
+    comm.mkdir(parents=True)
+    pd.DataFrame([{"op_name": "all_reduce", "kernel_source": k, "allreduce_dtype": "bfloat16", "num_gpus": 4,
+                   "message_size": 8192, "latency": 0.005} for k in ("vLLM_custom_graph", "vLLM_custom_eager")]
+                 ).to_parquet(comm / "custom_allreduce_perf.parquet")
+    df = import_aiconfigurator(tmp_path, "h100-sxm").set_index("op")
+    decode, prefill = df.loc["attn_decode"], df.loc["attn_prefill"]
+    assert (decode["kv_len"], decode["seq_len"], decode["kv_dtype"], decode["dtype"]) == (512, 1, "fp8", "bf16")
+    assert (prefill["seq_len"], prefill["kv_len"], prefill["n_embd"]) == (1024, 0, 16 * 128)
+    assert sorted(df.loc["all_reduce"]["impl"]) == ["custom_eager", "custom_graph"]
+    rows = Rows(df.reset_index())
+    assert sorted(rows.kind) == ["all_reduce_custom", "attention_decode", "attention_prefill", "unmodelled"]
+    with pytest.raises(TraceError, match="no aiconfigurator attention or communication tables"):
+        import_aiconfigurator(tmp_path / "attention", "h100-sxm")
+
+
+def test_validating_on_unseen_shapes_labels_them_held_out(tmp_path):
+    """Rows of shapes the profile's own measurements do not contain are never reported under "fit"."""
+    df = read_measurements(ROOT / "hardware_profiles" / "measurements" / "vidur-a100.csv.gz")
+    seen = df[(df["model"] == "meta-llama/Llama-2-7b-hf") & (df["op"] == "attn_pre_proj")].head(20)
+    other = seen.assign(model="someone/else-7b")
+    path = tmp_path / "mixed.csv"
+    write_measurements(pd.concat([seen, other]), path)
+    result = validate(profile_path("a100-80gb"), [path], tmp_path, "test")
+    table = result.table.set_index(["split", "op"])
+    assert table.loc[("held-out", "attn_pre_proj"), "rows"] >= 1
+    assert table.loc[("fit", "attn_pre_proj"), "rows"] == (seen["op"] == "attn_pre_proj").sum()
+
+
+def test_calibrate_refuses_a_hold_out_that_matches_nothing(tmp_path, capsys):
+    assert main(["calibrate", "--device", "cpu", "--measurements",
+                 str(ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"), "--hold-out-model", "Nope-1B",
+                 "--out", str(tmp_path / "p.yaml"), "--report-dir", str(tmp_path)]) == 2
+    assert "--hold-out-model 'Nope-1B' matches no measured row" in capsys.readouterr().err
 
 
 def test_vidur_import_and_schema_round_trip(tmp_path):

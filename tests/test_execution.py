@@ -4,6 +4,7 @@ from llmsim.errors import ConfigError, PlanError
 from llmsim.execution import ops
 from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
+from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s
 from llmsim.hardware.profile import load_profile
 from llmsim.models import load_model
 
@@ -59,9 +60,18 @@ def test_roofline_regimes():
 def test_decode_iteration_is_the_general_path():
     ex = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2))
     assert ex.decode_iteration(37, 12345) == ex.iteration((), 37, 12345, 37)
-    # The cached decode-attention path is exactly ops.decode_attention through the roofline.
+    # The cached decode-attention path is exactly ops.decode_attention through the fitted kernel model
+    # (or, for a profile without one, through the roofline).
     op = ops.decode_attention(ex.shapes, 37, 12345)
-    assert ex._decode_attention(37, 12345) == (32 * ex.op_cost(op), 32 * op.flops * 2, 32 * op.num_bytes * 2)
+    fit = A100.decode_attention
+    kv_heads = ex.shapes.kv_heads
+    layer_s = decode_attention_s(fit, decode_stream_s(fit, 37, kv_heads), op.num_bytes,
+                                 decode_memory_rate(fit, A100.memory_bandwidth_bytes_per_s, 37, kv_heads))
+    assert ex._decode_attention(37, 12345) == pytest.approx((32 * layer_s, 32 * op.flops * 2, 32 * op.num_bytes * 2),
+                                                            rel=1e-12)
+    roofline = ExecutionModel(LLAMA7, A100.model_copy(update={"decode_attention": None}), ParallelPlan(tp=2))
+    assert roofline._decode_attention(37, 12345) == (32 * roofline.op_cost(op), 32 * op.flops * 2,
+                                                     32 * op.num_bytes * 2)
     times, flops, num_bytes = ex.decode_run(37, 12345, 5)
     for j in range(5):
         assert (times[j], flops[j], num_bytes[j]) == tuple(ex.decode_iteration(37, 12345 + 37 * j))

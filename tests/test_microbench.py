@@ -65,7 +65,7 @@ def _calibrate_here(tmp_path):
     collective = df["op"].isin(COLLECTIVES)
     df.loc[collective, "median_ms"] = df.loc[collective, "min_ms"]
     write_measurements(df, out)
-    profile, result = run_calibration(PROFILES_DIR / "cpu.yaml", out, Split(held_out_models=("Llama-3-8B",)),
+    profile, result = run_calibration(PROFILES_DIR / "cpu.yaml", [out], Split(held_out_models=("Llama-3-8B",)),
                                       tmp_path / "cpu.yaml", tmp_path, "test")
     return profile, result.table.set_index(["split", "op"])["mape"]
 

@@ -15,8 +15,10 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
-from llmsim.calibration.predict import Rows, link_s, roofline_s
-from llmsim.hardware.profile import ComputeEfficiency, HardwareProfile, LinkModel, OpEfficiency
+from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, roofline_s
+from llmsim.hardware.attention import prefill_attention_s
+from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
+                                     PrefillAttentionFit)
 
 _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
 # Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
@@ -30,15 +32,35 @@ LINK_START = (10.0, 100.0)  # latency in microseconds, bandwidth in GB/s
 
 @dataclass(frozen=True)
 class Split:
-    """Which rows are held out: every row of the named models, and collectives over the named worker counts."""
+    """Which rows are held out: every row of the named models, every attention row of the named head layouts
+    (``"32/8"``: 32 query heads, 8 KV heads per GPU), and collectives over the named worker counts."""
 
     held_out_models: tuple[str, ...] = ()
     held_out_num_workers: tuple[int, ...] = ()
+    held_out_head_layouts: tuple[str, ...] = ()
 
     def held_out(self, df: pd.DataFrame) -> np.ndarray:
         by_model = df["model"].isin(self.held_out_models).to_numpy()
         by_workers = (df["op"].isin(COLLECTIVE_OPS) & df["num_workers"].isin(self.held_out_num_workers)).to_numpy()
-        return by_model | by_workers
+        layout = [f"{_int(h)}/{_int(k)}" for h, k in zip(df["n_head"], df["n_kv_head"])]
+        by_layout = (df["op"].isin(("attn_prefill", "attn_decode")).to_numpy()
+                     & np.isin(layout, list(self.held_out_head_layouts)))
+        return by_model | by_workers | by_layout
+
+
+def _int(value) -> str:
+    return "" if pd.isna(value) else str(int(value))
+
+
+def l2_resident(profile: HardwareProfile, rows: Rows) -> np.ndarray:
+    """Decode rows whose KV (bytes) fits the L2 cache but is not negligible next to it. A microbenchmark that
+    repeats one kernel reads such KV from L2; in serving, each layer's KV is evicted by the other layers' before
+    it is read again, so these rows would teach the model a bandwidth HBM does not have. They are left out of
+    the fit and reported apart."""
+    if profile.l2_cache_bytes is None:
+        return np.zeros(len(rows), dtype=bool)
+    kv = rows.kv_bytes
+    return (rows.kind == "attention_decode") & (kv > profile.l2_cache_bytes / 16) & (kv < profile.l2_cache_bytes)
 
 
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
@@ -85,19 +107,73 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
     return LinkModel(latency_s=round(latency_us * 1e-6, 9), bandwidth_bytes_per_s=round(bandwidth_gbs * 1e9, 0))
 
 
+def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
+    peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
+    y = rows.measured_s[mask]
+    names = ("overhead_s", "max_eff", "half_keys", "half_tiles", "memory_eff", "softness")
+
+    def fit_of(x):  # overhead in microseconds for the optimiser
+        return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, *x[1:]))), tile_tokens=128)
+
+    def residuals(x):
+        predicted = prefill_attention_s(fit_of(x), peak, profile.memory_bandwidth_bytes_per_s, rows.flops[mask],
+                                        rows.num_bytes[mask], rows.mean_keys[mask], rows.query_tiles[mask])
+        return np.log(predicted / y)
+
+    lower, upper = [0.0, 0.05, 0.0, 0.0, 0.01, 1.0], [200.0, 1.0, 1e5, 1e6, 1.0, 8.0]
+    fit = least_squares(residuals, [10.0, 0.7, 128.0, 100.0, 0.5, 2.0], bounds=(lower, upper), loss="soft_l1",
+                        f_scale=_LOSS_SCALE)
+    x = [round(float(v), 4) for v in fit.x]
+    return PrefillAttentionFit(overhead_s=round(x[0] * 1e-6, 9), max_eff=x[1], half_keys=x[2], half_tiles=x[3],
+                               memory_eff=x[4], softness=x[5])
+
+
+def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> DecodeAttentionFit:
+    y = rows.measured_s[mask]
+
+    def fit_of(x):  # overhead and per-stream time in microseconds for the optimiser
+        return DecodeAttentionFit.model_construct(overhead_s=x[0] * 1e-6, per_stream_s=x[1] * 1e-6,
+                                                  memory_eff=x[2], half_streams=x[3], min_splits=x[4],
+                                                  softness=x[5])
+
+    def residuals(x):
+        return np.log(decode_s(profile, rows, mask, fit_of(x)) / y)
+
+    lower, upper = [0.0, 0.0, 0.1, 0.0, 1.0, 1.0], [100.0, 10.0, 1.0, 1e4, 1e3, 8.0]
+    fit = least_squares(residuals, [10.0, 0.03, 0.9, 30.0, 16.0, 2.0], bounds=(lower, upper), loss="soft_l1",
+                        f_scale=_LOSS_SCALE)
+    x = [float(v) for v in fit.x]
+    return DecodeAttentionFit(overhead_s=round(x[0] * 1e-6, 9), per_stream_s=round(x[1] * 1e-6, 12),
+                              memory_eff=round(x[2], 4), half_streams=round(x[3], 3), min_splits=round(x[4], 3),
+                              softness=round(x[5], 4))
+
+
 def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwareProfile:
     """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
-    train = ~split.held_out(rows.df)
+    train = ~split.held_out(rows.df) & ~l2_resident(profile, rows)
     efficiency = dict(profile.efficiency)
     links: dict[str, LinkModel] = {}
+    kernels: dict[str, object] = {}
     for kind in sorted(set(rows.kind[train])):
         mask = train & (rows.kind == kind)
-        if kind.split("_inter_node")[0] in COLLECTIVE_OPS:
-            links[kind] = fit_link(rows, mask, kind)
+        if kind == "unmodelled":
+            continue
+        flash = profile.attention_model == "flash_attention"
+        if flash and kind == "attention_prefill":
+            kernels["prefill_attention"] = fit_prefill_attention(profile, rows, mask)
+            continue
+        if flash and kind == "attention_decode":
+            kernels["decode_attention"] = fit_decode_attention(profile, rows, mask)
+            continue
+        if is_link_kind(kind):
+            if kind.endswith("_custom"):  # fitted on the sizes vLLM sends through it
+                mask &= rows.size_bytes <= (profile.custom_all_reduce_max_bytes or 0.0)
+            if mask.any():
+                links[kind] = fit_link(rows, mask, kind)
             continue
         peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
         current = efficiency.get(kind)
         kept = current.compute if current else ComputeEfficiency(max_eff=START[0], half_tokens=START[1])
         efficiency[kind] = fit_efficiency(rows, mask, kind, peak, profile.memory_bandwidth_bytes_per_s, kept)
-    return profile.model_copy(update={"efficiency": efficiency, **links})
+    return profile.model_copy(update={"efficiency": efficiency, **links, **kernels})

@@ -17,13 +17,19 @@ from llmsim.errors import TraceError
 # Layer ops of one transformer layer on one TP shard (shapes from the model columns, num_tokens, tp).
 LAYER_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
              "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "lm_head")
-ATTENTION_OPS = ("attn_prefill", "attn_decode")  # batch_size sequences of seq_len new tokens over kv_len cached
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "send_recv")  # size_bytes over num_workers, devices_per_node
+# batch_size sequences of seq_len new tokens over kv_len cached (decode: kv_len including the new token); the KV
+# cache is stored in kv_dtype (default: dtype).
+ATTENTION_OPS = ("attn_prefill", "attn_decode")
+# size_bytes over num_workers, devices_per_node; impl: which implementation ran it (nccl when empty, or vLLM's
+# custom all-reduce inside CUDA graphs, ``custom_graph``, or outside them, ``custom_eager``).
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "send_recv")
+COLLECTIVE_IMPLS = ("nccl", "custom_graph", "custom_eager")
 MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
 OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS
 
 SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size",
-                 "gated", "batch_size", "seq_len", "kv_len", "size_bytes", "num_workers", "devices_per_node")
+                 "gated", "batch_size", "seq_len", "kv_len", "kv_dtype", "size_bytes", "num_workers",
+                 "devices_per_node", "impl")
 TIME_COLUMNS = ("median_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
 COLUMNS = ("device", "op", "dtype", *SHAPE_COLUMNS, *TIME_COLUMNS, "repetitions", "torch_version", "date", "source")
 
@@ -62,6 +68,9 @@ def check(df: pd.DataFrame, where: str) -> pd.DataFrame:
             value = getattr(row, column)
             if pd.isna(value) or float(value) < 0:
                 raise TraceError(f"{line}: op {op} needs a non-negative {column!r}, got {value!r}")
+        impl = row.impl
+        if op in COLLECTIVE_OPS and isinstance(impl, str) and impl not in COLLECTIVE_IMPLS:
+            raise TraceError(f"{line}: unknown impl {impl!r}; allowed: {', '.join(COLLECTIVE_IMPLS)}")
         median = row.median_ms
         if pd.isna(median) or not float(median) > 0:
             raise TraceError(f"{line}: median_ms must be a positive number, got {median!r}")
@@ -74,7 +83,8 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
         raise TraceError(f"{path}: measurements file not found")
     try:
         df = pd.read_csv(path, dtype={"device": str, "op": str, "model": str, "dtype": str, "gated": str,
-                                      "torch_version": str, "date": str, "source": str})
+                                      "kv_dtype": str, "impl": str, "torch_version": str, "date": str,
+                                      "source": str})
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise TraceError(f"{path}: not a measurements CSV: {exc}") from None
     missing = [c for c in ("device", "op", "median_ms") if c not in df.columns]

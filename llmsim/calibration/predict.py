@@ -15,18 +15,19 @@ import pandas as pd
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
+from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
-from llmsim.models.spec import ModelSpec
+from llmsim.models.spec import DTYPE_BYTES, ModelSpec
 
 
 
 @lru_cache(maxsize=4096)
 def _shapes(n_head: int, n_kv_head: int, n_embd: int, n_expanded: int, vocab: int, gated: bool, dtype: str,
-            tp: int) -> ops.ShardShapes:
+            tp: int, kv_dtype: str) -> ops.ShardShapes:
     spec = ModelSpec(name="measured", num_layers=1, hidden_size=n_embd, num_heads=n_head, num_kv_heads=n_kv_head,
                      head_dim=n_embd // n_head, ffn_size=n_expanded, gated_mlp=gated, vocab_size=vocab, dtype=dtype)
-    return ops.ShardShapes.of(spec, tp)
+    return ops.ShardShapes.of(spec, tp, DTYPE_BYTES[kv_dtype])
 
 
 def _int(value, default: int) -> int:
@@ -38,8 +39,10 @@ def row_shapes(row) -> ops.ShardShapes:
     n_embd = int(row.n_embd)
     gated = True if pd.isna(row.gated) else str(row.gated).lower() in ("true", "1", "1.0")
     dtype = row.dtype if isinstance(row.dtype, str) else "fp16"
+    kv_dtype = getattr(row, "kv_dtype", None)
+    kv_dtype = kv_dtype if isinstance(kv_dtype, str) else dtype
     return _shapes(int(row.n_head), int(row.n_kv_head), n_embd, _int(row.n_expanded_embd, 4 * n_embd),
-                   _int(row.vocab_size, 32000), gated, dtype, int(row.tp))
+                   _int(row.vocab_size, 32000), gated, dtype, int(row.tp), kv_dtype)
 
 
 def row_work(row) -> ops.OpWork:
@@ -74,20 +77,49 @@ class Rows:
         self.num_bytes = np.zeros(n)
         self.num_tokens = np.zeros(n)
         self.dtype = np.array([d if isinstance(d, str) else "fp16" for d in self.df["dtype"]], dtype=object)
+        # Attention rows: what the fitted kernels depend on besides FLOPs and bytes.
+        self.mean_keys = np.zeros(n)
+        self.query_tiles = np.zeros(n)
+        self.batch = self.df["batch_size"].to_numpy(dtype=float)
+        self.kv_heads = np.zeros(n)
+        self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
         for i, row in enumerate(self.df.itertuples(index=False)):
             if is_collective[i]:
-                inter = int(row.devices_per_node) < int(row.num_workers)
-                self.kind[i] = f"{row.op}_inter_node" if inter else row.op
+                self.kind[i] = collective_kind(row)
                 continue
             work = row_work(row)
             self.kind[i] = work.kind
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
+            if row.op in ("attn_prefill", "attn_decode"):
+                s = row_shapes(row)
+                self.kv_heads[i] = s.kv_heads
+                if row.op == "attn_prefill":
+                    chunks = ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size)
+                    self.mean_keys[i], self.query_tiles[i] = ops.prefill_attention_grid(s, chunks, 128)
+                else:
+                    self.kv_bytes[i] = 2 * int(row.batch_size) * int(row.kv_len) * s.kv * s.kv_dtype_bytes
         self.size_bytes = self.df["size_bytes"].to_numpy(dtype=float)
         self.num_workers = self.df["num_workers"].to_numpy(dtype=float)
 
     def __len__(self) -> int:
         return len(self.df)
+
+
+def collective_kind(row) -> str:
+    """``all_reduce``, ``all_reduce_inter_node``, ``all_reduce_custom`` (vLLM's, in CUDA graphs), ... or
+    ``unmodelled`` for vLLM's custom all-reduce outside CUDA graphs (reported, not fitted)."""
+    impl = row.impl if isinstance(row.impl, str) else "nccl"
+    if impl == "custom_graph":
+        return f"{row.op}_custom"
+    if impl == "custom_eager":
+        return "unmodelled"
+    inter = int(row.devices_per_node) < int(row.num_workers)
+    return f"{row.op}_inter_node" if inter else row.op
+
+
+def is_link_kind(kind: str) -> bool:
+    return kind.split("_inter_node")[0].split("_custom")[0] in COLLECTIVE_OPS
 
 
 def roofline_s(flops, num_bytes, num_tokens, peak, bandwidth, max_eff, half_tokens, memory_eff, overhead_s):
@@ -117,11 +149,21 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
     out = np.full(len(rows), np.nan)
     for kind in np.unique(rows.kind):
         m = rows.kind == kind
-        if kind.split("_inter_node")[0] in COLLECTIVE_OPS:
+        if kind == "attention_prefill" and profile.prefill_attention is not None:
+            out[m] = prefill_attention_s(profile.prefill_attention, _peaks(profile, rows, m),
+                                         profile.memory_bandwidth_bytes_per_s, rows.flops[m], rows.num_bytes[m],
+                                         rows.mean_keys[m], rows.query_tiles[m])
+            continue
+        if kind == "attention_decode" and profile.decode_attention is not None:
+            out[m] = decode_s(profile, rows, m)
+            continue
+        if is_link_kind(kind):
             link: LinkModel | None = getattr(profile, kind, None)  # all_reduce, send_recv_inter_node, ...
             if link is not None:
                 out[m] = link_s(kind, rows.size_bytes[m], rows.num_workers[m], link.latency_s,
                                 link.bandwidth_bytes_per_s)
+            if kind.endswith("_custom"):  # beyond its size limit vLLM runs NCCL, not the custom kernel
+                out[m & (rows.size_bytes > (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
             continue
         eff: OpEfficiency | None = profile.efficiency.get(kind)
         if eff is None:
@@ -131,3 +173,15 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                             profile.memory_bandwidth_bytes_per_s, eff.compute.max_eff, eff.compute.half_tokens,
                             eff.memory_eff, eff.overhead_s)
     return out
+
+
+def _peaks(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarray:
+    return np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
+
+
+def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:
+    """The fitted decode kernel on rows ``m`` (``fit`` overrides the profile's, for the optimiser)."""
+    fit = fit or profile.decode_attention
+    stream = decode_stream_s(fit, rows.batch[m], rows.kv_heads[m])
+    rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m])
+    return decode_attention_s(fit, stream, rows.num_bytes[m], rate)

@@ -13,20 +13,34 @@ from llmsim.calibration.predict import Rows, predict_s
 from llmsim.hardware.profile import HardwareProfile
 
 
-def compare(profile: HardwareProfile, rows: Rows, split: Split) -> pd.DataFrame:
-    """One row per measurement: op, split (fit / held-out), measured and predicted seconds, relative error."""
+def compare(profile: HardwareProfile, rows: Rows, held_out: np.ndarray,
+            l2_resident: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per measurement: op, split (fit / held-out / l2-resident), measured and predicted seconds,
+    relative error."""
     predicted = predict_s(profile, rows)
+    split = np.where(held_out, "held-out", "fit")
+    if l2_resident is not None:
+        split = np.where(l2_resident, "l2-resident", split)
     out = pd.DataFrame({
-        "op": rows.df["op"].where(~pd.Series(rows.kind).str.endswith("_inter_node"),
-                                  rows.df["op"] + " (inter-node)"),
+        "op": _op_labels(rows),
         "model": rows.df["model"],
-        "split": np.where(split.held_out(rows.df), "held-out", "fit"),
+        "split": split,
         "measured_s": rows.measured_s,
         "predicted_s": predicted,
     })
     out = pd.concat([out, _layer_sums(out, rows.df)], ignore_index=True)
     out["rel_error"] = out["predicted_s"] / out["measured_s"] - 1.0
     return out[out["predicted_s"].notna()].reset_index(drop=True)
+
+
+def _op_labels(rows: Rows) -> pd.Series:
+    """The op, with the collective's variant where the kind has one: ``all_reduce (inter-node)``,
+    ``all_reduce (vLLM custom)``, ``all_reduce (vLLM custom, eager)``."""
+    kind = pd.Series(rows.kind)
+    op = rows.df["op"].copy()
+    op = op.where(~kind.str.endswith("_inter_node"), op + " (inter-node)")
+    op = op.where(~kind.str.endswith("_custom"), op + " (vLLM custom)")
+    return op.where(kind != "unmodelled", op + " (vLLM custom, eager)")
 
 
 # The ops of one layer, as measured: the schema's layer ops without the embedding and LM head.
@@ -91,8 +105,14 @@ def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, s
         "",
         f"Produced by `{command}`.",
         f"Measurements: `{measurements}`. Held-out models: {', '.join(split.held_out_models) or 'none'}; "
-        f"held-out collective worker counts: {', '.join(map(str, split.held_out_num_workers)) or 'none'}. "
-        "Held-out rows were never seen by the fit.",
+        f"held-out collective worker counts: {', '.join(map(str, split.held_out_num_workers)) or 'none'}; "
+        f"held-out attention head layouts (query/KV heads per GPU): "
+        f"{', '.join(split.held_out_head_layouts) or 'none'}. Held-out rows were never seen by the fit.",
+        "",
+        "`l2-resident`: decode-attention rows whose KV is between 1/16 of the L2 cache and its size. The benchmark "
+        "re-reads the same KV, so it comes from L2; in serving every layer's KV is evicted before it is read "
+        "again. These rows are not fitted and are reported apart." if (table["split"] == "l2-resident").any()
+        else "",
         "",
         "Relative error = predicted / measured - 1. MAPE = mean absolute relative error; bias = median signed error.",
         "",

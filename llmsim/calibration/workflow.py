@@ -10,9 +10,11 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
-from llmsim.calibration.fit import Split, calibrate
+from llmsim.calibration.fit import Split, calibrate, l2_resident
 from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
 from llmsim.calibration.report import compare, error_table, markdown, parity_plot, summary
@@ -48,7 +50,35 @@ def _read_profile(path: Path) -> HardwareProfile:
 
 def _split(profile: HardwareProfile) -> Split:
     c = profile.calibration
-    return Split(tuple(c.get("held_out_models", ())), tuple(c.get("held_out_num_workers", ())))
+    return Split(tuple(c.get("held_out_models", ())), tuple(c.get("held_out_num_workers", ())),
+                 tuple(c.get("held_out_head_layouts", ())))
+
+
+def _stored_measurements(profile: HardwareProfile, path: Path) -> list[Path]:
+    stored = profile.calibration.get("measurements")
+    if not stored:
+        return []
+    return [path.parent / m for m in ([stored] if isinstance(stored, str) else stored)]
+
+
+def read_all(paths: list[Path]) -> Rows:
+    return Rows(pd.concat([read_measurements(p) for p in paths], ignore_index=True))
+
+
+def unseen(rows: Rows, fitted: Rows | None, split: Split) -> np.ndarray:
+    """Rows the fit cannot have seen: held out by the split, or of a model, head layout or collective the
+    profile's own measurements do not contain (validating on another file must not label its rows "fit")."""
+    held = split.held_out(rows.df)
+    if fitted is None:
+        return held
+    fitted_keys = set(_keys(fitted.df)[~split.held_out(fitted.df)])
+    return held | ~np.isin(_keys(rows.df), list(fitted_keys))
+
+
+def _keys(df: pd.DataFrame) -> np.ndarray:
+    """What identifies the shapes a row comes from: its op and model, head layout or worker count."""
+    return np.array([f"{op}|{model}|{h}/{k}|{w}|{d}" for op, model, h, k, w, d in zip(
+        df["op"], df["model"], df["n_head"], df["n_kv_head"], df["num_workers"], df["device"])])
 
 
 @dataclass
@@ -60,37 +90,44 @@ class Validation:
 
 def validate(path: Path, measurements: Path | None, out_dir: Path, command: str) -> Validation:
     profile = _read_profile(path)
+    stored = _stored_measurements(profile, path)
     if measurements is None:
-        stored = profile.calibration.get("measurements")
         if not stored:
             raise ConfigError(f"{path}: no calibration.measurements recorded; pass --measurements FILE")
-        measurements = path.parent / stored
-    rows = Rows(read_measurements(measurements))
+        measurements = stored
+    rows = read_all(measurements)
     split = _split(profile)
-    comparison = compare(profile, rows, split)
+    own = all(m.resolve() in {s.resolve() for s in stored} for m in measurements)
+    held = unseen(rows, None if own else (read_all(stored) if stored else None), split)
+    if not own and not stored:
+        held = np.ones(len(rows), dtype=bool)  # an uncalibrated profile has seen nothing
+    comparison = compare(profile, rows, held, l2_resident(profile, rows))
     if comparison.empty:
-        raise ConfigError(f"{measurements}: no rows that {profile.name} can predict (device ops or kinds missing)")
+        raise ConfigError(f"{', '.join(map(str, measurements))}: no rows that {profile.name} can predict "
+                          "(device ops or kinds missing)")
     table = error_table(comparison)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = out_dir / f"{profile.name}.png"
     parity_plot(comparison, profile.name, plot)
     report = out_dir / f"{profile.name}.md"
-    shown = _relative(measurements, path.parent)
+    shown = ", ".join(_relative(m, path.parent) for m in measurements)
     report.write_text(markdown(profile, table, shown, split, plot.name, command))
     return Validation(table, report, plot)
 
 
-def run_calibration(path: Path, measurements: Path, split: Split, out: Path, report_dir: Path,
+def run_calibration(path: Path, measurements: list[Path], split: Split, out: Path, report_dir: Path,
                     command: str) -> tuple[HardwareProfile, Validation]:
     """Fit ``path``'s profile to ``measurements``, write the fitted profile to ``out``, validate it."""
     profile = _read_profile(path)
-    rows = Rows(read_measurements(measurements))
+    rows = read_all(measurements)
+    _check_split(rows, split)
     fitted = calibrate(profile, rows, split)
     calibration = {
-        "measurements": _relative(measurements, out.parent),
+        "measurements": [_relative(m, out.parent) for m in measurements],
         "held_out_models": list(split.held_out_models),
         "held_out_num_workers": list(split.held_out_num_workers),
-        "fitted_rows": int((~split.held_out(rows.df)).sum()),
+        "held_out_head_layouts": list(split.held_out_head_layouts),
+        "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)).sum()),
         "method": METHOD,
         "date": dt.date.today().isoformat(),
         "command": command,
@@ -104,6 +141,28 @@ def run_calibration(path: Path, measurements: Path, split: Split, out: Path, rep
     }})
     write_profile(fitted, out)
     return fitted, result
+
+
+def _check_split(rows: Rows, split: Split) -> None:
+    """A held-out name that matches no row is a typo, not a held-out set."""
+    df = rows.df
+    models = set(df["model"].dropna())
+    for model in split.held_out_models:
+        if model not in models:
+            raise ConfigError(f"--hold-out-model {model!r} matches no measured row; models: "
+                              f"{', '.join(sorted(models)[:20])}")
+    layouts = {f"{int(h)}/{int(k)}" for h, k in zip(df["n_head"], df["n_kv_head"])
+               if not (pd.isna(h) or pd.isna(k))}
+    for layout in split.held_out_head_layouts:
+        if layout not in layouts:
+            raise ConfigError(f"--hold-out-heads {layout!r} matches no measured attention row; layouts: "
+                              f"{', '.join(sorted(layouts))}")
+    workers = set(df["num_workers"].dropna().astype(int))
+    for n in split.held_out_num_workers:
+        if n not in workers:
+            raise ConfigError(f"--hold-out-workers {n} matches no measured collective")
+    if len(df) and split.held_out(df).all():
+        raise ConfigError("every measured row is held out: nothing left to fit")
 
 
 def write_profile(profile: HardwareProfile, path: Path) -> None:

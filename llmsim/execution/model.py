@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from llmsim.execution import ops
+from llmsim.hardware.attention import decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import HardwareProfile, LinkModel
 from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
@@ -41,6 +42,9 @@ class ExecutionModel:
         self.peak_flops = hardware.peak(model.dtype)
         self.bandwidth = hardware.memory_bandwidth_bytes_per_s
         self._tp_link = tp_link(hardware, plan.tp)
+        # vLLM runs its custom all-reduce inside a node for messages up to its size limit, NCCL beyond.
+        self._custom_link = hardware.all_reduce_custom if plan.tp <= hardware.gpus_per_node else None
+        self._custom_max_bytes = hardware.custom_all_reduce_max_bytes or 0.0
         # Pipeline stages hand activations over NVLink-class links inside a node, the network across nodes.
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
@@ -61,7 +65,10 @@ class ExecutionModel:
         layer_ops = ops.dense_layer_ops(s, num_tokens)
         layer_s = sum(self.op_cost(op) for op in layer_ops)
         activation_bytes = num_tokens * s.hidden * s.dtype_bytes
-        layer_s += 2 * all_reduce_s(self._tp_link, activation_bytes, tp)
+        link = self._tp_link
+        if self._custom_link is not None and activation_bytes <= self._custom_max_bytes:
+            link = self._custom_link
+        layer_s += 2 * all_reduce_s(link, activation_bytes, tp)
         other = [ops.embedding(s, num_tokens)] + (ops.lm_head(s, num_samples) if num_samples else [])
         time_s = layers * layer_s + sum(self.op_cost(op) for op in other)
         if self.plan.pp > 1:
@@ -80,7 +87,7 @@ class ExecutionModel:
         layers, tp = self.model.num_layers, self.plan.tp
         if prefill_chunks:
             op = ops.prefill_attention(self.shapes, prefill_chunks)
-            time_s += layers * self.op_cost(op)
+            time_s += layers * self._prefill_attention_s(op, prefill_chunks)
             flops += layers * op.flops * tp
             num_bytes += layers * op.num_bytes * tp
         if num_decode:
@@ -89,6 +96,13 @@ class ExecutionModel:
             flops += attn_flops
             num_bytes += attn_bytes
         return IterationCost(time_s, flops, num_bytes)
+
+    def _prefill_attention_s(self, op: ops.OpWork, chunks: tuple[tuple[int, int], ...]) -> float:
+        fit = self.hardware.prefill_attention
+        if fit is None:
+            return self.op_cost(op)
+        mean_keys, tiles = ops.prefill_attention_grid(self.shapes, chunks, fit.tile_tokens)
+        return prefill_attention_s(fit, self.peak_flops, self.bandwidth, op.flops, op.num_bytes, mean_keys, tiles)
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
@@ -99,13 +113,24 @@ class ExecutionModel:
             eff = self.hardware.efficiency["attention_decode"]
             empty = ops.decode_attention(self.shapes, num_decode, 0)
             one = ops.decode_attention(self.shapes, num_decode, 1)
-            c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes,
-                 self.peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
+            fit = self.hardware.decode_attention
+            if fit is None:  # roofline: compute rate, memory rate, overhead
+                c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, None,
+                     self.peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
+            else:  # fitted kernel: per-sequence term, KV read rate, overhead
+                kv_heads = self.shapes.kv_heads
+                c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
+                     decode_stream_s(fit, num_decode, kv_heads),
+                     decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads), fit.overhead_s)
             self._decode_attn_cache[num_decode] = c
-        flops_per_kv, bytes_per_kv, fixed_bytes, compute_rate, memory_rate, overhead_s = c
+        flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
         flops = flops_per_kv * kv_tokens
         num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
-        layer_s = max(flops / compute_rate, num_bytes / memory_rate) + overhead_s
+        if fit is None:
+            layer_s = max(flops / a, num_bytes / b) + overhead_s
+        else:
+            p = fit.softness
+            layer_s = overhead_s + (a ** p + (num_bytes / b) ** p) ** (1.0 / p)
         layers, tp = self.model.num_layers, self.plan.tp
         return layers * layer_s, layers * flops * tp, layers * num_bytes * tp
 

@@ -37,13 +37,19 @@ class ShardShapes:
     num_experts: int
     experts_per_token: int
     dtype_bytes: int
+    kv_dtype_bytes: int  # the KV cache's element size (vLLM's --kv-cache-dtype; default the model's dtype)
 
     @classmethod
-    def of(cls, m: ModelSpec, tp: int) -> "ShardShapes":
+    def of(cls, m: ModelSpec, tp: int, kv_dtype_bytes: int | None = None) -> "ShardShapes":
         return cls(hidden=m.hidden_size, q=m.q_size // tp, kv=max(1, math.ceil(m.num_kv_heads / tp)) * m.head_dim,
                    ffn=m.ffn_size // tp, vocab=math.ceil(m.vocab_size / tp), num_heads=m.num_heads // tp,
                    head_dim=m.head_dim, gated=m.gated_mlp, num_experts=m.num_experts,
-                   experts_per_token=m.experts_per_token, dtype_bytes=m.dtype_bytes)
+                   experts_per_token=m.experts_per_token, dtype_bytes=m.dtype_bytes,
+                   kv_dtype_bytes=kv_dtype_bytes or m.dtype_bytes)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kv // self.head_dim
 
 
 def linear(name: str, tokens: int, n_in: int, n_out: int, d: int, weight_copies: int = 1) -> OpWork:
@@ -88,15 +94,25 @@ def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> Op
         # Each new token attends to the cached prefix and, causally, to half the chunk on average.
         keys = cached + (new + 1) / 2.0
         flops += 4.0 * s.num_heads * s.head_dim * new * keys
-        num_bytes += (2 * new * s.q + 2 * (cached + new) * s.kv + 2 * new * s.kv) * s.dtype_bytes
+        # Reads Q and writes O; reads the KV of the prefix and the chunk and writes the chunk's into the cache.
+        num_bytes += 2 * new * s.q * s.dtype_bytes + (2 * (cached + new) * s.kv + 2 * new * s.kv) * s.kv_dtype_bytes
         tokens += new
     return OpWork("attn_prefill", "attention_prefill", flops, num_bytes, tokens)
+
+
+def prefill_attention_grid(s: ShardShapes, chunks: tuple[tuple[int, int], ...], tile_tokens: int
+                           ) -> tuple[float, float]:
+    """(keys per query on average, query tiles): what the fitted prefill kernel's efficiency depends on."""
+    tokens = sum(new for new, _ in chunks)
+    mean_keys = sum(new * (cached + (new + 1) / 2.0) for new, cached in chunks) / tokens
+    tiles = s.num_heads * sum(-(-new // tile_tokens) for new, _ in chunks)
+    return mean_keys, float(tiles)
 
 
 def decode_attention(s: ShardShapes, num_decode: int, kv_tokens: int) -> OpWork:
     """Paged decode attention: each query reads its whole KV history (``kv_tokens`` summed over the batch)."""
     flops = 4.0 * s.num_heads * s.head_dim * kv_tokens
-    num_bytes = (2 * kv_tokens * s.kv + 2 * num_decode * s.q + 2 * num_decode * s.kv) * s.dtype_bytes
+    num_bytes = 2 * kv_tokens * s.kv * s.kv_dtype_bytes + (2 * num_decode * s.q + 2 * num_decode * s.kv) * s.dtype_bytes
     return OpWork("attn_decode", "attention_decode", flops, num_bytes, num_decode)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +47,44 @@ class LinkModel(_Frozen):
     bandwidth_bytes_per_s: float = Field(gt=0)
 
 
+class PrefillAttentionFit(_Frozen):
+    """vLLM's flash-attention prefill kernel, fitted on measured latencies (``hardware/attention.py``)::
+
+        time = overhead + (compute^p + memory^p)^(1/p)
+        compute = FLOPs / (peak * max_eff * L / (L + half_keys) * C / (C + half_tiles))
+        memory = bytes / (bandwidth * memory_eff)
+
+    ``L``: keys each query attends to, on average (the length of the inner loop a tile amortises its set-up
+    over); ``C``: query tiles of ``tile_tokens`` tokens per head, summed over sequences and heads (the kernel's
+    grid: few tiles leave SMs idle); ``p`` (``softness``): how much compute and memory traffic overlap."""
+
+    overhead_s: float = Field(ge=0)
+    max_eff: float = Field(gt=0, le=1)
+    half_keys: float = Field(ge=0)
+    half_tiles: float = Field(ge=0)
+    memory_eff: float = Field(gt=0, le=1)
+    softness: float = Field(ge=1)
+    tile_tokens: int = Field(default=128, ge=1)
+
+
+class DecodeAttentionFit(_Frozen):
+    """vLLM's paged decode attention, fitted on measured latencies (``hardware/attention.py``)::
+
+        time = overhead + (stream^p + memory^p)^(1/p)
+        stream = batch * kv_heads * per_stream_s      (per sequence and KV head: block table, query, softmax)
+        memory = KV bytes / (bandwidth * memory_eff * n / (n + half_streams)),  n = kv_heads * max(batch, min_splits)
+
+    ``n`` counts the parallel KV streams: a small batch is split along the KV length (split-KV), which the
+    measurements show levels off at about ``min_splits`` streams per KV head."""
+
+    overhead_s: float = Field(ge=0)
+    per_stream_s: float = Field(ge=0)
+    memory_eff: float = Field(gt=0, le=1)
+    half_streams: float = Field(ge=0)
+    min_splits: float = Field(ge=1)
+    softness: float = Field(ge=1)
+
+
 class Interconnect(_Frozen):
     name: str
     bandwidth_bytes_per_s: float = Field(gt=0)  # one direction, per GPU
@@ -77,6 +115,16 @@ class HardwareProfile(_Frozen):
     all_reduce_inter_node: LinkModel | None = None  # fitted where multi-node measurements exist
     send_recv_inter_node: LinkModel | None = None
     all_gather: LinkModel | None = None
+    # vLLM's custom all-reduce (inside CUDA graphs), used inside a node for messages up to
+    # ``custom_all_reduce_max_bytes``; NCCL (``all_reduce``) beyond.
+    all_reduce_custom: LinkModel | None = None
+    custom_all_reduce_max_bytes: float | None = Field(default=None, gt=0)
+    # How attention kernels are modelled: the roofline ``efficiency`` kinds (any device), or vLLM's flash-attention
+    # kernels (``prefill_attention`` / ``decode_attention``, which ``llmsim calibrate`` fits on measured kernels).
+    attention_model: Literal["roofline", "flash_attention"] = "roofline"
+    prefill_attention: PrefillAttentionFit | None = None
+    decode_attention: DecodeAttentionFit | None = None
+    l2_cache_bytes: float | None = Field(default=None, gt=0)  # decides which decode measurements sat in L2
     sources: dict[str, str]
     calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
     validation: dict[str, Any] = {}  # error of the fit, per op, on fitted and held-out data

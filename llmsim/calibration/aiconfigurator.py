@@ -1,0 +1,90 @@
+"""Import NVIDIA aiconfigurator's measured vLLM kernel tables (github.com/ai-dynamo/aiconfigurator, Apache-2.0)
+into the measurements schema.
+
+Layout read (the repository's ``systems/data/<gpu>/`` folder): ``attention/vllm/<version>/
+{context,generation}_attention_perf.parquet`` (vLLM's flash-attention kernels by batch, length, heads and KV
+dtype, latency in ms), ``comm/vllm/<version>/custom_allreduce_perf.parquet`` (vLLM's custom all-reduce, in and
+out of CUDA graphs) and ``comm/nccl/<version>/nccl_perf.parquet`` (NCCL all-reduce and all-gather). Heads are
+per GPU (one TP shard), so the rows carry ``tp`` 1. GEMM and fused-MoE tables are not imported yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from llmsim.calibration.measurements import check, normalize
+from llmsim.errors import TraceError
+
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", "int8": "int8"}
+_IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eager", "NCCL": "nccl"}
+
+
+def _table(root: Path, pattern: str, needed: tuple[str, ...]) -> pd.DataFrame | None:
+    found = sorted(root.glob(pattern))
+    if not found:
+        return None
+    try:
+        df = pd.read_parquet(found[-1])  # the newest version folder sorts last
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"{found[-1]}: not an aiconfigurator table: {exc}") from None
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise TraceError(f"{found[-1]}: missing aiconfigurator columns {', '.join(missing)}")
+    return df.assign(source=f"aiconfigurator {found[-1].relative_to(root)}")
+
+
+def _dtype(series: pd.Series, where: str) -> pd.Series:
+    unknown = sorted(set(series) - set(_DTYPES))
+    if unknown:
+        raise TraceError(f"{where}: unknown dtype {unknown[0]!r}; known: {', '.join(_DTYPES)}")
+    return series.map(_DTYPES)
+
+
+def _attention(df: pd.DataFrame, device: str, op: str) -> pd.DataFrame:
+    decode = op == "attn_decode"
+    # A decode step's query attends over the prompt (isl) and the ``step`` tokens generated before it.
+    kv_len = df["isl"] + df["step"] if decode else 0
+    return pd.DataFrame({
+        "device": device, "op": op, "dtype": _dtype(df["attn_dtype"], op), "tp": 1,
+        "model": [f"heads{h}/kv{k}" for h, k in zip(df["num_heads"], df["num_key_value_heads"])],
+        "n_head": df["num_heads"], "n_kv_head": df["num_key_value_heads"], "n_embd": df["num_heads"] * df["head_dim"],
+        "batch_size": df["batch_size"], "seq_len": 1 if decode else df["isl"], "kv_len": kv_len,
+        "kv_dtype": _dtype(df["kv_cache_dtype"], op), "median_ms": df["latency"], "source": df["source"],
+    })
+
+
+def _collectives(df: pd.DataFrame, device: str, gpus_per_node: int, dtype_column: str) -> pd.DataFrame:
+    df = df[df["op_name"].isin(["all_reduce", "all_gather"])]
+    return pd.DataFrame({
+        "device": device, "op": df["op_name"], "dtype": _dtype(df[dtype_column], "collective"),
+        "size_bytes": df["message_size"], "num_workers": df["num_gpus"], "devices_per_node": gpus_per_node,
+        "impl": df["kernel_source"].map(_IMPLS), "median_ms": df["latency"], "source": df["source"],
+    })
+
+
+def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8) -> pd.DataFrame:
+    """Every supported table under ``root`` (one GPU's folder) as measurement rows for ``device``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TraceError(f"{root}: not a folder (expected aiconfigurator's systems/data/<gpu>/)")
+    frames = []
+    attention = ("batch_size", "isl", "num_heads", "num_key_value_heads", "head_dim", "attn_dtype",
+                 "kv_cache_dtype", "step", "latency")
+    for pattern, op in (("attention/vllm/*/context_attention_perf.parquet", "attn_prefill"),
+                        ("attention/vllm/*/generation_attention_perf.parquet", "attn_decode")):
+        table = _table(root, pattern, attention)
+        if table is not None:
+            frames.append(_attention(table, device, op))
+    comm = ("op_name", "kernel_source", "num_gpus", "message_size", "latency")
+    custom = _table(root, "comm/vllm/*/custom_allreduce_perf.parquet", comm + ("allreduce_dtype",))
+    if custom is not None:
+        frames.append(_collectives(custom, device, gpus_per_node, "allreduce_dtype"))
+    nccl = _table(root, "comm/nccl/*/nccl_perf.parquet", comm + ("nccl_dtype",))
+    if nccl is not None:
+        frames.append(_collectives(nccl[nccl["nccl_dtype"] == "half"], device, gpus_per_node, "nccl_dtype"))
+    if not frames:
+        raise TraceError(f"{root}: no aiconfigurator attention or communication tables found")
+    df = normalize(pd.concat(frames, ignore_index=True))
+    return check(df, str(root))
