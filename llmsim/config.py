@@ -35,7 +35,12 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str  # catalog name or path to a HuggingFace config.json
+    # Weights' dtype (default the model's); fp8/int8 is a quantised checkpoint, GEMMs at that dtype's peak.
     dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] | None = None
+    # Activations (and TP all-reduce payloads): default the weights' dtype when 16/32-bit, else bf16.
+    activation_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    # vLLM's --kv-cache-dtype: default the activations'.
+    kv_cache_dtype: Literal["fp32", "fp16", "bf16", "fp8"] | None = None
 
 
 class HardwareConfig(_Strict):

@@ -147,7 +147,7 @@ def test_aiconfigurator_import_maps_columns(tmp_path):
     assert sorted(df.loc["all_reduce"]["impl"]) == ["custom_eager", "custom_graph"]
     rows = Rows(df.reset_index())
     assert sorted(rows.kind) == ["all_reduce_custom", "attention_decode", "attention_prefill", "unmodelled"]
-    with pytest.raises(TraceError, match="no aiconfigurator attention or communication tables"):
+    with pytest.raises(TraceError, match="no aiconfigurator attention, GEMM or communication tables"):
         import_aiconfigurator(tmp_path / "attention", "h100-sxm")
 
 

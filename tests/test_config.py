@@ -75,3 +75,15 @@ def test_unknown_key_in_a_union_member_lists_that_members_keys():
                                    "prompt_tokens": {"kind": "zipf", "min": 1, "max": 9, "foo": 1},
                                    "output_tokens": {"kind": "fixed", "value": 1}}})
     assert "workload.prompt_tokens.foo: unknown key; allowed keys: a, kind, max, min" in str(err.value)
+
+
+def test_model_precisions_reach_the_execution_model():
+    from llmsim.cluster.simulation import build_execution
+
+    quantised = build_execution(make_config(model={"name": "Llama-2-7B", "dtype": "fp8", "kv_cache_dtype": "fp8"},
+                                            hardware={"device": "h100-sxm"}))
+    plain = build_execution(make_config(model={"name": "Llama-2-7B"}, hardware={"device": "h100-sxm"}))
+    assert quantised[0].act_dtype == "bf16" and quantised[0].kv_dtype == "fp8"
+    assert quantised[2].num_blocks > 2 * plain[2].num_blocks  # half the KV bytes, and room the weights freed
+    with pytest.raises(ConfigError, match="model.activation_dtype"):
+        make_config(model={"name": "Llama-2-7B", "activation_dtype": "fp8"})

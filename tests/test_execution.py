@@ -6,6 +6,7 @@ from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s
 from llmsim.hardware.profile import load_profile
+from llmsim.hardware.roofline import op_time_s
 from llmsim.models import load_model
 
 LLAMA7 = load_model("Llama-2-7B")
@@ -105,3 +106,35 @@ def test_unknown_device_and_dtype():
         load_profile("b200")
     with pytest.raises(ConfigError, match="no peak FLOPS for dtype"):
         load_profile("t4").peak("bf16")
+
+
+def test_precision_as_engines_have_it():
+    """FP8 weights halve weight bytes and run GEMMs at the FP8 peak; activations (and TP all-reduce payloads)
+    stay 16-bit; the KV cache has its own dtype."""
+    h100 = load_profile("h100-sxm")
+    bf16 = load_model("Llama-2-7B", "bf16")
+    fp8 = load_model("Llama-2-7B", "fp8")
+    fp8_kv8 = load_model("Llama-2-7B", "fp8", kv_cache_dtype="fp8")
+    assert (fp8.act_dtype, fp8.kv_dtype, fp8_kv8.kv_dtype) == ("bf16", "bf16", "fp8")
+    a, b = ops.ShardShapes.of(bf16, 2), ops.ShardShapes.of(fp8, 2)
+    assert (b.dtype_bytes, b.weight_bytes, b.kv_dtype_bytes, b.gemm_kind) == (2, 1, 2, "linear_fp8")
+    qkv_a, qkv_b = (by_name(ops.dense_layer_ops(s, 64))["attn_pre_proj"] for s in (a, b))
+    h, n_out = 4096, (4096 + 2 * 4096) // 2
+    assert qkv_a.num_bytes - qkv_b.num_bytes == h * n_out  # one byte less per weight, activations unchanged
+    head_a, head_b = ops.lm_head(a, 8)[1], ops.lm_head(b, 8)[1]
+    assert head_a == head_b  # vLLM leaves the LM head unquantised
+    ex_a, ex_b = (ExecutionModel(m, h100, ParallelPlan(tp=2)) for m in (bf16, fp8))
+    assert ex_b.peak_flops == h100.peak("fp8") and ex_b.act_peak_flops == h100.peak("bf16")
+    # FP8 GEMMs on their own fitted curve at the FP8 peak; attention at the activations' peak.
+    bw = h100.memory_bandwidth_bytes_per_s
+    assert ex_b.op_cost(qkv_b) == op_time_s(h100.efficiency["linear_fp8"], h100.peak("fp8"), bw, qkv_b.flops,
+                                            qkv_b.num_bytes, qkv_b.num_tokens)
+    rope = by_name(ops.dense_layer_ops(b, 64))["attn_rope"]
+    assert ex_b.op_cost(rope) == op_time_s(h100.efficiency["rope"], h100.peak("bf16"), bw, rope.flops,
+                                           rope.num_bytes, rope.num_tokens)
+    plan = dict(block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=8192, max_num_seqs=256,
+                runtime_reserve_gib=1.0, max_model_len=4096)
+    mem_a, mem_b, mem_c = (plan_memory(m, h100, ParallelPlan(tp=1), **plan) for m in (bf16, fp8, fp8_kv8))
+    assert mem_b.weights_bytes < 0.55 * mem_a.weights_bytes
+    assert mem_c.kv_bytes_per_block == mem_b.kv_bytes_per_block / 2 and mem_c.num_blocks > 1.9 * mem_b.num_blocks
+    assert fp8_kv8.kv_bytes_per_token() == bf16.kv_bytes_per_token() / 2

@@ -5,7 +5,8 @@ Layout read (the repository's ``systems/data/<gpu>/`` folder): ``attention/vllm/
 {context,generation}_attention_perf.parquet`` (vLLM's flash-attention kernels by batch, length, heads and KV
 dtype, latency in ms), ``comm/vllm/<version>/custom_allreduce_perf.parquet`` (vLLM's custom all-reduce, in and
 out of CUDA graphs) and ``comm/nccl/<version>/nccl_perf.parquet`` (NCCL all-reduce and all-gather). Heads are
-per GPU (one TP shard), so the rows carry ``tp`` 1. GEMM and fused-MoE tables are not imported yet.
+per GPU (one TP shard), so the rows carry ``tp`` 1. ``gemm/vllm/<version>/gemm_perf.parquet``: vLLM's GEMMs by
+m, n, k and dtype (bf16, fp8 W8A8, block-scaled fp8). The fused-MoE table is not imported yet.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pandas as pd
 from llmsim.calibration.measurements import check, normalize
 from llmsim.errors import TraceError
 
-_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", "int8": "int8"}
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", "int8": "int8",
+           "fp8_block": "fp8_block"}
 _IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eager", "NCCL": "nccl"}
 
 
@@ -64,6 +66,14 @@ def _collectives(df: pd.DataFrame, device: str, gpus_per_node: int, dtype_column
     })
 
 
+def _gemms(df: pd.DataFrame, device: str) -> pd.DataFrame:
+    return pd.DataFrame({
+        "device": device, "op": "gemm", "dtype": _dtype(df["gemm_dtype"], "gemm"), "model": "gemm", "tp": 1,
+        "num_tokens": df["m"], "gemm_n": df["n"], "gemm_k": df["k"], "median_ms": df["latency"],
+        "source": df["source"],
+    })
+
+
 def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8) -> pd.DataFrame:
     """Every supported table under ``root`` (one GPU's folder) as measurement rows for ``device``."""
     root = Path(root)
@@ -77,6 +87,9 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
         table = _table(root, pattern, attention)
         if table is not None:
             frames.append(_attention(table, device, op))
+    gemm = _table(root, "gemm/vllm/*/gemm_perf.parquet", ("gemm_dtype", "m", "n", "k", "latency"))
+    if gemm is not None:
+        frames.append(_gemms(gemm, device))
     comm = ("op_name", "kernel_source", "num_gpus", "message_size", "latency")
     custom = _table(root, "comm/vllm/*/custom_allreduce_perf.parquet", comm + ("allreduce_dtype",))
     if custom is not None:
@@ -85,6 +98,6 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
     if nccl is not None:
         frames.append(_collectives(nccl[nccl["nccl_dtype"] == "half"], device, gpus_per_node, "nccl_dtype"))
     if not frames:
-        raise TraceError(f"{root}: no aiconfigurator attention or communication tables found")
+        raise TraceError(f"{root}: no aiconfigurator attention, GEMM or communication tables found")
     df = normalize(pd.concat(frames, ignore_index=True))
     return check(df, str(root))

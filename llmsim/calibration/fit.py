@@ -23,7 +23,7 @@ from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, Hard
 _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
 # Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
 # memory-bound at every size; fitting their compute curve would only turn it into a second overhead term.
-COMPUTE_BOUND_KINDS = ("linear", "attention_prefill")
+COMPUTE_BOUND_KINDS = ("linear", "linear_fp8", "attention_prefill")
 # Every fit starts from the same point, not from the profile's current values, so refitting a fitted profile
 # reproduces it exactly (the optimiser's end point depends on its start).
 START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds
@@ -33,11 +33,13 @@ LINK_START = (10.0, 100.0)  # latency in microseconds, bandwidth in GB/s
 @dataclass(frozen=True)
 class Split:
     """Which rows are held out: every row of the named models, every attention row of the named head layouts
-    (``"32/8"``: 32 query heads, 8 KV heads per GPU), and collectives over the named worker counts."""
+    (``"32/8"``: 32 query heads, 8 KV heads per GPU), every bare GEMM of the named inner dimensions (a model's
+    hidden size: all its M and N), and collectives over the named worker counts."""
 
     held_out_models: tuple[str, ...] = ()
     held_out_num_workers: tuple[int, ...] = ()
     held_out_head_layouts: tuple[str, ...] = ()
+    held_out_gemm_k: tuple[int, ...] = ()  # bare GEMM rows (op ``gemm``) of these inner dimensions
 
     def held_out(self, df: pd.DataFrame) -> np.ndarray:
         by_model = df["model"].isin(self.held_out_models).to_numpy()
@@ -45,7 +47,8 @@ class Split:
         layout = [f"{_int(h)}/{_int(k)}" for h, k in zip(df["n_head"], df["n_kv_head"])]
         by_layout = (df["op"].isin(("attn_prefill", "attn_decode")).to_numpy()
                      & np.isin(layout, list(self.held_out_head_layouts)))
-        return by_model | by_workers | by_layout
+        by_gemm = (df["op"] == "gemm").to_numpy() & df["gemm_k"].isin(self.held_out_gemm_k).to_numpy()
+        return by_model | by_workers | by_layout | by_gemm
 
 
 def _int(value) -> str:

@@ -25,11 +25,13 @@ ATTENTION_OPS = ("attn_prefill", "attn_decode")
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "send_recv")
 COLLECTIVE_IMPLS = ("nccl", "custom_graph", "custom_eager")
 MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
-OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS
+# A bare GEMM [num_tokens, gemm_k] x [gemm_k, gemm_n] with weights in dtype (fp8: W8A8), output 16-bit.
+GEMM_OPS = ("gemm",)
+OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS + GEMM_OPS
 
 SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size",
                  "gated", "batch_size", "seq_len", "kv_len", "kv_dtype", "size_bytes", "num_workers",
-                 "devices_per_node", "impl")
+                 "devices_per_node", "impl", "gemm_n", "gemm_k")
 TIME_COLUMNS = ("median_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
 COLUMNS = ("device", "op", "dtype", *SHAPE_COLUMNS, *TIME_COLUMNS, "repetitions", "torch_version", "date", "source")
 
@@ -40,6 +42,7 @@ _REQUIRED = {
     "attn_decode": ("n_head", "n_kv_head", "n_embd", "tp", "batch_size", "kv_len"),
     **{op: ("size_bytes", "num_workers", "devices_per_node") for op in COLLECTIVE_OPS},
     "memcpy": ("size_bytes",),
+    "gemm": ("num_tokens", "gemm_n", "gemm_k"),
 }
 
 

@@ -18,7 +18,7 @@ from llmsim.execution import ops
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
-from llmsim.models.spec import DTYPE_BYTES, ModelSpec
+from llmsim.models.spec import ModelSpec
 
 
 
@@ -26,8 +26,17 @@ from llmsim.models.spec import DTYPE_BYTES, ModelSpec
 def _shapes(n_head: int, n_kv_head: int, n_embd: int, n_expanded: int, vocab: int, gated: bool, dtype: str,
             tp: int, kv_dtype: str) -> ops.ShardShapes:
     spec = ModelSpec(name="measured", num_layers=1, hidden_size=n_embd, num_heads=n_head, num_kv_heads=n_kv_head,
-                     head_dim=n_embd // n_head, ffn_size=n_expanded, gated_mlp=gated, vocab_size=vocab, dtype=dtype)
-    return ops.ShardShapes.of(spec, tp, DTYPE_BYTES[kv_dtype])
+                     head_dim=n_embd // n_head, ffn_size=n_expanded, gated_mlp=gated, vocab_size=vocab, dtype=dtype,
+                     kv_cache_dtype=kv_dtype)
+    return ops.ShardShapes.of(spec, tp)
+
+
+@lru_cache(maxsize=8)
+def _gemm_shapes(dtype: str) -> ops.ShardShapes:
+    """Shapes that carry only what ``ops.linear`` reads: element sizes and the GEMM kind of ``dtype`` weights."""
+    spec = ModelSpec(name="gemm", num_layers=1, hidden_size=128, num_heads=1, num_kv_heads=1, head_dim=128,
+                     ffn_size=128, vocab_size=128, dtype=dtype)
+    return ops.ShardShapes.of(spec, 1)
 
 
 def _int(value, default: int) -> int:
@@ -50,6 +59,10 @@ def row_work(row) -> ops.OpWork:
     op = row.op
     if op == "memcpy":  # device copy: reads and writes size_bytes
         return ops.OpWork("memcpy", "copy", 0.0, 2.0 * float(row.size_bytes), 0.0)
+    if op == "gemm":  # [num_tokens, gemm_k] x [gemm_k, gemm_n], weights in dtype, activations 16-bit
+        if row.dtype == "fp8_block":  # block-scaled FP8 (DeepSeek-style): not modelled
+            return ops.OpWork("gemm", "unmodelled", 0.0, 0.0, 0.0)
+        return ops.linear("gemm", int(row.num_tokens), int(row.gemm_k), int(row.gemm_n), _gemm_shapes(row.dtype))
     s = row_shapes(row)
     if op == "attn_prefill":
         chunk = (int(row.seq_len), int(row.kv_len))
@@ -166,6 +179,8 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                 out[m & (rows.size_bytes > (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
             continue
         eff: OpEfficiency | None = profile.efficiency.get(kind)
+        if eff is None and kind.startswith("linear"):  # as the execution model: the 16-bit curve, FP8 peak
+            eff = profile.efficiency.get("linear")
         if eff is None:
             continue
         peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])

@@ -40,6 +40,8 @@ def _op_labels(rows: Rows) -> pd.Series:
     op = rows.df["op"].copy()
     op = op.where(~kind.str.endswith("_inter_node"), op + " (inter-node)")
     op = op.where(~kind.str.endswith("_custom"), op + " (vLLM custom)")
+    op = op.where(~((rows.df["op"] == "gemm") & (kind == "linear_fp8")), op + " (fp8)")
+    op = op.where(~((rows.df["op"] == "gemm") & (kind == "unmodelled")), op + " (fp8 block-scaled)")
     return op.where(kind != "unmodelled", op + " (vLLM custom, eager)")
 
 

@@ -51,7 +51,7 @@ def _read_profile(path: Path) -> HardwareProfile:
 def _split(profile: HardwareProfile) -> Split:
     c = profile.calibration
     return Split(tuple(c.get("held_out_models", ())), tuple(c.get("held_out_num_workers", ())),
-                 tuple(c.get("held_out_head_layouts", ())))
+                 tuple(c.get("held_out_head_layouts", ())), tuple(c.get("held_out_gemm_k", ())))
 
 
 def _stored_measurements(profile: HardwareProfile, path: Path) -> list[Path]:
@@ -77,8 +77,8 @@ def unseen(rows: Rows, fitted: Rows | None, split: Split) -> np.ndarray:
 
 def _keys(df: pd.DataFrame) -> np.ndarray:
     """What identifies the shapes a row comes from: its op and model, head layout or worker count."""
-    return np.array([f"{op}|{model}|{h}/{k}|{w}|{d}" for op, model, h, k, w, d in zip(
-        df["op"], df["model"], df["n_head"], df["n_kv_head"], df["num_workers"], df["device"])])
+    return np.array([f"{op}|{model}|{h}/{k}|{w}|{d}|{g}" for op, model, h, k, w, d, g in zip(
+        df["op"], df["model"], df["n_head"], df["n_kv_head"], df["num_workers"], df["device"], df["gemm_k"])])
 
 
 @dataclass
@@ -127,6 +127,7 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
         "held_out_models": list(split.held_out_models),
         "held_out_num_workers": list(split.held_out_num_workers),
         "held_out_head_layouts": list(split.held_out_head_layouts),
+        "held_out_gemm_k": list(split.held_out_gemm_k),
         "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)).sum()),
         "method": METHOD,
         "date": dt.date.today().isoformat(),
@@ -157,6 +158,10 @@ def _check_split(rows: Rows, split: Split) -> None:
         if layout not in layouts:
             raise ConfigError(f"--hold-out-heads {layout!r} matches no measured attention row; layouts: "
                               f"{', '.join(sorted(layouts))}")
+    gemm_k = set(df.loc[df["op"] == "gemm", "gemm_k"].dropna().astype(int))
+    for k in split.held_out_gemm_k:
+        if k not in gemm_k:
+            raise ConfigError(f"--hold-out-gemm-k {k} matches no measured GEMM")
     workers = set(df["num_workers"].dropna().astype(int))
     for n in split.held_out_num_workers:
         if n not in workers:

@@ -60,7 +60,8 @@ class SimulationResult:
 
 def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None
                     ) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
-    model = load_model(cfg.model.name, cfg.model.dtype)
+    m = cfg.model
+    model = load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
     hardware = load_profile(cfg.hardware.device)
     plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp)
     s = cfg.scheduler

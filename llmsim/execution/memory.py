@@ -27,19 +27,19 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
                 gpu_memory_utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
                 runtime_reserve_gib: float, max_model_len: int) -> MemoryPlan:
     s = ShardShapes.of(model, plan.tp)
-    d = model.dtype_bytes
+    w, d = model.dtype_bytes, model.act_bytes  # weights; activations (and the unquantised embedding, LM head)
     layers = math.ceil(model.num_layers / plan.pp)
     embed_params = model.vocab_size * model.hidden_size / plan.tp
     # With one stage, the GPU holds both embedding and LM head; with several, each end stage holds one.
-    weights = (layers * model.params_per_layer / plan.tp + embed_params * (2 if plan.pp == 1 else 1)
-               + model.hidden_size) * d  # + final norm
+    weights = (layers * model.params_per_layer / plan.tp * w
+               + (embed_params * (2 if plan.pp == 1 else 1) + model.hidden_size) * d)  # + final norm
     routed = max_num_batched_tokens * model.experts_per_token
     # Live tensors at the widest point of a layer (residual, normed input, QKV, MLP intermediate),
     # plus fp32 logits for every sequence that samples.
     activations = (max_num_batched_tokens * (3 * s.hidden + s.q + 2 * s.kv) + routed * 3 * s.ffn) * d
     activations += max_num_seqs * s.vocab * 4
     reserve = runtime_reserve_gib * GIB
-    kv_per_block = 2 * layers * s.kv * d * block_size
+    kv_per_block = 2 * layers * s.kv * model.kv_dtype_bytes * block_size
     free = hardware.memory_bytes * gpu_memory_utilization - weights - activations - reserve
     num_blocks = int(free // kv_per_block) if free > 0 else 0
     needed = math.ceil(max_model_len / block_size)

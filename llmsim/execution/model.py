@@ -39,7 +39,8 @@ class ExecutionModel:
     def __init__(self, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan):
         self.model, self.hardware, self.plan = model, hardware, plan
         self.shapes = ops.ShardShapes.of(model, plan.tp)
-        self.peak_flops = hardware.peak(model.dtype)
+        self.peak_flops = hardware.peak(model.dtype)  # GEMMs run at the weights' dtype (W8A8 for fp8)
+        self.act_peak_flops = hardware.peak(model.act_dtype)  # attention and the rest at the activations'
         self.bandwidth = hardware.memory_bandwidth_bytes_per_s
         self._tp_link = tp_link(hardware, plan.tp)
         # vLLM runs its custom all-reduce inside a node for messages up to its size limit, NCCL beyond.
@@ -52,8 +53,11 @@ class ExecutionModel:
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
-        return op_time_s(self.hardware.efficiency[op.kind], self.peak_flops, self.bandwidth,
-                         op.flops, op.num_bytes, op.num_tokens)
+        efficiency = self.hardware.efficiency
+        # A profile without an FP8 GEMM fit runs FP8 GEMMs on the 16-bit curve at the FP8 peak.
+        eff = efficiency.get(op.kind) or efficiency["linear"]
+        return op_time_s(eff, self.peak_flops if op.kind.startswith("linear") else self.act_peak_flops,
+                         self.bandwidth, op.flops, op.num_bytes, op.num_tokens)
 
     def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
         """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""
@@ -102,7 +106,8 @@ class ExecutionModel:
         if fit is None:
             return self.op_cost(op)
         mean_keys, tiles = ops.prefill_attention_grid(self.shapes, chunks, fit.tile_tokens)
-        return prefill_attention_s(fit, self.peak_flops, self.bandwidth, op.flops, op.num_bytes, mean_keys, tiles)
+        return prefill_attention_s(fit, self.act_peak_flops, self.bandwidth, op.flops, op.num_bytes, mean_keys,
+                                   tiles)
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
@@ -116,7 +121,7 @@ class ExecutionModel:
             fit = self.hardware.decode_attention
             if fit is None:  # roofline: compute rate, memory rate, overhead
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, None,
-                     self.peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
+                     self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
             else:  # fitted kernel: per-sequence term, KV read rate, overhead
                 kv_heads = self.shapes.kv_heads
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,

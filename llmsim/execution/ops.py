@@ -36,50 +36,55 @@ class ShardShapes:
     gated: bool
     num_experts: int
     experts_per_token: int
-    dtype_bytes: int
-    kv_dtype_bytes: int  # the KV cache's element size (vLLM's --kv-cache-dtype; default the model's dtype)
+    dtype_bytes: int  # activations (and TP all-reduce payloads)
+    kv_dtype_bytes: int  # the KV cache's element size (vLLM's --kv-cache-dtype)
+    weight_bytes: int  # weights (1 for an fp8 / int8 checkpoint)
+    gemm_kind: str  # efficiency class of the GEMMs: "linear", or "linear_fp8" for FP8 weights
 
     @classmethod
-    def of(cls, m: ModelSpec, tp: int, kv_dtype_bytes: int | None = None) -> "ShardShapes":
+    def of(cls, m: ModelSpec, tp: int) -> "ShardShapes":
         return cls(hidden=m.hidden_size, q=m.q_size // tp, kv=max(1, math.ceil(m.num_kv_heads / tp)) * m.head_dim,
                    ffn=m.ffn_size // tp, vocab=math.ceil(m.vocab_size / tp), num_heads=m.num_heads // tp,
                    head_dim=m.head_dim, gated=m.gated_mlp, num_experts=m.num_experts,
-                   experts_per_token=m.experts_per_token, dtype_bytes=m.dtype_bytes,
-                   kv_dtype_bytes=kv_dtype_bytes or m.dtype_bytes)
+                   experts_per_token=m.experts_per_token, dtype_bytes=m.act_bytes,
+                   kv_dtype_bytes=m.kv_dtype_bytes, weight_bytes=m.dtype_bytes,
+                   gemm_kind="linear_fp8" if m.dtype == "fp8" else "linear")
 
     @property
     def kv_heads(self) -> int:
         return self.kv // self.head_dim
 
 
-def linear(name: str, tokens: int, n_in: int, n_out: int, d: int, weight_copies: int = 1) -> OpWork:
-    """GEMM [tokens, n_in] x [n_in, n_out]: reads input and weights, writes output."""
+def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quantised: bool = True) -> OpWork:
+    """GEMM [tokens, n_in] x [n_in, n_out]: reads input and weights, writes output. ``quantised``: the weights
+    have the checkpoint's dtype (vLLM leaves the LM head unquantised)."""
     flops = 2.0 * tokens * n_in * n_out
-    num_bytes = (tokens * n_in + weight_copies * n_in * n_out + tokens * n_out) * d
-    return OpWork(name, "linear", flops, num_bytes, tokens)
+    weight_bytes = s.weight_bytes if quantised else s.dtype_bytes
+    num_bytes = (tokens * n_in + tokens * n_out) * s.dtype_bytes + n_in * n_out * weight_bytes
+    return OpWork(name, s.gemm_kind if quantised else "linear", flops, num_bytes, tokens)
 
 
 def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
     """Every op of a layer except attention itself and the TP all-reduces."""
-    d, h, T = s.dtype_bytes, s.hidden, tokens
+    d, w, h, T = s.dtype_bytes, s.weight_bytes, s.hidden, tokens
     routed = T * s.experts_per_token  # token-expert pairs (= T for dense models)
     active_experts = min(s.num_experts, routed)  # distinct expert weights that must be read
     up_out = (2 if s.gated else 1) * s.ffn
     ops = [
         OpWork("input_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
-        linear("attn_pre_proj", T, h, s.q + 2 * s.kv, d),
+        linear("attn_pre_proj", T, h, s.q + 2 * s.kv, s),
         OpWork("attn_rope", "rope", 6.0 * T * (s.q + s.kv), 2 * T * (s.q + s.kv) * d, T),
-        linear("attn_post_proj", T, s.q, h, d),
+        linear("attn_post_proj", T, s.q, h, s),
         OpWork("post_attention_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
     ]
     if s.num_experts > 1:
-        ops.append(linear("moe_gate", T, h, s.num_experts, d))
+        ops.append(linear("moe_gate", T, h, s.num_experts, s))
     ops += [
-        OpWork("mlp_up_proj", "linear", 2.0 * routed * h * up_out,
-               (T * h + active_experts * h * up_out + routed * up_out) * d, routed),
+        OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
+               (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed),
         OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
-        OpWork("mlp_down_proj", "linear", 2.0 * routed * s.ffn * h,
-               (routed * s.ffn + active_experts * s.ffn * h + T * h) * d, routed),
+        OpWork("mlp_down_proj", s.gemm_kind, 2.0 * routed * s.ffn * h,
+               (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed),
     ]
     residual_add = OpWork("add", "residual", 1.0 * T * h, 3 * T * h * d, T)  # reads two tensors, writes one
     ops += [residual_add, residual_add]  # after attention and after the MLP
@@ -124,4 +129,4 @@ def lm_head(s: ShardShapes, num_samples: int) -> list[OpWork]:
     """Final norm and the vocabulary projection, for the tokens that sample (not every prefill token)."""
     d, h = s.dtype_bytes, s.hidden
     return [OpWork("final_norm", "norm", 4.0 * num_samples * h, (2 * num_samples * h + h) * d, num_samples),
-            linear("lm_head", num_samples, h, s.vocab, d)]
+            linear("lm_head", num_samples, h, s.vocab, s, quantised=False)]

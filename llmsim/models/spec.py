@@ -15,8 +15,15 @@ CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
 
+WIDE_DTYPES = ("fp32", "fp16", "bf16")  # dtypes activations can have
+
+
 class ModelSpec(BaseModel):
-    """Transformer decoder shapes. Sizes are counts; ``dtype`` sets bytes per weight and KV element."""
+    """Transformer decoder shapes. Sizes are counts. Precision as engines have it: ``dtype`` is the weights'
+    (``fp8``/``int8``: a quantised checkpoint, GEMMs at that dtype's peak, W8A8 as vLLM's ``--quantization fp8``
+    runs them); activations, and so TP all-reduce payloads, stay 16-bit (``activation_dtype``, default the
+    weights' dtype when it is 16/32-bit, else bf16); the KV cache has its own (``kv_cache_dtype``, vLLM's
+    ``--kv-cache-dtype``, default the activations')."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -34,10 +41,29 @@ class ModelSpec(BaseModel):
     experts_per_token: int = Field(default=1, ge=1)
     max_position: int = Field(default=4096, gt=0)
     dtype: str = "fp16"
+    activation_dtype: str | None = None
+    kv_cache_dtype: str | None = None
 
     @property
     def dtype_bytes(self) -> int:
+        """Bytes per weight."""
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def act_dtype(self) -> str:
+        return self.activation_dtype or (self.dtype if self.dtype in WIDE_DTYPES else "bf16")
+
+    @property
+    def act_bytes(self) -> int:
+        return DTYPE_BYTES[self.act_dtype]
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.kv_cache_dtype or self.act_dtype
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.kv_dtype]
 
     @property
     def q_size(self) -> int:
@@ -65,7 +91,7 @@ class ModelSpec(BaseModel):
 
     def kv_bytes_per_token(self) -> int:
         """K and V of every layer for one token, whole model."""
-        return 2 * self.num_layers * self.kv_size * self.dtype_bytes
+        return 2 * self.num_layers * self.kv_size * self.kv_dtype_bytes
 
 
 @lru_cache(maxsize=1)
@@ -112,8 +138,17 @@ def _hf_dtype(torch_dtype: str | None) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype or "", "fp16")
 
 
-def load_model(name: str, dtype: str | None = None) -> ModelSpec:
-    """A catalog name (case-insensitive) or a path to a HuggingFace ``config.json`` (or its folder)."""
+def load_model(name: str, dtype: str | None = None, activation_dtype: str | None = None,
+               kv_cache_dtype: str | None = None) -> ModelSpec:
+    """A catalog name (case-insensitive) or a path to a HuggingFace ``config.json`` (or its folder), with the
+    precisions a config chose (None: the model's own, see ``ModelSpec``)."""
+    spec = _load_model(name, dtype)
+    if activation_dtype or kv_cache_dtype:
+        spec = spec.model_copy(update={"activation_dtype": activation_dtype, "kv_cache_dtype": kv_cache_dtype})
+    return spec
+
+
+def _load_model(name: str, dtype: str | None) -> ModelSpec:
     path = Path(name)
     if name.endswith(".json") or path.is_dir():
         return from_hf_config(path / "config.json" if path.is_dir() else path, dtype)
