@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Layer ops and NCCL collectives from Vidur; attention kernels and vLLM's custom all-reduce from aiconfigurator.
 # Held out: whole models (layer ops), whole head layouts (attention), GEMMs with K = 5120 or 8192 (the hidden
-# sizes of 13B/34B and 70B models), 8-GPU groups (collectives).
+# sizes of 13B/34B and 70B models), 8-GPU groups (collectives). Fused-MoE rows are validated, never fitted.
 llmsim calibrate --device a100-80gb --measurements hardware_profiles/measurements/vidur-a100.csv.gz \
   --measurements hardware_profiles/measurements/aiconfigurator-a100.csv.gz \
   --hold-out-model Qwen/Qwen-72B --hold-out-model internlm/internlm-20b \

@@ -138,3 +138,21 @@ def test_precision_as_engines_have_it():
     assert mem_b.weights_bytes < 0.55 * mem_a.weights_bytes
     assert mem_c.kv_bytes_per_block == mem_b.kv_bytes_per_block / 2 and mem_c.num_blocks > 1.9 * mem_b.num_blocks
     assert fp8_kv8.kv_bytes_per_token() == bf16.kv_bytes_per_token() / 2
+
+
+def test_moe_layer_is_one_fused_expert_kernel():
+    """Mixtral at TP2: the gate, then vLLM's fused MoE kernel over the experts the tokens are routed to."""
+    mixtral = load_model("Mixtral-8x7B", "bf16")
+    s = ops.ShardShapes.of(mixtral, 2)
+    layer = by_name(ops.dense_layer_ops(s, 4))
+    assert "mlp_up_proj" not in layer and layer["moe_gate"].flops == 2 * 4 * 4096 * 8
+    moe = layer["moe_experts"]
+    routed, ffn = 8, 14336 // 2
+    assert moe.flops == 2.0 * routed * 4096 * 2 * ffn + 5.0 * routed * ffn + 2.0 * routed * ffn * 4096
+    # 4 tokens x top-2 reach all 8 experts: every expert's weights are read once.
+    assert moe.num_bytes - ops.moe_experts(s, 2).num_bytes > 3 * 4096 * ffn * 2 * 3
+    assert moe.num_tokens == 1.0  # each expert's GEMM gets one token
+    h100 = load_profile("h100-sxm")
+    ex = ExecutionModel(mixtral, h100, ParallelPlan(tp=2))
+    assert ex.op_cost(moe) == op_time_s(h100.efficiency["linear"], h100.peak("bf16"),
+                                        h100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes, moe.num_tokens)

@@ -6,7 +6,9 @@ Layout read (the repository's ``systems/data/<gpu>/`` folder): ``attention/vllm/
 dtype, latency in ms), ``comm/vllm/<version>/custom_allreduce_perf.parquet`` (vLLM's custom all-reduce, in and
 out of CUDA graphs) and ``comm/nccl/<version>/nccl_perf.parquet`` (NCCL all-reduce and all-gather). Heads are
 per GPU (one TP shard), so the rows carry ``tp`` 1. ``gemm/vllm/<version>/gemm_perf.parquet``: vLLM's GEMMs by
-m, n, k and dtype (bf16, fp8 W8A8, block-scaled fp8). The fused-MoE table is not imported yet.
+m, n, k and dtype (bf16, fp8 W8A8, block-scaled fp8). ``moe/vllm/<version>/moe_perf.parquet``: vLLM's fused MoE
+layer by tokens, hidden and expert sizes, expert count, top-k and expert-TP degree; only balanced routing
+without expert parallelism is imported (the simulator routes evenly and does not model EP yet).
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def _gemms(df: pd.DataFrame, device: str) -> pd.DataFrame:
     })
 
 
+def _moe(df: pd.DataFrame, device: str) -> pd.DataFrame:
+    df = df[(df["distribution"] == "balanced") & (df["moe_ep_size"] == 1) & (df["kernel_source"] == "vllm_fused_moe")]
+    return pd.DataFrame({
+        "device": device, "op": "moe", "dtype": _dtype(df["moe_dtype"], "moe"), "tp": df["moe_tp_size"],
+        "model": [f"moe h{h} i{i} e{e} k{k}" for h, i, e, k in zip(df["hidden_size"], df["inter_size"],
+                                                                    df["num_experts"], df["topk"])],
+        "num_tokens": df["num_tokens"], "n_embd": df["hidden_size"], "n_expanded_embd": df["inter_size"],
+        "num_experts": df["num_experts"], "experts_per_token": df["topk"], "median_ms": df["latency"],
+        "source": df["source"],
+    })
+
+
 def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8) -> pd.DataFrame:
     """Every supported table under ``root`` (one GPU's folder) as measurement rows for ``device``."""
     root = Path(root)
@@ -90,6 +104,11 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
     gemm = _table(root, "gemm/vllm/*/gemm_perf.parquet", ("gemm_dtype", "m", "n", "k", "latency"))
     if gemm is not None:
         frames.append(_gemms(gemm, device))
+    moe = _table(root, "moe/vllm/*/moe_perf.parquet", ("moe_dtype", "num_tokens", "hidden_size", "inter_size",
+                                                       "topk", "num_experts", "moe_tp_size", "moe_ep_size",
+                                                       "distribution", "kernel_source", "latency"))
+    if moe is not None and len(_moe(moe, device)):
+        frames.append(_moe(moe, device))
     comm = ("op_name", "kernel_source", "num_gpus", "message_size", "latency")
     custom = _table(root, "comm/vllm/*/custom_allreduce_perf.parquet", comm + ("allreduce_dtype",))
     if custom is not None:

@@ -27,11 +27,14 @@ COLLECTIVE_IMPLS = ("nccl", "custom_graph", "custom_eager")
 MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
 # A bare GEMM [num_tokens, gemm_k] x [gemm_k, gemm_n] with weights in dtype (fp8: W8A8), output 16-bit.
 GEMM_OPS = ("gemm",)
-OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS + GEMM_OPS
+# vLLM's fused MoE layer over num_tokens tokens: n_embd hidden, n_expanded_embd per-expert intermediate size,
+# num_experts experts, experts_per_token (top-k), experts sharded over tp GPUs.
+MOE_OPS = ("moe",)
+OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS + GEMM_OPS + MOE_OPS
 
 SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size",
                  "gated", "batch_size", "seq_len", "kv_len", "kv_dtype", "size_bytes", "num_workers",
-                 "devices_per_node", "impl", "gemm_n", "gemm_k")
+                 "devices_per_node", "impl", "gemm_n", "gemm_k", "num_experts", "experts_per_token")
 TIME_COLUMNS = ("median_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
 COLUMNS = ("device", "op", "dtype", *SHAPE_COLUMNS, *TIME_COLUMNS, "repetitions", "torch_version", "date", "source")
 
@@ -43,6 +46,7 @@ _REQUIRED = {
     **{op: ("size_bytes", "num_workers", "devices_per_node") for op in COLLECTIVE_OPS},
     "memcpy": ("size_bytes",),
     "gemm": ("num_tokens", "gemm_n", "gemm_k"),
+    "moe": ("num_tokens", "n_embd", "n_expanded_embd", "tp", "num_experts", "experts_per_token"),
 }
 
 

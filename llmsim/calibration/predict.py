@@ -16,6 +16,7 @@ import pandas as pd
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
+from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
 from llmsim.models.spec import ModelSpec
@@ -24,10 +25,10 @@ from llmsim.models.spec import ModelSpec
 
 @lru_cache(maxsize=4096)
 def _shapes(n_head: int, n_kv_head: int, n_embd: int, n_expanded: int, vocab: int, gated: bool, dtype: str,
-            tp: int, kv_dtype: str) -> ops.ShardShapes:
+            tp: int, kv_dtype: str, num_experts: int = 1, experts_per_token: int = 1) -> ops.ShardShapes:
     spec = ModelSpec(name="measured", num_layers=1, hidden_size=n_embd, num_heads=n_head, num_kv_heads=n_kv_head,
                      head_dim=n_embd // n_head, ffn_size=n_expanded, gated_mlp=gated, vocab_size=vocab, dtype=dtype,
-                     kv_cache_dtype=kv_dtype)
+                     kv_cache_dtype=kv_dtype, num_experts=num_experts, experts_per_token=experts_per_token)
     return ops.ShardShapes.of(spec, tp)
 
 
@@ -59,6 +60,12 @@ def row_work(row) -> ops.OpWork:
     op = row.op
     if op == "memcpy":  # device copy: reads and writes size_bytes
         return ops.OpWork("memcpy", "copy", 0.0, 2.0 * float(row.size_bytes), 0.0)
+    if op == "moe":  # vLLM's fused MoE over num_tokens tokens, experts sharded by tp
+        if row.dtype == "fp8_block":
+            return ops.OpWork("moe", "unmodelled", 0.0, 0.0, 0.0)
+        s = _shapes(1, 1, int(row.n_embd), int(row.n_expanded_embd), 32000, True, row.dtype, int(row.tp), "bf16",
+                    int(row.num_experts), int(row.experts_per_token))
+        return ops.moe_experts(s, int(row.num_tokens))
     if op == "gemm":  # [num_tokens, gemm_k] x [gemm_k, gemm_n], weights in dtype, activations 16-bit
         if row.dtype == "fp8_block":  # block-scaled FP8 (DeepSeek-style): not modelled
             return ops.OpWork("gemm", "unmodelled", 0.0, 0.0, 0.0)
@@ -178,11 +185,10 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             if kind.endswith("_custom"):  # beyond its size limit vLLM runs NCCL, not the custom kernel
                 out[m & (rows.size_bytes > (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
             continue
-        eff: OpEfficiency | None = profile.efficiency.get(kind)
-        if eff is None and kind.startswith("linear"):  # as the execution model: the 16-bit curve, FP8 peak
-            eff = profile.efficiency.get("linear")
-        if eff is None:
+        if kind == "unmodelled" or (profile.efficiency.get(kind) is None
+                                    and not kind.startswith(("linear", "moe"))):
             continue
+        eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
         peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
         out[m] = roofline_s(rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], peak,
                             profile.memory_bandwidth_bytes_per_s, eff.compute.max_eff, eff.compute.half_tokens,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from llmsim.calibration.fit import Split, calibrate, l2_resident
+from llmsim.calibration.fit import VALIDATION_ONLY_KINDS, Split, calibrate, l2_resident
 from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
 from llmsim.calibration.report import compare, error_table, markdown, parity_plot, summary
@@ -101,6 +101,7 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
     held = unseen(rows, None if own else (read_all(stored) if stored else None), split)
     if not own and not stored:
         held = np.ones(len(rows), dtype=bool)  # an uncalibrated profile has seen nothing
+    held |= np.isin(rows.kind, VALIDATION_ONLY_KINDS)  # never fitted
     comparison = compare(profile, rows, held, l2_resident(profile, rows))
     if comparison.empty:
         raise ConfigError(f"{', '.join(map(str, measurements))}: no rows that {profile.name} can predict "
@@ -128,7 +129,8 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
         "held_out_num_workers": list(split.held_out_num_workers),
         "held_out_head_layouts": list(split.held_out_head_layouts),
         "held_out_gemm_k": list(split.held_out_gemm_k),
-        "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)).sum()),
+        "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)
+                            & ~np.isin(rows.kind, VALIDATION_ONLY_KINDS)).sum()),
         "method": METHOD,
         "date": dt.date.today().isoformat(),
         "command": command,

@@ -14,9 +14,24 @@ from typing import NamedTuple
 
 from llmsim.execution import ops
 from llmsim.hardware.attention import decode_memory_rate, decode_stream_s, prefill_attention_s
-from llmsim.hardware.profile import HardwareProfile, LinkModel
+from llmsim.errors import ConfigError
+from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
+
+
+def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
+    """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
+    (at the FP8 peak), a fused-MoE kernel on the GEMM curve of its dtype."""
+    efficiency = hardware.efficiency
+    eff = efficiency.get(kind)
+    if eff is None and kind == "moe_fp8":
+        eff = efficiency.get("linear_fp8")
+    if eff is None and kind.startswith(("linear", "moe")):
+        eff = efficiency.get("linear")
+    if eff is None:
+        raise ConfigError(f"hardware: {hardware.name} has no efficiency for {kind!r} ops")
+    return eff
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,10 @@ class ExecutionModel:
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
-        efficiency = self.hardware.efficiency
-        # A profile without an FP8 GEMM fit runs FP8 GEMMs on the 16-bit curve at the FP8 peak.
-        eff = efficiency.get(op.kind) or efficiency["linear"]
-        return op_time_s(eff, self.peak_flops if op.kind.startswith("linear") else self.act_peak_flops,
-                         self.bandwidth, op.flops, op.num_bytes, op.num_tokens)
+        eff = gemm_efficiency(self.hardware, op.kind)
+        gemm = op.kind.startswith(("linear", "moe"))
+        return op_time_s(eff, self.peak_flops if gemm else self.act_peak_flops, self.bandwidth, op.flops,
+                         op.num_bytes, op.num_tokens)
 
     def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
         """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""

@@ -78,17 +78,32 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
         OpWork("post_attention_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
     ]
     if s.num_experts > 1:
-        ops.append(linear("moe_gate", T, h, s.num_experts, s))
-    ops += [
-        OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
-               (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed),
-        OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
-        OpWork("mlp_down_proj", s.gemm_kind, 2.0 * routed * s.ffn * h,
-               (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed),
-    ]
+        ops += [linear("moe_gate", T, h, s.num_experts, s), moe_experts(s, T)]
+    else:
+        ops += [
+            OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
+                   (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed),
+            OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
+            OpWork("mlp_down_proj", s.gemm_kind, 2.0 * routed * s.ffn * h,
+                   (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed),
+        ]
     residual_add = OpWork("add", "residual", 1.0 * T * h, 3 * T * h * d, T)  # reads two tensors, writes one
     ops += [residual_add, residual_add]  # after attention and after the MLP
     return ops
+
+
+def moe_experts(s: ShardShapes, tokens: int) -> OpWork:
+    """vLLM's fused MoE kernel: both grouped GEMMs of every expert a token is routed to, and the activation
+    between them. Reads the weights of each expert that receives a token (all of them once tokens x top-k
+    reach the expert count: balanced routing). Its efficiency follows the tokens each expert's GEMM gets."""
+    d, w, h = s.dtype_bytes, s.weight_bytes, s.hidden
+    routed = tokens * s.experts_per_token
+    active = min(s.num_experts, routed)
+    up_out = (2 if s.gated else 1) * s.ffn
+    flops = 2.0 * routed * h * up_out + 5.0 * routed * s.ffn + 2.0 * routed * s.ffn * h
+    num_bytes = (tokens * h + routed * (up_out + s.ffn) * 2 + tokens * h) * d + active * (h * up_out + s.ffn * h) * w
+    return OpWork("moe_experts", "moe_fp8" if s.gemm_kind == "linear_fp8" else "moe", flops, num_bytes,
+                  routed / active)
 
 
 def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:
