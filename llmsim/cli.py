@@ -166,6 +166,17 @@ def _cmd_import_aiconfigurator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate_e2e(args: argparse.Namespace) -> int:
+    from llmsim.e2e.workflow import summary, validate_e2e
+
+    out = Path(args.out)
+    table = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
+                         on_run=lambda name: print(f"replayed {name}", flush=True))
+    print(summary(table).to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"{out}/: e2e_errors.csv, e2e_report.md, e2e_parity.png")
+    return 0
+
+
 def _print_errors(table, split: str) -> None:
     part = table[table["split"] == split]
     if part.empty:
@@ -329,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
                      help="folder for the markdown report and parity plot")
     val.set_defaults(func=_cmd_validate)
+    e2e = sub.add_parser("validate-e2e", help="replay measured serving runs and compare TTFT, E2E, TPOT, throughput",
+                         description="Replay every measured run under DIR (DIR/replay/<exp>.json.gz with its "
+                                     "_ground_truth file; DIR/runs/<exp>/profile.yaml and exp-config.yaml when "
+                                     "present) on the device's profile with vllm_v1 and prefix caching, and write "
+                                     "OUT/e2e_errors.csv (experiment, stage, metric, predicted, measured, "
+                                     "rel_error), OUT/e2e_report.md and OUT/e2e_parity.png.")
+    e2e.add_argument("dir", help="folder with replay/ (and runs/, model_configs/)")
+    e2e.add_argument("--device", default="h100-sxm", help="hardware profile the runs were measured on")
+    e2e.add_argument("--out", default="results/validate_e2e", help="folder for the table, report and plot")
+    e2e.add_argument("--runs", action="append", metavar="SUBSTRING",
+                     help="only runs whose name contains this (repeatable)")
+    e2e.add_argument("--max-requests", type=int, help="replay only each run's first N requests (a quick slice)")
+    e2e.set_defaults(func=_cmd_validate_e2e)
     return parser
 
 

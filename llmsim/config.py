@@ -135,6 +135,9 @@ class SchedulerConfig(_Strict):
     watermark: float = Field(default=0.01, ge=0, lt=1)  # share of KV blocks kept free at admission
     max_model_len: int | None = Field(default=None, ge=1)  # default: the model's max position
     runtime_reserve_gib: float = Field(default=1.0, ge=0)  # CUDA context, communicator buffers
+    # vLLM's --num-gpu-blocks-override: the KV blocks per replica, instead of the memory plan's count (for
+    # replaying a server whose block count is known).
+    num_gpu_blocks_override: int | None = Field(default=None, ge=1)
 
     @field_validator("name")
     @classmethod

@@ -96,7 +96,7 @@ def test_plan_that_does_not_fit_is_a_row_not_a_crash(tmp_path):
 def test_bad_grid_path_names_the_sweep_point_and_allowed_keys(tmp_path):
     path = write_sweep(tmp_path, {"scheduler.nam": ["fcfs"]})
     with pytest.raises(ConfigError, match=r"(?s)grid point 0: scheduler.nam=fcfs.*scheduler.nam: unknown key; "
-                                          r"allowed keys: .*max_num_seqs, name, preemption"):
+                                          r"allowed keys: .*max_num_seqs, name, num_gpu_blocks_override, preemption"):
         load_sweep(path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -70,6 +71,8 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
                          gpu_memory_utilization=s.gpu_memory_utilization,
                          max_num_batched_tokens=s.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
                          runtime_reserve_gib=s.runtime_reserve_gib, max_model_len=max_model_len)
+    if s.num_gpu_blocks_override is not None:
+        memory = dataclasses.replace(memory, num_blocks=s.num_gpu_blocks_override)
     return model, ExecutionModel(model, hardware, plan), memory, max_model_len
 
 

@@ -1,0 +1,1 @@
+"""End-to-end validation against measured serving runs (``llmsim validate-e2e``)."""

@@ -1,0 +1,116 @@
+"""Measured serving runs in the layout of the shipped vLLM H100 data (see the README, "End-to-end validation")::
+
+    DIR/replay/<exp>.json.gz               requests in arrival order (arrival_time_us, input_tokens, output_tokens,
+                                           has_error) + server config (tensor_parallelism, max_num_seqs,
+                                           max_num_batched_tokens, kv_blocks_total_gpu, block_size) + model_config
+    DIR/replay/<exp>_ground_truth.json.gz  per request, index-aligned: measured ttft_s, e2e_s, has_error
+    DIR/runs/<exp>/profile.yaml            inference-perf's client config (JSON): load stages, shared-prefix data
+    DIR/runs/<exp>/exp-config.yaml         vLLM's flags (max_model_len, ...)
+
+Every file but the two replay files is optional: without a profile the run is one stage and has no shared
+prefixes; without exp-config the model's own context length applies.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llmsim.errors import ConfigError
+
+CLIENT_TIMEOUT_S = 300.0  # inference-perf's request timeout in the shipped runs (the data shows failures at 300 s)
+
+
+@dataclass
+class MeasuredRun:
+    name: str
+    model_id: str  # HuggingFace id, e.g. meta-llama/Llama-2-7b-hf
+    model_config: dict  # dimensions from the replay file
+    tp: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    kv_blocks: int  # the KV blocks the server had
+    max_model_len: int | None
+    requests: list[dict]  # arrival_time_us, input_tokens, output_tokens, has_error
+    truth: list[dict]  # ttft_s, e2e_s, has_error
+    stages: list[tuple[float, float]] = field(default_factory=list)  # (start_s, end_s) of each load stage
+    shared_prefix: dict = field(default_factory=dict)  # inference-perf's shared_prefix data section
+    ignore_eos: bool = False  # the client forced output lengths
+    timeout_s: float = CLIENT_TIMEOUT_S
+
+
+def _json_gz(path: Path):
+    try:
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    except (OSError, EOFError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a gzipped JSON replay file: {exc}") from None
+
+
+def _need(data: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+
+
+def load_run(root: Path, name: str) -> MeasuredRun:
+    replay_path = root / "replay" / f"{name}.json.gz"
+    truth_path = root / "replay" / f"{name}_ground_truth.json.gz"
+    if not truth_path.exists():
+        raise ConfigError(f"{replay_path}: no ground truth beside it ({truth_path.name})")
+    replay, truth = _json_gz(replay_path), _json_gz(truth_path)
+    if not isinstance(replay, dict) or not isinstance(truth, list):
+        raise ConfigError(f"{replay_path}: expected an object with requests, and a list of measurements")
+    _need(replay, ("model_id", "config", "requests"), str(replay_path))
+    config = replay["config"]
+    _need(config, ("tensor_parallelism", "max_num_seqs", "max_num_batched_tokens", "kv_blocks_total_gpu"),
+          f"{replay_path}: config")
+    requests = replay["requests"]
+    if len(truth) != len(requests):
+        raise ConfigError(f"{truth_path}: {len(truth)} measurements for {len(requests)} requests")
+    run_dir = root / "runs" / name
+    stages, shared, ignore_eos = [], {}, False
+    profile_path = run_dir / "profile.yaml"
+    if profile_path.exists():
+        try:
+            profile = yaml.safe_load(profile_path.read_text())  # JSON is YAML
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{profile_path}: not valid YAML/JSON: {exc}") from None
+        start = 0.0
+        for k, stage in enumerate((profile.get("load") or {}).get("stages") or []):
+            _need(stage, ("duration",), f"{profile_path}: load.stages[{k}]")
+            stages.append((start, start + float(stage["duration"])))
+            start += float(stage["duration"])
+        shared = ((profile.get("data") or {}).get("shared_prefix")) or {}
+        ignore_eos = bool((profile.get("server") or {}).get("ignore_eos"))
+    last = max((r["arrival_time_us"] for r in requests), default=0) / 1e6 + 1e-6
+    # Stages end at the last arrival when the data stops earlier (a slice of a run).
+    stages = [(lo, min(hi, last)) for lo, hi in stages if lo < last] or [(0.0, last)]
+    max_model_len = None
+    exp_path = run_dir / "exp-config.yaml"
+    if exp_path.exists():
+        max_model_len = (yaml.safe_load(exp_path.read_text()) or {}).get("max_model_len")
+    return MeasuredRun(
+        name=name, model_id=replay["model_id"], model_config=replay.get("model_config") or {},
+        tp=int(config["tensor_parallelism"]), max_num_seqs=int(config["max_num_seqs"]),
+        max_num_batched_tokens=int(config["max_num_batched_tokens"]), block_size=int(config.get("block_size", 16)),
+        kv_blocks=int(config["kv_blocks_total_gpu"]), max_model_len=max_model_len, requests=requests, truth=truth,
+        stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
+
+
+def find_runs(root: Path) -> list[str]:
+    """Run names under ``root/replay`` (every ``<exp>.json.gz`` with a ground truth file beside it)."""
+    replay = root / "replay"
+    if not replay.is_dir():
+        raise ConfigError(f"{root}: no replay/ folder (expected DIR/replay/<exp>.json.gz and "
+                          "<exp>_ground_truth.json.gz)")
+    names = sorted(p.name[:-len(".json.gz")] for p in replay.glob("*.json.gz")
+                   if not p.name.endswith("_ground_truth.json.gz"))
+    if not names:
+        raise ConfigError(f"{replay}: no <exp>.json.gz replay files")
+    return names

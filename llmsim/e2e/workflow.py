@@ -1,0 +1,115 @@
+"""``llmsim validate-e2e``: replay every measured run, compare, write ``e2e_errors.csv``, a markdown report and
+a parity plot. The interface (arguments, the CSV's columns and metric names) is stable: users and CI script
+against it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmsim.e2e.compare import COLUMNS, compare
+from llmsim.e2e.replay import replay
+from llmsim.e2e.runs import MeasuredRun, find_runs, load_run
+from llmsim.errors import ConfigError
+
+HEADLINE = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "request_throughput", "errors")
+
+
+def truncate(run: MeasuredRun, max_requests: int) -> MeasuredRun:
+    """The first ``max_requests`` requests, stages cut at the last arrival (a quick slice of a long run)."""
+    if max_requests < 1:
+        raise ConfigError(f"--max-requests {max_requests}: must be at least 1")
+    requests, truth = run.requests[:max_requests], run.truth[:max_requests]
+    last = max(r["arrival_time_us"] for r in requests) / 1e6 + 1e-6
+    stages = [(lo, min(hi, last)) for lo, hi in run.stages if lo < last]
+    return dataclasses.replace(run, requests=requests, truth=truth, stages=stages)
+
+
+def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = None,
+                 max_requests: int | None = None, on_run=None) -> pd.DataFrame:
+    names = find_runs(root)
+    if select:
+        names = [n for n in names if any(s in n for s in select)]
+        if not names:
+            raise ConfigError(f"--runs {' '.join(select)}: matches no run in {root / 'replay'}")
+    runs = [load_run(root, n) for n in names]  # read and check everything before the long part
+    if max_requests is not None:
+        runs = [truncate(r, max_requests) for r in runs]
+    frames, notes = [], []
+    for run in runs:
+        t0 = time.perf_counter()
+        replayed = replay(run, root, device)
+        frames.append(compare(run, replayed))
+        notes.append((run.name, run.kv_blocks, replayed.kv_blocks_planned, replayed.filled_lengths,
+                      len(run.requests), time.perf_counter() - t0))
+        if on_run is not None:
+            on_run(run.name)
+    table = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "e2e_errors.csv", index=False)
+    (out / "e2e_report.md").write_text(report(table, notes, device, root))
+    parity_plot(table, out / "e2e_parity.png")
+    return table
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean |rel_error| over runs and stages, per metric (the issue's acceptance measure)."""
+    t = table[table["metric"].isin(HEADLINE[:-1])].dropna(subset=["rel_error"])
+    return t.assign(abs_error=t["rel_error"].abs()).groupby("metric")["abs_error"].agg(["mean", "median", "count"])
+
+
+def report(table: pd.DataFrame, notes: list, device: str, root: Path) -> str:
+    lines = [f"# End-to-end validation on {device}", "",
+             f"Runs from `{root}`. Nothing in the simulator was fitted on these runs (kernels are fitted on "
+             "kernel measurements), so every run is held out.", "",
+             "| run | server KV blocks | simulator's own plan | lengths filled from profile | requests | wall s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, blocks, planned, filled, n, wall in notes:
+        lines.append(f"| {name} | {blocks} | {planned} | {filled} | {n} | {wall:.1f} |")
+    lines += ["", "Mean |relative error| over runs and stages (stage `all` included):", "",
+              "| metric | mean | median | n |", "|---|---:|---:|---:|"]
+    for metric, r in summary(table).iterrows():
+        lines.append(f"| {metric} | {r['mean']:.1%} | {r['median']:.1%} | {int(r['count'])} |")
+    lines += ["", "Per run and stage (predicted / measured, relative error):", "",
+              "| run | stage | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---:|" * len(HEADLINE)]
+    for (run, stage), g in table.groupby(["experiment", "stage"], sort=False):
+        g = g.set_index("metric")
+        cells = []
+        for m in HEADLINE:
+            p, v, e = g.loc[m, "predicted"], g.loc[m, "measured"], g.loc[m, "rel_error"]
+            fmt = (lambda x: f"{x:.0f}") if m == "errors" else (lambda x: f"{x:.3g}")
+            cells.append(f"{fmt(p)} / {fmt(v)}" + (f" ({e:+.0%})" if np.isfinite(e) else ""))
+        lines.append(f"| {run} | {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "![parity](e2e_parity.png)", ""]
+    return "\n".join(lines)
+
+
+def parity_plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
+    for ax, metric in zip(axes, metrics):
+        t = table[(table["metric"] == metric)].dropna(subset=["predicted", "measured"])
+        t = t[(t["predicted"] > 0) & (t["measured"] > 0)]
+        for stage, g in t.groupby(t["stage"] == "all"):
+            ax.scatter(g["measured"], g["predicted"], s=14, label="whole run" if stage else "stage")
+        if len(t):
+            lo, hi = min(t["measured"].min(), t["predicted"].min()), max(t["measured"].max(), t["predicted"].max())
+            ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(metric)
+        ax.set_xlabel("measured (s)")
+    axes[0].set_ylabel("predicted (s)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
