@@ -10,7 +10,7 @@ from llmsim.errors import LLMSimError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from llmsim.progress import progress
 
     from llmsim.config import load_config, parse_overrides
     from llmsim.run import format_summary, run_experiment
@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update=updates)
     out = Path(args.out) if args.out else cfg.output_dir
     total = cfg.workload.num_requests
-    with tqdm(total=total, unit="req", desc="arrivals", disable=args.quiet or None, leave=False) as bar:
+    with progress(total, "req", "arrivals", args.quiet) as bar:
         _, summary = run_experiment(cfg, on_progress=bar.update, output_dir=out)
     if not args.quiet:
         print(format_summary(summary))
@@ -75,7 +75,7 @@ def _command_line(argv_name: str) -> str:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from llmsim.progress import progress
 
     from llmsim.sweep.execute import run_points
     from llmsim.sweep.report import curves, goodput, table
@@ -86,7 +86,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
     root.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(points), unit="point", desc=sweep.name, disable=args.quiet or None, leave=False) as bar:
+    with progress(len(points), "point", sweep.name, args.quiet) as bar:
         summaries = run_points(root, points, args.executor, args.workers, args.address,
                                on_done=lambda point, summary: bar.update(1))
     df = table(points, summaries)
@@ -110,7 +110,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from llmsim.progress import progress
 
     from llmsim.plan_search import load_plan_search, run_plan_search
 
@@ -118,7 +118,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg, base, combos = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
-    with tqdm(total=len(combos), unit="plan", desc=cfg.name, disable=args.quiet or None, leave=False) as bar:
+    with progress(len(combos), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, combos, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +186,12 @@ def _print_errors(table, split: str) -> None:
         print(f"       {r.op:<32}{r.rows:>7}{r.mape:8.1%}{r.p90:8.1%}{r.max:8.1%}{r.bias:+8.1%}")
 
 
+def _report_dir(args: argparse.Namespace, profile: Path) -> Path:
+    from llmsim.calibration.workflow import default_report_dir
+
+    return Path(args.report_dir) if args.report_dir else default_report_dir(profile)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from llmsim.calibration.fit import Split
     from llmsim.calibration.workflow import profile_path, run_calibration
@@ -197,7 +203,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     command = _command_line(f"llmsim calibrate --device {args.device} "
                             + " ".join(f"--measurements {m}" for m in args.measurements))
     profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out,
-                                      Path(args.report_dir), command)
+                                      _report_dir(args, out), command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"fitted profile written to {out}; report {result.report_path}, parity plot {result.plot_path}")
@@ -210,11 +216,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     path = profile_path(args.device)
     measurements = [Path(m) for m in args.measurements] if args.measurements else None
     command = _command_line(f"llmsim validate --device {args.device}")
-    result = validate(path, measurements, Path(args.report_dir), command)
+    result = validate(path, measurements, _report_dir(args, path), command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"report {result.report_path}, parity plot {result.plot_path}")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
 
 
 def _version() -> str:
@@ -262,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep YAML")
     sw.add_argument("--out", help="results folder (default: output_dir from the sweep file)")
     sw.add_argument("--executor", choices=("local", "ray"), default="local")
-    sw.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    sw.add_argument("--workers", type=_positive, help="local processes (default: CPU count)")
     sw.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help + ' (to the base experiment)')
@@ -276,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("plan", help="plan-search YAML")
     pl.add_argument("--out", help="results folder (default: output_dir from the plan file)")
     pl.add_argument("--executor", choices=("local", "ray"), default="local")
-    pl.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    pl.add_argument("--workers", type=_positive, help="local processes (default: CPU count)")
     pl.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     pl.add_argument("--top", type=int, default=20, help="rows to print")
     pl.add_argument("-q", "--quiet", action="store_true")
@@ -328,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--hold-out-gemm-k", action="append", default=[], type=int, metavar="K",
                      help="keep bare GEMMs with this inner dimension (e.g. 5120) out of the fit (repeatable)")
     cal.add_argument("--out", help="where to write the fitted profile (default: overwrite the profile)")
-    cal.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
-                     help="folder for the markdown report and parity plot")
+    cal.add_argument("--report-dir", help="folder for the markdown report and parity plot (default: validation/ "
+                                          "beside the written profile)")
     cal.set_defaults(func=_cmd_calibrate)
 
     val = sub.add_parser("validate", help="predicted vs measured per op: MAPE, max error, parity plot, report")
@@ -337,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--measurements", action="append",
                      help="measurements CSV (default: the ones the profile was fitted on); repeatable. Rows of "
                           "shapes the fit never saw are reported as held-out")
-    val.add_argument("--report-dir", default=str(Path("hardware_profiles") / "validation"),
-                     help="folder for the markdown report and parity plot")
+    val.add_argument("--report-dir", help="folder for the markdown report and parity plot (default: validation/ "
+                                          "beside the profile)")
     val.set_defaults(func=_cmd_validate)
     e2e = sub.add_parser("validate-e2e", help="replay measured serving runs and compare TTFT, E2E, TPOT, throughput",
                          description="Replay every measured run under DIR (DIR/replay/<exp>.json.gz with its "
@@ -351,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--out", default="results/validate_e2e", help="folder for the table, report and plot")
     e2e.add_argument("--runs", action="append", metavar="SUBSTRING",
                      help="only runs whose name contains this (repeatable)")
-    e2e.add_argument("--max-requests", type=int, help="replay only each run's first N requests (a quick slice)")
+    e2e.add_argument("--max-requests", type=_positive, help="replay only each run's first N requests (a quick slice)")
     e2e.set_defaults(func=_cmd_validate_e2e)
     return parser
 
@@ -364,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     except LLMSimError as exc:
         print(f"llmsim: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("llmsim: interrupted (results written so far are complete; a sweep or plan resumes where it "
+              "stopped)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -171,13 +172,21 @@ class Fixed(_Strict):
     value: int = Field(ge=1)
 
 
-class Uniform(_Strict):
+class _Range(_Strict):
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class Uniform(_Range):
     kind: Literal["uniform"]
     min: int = Field(ge=1)
     max: int = Field(ge=1)
 
 
-class Zipf(_Strict):
+class Zipf(_Range):
     """P(n) proportional to n^-a on [min, max]: many short requests, a heavy tail of long ones."""
 
     kind: Literal["zipf"]
@@ -186,7 +195,7 @@ class Zipf(_Strict):
     max: int = Field(ge=1)
 
 
-class LogNormal(_Strict):
+class LogNormal(_Range):
     kind: Literal["lognormal"]
     median: float = Field(gt=0)
     sigma: float = Field(ge=0)
@@ -222,6 +231,12 @@ class TraceConfig(_Strict):
     start_s: float = Field(default=0.0, ge=0)  # window on the trace's own clock
     end_s: float | None = None
     time_scale: float = Field(default=1.0, gt=0)  # >1 stretches time (slower), <1 compresses (faster)
+
+    @model_validator(mode="after")
+    def _window(self) -> "TraceConfig":
+        if self.end_s is not None and self.end_s <= self.start_s:
+            raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        return self
 
 
 class SharedPrefixConfig(_Strict):
@@ -300,7 +315,7 @@ class ExperimentConfig(_Strict):
     # Written into a result's config.yaml: the llmsim (version + source digest) that produced it. A config read
     # back keeps it only as a record; the code that runs it writes its own.
     llmsim_version: str | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     output_dir: Path = Path("results")
     model: ModelConfig
     hardware: HardwareConfig = HardwareConfig()
@@ -344,14 +359,23 @@ def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def yaml_error_where(path: Path, exc: Exception) -> str:
+    """``file:line`` of a YAML syntax error (the file alone where the parser gives no position)."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"{path}:{mark.line + 1}" if mark is not None else str(path)
+
+
 def read_yaml(path: Path, what: str):
     """A YAML file's content; a missing file or bad YAML is a ConfigError naming ``what`` and the path."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text YAML file (bytes that are not UTF-8)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {yaml_error_where(path, exc)} is not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -401,9 +425,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     data = read_yaml(path, "experiment config")
     data = {} if data is None else data
     data = apply_overrides(data, overrides, str(path))
-    # Relative paths in a config are relative to the config file, so experiments run from anywhere.
+    # Every relative path in a YAML (traces, lengths_from, output_dir) is relative to that YAML file, so an
+    # experiment runs the same from any working directory. Command-line paths (--out) are relative to it.
     if isinstance(data, dict):
         _resolve_paths(data.get("workload"), path.parent)
+        if isinstance(data.get("output_dir"), str) and not Path(data["output_dir"]).is_absolute():
+            data["output_dir"] = os.path.normpath(path.parent / data["output_dir"])
     source = str(path) + (" with " + " ".join(f"--set {k}={v}" for k, v in overrides.items()) if overrides else "")
     return parse_config(data, source)
 

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.config import apply_overrides, format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
-from llmsim.sweep.execute import run_points
+from llmsim.sweep.execute import execute_points, folder_lock
 from llmsim.sweep.spec import Point, load_base, values_label
 
 
@@ -42,6 +42,12 @@ class RateSearch(BaseModel):
     start: float = Field(default=1.0, gt=0)
     max: float = Field(default=256.0, gt=0)
     tolerance: float = Field(default=0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RateSearch":
+        if self.start > self.max:
+            raise ValueError(f"start ({self.start}) is above max ({self.max})")
+        return self
 
 
 class PlanSearchConfig(BaseModel):
@@ -191,25 +197,26 @@ def run_plan_search(cfg: PlanSearchConfig, base: dict, combos: list[dict], root:
     if on_done:
         for _ in range(len(combos) - len(searches)):
             on_done()
-    while True:
-        points, owner = [], {}
-        for i, search in searches.items():
-            rate = search.next_rate()
-            if rate is None:
-                continue
-            data = candidate_config(base, combos[i], cfg.gpus, rate)
-            data["name"] = f"{cfg.name}/{i}/{rate!r}"
-            point = Point(len(points), {"candidate": i, "rate": rate}, parse_config(data, "<plan candidate>"),
-                          folder=f"c{i:03d}_{values_label(combos[i])}/rate={rate!r}")
-            owner[point.index] = (i, rate)
-            points.append(point)
-        if not points:
-            break
-        for index, summary in sorted(run_points(root, points, executor, workers, address).items()):
-            i, rate = owner[index]
-            searches[i].record(rate, summary)
-            if on_done and searches[i].next_rate() is None:
-                on_done()
+    with folder_lock(root):
+        while True:
+            points, owner = [], {}
+            for i, search in searches.items():
+                rate = search.next_rate()
+                if rate is None:
+                    continue
+                data = candidate_config(base, combos[i], cfg.gpus, rate)
+                data["name"] = f"{cfg.name}/{i}/{rate!r}"
+                point = Point(len(points), {"candidate": i, "rate": rate}, parse_config(data, "<plan candidate>"),
+                              folder=f"c{i:03d}_{values_label(combos[i])}/rate={rate!r}")
+                owner[point.index] = (i, rate)
+                points.append(point)
+            if not points:
+                break
+            for index, summary in sorted(execute_points(root, points, executor, workers, address, None).items()):
+                i, rate = owner[index]
+                searches[i].record(rate, summary)
+                if on_done and searches[i].next_rate() is None:
+                    on_done()
     for i, search in searches.items():
         rows[i] = _finish_row(rows[i], search)
     return rank(rows, cfg)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import yaml
@@ -12,8 +15,10 @@ import yaml
 from llmsim.cluster.migration import migration_line
 from llmsim.cluster.simulation import SimulationResult, simulate
 from llmsim.config import ExperimentConfig
+from llmsim.errors import ConfigError
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, summarize
+from llmsim.request import Request
 from llmsim.version import code_version
 from llmsim.workload import build_workload
 
@@ -23,9 +28,43 @@ def resolved_config(cfg: ExperimentConfig) -> dict:
     return cfg.model_dump(mode="json") | {"llmsim_version": code_version()}
 
 
+RESULT_FILES = ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml")
+
+
+def prepare_output(out: Path) -> None:
+    """The results folder exists (or is created) and is writable -- checked before the simulation runs."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror}") from None
+
+
+def first_request(requests: Iterator[Request], cfg: ExperimentConfig) -> Iterator[Request]:
+    """``requests`` unchanged, after checking there is at least one (lazily read traces included)."""
+    first = next(requests, None)
+    if first is None:
+        w = cfg.workload
+        why = ("the trace has no rows" if w.trace is None else
+               f"no row of {w.trace.path} passes the filters and window (model={w.trace.model!r}, "
+               f"log_type={w.trace.log_type!r}, start_s={w.trace.start_s}, end_s={w.trace.end_s}, "
+               f"failed={w.trace.failed!r})") if w.trace is not None else (
+               f"duration_s {w.duration_s} ends before the first arrival" if w.duration_s is not None
+               else "num_requests is 0")
+        raise ConfigError(f"workload: no requests to simulate: {why}")
+    return itertools.chain((first,), requests)
+
+
 def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None = None,
                    output_dir: Path | None = None, write: bool = True) -> tuple[SimulationResult, dict]:
-    result = simulate(cfg, build_workload(cfg.workload, cfg.seed), on_progress)
+    out = Path(output_dir or cfg.output_dir)
+    if write:
+        prepare_output(out)
+    requests = first_request(iter(build_workload(cfg.workload, cfg.seed)), cfg)
+    result = simulate(cfg, requests, on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
     usage = []
@@ -57,15 +96,36 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
     if write:
-        out = Path(output_dir or cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        requests.to_parquet(out / "requests.parquet", index=False)
-        if rec.record_iterations:
-            iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
-            iterations.reset_index(drop=True).to_parquet(out / "iterations.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+        try:
+            write_results(out, cfg, requests, rec, summary)
+        except OSError as exc:  # a disk that filled up during the run
+            raise ConfigError(f"output_dir: writing the results to {out} failed: {exc.strerror}") from None
     return result, summary
+
+
+def write_results(out: Path, cfg: ExperimentConfig, requests, rec, summary: dict) -> None:
+    """Complete or absent, never mixed: ``config.yaml`` (what a resumed sweep checks) goes first, every file is
+    written beside its place and renamed into it, and ``config.yaml`` comes back last. A run killed half-way
+    leaves no ``config.yaml``, so nothing counts it as done."""
+    (out / "config.yaml").unlink(missing_ok=True)
+    staged = {}
+
+    def stage(name: str, write) -> None:
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        write(tmp)
+        staged[name] = tmp
+
+    stage("requests.parquet", lambda p: requests.to_parquet(p, index=False))
+    if rec.record_iterations:
+        iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
+        stage("iterations.parquet", lambda p: iterations.reset_index(drop=True).to_parquet(p, index=False))
+    else:
+        (out / "iterations.parquet").unlink(missing_ok=True)  # a stale one from an earlier run
+    stage("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    stage("config.yaml", lambda p: p.write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False)))
+    for name in RESULT_FILES:
+        if name in staged:
+            os.replace(staged[name], out / name)
 
 
 def _prefill_flops(execution):

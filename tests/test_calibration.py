@@ -204,9 +204,26 @@ def test_bad_measurement_row_names_file_and_line(tmp_path):
 
 
 def test_validate_cli(tmp_path, capsys):
-    assert main(["validate", "--device", "a100", "--report-dir", str(tmp_path)]) == 0
+    assert main(["validate", "--device", "a100-80", "--report-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "held-out" in out and "mlp_up_proj" in out
     assert (tmp_path / "a100-80gb.md").read_text().count("| held-out |") >= 10
     assert main(["validate", "--device", "tpu-v9"]) == 2
     assert "allowed: a100-40gb, a100-80gb" in capsys.readouterr().err
+    assert main(["validate", "--device", "a100"]) == 2  # two profiles start so: never pick one silently
+    assert "'a100' matches a100-40gb, a100-80gb; name one" in capsys.readouterr().err
+
+
+def test_validating_a_copied_profile_leaves_the_shipped_report_alone(tmp_path):
+    shipped = ROOT / "hardware_profiles" / "validation" / "a100-80gb.md"
+    before = shipped.read_bytes()
+    copy = tmp_path / "my-a100.yaml"
+    copy.write_text((ROOT / "hardware_profiles" / "a100-80gb.yaml").read_text())  # keeps name: a100-80gb
+    sample = tmp_path / "sample.csv"
+    df = read_measurements(ROOT / "hardware_profiles" / "measurements" / "vidur-a100.csv.gz")
+    write_measurements(df[df["op"] == "mlp_up_proj"].head(30), sample)
+    assert main(["validate", "--device", str(copy), "--measurements", str(sample)]) == 0
+    assert (tmp_path / "validation" / "my-a100.md").exists()
+    assert shipped.read_bytes() == before
+    # The copy cannot reach the measurements it was fitted on: every row is reported as unseen.
+    assert "| held-out | mlp_up_proj | 30 |" in (tmp_path / "validation" / "my-a100.md").read_text()

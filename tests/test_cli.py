@@ -83,3 +83,13 @@ def test_check_does_not_load_the_results_stack():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_long_commands_print_progress_lines_when_not_on_a_terminal(capsys):
+    from llmsim.progress import LineProgress
+
+    with LineProgress(total=4, unit="point", desc="sweep", interval_s=0.0) as bar:
+        bar.update(1)
+        bar.update(3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sweep: 1/4 point (25%) after") and lines[1].startswith("sweep: 4/4 point (100%)")

@@ -87,3 +87,10 @@ def test_model_precisions_reach_the_execution_model():
     assert quantised[2].num_blocks > 2 * plain[2].num_blocks  # half the KV bytes, and room the weights freed
     with pytest.raises(ConfigError, match="model.activation_dtype"):
         make_config(model={"name": "Llama-2-7B", "activation_dtype": "fp8"})
+
+
+def test_every_relative_path_in_a_yaml_is_relative_to_that_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the working directory does not matter
+    cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
+    assert cfg.output_dir == ROOT / "results" / "quickstart"
+    assert Path(cfg.workload.trace.path if cfg.workload.trace else cfg.workload.lengths_from.path).is_absolute()

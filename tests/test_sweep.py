@@ -101,7 +101,7 @@ def test_bad_grid_path_names_the_sweep_point_and_allowed_keys(tmp_path):
 
 
 def test_ray_executor_matches_local(tmp_path):
-    pytest.importorskip("ray")  # optional extra: pip install -e ".[ray]"
+    """The distributed path, on a local Ray cluster (the test install has Ray: a broken Ray path cannot land)."""
     path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 3.0]})
     assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
     assert main(["sweep", str(path), "--executor", "ray", "--out", str(tmp_path / "ray"), "-q"]) == 0

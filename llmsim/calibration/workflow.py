@@ -27,7 +27,7 @@ METHOD = ("scipy.optimize.least_squares on log(predicted/measured), soft-L1 loss
 
 
 def profile_path(device: str) -> Path:
-    """A profile file from a name, a path, or a unique prefix that has calibration data (``a100`` -> a100-80gb)."""
+    """A profile file from a name, a path, or a prefix that names one profile (``h100`` -> h100-sxm)."""
     path = Path(device)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
@@ -36,12 +36,18 @@ def profile_path(device: str) -> Path:
     exact = PROFILES_DIR / f"{device.lower()}.yaml"
     if exact.exists():
         return exact
-    matches = [n for n in available_profiles()
-               if n.startswith(device.lower()) and load_profile(n).calibration.get("measurements")]
+    matches = [n for n in available_profiles() if n.startswith(device.lower())]
     if len(matches) == 1:
         return PROFILES_DIR / f"{matches[0]}.yaml"
-    raise ConfigError(f"--device: {device!r} names no single profile; allowed: {', '.join(available_profiles())} "
+    if matches:
+        raise ConfigError(f"--device: {device!r} matches {', '.join(matches)}; name one")
+    raise ConfigError(f"--device: {device!r} names no profile; allowed: {', '.join(available_profiles())} "
                       "or a path to a profile YAML")
+
+
+def default_report_dir(path: Path) -> Path:
+    """Reports of a profile go beside it, in ``validation/`` (the shipped profiles' reports are in the repo's)."""
+    return path.resolve().parent / "validation"
 
 
 def _read_profile(path: Path) -> HardwareProfile:
@@ -98,9 +104,12 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
     rows = read_all(measurements)
     split = _split(profile)
     own = all(m.resolve() in {s.resolve() for s in stored} for m in measurements)
-    held = unseen(rows, None if own else (read_all(stored) if stored else None), split)
-    if not own and not stored:
-        held = np.ones(len(rows), dtype=bool)  # an uncalibrated profile has seen nothing
+    # What the fit saw, where its files are at hand; otherwise (an uncalibrated profile, or a copy moved away
+    # from its measurements) every row counts as unseen.
+    seen = [m for m in stored if m.exists()]
+    held = unseen(rows, None if own else (read_all(seen) if seen else None), split)
+    if not own and not seen:
+        held = np.ones(len(rows), dtype=bool)
     held |= np.isin(rows.kind, VALIDATION_ONLY_KINDS)  # never fitted
     comparison = compare(profile, rows, held, l2_resident(profile, rows))
     if comparison.empty:
@@ -108,9 +117,10 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
                           "(device ops or kinds missing)")
     table = error_table(comparison)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot = out_dir / f"{profile.name}.png"
+    # Named by the profile's file, so a copy of a shipped profile (same ``name:``) never overwrites its report.
+    plot = out_dir / f"{path.stem}.png"
     parity_plot(comparison, profile.name, plot)
-    report = out_dir / f"{profile.name}.md"
+    report = out_dir / f"{path.stem}.md"
     shown = ", ".join(_relative(m, path.parent) for m in measurements)
     report.write_text(markdown(profile, table, shown, split, plot.name, command))
     return Validation(table, report, plot)

@@ -15,6 +15,7 @@ from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
 from llmsim.energy import PowerModel, power_model
+from llmsim.errors import PlanError
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.profile import load_profile
@@ -59,12 +60,25 @@ class SimulationResult:
     migration: MigrationStats | None = None  # Llumnix with migration on
 
 
+def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
+    """The shapes vLLM accepts: TP divides the attention heads, and the KV heads (or KV heads divide TP, each
+    replicated); no more pipeline stages than layers."""
+    if model.num_heads % plan.tp:
+        raise PlanError(f"parallel.tp: {plan.tp} does not divide {model.name}'s {model.num_heads} attention heads")
+    if model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
+        raise PlanError(f"parallel.tp: {plan.tp} neither divides nor is a multiple of {model.name}'s "
+                        f"{model.num_kv_heads} KV heads")
+    if plan.pp > model.num_layers:
+        raise PlanError(f"parallel.pp: {plan.pp} stages for {model.name}'s {model.num_layers} layers")
+
+
 def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None
                     ) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
     m = cfg.model
     model = load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
     hardware = load_profile(cfg.hardware.device)
     plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp)
+    check_plan(model, plan)
     s = cfg.scheduler
     max_model_len = s.max_model_len or model.max_position
     memory = plan_memory(model, hardware, plan, block_size=s.block_size,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.errors import ConfigError
 
@@ -96,6 +96,13 @@ class Power(_Frozen):
     max_w: float = Field(gt=0)
     decode_w: float | None = None  # typical draw in memory-bound decode, where published
 
+    @model_validator(mode="after")
+    def _ordered(self) -> "Power":
+        if self.idle_w > self.max_w or not (self.decode_w is None or self.idle_w <= self.decode_w <= self.max_w):
+            raise ValueError(f"expected idle_w <= decode_w <= max_w, got {self.idle_w}, {self.decode_w}, "
+                             f"{self.max_w}")
+        return self
+
 
 class HardwareProfile(_Frozen):
     name: str
@@ -153,8 +160,17 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
             "or a path to a profile YAML"
         )
-    with path.open() as f:
-        raw = yaml.safe_load(f)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"hardware.device: profile {where} is not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"hardware.device: cannot read profile {path}: not a readable text file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"hardware.device: profile {path} is not a YAML mapping of profile fields")
     try:
         return HardwareProfile(**raw)
     except ValidationError as exc:

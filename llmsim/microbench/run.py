@@ -73,12 +73,12 @@ def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repeti
 
 def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup: int, repetitions: int,
          collectives: bool, quiet: bool, threads: int | None = None) -> pd.DataFrame:
-    from tqdm import tqdm
+    from llmsim.progress import progress
 
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
     total = len(compute_specs(grid, dtype)) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
-    with tqdm(total=total, unit="op", desc="microbench", disable=quiet or None, leave=False) as bar:
+    with progress(total, "op", "microbench", quiet) as bar:
         df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads)
     write_measurements(df, out)
     return df

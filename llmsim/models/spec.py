@@ -106,9 +106,23 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         cfg = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"model: cannot read HuggingFace config {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"model: HuggingFace config {path} is not a JSON object")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
+                "intermediate_size", "head_dim", "num_local_experts", "num_experts_per_tok"):
+        value = cfg.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
     try:
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ConfigError(f"model: HuggingFace config {path}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads}")
+        if not cfg.get("head_dim") and hidden % heads:
+            raise ConfigError(f"model: HuggingFace config {path}: hidden_size {hidden} is not a multiple of "
+                              f"num_attention_heads {heads} (and there is no head_dim)")
         arch = (cfg.get("architectures") or [""])[0].lower()
         is_opt = cfg.get("model_type") == "opt" or "opt" in arch
         spec = ModelSpec(
@@ -116,7 +130,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             num_layers=cfg["num_hidden_layers"],
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            num_kv_heads=kv_heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             ffn_size=cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden,
             gated_mlp=not is_opt,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +37,7 @@ def point_config(root: Path, point: Point) -> dict:
 def is_done(root: Path, point: Point) -> bool:
     folder = point_dir(root, point)
     summary, config = folder / "summary.json", folder / "config.yaml"
-    if not (summary.exists() and config.exists()):
+    if not (summary.exists() and config.exists() and (folder / "requests.parquet").exists()):
         return False
     try:
         return yaml.safe_load(config.read_text()) == point_config(root, point)
@@ -61,9 +63,54 @@ def _job(root: Path, point: Point) -> tuple[dict, str]:
     return point_config(root, point), str(point_dir(root, point))
 
 
+@contextmanager
+def folder_lock(root: Path):
+    """One sweep or plan at a time in ``root``: a second one refuses instead of interleaving its writes. A lock
+    left by a process that no longer runs (killed) is taken over."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".llmsim.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise LLMSimError(f"{root} is in use by another llmsim sweep or plan (process {pid}); wait for it "
+                                  f"or use another output folder") from None
+            lock.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_points(root: Path, points: list[Point], executor: str = "local", workers: int | None = None,
                address: str | None = None, on_done: Callable[[Point, dict], None] | None = None) -> dict[int, dict]:
-    """Summaries by point index; finished points are read back, not rerun."""
+    """Summaries by point index; finished points are read back, not rerun. Holds ``root``'s lock."""
+    with folder_lock(root):
+        return execute_points(root, points, executor, workers, address, on_done)
+
+
+def execute_points(root: Path, points: list[Point], executor: str, workers: int | None, address: str | None,
+                   on_done: Callable[[Point, dict], None] | None) -> dict[int, dict]:
+    """``run_points`` without taking the lock (for a caller that holds it across several calls)."""
     results: dict[int, dict] = {}
     todo = []
     for point in points:
@@ -85,13 +132,22 @@ def run_points(root: Path, points: list[Point], executor: str = "local", workers
             if on_done:
                 on_done(point, results[point.index])
         return results
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(run_point, *_job(root, p)): p for p in todo}
         for future in as_completed(futures):
             point = futures[future]
             results[point.index] = future.result()
             if on_done:
                 on_done(point, results[point.index])
+    except KeyboardInterrupt:
+        # Stop the workers now: queued points never start, running ones leave no config.yaml behind.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        print(f"llmsim: {len(results)} of {len(points)} points finished in {root}", file=sys.stderr)
+        raise
+    pool.shutdown()
     return results
 
 

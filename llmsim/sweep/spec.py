@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, format_validation_error, parse_config,
                            read_yaml, set_path)
@@ -46,6 +46,13 @@ class SweepConfig(BaseModel):
     grid: dict[str, list[Any]] = Field(min_length=1)
     variants: dict[str, dict[str, Any]] = {}
     x: str | None = None
+
+    @model_validator(mode="after")
+    def _values(self) -> "SweepConfig":
+        for path, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{path}: an empty list of values gives no points")
+        return self
 
     @property
     def curve_keys(self) -> list[str]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -33,19 +34,55 @@ class TraceRow:
 
 def _open(path: Path):
     try:
-        return path.open(newline="")
+        return _Text(path.open(newline="", encoding="utf-8"), path)
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
 
 
-def _int(value: str, path: Path, line: int, column: str) -> int:
+class _Text:
+    """A trace file's lines; bytes that are not UTF-8 text are a TraceError naming the file."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def __iter__(self):
+        try:
+            yield from self.f
+        except UnicodeDecodeError:
+            raise TraceError(f"{self.path}: not a text file (bytes that are not UTF-8)") from None
+
+
+def _int(value, path: Path, line: int, column: str, minimum: int = 0) -> int:
+    """A whole, finite number >= ``minimum`` ("12" and "12.0" are, "12.5", "nan", "true" are not)."""
+    if isinstance(value, bool):
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected a whole number")
     try:
-        n = int(float(value))
+        x = float(value)
     except (TypeError, ValueError):
         raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected a whole number") from None
-    if n < 0:
-        raise TraceError(f"{path}:{line}: column {column!r} is negative ({n})")
+    if not math.isfinite(x) or x != int(x):
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected a whole number")
+    n = int(x)
+    if n < minimum:
+        raise TraceError(f"{path}:{line}: column {column!r} is {n}, expected at least {minimum}")
     return n
+
+
+def _seconds(value, path: Path, line: int, column: str, scale: float = 1.0) -> float:
+    """A finite, non-negative time in seconds."""
+    try:
+        t = float(value) * scale
+    except (TypeError, ValueError):
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected seconds") from None
+    if not math.isfinite(t) or t < 0:
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected a finite, non-negative time")
+    return t
 
 
 def _check_header(header: list[str] | None, expected: list[str], path: Path) -> None:
@@ -69,12 +106,9 @@ def read_burstgpt(cfg: TraceConfig) -> Iterator[TraceRow]:
                 continue
             if cfg.log_type and row["Log Type"] != cfg.log_type:
                 continue
-            try:
-                t = float(row["Timestamp"])
-            except ValueError:
-                raise TraceError(f"{path}:{line}: column 'Timestamp' is {row['Timestamp']!r}, expected seconds") from None
-            response = _int(row["Response tokens"], path, line, "Response tokens")
-            prompt = _int(row["Request tokens"], path, line, "Request tokens")
+            t = _seconds(row["Timestamp"], path, line, "Timestamp")
+            response = _int(row["Response tokens"], path, line, "Response tokens")  # 0: a failed request
+            prompt = _int(row["Request tokens"], path, line, "Request tokens", minimum=1)
             yield TraceRow(t, prompt, response, response == 0, line)
 
 
@@ -87,16 +121,34 @@ def read_azure(cfg: TraceConfig) -> Iterator[TraceRow]:
         for row in reader:
             line = reader.line_num
             stamp = row["TIMESTAMP"] or ""
-            try:
-                # Seven fractional digits: trim to microseconds for datetime.
-                head, _, frac = stamp.partition(".")
-                t = datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}").timestamp()
-            except ValueError:
-                raise TraceError(f"{path}:{line}: TIMESTAMP {stamp!r} is not a date-time") from None
+            t = _azure_time(stamp, path, line)
             t0 = t if t0 is None else t0
-            prompt = _int(row["ContextTokens"], path, line, "ContextTokens")
+            prompt = _int(row["ContextTokens"], path, line, "ContextTokens", minimum=1)
             output = _int(row["GeneratedTokens"], path, line, "GeneratedTokens")
             yield TraceRow(t - t0, prompt, output, output == 0, line)
+
+
+def _azure_time(stamp: str, path: Path, line: int) -> float:
+    """Seconds of an Azure TIMESTAMP: seven fractional digits, and a timezone offset where the file has one
+    (without one, the time is taken as UTC, so the trace's clock never depends on where it is read)."""
+    head, dot, rest = stamp.partition(".")
+    zone = ""
+    if dot:
+        digits = rest
+        for sign in ("+", "-", "Z"):
+            if sign in rest:
+                digits, zone = rest[:rest.index(sign)], rest[rest.index(sign):]
+                break
+        text = f"{head}.{(digits + '000000')[:6]}{zone}"
+    else:
+        text = head
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise TraceError(f"{path}:{line}: TIMESTAMP {stamp!r} is not a date-time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
 
 
 def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
@@ -107,18 +159,21 @@ def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
                 continue
             try:
                 row = json.loads(text)
-                t = float(row["timestamp"]) / 1000.0  # milliseconds in the trace
+                raw_t = row["timestamp"]
                 prompt, output = row["input_length"], row["output_length"]
                 hash_ids = tuple(row.get("hash_ids", ()))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise TraceError(f"{path}:{line}: not a Mooncake row ({exc})") from None
+            if isinstance(raw_t, bool):
+                raise TraceError(f"{path}:{line}: column 'timestamp' is {raw_t!r}, expected milliseconds")
+            t = _seconds(raw_t, path, line, "timestamp", 1e-3)  # milliseconds in the trace
             if not all(type(h) is int and h >= 0 for h in hash_ids):
                 raise TraceError(f"{path}:{line}: hash_ids must be a list of non-negative whole numbers")
-            prompt = _int(prompt, path, line, "input_length")
+            prompt = _int(prompt, path, line, "input_length", minimum=1)
             if len(hash_ids) > -(-prompt // MOONCAKE_BLOCK_TOKENS):
                 raise TraceError(f"{path}:{line}: {len(hash_ids)} hash_ids cover more than the "
                                  f"{prompt}-token prompt in {MOONCAKE_BLOCK_TOKENS}-token blocks")
-            yield TraceRow(t, prompt, _int(output, path, line, "output_length"), False, line, hash_ids)
+            yield TraceRow(t, prompt, _int(output, path, line, "output_length", minimum=1), False, line, hash_ids)
 
 
 READERS = {"burstgpt": read_burstgpt, "azure": read_azure, "mooncake": read_mooncake}

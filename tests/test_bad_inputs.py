@@ -1,0 +1,238 @@
+"""Every bad input is one clear error (exit code 2, no traceback), found before the simulation runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmsim.cli import main
+from llmsim.config import parse_config
+from llmsim.errors import LLMSimError
+from llmsim.run import run_experiment
+
+BASE = {"model": {"name": "Llama-2-7B"}, "cluster": {"num_replicas": 1},
+        "workload": {"num_requests": 12, "arrival": {"kind": "poisson", "rate_per_s": 5},
+                     "prompt_tokens": {"kind": "fixed", "value": 100}, "output_tokens": {"kind": "fixed", "value": 8}}}
+HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+
+
+def _experiment(tmp_path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(BASE))
+    data.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _trace(tmp_path: Path, rows: str, **trace) -> Path:
+    (tmp_path / "t.csv").write_text(HEADER + rows)
+    return _experiment(tmp_path, workload={"trace": {"path": str(tmp_path / "t.csv"), "format": "burstgpt", **trace}})
+
+
+def _hf(tmp_path: Path, **fields) -> Path:
+    (tmp_path / "hf").mkdir()
+    config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000,
+              "intermediate_size": 11008, **fields}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    return _experiment(tmp_path, model={"name": str(tmp_path / "hf")})
+
+
+def _profile(tmp_path: Path, text) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+    return _experiment(tmp_path, hardware={"device": str(p)})
+
+
+def _raw(tmp_path: Path, content) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+    return p
+
+
+def _binary_trace(tmp_path: Path) -> Path:
+    (tmp_path / "t.csv").write_bytes(bytes(range(256)) * 4)
+    return _experiment(tmp_path, workload={"trace": {"path": str(tmp_path / "t.csv"), "format": "burstgpt"}})
+
+
+def _output_is_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "f").write_text("x")
+    return _experiment(tmp_path, output_dir=str(tmp_path / "f"))
+
+
+def _dist(**d):
+    return lambda tmp: _experiment(tmp, workload={**BASE["workload"], "prompt_tokens": d})
+
+
+CASES = {
+    "top level is a list": (lambda tmp: _raw(tmp, "- 1\n- 2\n"), "expected a mapping at the top level"),
+    "top level is binary": (lambda tmp: _raw(tmp, bytes(range(256))), "not a text YAML file"),
+    "YAML syntax": (lambda tmp: _raw(tmp, "model: [1, 2\n"), "exp.yaml:2 is not valid YAML"),
+    "header-only trace": (lambda tmp: _trace(tmp, ""), "no requests to simulate"),
+    "filter matches nothing": (lambda tmp: _trace(tmp, "1,ChatGPT,10,5,15,Conversation log\n", model="GPT-9"),
+                               "no requests to simulate"),
+    "window inverted": (lambda tmp: _trace(tmp, "1,ChatGPT,10,5,15,Conversation log\n", start_s=10, end_s=5),
+                        "end_s (5.0) must be after start_s (10.0)"),
+    "tiny duration": (lambda tmp: _experiment(tmp, workload={**{k: v for k, v in BASE["workload"].items()
+                                                                if k != "num_requests"}, "duration_s": 1e-9}),
+                      "duration_s 1e-09 ends before the first arrival"),
+    "NaN timestamp": (lambda tmp: _trace(tmp, "nan,ChatGPT,10,5,15,Conversation log\n"), "t.csv:2: column 'Timestamp'"),
+    "infinite timestamp": (lambda tmp: _trace(tmp, "inf,ChatGPT,10,5,15,Conversation log\n"), "finite"),
+    "negative timestamp": (lambda tmp: _trace(tmp, "-5,ChatGPT,10,5,15,Conversation log\n"), "non-negative"),
+    "fractional tokens": (lambda tmp: _trace(tmp, "1,ChatGPT,12.5,5,15,Conversation log\n"), "expected a whole number"),
+    "zero prompt tokens": (lambda tmp: _trace(tmp, "1,ChatGPT,0,5,5,Conversation log\n"), "expected at least 1"),
+    "binary trace": (_binary_trace, "not a text file"),
+    "HF sizes as strings": (lambda tmp: _hf(tmp, hidden_size="4096"), "hidden_size is '4096'"),
+    "HF zero heads": (lambda tmp: _hf(tmp, num_attention_heads=0), "num_attention_heads is 0"),
+    "HF heads not a multiple of KV heads": (lambda tmp: _hf(tmp, num_key_value_heads=5), "not a multiple"),
+    "profile empty": (lambda tmp: _profile(tmp, ""), "is not a YAML mapping"),
+    "profile a list": (lambda tmp: _profile(tmp, "- 1\n"), "is not a YAML mapping"),
+    "profile syntax": (lambda tmp: _profile(tmp, "a: [1, 2\n"), "p.yaml:2 is not valid YAML"),
+    "profile binary": (lambda tmp: _profile(tmp, bytes(range(256))), "not a readable text file"),
+    "uniform min > max": (_dist(kind="uniform", min=10, max=5), "min (10) is above max (5)"),
+    "zipf min > max": (_dist(kind="zipf", a=1.0, min=10, max=5), "min (10) is above max (5)"),
+    "lognormal min > max": (_dist(kind="lognormal", median=100, sigma=1, min=10, max=5), "min (10) is above max"),
+    "negative seed": (lambda tmp: _experiment(tmp, seed=-1), "seed"),
+    "TP not dividing heads": (lambda tmp: _experiment(tmp, parallel={"tp": 3}), "3 does not divide"),
+    "PP beyond the layers": (lambda tmp: _experiment(tmp, parallel={"pp": 64}), "64 stages for"),
+    "output path is a file": (_output_is_a_file, "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_error(tmp_path, capsys, case):
+    make, expected = CASES[case]
+    path = make(tmp_path)
+    out = [] if case == "output path is a file" else ["--out", str(tmp_path / "out")]
+    assert main(["run", str(path), "-q", *out]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def test_profile_sanity_is_checked(tmp_path, capsys):
+    profile = yaml.safe_load((Path(__file__).parents[1] / "hardware_profiles" / "a100-80gb.yaml").read_text())
+    profile["power"]["idle_w"] = 900.0
+    path = _profile(tmp_path, yaml.safe_dump(profile))
+    assert main(["check", str(path)]) == 2
+    assert "idle_w <= decode_w <= max_w" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_refused_before_simulating(tmp_path, capsys, monkeypatch):
+    (tmp_path / "f").write_text("x")  # a folder cannot be made under a file (as under a read-only parent)
+    ran = []
+    monkeypatch.setattr("llmsim.run.simulate", lambda *a, **k: ran.append(1))
+    assert main(["run", str(_experiment(tmp_path)), "-q", "--out", str(tmp_path / "f" / "out")]) == 2
+    assert "output_dir: cannot write to" in capsys.readouterr().err and not ran
+
+
+def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": []}}))
+    assert main(["sweep", str(sweep), "-q"]) == 2
+    assert "grid.seed: an empty list of values gives no points" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", str(sweep), "--workers", "-2"])
+    assert "-2: must be at least 1" in capsys.readouterr().err
+    plan = tmp_path / "p.yaml"
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]},
+                                    "rates": {"start": 10.0, "max": 5.0}}))
+    assert main(["plan", str(plan), "-q"]) == 2
+    assert "start (10.0) is above max (5.0)" in capsys.readouterr().err
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "output_dir": "out", "grid": {"seed": [1, 2]}}))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / ".llmsim.lock").write_text(str(holder.pid))
+        assert main(["sweep", str(sweep), "-q", "--workers", "1"]) == 2
+        assert f"in use by another llmsim sweep or plan (process {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and taken over; the sweep runs and releases it.
+    assert main(["sweep", str(sweep), "-q", "--workers", "1"]) == 0
+    assert not (tmp_path / "out" / ".llmsim.lock").exists()
+
+
+def test_a_run_killed_while_writing_leaves_no_config(tmp_path, monkeypatch):
+    """Result folders are complete or absent: config.yaml (what resume checks) is the last file to appear."""
+    cfg = parse_config(BASE)
+    run_experiment(cfg, output_dir=tmp_path)
+    assert (tmp_path / "config.yaml").exists()
+
+    def killed(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pandas.DataFrame.to_parquet", killed)
+    with pytest.raises(LLMSimError, match="writing the results to .* failed: No space left on device"):
+        run_experiment(cfg, output_dir=tmp_path)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+# --- fuzz -----------------------------------------------------------------------------------------------------
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**7), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=6), st.lists(st.integers(-2, 5), max_size=3),
+                    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+_PATHS = ["seed", "model.name", "model.dtype", "parallel.tp", "parallel.pp", "cluster.num_replicas",
+          "scheduler.name", "scheduler.max_num_seqs", "scheduler.max_num_batched_tokens", "scheduler.block_size",
+          "scheduler.watermark", "scheduler.gpu_memory_utilization", "workload.num_requests",
+          "workload.arrival.rate_per_s", "workload.arrival.kind", "workload.prompt_tokens.value",
+          "workload.prompt_tokens.kind", "workload.output_tokens.value", "slo.ttft_s", "simulation.max_time_s",
+          "hardware.device", "workload.duration_s", "cluster.policy", "workload.high_priority_fraction"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
+def test_fuzzed_configs_succeed_or_fail_clearly(changes):
+    data = json.loads(json.dumps(BASE))
+    for path, value in changes:
+        node = data
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node.get(key), dict) or key not in node else node[key]
+            if not isinstance(node, dict):
+                break
+        else:
+            node[last] = value
+    try:
+        cfg = parse_config(data)
+        if cfg.workload.num_requests and cfg.workload.num_requests > 50:
+            return  # keep examples cheap; the shape of the config is what is fuzzed
+        _, summary = run_experiment(cfg, write=False)
+    except LLMSimError:
+        return
+    for section in ("ttft", "tpot", "e2e"):
+        assert all(not (isinstance(v, float) and math.isnan(v)) for v in summary[section].values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4)),
+                          st.one_of(st.integers(-3, 5000), st.floats(allow_nan=True), st.text(max_size=3)),
+                          st.one_of(st.integers(-3, 500), st.floats(allow_nan=True))), min_size=1, max_size=6))
+def test_fuzzed_trace_rows_succeed_or_fail_clearly(tmp_path_factory, rows):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    body = "".join(f"{t},ChatGPT,{p},{o},0,Conversation log\n" for t, p, o in rows)
+    (tmp / "t.csv").write_text(HEADER + body)
+    cfg = parse_config({**BASE, "workload": {"trace": {"path": str(tmp / "t.csv"), "format": "burstgpt"}}})
+    try:
+        result, summary = run_experiment(cfg, write=False)
+    except LLMSimError:
+        return
+    df = result.recorder.request_frame()
+    assert len(df) == summary["requests"]["arrived"]
+    assert np.isfinite(df["arrival_s"]).all()
