@@ -167,9 +167,12 @@ class SchedulerConfig(_Strict):
         return self.enable_prefix_caching
 
 
+MAX_TOKENS = 2**31 - 1  # token counts past this are mistakes, not requests
+
+
 class Fixed(_Strict):
     kind: Literal["fixed"]
-    value: int = Field(ge=1)
+    value: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class _Range(_Strict):
@@ -182,8 +185,8 @@ class _Range(_Strict):
 
 class Uniform(_Range):
     kind: Literal["uniform"]
-    min: int = Field(ge=1)
-    max: int = Field(ge=1)
+    min: int = Field(ge=1, le=MAX_TOKENS)
+    max: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class Zipf(_Range):
@@ -191,16 +194,16 @@ class Zipf(_Range):
 
     kind: Literal["zipf"]
     a: float = Field(gt=0)
-    min: int = Field(ge=1)
-    max: int = Field(ge=1)
+    min: int = Field(ge=1, le=MAX_TOKENS)
+    max: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class LogNormal(_Range):
     kind: Literal["lognormal"]
     median: float = Field(gt=0)
     sigma: float = Field(ge=0)
-    min: int = Field(default=1, ge=1)
-    max: int = Field(default=1_000_000, ge=1)
+    min: int = Field(default=1, ge=1, le=MAX_TOKENS)
+    max: int = Field(default=1_000_000, ge=1, le=MAX_TOKENS)
 
 
 LengthDist = Annotated[Union[Fixed, Uniform, Zipf, LogNormal], Field(discriminator="kind")]

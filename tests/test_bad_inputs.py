@@ -236,3 +236,45 @@ def test_fuzzed_trace_rows_succeed_or_fail_clearly(tmp_path_factory, rows):
     df = result.recorder.request_frame()
     assert len(df) == summary["requests"]["arrived"]
     assert np.isfinite(df["arrival_s"]).all()
+
+
+def test_trace_formats_are_parsed_as_they_are_defined(tmp_path):
+    from llmsim.config import TraceConfig
+    from llmsim.errors import TraceError
+    from llmsim.workload.traces import read_trace
+
+    azure = tmp_path / "a.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:00:00.0000000+00:00,10,5\n"
+                     "2023-11-16 19:00:01.5000000+01:00,10,5\n")  # 18:00:01.5 UTC: 1.5 s later, not 3601.5
+    rows = list(read_trace(TraceConfig(path=azure, format="azure")))
+    assert [r.time_s for r in rows] == [0.0, 1.5]
+    mooncake = tmp_path / "m.jsonl"
+    for bad, message in (('{"timestamp": 0, "input_length": 10, "output_length": 0}', "expected at least 1"),
+                         ('{"timestamp": 0, "input_length": 10, "output_length": true}', "expected a whole number"),
+                         ('{"timestamp": true, "input_length": 10, "output_length": 3}', "expected milliseconds")):
+        mooncake.write_text(bad + "\n")
+        with pytest.raises(TraceError, match=f"m.jsonl:1: .*{message}"):
+            list(read_trace(TraceConfig(path=mooncake, format="mooncake")))
+
+
+def test_ctrl_c_stops_a_sweep_with_exit_130_and_says_what_finished(tmp_path, capsys, monkeypatch):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "output_dir": "out", "grid": {"seed": [1, 2, 3]}}))
+    from llmsim.sweep import execute
+
+    real, calls = execute.run_point, []
+
+    def interrupted_second(config_json, folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(config_json, folder)
+
+    monkeypatch.setattr(execute, "run_point", interrupted_second)
+    assert main(["sweep", str(sweep), "-q", "--workers", "1"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out" / ".llmsim.lock").exists()
+    monkeypatch.setattr(execute, "run_point", real)
+    assert main(["sweep", str(sweep), "-q", "--workers", "1"]) == 0  # resumes: the first point is read back

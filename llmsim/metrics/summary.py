@@ -23,6 +23,7 @@ PERCENTILES = (50, 90, 99)
 
 
 def _stats(values: np.ndarray, unit: str = "s") -> dict:
+    values = np.asarray(values, dtype=float)  # an empty column may come as object dtype
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return {"count": 0}

@@ -19,7 +19,8 @@ from llmsim.errors import TraceError
 
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash_ids name blocks of this many prompt tokens
+MOONCAKE_BLOCK_TOKENS = 512
+MAX_TOKENS = 2**31 - 1  # a token count past this is corrupt data, not a request  # the trace's hash_ids name blocks of this many prompt tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ def _int(value, path: Path, line: int, column: str, minimum: int = 0) -> int:
     n = int(x)
     if n < minimum:
         raise TraceError(f"{path}:{line}: column {column!r} is {n}, expected at least {minimum}")
+    if n > MAX_TOKENS:
+        raise TraceError(f"{path}:{line}: column {column!r} is {n}, beyond any context length ({MAX_TOKENS})")
     return n
 
 
