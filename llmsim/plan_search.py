@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +79,7 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: price_per_gpu_hour: rank_by goodput_per_dollar needs a price for "
                               f"{', '.join(missing)}")
     if not cfg.output_dir.is_absolute():
-        cfg = cfg.model_copy(update={"output_dir": path.parent / cfg.output_dir})
+        cfg = cfg.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / cfg.output_dir))})
     combos = [dict(zip(cfg.candidates, values)) for values in itertools.product(*cfg.candidates.values())]
     return cfg, base, combos
 

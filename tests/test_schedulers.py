@@ -135,3 +135,18 @@ def test_a_policy_with_its_own_admission_order_plugs_in_by_name():
         first = df.set_index("id")["first_token_s"]
         assert first[2] < first[1]
     pd.testing.assert_frame_equal(results[0], results[1], check_exact=True)
+
+
+def test_sarathi_admits_only_when_the_whole_prompt_fits_and_reserves_it():
+    """Sarathi-Serve's block manager: the prompt's blocks are checked and allocated at admission."""
+    blocks = BlockManager(10, 16)  # 160 tokens of KV
+    s = SarathiScheduler(blocks, max_num_seqs=8, max_num_batched_tokens=4096, chunk_size=64)
+    long, short = Request(0, 0, 200, 4), Request(1, 0, 100, 4)
+    s.add(long)
+    out = s.schedule()
+    assert out.is_empty and list(s.waiting) == [long]  # its first chunk would fit; its prompt does not
+    s.waiting.clear()
+    s.add(short)
+    out = s.schedule()
+    assert [(c.request, c.num_new_tokens) for c in out.prefills] == [(short, 64)]
+    assert blocks.num_held(short) == 7  # all 100 prompt tokens' blocks, not the chunk's 4

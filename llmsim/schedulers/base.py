@@ -187,12 +187,14 @@ class Scheduler:
 
     # --- mechanism shared by the policies -------------------------------------------------------------
 
-    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
-        """Move the head of the waiting queue into the batch with ``num_new_tokens`` of prefill."""
+    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
+               reserve_tokens: int | None = None) -> None:
+        """Move the head of the waiting queue into the batch with ``num_new_tokens`` of prefill, holding blocks
+        for ``reserve_tokens`` new tokens (default: the ones scheduled now)."""
         cached = request.num_computed_tokens
         if request.status is RequestStatus.PREEMPTED and self.preemption == "swap" and cached:
             out.swap_bytes += cached * self.kv_bytes_per_token  # swap its KV back in
-        self.blocks.allocate(request, num_new_tokens)
+        self.blocks.allocate(request, num_new_tokens if reserve_tokens is None else reserve_tokens)
         self._start(request, num_new_tokens, out)
 
     def _start(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:

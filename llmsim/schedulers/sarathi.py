@@ -3,6 +3,11 @@
 Every step first gives each running decode its token (decodes are never stalled by a prefill), then spends
 what is left of the budget on prefill chunks: first requests already part-way through their prompt, then
 waiting requests in arrival order. ``chunk_size`` is the budget (Sarathi's token budget, e.g. 512).
+
+Admission follows Sarathi-Serve's block manager (vLLM v0's): a waiting request is admitted only when the blocks
+of its whole prompt fit above the watermark, and they are allocated then, so its later chunks never need a
+block. (Admitting on the first chunk alone over-commits the cache under memory pressure: requests admitted
+together outgrow it part-way through their prompts and evict each other by recompute.)
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ class SarathiScheduler(Scheduler):
             budget -= n
         while budget > 0 and self.waiting and self.has_seq_room() and not out.preempted:
             request = self.waiting[0]
-            n = min(request.num_pending_tokens, budget)
-            if not self.blocks.can_admit(request, n):
+            prompt = request.num_pending_tokens
+            if not self.blocks.can_admit(request, prompt):
                 break
-            self._admit(request, n, out)
+            n = min(prompt, budget)
+            self._admit(request, n, out, reserve_tokens=prompt)
             budget -= n
         return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
     base = apply_overrides(load_base(path, sweep.base), overrides, str(path))
     if not sweep.output_dir.is_absolute():
-        sweep = sweep.model_copy(update={"output_dir": path.parent / sweep.output_dir})
+        sweep = sweep.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / sweep.output_dir))})
     if sweep.x is None:
         sweep = sweep.model_copy(update={"x": next((p for p in RATE_PATHS if p in sweep.grid), None)})
     elif sweep.x not in sweep.grid:
