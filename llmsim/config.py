@@ -295,11 +295,26 @@ class WorkloadConfig(_Strict):
 
 
 class SLOConfig(_Strict):
+    """``per_request`` (DistServe's): a request meets the SLO when its TTFT, TPOT (and max token gap, with
+    ``tbt_s``) are within bounds; attainment is the share of requests that do. ``pooled`` (Sarathi-Serve's
+    capacity): the run meets the SLO when the P99 of every token gap pooled over requests is within
+    ``p99_itl_s`` and the median scheduling delay (arrival to first scheduled) within ``median_queueing_s``;
+    attainment is then 1 or 0, so sweeps and plan searches find the highest rate that meets it."""
+
+    definition: Literal["per_request", "pooled"] = "per_request"
     ttft_s: float = Field(default=2.0, gt=0)
     tpot_s: float = Field(default=0.1, gt=0)
-    # Optional Sarathi-Serve-style bound on every gap between consecutive tokens of a request (its max TBT).
+    # Optional bound on every gap between consecutive tokens of a request (its max TBT), per request.
     tbt_s: float | None = Field(default=None, gt=0)
     attainment: float = Field(default=0.9, gt=0, le=1)  # share of requests that must meet every SLO
+    p99_itl_s: float | None = Field(default=None, gt=0)  # pooled: bound on the P99 of all token gaps
+    median_queueing_s: float = Field(default=2.0, gt=0)  # pooled: bound on the median scheduling delay
+
+    @model_validator(mode="after")
+    def _pooled_bounds(self) -> "SLOConfig":
+        if self.definition == "pooled" and self.p99_itl_s is None:
+            raise ValueError("definition: pooled needs p99_itl_s (the bound on the P99 of all token gaps)")
+        return self
 
 
 class SimulationConfig(_Strict):

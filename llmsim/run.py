@@ -17,7 +17,7 @@ from llmsim.cluster.simulation import SimulationResult, simulate
 from llmsim.config import ExperimentConfig
 from llmsim.errors import ConfigError
 from llmsim.metrics.recorder import ReplicaTotals
-from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, summarize
+from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo, summarize
 from llmsim.request import Request
 from llmsim.version import code_version
 from llmsim.workload import build_workload
@@ -78,6 +78,9 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
         attainment_target=cfg.slo.attainment, pue=cfg.energy.pue,
         prefill_flops=_prefill_flops(result.pools[0].execution) if cfg.scheduler.prefix_caching else None)
+    if cfg.slo.definition == "pooled":
+        summary["slo"] = pooled_slo(summary, cfg.slo.p99_itl_s, cfg.slo.median_queueing_s)
+        summary.update(request_goodput=summary["slo"]["goodput_requests_per_s"])
     ex = result.execution
     summary = {
         "experiment": cfg.name,
@@ -150,6 +153,20 @@ def _policy_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _slo_line(slo: dict) -> str:
+    if slo.get("definition") == "pooled":
+        m = slo["measured"]
+        itl = f"{m['p99_itl_s'] * 1e3:.0f} ms" if m["p99_itl_s"] is not None else "-"
+        queue = f"{m['median_queueing_s']:.2f} s" if m["median_queueing_s"] is not None else "-"
+        return (f"SLO, pooled (P99 ITL<={slo['p99_itl_s'] * 1e3:g} ms, median scheduling delay<="
+                f"{slo['median_queueing_s']}s): P99 ITL {itl}, median delay {queue}: "
+                f"{'met' if slo['meets_target'] else 'missed'}, goodput {slo['goodput_requests_per_s']:.2f} req/s")
+    return (f"SLO (TTFT<={slo['ttft_s']}s, TPOT<={slo['tpot_s']}s"
+            + (f", max TBT<={slo['tbt_s']}s" if slo.get("tbt_s") else "") + f"): attainment {slo['attainment']:.1%} "
+            f"(target {slo['target']:.0%}: {'met' if slo['meets_target'] else 'missed'}), "
+            f"goodput {slo['goodput_requests_per_s']:.2f} req/s")
+
+
 def _energy_line(e: dict) -> str:
     per_token = e["j_per_output_token"]
     return (f"energy {e['total_j'] / 3.6e6:.3f} kWh (busy {e['busy_j'] / 3.6e6:.3f}, idle {e['idle_j'] / 3.6e6:.3f}, "
@@ -188,10 +205,7 @@ def format_summary(summary: dict) -> str:
         "",
         f"throughput: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s "
         f"over {t['duration_s']:.1f} s",
-        f"SLO (TTFT<={slo['ttft_s']}s, TPOT<={slo['tpot_s']}s"
-        + (f", max TBT<={slo['tbt_s']}s" if slo.get("tbt_s") else "") + f"): attainment {slo['attainment']:.1%} "
-        f"(target {slo['target']:.0%}: {'met' if slo['meets_target'] else 'missed'}), "
-        f"goodput {slo['goodput_requests_per_s']:.2f} req/s",
+        _slo_line(slo),
         f"KV cache use {u['kv_cache_busy_mean']:.1%}, busy {u['busy_fraction']:.1%}, "
         f"MFU {u['mfu']:.1%}, MBU {u['mbu']:.1%}",
         _energy_line(summary["energy"]),

@@ -34,3 +34,22 @@ def test_summary_speaks_vllm_benchmark_names_in_ms():
     # ITL pools every gap between consecutive tokens: one fewer than the tokens of each request.
     df = result.recorder.request_frame()
     assert s["itl"]["count"] == int((df["num_generated_tokens"] - 1).sum())
+
+
+def test_pooled_slo_is_sarathi_serves_capacity_criterion():
+    """P99 of all token gaps and the median scheduling delay, over the whole run; attainment 1 or 0."""
+    base = dict(workload={"num_requests": 80, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                          "prompt_tokens": {"kind": "uniform", "min": 200, "max": 2000},
+                          "output_tokens": {"kind": "uniform", "min": 20, "max": 120}},
+                scheduler={"name": "fcfs", "max_num_batched_tokens": 4096})
+    _, s = run_experiment(make_config(**base), write=False)
+    itl, queueing = s["itl"]["p99_s"], s["queueing"]["p50_s"]
+    for bound, met in ((itl * 1.01, True), (itl * 0.99, False)):
+        _, p = run_experiment(make_config(**base, slo={"definition": "pooled", "p99_itl_s": bound}), write=False)
+        slo = p["slo"]
+        assert slo["meets_target"] is met and slo["attainment"] == (1.0 if met else 0.0)
+        assert slo["measured"] == {"p99_itl_s": itl, "median_queueing_s": queueing}
+        assert p["request_goodput"] == (p["request_throughput"] if met else 0.0)
+    _, p = run_experiment(make_config(**base, slo={"definition": "pooled", "p99_itl_s": 10.0,
+                                                   "median_queueing_s": queueing * 0.5}), write=False)
+    assert not p["slo"]["meets_target"]

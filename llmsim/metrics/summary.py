@@ -214,3 +214,20 @@ def energy(replicas: list[ReplicaUsage], span: float, pue: float, finished: int,
         "j_per_request": per(finished),
         "output_tokens_per_j": out_tokens / total_j if total_j > 0 else 0.0,
     }
+
+
+def pooled_slo(summary: dict, p99_itl_s: float, median_queueing_s: float) -> dict:
+    """Sarathi-Serve's capacity criterion on a run: the P99 of all token gaps and the median scheduling delay
+    within bounds. Replaces the per-request verdict in ``summary["slo"]``: attainment 1 when met, else 0."""
+    slo = dict(summary["slo"])
+    itl = summary["itl"].get("p99_s")
+    queueing = summary["queueing"].get("p50_s")
+    met = itl is not None and queueing is not None and itl <= p99_itl_s and queueing <= median_queueing_s
+    span = summary["throughput"]["duration_s"]
+    finished = summary["requests"]["finished"]
+    slo.update(definition="pooled", p99_itl_s=p99_itl_s, median_queueing_s=median_queueing_s,
+               measured={"p99_itl_s": itl, "median_queueing_s": queueing},
+               attainment=1.0 if met else 0.0, meets_target=bool(met),
+               goodput_requests_per_s=finished / span if met else 0.0,
+               goodput_requests_per_s_per_gpu=(finished / span / summary["utilization"]["num_gpus"]) if met else 0.0)
+    return slo
