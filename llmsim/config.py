@@ -81,8 +81,12 @@ class DistServeConfig(_Strict):
 class LlumnixConfig(_Strict):
     """Llumnix (OSDI'24): load-aware dispatch and live migration. Defaults follow Llumnix's own."""
 
-    polling_interval_s: float = Field(default=0.05, gt=0)  # how often instance loads are read and paired
-    migration: bool = True  # False: load-aware dispatch only
+    polling_interval_s: float = Field(default=0.05, gt=0)  # how often instance loads are reported and paired
+    migration: bool = True  # False: load-aware dispatch only (INFaaS++, the paper's baseline)
+    # What dispatch sees: "reported", each instance's load as of its last report (every polling interval), plus
+    # the requests this dispatcher sent it since; or "exact", every instance's instantaneous state (an
+    # omniscient dispatcher no real cluster has).
+    dispatch_load: Literal["reported", "exact"] = "reported"
     # Count the head-of-line queued request's KV demand as virtual usage, so instances whose queue is blocked
     # migrate requests out and make room for it (de-fragmentation).
     defrag: bool = True

@@ -226,3 +226,22 @@ def test_stopping_mid_migration_reports_every_request(cut_s):
     assert summary["migration"]["started"] > 0
     for rep in result.replicas:
         rep.blocks.check_integrity()
+
+
+def test_dispatch_reads_reported_load_plus_its_own_dispatches():
+    """Between reports, dispatch sees each instance's last report plus what it sent there itself; a change on
+    an instance it did not cause shows only in the next report."""
+    env, replicas, transfer, _ = _two_replicas(bursty("llumnix"))
+    llumnix = Llumnix(env, replicas, LlumnixConfig(migration=False), transfer)
+    a, b = replicas
+    llumnix.report()
+    first = llumnix.pick(Request(0, 0.0, 1000, 5), replicas)
+    second = llumnix.pick(Request(1, 0.0, 1000, 5), replicas)
+    assert first is a and second is b  # the second sees the blocks it sent to a
+    before = llumnix.dispatch_freeness(a)
+    a.submit(Request(2, 0.0, 3000, 5))  # reaches a without this dispatcher: unseen until a reports
+    assert llumnix.dispatch_freeness(a) == before
+    llumnix.report()
+    assert llumnix.dispatch_freeness(a) < before
+    exact = Llumnix(env, replicas, LlumnixConfig(migration=False, dispatch_load="exact"), transfer)
+    assert exact.dispatch_freeness(a) == llumnix.dispatch_freeness(a)  # right after a report they agree

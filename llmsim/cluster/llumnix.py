@@ -10,7 +10,9 @@ blocks really in use plus
   requests are dispatched elsewhere and migrate out, and the high-priority request runs in a lighter batch.
 
 Dispatch sends each arrival to the instance of highest freeness, counting every queued request (so a burst
-spreads). Every polling interval, instances below ``migrate_out_threshold`` are paired, lowest first, with
+spreads). As in Llumnix, dispatch works from the load each instance last reported (every polling interval)
+plus the requests the dispatcher itself sent there since (``dispatch_load: reported``); ``exact`` reads every
+instance's instantaneous state instead. Every polling interval, instances below ``migrate_out_threshold`` are paired, lowest first, with
 instances above ``migrate_in_threshold``, highest first, and each pair migrates one request: the source's
 running request of lowest priority, shortest first (Llumnix's "SR"), as it is the cheapest to move.
 """
@@ -37,9 +39,14 @@ class Llumnix:
         self.migrator: Migrator | None = None
         self._pairing: set[int] = set()  # replicas at either end of a migration under way
         self._poller_idle: simpy.Event | None = None
+        self.reported = cfg.dispatch_load == "reported"
+        # Per replica: (virtual usage, requests) as last reported, and what was dispatched there since.
+        self._reports: dict[int, tuple[float, int]] = {rep.id: (0.0, 0) for rep in replicas}
+        self._sent: dict[int, tuple[float, int]] = {rep.id: (0.0, 0) for rep in replicas}
         if cfg.migration:
             self.migrator = Migrator(env, transfer_s, max_stages=cfg.max_stages,
                                      last_stage_max_blocks=cfg.last_stage_max_blocks, on_end=self._ended)
+        if cfg.migration or self.reported:
             env.process(self._poll())
 
     # --- load -------------------------------------------------------------------------------------------
@@ -58,8 +65,18 @@ class Llumnix:
         return usage
 
     def dispatch_freeness(self, rep: Replica) -> float:
+        if self.reported:
+            (usage, requests), (sent_blocks, sent) = self._reports[rep.id], self._sent[rep.id]
+            return (rep.blocks.num_blocks - usage - sent_blocks) / max(requests + sent, 1)
         queued = len(rep.scheduler.waiting)
         return (rep.blocks.num_blocks - self.virtual_usage(rep, "all")) / max(len(rep.scheduler.running) + queued, 1)
+
+    def report(self) -> None:
+        """Every instance reports its load (what ``dispatch_freeness`` reads between reports)."""
+        for rep in self.replicas:
+            s = rep.scheduler
+            self._reports[rep.id] = (self.virtual_usage(rep, "all"), len(s.running) + len(s.waiting))
+            self._sent[rep.id] = (0.0, 0)
 
     def migration_freeness(self, rep: Replica) -> float:
         usage = self.virtual_usage(rep, "head" if self.cfg.defrag else "none")
@@ -74,6 +91,9 @@ class Llumnix:
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         best = max(replicas, key=lambda rep: (self.dispatch_freeness(rep), -rep.id))
+        if self.reported:  # the dispatcher knows what it sent: the prompt's blocks, one more request
+            blocks, sent = self._sent[best.id]
+            self._sent[best.id] = (blocks + best.blocks.blocks_for(request.num_pending_tokens), sent + 1)
         if self._poller_idle is not None and not self._poller_idle.triggered:
             self._poller_idle.succeed()
         return best
@@ -87,13 +107,19 @@ class Llumnix:
                 self._poller_idle = env.event()
                 yield self._poller_idle
                 self._poller_idle = None
+                if self.reported:  # the reports an idle cluster would have sent meanwhile
+                    self.report()
             # Urgent: a poll at an iteration boundary sees the state before that boundary, in stepping and in
             # fast-forward alike.
             yield env.urgent_at(env.now + interval)
-            self.pair_and_migrate()
+            if self.reported:
+                self.report()
+            if self.migrator is not None:
+                self.pair_and_migrate()
 
     def _busy(self) -> bool:
-        return bool(self.migrator.active) or any(rep.scheduler.has_work for rep in self.replicas)
+        active = self.migrator is not None and bool(self.migrator.active)
+        return active or any(rep.scheduler.has_work for rep in self.replicas)
 
     def pair_and_migrate(self) -> list[Migration]:
         cfg = self.cfg
