@@ -109,9 +109,20 @@ class LlumnixConfig(_Strict):
         return self
 
 
+class PrefixAwareConfig(_Strict):
+    """SGLang's cache-aware router (``router: prefix_aware``); defaults are SGLang's."""
+
+    cache_threshold: float = Field(default=0.5, ge=0, le=1)  # share of the prompt's named blocks to follow a match
+    balance_abs_threshold: int = Field(default=32, ge=0)  # requests between the busiest and the idlest replica
+    balance_rel_threshold: float = Field(default=1.0001, ge=1)  # and their ratio, before balancing wins
+
+
 class ClusterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
-    router: Literal["round_robin", "least_outstanding"] = "round_robin"
+    # round_robin; least_outstanding (the router's own count of unfinished requests); prefix_aware (SGLang's
+    # cache-aware routing: the replica holding the longest part of the prompt, unless loads drift apart).
+    router: Literal["round_robin", "least_outstanding", "prefix_aware"] = "round_robin"
+    prefix_aware: PrefixAwareConfig = PrefixAwareConfig()
     # colocated: every replica prefills and decodes. distserve: separate prefill and decode pools (the
     # ``distserve`` section; ``parallel`` and ``num_replicas`` are then unused), KV handed over the network.
     # llumnix: colocated replicas with Llumnix's load-aware dispatch (instead of ``router``) and live

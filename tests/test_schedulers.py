@@ -150,3 +150,31 @@ def test_sarathi_admits_only_when_the_whole_prompt_fits_and_reserves_it():
     out = s.schedule()
     assert [(c.request, c.num_new_tokens) for c in out.prefills] == [(short, 64)]
     assert blocks.num_held(short) == 7  # all 100 prompt tokens' blocks, not the chunk's 4
+
+
+def test_prefix_aware_router_follows_cached_prefixes_until_loads_drift_apart():
+    from types import SimpleNamespace
+
+    from llmsim.cluster.router import PrefixAware
+    from llmsim.config import ClusterConfig
+
+    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(3)]
+    router = PrefixAware(ClusterConfig(router="prefix_aware",
+                                       prefix_aware={"balance_abs_threshold": 4, "balance_rel_threshold": 1.5}))
+
+    def request(i, system):
+        r = Request(i, 0.0, 400, 8)
+        r.prefix_segments = ((system, 320),)  # 20 blocks of a shared system prompt
+        return r
+
+    first = router.pick(request(0, 7), replicas)
+    first.num_outstanding += 1
+    # The same system prompt follows the replica that has it; another prompt goes to the least loaded.
+    assert router.pick(request(1, 7), replicas) is first
+    other = router.pick(request(2, 8), replicas)
+    assert other is not first and other.id == min(r.id for r in replicas if r is not first)
+    # Once the loads drift apart beyond both thresholds, balance wins over the cache.
+    first.num_outstanding = 10
+    assert router.pick(request(3, 7), replicas) is not first
+    # A request without named content is balanced as least-outstanding would.
+    assert router.pick(Request(4, 0.0, 50, 5), replicas).num_outstanding == 0

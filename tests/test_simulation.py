@@ -77,7 +77,7 @@ SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_
 
 
 @given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "spf"]),
-       rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding"]),
+       rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
        shared_prefix=st.booleans())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from llmsim.cluster.replica import Replica
+from llmsim.kv_cache import block_hashes
 from llmsim.request import Request
 
 
 class RoundRobin:
-    def __init__(self) -> None:
+    def __init__(self, cfg=None) -> None:
         self._next = 0
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
@@ -17,10 +20,71 @@ class RoundRobin:
 
 
 class LeastOutstanding:
-    """Fewest routed-but-unfinished requests; ties go to the lowest replica id."""
+    """Fewest routed-but-unfinished requests (the router's own count); ties go to the lowest replica id."""
+
+    def __init__(self, cfg=None) -> None:
+        pass
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         return min(replicas, key=lambda r: (r.num_outstanding, r.id))
 
 
-ROUTERS = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding}
+class PrefixAware:
+    """SGLang's cache-aware router. The router keeps, per replica, the block hashes of the prompts it sent
+    there (an approximation of that replica's prefix cache, bounded by its KV blocks, least recently routed
+    dropped first; it never reads the replica's cache). While loads are balanced it sends a request to the
+    replica holding the longest part of its prompt when that part is at least ``cache_threshold`` of the
+    prompt's named blocks, else to the least loaded; when the loads drift apart (the busiest has more than
+    ``balance_abs_threshold`` requests above the idlest and more than ``balance_rel_threshold`` times as
+    many), to the least loaded."""
+
+    def __init__(self, cfg) -> None:
+        p = cfg.prefix_aware
+        self.cache_threshold = p.cache_threshold
+        self.balance_abs = p.balance_abs_threshold
+        self.balance_rel = p.balance_rel_threshold
+        self._trees: dict[int, OrderedDict[int, None]] = {}
+
+    def pick(self, request: Request, replicas: list[Replica]) -> Replica:
+        least = min(replicas, key=lambda r: (r.num_outstanding, r.id))
+        busiest = max(r.num_outstanding for r in replicas)
+        hashes = self._hashes(request, replicas[0].blocks.block_size)
+        imbalanced = (busiest - least.num_outstanding > self.balance_abs
+                      and busiest > least.num_outstanding * self.balance_rel)
+        choice = least
+        if hashes and not imbalanced:
+            best, matched = least, -1
+            for rep in replicas:
+                tree = self._trees.get(rep.id)
+                n = 0
+                if tree:
+                    for h in hashes:
+                        if h not in tree:
+                            break
+                        n += 1
+                if n > matched or (n == matched and (rep.num_outstanding, rep.id) < (best.num_outstanding, best.id)):
+                    best, matched = rep, n
+            if matched / len(hashes) >= self.cache_threshold:
+                choice = best
+        if hashes:
+            self._remember(choice, hashes)
+        return choice
+
+    @staticmethod
+    def _hashes(request: Request, block_size: int) -> tuple[int, ...]:
+        if not request.prefix_segments:
+            return ()
+        if request.block_hashes is None:  # the KV manager reads the same (one block size per experiment)
+            request.block_hashes = block_hashes(request, block_size)
+        return request.block_hashes
+
+    def _remember(self, replica: Replica, hashes: tuple[int, ...]) -> None:
+        tree = self._trees.setdefault(replica.id, OrderedDict())
+        for h in hashes:
+            tree[h] = None
+            tree.move_to_end(h)
+        while len(tree) > replica.blocks.num_blocks:
+            tree.popitem(last=False)
+
+
+ROUTERS = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "prefix_aware": PrefixAware}

@@ -153,7 +153,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     recorder = Recorder([pools[i].power for i in replica_pool], cfg.simulation.record_iterations)
     distserve = None
     if cfg.cluster.policy == "distserve":
-        distserve = DistServe(env, ROUTERS[cfg.cluster.router](), cfg.cluster.distserve.kv_link == "inter_node")
+        distserve = DistServe(env, ROUTERS[cfg.cluster.router](cfg.cluster), cfg.cluster.distserve.kv_link == "inter_node")
     replicas = []
     for rid, pool_index in enumerate(replica_pool):
         pool = pools[pool_index]
@@ -169,7 +169,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
                                       cfg.cluster.llumnix.link)
         router = llumnix = Llumnix(env, replicas, cfg.cluster.llumnix, transfer)
     else:
-        router = ROUTERS[cfg.cluster.router]()
+        router = ROUTERS[cfg.cluster.router](cfg.cluster)
     migrator = llumnix.migrator if llumnix is not None else None
     counts = {"arrived": 0}
 
