@@ -140,13 +140,14 @@ class BlockManager:
             self.num_free_blocks -= need
 
     def append_slot(self, request: Request) -> None:
-        """Room for one more token of a request whose blocks exactly hold its computed tokens."""
+        """Room for one more token of a request (a decode step). Its blocks may already hold it: a scheduler
+        that reserves a whole prompt at admission (Sarathi) has the last prompt token's block in hand."""
+        c = request.num_computed_tokens
         if self.caching:
             # Only a new block, or a named block this token fills (to be cached), needs the general path.
-            c = request.num_computed_tokens
             if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._shared):
                 self.allocate(request, 1)
-        elif request.num_computed_tokens % self.block_size == 0:
+        elif c % self.block_size == 0 and c >= self._held.get(request.id, 0) * self.block_size:
             if self.num_free_blocks == 0:
                 raise RuntimeError(f"request {request.id} needs a block, none free")
             self._held[request.id] = self._held.get(request.id, 0) + 1

@@ -1,6 +1,6 @@
 import numpy as np
 import pandas as pd
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
@@ -81,6 +81,13 @@ SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
        shared_prefix=st.booleans())
+# Found by this test: a migrated request's cached prefix registered at its first decode step (stepping) or at the
+# end of a decode run (fast-forward); a whole-prompt reservation (Sarathi) given one block too many by the
+# decode fast path.
+@example(seed=9376, scheduler="vllm_v1", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.2, shared_prefix=True)
+@example(seed=28566, scheduler="sarathi", rate=5.75, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.0, shared_prefix=False)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
                                       shared_prefix):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping

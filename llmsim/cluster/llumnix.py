@@ -90,6 +90,11 @@ class Llumnix:
     # --- dispatch (the router interface) -----------------------------------------------------------------
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
+        idle = self._poller_idle is not None and not self._poller_idle.triggered
+        if self.reported and idle:
+            # The reports an idle cluster sent meanwhile, read here at the arrival (an urgent event, before any
+            # iteration boundary at this instant), so stepping and fast-forward see the same state.
+            self.report()
         best = max(replicas, key=lambda rep: (self.dispatch_freeness(rep), -rep.id))
         if self.reported:  # the dispatcher knows what it sent: the prompt's blocks, one more request
             blocks, sent = self._sent[best.id]
@@ -107,8 +112,6 @@ class Llumnix:
                 self._poller_idle = env.event()
                 yield self._poller_idle
                 self._poller_idle = None
-                if self.reported:  # the reports an idle cluster would have sent meanwhile
-                    self.report()
             # Urgent: a poll at an iteration boundary sees the state before that boundary, in stepping and in
             # fast-forward alike.
             yield env.urgent_at(env.now + interval)

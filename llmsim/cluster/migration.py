@@ -11,6 +11,10 @@ progress is exact::
 A copy of ``n`` tokens takes the network model's time (``transfer_s``). The migration is dropped, and the
 destination's reservation freed, when the request finishes or is preempted on the source meanwhile, when the
 destination runs out of KV, or when ``max_stages`` pass without the remainder getting small enough.
+
+What happens on the destination -- reserving blocks, freeing them, taking the request into its batch -- is done
+by the destination between two of its iterations (``Replica.post``), as an instance's engine loop handles such
+requests; so its KV cache changes only at its own iteration boundaries, where fast-forward and stepping agree.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Migration:
     num_preemptions: int  # the request's count at the start: a preemption since then drops the migration
     num_stages: int = 0
     copied_tokens: int = 0  # KV tokens already on the destination
+    released_s: float = 0.0  # when the request left the source's batch (its downtime starts)
 
 
 @dataclass
@@ -92,34 +97,48 @@ class Migrator:
         last = dst.blocks.blocks_for(uncopied_tokens) <= self.last_stage_max_blocks
         if not last and m.num_stages >= self.max_stages:
             return self._abort(m, "did not converge within max_stages")
-        dst.scheduler.reserve_blocks(r, need)
-        dst.wake()  # its free KV changed
+        tokens = r.num_computed_tokens
+        dst.post(lambda: self._reserve(m, tokens))
         delay = self.transfer_s(src, dst, uncopied_tokens)
         self.stats.copied_tokens += uncopied_tokens
         m.copied_tokens = r.num_computed_tokens
         if last:
             src.release(r)
             r.status = RequestStatus.MIGRATING
-            self.env.process(self._after(delay, lambda: self._commit(m, delay)))
+            m.released_s = self.env.now
+            self.env.process(self._after(delay, lambda: self._commit(m)))
         else:
             m.num_stages += 1
             self.env.process(self._after(delay, lambda: src.post(lambda: self._stage(m))))
+
+    def _reserve(self, m: Migration, tokens: int) -> None:
+        """On the destination, at its boundary: hold blocks for ``tokens`` of the request's KV. The room was
+        checked at the source's boundary with the destination's KV use as stepping shows it; until this
+        boundary the destination allocates nothing (its in-flight step's slots were already counted), so it
+        fits."""
+        if self.active.get(m.request.id) is not m:
+            return  # dropped meanwhile (its drop is queued after this action)
+        dst = m.dst
+        dst.scheduler.reserve_blocks(m.request, dst.blocks.blocks_for(tokens) - dst.blocks.num_held(m.request))
 
     def _after(self, delay: float, action: Callable[[], None]):
         # Urgent, like arrivals: an event exactly at an iteration boundary is seen by that boundary.
         yield self.env.urgent_at(self.env.now + delay)
         action()
 
-    def _commit(self, m: Migration, downtime_s: float) -> None:
+    def _commit(self, m: Migration) -> None:
+        """The last copy landed: the destination takes the request at its next boundary."""
+        m.dst.post(lambda: self._adopt(m))
+
+    def _adopt(self, m: Migration) -> None:
         m.request.num_migrations += 1
         m.dst.adopt(m.request)
         self.stats.committed += 1
-        self.stats.downtime_s += downtime_s
+        self.stats.downtime_s += self.env.now - m.released_s  # out of every batch: the copy and the wait
         self._end(m)
 
     def _abort(self, m: Migration, reason: str) -> None:
-        if m.dst.scheduler.drop_reservation(m.request):
-            m.dst.wake()
+        m.dst.post(lambda: m.dst.scheduler.drop_reservation(m.request))
         self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
         self._end(m)
 

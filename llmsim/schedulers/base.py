@@ -171,8 +171,10 @@ class Scheduler:
 
     def adopt(self, request: Request) -> None:
         """A migrated request whose KV fills its reserved blocks joins the running batch; it decodes from the
-        next step on."""
+        next step on. Its KV has arrived whole, so the blocks of named content it fills are cached here now
+        (as the prefix cache of the instance it left had them)."""
         self.num_reserved_seqs -= 1
+        self.blocks.grow_to(request, self.blocks.num_held(request), request.num_computed_tokens)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
