@@ -16,7 +16,7 @@ from llmsim.calibration.workflow import run_calibration  # noqa: E402
 from llmsim.cli import main  # noqa: E402
 from llmsim.hardware.profile import PROFILES_DIR  # noqa: E402
 from llmsim.microbench.grid import GRIDS, compute_specs, model_columns  # noqa: E402
-from llmsim.microbench.kernels import attention_kernel, layer_kernel  # noqa: E402
+from llmsim.microbench.kernels import attention_kernel, gemm_kernel, layer_kernel  # noqa: E402
 
 CPU = torch.device("cpu")
 GEMMS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "lm_head")
@@ -46,7 +46,15 @@ def test_decode_attention_kernel_flops():
 def test_small_grid_covers_every_op_kind():
     ops = {s["op"] for s in compute_specs(GRIDS["small"], "fp32")}
     assert ops >= set(GEMMS) | {"emb", "input_layernorm", "attn_rope", "mlp_act", "add", "attn_prefill",
-                                "attn_decode", "memcpy"}
+                                "attn_decode", "memcpy", "gemm"}
+
+
+def test_bare_gemm_kernel_does_the_flops_the_model_counts():
+    """The suite's bare GEMMs are in the schema of aiconfigurator's vLLM GEMM table (m, n, k)."""
+    row = SimpleNamespace(op="gemm", dtype="fp32", num_tokens=24, gemm_n=96, gemm_k=64)
+    with FlopCounterMode(display=False) as counter:
+        gemm_kernel(24, 96, 64, "fp32", CPU)()
+    assert counter.get_total_flops() == row_work(row).flops == 2 * 24 * 96 * 64
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "send_recv")
@@ -83,6 +91,7 @@ def test_cpu_profile_calibrates_end_to_end(tmp_path, capsys):
     for op in GEMMS:
         assert table[("held-out", op)] <= 0.35, (op, table[("held-out", op)])
     assert table[("held-out", "layer (sum of ops)")] <= 0.35
+    assert table[("fit", "gemm")] <= 0.35  # the bare GEMMs, fitted with the layer GEMMs on the same curve
     for op in COLLECTIVES:
         assert table[("fit", op)] <= 0.5, (op, table[("fit", op)])
 

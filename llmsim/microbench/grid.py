@@ -1,4 +1,5 @@
-"""What the suite measures: op x model x TP shard x token count, attention shapes, copies and collectives.
+"""What the suite measures: op x model x TP shard x token count, attention shapes, bare GEMMs, copies and
+collectives.
 
 ``small`` is sized for a CPU in CI (about a minute on two cores); ``full`` is for a GPU and covers the catalog's
 dense models at every TP degree up to 8 and 1-4096 tokens, like Vidur's profiling grid.
@@ -23,6 +24,9 @@ class Grid:
     memcpy_bytes: tuple[int, ...]
     collective_bytes: tuple[int, ...]
     world_sizes: tuple[int, ...]
+    # Bare GEMMs (m, n, k), the shapes of NVIDIA aiconfigurator's vLLM GEMM table, so measurements made here
+    # and the shipped ones are fitted and validated alike.
+    gemms: tuple[tuple[int, int, int], ...] = ()
 
 
 _MB = 2**20
@@ -32,7 +36,8 @@ GRIDS = {
         prefill=((1, 32, 0), (1, 128, 0), (1, 256, 0), (2, 128, 0), (1, 64, 256)),
         decode=((1, 256), (8, 256), (8, 1024), (32, 512)), attention_tp=8,
         memcpy_bytes=(_MB, 4 * _MB, 16 * _MB, 64 * _MB),
-        collective_bytes=(4096, 65536, _MB, 4 * _MB, 16 * _MB), world_sizes=(2,)),
+        collective_bytes=(4096, 65536, _MB, 4 * _MB, 16 * _MB), world_sizes=(2,),
+        gemms=tuple((m, n, k) for m in (1, 16, 128) for n, k in ((1024, 1024), (4096, 1024)))),
     "full": Grid(
         models=("Llama-2-7B", "Llama-2-13B", "Llama-2-70B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B",
                 "Qwen2-72B", "CodeLlama-34B", "Phi-2"),
@@ -42,7 +47,9 @@ GRIDS = {
         decode=tuple((b, k) for b in (1, 8, 32, 64, 128, 256) for k in (128, 512, 1024, 2048, 4096, 8192)),
         attention_tp=1,
         memcpy_bytes=tuple(2**e for e in range(20, 31)),
-        collective_bytes=tuple(2**e for e in range(11, 29, 1)), world_sizes=(2, 4, 8)),
+        collective_bytes=tuple(2**e for e in range(11, 29, 1)), world_sizes=(2, 4, 8),
+        gemms=tuple((m, n, k) for m in (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+                    for n in (1024, 4096, 8192, 16384) for k in (1024, 4096, 8192))),
 }
 
 
@@ -71,4 +78,6 @@ def compute_specs(grid: Grid, dtype: str) -> list[dict]:
             specs.append({"op": "attn_decode", "dtype": dtype, **cols, "batch_size": batch, "seq_len": 1,
                           "kv_len": kv_len})
     specs += [{"op": "memcpy", "dtype": dtype, "size_bytes": size} for size in grid.memcpy_bytes]
+    specs += [{"op": "gemm", "dtype": dtype, "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n, "gemm_k": k}
+              for m, n, k in grid.gemms]
     return specs

@@ -24,6 +24,18 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def gemm_kernel(m: int, n: int, k: int, dtype: str, device: torch.device,
+                tensors: dict | None = None) -> Callable[[], object]:
+    """[m, k] x [k, n] as ``F.linear`` runs a projection (weights stored [n, k])."""
+    tensors = {} if tensors is None else tensors
+    torch_dtype = TORCH_DTYPES[dtype]
+    for shape in ((m, k), (n, k)):
+        if (shape, torch_dtype) not in tensors:
+            tensors[(shape, torch_dtype)] = torch.randn(*shape, dtype=torch_dtype, device=device)
+    x, w = tensors[((m, k), torch_dtype)], tensors[((n, k), torch_dtype)]
+    return lambda: F.linear(x, w)
+
+
 def layer_kernel(spec: SimpleNamespace, device: torch.device,
                  tensors: dict | None = None) -> Callable[[], object]:
     """One op of a transformer layer on ``num_tokens`` tokens. Returns a no-argument callable.

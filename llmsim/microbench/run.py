@@ -14,13 +14,16 @@ import torch
 from llmsim.calibration.measurements import normalize, write_measurements
 from llmsim.microbench.collectives import measure_collectives
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs
-from llmsim.microbench.kernels import attention_kernel, layer_kernel, memcpy_kernel
+from llmsim.microbench.kernels import attention_kernel, gemm_kernel, layer_kernel, memcpy_kernel
 from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
 def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], object]:
     if spec["op"] == "memcpy":
         return memcpy_kernel(int(spec["size_bytes"]), device)
+    if spec["op"] == "gemm":
+        return gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]), spec["dtype"], device,
+                           tensors)
     row = SimpleNamespace(**{k: spec.get(k, float("nan")) for k in
                              ("op", "dtype", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd",
                               "vocab_size", "gated", "batch_size", "seq_len", "kv_len")})
