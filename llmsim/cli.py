@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
-                        description="Measure GEMMs (layer shapes and bare m x n x k), attention (SDPA), norms, activation, rotary, add, embedding, "
+                        description="Measure GEMMs (layer shapes and bare m x n x k), attention (SDPA), norms, "
+                                    "activation, rotary, add, embedding, "
                                     "memory copies and collectives; write the measurements CSV that calibrate reads.")
     mb.add_argument("--device", choices=("cpu", "cuda", "rocm"), default="cpu")
     mb.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")

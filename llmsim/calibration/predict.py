@@ -160,7 +160,8 @@ def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
 
 
 def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
-    """Collective time on arrays: latency plus ring bytes over bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
+    """Collective time on arrays: latency plus ring bytes over bandwidth (``roofline.all_reduce_s``,
+    ``send_recv_s``)."""
     return latency_s + ring_factor(op, num_workers) * size_bytes / bandwidth
 
 

@@ -10,11 +10,12 @@ blocks really in use plus
   requests are dispatched elsewhere and migrate out, and the high-priority request runs in a lighter batch.
 
 Dispatch sends each arrival to the instance of highest freeness, counting every queued request (so a burst
-spreads). As in Llumnix, dispatch works from the load each instance last reported (every polling interval)
-plus the requests the dispatcher itself sent there since (``dispatch_load: reported``); ``exact`` reads every
-instance's instantaneous state instead. Every polling interval, instances below ``migrate_out_threshold`` are paired, lowest first, with
-instances above ``migrate_in_threshold``, highest first, and each pair migrates one request: the source's
-running request of lowest priority, shortest first (Llumnix's "SR"), as it is the cheapest to move.
+spreads). As in Llumnix, dispatch works from the load each instance last reported (every polling interval) plus
+the requests the dispatcher itself sent there since (``dispatch_load: reported``); ``exact`` reads every
+instance's instantaneous state instead. Every polling interval, instances below ``migrate_out_threshold`` are
+paired, lowest first, with instances above ``migrate_in_threshold``, highest first, and each pair migrates one
+request: the source's running request of lowest priority, shortest first (Llumnix's "SR"), as it is the cheapest
+to move.
 """
 
 from __future__ import annotations

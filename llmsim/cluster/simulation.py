@@ -153,7 +153,8 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     recorder = Recorder([pools[i].power for i in replica_pool], cfg.simulation.record_iterations)
     distserve = None
     if cfg.cluster.policy == "distserve":
-        distserve = DistServe(env, ROUTERS[cfg.cluster.router](cfg.cluster), cfg.cluster.distserve.kv_link == "inter_node")
+        inter_node = cfg.cluster.distserve.kv_link == "inter_node"
+        distserve = DistServe(env, ROUTERS[cfg.cluster.router](cfg.cluster), inter_node)
     replicas = []
     for rid, pool_index in enumerate(replica_pool):
         pool = pools[pool_index]

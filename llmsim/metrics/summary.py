@@ -2,11 +2,11 @@
 
 TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). ITL (inter-token latency, as
 vLLM's benchmark defines it): every gap between consecutive tokens of a request, pooled over requests. E2EL:
-arrival -> last token. Every percentile is numpy's default (linear interpolation between the closest ranks), as
-in vLLM's ``benchmark_serving``; pooled ITL gaps, kept as (gap, count) pairs, get the same definition. SLO attainment: the share of *arrived* requests that
-finished within both the TTFT and TPOT SLOs (rejected and unfinished requests count as misses).
-Goodput here is the throughput of requests that met every SLO; DistServe's rate-search goodput (the highest
-rate with attainment >= target) comes from a sweep over rates.
+arrival -> last token. Every percentile is numpy's default (linear interpolation between the closest ranks), as in
+vLLM's ``benchmark_serving``; pooled ITL gaps, kept as (gap, count) pairs, get the same definition. SLO
+attainment: the share of *arrived* requests that finished within both the TTFT and TPOT SLOs (rejected and
+unfinished requests count as misses). Goodput here is the throughput of requests that met every SLO; DistServe's
+rate-search goodput (the highest rate with attainment >= target) comes from a sweep over rates.
 """
 
 from __future__ import annotations
@@ -155,8 +155,10 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
             "kv_cache_busy_mean": kv_util,
             "busy_fraction": float(busy / (span * len(replicas))),
             # MFU/MBU over the whole run, idle time included.
-            "mfu": float(sum(r.totals.flops for r in replicas) / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
-            "mbu": float(sum(r.totals.num_bytes for r in replicas) / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
+            "mfu": float(sum(r.totals.flops for r in replicas)
+                         / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
+            "mbu": float(sum(r.totals.num_bytes for r in replicas)
+                         / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
             "iterations": int(sum(r.totals.num_iterations for r in replicas)),
             "num_gpus": int(total_gpus),
         },

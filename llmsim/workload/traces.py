@@ -19,8 +19,8 @@ from llmsim.errors import TraceError
 
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-MOONCAKE_BLOCK_TOKENS = 512
-MAX_TOKENS = 2**31 - 1  # a token count past this is corrupt data, not a request  # the trace's hash_ids name blocks of this many prompt tokens
+MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash_ids name blocks of this many prompt tokens
+MAX_TOKENS = 2**31 - 1  # a token count past this is corrupt data, not a request
 
 
 @dataclass(frozen=True, slots=True)
