@@ -119,3 +119,29 @@ def test_duration_cap():
                         prompt_tokens={"kind": "fixed", "value": 10}, output_tokens={"kind": "fixed", "value": 5})
     reqs = list(build_workload(wl, 0))
     assert 150 < len(reqs) < 250 and reqs[-1].arrival_s < 10.0
+
+
+def test_burstgpt_sessions_replay_as_conversations(tmp_path):
+    """BurstGPT v1.2's Session ID: each turn resends the conversation so far, so its prompt starts with the
+    previous turn's prompt and answer, and the prefix cache can serve it."""
+    from llmsim.cluster.simulation import simulate
+    from tests.factories import make_config
+
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n"
+                    "0,ChatGPT,400,100,500,Conversation log,s1,3.0\n"
+                    "1,ChatGPT,300,50,350,Conversation log,s2,2.0\n"
+                    "30,ChatGPT,560,80,640,Conversation log,s1,2.5\n"   # 400 + 100 resent + 60 new
+                    "31,ChatGPT,200,40,240,Conversation log,s2,1.0\n")  # shorter than s2's history: afresh
+    cfg = make_config(scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096},
+                      workload={"trace": {"path": str(path), "format": "burstgpt"}})
+    from llmsim.workload import build_workload
+
+    reqs = list(build_workload(cfg.workload, cfg.seed))
+    first, _, second, fresh = reqs
+    assert second.prefix_segments[:2] == first.prefix_segments  # its history: turn 1's message and answer
+    assert [n for _, n in second.prefix_segments] == [400, 100, 60, 80]
+    assert [n for _, n in fresh.prefix_segments] == [200, 40]
+    df = simulate(cfg, iter(reqs)).recorder.request_frame().set_index("id")
+    assert df.loc[2, "num_cached_tokens"] == 496  # the resent 500 tokens, in whole 16-token blocks
+    assert df.loc[3, "num_cached_tokens"] == 0

@@ -12,11 +12,12 @@ from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
 from llmsim.workload.shared_prefix import shared_prefix_requests
 from llmsim.workload.lengths import empirical_pairs, length_pairs
-from llmsim.workload.traces import mooncake_segments, read_trace
+from llmsim.workload.traces import Conversations, mooncake_segments, read_trace
 
 
 def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
     trace = cfg.trace
+    conversations = Conversations()
     for i, row in enumerate(read_trace(trace)):
         if row.failed and trace.failed == "skip":
             continue
@@ -24,6 +25,8 @@ def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
         r = Request(i, row.time_s, max(1, row.prompt_tokens), max(1, row.output_tokens))
         if row.hash_ids:
             r.prefix_segments = mooncake_segments(row.hash_ids, row.prompt_tokens)
+        elif row.session and not row.failed:
+            r.prefix_segments = conversations.segments(row.session, row.prompt_tokens, row.output_tokens)
         if row.failed:
             r.status = RequestStatus.REJECTED
             r.reject_reason = "failed in trace"

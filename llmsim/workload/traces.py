@@ -31,6 +31,7 @@ class TraceRow:
     failed: bool  # the trace records this request as failed (BurstGPT: Response tokens == 0)
     line: int  # line in the file, for error messages
     hash_ids: tuple[int, ...] = ()  # Mooncake: ids of the prompt's 512-token blocks (equal ids, equal prefix)
+    session: str = ""  # BurstGPT v1.2: the conversation this request belongs to ("" for none)
 
 
 def _open(path: Path):
@@ -112,7 +113,9 @@ def read_burstgpt(cfg: TraceConfig) -> Iterator[TraceRow]:
             t = _seconds(row["Timestamp"], path, line, "Timestamp")
             response = _int(row["Response tokens"], path, line, "Response tokens")  # 0: a failed request
             prompt = _int(row["Request tokens"], path, line, "Request tokens", minimum=1)
-            yield TraceRow(t, prompt, response, response == 0, line)
+            # v1.2 adds "Session ID" (conversation logs: a conversation's requests share it) and "Elapsed time".
+            session = (row.get("Session ID") or "").strip()
+            yield TraceRow(t, prompt, response, response == 0, line, session=session)
 
 
 def read_azure(cfg: TraceConfig) -> Iterator[TraceRow]:
@@ -195,7 +198,35 @@ def read_trace(cfg: TraceConfig) -> Iterator[TraceRow]:
         if cfg.end_s is not None and row.time_s >= cfg.end_s:
             break
         yield TraceRow((row.time_s - cfg.start_s) * cfg.time_scale, row.prompt_tokens, row.output_tokens, row.failed,
-                       row.line, row.hash_ids)
+                       row.line, row.hash_ids, row.session)
+
+
+class Conversations:
+    """BurstGPT v1.2 sessions as named content, so the prefix cache sees what a chat server sees: turn ``k`` of a
+    conversation resends the conversation so far (turn ``k-1``'s prompt and its answer) and adds a new message.
+    Each turn's request names its history, its new message and its answer; the next turn names the same history
+    plus that answer. A turn whose prompt is shorter than the history it would resend (an edited or truncated
+    conversation) starts the history afresh. Content ids are given in order of first appearance, so a replay
+    is deterministic."""
+
+    def __init__(self) -> None:
+        self._history: dict[str, tuple[tuple[int, int], ...]] = {}  # session -> named content of the next turn
+        self._next_id = 0
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def segments(self, session: str, prompt_tokens: int, output_tokens: int) -> tuple[tuple[int, int], ...]:
+        history = self._history.get(session, ())
+        resent = sum(n for _, n in history)
+        if resent > prompt_tokens:  # not a continuation of what this conversation sent before
+            history, resent = (), 0
+        segments = history + (((self._new_id(), prompt_tokens - resent),) if prompt_tokens > resent else ())
+        if output_tokens:
+            segments += ((self._new_id(), output_tokens),)
+        self._history[session] = segments
+        return segments
 
 
 def mooncake_segments(hash_ids: tuple[int, ...], prompt_tokens: int) -> tuple[tuple[int, int], ...]:
