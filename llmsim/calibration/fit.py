@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
-from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, roofline_s
+from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, peak_flops, roofline_s
 from llmsim.hardware.attention import prefill_attention_s
 from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
                                      PrefillAttentionFit)
@@ -116,7 +116,7 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
 
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
-    peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
+    peak = peak_flops(profile, rows, mask)
     y = rows.measured_s[mask]
     names = ("overhead_s", "max_eff", "half_keys", "half_tiles", "memory_eff", "softness")
 
@@ -179,7 +179,7 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
             if mask.any():
                 links[kind] = fit_link(rows, mask, kind)
             continue
-        peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[mask]])
+        peak = peak_flops(profile, rows, mask)
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
         current = efficiency.get(kind)
         kept = current.compute if current else ComputeEfficiency(max_eff=START[0], half_tokens=START[1])

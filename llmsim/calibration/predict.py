@@ -15,8 +15,8 @@ import pandas as pd
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
-from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.execution.model import gemm_efficiency
+from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
 from llmsim.models.spec import ModelSpec
@@ -171,7 +171,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
     for kind in np.unique(rows.kind):
         m = rows.kind == kind
         if kind == "attention_prefill" and profile.prefill_attention is not None:
-            out[m] = prefill_attention_s(profile.prefill_attention, _peaks(profile, rows, m),
+            out[m] = prefill_attention_s(profile.prefill_attention, peak_flops(profile, rows, m),
                                          profile.memory_bandwidth_bytes_per_s, rows.flops[m], rows.num_bytes[m],
                                          rows.mean_keys[m], rows.query_tiles[m])
             continue
@@ -190,14 +190,14 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                                     and not kind.startswith(("linear", "moe"))):
             continue
         eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
-        peak = np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
-        out[m] = roofline_s(rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], peak,
+        out[m] = roofline_s(rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], peak_flops(profile, rows, m),
                             profile.memory_bandwidth_bytes_per_s, eff.compute.max_eff, eff.compute.half_tokens,
                             eff.memory_eff, eff.overhead_s)
     return out
 
 
-def _peaks(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarray:
+def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarray:
+    """The profile's peak FLOP/s for each of rows ``m`` by its dtype; NaN where the profile has no peak."""
     return np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
 
 
