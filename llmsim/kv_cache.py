@@ -93,6 +93,15 @@ def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+def request_block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
+    """``block_hashes``, computed once per request and kept on it: every replica of an experiment has one block
+    size, so the router and the KV managers read the same hashes."""
+    hashes = request.block_hashes
+    if hashes is None:
+        hashes = request.block_hashes = block_hashes(request, block_size) if request.prefix_segments else ()
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, watermark_blocks: int = 0,
                  enable_prefix_caching: bool = False):
@@ -231,7 +240,7 @@ class BlockManager:
         if not self.caching:
             return NO_HIT
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hashes = self._block_hashes(request)
+        hashes = request_block_hashes(request, self.block_size)
         hits = []
         cached = self._cached
         for h in hashes[:max_blocks]:
@@ -283,18 +292,12 @@ class BlockManager:
         is not cached yet and some running request still has named blocks to fill (multi-turn traffic, where
         the next round's prompt holds the answer being generated). Conservative: it does not check that the
         blocks match."""
-        hashes = self._block_hashes(request)
+        hashes = request_block_hashes(request, self.block_size)
         cached = self._cached
         if all(h in cached for h in hashes):
             return False
         cached_blocks = self._num_cached
-        return any(len(self._block_hashes(r)) > cached_blocks.get(r.id, 0) for r in running)
-
-    def _block_hashes(self, request: Request) -> tuple[int, ...]:
-        hashes = request.block_hashes
-        if hashes is None:  # computed once per request (every replica of an experiment has one block size)
-            hashes = request.block_hashes = block_hashes(request, self.block_size) if request.prefix_segments else ()
-        return hashes
+        return any(len(request_block_hashes(r, self.block_size)) > cached_blocks.get(r.id, 0) for r in running)
 
     def _grow(self, request: Request, num_blocks: int, num_tokens: int) -> None:
         """Hold ``num_blocks`` blocks, and cache the named-content blocks full of the first ``num_tokens``."""
@@ -303,7 +306,7 @@ class BlockManager:
         if num_blocks > held:
             self._take(num_blocks - held)
             self._held[rid] = num_blocks
-            hashes = self._block_hashes(request)
+            hashes = request_block_hashes(request, self.block_size)
             if held < len(hashes):
                 shared = self._shared.setdefault(rid, [])
                 for i in range(held, min(num_blocks, len(hashes))):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from llmsim.cluster.replica import Replica
-from llmsim.kv_cache import block_hashes
+from llmsim.kv_cache import request_block_hashes
 from llmsim.request import Request
 
 
@@ -48,7 +48,7 @@ class PrefixAware:
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         least = min(replicas, key=lambda r: (r.num_outstanding, r.id))
         busiest = max(r.num_outstanding for r in replicas)
-        hashes = self._hashes(request, replicas[0].blocks.block_size)
+        hashes = request_block_hashes(request, replicas[0].blocks.block_size)
         imbalanced = (busiest - least.num_outstanding > self.balance_abs
                       and busiest > least.num_outstanding * self.balance_rel)
         choice = least
@@ -69,14 +69,6 @@ class PrefixAware:
         if hashes:
             self._remember(choice, hashes)
         return choice
-
-    @staticmethod
-    def _hashes(request: Request, block_size: int) -> tuple[int, ...]:
-        if not request.prefix_segments:
-            return ()
-        if request.block_hashes is None:  # the KV manager reads the same (one block size per experiment)
-            request.block_hashes = block_hashes(request, block_size)
-        return request.block_hashes
 
     def _remember(self, replica: Replica, hashes: tuple[int, ...]) -> None:
         tree = self._trees.setdefault(replica.id, OrderedDict())
