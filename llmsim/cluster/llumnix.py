@@ -100,7 +100,7 @@ class Llumnix:
         if self.reported:  # the dispatcher knows what it sent: the prompt's blocks, one more request
             blocks, sent = self._sent[best.id]
             self._sent[best.id] = (blocks + best.blocks.blocks_for(request.num_pending_tokens), sent + 1)
-        if self._poller_idle is not None and not self._poller_idle.triggered:
+        if idle:  # wake the poller: the cluster has work again
             self._poller_idle.succeed()
         return best
 
