@@ -88,9 +88,7 @@ def load_run(root: Path, name: str) -> MeasuredRun:
             start += float(stage["duration"])
         shared = ((profile.get("data") or {}).get("shared_prefix")) or {}
         ignore_eos = bool((profile.get("server") or {}).get("ignore_eos"))
-    last = max((r["arrival_time_us"] for r in requests), default=0) / 1e6 + 1e-6
-    # Stages end at the last arrival when the data stops earlier (a slice of a run).
-    stages = [(lo, min(hi, last)) for lo, hi in stages if lo < last] or [(0.0, last)]
+    stages = stages_until_last_arrival(stages, requests)
     max_model_len = None
     exp_path = run_dir / "exp-config.yaml"
     if exp_path.exists():
@@ -101,6 +99,13 @@ def load_run(root: Path, name: str) -> MeasuredRun:
         max_num_batched_tokens=int(config["max_num_batched_tokens"]), block_size=int(config.get("block_size", 16)),
         kv_blocks=int(config["kv_blocks_total_gpu"]), max_model_len=max_model_len, requests=requests, truth=truth,
         stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
+
+
+def stages_until_last_arrival(stages: list[tuple[float, float]], requests: list[dict]) -> list[tuple[float, float]]:
+    """The load stages cut at the last arrival, where the data stops earlier (a slice of a run); one stage over
+    all the arrivals when there are none."""
+    last = max((r["arrival_time_us"] for r in requests), default=0) / 1e6 + 1e-6
+    return [(lo, min(hi, last)) for lo, hi in stages if lo < last] or [(0.0, last)]
 
 
 def find_runs(root: Path) -> list[str]:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from llmsim.e2e.compare import COLUMNS, compare
 from llmsim.e2e.replay import replay
-from llmsim.e2e.runs import MeasuredRun, find_runs, load_run
+from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_arrival
 from llmsim.errors import ConfigError
 
 HEADLINE = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "request_throughput", "errors")
@@ -24,9 +24,8 @@ def truncate(run: MeasuredRun, max_requests: int) -> MeasuredRun:
     if max_requests < 1:
         raise ConfigError(f"--max-requests {max_requests}: must be at least 1")
     requests, truth = run.requests[:max_requests], run.truth[:max_requests]
-    last = max(r["arrival_time_us"] for r in requests) / 1e6 + 1e-6
-    stages = [(lo, min(hi, last)) for lo, hi in run.stages if lo < last]
-    return dataclasses.replace(run, requests=requests, truth=truth, stages=stages)
+    return dataclasses.replace(run, requests=requests, truth=truth,
+                               stages=stages_until_last_arrival(run.stages, requests))
 
 
 def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = None,
