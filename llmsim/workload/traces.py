@@ -78,12 +78,14 @@ def _int(value, path: Path, line: int, column: str, minimum: int = 0) -> int:
     return n
 
 
-def _seconds(value, path: Path, line: int, column: str, scale: float = 1.0) -> float:
-    """A finite, non-negative time in seconds."""
+def _seconds(value, path: Path, line: int, column: str, unit: str = "seconds", scale: float = 1.0) -> float:
+    """A finite, non-negative time, read in ``unit`` and returned in seconds (``scale`` converts)."""
+    if isinstance(value, bool):  # JSON true is no time, though float() takes it
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected {unit}")
     try:
         t = float(value) * scale
     except (TypeError, ValueError):
-        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected seconds") from None
+        raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected {unit}") from None
     if not math.isfinite(t) or t < 0:
         raise TraceError(f"{path}:{line}: column {column!r} is {value!r}, expected a finite, non-negative time")
     return t
@@ -170,9 +172,7 @@ def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
                 hash_ids = tuple(row.get("hash_ids", ()))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise TraceError(f"{path}:{line}: not a Mooncake row ({exc})") from None
-            if isinstance(raw_t, bool):
-                raise TraceError(f"{path}:{line}: column 'timestamp' is {raw_t!r}, expected milliseconds")
-            t = _seconds(raw_t, path, line, "timestamp", 1e-3)  # milliseconds in the trace
+            t = _seconds(raw_t, path, line, "timestamp", "milliseconds", 1e-3)
             if not all(type(h) is int and h >= 0 for h in hash_ids):
                 raise TraceError(f"{path}:{line}: hash_ids must be a list of non-negative whole numbers")
             prompt = _int(prompt, path, line, "input_length", minimum=1)
