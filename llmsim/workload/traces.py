@@ -14,13 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from llmsim.config import TraceConfig
+from llmsim.config import MAX_TOKENS, TraceConfig
 from llmsim.errors import TraceError
 
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash_ids name blocks of this many prompt tokens
-MAX_TOKENS = 2**31 - 1  # a token count past this is corrupt data, not a request
 
 
 @dataclass(frozen=True, slots=True)
