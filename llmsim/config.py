@@ -130,6 +130,11 @@ class ClusterConfig(_Strict):
     policy: Literal["colocated", "distserve", "llumnix"] = "colocated"
     distserve: DistServeConfig = DistServeConfig()
     llumnix: LlumnixConfig = LlumnixConfig()
+    # What the serving front end adds to every request before the engine sees it (vLLM's API server: HTTP,
+    # tokenization, the hop to the engine, and on the way back detokenization and streaming), in seconds;
+    # TTFT and E2E include it, ITL does not. 0: the engine alone. ``llmsim validate-e2e`` fits it on measured
+    # runs (leave-one-model-out); the README gives the value for the vLLM H100 runs.
+    frontend_latency_s: float = Field(default=0.0, ge=0)
 
 
 class SchedulerConfig(_Strict):
@@ -154,6 +159,10 @@ class SchedulerConfig(_Strict):
     # vLLM's --num-gpu-blocks-override: the KV blocks per replica, instead of the memory plan's count (for
     # replaying a server whose block count is known).
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
+    # vLLM's async scheduling (on by default in vLLM V1 since about 0.14): the engine schedules step N+1 while
+    # step N runs, so a request that arrives during step N is first scheduled in step N+2. Default: on for
+    # vllm_v1, as in vLLM; modelled for vllm_v1 only (pipelined replicas queue their micro-batches instead).
+    async_scheduling: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -170,6 +179,8 @@ class SchedulerConfig(_Strict):
 
         if self.enable_prefix_caching and not SCHEDULERS[self.name].supports_prefix_caching:
             raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 scheduler only, not {self.name}")
+        if self.async_scheduling and self.name != "vllm_v1":
+            raise ValueError(f"async_scheduling is modelled for the vllm_v1 scheduler only, not {self.name}")
         return self
 
     @property
@@ -180,6 +191,13 @@ class SchedulerConfig(_Strict):
 
             return SCHEDULERS[self.name].supports_prefix_caching
         return self.enable_prefix_caching
+
+    @property
+    def schedules_ahead(self) -> bool:
+        """Whether the engine schedules one step ahead (``async_scheduling``; default: on for vllm_v1)."""
+        if self.async_scheduling is None:
+            return self.name == "vllm_v1"
+        return self.async_scheduling
 
 
 MAX_TOKENS = 2**31 - 1  # token counts past this are mistakes, not requests
@@ -366,6 +384,12 @@ class ExperimentConfig(_Strict):
             # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
             raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
                              "pipeline)")
+        pipelined = self.parallel.pp > 1 or (self.cluster.policy == "distserve" and max(
+            self.cluster.distserve.prefill.pp, self.cluster.distserve.decode.pp) > 1)
+        if self.scheduler.async_scheduling and pipelined:
+            # A pipelined replica already keeps a micro-batch per stage in flight (``parallel.micro_batches``).
+            raise ValueError("scheduler.async_scheduling: modelled for replicas without pipeline stages "
+                             "(parallel.pp: 1)")
         return self
 
 

@@ -7,11 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from llmsim.cli import main
-from llmsim.e2e.replay import requests_of
-from llmsim.e2e.runs import load_run
+from llmsim.cluster.simulation import simulate
+from llmsim.e2e.frontend import fit_leave_one_model_out
+from llmsim.e2e.replay import Replayed, prompt_pool_period, requests_of
+from llmsim.e2e.runs import MeasuredRun, load_run
+from tests.factories import make_config, make_requests
 
 SLICE = Path(__file__).parent / "data" / "e2e_slice"
 RUN = "20260217-155451-llama-2-7b-tp1-codegen"
@@ -41,7 +46,25 @@ def test_forced_lengths_the_data_miscounted_are_replayed_as_forced():
     recorded = [r["output_tokens"] for r in run.requests]
     assert filled == sum(1 for n in recorded if n < 0.9 * 247)
     assert all(r.num_output_tokens == (247 if n < 0.9 * 247 else n) for r, n in zip(requests, recorded))
-    assert requests[5].prefix_segments == ((5 % 11, 100),)  # 11 system prompts of 100 tokens
+    # The client cycles through a pool of 100 prompts: request 105 resends request 5's whole prompt.
+    assert requests[5].prefix_segments == ((5, requests[5].num_prompt_tokens),)
+    assert requests[105].prefix_segments == ((5, requests[105].num_prompt_tokens),)
+
+
+def test_the_prompt_pool_is_found_from_the_lengths_alone():
+    rng = np.random.default_rng(0)
+    pool = rng.integers(560, 600, 100)
+    cycled = [int(pool[i % 100]) for i in range(3000)]
+    for i in range(0, 3000, 97):  # concurrent client workers reorder a few neighbours
+        cycled[i], cycled[i + 1] = cycled[i + 1], cycled[i]
+    assert prompt_pool_period(cycled) == 100
+    cycled[7] = 0  # a failed request records no length: left out, not a mismatch
+    assert prompt_pool_period(cycled) == 100
+    assert prompt_pool_period([int(n) for n in rng.integers(560, 600, 3000)]) == 0  # fresh prompts
+    assert prompt_pool_period([575] * 3000) == 0  # one length: a repeat says nothing
+    assert prompt_pool_period(list(range(1, 3000))) == 0
+    run = load_run(SLICE, RUN)
+    assert prompt_pool_period([r["input_tokens"] for r in run.requests]) == 100
 
 
 def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
@@ -66,3 +89,43 @@ def test_max_requests_slices_each_run(tmp_path):
     table = pd.read_csv(tmp_path / "e2e_errors.csv").set_index(["stage", "metric"])
     # 50 requests over their own span: the throughput is theirs, not the stage's nominal one.
     assert table.loc[("all", "request_throughput"), "measured"] > 4.0
+
+
+def _run(name: str, model: str, measured_ttft: list[float], errors: int = 0):
+    requests = [{"arrival_time_us": i, "input_tokens": 10, "output_tokens": 5, "has_error": False}
+                for i in range(len(measured_ttft))]
+    truth = [{"ttft_s": t, "e2e_s": t + 1.0, "has_error": i < errors} for i, t in enumerate(measured_ttft)]
+    return MeasuredRun(name, model, {}, 1, 8, 64, 16, 100, None, requests, truth)
+
+
+def _replayed(ttft: list[float]):
+    n = len(ttft)
+    return Replayed(np.array(ttft), np.array(ttft) + 1.0, np.zeros(n, bool), np.full(n, 5.0), 0, 0, 0.0)
+
+
+def test_the_front_end_is_fitted_on_the_other_models_only():
+    runs = [_run("a1", "A", [0.020, 0.022, 0.024]), _run("b1", "B", [0.030, 0.031, 0.032]),
+            _run("b2", "B", [50.0, 60.0, 70.0], errors=2),  # overloaded: queueing, not the front end
+            _run("c1", "C", [0.105, 0.106, 0.107])]
+    engine_only = {"a1": _replayed([0.010, 0.012, 0.014]), "b1": _replayed([0.024, 0.025, 0.026]),
+                   "b2": _replayed([1.0, 2.0, 3.0]), "c1": _replayed([0.1, 0.1, 0.1])}
+    fits = fit_leave_one_model_out(runs, engine_only)
+    # Residuals: A 10 ms, B 6 ms (b2 left out), C 5-7 ms.
+    assert fits["A"].fitted_on == ("B", "C") and fits["A"].num_requests == 6
+    assert fits["A"].latency_s == pytest.approx(0.006)
+    assert fits["B"].fitted_on == ("A", "C") and fits["B"].latency_s == pytest.approx(0.0085)
+    assert fits["C"].latency_s == pytest.approx(0.008)
+    alone = fit_leave_one_model_out(runs[:1], {"a1": engine_only["a1"]})
+    assert alone["A"].latency_s == 0.0 and alone["A"].fitted_on == ()  # no other model: the engine alone
+
+
+def test_front_end_latency_adds_to_ttft_and_e2e_only():
+    base = make_config(cluster={"num_replicas": 1}, scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096})
+    shifted = make_config(cluster={"num_replicas": 1, "frontend_latency_s": 0.007},
+                          scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096})
+    specs = [(0.1 * i, 300 + 7 * i, 20 + i) for i in range(30)]
+    a = simulate(base, make_requests(specs)).recorder.request_frame()
+    b = simulate(shifted, make_requests(specs)).recorder.request_frame()
+    for col in ("first_token_s", "finish_s", "scheduled_s"):
+        np.testing.assert_allclose(b[col] - a[col], 0.007, atol=1e-9)  # the engine's run, 7 ms later
+    np.testing.assert_array_equal(a["arrival_s"], b["arrival_s"])  # the client sent them at the same times

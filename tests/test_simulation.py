@@ -76,7 +76,13 @@ SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_
                  "question_tokens": 200, "output_tokens": 120, "multi_turn": True}
 
 
-@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "spf"]),
+def scheduler_named(name: str) -> dict:
+    """``vllm_v1_sync``: vLLM V1 without async scheduling (its default is on)."""
+    return {"name": "vllm_v1", "async_scheduling": False} if name == "vllm_v1_sync" else {"name": name}
+
+
+@given(seed=st.integers(0, 2**31),
+       scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "spf"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
@@ -100,7 +106,7 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
         return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
                                                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
                                                "llumnix": {"priority_headroom": 0.2}},
-                           scheduler={"name": scheduler, "gpu_memory_utilization": mem, "chunk_size": 256,
+                           scheduler={**scheduler_named(scheduler), "gpu_memory_utilization": mem, "chunk_size": 256,
                                       "max_num_batched_tokens": 4096, "preemption": preemption},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths, "high_priority_fraction": high_priority},
@@ -130,10 +136,12 @@ def test_skipping_iteration_records_changes_nothing_else():
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "sarathi", "vllm_v1", "spf"]), st.sampled_from(["colocated", "llumnix"]))
+       st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "spf"]),
+       st.sampled_from(["colocated", "llumnix"]))
 def test_nothing_lost_property(specs, scheduler, policy):
     specs.sort()
-    cfg = make_config(scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096},
+    cfg = make_config(scheduler={**scheduler_named(scheduler), "gpu_memory_utilization": 0.22,
+                                 "max_num_batched_tokens": 4096},
                       cluster={"num_replicas": 2, "policy": policy})
     result = simulate(cfg, make_requests(specs))
     df = assert_nothing_lost(result, len(specs))

@@ -64,6 +64,7 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
         yield replica.env.at(times[done])
     replica.cuttable = False
     replica.run_state = None
+    replica.step_start_s, replica.step_end_s = times[done - 1], times[done]
 
     durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
     replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],

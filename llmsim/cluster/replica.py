@@ -7,11 +7,18 @@ never edits the scheduler's queues or the KV cache: it calls the scheduler's ope
 
 Cluster policies act on a replica from outside through ``submit``, ``post`` (an action at the next iteration
 boundary, where request states are exact), ``wake``, ``release`` and ``adopt``.
+
+Async scheduling (vLLM's default, ``EngineCore.step_with_batch_queue``): the engine schedules step N+1 and
+queues it behind step N before it waits for N's output, so the schedule for the step starting at a boundary
+was made when the previous step started. A request submitted while a step runs is held (``pending``) and
+handed to the scheduler at the first boundary whose previous step started after it arrived, one step later
+than a synchronous engine; an idle engine schedules it at once.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from typing import Callable
 
 import simpy
@@ -30,7 +37,7 @@ class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
                  on_prefilled: Callable[[Replica, list[PrefillChunk]], None] | None = None,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, async_scheduling: bool = False):
         self.env = env
         self.id = replica_id
         self.scheduler = scheduler
@@ -51,21 +58,30 @@ class Replica:
         self.micro_batches = scheduler.micro_batches = micro_batches
         # Pipelines run stage by stage even with one micro-batch, so that each stage's power is its own.
         self.pipelined = execution.plan.pp > 1
+        # Async scheduling: (submitted at, request) not yet seen by the scheduler, and the last step's span.
+        self.async_scheduling = async_scheduling and not self.pipelined
+        self.pending: deque[tuple[float, Request]] = deque()
+        self.step_start_s = self.step_end_s = float("-inf")
         self.process = env.process(run_pipeline(self) if self.pipelined else self._run())
 
     # --- interface for routers and cluster policies ----------------------------------------------------
 
     def submit(self, request: Request) -> None:
         request.replica_id = self.id
-        self.scheduler.add(request)
         self.num_outstanding += 1
+        if self.async_scheduling and self._idle is None:  # a step is running: the engine sees it later
+            self.pending.append((self.env.now, request))
+            if self.cuttable:
+                self._cut()
+            return
+        self.scheduler.add(request)
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
         elif self.cuttable and (self.pipelined or self.scheduler.cuts_run(request)):
             self._cut()
 
     def in_flight(self) -> list[Request]:
-        return list(self.scheduler.running) + list(self.scheduler.waiting)
+        return list(self.scheduler.running) + list(self.scheduler.waiting) + [r for _, r in self.pending]
 
     def wake(self) -> None:
         """Something outside changed this replica (KV held, batch): schedule afresh at the next boundary."""
@@ -118,6 +134,19 @@ class Replica:
         for action in actions:
             action()
 
+    def release_pending(self) -> None:
+        """At a boundary: hand the scheduler what the engine has seen by now -- requests submitted before the
+        step that just ended started (the schedule for the next step was made then), or everything when the
+        replica was idle or the next step would be empty without them (the engine then schedules at once)."""
+        pending, scheduler = self.pending, self.scheduler
+        now = self.env.now
+        seen_by = self.step_start_s if self.step_end_s == now else now
+        while pending and pending[0][0] <= seen_by:
+            scheduler.add(pending.popleft()[1])
+        if pending and not scheduler.has_schedulable_work:
+            while pending:
+                scheduler.add(pending.popleft()[1])
+
     def _cut(self) -> None:
         self.cuttable = False
         self.process.interrupt("cut")
@@ -135,6 +164,8 @@ class Replica:
         while True:
             if self.actions:  # cheap check first: this loop is hot
                 self.run_actions()
+            if self.pending:
+                self.release_pending()
             if not scheduler.has_work:
                 yield from self.wait_for_work()
                 continue
@@ -142,7 +173,8 @@ class Replica:
             out = scheduler.schedule()
             if out.is_empty:
                 raise RuntimeError(f"replica {self.id}: scheduler produced an empty batch with work queued")
-            if self.fast_forward and scheduler.allows_fast_forward(out):
+            # A held request joins at the next boundary but one: step until it has.
+            if self.fast_forward and not self.pending and scheduler.allows_fast_forward(out):
                 yield from decode_run(self, out, start)
                 continue
             chunks, num_decode, kv_tokens, num_samples = out.signature()
@@ -151,6 +183,7 @@ class Replica:
             end = start + duration
             self.recorder.iteration(self.id, start, end - start, cost.flops, cost.num_bytes,
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)
+            self.step_start_s, self.step_end_s = start, end
             yield env.at(end)
             self.apply(out, start, end)
 

@@ -121,7 +121,8 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
         scheduler = policy(blocks, **kwargs, **{name: getattr(s, name) for name in policy.config_fields})
     pp = pool.execution.plan.pp
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
-                   on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp))
+                   on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp),
+                   async_scheduling=s.schedules_ahead and not decode_pool)
 
 
 def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Replica) -> str:
@@ -174,10 +175,13 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     migrator = llumnix.migrator if llumnix is not None else None
     counts = {"arrived": 0}
 
+    frontend_s = cfg.cluster.frontend_latency_s
+
     def arrivals():
         for r in requests:
-            if r.arrival_s > env.now:
-                yield env.urgent_at(r.arrival_s)
+            at = r.arrival_s + frontend_s if frontend_s else r.arrival_s  # the engine sees it after the front end
+            if at > env.now:
+                yield env.urgent_at(at)
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
                 on_progress(1024)

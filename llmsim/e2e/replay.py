@@ -44,10 +44,11 @@ def model_name(run: MeasuredRun, root: Path) -> str:
                       f"({', '.join(CATALOG_IDS)})")
 
 
-def experiment(run: MeasuredRun, root: Path, device: str) -> ExperimentConfig:
+def experiment(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0) -> ExperimentConfig:
     return parse_config({
         "name": run.name, "model": {"name": model_name(run, root), "dtype": "bf16"},
         "hardware": {"device": device}, "parallel": {"tp": run.tp},
+        "cluster": {"frontend_latency_s": frontend_latency_s},
         "scheduler": {"name": "vllm_v1", "enable_prefix_caching": True, "max_num_seqs": run.max_num_seqs,
                       "max_num_batched_tokens": run.max_num_batched_tokens, "block_size": run.block_size,
                       "max_model_len": run.max_model_len, "num_gpu_blocks_override": run.kv_blocks},
@@ -62,35 +63,82 @@ def run_end_s(run: MeasuredRun) -> float:
     return max((r["arrival_time_us"] for r in run.requests), default=0) / 1e6
 
 
+# A run's prompts come from a pool that the client cycles through when the prompt lengths repeat with one
+# period: at least this share of requests has the length of the request one period earlier ...
+POOL_MATCH_SHARE = 0.95
+# ... where lengths drawn at random would match far less often (the chance that two requests share a length).
+POOL_MAX_CHANCE = 0.5
+POOL_MAX_PERIOD = 1000
+
+
+def prompt_pool_period(prompt_lengths: list[int]) -> int:
+    """The size of the prompt pool a run cycles through in arrival order, or 0 where it has none.
+
+    inference-perf's data generators build a fixed pool of prompts and send ``pool[i % len(pool)]`` as the
+    ``i``-th request; every shipped run does (a pool of 100: each prompt length occurs a multiple of n/100 times,
+    and 98-99.7% of requests repeat the length of the request 100 before them, the rest reordered by concurrent
+    client workers). A repeated prompt is a prefix-cache hit on the server for all its full blocks, so which
+    request repeats which decides the prefill work. The period is the smallest one the lengths repeat with
+    (failed requests, recorded with no length, are left out of the comparison)."""
+    lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    known = lengths[lengths > 0]
+    if len(known) < 2:
+        return 0
+    _, counts = np.unique(known, return_counts=True)
+    if ((counts / len(known)) ** 2).sum() > POOL_MAX_CHANCE:
+        return 0  # (nearly) one length: a repeat says nothing
+    for period in range(1, min(POOL_MAX_PERIOD, len(lengths) // 2) + 1):
+        a, b = lengths[period:], lengths[:-period]
+        both = (a > 0) & (b > 0)
+        if both.sum() and (a[both] == b[both]).mean() >= POOL_MATCH_SHARE:
+            return period
+    return 0
+
+
 def requests_of(run: MeasuredRun) -> tuple[list[Request], int]:
-    """The run's requests, with the system prompt each shares as a prefix segment. Requests the data gives no
-    usable lengths for take the profile's nominal lengths; returns how many did:
+    """The run's requests, with the content each shares with others as prefix segments. Requests the data gives
+    no usable lengths for take their pool slot's length, or else the profile's nominal lengths; returns how many
+    did:
 
     - failed requests carry 0 prompt and output tokens;
     - with ``ignore_eos`` the server generates the requested length, yet some runs record far fewer output
       tokens for requests that took as long as full-length ones (a counting fault in the client's data: in the
       Llama-2-7B codegen run 2,876 of 9,000 requests record under 200 of the forced ~247 tokens, with the same
       2.1 s median E2E, whatever count they record); a count under 90% of the profile's ``output_len`` is
-      replaced by it (the counts of intact requests spread about 5% around it)."""
+      replaced by it (the counts of intact requests spread about 5% around it).
+
+    Shared content: where the prompts cycle through a pool (``prompt_pool_period``), request ``i`` sends the whole
+    prompt of slot ``i % period`` again; otherwise each request shares its system prompt (``shared_prefix``)."""
     sp = run.shared_prefix
     prompts = int(sp.get("num_unique_system_prompts", 0))
     system = int(sp.get("system_prompt_len", 0))
     nominal_in = system + int(sp.get("question_len", 0))
     nominal_out = int(sp.get("output_len", 0))
     forced = bool(run.ignore_eos and nominal_out)
+    recorded = [int(r["input_tokens"]) for r in run.requests]
+    period = prompt_pool_period(recorded)
+    slot_length: dict[int, int] = {}
+    if period:
+        for i, n in enumerate(recorded):
+            if n > 0:
+                slot_length.setdefault(i % period, n)
     out, filled = [], 0
     for i, r in enumerate(run.requests):
-        prompt, output = int(r["input_tokens"]), int(r["output_tokens"])
+        prompt, output = recorded[i], int(r["output_tokens"])
         if forced and 0 < output < 0.9 * nominal_out:
             output = 0
         if prompt <= 0 or output <= 0:
-            if not (nominal_in and nominal_out):
+            if prompt <= 0 and period and i % period in slot_length:
+                prompt = slot_length[i % period]
+            if not (nominal_in and nominal_out) and (prompt <= 0 or output <= 0):
                 raise ConfigError(f"{run.name}: request {i} has {prompt} prompt / {output} output tokens and the "
                                   "run has no shared_prefix profile to fill them from")
             prompt, output = (prompt if prompt > 0 else nominal_in), (output if output > 0 else nominal_out)
             filled += 1
         req = Request(i, r["arrival_time_us"] / 1e6, prompt, output)
-        if prompts and system and prompt > system:
+        if period:
+            req.prefix_segments = ((i % period, prompt),)
+        elif prompts and system and prompt > system:
             # inference-perf's users are spread over the system prompts; every prompt is reused within seconds,
             # so which user has which prompt does not change what the cache holds.
             req.prefix_segments = ((i % prompts, system),)
@@ -98,8 +146,8 @@ def requests_of(run: MeasuredRun) -> tuple[list[Request], int]:
     return out, filled
 
 
-def replay(run: MeasuredRun, root: Path, device: str) -> Replayed:
-    cfg = experiment(run, root, device)
+def replay(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0) -> Replayed:
+    cfg = experiment(run, root, device, frontend_latency_s)
     requests, filled = requests_of(run)
     planned = _planned_blocks(cfg)
     result = simulate(cfg, requests)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from llmsim.e2e.compare import COLUMNS, compare
+from llmsim.e2e.frontend import FrontendFit, fit_leave_one_model_out
 from llmsim.e2e.replay import replay
 from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_arrival
 from llmsim.errors import ConfigError
@@ -38,19 +39,28 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     runs = [load_run(root, n) for n in names]  # read and check everything before the long part
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
-    frames, notes = [], []
+    # First the engine alone, then each model's runs again with the front end fitted on the other models.
+    engine_only, notes = {}, []
     for run in runs:
         t0 = time.perf_counter()
-        replayed = replay(run, root, device)
-        frames.append(compare(run, replayed))
+        engine_only[run.name] = replayed = replay(run, root, device)
         notes.append((run.name, run.kv_blocks, replayed.kv_blocks_planned, replayed.filled_lengths,
                       len(run.requests), time.perf_counter() - t0))
+    fits = fit_leave_one_model_out(runs, engine_only)
+    frames, engine_frames = [], []
+    for run in runs:
+        latency = fits[run.model_id].latency_s
+        final = replay(run, root, device, frontend_latency_s=latency) if latency else engine_only[run.name]
+        frames.append(compare(run, final))
+        engine_frames.append(compare(run, engine_only[run.name]))
         if on_run is not None:
             on_run(run.name)
     table = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+    engine_table = pd.concat(engine_frames, ignore_index=True)[list(COLUMNS)]
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "e2e_errors.csv", index=False)
-    (out / "e2e_report.md").write_text(report(table, notes, device, root))
+    engine_table.to_csv(out / "e2e_errors_engine_only.csv", index=False)
+    (out / "e2e_report.md").write_text(report(table, engine_table, list(fits.values()), notes, device, root))
     parity_plot(table, out / "e2e_parity.png")
     return table
 
@@ -61,18 +71,29 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return t.assign(abs_error=t["rel_error"].abs()).groupby("metric")["abs_error"].agg(["mean", "median", "count"])
 
 
-def report(table: pd.DataFrame, notes: list, device: str, root: Path) -> str:
+def report(table: pd.DataFrame, engine_table: pd.DataFrame, fits: list[FrontendFit], notes: list, device: str,
+           root: Path) -> str:
     lines = [f"# End-to-end validation on {device}", "",
-             f"Runs from `{root}`. Nothing in the simulator was fitted on these runs (kernels are fitted on "
-             "kernel measurements), so every run is held out.", "",
-             "| run | server KV blocks | simulator's own plan | lengths filled from profile | requests | wall s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"Runs from `{root}`. The kernels are fitted on kernel measurements, not on these runs. The one "
+             "parameter fitted at this level, the front end's latency per request (`cluster.frontend_latency_s`), "
+             "is fitted leave-one-model-out: each model's runs are replayed with the value fitted on the other "
+             "models' runs, so every run is held out.", "",
+             "| held-out model | front end fitted on | requests in the fit | frontend_latency_s |",
+             "|---|---|---:|---:|"]
+    for f in fits:
+        lines.append(f"| {f.held_out} | {', '.join(f.fitted_on) or '(no other model: engine alone)'} | "
+                     f"{f.num_requests} | {f.latency_s * 1e3:.2f} ms |")
+    lines += ["", "| run | server KV blocks | simulator's own plan | lengths filled from profile | requests | wall s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, blocks, planned, filled, n, wall in notes:
         lines.append(f"| {name} | {blocks} | {planned} | {filled} | {n} | {wall:.1f} |")
-    lines += ["", "Mean |relative error| over runs and stages (stage `all` included):", "",
-              "| metric | mean | median | n |", "|---|---:|---:|---:|"]
-    for metric, r in summary(table).iterrows():
-        lines.append(f"| {metric} | {r['mean']:.1%} | {r['median']:.1%} | {int(r['count'])} |")
+    both = summary(table).join(summary(engine_table).add_suffix("_engine"))
+    lines += ["", "Mean and median |relative error| over runs and stages (stage `all` included), held out, and "
+              "with the engine alone (`e2e_errors_engine_only.csv`):", "",
+              "| metric | mean | median | engine alone: mean | median | n |", "|---|---:|---:|---:|---:|---:|"]
+    for metric, r in both.iterrows():
+        lines.append(f"| {metric} | {r['mean']:.1%} | {r['median']:.1%} | {r['mean_engine']:.1%} | "
+                     f"{r['median_engine']:.1%} | {int(r['count'])} |")
     lines += ["", "Per run and stage (predicted / measured, relative error):", "",
               "| run | stage | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---:|" * len(HEADLINE)]
     for (run, stage), g in table.groupby(["experiment", "stage"], sort=False):
