@@ -57,11 +57,18 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
     done = num_steps
     replica.run_state = (times, cum_blocks, requests)
     replica.cuttable = num_steps > 1
-    try:
-        yield replica.env.at(times[-1])
-    except simpy.Interrupt:
-        done = bisect_left(times, replica.env.now, 1)
-        yield replica.env.at(times[done])
+    while True:
+        try:
+            yield replica.env.at(times[done])
+            break
+        except simpy.Interrupt as cut:
+            end = bisect_left(times, replica.env.now, 1)  # the next boundary
+            if cut.cause == "pending" and end < num_steps:
+                end += 1  # the one after: there the engine first schedules the held request
+            done = min(done, end)
+            # Something that must act at the very next boundary may still come (an arrival the scheduler can
+            # admit at once does not: under async scheduling every arrival is held).
+            replica.cuttable = done > bisect_left(times, replica.env.now, 1)
     replica.cuttable = False
     replica.run_state = None
     replica.step_start_s, replica.step_end_s = times[done - 1], times[done]

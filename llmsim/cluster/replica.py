@@ -72,7 +72,7 @@ class Replica:
         if self.async_scheduling and self._idle is None:  # a step is running: the engine sees it later
             self.pending.append((self.env.now, request))
             if self.cuttable:
-                self._cut()
+                self._cut("pending")  # the run ends where the engine first schedules it
             return
         self.scheduler.add(request)
         if self._idle is not None and not self._idle.triggered:
@@ -147,9 +147,11 @@ class Replica:
             while pending:
                 scheduler.add(pending.popleft()[1])
 
-    def _cut(self) -> None:
+    def _cut(self, cause: str = "cut") -> None:
+        """End the wait at the next boundary ("cut") or, for a request held by async scheduling, at the one
+        after it ("pending"), where the engine first schedules it."""
         self.cuttable = False
-        self.process.interrupt("cut")
+        self.process.interrupt(cause)
 
     def wait_for_work(self):
         """Sleep until a request is submitted or something wakes this replica."""
