@@ -174,12 +174,37 @@ class BlockManager:
             self._held[request.id] = num_blocks
             self.num_free_blocks -= need
 
+    def fills_named_blocks(self, request: Request) -> bool:
+        """Whether the request's next tokens fill blocks of named content not yet cached (prefix caching)."""
+        if not self.caching or not request.prefix_segments:
+            return False
+        return len(request_block_hashes(request, self.block_size)) > self._num_cached.get(request.id, 0)
+
     def grow_to_computed(self, requests: list[Request]) -> None:
         """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop."""
         bs = self.block_size
         if self.caching:
+            # A request without named content only takes blocks off the free queue; consecutive takes are one
+            # take (the queue is consumed from its head either way), so they are batched between the requests
+            # that take the general path, in order.
+            held, shared, take = self._held, self._shared, 0
             for r in requests:
-                self.grow_to(r, -(-r.num_computed_tokens // bs), r.num_computed_tokens)
+                n = -(-r.num_computed_tokens // bs)
+                if r.prefix_segments or r.id in shared:
+                    if take:
+                        self._take(take)
+                        take = 0
+                    self.grow_to(r, n, r.num_computed_tokens)
+                    continue
+                need = n - held.get(r.id, 0)
+                if need > 0:
+                    if take + need > self.num_free_blocks:
+                        raise RuntimeError(f"request {r.id} needs {need} blocks, "
+                                           f"{self.num_free_blocks - take} free")
+                    held[r.id] = n
+                    take += need
+            if take:
+                self._take(take)
             return
         held, free = self._held, self.num_free_blocks
         for r in requests:

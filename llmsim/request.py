@@ -63,4 +63,5 @@ class Request:
     @property
     def num_pending_tokens(self) -> int:
         """Known tokens whose KV is not computed yet (1 for a decoding request)."""
-        return self.num_tokens - self.num_computed_tokens
+        # num_tokens spelled out: schedulers read this for every running request at every step.
+        return self.num_prompt_tokens + self.num_generated_tokens - self.num_computed_tokens

@@ -11,7 +11,6 @@ from __future__ import annotations
 from llmsim.clock import Clock
 from llmsim.cluster.replica import Replica
 from llmsim.request import Request, RequestStatus
-from llmsim.schedulers.base import PrefillChunk
 
 
 class DistServe:
@@ -22,10 +21,13 @@ class DistServe:
         self.decode_replicas: list[Replica] = []
         self.in_transfer: dict[int, Request] = {}  # KV on the wire, by request id
 
-    def on_prefilled(self, replica: Replica, prefills: list[PrefillChunk]) -> None:
-        """A prefill instance applied a batch: requests whose prompt is done move on (``Replica.on_prefilled``)."""
-        moved = [c.request for c in prefills
-                 if c.request.status is RequestStatus.RUNNING and c.request.num_pending_tokens == 1]
+    def on_prefilled(self, replica: Replica, requests: list[Request]) -> None:
+        """A prefill instance applied a batch (its requests): those whose prompt is done move on
+        (``Replica.on_prefilled``)."""
+        # Done: the whole prompt computed and its first token sampled (a chunk that leaves one prompt token
+        # also leaves one pending token; that token is computed here, and samples the first token, next step).
+        moved = [r for r in requests
+                 if r.status is RequestStatus.RUNNING and r.num_generated_tokens and r.num_pending_tokens == 1]
         for r in moved:
             replica.release(r)
             r.status = RequestStatus.WAITING

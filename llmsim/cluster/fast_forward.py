@@ -12,6 +12,12 @@ stepping would have seen it too; results are bit-identical to stepping (tests co
 that act on a replica from outside ``post`` actions that run at its next boundary, or ``wake`` it, which cuts a
 run the same way; while a run is waited out the replica's ``num_used_blocks_now`` and ``num_computed_now``
 report the state stepping would show (from ``replica.run_state``).
+
+Mixed runs (``Scheduler.mixed_run_chunk``): a batch of every running decode plus one prefill chunk that takes
+the rest of the token budget repeats -- the same decodes, the prompt's next chunk of the same size -- until the
+prompt's last, partial chunk, a request finishes or the KV cache runs short. Each step is costed by the same
+``ExecutionModel.iteration`` call stepping makes. No arrival can join such a step (no budget is left), so
+arrivals do not cut a mixed run; cluster-policy actions still do.
 """
 
 from __future__ import annotations
@@ -54,34 +60,96 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
     for dt in step_s:
         t = t + dt
         times.append(t)
-    done = num_steps
-    replica.run_state = (times, cum_blocks, requests)
-    replica.cuttable = num_steps > 1
-    while True:
-        try:
-            yield replica.env.at(times[done])
-            break
-        except simpy.Interrupt as cut:
-            end = bisect_left(times, replica.env.now, 1)  # the next boundary
-            if cut.cause == "pending" and end < num_steps:
-                end += 1  # the one after: there the engine first schedules the held request
-            done = min(done, end)
-            # Something that must act at the very next boundary may still come (an arrival the scheduler can
-            # admit at once does not: under async scheduling every arrival is held).
-            replica.cuttable = done > bisect_left(times, replica.env.now, 1)
-    replica.cuttable = False
-    replica.run_state = None
-    replica.step_start_s, replica.step_end_s = times[done - 1], times[done]
-
+    replica.run_state = (times, cum_blocks, requests, None)
+    done = yield from wait_out(replica, times, arrivals_cut=True)
     durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
     replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],
                                      num_decode, [used0 + b for b in cum_blocks[1:done + 1]])
     apply_decode_steps(replica, requests, times, durations)
 
 
+def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: int):
+    """Every running decode plus the next ``chunk_size`` tokens of one prompt, step after step (the first step is
+    ``out``, whose blocks the scheduler allocated)."""
+    blocks, execution = replica.blocks, replica.execution
+    bs = blocks.block_size
+    prefill = out.prefills[0]
+    request, c, cached0 = prefill.request, chunk_size, prefill.num_cached_tokens
+    decodes = out.decodes
+    num_decode = len(decodes)
+    # Steps that leave the prompt unfinished (its last chunk may be partial and leave budget to admit others).
+    num_steps = -(-request.num_pending_tokens // c) - 1
+    if decodes:
+        num_steps = min(num_steps, min(r.num_output_tokens - r.num_generated_tokens for r in decodes))
+    new_blocks = [0] * (num_steps + 1)
+    for r in decodes:  # as in decode_run
+        j = 1 + ((-r.num_computed_tokens) % bs or bs)
+        while j <= num_steps:
+            new_blocks[j] += 1
+            j += bs
+    held = blocks.num_held(request)
+    for j in range(2, num_steps + 1):  # the prompt's chunk j needs its blocks (none if reserved at admission)
+        need = blocks.blocks_for(cached0 + c * j)
+        if need > held:
+            new_blocks[j] += need - held
+            held = need
+    cum_blocks = list(accumulate(new_blocks))
+    if cum_blocks[-1] > blocks.num_free_blocks:
+        num_steps = bisect_right(cum_blocks, blocks.num_free_blocks) - 1
+    used0 = blocks.num_used_blocks
+
+    times, step_flops, step_bytes = [start], [], []
+    t, kv_tokens = start, out.decode_kv_tokens
+    for j in range(num_steps):
+        cost = execution.iteration(((c, cached0 + c * j),), num_decode, kv_tokens, num_decode)
+        t = t + (cost.time_s + 0.0)  # as stepping adds the (zero) swap time
+        times.append(t)
+        step_flops.append(cost.flops)
+        step_bytes.append(cost.num_bytes)
+        kv_tokens += num_decode
+    replica.run_state = (times, cum_blocks, decodes, (request, c))
+    done = yield from wait_out(replica, times, arrivals_cut=False)
+    durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
+    replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],
+                                     num_decode, [used0 + b for b in cum_blocks[1:done + 1]], c)
+    if request.scheduled_s != request.scheduled_s:  # NaN: its first chunk ran in this run
+        request.scheduled_s = start
+    request.num_computed_tokens += c * done
+    if decodes:
+        apply_decode_steps(replica, decodes, times[:done + 1], durations, also=[request])
+    else:
+        replica.scheduler.commit_decode_run([request])
+
+
+def wait_out(replica: Replica, times: list[float], arrivals_cut: bool):
+    """Wait until the run's last boundary, or until the boundary where something cuts it; returns the number
+    of steps done. ``arrivals_cut``: an arrival ends the run at the next boundary (a decode run), or at the one
+    after for a request held by async scheduling; a mixed run ignores arrivals."""
+    done = len(times) - 1
+    replica.cuttable = done > 1
+    while True:
+        try:
+            yield replica.env.at(times[done])
+            break
+        except simpy.Interrupt as cut:
+            end = bisect_left(times, replica.env.now, 1)  # the next boundary
+            if cut.cause in ("arrival", "pending") and not arrivals_cut:
+                end = done
+            elif cut.cause == "pending" and end < done:
+                end += 1  # the one after: there the engine first schedules the held request
+            done = min(done, end)
+            # Something that must act at the very next boundary may still come.
+            replica.cuttable = done > bisect_left(times, replica.env.now, 1)
+    replica.cuttable = False
+    replica.run_state = None
+    replica.step_start_s, replica.step_end_s = times[done - 1], times[done]
+    return done
+
+
 def apply_decode_steps(replica: Replica, requests: list[Request], times: list[float],
-                       durations: list[float]) -> None:
-    """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``)."""
+                       durations: list[float], also: list[Request] = ()) -> None:
+    """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``). ``also``:
+    requests whose blocks follow their KV tokens too (a mixed run's prefill, advanced by the caller)."""
     num_steps = len(durations)
     start, end = times[0], times[num_steps]
     recorder = replica.recorder
@@ -100,5 +168,5 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
                 r.max_tbt_s = max_gap
         if r.scheduled_s != r.scheduled_s:
             r.scheduled_s = start
-    replica.scheduler.commit_decode_run(requests)
+    replica.scheduler.commit_decode_run(requests + also if also else requests)
     replica.finish_done(requests)

@@ -24,7 +24,7 @@ from typing import Callable
 import simpy
 
 from llmsim.clock import Clock
-from llmsim.cluster.fast_forward import decode_run
+from llmsim.cluster.fast_forward import decode_run, mixed_run
 from llmsim.cluster.pipeline import run_pipeline
 from llmsim.execution.model import ExecutionModel
 from llmsim.kv_cache import BlockManager
@@ -36,7 +36,7 @@ from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
-                 on_prefilled: Callable[[Replica, list[PrefillChunk]], None] | None = None,
+                 on_prefilled: Callable[[Replica, list[Request]], None] | None = None,
                  micro_batches: int = 1, async_scheduling: bool = False):
         self.env = env
         self.id = replica_id
@@ -50,9 +50,9 @@ class Replica:
         self.on_prefilled = on_prefilled
         self.num_outstanding = 0  # routed here and not finished
         self.actions: list[Callable[[], None]] = []  # cluster-policy actions for the next boundary
-        # While a decode run is waited out: (boundary times, cumulative new blocks, its requests);
-        # ``cuttable``: the wait may still be interrupted.
-        self.run_state: tuple[list[float], list[int], list[Request]] | None = None
+        # While a run is waited out: (boundary times, cumulative new blocks, its decodes, and for a mixed run
+        # (its prefill, tokens a step)); ``cuttable``: the wait may still be interrupted.
+        self.run_state: tuple[list[float], list[int], list[Request], tuple[Request, int] | None] | None = None
         self.cuttable = False
         self._idle: simpy.Event | None = None
         self.micro_batches = scheduler.micro_batches = micro_batches
@@ -78,7 +78,7 @@ class Replica:
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
         elif self.cuttable and (self.pipelined or self.scheduler.cuts_run(request)):
-            self._cut()
+            self._cut("arrival")
 
     def in_flight(self) -> list[Request]:
         return list(self.scheduler.running) + list(self.scheduler.waiting) + [r for _, r in self.pending]
@@ -111,7 +111,7 @@ class Replica:
         """KV blocks in use as stepping would show them now (a decode run books its blocks when it ends)."""
         if self.run_state is None:
             return self.blocks.num_used_blocks
-        times, cum_blocks, _ = self.run_state
+        times, cum_blocks, _, _ = self.run_state
         # The manager holds the run's first step plus whatever changed from outside since; the run's later
         # steps are booked when it ends.
         return self.blocks.num_used_blocks + cum_blocks[bisect_left(times, self.env.now, 1)]
@@ -125,8 +125,10 @@ class Replica:
         """KV tokens of a running request as stepping would show them now."""
         if self.run_state is None:
             return request.num_computed_tokens
-        times, _, requests = self.run_state
+        times, _, requests, prefill = self.run_state
         done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+        if prefill is not None and prefill[0] is request:
+            return request.num_computed_tokens + done * prefill[1]
         return request.num_computed_tokens + (done if request in requests else 0)
 
     def run_actions(self) -> None:
@@ -148,8 +150,9 @@ class Replica:
                 scheduler.add(pending.popleft()[1])
 
     def _cut(self, cause: str = "cut") -> None:
-        """End the wait at the next boundary ("cut") or, for a request held by async scheduling, at the one
-        after it ("pending"), where the engine first schedules it."""
+        """End the wait at the next boundary: for a cluster policy ("cut") or an arrival the scheduler could admit
+        ("arrival", which a mixed run ignores); for a request held by async scheduling ("pending") at the one
+        after it, where the engine first schedules it."""
         self.cuttable = False
         self.process.interrupt(cause)
 
@@ -176,9 +179,17 @@ class Replica:
             if out.is_empty:
                 raise RuntimeError(f"replica {self.id}: scheduler produced an empty batch with work queued")
             # A held request joins at the next boundary but one: step until it has.
-            if self.fast_forward and not self.pending and scheduler.allows_fast_forward(out):
-                yield from decode_run(self, out, start)
-                continue
+            if self.fast_forward:
+                # A DistServe prefill instance hands a request over after the step that samples its first token,
+                # so its decodes (a prompt's last token) never run on.
+                hands_over = self.on_prefilled is not None
+                if not self.pending and not hands_over and scheduler.allows_fast_forward(out):
+                    yield from decode_run(self, out, start)
+                    continue
+                chunk = scheduler.mixed_run_chunk(out)
+                if chunk and not (hands_over and out.decodes):
+                    yield from mixed_run(self, out, start, chunk)
+                    continue
             chunks, num_decode, kv_tokens, num_samples = out.signature()
             cost = self.execution.iteration(chunks, num_decode, kv_tokens, num_samples)
             duration = cost.time_s + out.swap_bytes / self.execution.hardware.host_link.bandwidth_bytes_per_s
@@ -207,8 +218,9 @@ class Replica:
         if steady:
             self.recorder.gap(end - start, steady)
         self.finish_done([c.request for c in out.prefills], out.decodes)
-        if self.on_prefilled is not None and out.prefills:
-            self.on_prefilled(self, out.prefills)
+        if self.on_prefilled is not None:
+            # Including decodes: a prompt whose chunks left one token computes it as a decode-sized step.
+            self.on_prefilled(self, [c.request for c in out.prefills] + out.decodes)
 
     def sample(self, r: Request, start: float, end: float) -> int:
         """A new token at ``end``. Returns 1 when the previous token ended the previous iteration."""

@@ -128,6 +128,21 @@ class ExecutionModel:
         cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator."""
         c = self._decode_attn_cache.get(num_decode)
         if c is None:
+            c = self._decode_attention_constants(num_decode)
+        flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
+        flops = flops_per_kv * kv_tokens
+        num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
+        if fit is None:
+            layer_s = max(flops / a, num_bytes / b) + overhead_s
+        else:  # hardware.attention.decode_attention_s inlined: the call costs ~2% of the simulation loop;
+            p = fit.softness  # test_execution pins the two equal
+            layer_s = overhead_s + (a ** p + (num_bytes / b) ** p) ** (1.0 / p)
+        layers, tp = self.model.num_layers, self.plan.tp
+        return layers * layer_s, layers * flops * tp, layers * num_bytes * tp
+
+    def _decode_attention_constants(self, num_decode: int) -> tuple:
+        c = self._decode_attn_cache.get(num_decode)
+        if c is None:
             # FLOPs and bytes are linear in the KV length: read both coefficients off ops.decode_attention.
             eff = self.hardware.efficiency["attention_decode"]
             empty = ops.decode_attention(self.shapes, num_decode, 0)
@@ -142,16 +157,7 @@ class ExecutionModel:
                      decode_stream_s(fit, num_decode, kv_heads),
                      decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads), fit.overhead_s)
             self._decode_attn_cache[num_decode] = c
-        flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
-        flops = flops_per_kv * kv_tokens
-        num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
-        if fit is None:
-            layer_s = max(flops / a, num_bytes / b) + overhead_s
-        else:  # hardware.attention.decode_attention_s inlined: the call costs ~2% of the simulation loop;
-            p = fit.softness  # test_execution pins the two equal
-            layer_s = overhead_s + (a ** p + (num_bytes / b) ** p) ** (1.0 / p)
-        layers, tp = self.model.num_layers, self.plan.tp
-        return layers * layer_s, layers * flops * tp, layers * num_bytes * tp
+        return c
 
     def decode_iteration(self, num_decode: int, decode_kv_tokens: int) -> IterationCost:
         return self.iteration((), num_decode, decode_kv_tokens, num_decode)
@@ -161,14 +167,31 @@ class ExecutionModel:
         """Times, FLOPs and bytes of ``num_steps`` consecutive decode iterations of the same batch, whose KV
         grows by ``num_decode`` tokens a step. Same arithmetic, in the same order, as ``decode_iteration``."""
         fixed_s, fixed_flops, fixed_bytes = self._fixed(num_decode, num_decode)
-        attention = self._decode_attention
+        flops_per_kv, bytes_per_kv, attn_fixed_bytes, fit, a, b, overhead_s = self._decode_attention_constants(
+            num_decode)
+        layers, tp = self.model.num_layers, self.plan.tp
         times, flops, num_bytes = [], [], []
-        for _ in range(num_steps):
-            attn_s, attn_flops, attn_bytes = attention(num_decode, kv_tokens)
-            times.append(fixed_s + attn_s)
-            flops.append(fixed_flops + attn_flops)
-            num_bytes.append(fixed_bytes + attn_bytes)
-            kv_tokens += num_decode
+        # _decode_attention's arithmetic, in its order, inlined in the loop (decode runs are the hot path).
+        if fit is None:
+            for _ in range(num_steps):
+                f = flops_per_kv * kv_tokens
+                nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
+                layer_s = max(f / a, nb / b) + overhead_s
+                times.append(fixed_s + layers * layer_s)
+                flops.append(fixed_flops + layers * f * tp)
+                num_bytes.append(fixed_bytes + layers * nb * tp)
+                kv_tokens += num_decode
+        else:
+            p = fit.softness
+            a_p, inv_p = a ** p, 1.0 / p
+            for _ in range(num_steps):
+                f = flops_per_kv * kv_tokens
+                nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
+                layer_s = overhead_s + (a_p + (nb / b) ** p) ** inv_p
+                times.append(fixed_s + layers * layer_s)
+                flops.append(fixed_flops + layers * f * tp)
+                num_bytes.append(fixed_bytes + layers * nb * tp)
+                kv_tokens += num_decode
         return times, flops, num_bytes
 
     def pipeline_stages(self, cost: IterationCost, num_tokens: int) -> tuple[float, float]:

@@ -82,8 +82,9 @@ class Recorder:
         it["kv_used_blocks"].append(kv_used_blocks)
 
     def iterations_bulk(self, replica_id: int, starts: list[float], durations: list[float], flops: list[float],
-                        num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int]) -> None:
-        """Several decode-only iterations at once (a fast-forwarded run)."""
+                        num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int],
+                        num_prefill_tokens: int = 0) -> None:
+        """Several iterations of one composition at once (a fast-forwarded run)."""
         t = self._totals(replica_id)
         pm = self.powers[replica_id]
         gpus = pm.num_gpus
@@ -108,7 +109,7 @@ class Recorder:
         it["duration_s"].extend(durations)
         it["flops"].extend(flops)
         it["num_bytes"].extend(num_bytes)
-        it["num_prefill_tokens"].extend([0] * n)
+        it["num_prefill_tokens"].extend([num_prefill_tokens] * n)
         it["num_decode_tokens"].extend([num_decode_tokens] * n)
         it["kv_used_blocks"].extend(kv_used_blocks)
 

@@ -9,6 +9,10 @@ what the KV cache manager holds):
 
 - ``allows_fast_forward(out)``: the batch is pure decode over every running request, so the next steps repeat
   it until a request finishes or the KV cache runs short -- unless something arrives that could change it.
+- ``mixed_run_chunk(out)``: the batch is every running decode plus one prefill chunk that takes the rest of the
+  step's token budget, so the next steps repeat it (the same decodes, the prompt's next chunk of the same size)
+  until the prompt's last, partial chunk -- and no arrival can change them, since no budget is left to admit
+  it. Returns that chunk size, or 0. Opt-in: the base class returns 0.
 - ``cuts_run(request)``: a request just queued could be admitted at the next step boundary, so a run must stop
   there. The shipped policies admit in queue order and stop at the first request that does not fit, and KV
   headroom only shrinks while requests decode, so only a request that became the head of the queue can cut a
@@ -186,6 +190,26 @@ class Scheduler:
         """True when the next steps repeat this batch until a request finishes or KV runs short."""
         return (not out.prefills and not out.preempted and not out.swap_bytes
                 and len(out.decodes) == len(self.running))
+
+    def mixed_run_chunk(self, out: SchedulerOutput) -> int:
+        """The chunk size of a batch whose next steps repeat it with the same prefill's next chunks (see the
+        module docstring), or 0. A policy that schedules its running decodes first and gives the budget left to
+        its part-way prefills opts in with ``_full_budget_chunk``."""
+        return 0
+
+    def _full_budget_chunk(self, out: SchedulerOutput, budget: int) -> int:
+        if out.preempted or out.swap_bytes or len(out.prefills) != 1 or self.busy:
+            return 0
+        chunk = out.prefills[0]
+        n, decodes = chunk.num_new_tokens, len(out.decodes)
+        if decodes + 1 != len(self.running) or decodes + n != budget:
+            return 0  # someone sits out, or budget is left for a waiting request
+        if chunk.request.num_pending_tokens <= 2 * n:
+            return 0  # the next chunk is already the last one: no run
+        if self.blocks.fills_named_blocks(chunk.request) or any(
+                map(self.blocks.fills_named_blocks, out.decodes)):
+            return 0  # the cache's bookkeeping of named content is done step by step
+        return n
 
     # --- mechanism shared by the policies -------------------------------------------------------------
 

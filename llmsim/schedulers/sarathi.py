@@ -23,6 +23,9 @@ class SarathiScheduler(Scheduler):
         super().__init__(blocks, **kwargs)
         self.chunk_size = chunk_size
 
+    def mixed_run_chunk(self, out: SchedulerOutput) -> int:
+        return self._full_budget_chunk(out, min(self.chunk_size, self.max_num_batched_tokens))
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = min(self.chunk_size, self.max_num_batched_tokens)

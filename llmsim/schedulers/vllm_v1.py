@@ -39,13 +39,33 @@ class VLLMV1Scheduler(Scheduler):
             return False
         return not (self.waiting and self.blocks.caching and self.blocks.hit_may_grow(self.waiting[0], self.running))
 
+    def mixed_run_chunk(self, out: SchedulerOutput) -> int:
+        # Running requests are scheduled in order and the prefill's chunk takes what the decodes left, so with
+        # every running request in the batch the part-way prefill is the last of them.
+        return self._full_budget_chunk(out, self.max_num_batched_tokens)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         threshold = self.long_prefill_token_threshold
         num_decodes, max_decodes = 0, self.decode_share()
         blocks = self.blocks
-        for request in self.idle_running():
+        running = self.idle_running()
+        if max_decodes == len(running) <= min(budget, blocks.num_free_blocks):
+            # Fast path for the leading decodes (the common case: all of them): each takes one token and at
+            # most one block, so none is preempted and the budget lasts; the loop below does the same slower.
+            decodes, kv_tokens = out.decodes, 0
+            for request in running:
+                if request.num_prompt_tokens + request.num_generated_tokens - request.num_computed_tokens != 1:
+                    break
+                blocks.append_slot(request)
+                decodes.append(request)
+                kv_tokens += request.num_computed_tokens + 1
+            num_decodes = len(decodes)
+            out.decode_kv_tokens = kv_tokens
+            budget -= num_decodes
+            running = running[num_decodes:]
+        for request in running:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
