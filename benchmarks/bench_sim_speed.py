@@ -23,7 +23,7 @@ from llmsim.run import run_experiment
 
 def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool, output_median: float,
            trace: str | None = None, record_iterations: bool = True, scheduler: str = "fcfs",
-           prefix_caching: bool | None = None):
+           prefix_caching: bool | None = None, chunk_size: int = 512):
     if trace:
         # Failed rows (Response tokens == 0) arrive and are rejected with a reason, so every row is a request.
         workload = {"num_requests": num_requests, "trace": {"path": trace, "format": "burstgpt", "failed": "reject"}}
@@ -42,7 +42,7 @@ def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool
         "model": {"name": "Llama-2-7B"},
         "hardware": {"device": "a100-80gb"},
         "cluster": {"num_replicas": num_replicas, "router": "round_robin"},
-        "scheduler": {"name": scheduler, "max_num_batched_tokens": 4096,
+        "scheduler": {"name": scheduler, "max_num_batched_tokens": 4096, "chunk_size": chunk_size,
                       **({} if prefix_caching is None else {"enable_prefix_caching": prefix_caching})},
         "workload": workload,
         "simulation": {"fast_forward": fast_forward, "record_iterations": record_iterations},
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--output-median", type=float, default=168.0)
     ap.add_argument("--scheduler", choices=("fcfs", "sarathi", "vllm_v1"), default="fcfs")
     ap.add_argument("--no-prefix-caching", action="store_true", help="vllm_v1 without prefix caching")
+    ap.add_argument("--chunk-size", type=int, default=512, help="sarathi's token budget per step")
     ap.add_argument("--step", action="store_true", help="step every iteration (no fast-forward)")
     ap.add_argument("--trace", help="replay this BurstGPT-format CSV instead of the synthetic workload")
     ap.add_argument("--no-iteration-records", action="store_true", help="keep only iteration totals (less memory)")
@@ -64,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config(args.requests, args.replicas, args.rate, not args.step, args.output_median, args.trace,
                  not args.no_iteration_records, args.scheduler,
-                 False if args.no_prefix_caching else None)
+                 False if args.no_prefix_caching else None, args.chunk_size)
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
