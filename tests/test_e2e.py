@@ -16,6 +16,7 @@ from llmsim.cluster.simulation import simulate
 from llmsim.e2e.frontend import fit_leave_one_model_out
 from llmsim.e2e.replay import Replayed, prompt_pool_period, requests_of
 from llmsim.e2e.runs import MeasuredRun, load_run
+from llmsim.e2e.vllm_bench import load_bench_run
 from tests.factories import make_config, make_requests
 
 SLICE = Path(__file__).parent / "data" / "e2e_slice"
@@ -129,3 +130,64 @@ def test_front_end_latency_adds_to_ttft_and_e2e_only():
     for col in ("first_token_s", "finish_s", "scheduled_s"):
         np.testing.assert_allclose(b[col] - a[col], 0.007, atol=1e-9)  # the engine's run, 7 ms later
     np.testing.assert_array_equal(a["arrival_s"], b["arrival_s"])  # the client sent them at the same times
+
+
+def _bench_dir(tmp_path, with_e2els: bool = True):
+    """The slice as ``vllm bench serve --save-result --save-detailed`` would have saved it, in shuffled order."""
+    run = load_run(SLICE, RUN)
+    order = list(range(len(run.requests)))[::-1]
+    req, truth = [run.requests[i] for i in order], [run.truth[i] for i in order]
+    result = {"model_id": run.model_id, "start_times": [100.0 + r["arrival_time_us"] / 1e6 for r in req],
+              "input_lens": [r["input_tokens"] for r in req], "output_lens": [r["output_tokens"] for r in req],
+              "ttfts": [t["ttft_s"] for t in truth], "errors": ["" for _ in req],
+              "itls": [[(t["e2e_s"] - t["ttft_s"]) / max(r["output_tokens"] - 1, 1)] * max(r["output_tokens"] - 1, 0)
+                       for r, t in zip(req, truth)]}
+    if with_e2els:
+        result["e2els"] = [t["e2e_s"] for t in truth]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / f"{RUN}.json").write_text(json.dumps(result))
+    (bench / f"{RUN}.server.yaml").write_text(
+        f"num_gpu_blocks: {run.kv_blocks}\nmax_num_seqs: {run.max_num_seqs}\n"
+        f"max_num_batched_tokens: {run.max_num_batched_tokens}\nblock_size: {run.block_size}\n"
+        f"max_model_len: {run.max_model_len}\nignore_eos: true\noutput_len: 247\n")
+    return bench
+
+
+def test_vllm_bench_results_replay_like_the_same_run(tmp_path):
+    _bench_dir(tmp_path)
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert main(["validate-e2e", str(SLICE), "--out", str(tmp_path / "r")]) == 0
+    bench = pd.read_csv(tmp_path / "o" / "e2e_errors.csv").set_index(["stage", "metric"])
+    replayed = pd.read_csv(tmp_path / "r" / "e2e_errors.csv").set_index(["stage", "metric"])
+    # Same requests, arrivals, lengths and server: the same simulation and the same measurements.
+    for metric in ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "errors"):
+        for col in ("predicted", "measured"):
+            assert bench.loc[("all", metric), col] == pytest.approx(replayed.loc[("all", metric), col], rel=1e-9)
+
+
+def test_vllm_bench_results_from_itls_and_bad_files(tmp_path, capsys):
+    bench = _bench_dir(tmp_path, with_e2els=False)
+    run = load_bench_run(tmp_path, RUN)
+    slice_run = load_run(SLICE, RUN)
+    assert [r["arrival_time_us"] for r in run.requests] == [r["arrival_time_us"] for r in slice_run.requests]
+    many = [i for i, r in enumerate(slice_run.requests) if r["output_tokens"] > 1]  # E2E = TTFT + the ITLs
+    assert [run.truth[i]["e2e_s"] for i in many] == pytest.approx([slice_run.truth[i]["e2e_s"] for i in many],
+                                                                  rel=1e-9)
+    assert run.timeout_s == 6 * 3600.0 and run.kv_blocks == slice_run.kv_blocks
+    server = bench / f"{RUN}.server.yaml"
+    server.write_text(server.read_text() + "gpu_blocks: 3\n")
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "server.yaml: unknown key gpu_blocks" in capsys.readouterr().err
+    server.write_text("num_gpu_blocks: 0\nmax_num_seqs: 8\nmax_num_batched_tokens: 64\n")
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "num_gpu_blocks: expected a whole number >= 1, got 0" in capsys.readouterr().err
+    server.unlink()
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "server.yaml: missing" in capsys.readouterr().err
+    result = json.loads((bench / f"{RUN}.json").read_text())
+    del result["start_times"]
+    (bench / f"{RUN}.json").write_text(json.dumps(result))
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no per-request start_times" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -128,12 +128,14 @@ def requests_of(run: MeasuredRun) -> tuple[list[Request], int]:
         if forced and 0 < output < 0.9 * nominal_out:
             output = 0
         if prompt <= 0 or output <= 0:
-            if prompt <= 0 and period and i % period in slot_length:
-                prompt = slot_length[i % period]
-            if not (nominal_in and nominal_out) and (prompt <= 0 or output <= 0):
-                raise ConfigError(f"{run.name}: request {i} has {prompt} prompt / {output} output tokens and the "
-                                  "run has no shared_prefix profile to fill them from")
-            prompt, output = (prompt if prompt > 0 else nominal_in), (output if output > 0 else nominal_out)
+            if prompt <= 0:
+                prompt = slot_length.get(i % period, nominal_in) if period else nominal_in
+            if output <= 0:
+                output = nominal_out
+            if prompt <= 0 or output <= 0:
+                raise ConfigError(f"{run.name}: request {i} has {recorded[i]} prompt / {r['output_tokens']} output "
+                                  "tokens and nothing to fill them from (a shared_prefix profile, or output_len in "
+                                  "the server's flags)")
             filled += 1
         req = Request(i, r["arrival_time_us"] / 1e6, prompt, output)
         if period:

@@ -109,13 +109,16 @@ def stages_until_last_arrival(stages: list[tuple[float, float]], requests: list[
 
 
 def find_runs(root: Path) -> list[str]:
-    """Run names under ``root/replay`` (every ``<exp>.json.gz`` with a ground truth file beside it)."""
+    """Run names under ``root/replay`` (every ``<exp>.json.gz`` with a ground truth file beside it); none when
+    ``root`` holds only ``bench/`` (``vllm_bench.py``)."""
     replay = root / "replay"
     if not replay.is_dir():
+        if (root / "bench").is_dir():
+            return []
         raise ConfigError(f"{root}: no replay/ folder (expected DIR/replay/<exp>.json.gz and "
-                          "<exp>_ground_truth.json.gz)")
+                          "<exp>_ground_truth.json.gz) and no bench/ folder (vllm bench serve results)")
     names = sorted(p.name[:-len(".json.gz")] for p in replay.glob("*.json.gz")
                    if not p.name.endswith("_ground_truth.json.gz"))
-    if not names:
+    if not names and not (root / "bench").is_dir():
         raise ConfigError(f"{replay}: no <exp>.json.gz replay files")
     return names

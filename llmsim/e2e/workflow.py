@@ -15,6 +15,7 @@ from llmsim.e2e.compare import COLUMNS, compare
 from llmsim.e2e.frontend import FrontendFit, fit_leave_one_model_out
 from llmsim.e2e.replay import replay
 from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_arrival
+from llmsim.e2e.vllm_bench import bench_names, load_bench_run
 from llmsim.errors import ConfigError
 
 HEADLINE = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "request_throughput", "errors")
@@ -31,12 +32,14 @@ def truncate(run: MeasuredRun, max_requests: int) -> MeasuredRun:
 
 def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = None,
                  max_requests: int | None = None, on_run=None) -> pd.DataFrame:
-    names = find_runs(root)
+    names = [(n, load_run) for n in find_runs(root)] + [(n, load_bench_run) for n in bench_names(root)]
+    if not names:
+        raise ConfigError(f"{root / 'bench'}: no <exp>.json vllm bench serve results")
     if select:
-        names = [n for n in names if any(s in n for s in select)]
+        names = [(n, load) for n, load in names if any(s in n for s in select)]
         if not names:
-            raise ConfigError(f"--runs {' '.join(select)}: matches no run in {root / 'replay'}")
-    runs = [load_run(root, n) for n in names]  # read and check everything before the long part
+            raise ConfigError(f"--runs {' '.join(select)}: matches no run in {root}")
+    runs = [load(root, n) for n, load in names]  # read and check everything before the long part
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
     # First the engine alone, then each model's runs again with the front end fitted on the other models.
