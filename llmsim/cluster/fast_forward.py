@@ -151,22 +151,39 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
     """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``). ``also``:
     requests whose blocks follow their KV tokens too (a mixed run's prefill, advanced by the caller)."""
     num_steps = len(durations)
-    start, end = times[0], times[num_steps]
+    start, first, end = times[0], times[1], times[num_steps]
     recorder = replica.recorder
-    steady = sum(replica.sample(r, start, times[1]) for r in requests)
-    if steady:
-        recorder.gap(durations[0], steady)
     later_gaps = durations[1:]
-    recorder.gaps_bulk(later_gaps, len(requests))
     max_gap = max(later_gaps, default=0.0)
+    more = num_steps - 1
+    steady = 0
     for r in requests:
+        # The first step's token is ``Replica.sample`` inlined (this loop runs for every request of every run):
+        # its gap is a steady one when the request's previous token ended exactly where this run started.
+        generated = r.num_generated_tokens + 1
+        if generated == 1:
+            r.first_token_s = first
+        else:
+            gap = first - r.last_token_s
+            if gap > r.max_tbt_s:
+                r.max_tbt_s = gap
+            if r.last_token_s == start:
+                steady += 1
+            else:
+                recorder.gap(gap, 1)
         r.num_computed_tokens += num_steps
-        if num_steps > 1:
-            r.num_generated_tokens += num_steps - 1
+        if more:
+            r.num_generated_tokens = generated + more
             r.last_token_s = end
             if max_gap > r.max_tbt_s:
                 r.max_tbt_s = max_gap
+        else:
+            r.num_generated_tokens = generated
+            r.last_token_s = first
         if r.scheduled_s != r.scheduled_s:
             r.scheduled_s = start
+    if steady:
+        recorder.gap(durations[0], steady)
+    recorder.gaps_bulk(later_gaps, len(requests))
     replica.scheduler.commit_decode_run(requests + also if also else requests)
     replica.finish_done(requests)

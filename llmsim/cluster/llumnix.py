@@ -56,7 +56,7 @@ class Llumnix:
         """Blocks in use plus the demand of queued requests (``queued``: "all", "head" or "none") plus the
         priority headroom."""
         usage: float = rep.num_used_blocks_now()
-        waiting, blocks = rep.scheduler.waiting, rep.blocks
+        waiting, blocks = rep.queued(), rep.blocks
         if queued == "all":
             usage += sum(blocks.num_new_blocks(r, r.num_pending_tokens) for r in waiting)
         elif queued == "head" and waiting:
@@ -69,14 +69,14 @@ class Llumnix:
         if self.reported:
             (usage, requests), (sent_blocks, sent) = self._reports[rep.id], self._sent[rep.id]
             return (rep.blocks.num_blocks - usage - sent_blocks) / max(requests + sent, 1)
-        queued = len(rep.scheduler.waiting)
+        queued = len(rep.queued())
         return (rep.blocks.num_blocks - self.virtual_usage(rep, "all")) / max(len(rep.scheduler.running) + queued, 1)
 
     def report(self) -> None:
         """Every instance reports its load (what ``dispatch_freeness`` reads between reports)."""
         for rep in self.replicas:
             s = rep.scheduler
-            self._reports[rep.id] = (self.virtual_usage(rep, "all"), len(s.running) + len(s.waiting))
+            self._reports[rep.id] = (self.virtual_usage(rep, "all"), len(s.running) + len(rep.queued()))
             self._sent[rep.id] = (0.0, 0)
 
     def migration_freeness(self, rep: Replica) -> float:
@@ -86,7 +86,7 @@ class Llumnix:
     @staticmethod
     def _serves_high_priority(rep: Replica) -> bool:
         s = rep.scheduler
-        return any(r.priority > 0 for r in s.running) or any(r.priority > 0 for r in s.waiting)
+        return any(r.priority > 0 for r in s.running) or any(r.priority > 0 for r in rep.queued())
 
     # --- dispatch (the router interface) -----------------------------------------------------------------
 

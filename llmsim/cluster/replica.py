@@ -80,8 +80,13 @@ class Replica:
         elif self.cuttable and (self.pipelined or self.scheduler.cuts_run(request)):
             self._cut("arrival")
 
+    def queued(self) -> list[Request]:
+        """Requests here that do not run yet: the scheduler's queue, then those async scheduling still holds."""
+        waiting = self.scheduler.waiting
+        return [*waiting, *(r for _, r in self.pending)] if self.pending else list(waiting)
+
     def in_flight(self) -> list[Request]:
-        return list(self.scheduler.running) + list(self.scheduler.waiting) + [r for _, r in self.pending]
+        return list(self.scheduler.running) + self.queued()
 
     def wake(self) -> None:
         """Something outside changed this replica (KV held, batch): schedule afresh at the next boundary."""
