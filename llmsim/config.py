@@ -355,6 +355,10 @@ class SimulationConfig(_Strict):
     max_time_s: float | None = Field(default=None, gt=0)  # stop here; unfinished requests are in flight
     # False: keep only running totals of iterations (no iterations.parquet); saves ~70 bytes per iteration.
     record_iterations: bool = True
+    # Clients give up on a request not finished this long after it arrived; the server aborts it at its next
+    # step boundary (vLLM aborts a request whose client disconnected, freeing its KV) and it is reported
+    # ``timed_out``. None: clients wait for ever.
+    client_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class EnergyConfig(_Strict):
@@ -384,6 +388,10 @@ class ExperimentConfig(_Strict):
             # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
             raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
                              "pipeline)")
+        if self.simulation.client_timeout_s is not None and (self.cluster.policy != "colocated"
+                                                             or self.parallel.pp > 1):
+            raise ValueError("simulation.client_timeout_s: modelled for colocated replicas without pipeline stages "
+                             "(cluster.policy: colocated, parallel.pp: 1)")
         pipelined = self.parallel.pp > 1 or (self.cluster.policy == "distserve" and max(
             self.cluster.distserve.prefill.pp, self.cluster.distserve.decode.pp) > 1)
         if self.scheduler.async_scheduling and pipelined:

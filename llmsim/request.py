@@ -14,8 +14,9 @@ from enum import IntEnum
 
 
 class RequestStatus(IntEnum):
-    """FINISHED and REJECTED are terminal. MIGRATING: out of every batch during a live migration's final
-    stop-and-copy, its KV on the wire to the destination instance."""
+    """FINISHED, REJECTED and TIMED_OUT are terminal. MIGRATING: out of every batch during a live migration's
+    final stop-and-copy, its KV on the wire to the destination instance. TIMED_OUT: the client gave up
+    (``simulation.client_timeout_s``) and the server aborted it."""
 
     WAITING = 0
     RUNNING = 1
@@ -23,6 +24,7 @@ class RequestStatus(IntEnum):
     FINISHED = 3
     REJECTED = 4
     MIGRATING = 5
+    TIMED_OUT = 6
 
 
 NAN = math.nan

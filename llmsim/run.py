@@ -193,7 +193,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['experiment']}: {summary['model']} on {summary['device']} ({plan}, "
         f"scheduler={summary['scheduler']})",
         f"requests: {r['arrived']} arrived, {r['finished']} finished, {r['rejected']} rejected, "
-        f"{r['in_flight']} in flight, {r['preemptions']} preemptions, {r['migrations']} migrations",
+        f"{r['in_flight']} in flight, "
+        + (f"{r['timed_out']} timed out, " if r.get("timed_out") else "")
+        + f"{r['preemptions']} preemptions, {r['migrations']} migrations",
         "",
         f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]

@@ -1,9 +1,11 @@
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
+from llmsim.errors import ConfigError
 from llmsim.run import run_experiment
 from tests.factories import assert_nothing_lost, make_config, make_requests
 
@@ -86,16 +88,16 @@ def scheduler_named(name: str) -> dict:
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
-       shared_prefix=st.booleans())
+       shared_prefix=st.booleans(), timeout=st.sampled_from([None, 1.5]))
 # Found by this test: a migrated request's cached prefix registered at its first decode step (stepping) or at the
 # end of a decode run (fast-forward); a whole-prompt reservation (Sarathi) given one block too many by the
 # decode fast path.
 @example(seed=9376, scheduler="vllm_v1", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.2, shared_prefix=True)
+         policy="llumnix", high_priority=0.2, shared_prefix=True, timeout=None)
 @example(seed=28566, scheduler="sarathi", rate=5.75, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.0, shared_prefix=False)
+         policy="llumnix", high_priority=0.0, shared_prefix=False, timeout=None)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
-                                      shared_prefix):
+                                      shared_prefix, timeout):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
     (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic or on unrelated prompts)."""
     lengths = ({"shared_prefix": SHARED_PREFIX} if shared_prefix else
@@ -110,7 +112,9 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                                       "max_num_batched_tokens": 4096, "preemption": preemption},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths, "high_priority_fraction": high_priority},
-                           simulation={"fast_forward": ff})
+                           simulation={"fast_forward": ff,
+                                       # clients that give up (colocated replicas only): aborts at boundaries
+                                       "client_timeout_s": timeout if policy == "colocated" else None})
     ff, step = cfg(True), cfg(False)
     a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
     a_req, a_it = frames(a)
@@ -166,3 +170,41 @@ def test_every_token_after_the_first_has_one_gap():
     df = result.recorder.request_frame()
     assert df["num_preemptions"].sum() > 0  # the invariant must also hold across recompute
     assert sum(result.recorder.tbt_count) == (df["num_generated_tokens"] - 1).clip(lower=0).sum()
+
+
+def test_clients_that_give_up_are_aborted_and_accounted_for():
+    """An overloaded replica with clients that wait at most 2 s: the server aborts each request at its next
+    boundary after the deadline (its KV freed); every request ends finished or timed out, the same with
+    fast-forward and stepping."""
+    specs = [(0.25 * i, 1500 + (97 * i) % 1500, 20 + (31 * i) % 60) for i in range(120)]
+
+    def run(ff):
+        cfg = make_config(cluster={"num_replicas": 1}, simulation={"fast_forward": ff, "client_timeout_s": 2.0},
+                          scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096})
+        return simulate(cfg, make_requests(specs))
+
+    a, b = run(True), run(False)
+    pd.testing.assert_frame_equal(frames(a)[0], frames(b)[0], check_exact=True)
+    pd.testing.assert_frame_equal(frames(a)[1], frames(b)[1], check_exact=True)
+    df = a.recorder.request_frame()
+    assert set(df["status"]) == {"finished", "timed_out"}
+    out = df[df["status"] == "timed_out"]
+    assert len(out) > 20 and (out["reason"] == "client timeout (2 s after arrival)").all()
+    fin = df[df["status"] == "finished"]
+    assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
+    # A client gives up at arrival + 2 s; the server notices at its next step boundary, well within a step.
+    assert (fin["finish_s"] - fin["arrival_s"] <= 2.0 + 0.2).all()
+    for rep in a.replicas:
+        rep.blocks.check_integrity()
+        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+    summary = run_experiment(make_config(cluster={"num_replicas": 1}, simulation={"client_timeout_s": 2.0},
+                                         scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096},
+                                         workload={"num_requests": 120, "arrival": {"kind": "poisson",
+                                                                                    "rate_per_s": 5.0},
+                                                   "prompt_tokens": {"kind": "fixed", "value": 2500},
+                                                   "output_tokens": {"kind": "fixed", "value": 40}}),
+                             write=False)[1]
+    r = summary["requests"]
+    assert r["timed_out"] > 0 and r["finished"] + r["timed_out"] == r["arrived"] == 120
+    with pytest.raises(ConfigError, match="client_timeout_s: modelled for colocated replicas"):
+        make_config(cluster={"policy": "llumnix"}, simulation={"client_timeout_s": 2.0})

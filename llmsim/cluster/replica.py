@@ -107,6 +107,20 @@ class Replica:
         self.num_outstanding += 1
         self.wake()
 
+    def abort(self, request: Request, reason: str) -> None:
+        """The client gave up on ``request`` (call at a boundary, or while idle): it leaves, its KV freed."""
+        if request.status in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT):
+            return
+        held = next((i for i, (_, r) in enumerate(self.pending) if r is request), None)
+        if held is not None:
+            del self.pending[held]
+        else:
+            self.scheduler.abort(request)
+        request.status = RequestStatus.TIMED_OUT
+        request.reject_reason = reason
+        self.num_outstanding -= 1
+        self.recorder.request(request, "timed_out")
+
     def release(self, request: Request) -> None:
         """Let a running request go (with its KV, which is freed here); call at a boundary."""
         self.scheduler.release(request)

@@ -176,6 +176,16 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     counts = {"arrived": 0}
 
     frontend_s = cfg.cluster.frontend_latency_s
+    timeout_s = cfg.simulation.client_timeout_s
+    timeout_reason = f"client timeout ({timeout_s:g} s after arrival)" if timeout_s else ""
+
+    def give_up(r: Request) -> None:
+        """The client's deadline passed: if the request is still being served, its replica aborts it at its next
+        boundary (as an engine takes an abort between steps)."""
+        if r.status in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT):
+            return
+        rep = replicas[r.replica_id]
+        rep.post(lambda: rep.abort(r, timeout_reason))
 
     def arrivals():
         for r in requests:
@@ -191,6 +201,9 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
                 recorder.request(r, "rejected")
                 continue
             router.pick(r, entry).submit(r)
+            if timeout_s:
+                deadline = max(r.arrival_s + timeout_s, env.now)  # the client's clock starts when it sends
+                env.at(deadline).callbacks.append(lambda _, r=r: give_up(r))
 
     env.process(arrivals())
     env.run(until=cfg.simulation.max_time_s)

@@ -55,7 +55,9 @@ def experiment(run: MeasuredRun, root: Path, device: str, frontend_latency_s: fl
         # The requests come from the run; this only satisfies the schema.
         "workload": {"num_requests": len(run.requests), "arrival": {"kind": "poisson", "rate_per_s": 1.0},
                      "prompt_tokens": {"kind": "fixed", "value": 1}, "output_tokens": {"kind": "fixed", "value": 1}},
-        "simulation": {"record_iterations": False, "max_time_s": run_end_s(run) + run.timeout_s + 1.0},
+        # The client gives up at its timeout and the server aborts the request (freeing its KV), as vLLM does.
+        "simulation": {"record_iterations": False, "max_time_s": run_end_s(run) + run.timeout_s + 1.0,
+                       "client_timeout_s": run.timeout_s},
     }, f"{run.name} (replayed)")
 
 

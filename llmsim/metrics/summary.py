@@ -127,6 +127,7 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
             "finished": int(len(finished)),
             "rejected": int((df["status"] == "rejected").sum()),
             "in_flight": int((df["status"] == "in_flight").sum()),
+            "timed_out": int((df["status"] == "timed_out").sum()),
             "preemptions": int(df["num_preemptions"].sum()),
             "migrations": int(df["num_migrations"].sum()),
         },

@@ -29,7 +29,8 @@ these operations, each taken at an iteration boundary:
 - ``reserve_seq()`` / ``reserve_blocks(request, n)`` / ``drop_reservation(request)`` / ``adopt(request)``:
   the destination side of a live migration -- hold a batch slot and the blocks the copy fills, give them
   back if the migration is dropped, or take the request into the running batch when it commits.
-- ``rejection_reason(request)``: a request this policy can never run (checked once, at arrival).
+- ``rejection_reason(request)``: a request this policy can never run (checked once, at arrival);
+- ``abort(request)``: the client gave up: the request leaves its queue or the batch and its KV is freed.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ class Scheduler:
         for r in finished:
             self.blocks.free(r)
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+
+    def abort(self, request: Request) -> None:
+        """The client gave up (at a boundary): the request leaves the batch or the queue; its KV is freed."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.blocks.free(request)
 
     def commit_decode_run(self, requests: list[Request]) -> None:
         """A fast-forwarded decode run advanced ``requests``: their block tables follow their KV tokens."""
