@@ -18,6 +18,11 @@ from pydantic_core import PydanticCustomError
 from llmsim.errors import ConfigError
 
 
+
+# Model instances per pool: each is a process with its own KV manager, so a count past this is a typo (a float
+# like 1e16 read as a whole number), not a cluster; it would exhaust memory before simulating anything.
+MAX_REPLICAS = 10_000
+
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -65,7 +70,7 @@ class ParallelConfig(_Strict):
 class PoolConfig(_Strict):
     """One DistServe instance pool: its replica count and its own parallel plan."""
 
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
 
@@ -118,7 +123,7 @@ class PrefixAwareConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     # round_robin; least_outstanding (the router's own count of unfinished requests); prefix_aware (SGLang's
     # cache-aware routing: the replica holding the longest part of the prompt, unless loads drift apart).
     router: Literal["round_robin", "least_outstanding", "prefix_aware"] = "round_robin"
