@@ -272,6 +272,9 @@ class TraceConfig(_Strict):
     start_s: float = Field(default=0.0, ge=0)  # window on the trace's own clock
     end_s: float | None = None
     time_scale: float = Field(default=1.0, gt=0)  # >1 stretches time (slower), <1 compresses (faster)
+    # Leave out rows whose prompt + output exceed this many tokens, as papers filter a dataset to the model's
+    # context (otherwise such requests arrive and are rejected with a reason).
+    max_total_tokens: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _window(self) -> "TraceConfig":

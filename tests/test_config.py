@@ -15,7 +15,7 @@ def test_shipped_experiments_parse():
     from llmsim.plan_search import candidate_config, load_plan_search
     from llmsim.sweep.spec import load_sweep
 
-    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+    for path in sorted((ROOT / "experiments").rglob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         if "grid" in raw:  # a sweep: every grid point must be a valid experiment
             _, points = load_sweep(path)

@@ -114,6 +114,17 @@ def test_empirical_lengths_keep_joint_pairs():
     assert all((r.num_prompt_tokens, r.num_output_tokens) in pairs for r in build_workload(wl, 0))
 
 
+def test_rows_past_a_context_are_left_out():
+    src = TraceConfig(path=ROOT / "workloads" / "azure_conv_2023.csv", format="azure")
+    rows = list(read_trace(src))
+    kept = list(read_trace(src.model_copy(update={"max_total_tokens": 2048})))
+    assert len(rows) > len(kept) > 0 and all(r.prompt_tokens + r.output_tokens <= 2048 for r in kept)
+    assert len(kept) == sum(1 for r in rows if r.prompt_tokens + r.output_tokens <= 2048)
+    wl = WorkloadConfig(num_requests=300, arrival={"kind": "poisson", "rate_per_s": 1.0},
+                        lengths_from=src.model_copy(update={"max_total_tokens": 2048}))
+    assert all(r.num_prompt_tokens + r.num_output_tokens <= 2048 for r in build_workload(wl, 0))
+
+
 def test_duration_cap():
     wl = WorkloadConfig(duration_s=10.0, arrival={"kind": "poisson", "rate_per_s": 20.0},
                         prompt_tokens={"kind": "fixed", "value": 10}, output_tokens={"kind": "fixed", "value": 5})

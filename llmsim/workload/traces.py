@@ -196,6 +196,8 @@ def read_trace(cfg: TraceConfig) -> Iterator[TraceRow]:
             continue
         if cfg.end_s is not None and row.time_s >= cfg.end_s:
             break
+        if cfg.max_total_tokens is not None and row.prompt_tokens + row.output_tokens > cfg.max_total_tokens:
+            continue
         yield TraceRow((row.time_s - cfg.start_s) * cfg.time_scale, row.prompt_tokens, row.output_tokens, row.failed,
                        row.line, row.hash_ids, row.session)
 
