@@ -27,6 +27,9 @@ class RequestStatus(IntEnum):
     TIMED_OUT = 6
 
 
+DONE = frozenset({RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT})  # terminal statuses
+
+
 NAN = math.nan
 
 

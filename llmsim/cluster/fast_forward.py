@@ -41,14 +41,7 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
     num_decode = len(requests)
     bs = blocks.block_size
     num_steps = min(r.num_output_tokens - r.num_generated_tokens for r in requests)
-    # Step j >= 2 needs a new block for request i when c_i + j - 1 is a multiple of the block size
-    # (c_i: KV tokens before step 1, whose block was allocated by the scheduler).
-    new_blocks = [0] * (num_steps + 1)
-    for r in requests:
-        j = 1 + ((-r.num_computed_tokens) % bs or bs)
-        while j <= num_steps:
-            new_blocks[j] += 1
-            j += bs
+    new_blocks = decode_blocks(requests, num_steps, bs)
     cum_blocks = list(accumulate(new_blocks))
     if cum_blocks[-1] > blocks.num_free_blocks:
         num_steps = bisect_right(cum_blocks, blocks.num_free_blocks) - 1
@@ -62,10 +55,32 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
         times.append(t)
     replica.run_state = (times, cum_blocks, requests, None)
     done = yield from wait_out(replica, times, arrivals_cut=True)
+    durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks)
+    apply_decode_steps(replica, requests, times, durations)
+
+
+def decode_blocks(requests: list[Request], num_steps: int, block_size: int) -> list[int]:
+    """New blocks the decodes need at each step 1..``num_steps``: step j >= 2 needs one for request i when
+    c_i + j - 1 is a multiple of the block size (c_i: KV tokens before step 1, whose block the scheduler
+    allocated)."""
+    new_blocks = [0] * (num_steps + 1)
+    for r in requests:
+        j = 1 + ((-r.num_computed_tokens) % block_size or block_size)
+        while j <= num_steps:
+            new_blocks[j] += 1
+            j += block_size
+    return new_blocks
+
+
+def record_steps(replica: Replica, times: list[float], done: int, step_flops: list[float],
+                 step_bytes: list[float], num_decode: int, used0: int, cum_blocks: list[int],
+                 num_prefill_tokens: int = 0) -> list[float]:
+    """Record a run's first ``done`` iterations (KV blocks in use: ``used0`` plus the run's new blocks so far);
+    returns their durations."""
     durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
     replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],
-                                     num_decode, [used0 + b for b in cum_blocks[1:done + 1]])
-    apply_decode_steps(replica, requests, times, durations)
+                                     num_decode, [used0 + b for b in cum_blocks[1:done + 1]], num_prefill_tokens)
+    return durations
 
 
 def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: int):
@@ -81,12 +96,7 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
     num_steps = -(-request.num_pending_tokens // c) - 1
     if decodes:
         num_steps = min(num_steps, min(r.num_output_tokens - r.num_generated_tokens for r in decodes))
-    new_blocks = [0] * (num_steps + 1)
-    for r in decodes:  # as in decode_run
-        j = 1 + ((-r.num_computed_tokens) % bs or bs)
-        while j <= num_steps:
-            new_blocks[j] += 1
-            j += bs
+    new_blocks = decode_blocks(decodes, num_steps, bs)
     held = blocks.num_held(request)
     for j in range(2, num_steps + 1):  # the prompt's chunk j needs its blocks (none if reserved at admission)
         need = blocks.blocks_for(cached0 + c * j)
@@ -109,9 +119,7 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
         kv_tokens += num_decode
     replica.run_state = (times, cum_blocks, decodes, (request, c))
     done = yield from wait_out(replica, times, arrivals_cut=False)
-    durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
-    replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],
-                                     num_decode, [used0 + b for b in cum_blocks[1:done + 1]], c)
+    durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks, c)
     if request.scheduled_s != request.scheduled_s:  # NaN: its first chunk ran in this run
         request.scheduled_s = start
     request.num_computed_tokens += c * done

@@ -29,7 +29,7 @@ from llmsim.cluster.pipeline import run_pipeline
 from llmsim.execution.model import ExecutionModel
 from llmsim.kv_cache import BlockManager
 from llmsim.metrics.recorder import Recorder
-from llmsim.request import Request, RequestStatus
+from llmsim.request import DONE, Request, RequestStatus
 from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
 
@@ -109,7 +109,7 @@ class Replica:
 
     def abort(self, request: Request, reason: str) -> None:
         """The client gave up on ``request`` (call at a boundary, or while idle): it leaves, its KV freed."""
-        if request.status in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT):
+        if request.status in DONE:
             return
         held = next((i for i, (_, r) in enumerate(self.pending) if r is request), None)
         if held is not None:
@@ -197,10 +197,10 @@ class Replica:
             out = scheduler.schedule()
             if out.is_empty:
                 raise RuntimeError(f"replica {self.id}: scheduler produced an empty batch with work queued")
-            # A held request joins at the next boundary but one: step until it has.
             if self.fast_forward:
                 # A DistServe prefill instance hands a request over after the step that samples its first token,
-                # so its decodes (a prompt's last token) never run on.
+                # so its decodes (a prompt's last token) never run on. A request held by async scheduling joins
+                # at the next boundary but one: decodes step until it has.
                 hands_over = self.on_prefilled is not None
                 if not self.pending and not hands_over and scheduler.allows_fast_forward(out):
                     yield from decode_run(self, out, start)

@@ -22,7 +22,7 @@ from llmsim.hardware.profile import load_profile
 from llmsim.kv_cache import BlockManager
 from llmsim.metrics.recorder import Recorder
 from llmsim.models.spec import ModelSpec, load_model
-from llmsim.request import Request, RequestStatus
+from llmsim.request import DONE, Request, RequestStatus
 from llmsim.schedulers import SCHEDULERS
 from llmsim.schedulers.decode import DecodeScheduler
 
@@ -182,7 +182,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
     def give_up(r: Request) -> None:
         """The client's deadline passed: if the request is still being served, its replica aborts it at its next
         boundary (as an engine takes an abort between steps)."""
-        if r.status in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT):
+        if r.status in DONE:
             return
         rep = replicas[r.replica_id]
         rep.post(lambda: rep.abort(r, timeout_reason))

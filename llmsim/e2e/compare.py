@@ -40,9 +40,7 @@ def metrics(ttft: np.ndarray, e2e: np.ndarray, error: np.ndarray, outputs: np.nd
 
 def compare(run: MeasuredRun, replayed: Replayed) -> pd.DataFrame:
     arrival = np.array([r["arrival_time_us"] for r in run.requests]) / 1e6
-    m_ttft = np.array([t.get("ttft_s", np.nan) for t in run.truth], dtype=float)
-    m_e2e = np.array([t.get("e2e_s", np.nan) for t in run.truth], dtype=float)
-    m_error = np.array([bool(t.get("has_error")) or bool(r.get("has_error")) for t, r in zip(run.truth, run.requests)])
+    m_ttft, m_e2e, m_error = run.measured_ttft_s(), run.measured_e2e_s(), run.measured_errors()
     p_outputs = replayed.outputs  # as replayed (``replay.requests_of``), for both sides
     stages = [(str(k), lo, hi) for k, (lo, hi) in enumerate(run.stages)]
     stages.append(("all", run.stages[0][0], run.stages[-1][1]))

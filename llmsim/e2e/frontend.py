@@ -28,13 +28,9 @@ class FrontendFit:
 
 def ttft_residuals(run: MeasuredRun, replayed: Replayed) -> np.ndarray:
     """Measured - predicted TTFT of the requests both sides completed."""
-    measured = np.array([t.get("ttft_s", np.nan) for t in run.truth], dtype=float)
+    measured = run.measured_ttft_s()
     ok = np.isfinite(measured) & np.isfinite(replayed.ttft_s)
     return measured[ok] - replayed.ttft_s[ok]
-
-
-def overloaded(run: MeasuredRun) -> bool:
-    return any(bool(t.get("has_error")) for t in run.truth) or any(bool(r.get("has_error")) for r in run.requests)
 
 
 def fit_leave_one_model_out(runs: list[MeasuredRun], engine_only: dict[str, Replayed]) -> dict[str, FrontendFit]:
@@ -42,7 +38,7 @@ def fit_leave_one_model_out(runs: list[MeasuredRun], engine_only: dict[str, Repl
     models = sorted({r.model_id for r in runs})
     fits = {}
     for model in models:
-        others = [r for r in runs if r.model_id != model and not overloaded(r)]
+        others = [r for r in runs if r.model_id != model and not r.measured_errors().any()]  # overloaded: left out
         residuals = [ttft_residuals(r, engine_only[r.name]) for r in others]
         values = np.concatenate(residuals) if residuals else np.empty(0)
         latency = max(float(np.median(values)), 0.0) if len(values) else 0.0

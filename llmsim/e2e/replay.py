@@ -10,7 +10,7 @@ import numpy as np
 
 from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ExperimentConfig, parse_config
-from llmsim.e2e.runs import MeasuredRun
+from llmsim.e2e.runs import MeasuredRun, last_arrival_s
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.request import Request
 
@@ -56,13 +56,9 @@ def experiment(run: MeasuredRun, root: Path, device: str, frontend_latency_s: fl
         "workload": {"num_requests": len(run.requests), "arrival": {"kind": "poisson", "rate_per_s": 1.0},
                      "prompt_tokens": {"kind": "fixed", "value": 1}, "output_tokens": {"kind": "fixed", "value": 1}},
         # The client gives up at its timeout and the server aborts the request (freeing its KV), as vLLM does.
-        "simulation": {"record_iterations": False, "max_time_s": run_end_s(run) + run.timeout_s + 1.0,
+        "simulation": {"record_iterations": False, "max_time_s": last_arrival_s(run.requests) + run.timeout_s + 1.0,
                        "client_timeout_s": run.timeout_s},
     }, f"{run.name} (replayed)")
-
-
-def run_end_s(run: MeasuredRun) -> float:
-    return max((r["arrival_time_us"] for r in run.requests), default=0) / 1e6
 
 
 # A run's prompts come from a pool that the client cycles through when the prompt lengths repeat with one

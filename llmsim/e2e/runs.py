@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from llmsim.errors import ConfigError
@@ -42,6 +43,18 @@ class MeasuredRun:
     shared_prefix: dict = field(default_factory=dict)  # inference-perf's shared_prefix data section
     ignore_eos: bool = False  # the client forced output lengths
     timeout_s: float = CLIENT_TIMEOUT_S
+
+    def measured_ttft_s(self) -> np.ndarray:
+        """Measured TTFT per request (NaN where the data has none)."""
+        return np.array([t.get("ttft_s", np.nan) for t in self.truth], dtype=float)
+
+    def measured_e2e_s(self) -> np.ndarray:
+        return np.array([t.get("e2e_s", np.nan) for t in self.truth], dtype=float)
+
+    def measured_errors(self) -> np.ndarray:
+        """Requests that failed on the server or at the client (either file may say so)."""
+        return np.array([bool(t.get("has_error")) or bool(r.get("has_error"))
+                         for t, r in zip(self.truth, self.requests)], dtype=bool)
 
 
 def _json_gz(path: Path):
@@ -101,10 +114,14 @@ def load_run(root: Path, name: str) -> MeasuredRun:
         stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
 
 
+def last_arrival_s(requests: list[dict]) -> float:
+    return max((r["arrival_time_us"] for r in requests), default=0) / 1e6
+
+
 def stages_until_last_arrival(stages: list[tuple[float, float]], requests: list[dict]) -> list[tuple[float, float]]:
     """The load stages cut at the last arrival, where the data stops earlier (a slice of a run); one stage over
     all the arrivals when there are none."""
-    last = max((r["arrival_time_us"] for r in requests), default=0) / 1e6 + 1e-6
+    last = last_arrival_s(requests) + 1e-6
     return [(lo, min(hi, last)) for lo, hi in stages if lo < last] or [(0.0, last)]
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from llmsim.e2e.runs import MeasuredRun
+from llmsim.e2e.runs import MeasuredRun, stages_until_last_arrival
 from llmsim.errors import ConfigError
 
 VLLM_BENCH_TIMEOUT_S = 6 * 60 * 60.0  # vllm bench serve's aiohttp timeout
@@ -108,20 +108,21 @@ def load_bench_run(root: Path, name: str) -> MeasuredRun:
                 raise ConfigError(f"{path}: {k}[{i}]: expected a whole number >= 0, got {v!r}")
     t0 = min(lists["start_times"], default=0.0)
     order = sorted(range(n), key=lambda i: lists["start_times"][i])  # the replay wants arrival order
+    errors = lists.get("errors") or [""] * n
     requests, truth = [], []
     for i in order:
-        error = bool(lists.get("errors", [""] * n)[i])
+        error = bool(errors[i])
         ttft = float(lists["ttfts"][i])
         e2e = float(lists["e2els"][i]) if "e2els" in lists else ttft + sum(lists["itls"][i] or ())
         requests.append({"arrival_time_us": round((lists["start_times"][i] - t0) * 1e6),
-                         "input_tokens": lists["input_lens"][i], "output_tokens": 0 if error else lists["output_lens"][i],
-                         "has_error": error})
+                         "input_tokens": lists["input_lens"][i],
+                         "output_tokens": 0 if error else lists["output_lens"][i], "has_error": error})
         truth.append({"ttft_s": None if error else ttft, "e2e_s": None if error else e2e, "has_error": error})
-    last = max((r["arrival_time_us"] for r in requests), default=0) / 1e6 + 1e-6
     return MeasuredRun(
         name=name, model_id=model, model_config={}, tp=flags["tensor_parallel_size"],
         max_num_seqs=flags["max_num_seqs"], max_num_batched_tokens=flags["max_num_batched_tokens"],
         block_size=flags["block_size"], kv_blocks=flags["num_gpu_blocks"], max_model_len=flags["max_model_len"] or None,
-        requests=requests, truth=truth, stages=[(0.0, last)],
+        requests=requests, truth=truth,
+        stages=stages_until_last_arrival([], requests),  # one load stage over the arrivals
         shared_prefix={"output_len": flags["output_len"]} if flags["output_len"] else {},
         ignore_eos=flags["ignore_eos"], timeout_s=flags["timeout_s"])

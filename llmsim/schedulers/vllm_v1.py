@@ -56,7 +56,7 @@ class VLLMV1Scheduler(Scheduler):
             # most one block, so none is preempted and the budget lasts; the loop below does the same slower.
             decodes, kv_tokens = out.decodes, 0
             for request in running:
-                if request.num_prompt_tokens + request.num_generated_tokens - request.num_computed_tokens != 1:
+                if request.num_pending_tokens != 1:
                     break
                 blocks.append_slot(request)
                 decodes.append(request)
