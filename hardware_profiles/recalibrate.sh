@@ -15,3 +15,9 @@ llmsim calibrate --device h100-sxm --measurements hardware_profiles/measurements
   --hold-out-model codellama/CodeLlama-34b-Instruct-hf --hold-out-model microsoft/phi-2 --hold-out-workers 8 \
   --hold-out-heads 32/8 --hold-out-heads 64/8 --hold-out-heads 40/40 --hold-out-gemm-k 5120 --hold-out-gemm-k 8192
 llmsim calibrate --device cpu --measurements hardware_profiles/measurements/cpu-small.csv --hold-out-model Llama-3-8B
+# CPU time per engine step of a vLLM v0-style engine (Sarathi-Serve's code base), from Vidur's measurements on an
+# A100 server; Llama-2-70B held out, the A40 server's file validated only.
+llmsim calibrate-cpu --measurements hardware_profiles/measurements/vidur-cpu-overheads-a100.csv \
+  --hold-out-model meta-llama/Llama-2-70b-hf --check hardware_profiles/measurements/vidur-cpu-overheads-a40.csv \
+  --source "Vidur (github.com/microsoft/vidur, MIT) data/profiling/a100/cpu_overheads.csv: the Sarathi-Serve engine (vLLM v0 code base, Ray workers), decode steps of 8-64 requests, Llama-2-7B/70B and CodeLlama-34B at TP 1/2/4, on an A100 server" \
+  --out hardware_profiles/cpu_overhead/vllm_v0.yaml

@@ -166,6 +166,16 @@ def _cmd_import_aiconfigurator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_cpu(args: argparse.Namespace) -> int:
+    from llmsim.calibration.cpu_overhead import calibrate_cpu, write_profile
+
+    doc, table = calibrate_cpu(args.measurements, args.hold_out_model, args.check, Path(args.out).stem, args.source)
+    write_profile(doc, args.out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"{args.out}: " + ", ".join(f"{k}={v:g}" for k, v in doc["params"].items()))
+    return 0
+
+
 def _cmd_validate_e2e(args: argparse.Namespace) -> int:
     from llmsim.e2e.workflow import summary, validate_e2e
 
@@ -348,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--report-dir", help="folder for the markdown report and parity plot (default: validation/ "
                                           "beside the written profile)")
     cal.set_defaults(func=_cmd_calibrate)
+
+    cpu = sub.add_parser("calibrate-cpu", help="fit an engine's CPU time per step to Vidur's measured CPU overheads",
+                         description="Fit the per-step, per-request and per-sampled-token CPU terms; report the "
+                                     "fit, held-out models and other hosts' files separately.")
+    cpu.add_argument("--measurements", required=True, help="Vidur cpu_overheads.csv to fit on")
+    cpu.add_argument("--hold-out-model", action="append", default=[], metavar="MODEL",
+                     help="keep this model's rows out of the fit (repeatable)")
+    cpu.add_argument("--check", action="append", default=[], metavar="CSV",
+                     help="another host's cpu_overheads.csv to validate on, never fitted (repeatable)")
+    cpu.add_argument("--source", default="", help="where the measurements come from (recorded in the profile)")
+    cpu.add_argument("--out", required=True, help="profile YAML to write, e.g. hardware_profiles/cpu_overhead/"
+                                                  "vllm_v0.yaml")
+    cpu.set_defaults(func=_cmd_calibrate_cpu)
 
     val = sub.add_parser("validate", help="predicted vs measured per op: MAPE, max error, parity plot, report")
     val.add_argument("--device", required=True, help="profile name, unique prefix (a100) or profile YAML path")

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from llmsim.errors import ConfigError
+from llmsim.execution.cpu_overhead import CpuOverheadParams, load_cpu_profile, shipped_profiles
 
 
 
@@ -168,6 +170,21 @@ class SchedulerConfig(_Strict):
     # step N runs, so a request that arrives during step N is first scheduled in step N+2. Default: on for
     # vllm_v1, as in vLLM; modelled for vllm_v1 only (pipelined replicas queue their micro-batches instead).
     async_scheduling: bool | None = None
+    # The engine's CPU time per step (llmsim.execution.cpu_overhead): a profile in hardware_profiles/cpu_overhead/,
+    # a mapping of its *_ms parameters, or 'off'. A synchronous engine adds it to each step's GPU time; with async
+    # scheduling a step takes the longer of the two. Default: vllm_v0 (fitted on measurements of vLLM v0's code
+    # base) for fcfs and sarathi; off for vllm_v1, which has no measured CPU profile (see the README).
+    cpu_overhead: Annotated[Union[Annotated[CpuOverheadParams, Tag("cpu_params")],
+                                  Annotated[str, Tag("cpu_profile")]],
+                            Discriminator(lambda v: "cpu_profile" if isinstance(v, str) else "cpu_params")] | None = None
+
+    @field_validator("cpu_overhead")
+    @classmethod
+    def _cpu_profile(cls, value):
+        if isinstance(value, str) and value != "off" and value not in shipped_profiles():
+            raise ValueError(f"unknown CPU overhead profile {value!r}; allowed: 'off', "
+                             f"{', '.join(map(repr, shipped_profiles()))} or a mapping of *_ms parameters")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -196,6 +213,16 @@ class SchedulerConfig(_Strict):
 
             return SCHEDULERS[self.name].supports_prefix_caching
         return self.enable_prefix_caching
+
+    @property
+    def cpu_overhead_params(self) -> CpuOverheadParams | None:
+        """The CPU time per step to model, or None (default: vLLM v0's profile for fcfs and sarathi)."""
+        value = self.cpu_overhead
+        if value is None:
+            value = "off" if self.name == "vllm_v1" else "vllm_v0"
+        if isinstance(value, str):
+            return None if value == "off" else load_cpu_profile(value)
+        return value
 
     @property
     def schedules_ahead(self) -> bool:
@@ -413,7 +440,8 @@ def format_validation_error(exc: ValidationError, source: str, what: str = "expe
     lines = [f"invalid {what} {source}:"]
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
-                                                                                 "uniform", "zipf", "lognormal"}))
+                                                                                 "uniform", "zipf", "lognormal",
+                                                                                 "cpu_params", "cpu_profile"}))
         where = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "unknown_key":
             key = ".".join(str(p) for p in (*loc, err["ctx"]["key"]))

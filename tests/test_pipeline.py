@@ -58,7 +58,10 @@ def test_stage_zero_holds_one_micro_batch_at_a_time_and_no_request_is_in_two(mon
         return end
 
     monkeypatch.setattr(pipeline, "launch", checked_launch)
-    result, _ = run_experiment(pipeline_config(4, 4), write=False)
+    # Without CPU time a batch is scheduled when stage 0 frees (with it, up to its preparation time before).
+    cfg = pipeline_config(4, 4)
+    cfg = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"cpu_overhead": "off"})})
+    result, _ = run_experiment(cfg, write=False)
     assert len(launched) > 100
     in_flight_max = 0
     for i, (start, stage0_free, end) in enumerate(launched):
@@ -69,6 +72,21 @@ def test_stage_zero_holds_one_micro_batch_at_a_time_and_no_request_is_in_two(mon
     assert in_flight_max == 4
     it = result.recorder.iteration_frame().sort_values("start_s")
     assert ((it["start_s"] + it["duration_s"]).shift().fillna(0) <= it["start_s"] + 1e-12).all()
+
+
+def test_the_driver_prepares_the_next_micro_batch_while_stage_zero_runs():
+    """With vLLM v0's CPU time per step, a micro-batch's preparation overlaps the others' GPU work: the driver
+    prepares one at a time, stage 0 still holds one micro-batch at a time (its records never overlap), and a lone
+    request pays the CPU time once per step on top of the whole pipeline's GPU time."""
+    result, _ = run_experiment(pipeline_config(4, 4), write=False)
+    it = result.recorder.iteration_frame().sort_values("start_s")
+    assert len(it) > 100
+    assert ((it["start_s"] + it["duration_s"]).shift().fillna(0) <= it["start_s"] + 1e-12).all()
+    lone = simulate(pipeline_config(2, 2, "fcfs"), make_requests([(0.0, 1000, 1)]))
+    ex = lone.execution
+    gpu_s = ex.iteration(((1000, 0),), 0, 0, 1, with_cpu=False).time_s
+    first = lone.recorder.request_frame()["first_token_s"].item()
+    assert first == pytest.approx(gpu_s + ex.cpu_step_s(1, 1), rel=1e-12) and ex.cpu_step_s(1, 1) > 2e-3
 
 
 def test_energy_of_a_lone_request_does_not_depend_on_micro_batching():

@@ -79,12 +79,17 @@ SHARED_PREFIX = {"num_system_prompts": 3, "users_per_system_prompt": 4, "system_
 
 
 def scheduler_named(name: str) -> dict:
-    """``vllm_v1_sync``: vLLM V1 without async scheduling (its default is on)."""
-    return {"name": "vllm_v1", "async_scheduling": False} if name == "vllm_v1_sync" else {"name": name}
+    """``vllm_v1_sync``: vLLM V1 without async scheduling (its default is on). ``vllm_v1_cpu``: with a CPU time
+    per step that overlaps the GPU's (and at small batches outlasts it). fcfs, sarathi and spf add their CPU time."""
+    if name == "vllm_v1_sync":
+        return {"name": "vllm_v1", "async_scheduling": False}
+    if name == "vllm_v1_cpu":
+        return {"name": "vllm_v1", "cpu_overhead": "vllm_v0"}
+    return {"name": name}
 
 
 @given(seed=st.integers(0, 2**31),
-       scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "spf"]),
+       scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "vllm_v1_cpu", "spf"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
@@ -140,7 +145,7 @@ def test_skipping_iteration_records_changes_nothing_else():
 
 
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "spf"]),
+       st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "vllm_v1_cpu", "spf"]),
        st.sampled_from(["colocated", "llumnix"]))
 def test_nothing_lost_property(specs, scheduler, policy):
     specs.sort()

@@ -6,6 +6,11 @@ when both the batch has left stage ``k-1`` (plus the activation hand-off) and st
 previous batch. Requests of a batch in flight sit out of later batches until it leaves the last stage. An
 iteration record is one micro-batch, its duration the time it holds a stage: busy time and energy count each
 GPU once, and a stage's power is capped at its own utilisation. Pipelines never fast-forward.
+
+The engine's CPU time per step (``ExecutionModel.cpu_step_s``) is the driver's: it prepares a micro-batch before
+the batch can enter stage 0, one micro-batch at a time, and starts on the next one as long before stage 0 frees
+as the last one's preparation took (vLLM v0 runs one virtual engine per stage, so one micro-batch's CPU work
+overlaps the others' GPU work). Without CPU time a batch is scheduled when stage 0 frees.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ def run_pipeline(replica: Replica):
     env, scheduler, ex = replica.env, replica.scheduler, replica.execution
     stage_free = [env.now] * ex.plan.pp  # when each stage finishes its current micro-batch
     flights: deque[tuple[float, SchedulerOutput, float]] = deque()  # (leaves the last stage, batch, entered)
+    lead_s, driver_free = 0.0, env.now  # the last micro-batch's CPU time; when the driver finishes preparing it
     while True:
         if replica.actions:  # cheap check first: this loop is hot
             replica.run_actions()
@@ -34,15 +40,21 @@ def run_pipeline(replica: Replica):
             scheduler.land_flight(out)
             replica.apply(out, start, end)
         can_launch = len(flights) < replica.micro_batches and scheduler.has_schedulable_work
-        if can_launch and stage_free[0] <= now:
+        ready = stage_free[0] - lead_s
+        if ready < driver_free:
+            ready = driver_free
+        if can_launch and ready <= now:
             out = scheduler.schedule()
             if not out.is_empty:
                 flights.append((launch(replica, out, now, stage_free), out, now))
+                chunks, num_decode, _, num_samples = out.signature()
+                lead_s = ex.cpu_step_s(len(chunks) + num_decode, num_samples)
+                driver_free = now + lead_s
                 continue
             can_launch = False  # nothing schedulable now (KV short, or all work in flight)
         wake_at = [flights[0][0]] if flights else []
         if can_launch:
-            wake_at.append(stage_free[0])
+            wake_at.append(ready)
         if not wake_at:
             yield from replica.wait_for_work()
             continue
@@ -58,15 +70,17 @@ def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[
     """Put a batch into the pipeline; returns when it leaves the last stage."""
     ex = replica.execution
     chunks, num_decode, kv_tokens, num_samples = out.signature()
-    cost = ex.iteration(chunks, num_decode, kv_tokens, num_samples)
+    cost = ex.iteration(chunks, num_decode, kv_tokens, num_samples, with_cpu=False)
     stage_s, hand_off_s = ex.pipeline_stages(cost, num_decode + sum(n for n, _ in chunks))
-    # Swapped KV moves over the host link before the batch can start.
-    t = now + out.swap_bytes / ex.hardware.host_link.bandwidth_bytes_per_s
+    # The engine's CPU prepares the micro-batch, and swapped KV moves over the host link, before it can start.
+    t = now + ex.cpu_step_s(len(chunks) + num_decode, num_samples)
+    t = t + out.swap_bytes / ex.hardware.host_link.bandwidth_bytes_per_s
+    held_from = stage_free[0] if stage_free[0] > now else now  # stage 0 is this batch's from here
     for k in range(len(stage_free)):
         start = t if t > stage_free[k] else stage_free[k]
         stage_free[k] = start + stage_s
         t = stage_free[k] + hand_off_s
-    replica.recorder.iteration(replica.id, now, stage_free[0] - now, cost.flops, cost.num_bytes,
+    replica.recorder.iteration(replica.id, held_from, stage_free[0] - held_from, cost.flops, cost.num_bytes,
                                out.num_prefill_tokens, num_decode, replica.blocks.num_used_blocks)
     replica.scheduler.start_flight(out)
     return stage_free[-1]

@@ -16,6 +16,7 @@ from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
 from llmsim.energy import PowerModel, power_model
 from llmsim.errors import PlanError
+from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.profile import load_profile
@@ -72,7 +73,7 @@ def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
         raise PlanError(f"parallel.pp: {plan.pp} stages for {model.name}'s {model.num_layers} layers")
 
 
-def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None
+def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None, role: str = "colocated"
                     ) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
     m = cfg.model
     model = load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
@@ -87,7 +88,11 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
                          runtime_reserve_gib=s.runtime_reserve_gib, max_model_len=max_model_len)
     if s.num_gpu_blocks_override is not None:
         memory = dataclasses.replace(memory, num_blocks=s.num_gpu_blocks_override)
-    return model, ExecutionModel(model, hardware, plan), memory, max_model_len
+    cpu = s.cpu_overhead_params
+    cpu_overhead = None if cpu is None else CpuOverhead.of(cpu, max_model_len, plan.tp)
+    # DistServe's decode instances schedule synchronously (``make_replica``), so their CPU time adds.
+    execution = ExecutionModel(model, hardware, plan, cpu_overhead, s.schedules_ahead and role != "decode")
+    return model, execution, memory, max_model_len
 
 
 def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
@@ -99,7 +104,7 @@ def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
                  ("decode", d.decode.tp, d.decode.pp, d.decode.replicas)]
     pools = []
     for role, tp, pp, n in specs:
-        model, ex, memory, max_len = build_execution(cfg, tp, pp)
+        model, ex, memory, max_len = build_execution(cfg, tp, pp, role)
         pools.append(Pool(role, ex, memory, power_model(ex.hardware, ex.peak_flops, ex.bandwidth, ex.plan.num_gpus),
                           n))
     return model, pools, max_len

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
+from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.hardware.attention import decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
@@ -51,8 +52,11 @@ class IterationCost(NamedTuple):
 
 
 class ExecutionModel:
-    def __init__(self, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan):
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
+                 cpu_overhead: CpuOverhead | None = None, cpu_overlaps: bool = False):
         self.model, self.hardware, self.plan = model, hardware, plan
+        # The engine's CPU time per step: added to the GPU time, or (async scheduling) overlapping it.
+        self.cpu_overhead, self.cpu_overlaps = cpu_overhead, cpu_overlaps
         self.shapes = ops.ShardShapes.of(model, plan.tp)
         self.peak_flops = hardware.peak(model.dtype)  # GEMMs run at the weights' dtype (W8A8 for fp8)
         self.act_peak_flops = hardware.peak(model.act_dtype)  # attention and the rest at the activations'
@@ -98,8 +102,9 @@ class ExecutionModel:
         return cost
 
     def iteration(self, prefill_chunks: tuple[tuple[int, int], ...], num_decode: int, decode_kv_tokens: int,
-                  num_samples: int) -> IterationCost:
-        """Cost of one iteration. ``prefill_chunks``: (new tokens, cached tokens) per prefilling request."""
+                  num_samples: int, with_cpu: bool = True) -> IterationCost:
+        """Cost of one iteration. ``prefill_chunks``: (new tokens, cached tokens) per prefilling request.
+        ``with_cpu``: include the engine's CPU time (a pipeline charges it once per micro-batch, not per stage)."""
         num_tokens = num_decode + sum(new for new, _ in prefill_chunks)
         time_s, flops, num_bytes = self._fixed(num_tokens, num_samples)
         layers, tp = self.model.num_layers, self.plan.tp
@@ -113,7 +118,18 @@ class ExecutionModel:
             time_s += attn_s
             flops += attn_flops
             num_bytes += attn_bytes
+        cpu = self.cpu_overhead
+        if cpu is not None and with_cpu:
+            cpu_s = cpu.step_s(len(prefill_chunks) + num_decode, num_samples)
+            if not self.cpu_overlaps:
+                time_s = time_s + cpu_s
+            elif cpu_s > time_s:
+                time_s = cpu_s
         return IterationCost(time_s, flops, num_bytes)
+
+    def cpu_step_s(self, num_requests: int, num_samples: int) -> float:
+        cpu = self.cpu_overhead
+        return 0.0 if cpu is None else cpu.step_s(num_requests, num_samples)
 
     def _prefill_attention_s(self, op: ops.OpWork, chunks: tuple[tuple[int, int], ...]) -> float:
         fit = self.hardware.prefill_attention
@@ -171,13 +187,16 @@ class ExecutionModel:
             num_decode)
         layers, tp = self.model.num_layers, self.plan.tp
         times, flops, num_bytes = [], [], []
+        # The CPU time, as ``iteration`` adds it: after the GPU time (x + 0.0 == x where there is none).
+        cpu_s = self.cpu_step_s(num_decode, num_decode)
+        add_s = 0.0 if self.cpu_overlaps else cpu_s
         # _decode_attention's arithmetic, in its order, inlined in the loop (decode runs are the hot path).
         if fit is None:
             for _ in range(num_steps):
                 f = flops_per_kv * kv_tokens
                 nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
                 layer_s = max(f / a, nb / b) + overhead_s
-                times.append(fixed_s + layers * layer_s)
+                times.append(fixed_s + layers * layer_s + add_s)
                 flops.append(fixed_flops + layers * f * tp)
                 num_bytes.append(fixed_bytes + layers * nb * tp)
                 kv_tokens += num_decode
@@ -188,10 +207,12 @@ class ExecutionModel:
                 f = flops_per_kv * kv_tokens
                 nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
                 layer_s = overhead_s + (a_p + (nb / b) ** p) ** inv_p
-                times.append(fixed_s + layers * layer_s)
+                times.append(fixed_s + layers * layer_s + add_s)
                 flops.append(fixed_flops + layers * f * tp)
                 num_bytes.append(fixed_bytes + layers * nb * tp)
                 kv_tokens += num_decode
+        if self.cpu_overlaps and cpu_s > 0.0:
+            times = [t if t >= cpu_s else cpu_s for t in times]
         return times, flops, num_bytes
 
     def pipeline_stages(self, cost: IterationCost, num_tokens: int) -> tuple[float, float]:
