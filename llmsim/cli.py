@@ -172,7 +172,7 @@ def _cmd_calibrate_cpu(args: argparse.Namespace) -> int:
     doc, table = calibrate_cpu(args.measurements, args.hold_out_model, args.check, Path(args.out).stem, args.source)
     write_profile(doc, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"{args.out}: " + ", ".join(f"{k}={v:g}" for k, v in doc["params"].items()))
+    print(f"{args.out}: " + ", ".join(f"{k}={v}" for k, v in doc["params"].items()))
     return 0
 
 

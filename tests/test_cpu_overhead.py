@@ -27,6 +27,10 @@ def test_terms_by_hand():
     assert one.step_s(10, 4) == pytest.approx((2.0 + 10 * (0.02 + 4 * 0.005) + 4 * (0.1 + 4 * 0.01)) / 1e3)
     two = CpuOverhead.of(PARAMS, max_model_len=4000, tp=2)
     assert two.step_s(10, 4) - one.step_s(10, 4) == pytest.approx((1.5 + 10 * 0.1) / 1e3)
+    # outside the measured contexts the per-1k-context terms are held at the range's ends, not extrapolated
+    ranged = PARAMS.model_copy(update={"context_range_tokens": (4000, 16000)})
+    assert CpuOverhead.of(ranged, 128_000, 1) == CpuOverhead.of(PARAMS, 16_000, 1)
+    assert CpuOverhead.of(ranged, 2_000, 1) == CpuOverhead.of(PARAMS, 4_000, 1)
 
 
 def test_fit_recovers_known_parameters():
@@ -41,7 +45,8 @@ def test_fit_recovers_known_parameters():
                              "sample_ms": 1.7 + batch * (0.1 + 0.01 * k),
                              "rest_ms": 0.0 + (tp > 1) * (1.5 + 0.1 * batch)})
     fitted = fit_cpu_overhead(pd.DataFrame(rows))
-    for key, value in PARAMS.model_dump().items():
+    assert fitted.context_range_tokens == (4096, 16384)
+    for key, value in PARAMS.model_dump(exclude={"context_range_tokens"}).items():
         assert getattr(fitted, key) == pytest.approx(value, abs=1e-9), key
 
 
@@ -60,7 +65,9 @@ def test_held_out_model_does_not_move_the_fit():
     rows = read_vidur_cpu(A100_CSV)
     kept = rows[rows["model"] != "meta-llama/Llama-2-70b-hf"]
     doc, _ = calibrate_cpu(A100_CSV, ["meta-llama/Llama-2-70b-hf"], [], "x", "")
-    assert doc["params"] == {k: round(float(v), 6) for k, v in fit_cpu_overhead(kept).model_dump().items()}
+    refit = fit_cpu_overhead(kept).model_dump()
+    assert doc["params"] == {k: list(v) if k == "context_range_tokens" else round(float(v), 6)
+                             for k, v in refit.items()}
     # and the prediction follows the batch: bigger steps cost more CPU
     pred = predict_ms(load_cpu_profile("vllm_v0"), kept)
     assert (pred[kept["batch"].to_numpy() == 64] > pred[kept["batch"].to_numpy() == 8].max()).all()

@@ -69,9 +69,11 @@ def fit_cpu_overhead(rows: pd.DataFrame) -> CpuOverheadParams:
     p0, p1, p2 = _solve([one, b, b * k], rows["prepare_ms"].to_numpy())
     s0, s1, s2 = _solve([one, b, b * k], rows["sample_ms"].to_numpy())
     r0, r1, m0, m1 = _solve([one, b, multi, multi * b], rows["rest_ms"].to_numpy())
+    contexts = rows["max_model_len"]
     return CpuOverheadParams(per_step_ms=p0 + s0 + r0, per_request_ms=p1 + r1, per_request_per_1k_context_ms=p2,
                              per_sampled_token_ms=s1, per_sampled_token_per_1k_context_ms=s2,
-                             multi_gpu_per_step_ms=m0, multi_gpu_per_request_ms=m1)
+                             multi_gpu_per_step_ms=m0, multi_gpu_per_request_ms=m1,
+                             context_range_tokens=(int(contexts.min()), int(contexts.max())))
 
 
 def predict_ms(params: CpuOverheadParams, rows: pd.DataFrame) -> np.ndarray:
@@ -115,9 +117,14 @@ def calibrate_cpu(measurements: str | Path, hold_out_models: list[str], check: l
                for split, g in table.groupby("split", sort=False)}
     doc = {"name": name, "source": source, "fitted_on": Path(measurements).name,
            "held_out_models": sorted(hold_out_models),
-           "params": {key: round(float(v), 6) for key, v in params.model_dump().items()},
+           "params": _rounded(params),
            "errors": summary}
     return doc, table
+
+
+def _rounded(params: CpuOverheadParams) -> dict:
+    return {key: list(v) if isinstance(v, tuple) else round(float(v), 6)
+            for key, v in params.model_dump().items() if v is not None}
 
 
 def write_profile(doc: dict, out: str | Path) -> None:

@@ -9,9 +9,10 @@ GPU runs step N, so a step takes the longer of the two. The CPU time has a physi
         + per_sampled_token x sampled tokens           (sampling, appending the token, stop checks)
         + multi_gpu_per_step + multi_gpu_per_request x requests   (tp > 1: the driver's round trip to workers)
 
-where the per-request and per-sampled-token terms grow with the engine's ``max_model_len`` (per 1k tokens of
-it): the engine pads each request's block table and sampling tensors to the model's length. Shipped profiles live
-in ``hardware_profiles/cpu_overhead/<name>.yaml``; ``llmsim calibrate-cpu`` fits them.
+where the per-request and per-sampled-token terms grow with the engine's ``max_model_len`` (per 1k tokens of it,
+within the range of contexts measured): the measured engine's per-request costs at a 16k context are about twice
+those at 4k, by a mechanism the measurements do not isolate. Shipped profiles live in
+``hardware_profiles/cpu_overhead/<name>.yaml``; ``llmsim calibrate-cpu`` fits them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class CpuOverheadParams(BaseModel):
     per_sampled_token_per_1k_context_ms: float = Field(default=0.0, ge=0)
     multi_gpu_per_step_ms: float = Field(default=0.0, ge=0)
     multi_gpu_per_request_ms: float = Field(default=0.0, ge=0)
+    # The contexts the per-1k-context terms were measured over: a longer or shorter max_model_len is held at the
+    # range's end rather than extrapolated (None: no limit).
+    context_range_tokens: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class CpuOverhead:
 
     @classmethod
     def of(cls, p: CpuOverheadParams, max_model_len: int, tp: int) -> "CpuOverhead":
+        if p.context_range_tokens is not None:
+            low, high = p.context_range_tokens
+            max_model_len = min(max(max_model_len, low), high)
         k_context = max_model_len / 1000.0
         multi = tp > 1
         return cls(
