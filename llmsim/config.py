@@ -325,6 +325,16 @@ class SharedPrefixConfig(_Strict):
     multi_turn: bool = False
 
 
+class ConversationConfig(_Strict):
+    """Closed-loop chat (``llmsim/workload/conversations.py``): each arrival starts a conversation of a geometric
+    number of turns (mean ``mean_turns``); a later turn is sent an exponential think time (mean
+    ``mean_think_time_s``) after the previous answer's last token, and resends the conversation so far plus a new
+    message. ``prompt_tokens``/``output_tokens`` (or ``lengths_from``) give each turn's new message and answer."""
+
+    mean_turns: float = Field(ge=1)
+    mean_think_time_s: float = Field(gt=0)
+
+
 class WorkloadConfig(_Strict):
     """Either replay a ``trace``, or draw ``arrival`` times with lengths from distributions or a trace, or with
     ``shared_prefix`` traffic."""
@@ -337,18 +347,22 @@ class WorkloadConfig(_Strict):
     output_tokens: LengthDist | None = None
     lengths_from: TraceConfig | None = None  # joint (prompt, output) pairs sampled from a trace
     shared_prefix: SharedPrefixConfig | None = None  # system prompts shared by users (prefix caching)
+    conversation: ConversationConfig | None = None  # closed-loop multi-turn chat with think time
     high_priority_fraction: float = Field(default=0.0, ge=0, le=1)  # share of requests marked high priority
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadConfig":
         if self.trace is not None:
-            if self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from or self.shared_prefix:
-                raise ValueError("a trace replay takes arrivals and lengths from the trace; "
-                                 "remove arrival/prompt_tokens/output_tokens/lengths_from/shared_prefix")
+            if (self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from or self.shared_prefix
+                    or self.conversation):
+                raise ValueError("a trace replay takes arrivals and lengths from the trace; remove "
+                                 "arrival/prompt_tokens/output_tokens/lengths_from/shared_prefix/conversation")
             return self
         if self.arrival is None:
             raise ValueError("set either trace (replay) or arrival (synthetic)")
         if self.shared_prefix is not None:
+            if self.conversation is not None:
+                raise ValueError("shared_prefix has multi-turn chat of its own (multi_turn); remove conversation")
             if self.prompt_tokens or self.output_tokens or self.lengths_from:
                 raise ValueError("shared_prefix sets the lengths; remove prompt_tokens/output_tokens/lengths_from")
             if self.num_requests is None and self.duration_s is None:

@@ -21,6 +21,7 @@ from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo
 from llmsim.request import Request
 from llmsim.version import code_version
 from llmsim.workload import build_workload
+from llmsim.workload.conversations import ClosedLoopChat
 
 
 def resolved_config(cfg: ExperimentConfig) -> dict:
@@ -63,8 +64,12 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     out = Path(output_dir or cfg.output_dir)
     if write:
         prepare_output(out)
-    requests = first_request(iter(build_workload(cfg.workload, cfg.seed)), cfg)
-    result = simulate(cfg, requests, on_progress)
+    workload = build_workload(cfg.workload, cfg.seed)
+    if isinstance(workload, ClosedLoopChat):
+        workload.first_turns = first_request(workload.first_turns, cfg)
+    else:
+        workload = first_request(iter(workload), cfg)
+    result = simulate(cfg, workload, on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
     usage = []

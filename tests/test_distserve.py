@@ -83,3 +83,33 @@ def test_distserve_fast_forward_equals_stepping():
     a, b = run(True), run(False)
     pd.testing.assert_frame_equal(a.request_frame(), b.request_frame(), check_exact=True)
     assert a.total("busy_energy_j") == b.total("busy_energy_j")
+
+
+def test_decode_instances_share_cached_prefixes():
+    """With prefix caching (vllm_v1's default) a decode instance keeps a prefix cache of its own: handed-over
+    requests with the same system prompt share its blocks there, so the decode side holds less KV than without
+    caching; every request still decodes to the end and every block comes back."""
+    traffic = {"num_requests": 300, "arrival": {"kind": "poisson", "rate_per_s": 8.0},
+               "shared_prefix": {"num_system_prompts": 4, "users_per_system_prompt": 8, "system_prompt_tokens": 1200,
+                                 "question_tokens": 100, "output_tokens": 200}}
+
+    def decode_kv(caching, ff=True):
+        cfg = make_config(model={"name": "Llama-3-8B"}, hardware={"device": "h100-sxm"}, workload=traffic,
+                          cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},
+                                                                        "decode": {"replicas": 1}}},
+                          scheduler={"name": "vllm_v1", "enable_prefix_caching": caching},
+                          simulation={"fast_forward": ff})
+        result = simulate(cfg, build_workload(cfg.workload, cfg.seed))
+        assert_nothing_lost(result, 300)
+        decode_ids = [i for i, p in enumerate(result.replica_pool) if result.pools[p].role == "decode"]
+        it = result.recorder.iteration_frame()
+        return it[it["replica_id"].isin(decode_ids)]["kv_used_blocks"].mean(), result
+
+    shared, result = decode_kv(True)
+    copies, _ = decode_kv(False)
+    assert shared < 0.5 * copies  # 1,200 of each ~1,300-token prompt is one of four system prompts
+    decode = result.replicas[1]
+    assert decode.blocks.caching and len(decode.blocks._cached) > 0
+    stepped, stepped_result = decode_kv(True, ff=False)
+    pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped_result.recorder.request_frame(),
+                                  check_exact=True)

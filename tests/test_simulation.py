@@ -93,21 +93,25 @@ def scheduler_named(name: str) -> dict:
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
-       shared_prefix=st.booleans(), timeout=st.sampled_from([None, 1.5]))
+       traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), timeout=st.sampled_from([None, 1.5]))
 # Found by this test: a migrated request's cached prefix registered at its first decode step (stepping) or at the
 # end of a decode run (fast-forward); a whole-prompt reservation (Sarathi) given one block too many by the
 # decode fast path.
 @example(seed=9376, scheduler="vllm_v1", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.2, shared_prefix=True, timeout=None)
+         policy="llumnix", high_priority=0.2, traffic="shared_prefix", timeout=None)
 @example(seed=28566, scheduler="sarathi", rate=5.75, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.0, shared_prefix=False, timeout=None)
+         policy="llumnix", high_priority=0.0, traffic="plain", timeout=None)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
-                                      shared_prefix, timeout):
+                                      traffic, timeout):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
-    (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic or on unrelated prompts)."""
-    lengths = ({"shared_prefix": SHARED_PREFIX} if shared_prefix else
-               {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
-                "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}})
+    (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic, closed-loop conversations whose turns
+    wait for the previous answer, or unrelated prompts)."""
+    lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
+               "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
+    if traffic == "shared_prefix":
+        lengths = {"shared_prefix": SHARED_PREFIX}
+    elif traffic == "conversation":
+        lengths["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
 
     def cfg(ff):
         return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,

@@ -26,6 +26,7 @@ from llmsim.models.spec import ModelSpec, load_model
 from llmsim.request import DONE, Request, RequestStatus
 from llmsim.schedulers import SCHEDULERS
 from llmsim.schedulers.decode import DecodeScheduler
+from llmsim.workload.conversations import ClosedLoopChat
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,9 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
                  on_prefilled: Callable | None = None) -> Replica:
     s = cfg.scheduler
     num_blocks = pool.memory.num_blocks
-    decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV, no prefix lookups
+    decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks),
-                          enable_prefix_caching=s.prefix_caching and not decode_pool)
+                          enable_prefix_caching=s.prefix_caching)
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                   preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token())
     if decode_pool:
@@ -149,9 +150,10 @@ def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Repl
     return entry.scheduler.rejection_reason(r)
 
 
-def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
+def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoopChat,
              on_progress: Callable[[int], None] | None = None) -> SimulationResult:
-    """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals)."""
+    """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop chat
+    sends each later turn when the turn before it has finished (``llmsim/workload/conversations.py``)."""
     wall0 = time.perf_counter()
     model, pools, max_model_len = build_pools(cfg)
     env = Clock()
@@ -192,11 +194,15 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
         rep = replicas[r.replica_id]
         rep.post(lambda: rep.abort(r, timeout_reason))
 
-    def arrivals():
-        for r in requests:
+    chat = requests if isinstance(requests, ClosedLoopChat) else None
+
+    def arrivals(stream: Iterable[Request]):
+        for r in stream:
             at = r.arrival_s + frontend_s if frontend_s else r.arrival_s  # the engine sees it after the front end
             if at > env.now:
                 yield env.urgent_at(at)
+            if chat is not None:  # ids in arrival order (a later turn is drawn when the one before it ends)
+                r.id = counts["arrived"]
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
                 on_progress(1024)
@@ -204,13 +210,27 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request],
             if reason:
                 r.status, r.reject_reason = RequestStatus.REJECTED, reason
                 recorder.request(r, "rejected")
+                if chat is not None:
+                    chat.ended(r)
                 continue
             router.pick(r, entry).submit(r)
             if timeout_s:
                 deadline = max(r.arrival_s + timeout_s, env.now)  # the client's clock starts when it sends
                 env.at(deadline).callbacks.append(lambda _, r=r: give_up(r))
 
-    env.process(arrivals())
+    if chat is None:
+        env.process(arrivals(requests))
+    else:
+        def turn_ended(r: Request, status: str) -> None:
+            if status != "finished":
+                chat.ended(r)
+                return
+            follow = chat.follow_up(r)
+            if follow is not None:  # sent after the user's think time: an arrival of its own
+                env.process(arrivals((follow,)))
+
+        recorder.on_request_end = turn_ended
+        env.process(arrivals(chat.first_turns))
     env.run(until=cfg.simulation.max_time_s)
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)

@@ -7,7 +7,7 @@ request rather than by the request objects themselves; iterations and token gaps
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from llmsim.energy import PowerModel
 from llmsim.request import Request
@@ -47,6 +47,8 @@ class Recorder:
         # Gaps between consecutive output tokens, with how many tokens saw each gap.
         self.tbt_gap_s = array("d")
         self.tbt_count = array("q")
+        # Called with each request as it ends (its status): a closed-loop workload sends the next turn.
+        self.on_request_end: Callable[[Request, str], None] | None = None
 
     def request(self, r: Request, status: str) -> None:
         cols = self.requests
@@ -56,6 +58,8 @@ class Recorder:
             cols["num_cached_tokens"][-1] = 0
         self.status.append(status)
         self.reason.append(r.reject_reason)
+        if self.on_request_end is not None:
+            self.on_request_end(r, status)
 
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:

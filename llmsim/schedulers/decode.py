@@ -2,22 +2,52 @@
 over from a prefill instance) and join the running decode batch in arrival order as soon as the KV cache (above
 the watermark) and the sequence limit allow. A request preempted here by recompute re-runs its prefill here,
 FCFS-style (a step with a prefill runs prefills only).
+
+With prefix caching (the experiment's ``enable_prefix_caching``) the decode instance has a prefix cache of its
+own, as a vLLM decode instance does: a handed-over request shares the blocks of its longest prefix cached here
+(another request's system prompt or earlier turns) instead of holding copies, and the named blocks its
+transferred KV fills are cached here for later requests. The transfer still carries the whole prompt (vLLM's KV
+connectors skip locally cached blocks; not modelled), and a request re-prefilled after a recompute preemption
+does not look the cache up.
 """
 
 from __future__ import annotations
 
-from llmsim.request import RequestStatus
+from llmsim.request import Request, RequestStatus
 from llmsim.schedulers.base import SchedulerOutput
 from llmsim.schedulers.fcfs import FCFSScheduler
+
+
+def _handed_over(request: Request, num_new_tokens: int) -> bool:
+    return num_new_tokens == 1 and request.status is RequestStatus.WAITING
 
 
 class DecodeScheduler(FCFSScheduler):
     """FCFS admission and decoding; only what admitting a handed-over request means differs."""
 
+    def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
+        blocks = self.blocks
+        if not (blocks.caching and _handed_over(request, num_new_tokens)):
+            return blocks.can_admit(request, num_new_tokens)
+        hit = blocks.lookup(request)
+        held = len(hit.blocks) + hit.num_run_blocks
+        need = blocks.blocks_for(request.num_computed_tokens + num_new_tokens) - held + hit.num_evictable
+        return need + blocks.watermark_blocks <= blocks.num_free_blocks
+
     def _admit(self, request, num_new_tokens: int, out: SchedulerOutput) -> None:
-        if num_new_tokens == 1 and request.status is RequestStatus.WAITING:
-            # Handed-over KV: hold blocks for the computed tokens; FCFS's decode pass adds its slot this step.
-            self.blocks.allocate(request, 0)
+        if _handed_over(request, num_new_tokens):
+            # Handed-over KV: hold blocks for the computed tokens (sharing a prefix cached here); FCFS's decode
+            # pass adds its slot this step.
+            blocks = self.blocks
+            if blocks.caching:
+                computed = request.num_computed_tokens
+                hit = blocks.lookup(request)
+                request.num_computed_tokens = hit.num_tokens  # allocate_slots counts from the hit ...
+                if not blocks.allocate_slots(request, hit, computed - hit.num_tokens):
+                    raise RuntimeError(f"request {request.id}: admitted without room for its KV")
+                request.num_computed_tokens = computed  # ... and the transfer filled the rest
+            else:
+                blocks.allocate(request, 0)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

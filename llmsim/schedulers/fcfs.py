@@ -19,13 +19,16 @@ class FCFSScheduler(Scheduler):
             return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
         return ""
 
+    def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
+        return self.blocks.can_admit(request, num_new_tokens)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         while self.waiting and self.has_seq_room():
             request = self.waiting[0]
             n = request.num_pending_tokens
-            if n > budget or not self.blocks.can_admit(request, n):
+            if n > budget or not self._can_admit(request, n):
                 break
             self._admit(request, n, out)
             budget -= n

@@ -10,6 +10,7 @@ import numpy as np
 from llmsim.config import WorkloadConfig
 from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
+from llmsim.workload.conversations import ClosedLoopChat
 from llmsim.workload.shared_prefix import shared_prefix_requests
 from llmsim.workload.lengths import empirical_pairs, length_pairs
 from llmsim.workload.traces import Conversations, mooncake_segments, read_trace
@@ -42,6 +43,12 @@ def _empirical_source(cfg: WorkloadConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64)
 
 
+def _pairs(cfg: WorkloadConfig, length_rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    if cfg.lengths_from is not None:
+        return empirical_pairs(*_empirical_source(cfg), length_rng)
+    return length_pairs(cfg.prompt_tokens, cfg.output_tokens, length_rng)
+
+
 def _synthetic_requests(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
     arrival_rng, length_rng = (np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(2))
     if cfg.shared_prefix is not None:
@@ -49,16 +56,16 @@ def _synthetic_requests(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
         for i, (t, (prompt, output, segments)) in enumerate(zip(arrival_times(cfg.arrival, arrival_rng), shaped)):
             yield Request(i, t, prompt, output, prefix_segments=segments)
         return
-    if cfg.lengths_from is not None:
-        pairs = empirical_pairs(*_empirical_source(cfg), length_rng)
-    else:
-        pairs = length_pairs(cfg.prompt_tokens, cfg.output_tokens, length_rng)
-    for i, (t, (prompt, output)) in enumerate(zip(arrival_times(cfg.arrival, arrival_rng), pairs)):
+    for i, (t, (prompt, output)) in enumerate(zip(arrival_times(cfg.arrival, arrival_rng), _pairs(cfg, length_rng))):
         yield Request(i, t, max(1, prompt), max(1, output))
 
 
-def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
-    """Requests in arrival order, capped by ``num_requests`` and ``duration_s``."""
+def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request] | ClosedLoopChat:
+    """Requests in arrival order, capped by ``num_requests`` and ``duration_s``; for ``conversation`` the
+    closed-loop chat, whose later turns the simulator asks for as earlier ones finish."""
+    if cfg.conversation is not None:
+        length_ss = np.random.SeedSequence(seed).spawn(4)[3]  # a stream apart from the open-loop ones
+        return ClosedLoopChat(cfg, seed, _pairs(cfg, np.random.Generator(np.random.PCG64(length_ss))))
     stream = _trace_requests(cfg) if cfg.trace is not None else _synthetic_requests(cfg, seed)
     if cfg.duration_s is not None:
         stream = _until(stream, cfg.duration_s)
