@@ -69,27 +69,34 @@ NO_HIT = PrefixHit((), 0, 0, 0)
 
 def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
     """Chained hashes of the request's blocks that its named content fills: block ``i`` hashes its parent's hash
-    with the content pieces of tokens ``[i * block_size, (i + 1) * block_size)``."""
-    hashes = []
+    with the content pieces ``(content id, offset, tokens)`` of tokens ``[i * block_size, (i + 1) * block_size)``;
+    a block of one piece hashes ``(parent, id, offset, tokens)``, one of several ``(parent, pieces)``."""
+    hashes: list[int] = []
+    append = hashes.append
     parent = 0
-    segments = iter(request.prefix_segments)
-    seg_id, seg_len = next(segments, (None, 0))
-    offset = 0  # tokens of the current segment before the block's start
-    while seg_id is not None:
-        pieces = []
-        need = block_size
-        while need and seg_id is not None:
-            take = min(need, seg_len - offset)
-            pieces.append((seg_id, offset, take))
+    pieces: list[tuple[int, int, int]] = []  # the current block's pieces so far
+    need = block_size  # tokens the current block still lacks
+    for seg_id, seg_len in request.prefix_segments:
+        offset = 0
+        if pieces or seg_len == 0:  # the segment continues a block begun before it (or adds an empty piece)
+            take = need if need < seg_len else seg_len
+            pieces.append((seg_id, 0, take))
             need -= take
-            offset += take
-            if offset == seg_len:
-                seg_id, seg_len = next(segments, (None, 0))
-                offset = 0
-        if need:
-            break  # the named content ends inside this block
-        parent = hash((parent, *pieces[0])) if len(pieces) == 1 else hash((parent, tuple(pieces)))
-        hashes.append(parent)
+            offset = take
+            if need:
+                continue  # the segment ends inside this block
+            parent = hash((parent, *pieces[0])) if len(pieces) == 1 else hash((parent, tuple(pieces)))
+            append(parent)
+            pieces, need = [], block_size
+        # Blocks that lie wholly inside the segment: one piece each (long prompts are mostly these).
+        last = seg_len - block_size
+        while offset <= last:
+            parent = hash((parent, seg_id, offset, block_size))
+            append(parent)
+            offset += block_size
+        if offset < seg_len:
+            pieces.append((seg_id, offset, seg_len - offset))
+            need = block_size - (seg_len - offset)
     return tuple(hashes)
 
 
@@ -243,15 +250,17 @@ class BlockManager:
             else:  # no request can ever hit them: they are free blocks like any other
                 self._push(num_own_full)
         released = n - len(shared)
-        for i in range(len(shared) - 1, -1, -1):
+        cached, enqueue = self._cached.get, self._queue.append
+        for i in range(len(shared) - 1, -1, -1):  # the tail first, so eviction takes a prompt's end first
             block = shared[i]
-            block.ref -= 1
-            if block.ref:
+            ref = block.ref - 1
+            block.ref = ref
+            if ref:
                 continue
             released += 1
-            if i < num_cached and self._cached.get(block.hash) is block:
-                block.cell = [block]
-                self._queue.append(block.cell)
+            if i < num_cached and cached(block.hash) is block:
+                cell = block.cell = [block]
+                enqueue(cell)
             else:
                 self._push(1)
         self.num_free_blocks += released
@@ -333,9 +342,7 @@ class BlockManager:
             self._held[rid] = num_blocks
             hashes = request_block_hashes(request, self.block_size)
             if held < len(hashes):
-                shared = self._shared.setdefault(rid, [])
-                for i in range(held, min(num_blocks, len(hashes))):
-                    shared.append(Block(hashes[i]))
+                self._shared.setdefault(rid, []).extend(map(Block, hashes[held:num_blocks]))
         shared = self._shared.get(rid)
         if shared is None:
             return

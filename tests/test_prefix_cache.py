@@ -162,3 +162,33 @@ def test_mooncake_hit_rate_unbounded_equals_offline_count_and_bounded_is_lower()
     assert expected > 0
     assert run(10**7) == expected
     assert run(8000) < expected
+
+
+def _reference_block_hashes(segments, block_size):
+    """Block hashes the plain way, one block at a time from its pieces: what the fast path must equal."""
+    hashes, parent, tokens = [], 0, []
+    for seg_id, seg_len in segments:
+        if seg_len == 0:
+            tokens.append((seg_id, 0, None))  # an empty piece joins the block it falls in
+        tokens += [(seg_id, i, 1) for i in range(seg_len)]
+    block, filled = [], 0
+    for seg_id, offset, one in tokens:
+        if one is None:
+            block.append((seg_id, 0, 0))
+            continue
+        if block and block[-1][0] == seg_id and block[-1][1] + block[-1][2] == offset and block[-1][2] > 0:
+            block[-1] = (seg_id, block[-1][1], block[-1][2] + 1)
+        else:
+            block.append((seg_id, offset, 1))
+        filled += 1
+        if filled == block_size:
+            parent = hash((parent, *block[0])) if len(block) == 1 else hash((parent, tuple(block)))
+            hashes.append(parent)
+            block, filled = [], 0
+    return tuple(hashes)
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 80)), max_size=8), st.sampled_from([1, 4, 16]))
+def test_block_hashes_equal_the_block_by_block_definition(segments, block_size):
+    request = Request(0, 0.0, 10, 1, prefix_segments=tuple(segments))
+    assert block_hashes(request, block_size) == _reference_block_hashes(segments, block_size)

@@ -72,9 +72,12 @@ class PrefixAware:
 
     def _remember(self, replica: Replica, hashes: tuple[int, ...]) -> None:
         tree = self._trees.setdefault(replica.id, OrderedDict())
+        move = tree.move_to_end
         for h in hashes:
-            tree[h] = None
-            tree.move_to_end(h)
+            if h in tree:
+                move(h)
+            else:
+                tree[h] = None
         while len(tree) > replica.blocks.num_blocks:
             tree.popitem(last=False)
 
