@@ -3,6 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.errors import ConfigError
@@ -127,3 +129,34 @@ def test_bad_conversation_config_is_one_clear_error(workload, message):
     with pytest.raises(ConfigError) as err:
         make_config(workload=workload)
     assert message in str(err.value)
+
+
+@settings(deadline=None)
+@given(seed=st.integers(0, 2**31), policy=st.sampled_from(["colocated", "distserve", "llumnix"]),
+       scheduler=st.sampled_from(["vllm_v1", "fcfs", "sarathi"]), mem=st.sampled_from([0.22, 0.9]),
+       turns=st.sampled_from([1.0, 2.5, 6.0]), think=st.sampled_from([0.05, 2.0]),
+       timeout=st.sampled_from([None, 2.0]))
+def test_every_turn_is_accounted_for(seed, policy, scheduler, mem, turns, think, timeout):
+    """Nothing lost with closed-loop chat under every cluster policy: every turn sent ends finished, rejected,
+    timed out or in flight; turns are sent only after the previous one finished; KV blocks all come back."""
+    cfg = make_config(seed=seed, model={"name": "Llama-2-7B"},
+                      cluster={"num_replicas": 2, "policy": policy,
+                               "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+                      scheduler={"name": scheduler, "gpu_memory_utilization": mem, "max_num_batched_tokens": 4096},
+                      workload={**CHAT, "num_requests": 80, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                                "conversation": {"mean_turns": turns, "mean_think_time_s": think}},
+                      simulation={"client_timeout_s": timeout if policy == "colocated" else None})
+    result, sent = _run(cfg)
+    df = result.recorder.request_frame()
+    assert sorted(df["id"]) == list(range(len(sent))) and len(sent) <= 80
+    assert set(df["status"]) <= {"finished", "rejected", "timed_out"}
+    finish = dict(zip(df["id"], df["finish_s"]))
+    by_conv = {}
+    for r, conv, k in sent:
+        by_conv.setdefault(id(conv), []).append(r)
+    for turns_sent in by_conv.values():
+        for prev, nxt in zip(turns_sent, turns_sent[1:]):
+            assert nxt.arrival_s > finish[prev.id]
+    for rep in result.replicas:
+        rep.blocks.check_integrity()
+        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
