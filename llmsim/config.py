@@ -302,11 +302,16 @@ class TraceConfig(_Strict):
     # Leave out rows whose prompt + output exceed this many tokens, as papers filter a dataset to the model's
     # context (otherwise such requests arrive and are rejected with a reason).
     max_total_tokens: int | None = Field(default=None, ge=2)
+    # burstgpt conversations (v1.2's Session ID): send a later turn its think time (the trace's gap less the real
+    # service's Elapsed time) after the simulated answer, instead of at its trace time. Reads the trace whole.
+    closed_loop: bool = False
 
     @model_validator(mode="after")
     def _window(self) -> "TraceConfig":
         if self.end_s is not None and self.end_s <= self.start_s:
             raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        if self.closed_loop and self.format != "burstgpt":
+            raise ValueError(f"closed_loop replays BurstGPT conversations (Session ID, Elapsed time), not {self.format}")
         return self
 
 

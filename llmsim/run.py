@@ -21,7 +21,7 @@ from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo
 from llmsim.request import Request
 from llmsim.version import code_version
 from llmsim.workload import build_workload
-from llmsim.workload.conversations import ClosedLoopChat
+from llmsim.workload.conversations import ClosedLoop
 
 
 def resolved_config(cfg: ExperimentConfig) -> dict:
@@ -65,7 +65,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     if write:
         prepare_output(out)
     workload = build_workload(cfg.workload, cfg.seed)
-    if isinstance(workload, ClosedLoopChat):
+    if isinstance(workload, ClosedLoop):
         workload.first_turns = first_request(workload.first_turns, cfg)
     else:
         workload = first_request(iter(workload), cfg)

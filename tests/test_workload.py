@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from llmsim.config import TraceConfig, WorkloadConfig
-from llmsim.errors import TraceError
+from llmsim.errors import ConfigError, TraceError
 from llmsim.workload import build_workload
 from llmsim.workload.traces import read_trace
 
@@ -156,3 +157,69 @@ def test_burstgpt_sessions_replay_as_conversations(tmp_path):
     df = simulate(cfg, iter(reqs)).recorder.request_frame().set_index("id")
     assert df.loc[2, "num_cached_tokens"] == 496  # the resent 500 tokens, in whole 16-token blocks
     assert df.loc[3, "num_cached_tokens"] == 0
+
+
+def _session_trace(path):
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n"
+                    "0,ChatGPT,400,100,500,Conversation log,s1,3.0\n"
+                    "1,ChatGPT,300,50,350,Conversation log,s2,2.0\n"
+                    "2,ChatGPT,100,0,100,Conversation log,s3,0.5\n"      # failed: rejected, s3 goes on
+                    "2.5,ChatGPT,120,20,140,API log,,\n"                  # no conversation: its trace time
+                    "30,ChatGPT,560,80,640,Conversation log,s1,2.5\n"     # think 30 - 0 - 3.0 = 27 s
+                    "31,ChatGPT,410,40,450,Conversation log,s2,1.0\n"     # think 31 - 1 - 2.0 = 28 s
+                    "40,ChatGPT,150,30,180,Conversation log,s3,1.0\n"     # after a failed turn: its gap, 38 s
+                    "40.5,ChatGPT,700,10,710,Conversation log,s1,1.0\n")  # think 40.5 - 30 - 2.5 = 8 s
+    return path
+
+
+def test_closed_loop_replay_sends_a_turn_its_think_time_after_the_simulated_answer(tmp_path):
+    """trace.closed_loop: a later turn of a conversation waits for the simulated answer to the turn before it,
+    then the think time the trace shows (its gap less the real service's Elapsed time); the same turns and content
+    as the open-loop replay; fast-forward equals stepping."""
+    from llmsim.cluster.simulation import simulate
+    from llmsim.workload.conversations import ClosedLoop
+    from tests.factories import make_config
+    from tests.test_simulation import frames
+
+    trace = {"path": str(_session_trace(tmp_path / "b.csv")), "format": "burstgpt", "failed": "reject"}
+    open_loop = list(build_workload(make_config(workload={"trace": trace}).workload, 0))
+
+    def run(ff, slow):
+        cfg = make_config(scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096},
+                          model={"name": "Llama-2-70B" if slow else "Llama-2-7B"},
+                          parallel={"tp": 4 if slow else 1},
+                          workload={"trace": {**trace, "closed_loop": True}}, simulation={"fast_forward": ff})
+        workload = build_workload(cfg.workload, cfg.seed)
+        assert isinstance(workload, ClosedLoop)
+        return simulate(cfg, workload)
+
+    result = run(True, False)
+    df = result.recorder.request_frame().sort_values("id")
+    assert len(df) == 8 and (df["status"] == "rejected").sum() == 1
+    by_prompt = df.set_index("num_prompt_tokens")
+    # first turns and the request outside a conversation at their trace times
+    assert list(by_prompt.loc[[400, 300, 100, 120], "arrival_s"]) == [0.0, 1.0, 2.0, 2.5]
+    assert by_prompt.loc[560, "arrival_s"] == by_prompt.loc[400, "finish_s"] + 27.0
+    assert by_prompt.loc[410, "arrival_s"] == by_prompt.loc[300, "finish_s"] + 28.0
+    assert by_prompt.loc[150, "arrival_s"] == 2.0 + 38.0  # after the failed turn: the trace's gap
+    assert by_prompt.loc[700, "arrival_s"] == by_prompt.loc[560, "finish_s"] + 8.0
+    # the same named content as the open-loop replay
+    segments = {r.num_prompt_tokens: r.prefix_segments for r in open_loop}
+    assert by_prompt.loc[560, "num_cached_tokens"] == 496 and segments[560][:2] == segments[400]
+    pd.testing.assert_frame_equal(frames(result)[0], frames(run(False, False))[0], check_exact=True)
+    # a slower server moves the later turns later, never before the answer they follow
+    slow = run(True, True).recorder.request_frame().set_index("num_prompt_tokens")
+    assert slow.loc[560, "arrival_s"] == slow.loc[400, "finish_s"] + 27.0 > by_prompt.loc[560, "arrival_s"]
+
+
+def test_closed_loop_replay_errors(tmp_path):
+    from tests.factories import make_config
+
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n"
+                    "0,ChatGPT,400,100,500,Conversation log,s1,\n")
+    cfg = make_config(workload={"trace": {"path": str(path), "format": "burstgpt", "closed_loop": True}})
+    with pytest.raises(TraceError, match=r"b.csv:2: trace.closed_loop needs the Elapsed time"):
+        build_workload(cfg.workload, 0)
+    with pytest.raises(ConfigError, match="closed_loop replays BurstGPT conversations"):
+        make_config(workload={"trace": {"path": str(path), "format": "azure", "closed_loop": True}})

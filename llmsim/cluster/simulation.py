@@ -26,7 +26,7 @@ from llmsim.models.spec import ModelSpec, load_model
 from llmsim.request import DONE, Request, RequestStatus
 from llmsim.schedulers import SCHEDULERS
 from llmsim.schedulers.decode import DecodeScheduler
-from llmsim.workload.conversations import ClosedLoopChat
+from llmsim.workload.conversations import ClosedLoop
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,10 @@ def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Repl
     return entry.scheduler.rejection_reason(r)
 
 
-def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoopChat,
+def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
              on_progress: Callable[[int], None] | None = None) -> SimulationResult:
-    """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop chat
-    sends each later turn when the turn before it has finished (``llmsim/workload/conversations.py``)."""
+    """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop
+    workload sends each later turn when the turn before it has ended (``llmsim/workload/conversations.py``)."""
     wall0 = time.perf_counter()
     model, pools, max_model_len = build_pools(cfg)
     env = Clock()
@@ -194,7 +194,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoopChat
         rep = replicas[r.replica_id]
         rep.post(lambda: rep.abort(r, timeout_reason))
 
-    chat = requests if isinstance(requests, ClosedLoopChat) else None
+    chat = requests if isinstance(requests, ClosedLoop) else None
 
     def arrivals(stream: Iterable[Request]):
         for r in stream:
@@ -210,8 +210,6 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoopChat
             if reason:
                 r.status, r.reject_reason = RequestStatus.REJECTED, reason
                 recorder.request(r, "rejected")
-                if chat is not None:
-                    chat.ended(r)
                 continue
             router.pick(r, entry).submit(r)
             if timeout_s:
@@ -222,11 +220,8 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoopChat
         env.process(arrivals(requests))
     else:
         def turn_ended(r: Request, status: str) -> None:
-            if status != "finished":
-                chat.ended(r)
-                return
-            follow = chat.follow_up(r)
-            if follow is not None:  # sent after the user's think time: an arrival of its own
+            follow = chat.next_turn(r, status)
+            if follow is not None and status != "in_flight":  # sent after the user's think time
                 env.process(arrivals((follow,)))
 
         recorder.on_request_end = turn_ended

@@ -10,13 +10,18 @@ import numpy as np
 from llmsim.config import WorkloadConfig
 from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
-from llmsim.workload.conversations import ClosedLoopChat
+from llmsim.errors import TraceError
+from llmsim.workload.conversations import ClosedLoop, ClosedLoopChat, ClosedLoopReplay
 from llmsim.workload.shared_prefix import shared_prefix_requests
 from llmsim.workload.lengths import empirical_pairs, length_pairs
-from llmsim.workload.traces import Conversations, mooncake_segments, read_trace
+from llmsim.workload.traces import Conversations, TraceRow, mooncake_segments, read_trace
 
 
 def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
+    return (r for r, _ in _trace_rows(cfg))
+
+
+def _trace_rows(cfg: WorkloadConfig) -> Iterator[tuple[Request, TraceRow]]:
     trace = cfg.trace
     conversations = Conversations()
     for i, row in enumerate(read_trace(trace)):
@@ -31,7 +36,21 @@ def _trace_requests(cfg: WorkloadConfig) -> Iterator[Request]:
         if row.failed:
             r.status = RequestStatus.REJECTED
             r.reject_reason = "failed in trace"
-        yield r
+        yield r, row
+
+
+def _closed_loop_replay(cfg: WorkloadConfig, seed: int) -> ClosedLoopReplay:
+    rows = list(_trace_rows(cfg))
+    if cfg.high_priority_fraction > 0:  # marked in trace order, as the open-loop replay marks them
+        for _ in _with_priorities((r for r, _ in rows), cfg.high_priority_fraction, seed):
+            pass
+    turns = []
+    for r, row in rows:
+        if row.session and row.elapsed_s != row.elapsed_s:  # NaN
+            raise TraceError(f"{cfg.trace.path}:{row.line}: trace.closed_loop needs the Elapsed time of every "
+                             "conversation row (BurstGPT v1.2)")
+        turns.append((r, row.session, row.elapsed_s))
+    return ClosedLoopReplay(turns, cfg.num_requests, cfg.duration_s)
 
 
 def _empirical_source(cfg: WorkloadConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -60,9 +79,11 @@ def _synthetic_requests(cfg: WorkloadConfig, seed: int) -> Iterator[Request]:
         yield Request(i, t, max(1, prompt), max(1, output))
 
 
-def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request] | ClosedLoopChat:
-    """Requests in arrival order, capped by ``num_requests`` and ``duration_s``; for ``conversation`` the
-    closed-loop chat, whose later turns the simulator asks for as earlier ones finish."""
+def build_workload(cfg: WorkloadConfig, seed: int) -> Iterator[Request] | ClosedLoop:
+    """Requests in arrival order, capped by ``num_requests`` and ``duration_s``; for ``conversation`` and
+    ``trace.closed_loop`` a closed-loop workload, whose later turns the simulator asks for as earlier ones end."""
+    if cfg.trace is not None and cfg.trace.closed_loop:
+        return _closed_loop_replay(cfg, seed)
     if cfg.conversation is not None:
         length_ss = np.random.SeedSequence(seed).spawn(4)[3]  # a stream apart from the open-loop ones
         return ClosedLoopChat(cfg, seed, _pairs(cfg, np.random.Generator(np.random.PCG64(length_ss))))

@@ -31,6 +31,7 @@ class TraceRow:
     line: int  # line in the file, for error messages
     hash_ids: tuple[int, ...] = ()  # Mooncake: ids of the prompt's 512-token blocks (equal ids, equal prefix)
     session: str = ""  # BurstGPT v1.2: the conversation this request belongs to ("" for none)
+    elapsed_s: float = math.nan  # BurstGPT v1.2: the real service's full response time (NaN where not given)
 
 
 def _open(path: Path):
@@ -116,7 +117,9 @@ def read_burstgpt(cfg: TraceConfig) -> Iterator[TraceRow]:
             prompt = _int(row["Request tokens"], path, line, "Request tokens", minimum=1)
             # v1.2 adds "Session ID" (conversation logs: a conversation's requests share it) and "Elapsed time".
             session = (row.get("Session ID") or "").strip()
-            yield TraceRow(t, prompt, response, response == 0, line, session=session)
+            elapsed = (row.get("Elapsed time") or "").strip()
+            elapsed_s = _seconds(elapsed, path, line, "Elapsed time") if elapsed else math.nan
+            yield TraceRow(t, prompt, response, response == 0, line, session=session, elapsed_s=elapsed_s)
 
 
 def read_azure(cfg: TraceConfig) -> Iterator[TraceRow]:
@@ -199,7 +202,7 @@ def read_trace(cfg: TraceConfig) -> Iterator[TraceRow]:
         if cfg.max_total_tokens is not None and row.prompt_tokens + row.output_tokens > cfg.max_total_tokens:
             continue
         yield TraceRow((row.time_s - cfg.start_s) * cfg.time_scale, row.prompt_tokens, row.output_tokens, row.failed,
-                       row.line, row.hash_ids, row.session)
+                       row.line, row.hash_ids, row.session, row.elapsed_s * cfg.time_scale)
 
 
 class Conversations:
