@@ -113,3 +113,26 @@ def test_decode_instances_share_cached_prefixes():
     stepped, stepped_result = decode_kv(True, ff=False)
     pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped_result.recorder.request_frame(),
                                   check_exact=True)
+
+
+def test_the_prefill_instance_holds_the_kv_until_the_decode_instance_pulls_it():
+    """DistServe's pull: a handed-over request's KV stays on the prefill instance (holding its memory) until the
+    decode instance has room and pulls it; the pull then takes the link's time and the request decodes after it."""
+    cfg = make_config(cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},
+                                                                    "decode": {"replicas": 1}}},
+                      scheduler={"name": "fcfs", "max_num_seqs": 1, "max_num_batched_tokens": 4096})
+    result = simulate(cfg, make_requests([(0.0, 1000, 200), (0.0, 1000, 200), (0.0, 1000, 200)]))
+    df = assert_nothing_lost(result, 3).set_index("id")
+    # The decode instance runs one request at a time: the second starts decoding after the first finished.
+    first_decoding_s = df.loc[0, "finish_s"] - df.loc[0, "first_token_s"]
+    assert df.loc[1, "finish_s"] - df.loc[0, "finish_s"] >= 0.99 * first_decoding_s
+    it = result.recorder.iteration_frame()
+    prefill = it[it["replica_id"] == 0].sort_values("start_s")
+    blocks = result.replicas[0].blocks.blocks_for(1001)
+    # The third prompt's prefill runs while the second request's KV waits on the prefill instance to be pulled.
+    assert prefill["kv_used_blocks"].iloc[2] >= 2 * blocks - 1
+    ex = result.pools[0].execution
+    pull_s = ex.kv_transfer_s(1000, False, 1)
+    decode = it[it["replica_id"] == 1].sort_values("start_s")
+    # the first request's first decode step starts no earlier than its prefill plus the pull
+    assert decode["start_s"].iloc[0] >= df.loc[0, "first_token_s"] + pull_s - 1e-12

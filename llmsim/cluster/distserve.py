@@ -1,9 +1,13 @@
 """DistServe (Zhong et al., OSDI'24): prefill and decode on separate instance pools (cluster policy).
 
 Arrivals are routed to a prefill instance. Once a request's prompt is computed and its first token sampled it
-leaves the prefill instance with its KV (the prefill side frees its copy: transfers in flight hold no prefill
-memory), the KV crosses the link (``ExecutionModel.kv_transfer_s``), and a decode instance chosen by the
-cluster's router takes it: its ``DecodeScheduler`` holds blocks for the handed-over tokens and decodes it.
+leaves the prefill batch, and the cluster's router sends it to a decode instance. Its KV stays on the prefill
+instance (parked: it holds the prefill instance's memory) until the decode instance pulls it, as DistServe does
+so that a busy decode pool pushes back on the prefill pool instead of overflowing: the decode instance's
+``DecodeScheduler`` admits it when its KV cache and batch have room, holds blocks for it, and the KV crosses the
+link (``ExecutionModel.kv_transfer_s``; only the blocks not already cached on the decode instance). When the copy
+lands the request joins the decode batch and the prefill instance frees its copy, both at their next iteration
+boundary.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ class DistServe:
         self.router = router  # picks a decode instance for each handed-over request
         self.inter_node = inter_node
         self.decode_replicas: list[Replica] = []
+        self.parked_on: dict[int, Replica] = {}  # request id -> the prefill instance holding its KV
         self.in_transfer: dict[int, Request] = {}  # KV on the wire, by request id
+
+    def connect(self, decode_replicas: list[Replica]) -> None:
+        self.decode_replicas = decode_replicas
+        for rep in decode_replicas:
+            rep.scheduler.on_pull = lambda r, cached, rep=rep: self._pull(rep, r, cached)
 
     def on_prefilled(self, replica: Replica, requests: list[Request]) -> None:
         """A prefill instance applied a batch (its requests): those whose prompt is done move on
@@ -29,17 +39,24 @@ class DistServe:
         moved = [r for r in requests
                  if r.status is RequestStatus.RUNNING and r.num_generated_tokens and r.num_pending_tokens == 1]
         for r in moved:
-            replica.release(r)
+            replica.park(r)
             r.status = RequestStatus.WAITING
-            self.in_transfer[r.id] = r
-            dst_gpus = self.decode_replicas[0].execution.plan.num_gpus
-            delay = replica.execution.kv_transfer_s(r.num_computed_tokens, self.inter_node, dst_gpus)
-            self.env.process(self._deliver(r, self.env.now + delay))
+            self.parked_on[r.id] = replica
+            self.router.pick(r, self.decode_replicas).submit(r)
 
-    def _deliver(self, r: Request, at: float):
+    def _pull(self, decode: Replica, r: Request, cached_tokens: int) -> None:
+        """The decode instance admitted ``r`` (blocks and a batch slot held): copy the KV it lacks."""
+        prefill = self.parked_on.pop(r.id)
+        self.in_transfer[r.id] = r
+        delay = prefill.execution.kv_transfer_s(r.num_computed_tokens - cached_tokens, self.inter_node,
+                                                decode.execution.plan.num_gpus)
+        self.env.process(self._land(prefill, decode, r, self.env.now + delay))
+
+    def _land(self, prefill: Replica, decode: Replica, r: Request, at: float):
         yield self.env.at(at)
         del self.in_transfer[r.id]
-        self.router.pick(r, self.decode_replicas).submit(r)
+        decode.post(lambda: decode.scheduler.adopt(r))
+        prefill.post(lambda: prefill.drop_parked(r))
 
     def in_flight(self) -> list[Request]:
         return list(self.in_transfer.values())

@@ -126,6 +126,15 @@ class Replica:
         self.scheduler.release(request)
         self.num_outstanding -= 1
 
+    def park(self, request: Request) -> None:
+        """Let a running request go while its KV stays here until pulled (``drop_parked``); at a boundary."""
+        self.scheduler.park(request)
+        self.num_outstanding -= 1
+
+    def drop_parked(self, request: Request) -> None:
+        """A parked request's KV has been pulled: free it here (at a boundary) and schedule afresh."""
+        self.scheduler.drop_parked(request)
+
     def num_used_blocks_now(self) -> int:
         """KV blocks in use as stepping would show them now (a decode run books its blocks when it ends)."""
         if self.run_state is None:
@@ -196,7 +205,13 @@ class Replica:
             start = env.now
             out = scheduler.schedule()
             if out.is_empty:
-                raise RuntimeError(f"replica {self.id}: scheduler produced an empty batch with work queued")
+                if not scheduler.has_work:
+                    continue  # what was queued left the queue without running (a DistServe pull started)
+                if not (scheduler.num_parked or scheduler.num_reserved_seqs):
+                    raise RuntimeError(f"replica {self.id}: scheduler produced an empty batch with work queued")
+                # KV or batch slots held for copies between instances leave no room: wait for one to land.
+                yield from self.wait_for_work()
+                continue
             if self.fast_forward:
                 # A DistServe prefill instance hands a request over after the step that samples its first token,
                 # so its decodes (a prompt's last token) never run on. A request held by async scheduling joins

@@ -170,7 +170,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         replicas.append(make_replica(env, rid, cfg, pool, recorder, on_prefilled))
     entry = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role != "decode"]
     if distserve is not None:
-        distserve.decode_replicas = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"]
+        distserve.connect([rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"])
     whole = distserve.decode_replicas[0] if distserve is not None else entry[0]
     llumnix = None
     if cfg.cluster.policy == "llumnix":

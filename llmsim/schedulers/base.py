@@ -94,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is evicted first
         self.num_reserved_seqs = 0  # batch slots held for requests migrating in
+        self.num_parked = 0  # requests out of the batch whose KV is held here until pulled
         # Requests in a pipeline micro-batch still in flight: they sit out (and are never evicted) until it lands.
         self.busy: set[int] = set()
         self.micro_batches = 1  # set by a pipelined replica
@@ -168,6 +169,17 @@ class Scheduler:
         """A running request leaves this replica, with its KV (whose blocks are freed here)."""
         self.running.remove(request)
         self.blocks.free(request)
+
+    def park(self, request: Request) -> None:
+        """A running request leaves the batch, its KV still held here until another instance has pulled it
+        (DistServe's hand-off); ``drop_parked`` frees it then."""
+        self.running.remove(request)
+        self.num_parked += 1
+
+    def drop_parked(self, request: Request) -> None:
+        """A parked request's KV has been pulled: its blocks are freed (into the prefix cache, where on)."""
+        self.blocks.free(request)
+        self.num_parked -= 1
 
     def reserve_seq(self) -> None:
         """Hold a batch slot for a request migrating in."""

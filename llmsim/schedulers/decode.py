@@ -1,17 +1,20 @@
-"""The scheduler of a DistServe decode instance: requests arrive with their prompt's KV already computed (handed
-over from a prefill instance) and join the running decode batch in arrival order as soon as the KV cache (above
-the watermark) and the sequence limit allow. A request preempted here by recompute re-runs its prefill here,
-FCFS-style (a step with a prefill runs prefills only).
+"""The scheduler of a DistServe decode instance: requests arrive with their prompt's KV computed on a prefill
+instance and are admitted in arrival order as soon as the KV cache (above the watermark) and the sequence limit
+allow. Admission pulls the KV (DistServe's pull-based hand-off): the request holds its blocks and a batch slot
+here while the KV crosses the link (``on_pull`` tells the cluster policy, which ``adopt``s it into the batch
+when the copy lands). A request preempted here by recompute re-runs its prefill here, FCFS-style (a step with a
+prefill runs prefills only).
 
 With prefix caching (the experiment's ``enable_prefix_caching``) the decode instance has a prefix cache of its
 own, as a vLLM decode instance does: a handed-over request shares the blocks of its longest prefix cached here
 (another request's system prompt or earlier turns) instead of holding copies, and the named blocks its
-transferred KV fills are cached here for later requests. The transfer still carries the whole prompt (vLLM's KV
-connectors skip locally cached blocks; not modelled), and a request re-prefilled after a recompute preemption
-does not look the cache up.
+transferred KV fills are cached here for later requests; the pull carries only the blocks not cached here (as
+vLLM's KV connectors do). A request re-prefilled after a recompute preemption does not look the cache up.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from llmsim.request import Request, RequestStatus
 from llmsim.schedulers.base import SchedulerOutput
@@ -24,6 +27,9 @@ def _handed_over(request: Request, num_new_tokens: int) -> bool:
 
 class DecodeScheduler(FCFSScheduler):
     """FCFS admission and decoding; only what admitting a handed-over request means differs."""
+
+    # Called with (request, tokens of its prompt cached here) when admission starts pulling its KV.
+    on_pull: Callable[[Request, int], None] | None = None
 
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         blocks = self.blocks
@@ -39,16 +45,23 @@ class DecodeScheduler(FCFSScheduler):
             # Handed-over KV: hold blocks for the computed tokens (sharing a prefix cached here); FCFS's decode
             # pass adds its slot this step.
             blocks = self.blocks
+            cached_tokens = 0
             if blocks.caching:
                 computed = request.num_computed_tokens
                 hit = blocks.lookup(request)
                 request.num_computed_tokens = hit.num_tokens  # allocate_slots counts from the hit ...
                 if not blocks.allocate_slots(request, hit, computed - hit.num_tokens):
                     raise RuntimeError(f"request {request.id}: admitted without room for its KV")
-                request.num_computed_tokens = computed  # ... and the transfer filled the rest
+                request.num_computed_tokens = computed  # ... and the transfer fills the rest
+                cached_tokens = hit.num_tokens
             else:
                 blocks.allocate(request, 0)
             self.waiting.popleft()
+            if self.on_pull is not None:  # the KV is pulled now; the request joins the batch when it lands
+                request.status = RequestStatus.MIGRATING
+                self.num_reserved_seqs += 1
+                self.on_pull(request, cached_tokens)
+                return
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             return
