@@ -101,6 +101,10 @@ def scheduler_named(name: str) -> dict:
          policy="llumnix", high_priority=0.2, traffic="shared_prefix", timeout=None)
 @example(seed=28566, scheduler="sarathi", rate=5.75, router="round_robin", mem=0.22, preemption="recompute",
          policy="llumnix", high_priority=0.0, traffic="plain", timeout=None)
+# Found by this test: a DistServe decode instance fast-forwarded while the head of its queue waited on a prefix
+# the running requests were still generating (multi-turn), so stepping admitted it sooner.
+@example(seed=927, scheduler="vllm_v1_sync", rate=52.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="distserve", high_priority=0.2, traffic="shared_prefix", timeout=None)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
                                       traffic, timeout):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
