@@ -291,15 +291,19 @@ class BlockManager:
         evictable = sum(1 for b in hits if b.ref == 0) + num_run
         return PrefixHit(tuple(hits), num_run, evictable, (len(hits) + num_run) * self.block_size)
 
+    def free_blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
+        """Free blocks a request that holds none uses to hold ``num_tokens`` tokens from its cached prefix
+        ``hit``: the blocks past the hit, and the hit's blocks still in the free queue (taking them out of the
+        queue uses them)."""
+        return self.blocks_for(num_tokens) - len(hit.blocks) - hit.num_run_blocks + hit.num_evictable
+
     def allocate_slots(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool:
         """Admit a request that holds no blocks: take its cached prefix ``hit`` (its computed tokens become the
         hit's) and room for ``num_new_tokens`` more. False, changing nothing, when they do not fit (vLLM v1's
-        ``allocate_slots``; the hit's blocks still in the free queue count against the free blocks, since
-        taking them out of the queue uses them)."""
-        num_hit = len(hit.blocks) + hit.num_run_blocks
-        need = self.blocks_for(hit.num_tokens + num_new_tokens) - num_hit
-        if need + hit.num_evictable > self.num_free_blocks:
+        ``allocate_slots``)."""
+        if self.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens) > self.num_free_blocks:
             return False
+        num_hit = len(hit.blocks) + hit.num_run_blocks
         run = self._runs.pop(request.id, None)
         if run is not None:
             # The hit takes the run's lowest blocks; those above stay where they are in the queue, free and

@@ -194,14 +194,14 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         rep = replicas[r.replica_id]
         rep.post(lambda: rep.abort(r, timeout_reason))
 
-    chat = requests if isinstance(requests, ClosedLoop) else None
+    closed_loop = requests if isinstance(requests, ClosedLoop) else None
 
     def arrivals(stream: Iterable[Request]):
         for r in stream:
             at = r.arrival_s + frontend_s if frontend_s else r.arrival_s  # the engine sees it after the front end
             if at > env.now:
                 yield env.urgent_at(at)
-            if chat is not None:  # ids in arrival order (a later turn is drawn when the one before it ends)
+            if closed_loop is not None:  # ids in arrival order (a later turn is drawn when the one before it ends)
                 r.id = counts["arrived"]
             counts["arrived"] += 1
             if on_progress is not None and counts["arrived"] % 1024 == 0:
@@ -216,16 +216,16 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
                 deadline = max(r.arrival_s + timeout_s, env.now)  # the client's clock starts when it sends
                 env.at(deadline).callbacks.append(lambda _, r=r: give_up(r))
 
-    if chat is None:
+    if closed_loop is None:
         env.process(arrivals(requests))
     else:
         def turn_ended(r: Request, status: str) -> None:
-            follow = chat.next_turn(r, status)
+            follow = closed_loop.next_turn(r, status)
             if follow is not None and status != "in_flight":  # sent after the user's think time
                 env.process(arrivals((follow,)))
 
         recorder.on_request_end = turn_ended
-        env.process(arrivals(chat.first_turns))
+        env.process(arrivals(closed_loop.first_turns))
     env.run(until=cfg.simulation.max_time_s)
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)

@@ -28,7 +28,8 @@ def _handed_over(request: Request, num_new_tokens: int) -> bool:
 class DecodeScheduler(FCFSScheduler):
     """FCFS admission and decoding; only what admitting a handed-over request means differs."""
 
-    # Called with (request, tokens of its prompt cached here) when admission starts pulling its KV.
+    # Called with (request, tokens of its prompt cached here) when admission starts pulling its KV; set by the
+    # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
 
     def allows_fast_forward(self, out: SchedulerOutput) -> bool:
@@ -41,36 +42,26 @@ class DecodeScheduler(FCFSScheduler):
 
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         blocks = self.blocks
-        if not (blocks.caching and _handed_over(request, num_new_tokens)):
+        if not _handed_over(request, num_new_tokens):
             return blocks.can_admit(request, num_new_tokens)
-        hit = blocks.lookup(request)
-        held = len(hit.blocks) + hit.num_run_blocks
-        need = blocks.blocks_for(request.num_computed_tokens + num_new_tokens) - held + hit.num_evictable
+        # Its prompt's KV plus this step's token, from the prefix cached here (none without prefix caching).
+        need = blocks.free_blocks_to_admit(blocks.lookup(request), request.num_computed_tokens + num_new_tokens)
         return need + blocks.watermark_blocks <= blocks.num_free_blocks
 
     def _admit(self, request, num_new_tokens: int, out: SchedulerOutput) -> None:
-        if _handed_over(request, num_new_tokens):
-            # Handed-over KV: hold blocks for the computed tokens (sharing a prefix cached here); FCFS's decode
-            # pass adds its slot this step.
-            blocks = self.blocks
-            cached_tokens = 0
-            if blocks.caching:
-                computed = request.num_computed_tokens
-                hit = blocks.lookup(request)
-                request.num_computed_tokens = hit.num_tokens  # allocate_slots counts from the hit ...
-                if not blocks.allocate_slots(request, hit, computed - hit.num_tokens):
-                    raise RuntimeError(f"request {request.id}: admitted without room for its KV")
-                request.num_computed_tokens = computed  # ... and the transfer fills the rest
-                cached_tokens = hit.num_tokens
-            else:
-                blocks.allocate(request, 0)
-            self.waiting.popleft()
-            if self.on_pull is not None:  # the KV is pulled now; the request joins the batch when it lands
-                request.status = RequestStatus.MIGRATING
-                self.num_reserved_seqs += 1
-                self.on_pull(request, cached_tokens)
-                return
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+        if not _handed_over(request, num_new_tokens):
+            super()._admit(request, num_new_tokens, out)
             return
-        super()._admit(request, num_new_tokens, out)
+        # Handed-over KV: hold blocks for the computed tokens, sharing the prefix cached here, and pull the rest;
+        # the request joins the batch when the copy lands (``adopt``).
+        blocks = self.blocks
+        computed = request.num_computed_tokens
+        hit = blocks.lookup(request)
+        request.num_computed_tokens = hit.num_tokens  # allocate_slots counts from the hit ...
+        if not blocks.allocate_slots(request, hit, computed - hit.num_tokens):
+            raise RuntimeError(f"request {request.id}: admitted without room for its KV")
+        request.num_computed_tokens = computed  # ... and the transfer fills the rest
+        self.waiting.popleft()
+        request.status = RequestStatus.MIGRATING
+        self.num_reserved_seqs += 1
+        self.on_pull(request, hit.num_tokens)
