@@ -132,7 +132,7 @@ class Replica:
         self.num_outstanding -= 1
 
     def drop_parked(self, request: Request) -> None:
-        """A parked request's KV has been pulled: free it here (at a boundary) and schedule afresh."""
+        """A parked request's KV has been pulled: free it here (at a boundary; ``post`` wakes the replica)."""
         self.scheduler.drop_parked(request)
 
     def num_used_blocks_now(self) -> int:

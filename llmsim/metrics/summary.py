@@ -61,10 +61,6 @@ def pooled_percentiles(values: np.ndarray, counts: np.ndarray, qs) -> list[float
     return out
 
 
-def pooled_percentile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
-    return pooled_percentiles(values, counts, (q,))[0]
-
-
 def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     if len(gaps) == 0:
         return {"count": 0}
