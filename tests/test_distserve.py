@@ -109,7 +109,7 @@ def test_decode_instances_share_cached_prefixes():
     copies, _ = decode_kv(False)
     assert shared < 0.5 * copies  # 1,200 of each ~1,300-token prompt is one of four system prompts
     decode = result.replicas[1]
-    assert decode.blocks.caching and len(decode.blocks._cached) > 0
+    assert decode.blocks.caching and decode.blocks.num_cached_blocks > 0
     stepped, stepped_result = decode_kv(True, ff=False)
     pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped_result.recorder.request_frame(),
                                   check_exact=True)
