@@ -209,7 +209,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     path = profile_path(args.device)
     out = Path(args.out) if args.out else path
     split = Split(tuple(args.hold_out_model), tuple(args.hold_out_workers), tuple(args.hold_out_heads),
-                  tuple(args.hold_out_gemm_k))
+                  tuple(args.hold_out_gemm_k), args.gemm_source)
     command = _command_line(f"llmsim calibrate --device {args.device} "
                             + " ".join(f"--measurements {m}" for m in args.measurements))
     profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out,
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep attention rows of this head layout per GPU (e.g. 32/8) out of the fit (repeatable)")
     cal.add_argument("--hold-out-gemm-k", action="append", default=[], type=int, metavar="K",
                      help="keep bare GEMMs with this inner dimension (e.g. 5120) out of the fit (repeatable)")
+    cal.add_argument("--gemm-source", metavar="PREFIX",
+                     help="fit the GEMM curves only on rows whose source starts with PREFIX (e.g. aiconfigurator: "
+                          "the engine version to model); other sources' GEMMs are validated as held-out")
     cal.add_argument("--out", help="where to write the fitted profile (default: overwrite the profile)")
     cal.add_argument("--report-dir", help="folder for the markdown report and parity plot (default: validation/ "
                                           "beside the written profile)")

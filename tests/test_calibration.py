@@ -49,14 +49,32 @@ def test_row_work_matches_hand_counts():
 
 
 @given(flops=st.floats(0, 1e15), num_bytes=st.floats(1, 1e11), tokens=st.integers(1, 10_000),
-       max_eff=st.floats(0.05, 1), half=st.floats(0, 1000), mem=st.floats(0.05, 1), overhead=st.floats(0, 1e-4))
-def test_vectorised_roofline_is_op_time(flops, num_bytes, tokens, max_eff, half, mem, overhead):
-    eff = OpEfficiency(compute=ComputeEfficiency(max_eff=max_eff, half_tokens=half), memory_eff=mem,
-                       overhead_s=overhead)
-    expected = op_time_s(eff, 312e12, 2e12, flops, num_bytes, tokens)
-    got = roofline_s(np.array([flops]), np.array([num_bytes]), np.array([float(tokens)]), 312e12, 2e12,
-                     max_eff, half, mem, overhead)[0]
+       max_eff=st.floats(0.05, 1), half=st.floats(0, 1000), mem=st.floats(0.05, 1), overhead=st.floats(0, 1e-4),
+       gemm=st.one_of(st.none(), st.tuples(st.integers(1, 65536), st.integers(1, 65536), st.floats(0, 1e4),
+                                          st.floats(0, 1e4), st.floats(0, 100), st.floats(0, 1e-9))),
+       softness=st.one_of(st.none(), st.floats(1, 8)))
+def test_vectorised_roofline_is_op_time(flops, num_bytes, tokens, max_eff, half, mem, overhead, gemm, softness):
+    k, n, half_k, half_n, half_tiles, k_latency = gemm or (0, 0, 0.0, 0.0, 0.0, 0.0)
+    eff = OpEfficiency(compute=ComputeEfficiency(max_eff=max_eff, half_tokens=half, half_k=half_k, half_n=half_n,
+                                                 half_tiles=half_tiles),
+                       memory_eff=mem, overhead_s=overhead, k_latency_s=k_latency, softness=softness)
+    expected = op_time_s(eff, 312e12, 2e12, flops, num_bytes, tokens, k, n)
+    got = roofline_s(eff, np.array([flops]), np.array([num_bytes]), np.array([float(tokens)]), np.array([float(k)]),
+                     np.array([float(n)]), 312e12, 2e12)[0]
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemm_shape_terms_by_hand():
+    """A 512 x 4096 x 1024 GEMM: 32 output tiles of 128 x 128; the terms as the profile documents them."""
+    compute = ComputeEfficiency(max_eff=0.8, half_tokens=64.0, half_k=1024.0, half_n=1024.0, half_tiles=32.0)
+    assert compute.at_shape(512, 4096, 1024) == pytest.approx(0.8 * 512 / 576 * 0.8 * 0.5 * 0.5)
+    assert compute.at_shape(512, 0, 0) == compute.at(512)  # not a GEMM: the M curve alone
+    eff = OpEfficiency(compute=compute, memory_eff=0.5, overhead_s=2e-6, k_latency_s=1e-9, softness=2.0)
+    flops, num_bytes = 2.0 * 512 * 4096 * 1024, 10e6
+    c = flops / (1e15 * compute.at_shape(512, 4096, 1024))
+    m = num_bytes / (2e12 * 0.5)
+    assert op_time_s(eff, 1e15, 2e12, flops, num_bytes, 512, 4096, 1024) == pytest.approx(
+        (c * c + m * m) ** 0.5 + 2e-6 + 4096e-9)
 
 
 def test_calibration_recovers_known_parameters():
@@ -104,27 +122,33 @@ def test_held_out_rows_do_not_move_the_fit():
     assert clean == dirty
 
 
-@pytest.mark.parametrize("device, bound", [("a100-80gb", 0.10), ("h100-sxm", 0.12)])
-def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, bound):
-    """The committed profiles' validation numbers come out of the shipped data, and held-out linear-op MAPE stays
-    within the bound stated in the README (A100 <= 10%, H100 <= 12%)."""
+@pytest.mark.parametrize("device, stack_gap", [("a100-80gb", (-0.16, -0.08)), ("h100-sxm", (-0.26, -0.16))])
+def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_gap):
+    """The committed profiles' validation numbers come out of the shipped data; held-out vLLM GEMMs (K = 5120,
+    8192) stay within the README's 9% (H100 FP8: 7%); Vidur's layer GEMMs, from an older software stack and not
+    fitted, run slower than vLLM 0.14's by the gap the README states (median signed error)."""
     profile = load_profile(device)
-    assert profile.calibrated
+    assert profile.calibrated and profile.calibration["gemm_source"] == "aiconfigurator"
     result = validate(profile_path(device), None, tmp_path, "test")
     table = result.table
-    held = table[table["split"] == "held-out"].set_index("op")["mape"]
+    held = table[table["split"] == "held-out"].set_index("op")
+    assert held.loc["gemm", "mape"] <= 0.09
+    if device == "h100-sxm":
+        assert held.loc["gemm (fp8)", "mape"] <= 0.07
     for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"):
-        assert held[op] <= bound, (op, held[op])
+        assert stack_gap[0] <= held.loc[op, "bias"] <= stack_gap[1], (op, held.loc[op, "bias"])
+    assert "fit" not in set(table.loc[table["op"].isin(("attn_pre_proj", "layer (sum of ops)")), "split"])
+    held = held["mape"]
     # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
     # 40/40); bounds as the README states them (decode <= 9%, prefill <= 16%), vLLM's custom all-reduce <= 25%.
     assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= 0.16, held
     assert held["all_reduce (vLLM custom)"] <= 0.25
-    if device == "h100-sxm":  # vLLM's tuned fused-MoE kernel for Mixtral's TP2 shard runs at the GEMM curve
+    if device == "h100-sxm":  # vLLM's fused-MoE kernel for Mixtral's TP2 shard: 17% faster on the GEMM curve
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"))
         mixtral = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 2)
                    & (rows.df["dtype"] == "bf16")).to_numpy()
-        err = np.abs(predict_s(profile, rows)[mixtral] / rows.measured_s[mixtral] - 1)
-        assert len(err) == 27 and err.mean() <= 0.10
+        err = predict_s(profile, rows)[mixtral] / rows.measured_s[mixtral] - 1
+        assert len(err) == 27 and np.abs(err).mean() <= 0.20 and np.median(err) < 0
     recorded = profile.validation["mape"]["held-out"]
     assert {op: round(float(v), 4) for op, v in held.items()} == recorded
     assert result.plot_path.stat().st_size > 10_000
@@ -160,14 +184,17 @@ def test_aiconfigurator_import_maps_columns(tmp_path):
 def test_validating_on_unseen_shapes_labels_them_held_out(tmp_path):
     """Rows of shapes the profile's own measurements do not contain are never reported under "fit"."""
     df = read_measurements(ROOT / "hardware_profiles" / "measurements" / "vidur-a100.csv.gz")
-    seen = df[(df["model"] == "meta-llama/Llama-2-7b-hf") & (df["op"] == "attn_pre_proj")].head(20)
+    llama = df[df["model"] == "meta-llama/Llama-2-7b-hf"]
+    seen = pd.concat([llama[llama["op"] == "input_layernorm"].head(20), llama[llama["op"] == "attn_pre_proj"].head(5)])
     other = seen.assign(model="someone/else-7b")
     path = tmp_path / "mixed.csv"
     write_measurements(pd.concat([seen, other]), path)
     result = validate(profile_path("a100-80gb"), [path], tmp_path, "test")
     table = result.table.set_index(["split", "op"])
-    assert table.loc[("held-out", "attn_pre_proj"), "rows"] >= 1
-    assert table.loc[("fit", "attn_pre_proj"), "rows"] == (seen["op"] == "attn_pre_proj").sum()
+    assert table.loc[("held-out", "input_layernorm"), "rows"] == 20
+    assert table.loc[("fit", "input_layernorm"), "rows"] == 20
+    # Vidur's GEMMs: the GEMM curves were fitted on aiconfigurator's only, so even the seen model's are held out.
+    assert table.loc[("held-out", "attn_pre_proj"), "rows"] == 10 and ("fit", "attn_pre_proj") not in table.index
 
 
 def test_calibrate_refuses_a_hold_out_that_matches_nothing(tmp_path, capsys):
@@ -175,6 +202,10 @@ def test_calibrate_refuses_a_hold_out_that_matches_nothing(tmp_path, capsys):
                  str(ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"), "--hold-out-model", "Nope-1B",
                  "--out", str(tmp_path / "p.yaml"), "--report-dir", str(tmp_path)]) == 2
     assert "--hold-out-model 'Nope-1B' matches no measured row" in capsys.readouterr().err
+    assert main(["calibrate", "--device", "cpu", "--measurements",
+                 str(ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"), "--gemm-source", "aiconfig",
+                 "--out", str(tmp_path / "p.yaml"), "--report-dir", str(tmp_path)]) == 2
+    assert "--gemm-source 'aiconfig' matches no measured GEMM's source" in capsys.readouterr().err
 
 
 def test_vidur_import_and_schema_round_trip(tmp_path):
@@ -227,3 +258,37 @@ def test_validating_a_copied_profile_leaves_the_shipped_report_alone(tmp_path):
     assert shipped.read_bytes() == before
     # The copy cannot reach the measurements it was fitted on: every row is reported as unseen.
     assert "| held-out | mlp_up_proj | 30 |" in (tmp_path / "validation" / "my-a100.md").read_text()
+
+
+def test_tiled_gemm_fit_recovers_shape_terms_and_keeps_to_its_source():
+    """Bare GEMMs over M x K x N from a known tiled curve (2% noise) are fitted back; layer GEMMs of another source,
+    five times slower, are left out by ``gemm_source`` (and would move the fit otherwise)."""
+    profile = load_profile("h100-sxm")
+    truth = OpEfficiency(compute=ComputeEfficiency(max_eff=0.85, half_tokens=20.0, half_k=150.0, half_tiles=4.0),
+                         memory_eff=0.9, overhead_s=3e-6, k_latency_s=0.4e-9, softness=3.0)
+    profile = profile.model_copy(update={"efficiency": {**profile.efficiency, "linear": truth}})
+    sizes = (512, 1024, 2048, 4096, 8192, 16384)
+    grid = [{"device": "synthetic", "op": "gemm", "dtype": "bf16", "num_tokens": m, "gemm_k": k, "gemm_n": n,
+             "median_ms": 1.0, "source": "aiconfigurator gemm"}
+            for m in (1, 4, 16, 64, 128, 256, 512, 1024, 4096, 8192) for k in sizes for n in sizes]
+    layers = compute_rows({"llama7": LLAMA_7B}).assign(source="vidur:compute")
+    df = pd.concat([normalize(pd.DataFrame(grid)), layers], ignore_index=True)
+    rows = Rows(df)
+    rng = np.random.default_rng(1)
+    df["median_ms"] = predict_s(profile, rows) * 1e3 * rng.lognormal(0.0, 0.02, len(df))
+    df.loc[df["source"] == "vidur:compute", "median_ms"] *= 5.0
+    rows = Rows(df)
+    start = profile.model_copy(update={"efficiency": {**profile.efficiency, "linear": load_profile("cpu").efficiency[
+        "linear"]}})
+    got = calibrate(start, rows, Split(gemm_source="aiconfigurator")).efficiency["linear"]
+    assert got.compute.max_eff == pytest.approx(0.85, rel=0.05)
+    assert got.compute.half_k == pytest.approx(150.0, rel=0.25)
+    assert got.memory_eff == pytest.approx(0.9, rel=0.05)
+    fitted = start.model_copy(update={"efficiency": {**start.efficiency, "linear": got}})
+    bare = (df["op"] == "gemm").to_numpy()
+    truth_s = predict_s(profile, rows)[bare]
+    clean_error = np.median(np.abs(predict_s(fitted, rows)[bare] / truth_s - 1))
+    assert clean_error < 0.01
+    mixed = calibrate(start, rows, Split()).efficiency["linear"]
+    mixed_profile = start.model_copy(update={"efficiency": {**start.efficiency, "linear": mixed}})
+    assert np.median(np.abs(predict_s(mixed_profile, rows)[bare] / truth_s - 1)) > 3 * clean_error

@@ -128,8 +128,9 @@ def test_precision_as_engines_have_it():
     assert ex_b.peak_flops == h100.peak("fp8") and ex_b.act_peak_flops == h100.peak("bf16")
     # FP8 GEMMs on their own fitted curve at the FP8 peak; attention at the activations' peak.
     bw = h100.memory_bandwidth_bytes_per_s
+    assert (qkv_b.gemm_k, qkv_b.gemm_n) == (h, n_out)
     assert ex_b.op_cost(qkv_b) == op_time_s(h100.efficiency["linear_fp8"], h100.peak("fp8"), bw, qkv_b.flops,
-                                            qkv_b.num_bytes, qkv_b.num_tokens)
+                                            qkv_b.num_bytes, qkv_b.num_tokens, h, n_out)
     rope = by_name(ops.dense_layer_ops(b, 64))["attn_rope"]
     assert ex_b.op_cost(rope) == op_time_s(h100.efficiency["rope"], h100.peak("bf16"), bw, rope.flops,
                                            rope.num_bytes, rope.num_tokens)
@@ -155,5 +156,8 @@ def test_moe_layer_is_one_fused_expert_kernel():
     assert moe.num_tokens == 1.0  # each expert's GEMM gets one token
     h100 = load_profile("h100-sxm")
     ex = ExecutionModel(mixtral, h100, ParallelPlan(tp=2))
+    # Shape terms of the first grouped GEMM, whose grid spans the output columns of every active expert.
+    assert (moe.gemm_k, moe.gemm_n) == (4096, 2 * ffn * 8)
     assert ex.op_cost(moe) == op_time_s(h100.efficiency["linear"], h100.peak("bf16"),
-                                        h100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes, moe.num_tokens)
+                                        h100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes, moe.num_tokens,
+                                        4096, 2 * ffn * 8)

@@ -1,6 +1,7 @@
 """Fit a profile's efficiency curves and collective models to measured latencies.
 
-Each op kind gets ``max_eff``, ``half_tokens``, ``memory_eff`` and ``overhead_s`` of the roofline; each collective
+Each op kind gets ``max_eff``, ``half_tokens``, ``memory_eff`` and ``overhead_s`` of the roofline (GEMMs also their
+shape terms, soft maximum and reduction latency); each collective
 (inside a node, across nodes) gets an alpha-beta ``latency_s`` and bus ``bandwidth``. The fit minimises the log of
 predicted / measured time (relative error, symmetric in over- and under-prediction) with a soft-L1 loss, so a few
 noisy microsecond-scale rows cannot drag the curve. Held-out rows are split off before fitting and never seen.
@@ -32,6 +33,8 @@ VALIDATION_ONLY_KINDS = ("moe", "moe_fp8")
 # Every fit starts from the same point, not from the profile's current values, so refitting a fitted profile
 # reproduces it exactly (the optimiser's end point depends on its start).
 START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds
+# max_eff, half_tokens, memory_eff, overhead (us), half_k, half_n, half_tiles, softness, K latency (ns)
+GEMM_START = (0.6, 64.0, 0.7, 5.0, 100.0, 50.0, 10.0, 2.0, 0.5)
 LINK_START = (10.0, 100.0)  # latency in microseconds, bandwidth in GB/s
 
 
@@ -45,6 +48,8 @@ class Split:
     held_out_num_workers: tuple[int, ...] = ()
     held_out_head_layouts: tuple[str, ...] = ()
     held_out_gemm_k: tuple[int, ...] = ()  # bare GEMM rows (op ``gemm``) of these inner dimensions
+    # Fit the GEMM curves only on rows whose ``source`` starts with this; other sources' GEMMs are validated.
+    gemm_source: str | None = None
 
     def held_out(self, df: pd.DataFrame) -> np.ndarray:
         by_model = df["model"].isin(self.held_out_models).to_numpy()
@@ -54,6 +59,16 @@ class Split:
                      & np.isin(layout, list(self.held_out_head_layouts)))
         by_gemm = (df["op"] == "gemm").to_numpy() & df["gemm_k"].isin(self.held_out_gemm_k).to_numpy()
         return by_model | by_workers | by_layout | by_gemm
+
+    def other_gemm_source(self, rows: Rows) -> np.ndarray:
+        """GEMM rows (kinds ``linear*``) that ``gemm_source`` leaves out of the fit: measured on another software
+        stack than the one the GEMM curves model (vLLM 0.14's GEMMs from aiconfigurator, where Vidur's older
+        stack takes 1.2-1.4x as long on identical shapes at M = 80-1024 on H100, median)."""
+        if self.gemm_source is None:
+            return np.zeros(len(rows), dtype=bool)
+        source = rows.df["source"].fillna("").astype(str)
+        gemm = np.array([str(k).startswith("linear") for k in rows.kind])
+        return gemm & ~source.str.startswith(self.gemm_source).to_numpy()
 
 
 def _int(value) -> str:
@@ -71,10 +86,42 @@ def l2_resident(profile: HardwareProfile, rows: Rows) -> np.ndarray:
     return (rows.kind == "attention_decode") & (kv > profile.l2_cache_bytes / 16) & (kv < profile.l2_cache_bytes)
 
 
+def _eff(max_eff, half_tokens, memory_eff, overhead_s, half_k=0.0, half_n=0.0, half_tiles=0.0, softness=None,
+         k_latency_s=0.0) -> OpEfficiency:
+    """An unvalidated efficiency for the optimiser's inner loop."""
+    compute = ComputeEfficiency.model_construct(max_eff=max_eff, half_tokens=half_tokens, half_k=half_k,
+                                                half_n=half_n, half_tiles=half_tiles)
+    return OpEfficiency.model_construct(compute=compute, memory_eff=memory_eff, overhead_s=overhead_s,
+                                        k_latency_s=k_latency_s, softness=softness)
+
+
+def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidth: float) -> OpEfficiency:
+    """Least-squares fit of a GEMM kind: the roofline's four parameters, the shape terms (``half_k``,
+    ``half_n``, ``half_tiles``), the soft maximum and the reduction's latency per K element."""
+    f, b, t, y = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask]
+    k, n = rows.gemm_k[mask], rows.gemm_n[mask]
+
+    def eff_of(x):  # overhead in microseconds and latency in ns per K element, for the optimiser
+        return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9)
+
+    def residuals(x):
+        return np.log(roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth) / y)
+
+    lower = [0.01, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0]
+    fit = least_squares(residuals, GEMM_START, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
+    x = [float(v) for v in fit.x]
+    compute = ComputeEfficiency(max_eff=round(x[0], 4), half_tokens=round(x[1], 2), half_k=round(x[4], 2),
+                                half_n=round(x[5], 2), half_tiles=round(x[6], 3))
+    return OpEfficiency(compute=compute, memory_eff=round(x[2], 4), overhead_s=round(x[3] * 1e-6, 9),
+                        k_latency_s=round(x[8] * 1e-9, 13), softness=round(x[7], 4))
+
+
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
                    kept_compute: ComputeEfficiency) -> OpEfficiency:
     """Least-squares fit of one op kind's roofline parameters on ``rows[mask]``."""
     f, b, t, y, p = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask], peak
+    zero = np.zeros(len(f))
     fit_compute = kind in COMPUTE_BOUND_KINDS
 
     def unpack(x):
@@ -84,7 +131,8 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
 
     def residuals(x):
         max_eff, half_tokens, memory_eff, overhead_us = unpack(x)
-        predicted = roofline_s(f, b, t, p, bandwidth, max_eff, half_tokens, memory_eff, overhead_us * 1e-6)
+        predicted = roofline_s(_eff(max_eff, half_tokens, memory_eff, overhead_us * 1e-6), f, b, t, zero, zero, p,
+                               bandwidth)
         return np.log(predicted / y)
 
     # Overhead is fitted in microseconds so that every parameter is O(1)-O(100) for the optimiser.
@@ -158,7 +206,7 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
 
 def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwareProfile:
     """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
-    train = ~split.held_out(rows.df) & ~l2_resident(profile, rows)
+    train = ~split.held_out(rows.df) & ~l2_resident(profile, rows) & ~split.other_gemm_source(rows)
     efficiency = dict(profile.efficiency)
     links: dict[str, LinkModel] = {}
     kernels: dict[str, object] = {}
@@ -180,6 +228,9 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
                 links[kind] = fit_link(rows, mask, kind)
             continue
         peak = peak_flops(profile, rows, mask)
+        if kind.startswith("linear") and profile.gemm_model == "tiled":
+            efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s)
+            continue
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
         current = efficiency.get(kind)
         kept = current.compute if current else ComputeEfficiency(max_eff=START[0], half_tokens=START[1])

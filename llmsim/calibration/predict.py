@@ -17,7 +17,7 @@ from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
-from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
 from llmsim.models.spec import ModelSpec
 
@@ -96,6 +96,8 @@ class Rows:
         self.flops = np.zeros(n)
         self.num_bytes = np.zeros(n)
         self.num_tokens = np.zeros(n)
+        self.gemm_k = np.zeros(n)  # a GEMM's inner dimension and output width (0: no GEMM)
+        self.gemm_n = np.zeros(n)
         self.dtype = np.array([d if isinstance(d, str) else "fp16" for d in self.df["dtype"]], dtype=object)
         # Attention rows: what the fitted kernels depend on besides FLOPs and bytes.
         self.mean_keys = np.zeros(n)
@@ -111,6 +113,7 @@ class Rows:
             work = row_work(row)
             self.kind[i] = work.kind
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
+            self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
             if row.op in ("attn_prefill", "attn_decode"):
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads
@@ -142,12 +145,19 @@ def is_link_kind(kind: str) -> bool:
     return kind.split("_inter_node")[0].split("_custom")[0] in COLLECTIVE_OPS
 
 
-def roofline_s(flops, num_bytes, num_tokens, peak, bandwidth, max_eff, half_tokens, memory_eff, overhead_s):
-    """``op_time_s`` on arrays: ``max(flops / (peak * eff(M)), bytes / (bw * memory_eff)) + overhead``."""
+def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, peak, bandwidth):
+    """``op_time_s`` on arrays (``gemm_k`` 0 where a row is no GEMM)."""
+    c = eff.compute
     with np.errstate(divide="ignore", invalid="ignore"):
-        eff = max_eff * num_tokens / (num_tokens + half_tokens)
-        compute = np.where(flops > 0, flops / (peak * eff), 0.0)
-    return np.maximum(compute, num_bytes / (bandwidth * memory_eff)) + overhead_s
+        rate = c.max_eff * num_tokens / (num_tokens + c.half_tokens)
+        tiles = num_tokens * gemm_n / (GEMM_TILE * GEMM_TILE)
+        shape = gemm_k / (gemm_k + c.half_k) * gemm_n / (gemm_n + c.half_n) * tiles / (tiles + c.half_tiles)
+        rate = np.where(gemm_k > 0, rate * shape, rate)
+        compute = np.where(flops > 0, flops / (peak * rate), 0.0)
+    memory = num_bytes / (bandwidth * eff.memory_eff)
+    p = eff.softness
+    bound = np.maximum(compute, memory) if p is None else (compute ** p + memory ** p) ** (1.0 / p)
+    return bound + eff.overhead_s + eff.k_latency_s * gemm_k
 
 
 def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
@@ -190,9 +200,8 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                                     and not kind.startswith(("linear", "moe"))):
             continue
         eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
-        out[m] = roofline_s(rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], peak_flops(profile, rows, m),
-                            profile.memory_bandwidth_bytes_per_s, eff.compute.max_eff, eff.compute.half_tokens,
-                            eff.memory_eff, eff.overhead_s)
+        out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
+                            rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s)
     return out
 
 

@@ -57,8 +57,12 @@ def _layer_sums(per_row: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     keyed = keyed.assign(weight=np.where(keyed["op"] == "add", 2.0, 1.0))
     keyed = keyed.assign(measured_s=keyed["measured_s"] * keyed["weight"],
                          predicted_s=keyed["predicted_s"] * keyed["weight"])
-    groups = keyed.groupby(["model", "tp", "num_tokens", "split"], sort=True)
-    sums = groups.agg(measured_s=("measured_s", "sum"), predicted_s=("predicted_s", "sum"), ops=("op", "nunique"))
+    # A sum with any op the fit did not see is not a fit result: it counts as held-out.
+    keyed = keyed.assign(unseen=keyed["split"] != "fit")
+    groups = keyed.groupby(["model", "tp", "num_tokens"], sort=True)
+    sums = groups.agg(measured_s=("measured_s", "sum"), predicted_s=("predicted_s", "sum"), ops=("op", "nunique"),
+                      unseen=("unseen", "any"))
+    sums["split"] = np.where(sums["unseen"], "held-out", "fit")
     # Models without a separate post-attention norm (parallel attention + MLP, as Phi-2) have 8 of the 9 ops.
     sums = sums[sums["ops"] >= len(_LAYER) - 1].reset_index()
     return pd.DataFrame({"op": "layer (sum of ops)", "model": sums["model"], "split": sums["split"],
@@ -109,7 +113,12 @@ def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, s
         f"Measurements: `{measurements}`. Held-out models: {', '.join(split.held_out_models) or 'none'}; "
         f"held-out collective worker counts: {', '.join(map(str, split.held_out_num_workers)) or 'none'}; "
         f"held-out attention head layouts (query/KV heads per GPU): "
-        f"{', '.join(split.held_out_head_layouts) or 'none'}. Held-out rows were never seen by the fit.",
+        f"{', '.join(split.held_out_head_layouts) or 'none'}; held-out bare-GEMM inner dimensions (K): "
+        f"{', '.join(map(str, split.held_out_gemm_k)) or 'none'}. Held-out rows were never seen by the fit.",
+        "",
+        f"The GEMM curves are fitted only on GEMMs measured by `{split.gemm_source}*` (the engine version they "
+        "model); other sources' GEMM rows validate them from another software stack and count as held-out, and so "
+        "does every layer sum that includes them." if split.gemm_source else "",
         "",
         "`l2-resident`: decode-attention rows whose KV is between 1/16 of the L2 cache and its size. The benchmark "
         "re-reads the same KV, so it comes from L2; in serving every layer's KV is evicted before it is read "

@@ -22,7 +22,8 @@ from llmsim.errors import ConfigError
 from llmsim.hardware.profile import PROFILES_DIR, HardwareProfile, available_profiles, load_profile
 
 METHOD = ("scipy.optimize.least_squares on log(predicted/measured), soft-L1 loss (scale 5%), per op kind "
-          "(roofline max_eff, half_tokens, memory_eff, overhead_s) and per collective (alpha-beta latency, bus "
+          "(roofline max_eff, half_tokens, memory_eff, overhead_s; GEMMs also half_k, half_n, half_tiles, softness, "
+          "k_latency_s, on the rows of gemm_source where one is named) and per collective (alpha-beta latency, bus "
           "bandwidth); held-out rows excluded from the fit")
 
 
@@ -57,7 +58,8 @@ def _read_profile(path: Path) -> HardwareProfile:
 def _split(profile: HardwareProfile) -> Split:
     c = profile.calibration
     return Split(tuple(c.get("held_out_models", ())), tuple(c.get("held_out_num_workers", ())),
-                 tuple(c.get("held_out_head_layouts", ())), tuple(c.get("held_out_gemm_k", ())))
+                 tuple(c.get("held_out_head_layouts", ())), tuple(c.get("held_out_gemm_k", ())),
+                 c.get("gemm_source"))
 
 
 def _stored_measurements(profile: HardwareProfile, path: Path) -> list[Path]:
@@ -77,7 +79,7 @@ def unseen(rows: Rows, fitted: Rows | None, split: Split) -> np.ndarray:
     held = split.held_out(rows.df)
     if fitted is None:
         return held
-    fitted_keys = set(_keys(fitted.df)[~split.held_out(fitted.df)])
+    fitted_keys = set(_keys(fitted.df)[~split.held_out(fitted.df) & ~split.other_gemm_source(fitted)])
     return held | ~np.isin(_keys(rows.df), list(fitted_keys))
 
 
@@ -110,7 +112,7 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
     held = unseen(rows, None if own else (read_all(seen) if seen else None), split)
     if not own and not seen:
         held = np.ones(len(rows), dtype=bool)
-    held |= np.isin(rows.kind, VALIDATION_ONLY_KINDS)  # never fitted
+    held |= np.isin(rows.kind, VALIDATION_ONLY_KINDS) | split.other_gemm_source(rows)  # never fitted
     comparison = compare(profile, rows, held, l2_resident(profile, rows))
     if comparison.empty:
         raise ConfigError(f"{', '.join(map(str, measurements))}: no rows that {profile.name} can predict "
@@ -139,8 +141,9 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
         "held_out_num_workers": list(split.held_out_num_workers),
         "held_out_head_layouts": list(split.held_out_head_layouts),
         "held_out_gemm_k": list(split.held_out_gemm_k),
+        **({"gemm_source": split.gemm_source} if split.gemm_source else {}),
         "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)
-                            & ~np.isin(rows.kind, VALIDATION_ONLY_KINDS)).sum()),
+                            & ~np.isin(rows.kind, VALIDATION_ONLY_KINDS) & ~split.other_gemm_source(rows)).sum()),
         "method": METHOD,
         "date": dt.date.today().isoformat(),
         "command": command,
@@ -174,6 +177,10 @@ def _check_split(rows: Rows, split: Split) -> None:
     for k in split.held_out_gemm_k:
         if k not in gemm_k:
             raise ConfigError(f"--hold-out-gemm-k {k} matches no measured GEMM")
+    if split.gemm_source is not None and not any(
+            str(k).startswith("linear") and str(src).startswith(split.gemm_source)
+            for k, src in zip(rows.kind, df["source"])):
+        raise ConfigError(f"--gemm-source {split.gemm_source!r} matches no measured GEMM's source")
     workers = set(df["num_workers"].dropna().astype(int))
     for n in split.held_out_num_workers:
         if n not in workers:
@@ -184,6 +191,13 @@ def _check_split(rows: Rows, split: Split) -> None:
 
 def write_profile(profile: HardwareProfile, path: Path) -> None:
     data = profile.model_dump(exclude_none=True)
+    # GEMM shape terms at their defaults (no shape terms) are left out: they would clutter every other op kind.
+    for eff in data["efficiency"].values():
+        for key in ("half_k", "half_n", "half_tiles"):
+            if eff["compute"].get(key) == 0.0:
+                del eff["compute"][key]
+        if eff.get("k_latency_s") == 0.0:
+            del eff["k_latency_s"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
     load_profile.cache_clear()

@@ -75,7 +75,7 @@ class ExecutionModel:
         eff = gemm_efficiency(self.hardware, op.kind)
         gemm = op.kind.startswith(("linear", "moe"))
         return op_time_s(eff, self.peak_flops if gemm else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens)
+                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n)
 
     def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
         """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""

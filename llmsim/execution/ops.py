@@ -20,6 +20,8 @@ class OpWork:
     flops: float
     num_bytes: float
     num_tokens: float  # GEMM M dimension (or tokens touched)
+    gemm_k: int = 0  # a GEMM's inner dimension (0: not a GEMM)
+    gemm_n: int = 0  # a GEMM's output width on this shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quanti
     flops = 2.0 * tokens * n_in * n_out
     weight_bytes = s.weight_bytes if quantised else s.dtype_bytes
     num_bytes = (tokens * n_in + tokens * n_out) * s.dtype_bytes + n_in * n_out * weight_bytes
-    return OpWork(name, s.gemm_kind if quantised else "linear", flops, num_bytes, tokens)
+    return OpWork(name, s.gemm_kind if quantised else "linear", flops, num_bytes, tokens, n_in, n_out)
 
 
 def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
@@ -82,10 +84,10 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
     else:
         ops += [
             OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
-                   (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed),
+                   (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed, h, up_out),
             OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
             OpWork("mlp_down_proj", s.gemm_kind, 2.0 * routed * s.ffn * h,
-                   (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed),
+                   (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed, s.ffn, h),
         ]
     residual_add = OpWork("add", "residual", 1.0 * T * h, 3 * T * h * d, T)  # reads two tensors, writes one
     ops += [residual_add, residual_add]  # after attention and after the MLP
@@ -102,8 +104,10 @@ def moe_experts(s: ShardShapes, tokens: int) -> OpWork:
     up_out = (2 if s.gated else 1) * s.ffn
     flops = 2.0 * routed * h * up_out + 5.0 * routed * s.ffn + 2.0 * routed * s.ffn * h
     num_bytes = (tokens * h + routed * (up_out + s.ffn) * 2 + tokens * h) * d + active * (h * up_out + s.ffn * h) * w
+    # Shape terms of the first grouped GEMM (hidden -> up_out, two thirds of the work), whose grid spans the
+    # output columns of every active expert.
     return OpWork("moe_experts", "moe_fp8" if s.gemm_kind == "linear_fp8" else "moe", flops, num_bytes,
-                  routed / active)
+                  routed / active, h, up_out * active)
 
 
 def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:

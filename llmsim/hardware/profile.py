@@ -21,15 +21,35 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+GEMM_TILE = 128  # output tile edge of the GEMM kernels cuBLAS / CUTLASS run on A100 and H100 (128 x 128)
+
+
 class ComputeEfficiency(_Frozen):
     """Achieved / peak FLOP rate as a function of the token (GEMM M) dimension:
-    ``eff(M) = max_eff * M / (M + half_tokens)`` -- small batches under-fill the tensor cores."""
+    ``eff(M) = max_eff * M / (M + half_tokens)`` -- small batches under-fill the tensor cores.
+
+    A GEMM [M, K] x [K, N] also has shape terms (each 1 when its ``half_*`` is 0, or for ops that are no GEMM):
+    ``K / (K + half_k)``: each output tile pays a fixed set-up and epilogue, worth ``half_k`` reduction steps;
+    ``N / (N + half_n)``: work per input row that a wide output amortises (FP8: quantising the activations);
+    ``T / (T + half_tiles)``, ``T = M N / 128^2`` output tiles: too few tiles leave streaming multiprocessors idle."""
 
     max_eff: float = Field(gt=0, le=1)
     half_tokens: float = Field(ge=0)
+    half_k: float = Field(default=0.0, ge=0)
+    half_n: float = Field(default=0.0, ge=0)
+    half_tiles: float = Field(default=0.0, ge=0)
 
     def at(self, num_tokens: float) -> float:
         return self.max_eff * num_tokens / (num_tokens + self.half_tokens)
+
+    def at_shape(self, num_tokens: float, gemm_k: int, gemm_n: int) -> float:
+        """Efficiency of a GEMM of ``num_tokens`` x ``gemm_k`` x ``gemm_n`` (``gemm_k`` 0: not a GEMM)."""
+        eff = self.max_eff * num_tokens / (num_tokens + self.half_tokens)
+        if gemm_k:
+            tiles = num_tokens * gemm_n / (GEMM_TILE * GEMM_TILE)
+            eff *= (gemm_k / (gemm_k + self.half_k) * gemm_n / (gemm_n + self.half_n)
+                    * tiles / (tiles + self.half_tiles))
+        return eff
 
 
 class OpEfficiency(_Frozen):
@@ -38,6 +58,11 @@ class OpEfficiency(_Frozen):
     compute: ComputeEfficiency
     memory_eff: float = Field(gt=0, le=1)
     overhead_s: float = Field(ge=0)  # kernel launch + tail, per kernel
+    # GEMMs: time per element of K that one thread block walks in sequence (the reduction's latency, which
+    # shows when few blocks run: a decode GEMV)
+    k_latency_s: float = Field(default=0.0, ge=0)
+    # How compute and memory time combine: ``(c^p + m^p)^(1/p)`` (they overlap imperfectly); None: ``max``.
+    softness: float | None = Field(default=None, ge=1)
 
 
 class LinkModel(_Frozen):
@@ -129,6 +154,9 @@ class HardwareProfile(_Frozen):
     # How attention kernels are modelled: the roofline ``efficiency`` kinds (any device), or vLLM's flash-attention
     # kernels (``prefill_attention`` / ``decode_attention``, which ``llmsim calibrate`` fits on measured kernels).
     attention_model: Literal["roofline", "flash_attention"] = "roofline"
+    # How GEMMs are fitted: the roofline's M curve alone, or with a GPU GEMM's shape terms (``ComputeEfficiency``:
+    # output tiles over the SMs, per-tile cost against K, the reduction's latency, a soft maximum).
+    gemm_model: Literal["roofline", "tiled"] = "roofline"
     prefill_attention: PrefillAttentionFit | None = None
     decode_attention: DecodeAttentionFit | None = None
     l2_cache_bytes: float | None = Field(default=None, gt=0)  # decides which decode measurements sat in L2

@@ -2,7 +2,8 @@
 
 ``time = max(flops / (peak * eff_compute(M)), bytes / (bandwidth * eff_memory)) + overhead``:
 an operator is bound by whichever of compute or memory traffic takes longer at the efficiency the
-hardware actually reaches for that kind of kernel, plus a fixed launch/tail overhead.
+hardware actually reaches for that kind of kernel, plus a fixed launch/tail overhead. GEMMs add their shape
+(``ComputeEfficiency.at_shape``), a soft maximum where the profile fits one, and the reduction's latency.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 
 
 def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: float, num_bytes: float,
-              num_tokens: float) -> float:
-    compute_s = flops / (peak_flops * eff.compute.at(num_tokens)) if flops > 0 else 0.0
+              num_tokens: float, gemm_k: int = 0, gemm_n: int = 0) -> float:
+    compute_s = flops / (peak_flops * eff.compute.at_shape(num_tokens, gemm_k, gemm_n)) if flops > 0 else 0.0
     memory_s = num_bytes / (bandwidth * eff.memory_eff)
-    return max(compute_s, memory_s) + eff.overhead_s
+    p = eff.softness
+    bound_s = max(compute_s, memory_s) if p is None else (compute_s ** p + memory_s ** p) ** (1.0 / p)
+    return bound_s + eff.overhead_s + eff.k_latency_s * gemm_k
 
 
 def all_reduce_factor(num_workers):
