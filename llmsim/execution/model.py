@@ -69,6 +69,8 @@ class ExecutionModel:
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
         self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
+        self._token_cache: dict[int, tuple] = {}
+        self._sample_cache: dict[int, tuple] = {}
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
@@ -83,23 +85,50 @@ class ExecutionModel:
         cached = self._fixed_cache.get(key)
         if cached is not None:
             return cached
-        s, tp, layers = self.shapes, self.plan.tp, self.model.num_layers
-        layer_ops = ops.dense_layer_ops(s, num_tokens)
-        layer_s = sum(self.op_cost(op) for op in layer_ops)
-        activation_bytes = num_tokens * s.hidden * s.dtype_bytes
-        link = self._tp_link
-        if self._custom_link is not None and activation_bytes <= self._custom_max_bytes:
-            link = self._custom_link
-        layer_s += 2 * all_reduce_s(link, activation_bytes, tp)
-        other = [ops.embedding(s, num_tokens)] + (ops.lm_head(s, num_samples) if num_samples else [])
-        time_s = layers * layer_s + sum(self.op_cost(op) for op in other)
+        layer_s, layer_flops, layer_bytes, emb_s, emb_flops, emb_bytes, hand_off_s = self._token_part(num_tokens)
+        layers, tp = self.model.num_layers, self.plan.tp
+        # The sums in the order a single pass over [embedding, final norm, LM head] takes (results bit for bit).
+        other_s, other_flops, other_bytes = 0 + emb_s, 0 + emb_flops, 0 + emb_bytes
+        if num_samples:
+            for op_s, op_flops, op_bytes in self._sample_part(num_samples):
+                other_s += op_s
+                other_flops += op_flops
+                other_bytes += op_bytes
+        time_s = layers * layer_s + other_s
         if self.plan.pp > 1:
-            time_s += (self.plan.pp - 1) * send_recv_s(self._pp_link, activation_bytes)
-        flops = layers * sum(op.flops for op in layer_ops) + sum(op.flops for op in other)
-        num_bytes = layers * sum(op.num_bytes for op in layer_ops) + sum(op.num_bytes for op in other)
-        cost = IterationCost(time_s, flops * tp, num_bytes * tp)
+            time_s += hand_off_s
+        cost = IterationCost(time_s, (layers * layer_flops + other_flops) * tp,
+                             (layers * layer_bytes + other_bytes) * tp)
         self._fixed_cache[key] = cost
         return cost
+
+    def _token_part(self, num_tokens: int) -> tuple:
+        """What depends on the step's tokens alone (one layer, the embedding, PP hand-offs), cached by token count:
+        mixed steps come in many (tokens, samples) pairs but far fewer token counts."""
+        part = self._token_cache.get(num_tokens)
+        if part is None:
+            s, tp = self.shapes, self.plan.tp
+            layer_ops = ops.dense_layer_ops(s, num_tokens)
+            layer_s = sum(self.op_cost(op) for op in layer_ops)
+            activation_bytes = num_tokens * s.hidden * s.dtype_bytes
+            link = self._tp_link
+            if self._custom_link is not None and activation_bytes <= self._custom_max_bytes:
+                link = self._custom_link
+            layer_s += 2 * all_reduce_s(link, activation_bytes, tp)
+            emb = ops.embedding(s, num_tokens)
+            hand_off_s = (self.plan.pp - 1) * send_recv_s(self._pp_link, activation_bytes) if self.plan.pp > 1 else 0.0
+            part = (layer_s, sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops),
+                    self.op_cost(emb), emb.flops, emb.num_bytes, hand_off_s)
+            self._token_cache[num_tokens] = part
+        return part
+
+    def _sample_part(self, num_samples: int) -> tuple:
+        """(time, FLOPs, bytes) of the final norm and the LM head, cached by the number of sampling tokens."""
+        part = self._sample_cache.get(num_samples)
+        if part is None:
+            part = tuple((self.op_cost(op), op.flops, op.num_bytes) for op in ops.lm_head(self.shapes, num_samples))
+            self._sample_cache[num_samples] = part
+        return part
 
     def iteration(self, prefill_chunks: tuple[tuple[int, int], ...], num_decode: int, decode_kv_tokens: int,
                   num_samples: int, with_cpu: bool = True) -> IterationCost:
