@@ -140,9 +140,10 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     assert "fit" not in set(table.loc[table["op"].isin(("attn_pre_proj", "layer (sum of ops)")), "split"])
     held = held["mape"]
     # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
-    # 40/40); bounds as the README states them (decode <= 9%, prefill <= 16%), vLLM's custom all-reduce <= 25%.
+    # 40/40); bounds as the README states them (decode <= 9%, prefill <= 16%); vLLM's custom all-reduce on the
+    # held-out 8 GPUs, with its one- or two-stage kernel by size: H100 <= 10%, A100 <= 16%.
     assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= 0.16, held
-    assert held["all_reduce (vLLM custom)"] <= 0.25
+    assert held["all_reduce (vLLM custom)"] <= (0.10 if device == "h100-sxm" else 0.16)
     if device == "h100-sxm":  # vLLM's fused-MoE kernel for Mixtral's TP2 shard: 17% faster on the GEMM curve
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"))
         mixtral = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 2)

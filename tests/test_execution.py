@@ -6,7 +6,7 @@ from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s
 from llmsim.hardware.profile import load_profile
-from llmsim.hardware.roofline import op_time_s
+from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, op_time_s
 from llmsim.models import load_model
 
 LLAMA7 = load_model("Llama-2-7B")
@@ -85,6 +85,28 @@ def test_tp_and_pp_add_communication():
     assert t2 < t1  # halving the work outweighs the all-reduces
     p2 = ExecutionModel(LLAMA7, A100, ParallelPlan(pp=2)).iteration(((512, 0),), 0, 0, 1).time_s
     assert p2 > t1  # without micro-batching, stages run one after another plus the hand-off
+
+
+def test_vllm_custom_all_reduce_kernel_by_size():
+    """vLLM's custom all-reduce (csrc/custom_all_reduce.cuh, full NVLink): the one-stage kernel reads every peer's
+    whole buffer (n - 1 bytes per byte) for 2 GPUs, under 512 KiB on 4 and under 256 KiB on 8; the two-stage one
+    moves 2 (n - 1) / n. A step's all-reduces take that kernel up to the custom limit, NCCL's ring beyond."""
+    assert custom_all_reduce_factor(2, 64 << 20) == 1.0
+    assert custom_all_reduce_factor(4, (512 << 10) - 1) == 3.0 and custom_all_reduce_factor(4, 512 << 10) == 1.5
+    assert custom_all_reduce_factor(8, (256 << 10) - 1) == 7.0 and custom_all_reduce_factor(8, 256 << 10) == 1.75
+    h100 = load_profile("h100-sxm")
+    ex = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=8))
+    bare = ExecutionModel(LLAMA7, h100.model_copy(update={"all_reduce_custom": None}), ParallelPlan(tp=8))
+    for tokens in (4, 64, 2048):  # 32 KiB (one-stage), 512 KiB (two-stage), 16 MiB (NCCL)
+        activation_bytes = tokens * 4096 * 2
+        custom = activation_bytes <= h100.custom_all_reduce_max_bytes
+        link = h100.all_reduce_custom if custom else h100.all_reduce
+        got = ex._fixed(tokens, 0).time_s - bare._fixed(tokens, 0).time_s
+        want = LLAMA7.num_layers * 2 * (all_reduce_s(link, activation_bytes, 8, custom)
+                                        - all_reduce_s(h100.all_reduce, activation_bytes, 8))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert all_reduce_s(h100.all_reduce_custom, 32 << 10, 8, True) == pytest.approx(
+        h100.all_reduce_custom.latency_s + 7 * (32 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
 
 
 def test_memory_plan_and_fit_error():

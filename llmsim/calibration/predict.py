@@ -18,7 +18,7 @@ from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency
-from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor
+from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor, custom_all_reduce_factor
 from llmsim.models.spec import ModelSpec
 
 
@@ -160,8 +160,10 @@ def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, 
     return bound + eff.overhead_s + eff.k_latency_s * gemm_k
 
 
-def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
+def ring_factor(op: str, num_workers: np.ndarray, size_bytes: np.ndarray) -> np.ndarray:
     """Bytes each worker moves per message byte, from the roofline's ring formulas (1 for send/recv)."""
+    if op == "all_reduce_custom":  # vLLM's one- or two-stage kernel by message size
+        return custom_all_reduce_factor(num_workers, size_bytes)
     if op.startswith("all_reduce"):
         return all_reduce_factor(num_workers)
     if op.startswith("all_gather"):
@@ -172,7 +174,7 @@ def ring_factor(op: str, num_workers: np.ndarray) -> np.ndarray:
 def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
     """Collective time on arrays: latency plus ring bytes over bandwidth (``roofline.all_reduce_s``,
     ``send_recv_s``)."""
-    return latency_s + ring_factor(op, num_workers) * size_bytes / bandwidth
+    return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 
 def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:

@@ -111,10 +111,9 @@ class ExecutionModel:
             layer_ops = ops.dense_layer_ops(s, num_tokens)
             layer_s = sum(self.op_cost(op) for op in layer_ops)
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
-            link = self._tp_link
-            if self._custom_link is not None and activation_bytes <= self._custom_max_bytes:
-                link = self._custom_link
-            layer_s += 2 * all_reduce_s(link, activation_bytes, tp)
+            custom = self._custom_link is not None and activation_bytes <= self._custom_max_bytes
+            link = self._custom_link if custom else self._tp_link
+            layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom)
             emb = ops.embedding(s, num_tokens)
             hand_off_s = (self.plan.pp - 1) * send_recv_s(self._pp_link, activation_bytes) if self.plan.pp > 1 else 0.0
             part = (layer_s, sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops),

@@ -8,6 +8,8 @@ hardware actually reaches for that kind of kernel, plus a fixed launch/tail over
 
 from __future__ import annotations
 
+import numpy as np
+
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 
 
@@ -30,10 +32,22 @@ def all_gather_factor(num_workers):
     return (num_workers - 1) / num_workers
 
 
-def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
+def custom_all_reduce_factor(num_workers, num_bytes):
+    """Bytes each GPU reads per message byte in vLLM's custom all-reduce (``csrc/custom_all_reduce.cuh``, full
+    NVLink): the one-stage kernel, where every GPU reads every peer's whole buffer (``n - 1``), for 2 GPUs and for
+    messages under 512 KiB on up to 4 GPUs or under 256 KiB on up to 8; else the two-stage kernel (reduce-scatter
+    and all-gather, ``2 (n-1)/n``). Scalars or arrays."""
+    one_stage = (num_workers == 2) | ((num_workers <= 4) & (num_bytes < 512 * 1024)) | (
+        (num_workers <= 8) & (num_bytes < 256 * 1024))
+    return np.where(one_stage, num_workers - 1.0, all_reduce_factor(num_workers))
+
+
+def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bool = False) -> float:
+    """``custom``: vLLM's custom all-reduce (its one- or two-stage kernel by size), else a ring (NCCL)."""
     if num_workers <= 1:
         return 0.0
-    return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
+    factor = float(custom_all_reduce_factor(num_workers, num_bytes)) if custom else all_reduce_factor(num_workers)
+    return link.latency_s + factor * num_bytes / link.bandwidth_bytes_per_s
 
 
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
