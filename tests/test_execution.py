@@ -4,7 +4,7 @@ from llmsim.errors import ConfigError, PlanError
 from llmsim.execution import ops
 from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
-from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s
+from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import load_profile
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, op_time_s
 from llmsim.models import load_model
@@ -107,6 +107,23 @@ def test_vllm_custom_all_reduce_kernel_by_size():
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert all_reduce_s(h100.all_reduce_custom, 32 << 10, 8, True) == pytest.approx(
         h100.all_reduce_custom.latency_s + 7 * (32 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
+
+
+def test_an_8bit_kv_cache_runs_its_own_attention_fits():
+    """H100 has attention kernels fitted on fp8-KV measurements (slower per byte than bf16's); A100 has none, so
+    an fp8 KV cache there runs the 16-bit fits at the 8-bit bytes."""
+    h100 = load_profile("h100-sxm")
+    assert h100.decode_attention_8bit_kv is not None and h100.prefill_attention_8bit_kv is not None
+    fp8_kv = load_model("Llama-2-7B", "bf16", kv_cache_dtype="fp8")
+    ex = ExecutionModel(fp8_kv, h100, ParallelPlan(tp=1))
+    assert ex._decode_attention_constants(32)[3] is h100.decode_attention_8bit_kv
+    op = ops.prefill_attention(ex.shapes, ((1024, 0),))
+    mean_keys, tiles = ops.prefill_attention_grid(ex.shapes, ((1024, 0),), 128)
+    assert ex._prefill_attention_s(op, ((1024, 0),)) == prefill_attention_s(
+        h100.prefill_attention_8bit_kv, ex.act_peak_flops, ex.bandwidth, op.flops, op.num_bytes, mean_keys, tiles)
+    assert ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is h100.decode_attention
+    assert A100.decode_attention_8bit_kv is None
+    assert ExecutionModel(fp8_kv, A100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is A100.decode_attention
 
 
 def test_memory_plan_and_fit_error():

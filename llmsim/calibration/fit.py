@@ -215,11 +215,15 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
         if kind == "unmodelled" or kind in VALIDATION_ONLY_KINDS:
             continue
         flash = profile.attention_model == "flash_attention"
-        if flash and kind == "attention_prefill":
-            kernels["prefill_attention"] = fit_prefill_attention(profile, rows, mask)
-            continue
-        if flash and kind == "attention_decode":
-            kernels["decode_attention"] = fit_decode_attention(profile, rows, mask)
+        if flash and kind in ("attention_prefill", "attention_decode"):
+            # 16-bit and 8-bit KV caches run different kernels: each width gets its own fit where it was measured.
+            name, fit_kernel = (("prefill_attention", fit_prefill_attention) if kind == "attention_prefill"
+                                else ("decode_attention", fit_decode_attention))
+            eight_bit = rows.kv_dtype_bytes == 1
+            if (mask & ~eight_bit).any():
+                kernels[name] = fit_kernel(profile, rows, mask & ~eight_bit)
+            if (mask & eight_bit).any():
+                kernels[f"{name}_8bit_kv"] = fit_kernel(profile, rows, mask & eight_bit)
             continue
         if is_link_kind(kind):
             if kind.endswith("_custom"):  # fitted on the sizes vLLM sends through it

@@ -105,6 +105,7 @@ class Rows:
         self.batch = self.df["batch_size"].to_numpy(dtype=float)
         self.kv_heads = np.zeros(n)
         self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
+        self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
         for i, row in enumerate(self.df.itertuples(index=False)):
             if is_collective[i]:
@@ -117,6 +118,7 @@ class Rows:
             if row.op in ("attn_prefill", "attn_decode"):
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads
+                self.kv_dtype_bytes[i] = s.kv_dtype_bytes
                 if row.op == "attn_prefill":
                     chunks = ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size)
                     self.mean_keys[i], self.query_tiles[i] = ops.prefill_attention_grid(s, chunks, 128)
@@ -183,12 +185,18 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
     for kind in np.unique(rows.kind):
         m = rows.kind == kind
         if kind == "attention_prefill" and profile.prefill_attention is not None:
-            out[m] = prefill_attention_s(profile.prefill_attention, peak_flops(profile, rows, m),
-                                         profile.memory_bandwidth_bytes_per_s, rows.flops[m], rows.num_bytes[m],
-                                         rows.mean_keys[m], rows.query_tiles[m])
+            for width in (1, 2, 4):  # KV element bytes: each width on its own fit where the profile has one
+                mw = m & (rows.kv_dtype_bytes == width)
+                if mw.any():
+                    out[mw] = prefill_attention_s(profile.prefill_attention_for(width), peak_flops(profile, rows, mw),
+                                                  profile.memory_bandwidth_bytes_per_s, rows.flops[mw],
+                                                  rows.num_bytes[mw], rows.mean_keys[mw], rows.query_tiles[mw])
             continue
         if kind == "attention_decode" and profile.decode_attention is not None:
-            out[m] = decode_s(profile, rows, m)
+            for width in (1, 2, 4):
+                mw = m & (rows.kv_dtype_bytes == width)
+                if mw.any():
+                    out[mw] = decode_s(profile, rows, mw, profile.decode_attention_for(width))
             continue
         if is_link_kind(kind):
             link: LinkModel | None = getattr(profile, kind, None)  # all_reduce, send_recv_inter_node, ...

@@ -42,6 +42,7 @@ def _op_labels(rows: Rows) -> pd.Series:
     op = op.where(~kind.str.endswith("_custom"), op + " (vLLM custom)")
     op = op.where(~((rows.df["op"] == "gemm") & (kind == "linear_fp8")), op + " (fp8)")
     op = op.where(~((rows.df["op"] == "gemm") & (kind == "unmodelled")), op + " (fp8 block-scaled)")
+    op = op.where(~(kind.str.startswith("attention_") & (rows.kv_dtype_bytes == 1)), op + " (8-bit KV)")
     return op.where(kind != "unmodelled", op + " (vLLM custom, eager)")
 
 

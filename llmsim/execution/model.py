@@ -160,7 +160,7 @@ class ExecutionModel:
         return 0.0 if cpu is None else cpu.step_s(num_requests, num_samples)
 
     def _prefill_attention_s(self, op: ops.OpWork, chunks: tuple[tuple[int, int], ...]) -> float:
-        fit = self.hardware.prefill_attention
+        fit = self.hardware.prefill_attention_for(self.shapes.kv_dtype_bytes)
         if fit is None:
             return self.op_cost(op)
         mean_keys, tiles = ops.prefill_attention_grid(self.shapes, chunks, fit.tile_tokens)
@@ -191,7 +191,7 @@ class ExecutionModel:
             eff = self.hardware.efficiency["attention_decode"]
             empty = ops.decode_attention(self.shapes, num_decode, 0)
             one = ops.decode_attention(self.shapes, num_decode, 1)
-            fit = self.hardware.decode_attention
+            fit = self.hardware.decode_attention_for(self.shapes.kv_dtype_bytes)
             if fit is None:  # roofline: compute rate, memory rate, overhead
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, None,
                      self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)

@@ -159,10 +159,27 @@ class HardwareProfile(_Frozen):
     gemm_model: Literal["roofline", "tiled"] = "roofline"
     prefill_attention: PrefillAttentionFit | None = None
     decode_attention: DecodeAttentionFit | None = None
+    # The same kernels over an 8-bit KV cache (vLLM's --kv-cache-dtype fp8), fitted apart where measured: they
+    # cost more per byte than the 16-bit ones (H100: 5-17% slower prefill than bf16 KV at equal shape, not the
+    # fewer bytes' speed-up). Absent: the 16-bit fits, at the 8-bit bytes.
+    prefill_attention_8bit_kv: PrefillAttentionFit | None = None
+    decode_attention_8bit_kv: DecodeAttentionFit | None = None
     l2_cache_bytes: float | None = Field(default=None, gt=0)  # decides which decode measurements sat in L2
     sources: dict[str, str]
     calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
     validation: dict[str, Any] = {}  # error of the fit, per op, on fitted and held-out data
+
+    def prefill_attention_for(self, kv_dtype_bytes: int) -> PrefillAttentionFit | None:
+        """The fitted prefill kernel for a KV cache of this element size."""
+        if kv_dtype_bytes == 1 and self.prefill_attention_8bit_kv is not None:
+            return self.prefill_attention_8bit_kv
+        return self.prefill_attention
+
+    def decode_attention_for(self, kv_dtype_bytes: int) -> DecodeAttentionFit | None:
+        """The fitted decode kernel for a KV cache of this element size."""
+        if kv_dtype_bytes == 1 and self.decode_attention_8bit_kv is not None:
+            return self.decode_attention_8bit_kv
+        return self.decode_attention
 
     def peak(self, dtype: str) -> float:
         try:
