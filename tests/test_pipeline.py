@@ -53,9 +53,9 @@ def test_stage_zero_holds_one_micro_batch_at_a_time_and_no_request_is_in_two(mon
     def checked_launch(replica, out, now, stage_free):
         ids = [c.request.id for c in out.prefills] + [r.id for r in out.decodes]
         assert not set(ids) & replica.scheduler.busy, "a request joined a second micro-batch in flight"
-        end = original(replica, out, now, stage_free)
+        end, cpu_s = original(replica, out, now, stage_free)
         launched.append((now, stage_free[0], end))
-        return end
+        return end, cpu_s
 
     monkeypatch.setattr(pipeline, "launch", checked_launch)
     # Without CPU time a batch is scheduled when stage 0 frees (with it, up to its preparation time before).

@@ -46,9 +46,8 @@ def run_pipeline(replica: Replica):
         if can_launch and ready <= now:
             out = scheduler.schedule()
             if not out.is_empty:
-                flights.append((launch(replica, out, now, stage_free), out, now))
-                chunks, num_decode, _, num_samples = out.signature()
-                lead_s = ex.cpu_step_s(len(chunks) + num_decode, num_samples)
+                leaves_s, lead_s = launch(replica, out, now, stage_free)
+                flights.append((leaves_s, out, now))
                 driver_free = now + lead_s
                 continue
             can_launch = False  # nothing schedulable now (KV short, or all work in flight)
@@ -66,14 +65,15 @@ def run_pipeline(replica: Replica):
         replica.cuttable = False
 
 
-def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[float]) -> float:
-    """Put a batch into the pipeline; returns when it leaves the last stage."""
+def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[float]) -> tuple[float, float]:
+    """Put a batch into the pipeline; returns when it leaves the last stage, and the CPU time that prepared it."""
     ex = replica.execution
     chunks, num_decode, kv_tokens, num_samples = out.signature()
     cost = ex.iteration(chunks, num_decode, kv_tokens, num_samples, with_cpu=False)
     stage_s, hand_off_s = ex.pipeline_stages(cost, num_decode + sum(n for n, _ in chunks))
     # The engine's CPU prepares the micro-batch, and swapped KV moves over the host link, before it can start.
-    t = now + ex.cpu_step_s(len(chunks) + num_decode, num_samples)
+    cpu_s = ex.cpu_step_s(len(chunks) + num_decode, num_samples)
+    t = now + cpu_s
     t = t + out.swap_bytes / ex.hardware.host_link.bandwidth_bytes_per_s
     held_from = stage_free[0] if stage_free[0] > now else now  # stage 0 is this batch's from here
     for k in range(len(stage_free)):
@@ -83,4 +83,4 @@ def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[
     replica.recorder.iteration(replica.id, held_from, stage_free[0] - held_from, cost.flops, cost.num_bytes,
                                out.num_prefill_tokens, num_decode, replica.blocks.num_used_blocks)
     replica.scheduler.start_flight(out)
-    return stage_free[-1]
+    return stage_free[-1], cpu_s

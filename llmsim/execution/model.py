@@ -88,15 +88,13 @@ class ExecutionModel:
         layer_s, layer_flops, layer_bytes, emb_s, emb_flops, emb_bytes, hand_off_s = self._token_part(num_tokens)
         layers, tp = self.model.num_layers, self.plan.tp
         # The sums in the order a single pass over [embedding, final norm, LM head] takes (results bit for bit).
-        other_s, other_flops, other_bytes = 0 + emb_s, 0 + emb_flops, 0 + emb_bytes
+        other_s, other_flops, other_bytes = emb_s, emb_flops, emb_bytes
         if num_samples:
             for op_s, op_flops, op_bytes in self._sample_part(num_samples):
                 other_s += op_s
                 other_flops += op_flops
                 other_bytes += op_bytes
-        time_s = layers * layer_s + other_s
-        if self.plan.pp > 1:
-            time_s += hand_off_s
+        time_s = layers * layer_s + other_s + hand_off_s  # hand_off_s is 0.0 without pipeline stages
         cost = IterationCost(time_s, (layers * layer_flops + other_flops) * tp,
                              (layers * layer_bytes + other_bytes) * tp)
         self._fixed_cache[key] = cost

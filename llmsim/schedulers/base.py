@@ -8,7 +8,8 @@ The contract decode fast-forwarding relies on (vLLM v1 separates the same way wh
 what the KV cache manager holds):
 
 - ``allows_fast_forward(out)``: the batch is pure decode over every running request, so the next steps repeat
-  it until a request finishes or the KV cache runs short -- unless something arrives that could change it.
+  it until a request finishes or the KV cache runs short -- unless something arrives that could change it (or,
+  with prefix caching, the head of the queue may hit a prefix the decodes are still filling).
 - ``mixed_run_chunk(out)``: the batch is every running decode plus one prefill chunk that takes the rest of the
   step's token budget, so the next steps repeat it (the same decodes, the prompt's next chunk of the same size)
   until the prompt's last, partial chunk -- and no arrival can change them, since no budget is left to admit
@@ -208,9 +209,13 @@ class Scheduler:
         return self.waiting[0] is request
 
     def allows_fast_forward(self, out: SchedulerOutput) -> bool:
-        """True when the next steps repeat this batch until a request finishes or KV runs short."""
-        return (not out.prefills and not out.preempted and not out.swap_bytes
-                and len(out.decodes) == len(self.running))
+        """True when the next steps repeat this batch until a request finishes or KV runs short. With prefix
+        caching, decoding requests fill named blocks that the head of the queue may be waiting for (the next
+        round of their conversation), so its admission could come earlier than KV headroom alone says: step one
+        by one while that can happen."""
+        if out.prefills or out.preempted or out.swap_bytes or len(out.decodes) != len(self.running):
+            return False
+        return not (self.waiting and self.blocks.caching and self.blocks.hit_may_grow(self.waiting[0], self.running))
 
     def mixed_run_chunk(self, out: SchedulerOutput) -> int:
         """The chunk size of a batch whose next steps repeat it with the same prefill's next chunks (see the

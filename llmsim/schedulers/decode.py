@@ -32,14 +32,6 @@ class DecodeScheduler(FCFSScheduler):
     # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
 
-    def allows_fast_forward(self, out: SchedulerOutput) -> bool:
-        """As FCFS, except while the head of the queue waits on a cached prefix that the running requests may
-        still lengthen (multi-turn traffic: the next round resends an answer being generated here), which would
-        admit it sooner than KV headroom alone says: then step one by one, as ``vllm_v1`` does."""
-        if not super().allows_fast_forward(out):
-            return False
-        return not (self.waiting and self.blocks.caching and self.blocks.hit_may_grow(self.waiting[0], self.running))
-
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         blocks = self.blocks
         if not _handed_over(request, num_new_tokens):

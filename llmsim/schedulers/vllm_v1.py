@@ -31,14 +31,6 @@ class VLLMV1Scheduler(Scheduler):
         super().__init__(blocks, **kwargs)
         self.long_prefill_token_threshold = long_prefill_token_threshold
 
-    def allows_fast_forward(self, out: SchedulerOutput) -> bool:
-        """Beyond the base contract: with prefix caching, decoding requests fill named blocks that the head of
-        the queue may be waiting for (the next round of their conversation), so its admission could come
-        earlier than KV headroom alone says; step one by one while that can happen."""
-        if not super().allows_fast_forward(out):
-            return False
-        return not (self.waiting and self.blocks.caching and self.blocks.hit_may_grow(self.waiting[0], self.running))
-
     def mixed_run_chunk(self, out: SchedulerOutput) -> int:
         # Running requests are scheduled in order and the prefill's chunk takes what the decodes left, so with
         # every running request in the batch the part-way prefill is the last of them.
