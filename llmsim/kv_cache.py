@@ -8,20 +8,26 @@ has a content hash chained from its parent block's, a freed block stays in the c
 new request starts from its longest cached prefix. Identity is kept where it can matter and counted where it
 cannot:
 
-- A block of content the workload names (``Request.prefix_segments``: a system prompt, earlier turns of a
-  conversation, Mooncake's ``hash_ids``) is a ``Block`` with its chained hash and a reference count; requests
-  with the same prefix share it.
+- Blocks of content the workload names (``Request.prefix_segments``: a system prompt, earlier turns of a
+  conversation, Mooncake's ``hash_ids``) carry chained hashes and reference counts; requests with the same
+  prefix share them. They are kept as ``_Seg`` runs: consecutive blocks of one hash chain with the same holders,
+  the same cached-or-not state and one place in the free queue, so that a request of a thousand named blocks
+  costs a few runs, not a thousand blocks (SGLang's radix tree keeps runs for the same reason). A hit that ends
+  inside a run, or a fill that caches part of one, splits it; nothing else does.
 - Blocks past that content hold tokens no other request has. Only the request itself can hit them again (when
   it resumes after a recompute preemption), so a preempted request's full blocks stay cached as one ``_Run``;
   everything else is an anonymous count.
 
-The free queue is vLLM's LRU ``FreeKVCacheBlockQueue`` at that granularity: allocation takes blocks from its
-head (evicting what they cached), a freed request's blocks join its tail in reverse order (its last block is
-evicted first), and a cache hit takes a block out of the queue::
+Every operation has the outcome vLLM's block-at-a-time code has (``tests/kv_cache_reference.py`` is that code,
+and a property test drives both with the same operations). The free queue is vLLM's LRU
+``FreeKVCacheBlockQueue`` at run granularity: allocation takes blocks from its head (evicting what they cached),
+a freed request's blocks join its tail in reverse order (its last block is evicted first, so eviction shortens a
+run from its end), and a cache hit takes blocks out of the queue::
 
-    head -> [7 anonymous] [Block h3] [_Run r12: 40 blocks] [2 anonymous] [Block h1] ... <- tail
+    head -> [7 anonymous] [_Seg: 3 blocks] [_Run r12: 40 blocks] [2 anonymous] [_Seg: 96 blocks] ... <- tail
 
-Entries that a hit took out stay in the deque, marked dead, and are skipped when they reach the head.
+A run's queue entry is a one-item list (its cell); a hit that takes the whole run out empties the cell, which
+is skipped when it reaches the head.
 """
 
 from __future__ import annotations
@@ -32,15 +38,18 @@ from dataclasses import dataclass
 from llmsim.request import Request
 
 
-class Block:
-    """A block with named content: its chained hash, how many requests hold it, and its cell in the free queue
-    (``None`` while held)."""
+class _Seg:
+    """Named-content blocks at positions ``start .. end - 1`` of the hash chain ``chain`` (the hashes of the
+    request whose blocks they were first), alike in everything the manager tracks: the requests holding them
+    (``holders``, so the reference count is its length), whether the cache maps their hashes to them
+    (``cached``), and their cell in the free queue (``None`` while held)."""
 
-    __slots__ = ("hash", "ref", "cell")
+    __slots__ = ("chain", "start", "end", "holders", "cached", "cell")
 
-    def __init__(self, block_hash: int):
-        self.hash = block_hash
-        self.ref = 1
+    def __init__(self, chain: tuple[int, ...], start: int, end: int, holders: list[int], cached: bool = False):
+        self.chain, self.start, self.end = chain, start, end
+        self.holders = holders
+        self.cached = cached
         self.cell: list | None = None
 
 
@@ -56,23 +65,27 @@ class _Run:
 
 @dataclass(frozen=True, slots=True)
 class PrefixHit:
-    """A request's longest cached prefix: shared blocks, then blocks of its own cached run."""
+    """A request's longest cached prefix: runs of shared blocks (each with the chain position its part of the
+    hit ends at), then blocks of its own cached run."""
 
-    blocks: tuple[Block, ...]
+    segments: tuple[tuple[_Seg, int], ...]
+    num_named_blocks: int
     num_run_blocks: int
     num_evictable: int  # of those, blocks now in the free queue (a hit takes them out of it)
     num_tokens: int
 
 
-NO_HIT = PrefixHit((), 0, 0, 0)
+NO_HIT = PrefixHit((), 0, 0, 0, 0)
 
 
 def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
-    """Chained hashes of the request's blocks that its named content fills: block ``i`` hashes its parent's hash
-    with the content pieces ``(content id, offset, tokens)`` of tokens ``[i * block_size, (i + 1) * block_size)``;
-    a block of one piece hashes ``(parent, id, offset, tokens)``, one of several ``(parent, pieces)``."""
+    """Hashes of the request's blocks that its named content fills, each naming the block's content and all
+    before it, as vLLM's chained hashes do. A block of several content pieces ``(content id, offset, tokens)``
+    (the end of one segment and the start of the next) hashes ``(parent's hash, pieces)``. The blocks lying wholly inside one segment (long prompts are mostly these) number on from a
+    128-bit base hashed from the block before them, the segment and the offset they start at: ``base + i`` for
+    the i-th, which names the same prefix as a chained hash would (two bases that close collide with
+    probability ~1e-33), at one ``range`` for the lot."""
     hashes: list[int] = []
-    append = hashes.append
     parent = 0
     pieces: list[tuple[int, int, int]] = []  # the current block's pieces so far
     need = block_size  # tokens the current block still lacks
@@ -85,19 +98,27 @@ def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
             offset = take
             if need:
                 continue  # the segment ends inside this block
-            parent = hash((parent, *pieces[0])) if len(pieces) == 1 else hash((parent, tuple(pieces)))
-            append(parent)
+            parent = hash((parent, tuple(pieces)))
+            hashes.append(parent)
             pieces, need = [], block_size
-        # Blocks that lie wholly inside the segment: one piece each (long prompts are mostly these).
-        last = seg_len - block_size
-        while offset <= last:
-            parent = hash((parent, seg_id, offset, block_size))
-            append(parent)
-            offset += block_size
+        count = (seg_len - offset) // block_size
+        if count:
+            base = _run_base(parent, seg_id, offset, block_size)
+            hashes.extend(range(base, base + count))
+            parent = base + count - 1
+            offset += count * block_size
         if offset < seg_len:
             pieces.append((seg_id, offset, seg_len - offset))
             need = block_size - (seg_len - offset)
     return tuple(hashes)
+
+
+def _run_base(parent: int, seg_id: int, offset: int, block_size: int) -> int:
+    """The 128-bit base of a run of whole blocks inside one segment (``block_hashes``)."""
+    return ((hash((parent, seg_id, offset, block_size)) & _MASK_64) << 64) | (hash((seg_id, offset, parent)) & _MASK_64)
+
+
+_MASK_64 = (1 << 64) - 1
 
 
 def request_block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
@@ -120,11 +141,12 @@ class BlockManager:
         self._held: dict[int, int] = {}  # request id -> blocks held
         self.caching = enable_prefix_caching
         # Prefix caching only:
-        self._shared: dict[int, list[Block]] = {}  # request id -> its named-content blocks, in order
-        self._num_cached: dict[int, int] = {}  # request id -> how many of those are full (hashed and cached)
-        self._cached: dict[int, Block] = {}  # hash -> the block caching it
+        self._segs: dict[int, list[_Seg]] = {}  # request id -> runs of its named blocks, positions 0.. in order
+        self._num_cached: dict[int, int] = {}  # request id -> how many of its named blocks are full
+        self._cached_hashes: set[int] = set()  # every hash some cached run maps to itself
+        self._starts: dict[int, _Seg] = {}  # hash of a cached run's first block -> the run
         self._runs: dict[int, _Run] = {}  # request id -> its cached run
-        self._queue: deque = deque([num_blocks]) if num_blocks else deque()  # int | [Block] cell | _Run
+        self._queue: deque = deque([num_blocks]) if num_blocks else deque()  # int | [_Seg | None] cell | _Run
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -161,7 +183,7 @@ class BlockManager:
         c = request.num_computed_tokens
         if self.caching:
             # Only a new block, or a named block this token fills (to be cached), needs the general path.
-            if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._shared):
+            if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._segs):
                 self.allocate(request, 1)
         elif c % self.block_size == 0 and c >= self._held.get(request.id, 0) * self.block_size:
             if self.num_free_blocks == 0:
@@ -191,17 +213,20 @@ class BlockManager:
         """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop."""
         bs = self.block_size
         if self.caching:
-            # A request without named content only takes blocks off the free queue; consecutive takes are one
-            # take (the queue is consumed from its head either way), so they are batched between the requests
-            # that take the general path, in order.
-            held, shared, take = self._held, self._shared, 0
+            # A request with no named blocks left to fill only takes blocks off the free queue; consecutive
+            # takes are one take (the queue is consumed from its head either way), so they are batched between
+            # the requests that take the general path, in order.
+            held, num_cached, take = self._held, self._num_cached, 0
             for r in requests:
                 n = -(-r.num_computed_tokens // bs)
-                if r.prefix_segments or r.id in shared:
+                if r.prefix_segments and num_cached.get(r.id, 0) < len(request_block_hashes(r, bs)):
                     if take:
                         self._take(take)
                         take = 0
-                    self.grow_to(r, n, r.num_computed_tokens)
+                    has = held.get(r.id, 0)
+                    if n - has > self.num_free_blocks:
+                        raise RuntimeError(f"request {r.id} needs {n - has} blocks, {self.num_free_blocks} free")
+                    self._grow(r, n if n > has else has, r.num_computed_tokens)  # grow_to, inlined
                     continue
                 need = n - held.get(r.id, 0)
                 if need > 0:
@@ -232,37 +257,40 @@ class BlockManager:
             self.num_free_blocks += n
             return n
         rid = request.id
-        shared = self._shared.pop(rid, [])
-        num_cached = self._num_cached.pop(rid, 0)
+        segs = self._segs.pop(rid, None)
+        num_named = segs[-1].end if segs else 0
+        self._num_cached.pop(rid, None)
         stale = self._runs.pop(rid, None)
         if stale is not None:  # left from an earlier preemption: its blocks stay free, cached for nobody
             stale.request_id = -1
         full = min(request.num_computed_tokens // self.block_size, n)
-        num_own_full = max(0, full - len(shared))
-        anonymous = n - len(shared) - num_own_full
+        num_own_full = max(0, full - num_named)
+        anonymous = n - num_named - num_own_full
         if anonymous:
             self._push(anonymous)
         if num_own_full:
             if keep_cached:
-                run = _Run(rid, len(shared), num_own_full)
+                run = _Run(rid, num_named, num_own_full)
                 self._queue.append(run)
                 self._runs[rid] = run
             else:  # no request can ever hit them: they are free blocks like any other
                 self._push(num_own_full)
-        released = n - len(shared)
-        cached, enqueue = self._cached.get, self._queue.append
-        for i in range(len(shared) - 1, -1, -1):  # the tail first, so eviction takes a prompt's end first
-            block = shared[i]
-            ref = block.ref - 1
-            block.ref = ref
-            if ref:
-                continue
-            released += 1
-            if i < num_cached and cached(block.hash) is block:
-                cell = block.cell = [block]
-                enqueue(cell)
-            else:
-                self._push(1)
+        released = n - num_named
+        if segs:
+            enqueue = self._queue.append
+            for seg in reversed(segs):  # the tail first, so eviction takes a prompt's end first
+                holders = seg.holders
+                if len(holders) > 1:
+                    holders.remove(rid)
+                    continue
+                holders.clear()
+                size = seg.end - seg.start
+                released += size
+                if seg.cached:
+                    cell = seg.cell = [seg]
+                    enqueue(cell)
+                else:  # content nobody can hit (not full yet, or a copy of blocks cached elsewhere)
+                    self._push(size)
         self.num_free_blocks += released
         return n
 
@@ -275,35 +303,53 @@ class BlockManager:
             return NO_HIT
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = request_block_hashes(request, self.block_size)
-        hits = []
-        cached = self._cached
-        for h in hashes[:max_blocks]:
-            block = cached.get(h)
-            if block is None:
+        limit = min(max_blocks, len(hashes))
+        starts = self._starts
+        segments = []
+        evictable = 0
+        p = 0  # blocks matched so far; a cached run matching block p starts there (a hash is cached once)
+        while p < limit:
+            seg = starts.get(hashes[p])
+            if seg is None:
                 break
-            hits.append(block)
+            chain = seg.chain
+            end = seg.end if seg.end < limit else limit
+            if chain[end - 1] != hashes[end - 1]:
+                # The request leaves this run's chain inside it. Hashes are chained, so the blocks match up to
+                # the first that differs: bisect for it.
+                lo, hi = p + 1, end - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if chain[mid] == hashes[mid]:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                end = lo
+            segments.append((seg, end))
+            if not seg.holders:
+                evictable += end - p
+            p = end
         num_run = 0
         run = self._runs.get(request.id)
-        if run is not None and run.base == len(hits) == len(hashes):
-            num_run = min(run.count, max_blocks - len(hits))
-        if not hits and not num_run:
+        if run is not None and run.base == p == len(hashes):
+            num_run = min(run.count, max_blocks - p)
+        if not p and not num_run:
             return NO_HIT
-        evictable = sum(1 for b in hits if b.ref == 0) + num_run
-        return PrefixHit(tuple(hits), num_run, evictable, (len(hits) + num_run) * self.block_size)
+        return PrefixHit(tuple(segments), p, num_run, evictable + num_run, (p + num_run) * self.block_size)
 
     def free_blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks a request that holds none uses to hold ``num_tokens`` tokens from its cached prefix
         ``hit``: the blocks past the hit, and the hit's blocks still in the free queue (taking them out of the
         queue uses them)."""
-        return self.blocks_for(num_tokens) - len(hit.blocks) - hit.num_run_blocks + hit.num_evictable
+        return self.blocks_for(num_tokens) - hit.num_named_blocks - hit.num_run_blocks + hit.num_evictable
 
     def allocate_slots(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool:
         """Admit a request that holds no blocks: take its cached prefix ``hit`` (its computed tokens become the
         hit's) and room for ``num_new_tokens`` more. False, changing nothing, when they do not fit (vLLM v1's
-        ``allocate_slots``)."""
+        ``allocate_slots``). ``hit`` must come from ``lookup`` with nothing changed since."""
         if self.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens) > self.num_free_blocks:
             return False
-        num_hit = len(hit.blocks) + hit.num_run_blocks
+        num_hit = hit.num_named_blocks + hit.num_run_blocks
         run = self._runs.pop(request.id, None)
         if run is not None:
             # The hit takes the run's lowest blocks; those above stay where they are in the queue, free and
@@ -311,16 +357,21 @@ class BlockManager:
             run.count -= hit.num_run_blocks
             run.request_id = -1
         if num_hit:
-            for block in hit.blocks:
-                if block.ref == 0:
-                    block.cell[0] = None  # out of the free queue
-                    block.cell = None
-                block.ref += 1
-            self.num_free_blocks -= hit.num_evictable
             rid = request.id
+            segs = []
+            for seg, end in hit.segments:
+                if end < seg.end:
+                    self._split(seg, end)  # the hit takes the run's first blocks
+                cell = seg.cell
+                if cell is not None:  # out of the free queue
+                    cell[0] = None
+                    seg.cell = None
+                seg.holders.append(rid)
+                segs.append(seg)
+            self.num_free_blocks -= hit.num_evictable
             self._held[rid] = num_hit
-            self._shared[rid] = list(hit.blocks)
-            self._num_cached[rid] = len(hit.blocks)
+            self._segs[rid] = segs
+            self._num_cached[rid] = hit.num_named_blocks
             request.num_computed_tokens = hit.num_tokens
         self.allocate(request, num_new_tokens)
         return True
@@ -330,9 +381,7 @@ class BlockManager:
         is not cached yet and some running request still has named blocks to fill (multi-turn traffic, where
         the next round's prompt holds the answer being generated). Conservative: it does not check that the
         blocks match."""
-        hashes = request_block_hashes(request, self.block_size)
-        cached = self._cached
-        if all(h in cached for h in hashes):
+        if self._cached_hashes.issuperset(request_block_hashes(request, self.block_size)):
             return False
         cached_blocks = self._num_cached
         return any(len(request_block_hashes(r, self.block_size)) > cached_blocks.get(r.id, 0) for r in running)
@@ -345,19 +394,96 @@ class BlockManager:
             self._take(num_blocks - held)
             self._held[rid] = num_blocks
             hashes = request_block_hashes(request, self.block_size)
-            if held < len(hashes):
-                self._shared.setdefault(rid, []).extend(map(Block, hashes[held:num_blocks]))
-        shared = self._shared.get(rid)
-        if shared is None:
+            if held < len(hashes):  # it holds named blocks 0 .. held - 1 so far
+                end = num_blocks if num_blocks < len(hashes) else len(hashes)
+                segs = self._segs.setdefault(rid, [])
+                if segs and not segs[-1].cached and segs[-1].chain is hashes:
+                    segs[-1].end = end  # its own run of blocks nobody can hit grows
+                else:
+                    segs.append(_Seg(hashes, held, end, [rid]))
+        segs = self._segs.get(rid)
+        if not segs:
             return
         done = self._num_cached.get(rid, 0)
-        full = min(num_tokens // self.block_size, len(shared))
+        full = num_tokens // self.block_size
+        if full > segs[-1].end:
+            full = segs[-1].end
         if full > done:
-            cached = self._cached
-            for block in shared[done:full]:
-                if block.hash not in cached:  # an equal block cached already keeps the entry
-                    cached[block.hash] = block
+            self._cache_filled(rid, segs, done, full)
             self._num_cached[rid] = full
+
+    def _cache_filled(self, rid: int, segs: list[_Seg], done: int, full: int) -> None:
+        """Cache the request's named blocks ``done .. full - 1``, just filled: each whose hash no block caches
+        yet (an equal block cached already keeps the entry, and this one stays a copy nobody can hit). They
+        lie in its own runs not cached, which only it holds."""
+        cached_hashes, starts = self._cached_hashes, self._starts
+        last = segs[-1]
+        if last.start == done:
+            blocks = last.chain[done:full]
+            if cached_hashes.isdisjoint(blocks):  # the usual case: new content, at the start of its last run
+                cached_hashes.update(blocks)
+                before = segs[-2] if len(segs) > 1 else None
+                if (before is not None and before.cached and before.end == done and before.chain is last.chain
+                        and len(before.holders) == 1):
+                    before.end = full  # the run it cached last grows (a prefill's chunks, a decode's blocks)
+                    if full == last.end:
+                        segs.pop()
+                    else:
+                        last.start = full
+                    return
+                if full < last.end:
+                    self._split(last, full)
+                last.cached = True
+                starts[last.chain[done]] = last
+                return
+        i = len(segs) - 1
+        while segs[i].start > done:
+            i -= 1
+        if segs[i].start < done:  # a copy of cached blocks ran on into blocks not filled yet
+            i += 1
+            self._split(segs[i - 1], done)
+        filled = [seg for seg in segs[i:] if seg.start < full]
+        if filled[-1].end > full:
+            self._split(filled[-1], full)
+        for seg in filled:
+            chain, start, end = seg.chain, seg.start, seg.end
+            blocks = chain[start:end]
+            if cached_hashes.isdisjoint(blocks):
+                seg.cached = True
+                cached_hashes.update(blocks)
+                starts[chain[start]] = seg
+                continue
+            # Some blocks copy cached ones: split the run where that changes and cache the rest.
+            is_new = [h not in cached_hashes for h in blocks]
+            at = start
+            while seg is not None:
+                state = is_new[at - start]
+                stop = at + 1
+                while stop < end and is_new[stop - start] is state:
+                    stop += 1
+                rest = self._split(seg, stop) if stop < end else None
+                if state:
+                    seg.cached = True
+                    cached_hashes.update(chain[at:stop])
+                    starts[chain[at]] = seg
+                seg, at = rest, stop
+
+    def _split(self, seg: _Seg, at: int) -> _Seg:
+        """Split a run before position ``at``; the part from ``at`` on is a new run that keeps the old one's
+        holders, cached state and place in the free queue, and follows it in each holder's list."""
+        rest = _Seg(seg.chain, at, seg.end, list(seg.holders), seg.cached)
+        seg.end = at
+        cell = seg.cell
+        if cell is not None:
+            cell[0] = rest
+            rest.cell = cell
+            seg.cell = None
+        if seg.cached:
+            self._starts[seg.chain[at]] = rest
+        for rid in seg.holders:
+            segs = self._segs[rid]
+            segs.insert(segs.index(seg) + 1, rest)
+        return rest
 
     def _push(self, num_blocks: int) -> None:
         queue = self._queue
@@ -380,14 +506,21 @@ class BlockManager:
                 queue.popleft()
                 num_blocks -= entry
             elif kind is list:
-                queue.popleft()
-                block = entry[0]
-                if block is None:
+                seg = entry[0]
+                if seg is None:
+                    queue.popleft()
                     continue  # taken out by a hit
-                block.cell = None
-                if self._cached.get(block.hash) is block:
-                    del self._cached[block.hash]
-                num_blocks -= 1
+                start, end, chain = seg.start, seg.end, seg.chain
+                if end - start > num_blocks:  # the run's last blocks go first
+                    self._cached_hashes.difference_update(chain[end - num_blocks:end])
+                    seg.end = end - num_blocks
+                    return
+                queue.popleft()
+                seg.cell = None
+                seg.cached = False
+                self._cached_hashes.difference_update(chain[start:end])
+                del self._starts[chain[start]]
+                num_blocks -= end - start
             else:
                 take = min(entry.count, num_blocks)
                 entry.count -= take
@@ -404,7 +537,7 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Blocks whose content a request could hit (held or free)."""
-        return len(self._cached) + sum(run.count for run in self._runs.values())
+        return len(self._cached_hashes) + sum(run.count for run in self._runs.values())
 
     def check_integrity(self) -> None:
         assert all(v > 0 for v in self._held.values()), "a request holds a non-positive number of blocks"
@@ -414,31 +547,46 @@ class BlockManager:
             assert held + self.num_free_blocks == self.num_blocks, (
                 f"KV blocks not conserved: {held} held + {self.num_free_blocks} free != {self.num_blocks}")
             return
-        holders: dict[Block, int] = {}  # each shared block -> how many requests list it
-        for blocks in self._shared.values():
-            for b in blocks:
-                holders[b] = holders.get(b, 0) + 1
-        assert all(b.ref == n for b, n in holders.items()), "a shared block's reference count is off"
-        shared = holders
-        own = sum(self._held[rid] - len(self._shared.get(rid, ())) for rid in self._held)
-        assert all(self._held[rid] >= len(self._shared.get(rid, ())) for rid in self._held)
+        listed: dict[_Seg, list[int]] = {}  # each held run -> the requests listing it
+        for rid, segs in self._segs.items():
+            assert rid in self._held, "a request lists runs but holds no blocks"
+            position = 0
+            for seg in segs:
+                assert seg.start == position < seg.end, "a request's runs do not tile its named blocks"
+                position = seg.end
+                listed.setdefault(seg, []).append(rid)
+            assert self._held[rid] >= position, "a request lists more named blocks than it holds"
+            assert self._num_cached.get(rid, 0) <= position
+        for seg, rids in listed.items():
+            assert sorted(seg.holders) == sorted(rids), "a run's holders are not the requests listing it"
+            assert seg.cell is None, "a held run is in the free queue"
+            assert seg.cached or len(rids) == 1, "a run nobody can hit is shared"
+        shared = sum(seg.end - seg.start for seg in listed)
+        own = sum(held - (self._segs[rid][-1].end if self._segs.get(rid) else 0)
+                  for rid, held in self._held.items())
         queued = 0
+        cached_runs = [seg for seg in listed if seg.cached]
         for entry in self._queue:
             kind = type(entry)
             if kind is int:
                 assert entry > 0
                 queued += entry
             elif kind is list:
-                if entry[0] is not None:
-                    assert entry[0].ref == 0 and entry[0].cell is entry, "a free block is held or listed twice"
-                    queued += 1
+                seg = entry[0]
+                if seg is not None:
+                    assert not seg.holders and seg.cell is entry and seg.cached, "a free run is held or listed twice"
+                    assert seg.start < seg.end
+                    queued += seg.end - seg.start
+                    cached_runs.append(seg)
             else:
                 queued += entry.count
         assert queued == self.num_free_blocks, f"free queue holds {queued} blocks, counter says {self.num_free_blocks}"
-        assert own + len(shared) + self.num_free_blocks == self.num_blocks, (
-            f"KV blocks not conserved: {own} own + {len(shared)} shared + {self.num_free_blocks} free "
+        assert own + shared + self.num_free_blocks == self.num_blocks, (
+            f"KV blocks not conserved: {own} own + {shared} shared + {self.num_free_blocks} free "
             f"!= {self.num_blocks}")
-        for h, block in self._cached.items():
-            assert block.hash == h
+        hashes = [h for seg in cached_runs for h in seg.chain[seg.start:seg.end]]
+        assert len(hashes) == len(set(hashes)) and set(hashes) == self._cached_hashes, (
+            "the cached hashes are not those of the cached runs, each once")
+        assert self._starts == {seg.chain[seg.start]: seg for seg in cached_runs}, "a cached run's start is lost"
         for rid, run in self._runs.items():
             assert run.request_id == rid and run.count > 0 and rid not in self._held

@@ -2,14 +2,16 @@
 request's own cached blocks, and the hit rate on the Mooncake trace against an offline count."""
 
 import json
+import random
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmsim.kv_cache import NO_HIT, BlockManager, block_hashes
+from llmsim.kv_cache import NO_HIT, BlockManager, _run_base, block_hashes
 from llmsim.request import Request
 from llmsim.workload.traces import mooncake_segments
+from tests import kv_cache_reference as reference
 
 MOONCAKE = Path(__file__).parent.parent / "workloads" / "mooncake_conversation.jsonl"
 
@@ -166,7 +168,7 @@ def test_mooncake_hit_rate_unbounded_equals_offline_count_and_bounded_is_lower()
 
 def _reference_block_hashes(segments, block_size):
     """Block hashes the plain way, one block at a time from its pieces: what the fast path must equal."""
-    hashes, parent, tokens = [], 0, []
+    hashes, parent, tokens, run = [], 0, [], None
     for seg_id, seg_len in segments:
         if seg_len == 0:
             tokens.append((seg_id, 0, None))  # an empty piece joins the block it falls in
@@ -182,7 +184,12 @@ def _reference_block_hashes(segments, block_size):
             block.append((seg_id, offset, 1))
         filled += 1
         if filled == block_size:
-            parent = hash((parent, *block[0])) if len(block) == 1 else hash((parent, tuple(block)))
+            if len(block) > 1:
+                parent, run = hash((parent, tuple(block))), None
+            else:  # a whole block inside a segment: one on from the last if that was the same segment's
+                seg_id, offset, _ = block[0]
+                follows = run is not None and run == (seg_id, offset - block_size)
+                parent, run = parent + 1 if follows else _run_base(parent, seg_id, offset, block_size), block[0][:2]
             hashes.append(parent)
             block, filled = [], 0
     return tuple(hashes)
@@ -192,3 +199,95 @@ def _reference_block_hashes(segments, block_size):
 def test_block_hashes_equal_the_block_by_block_definition(segments, block_size):
     request = Request(0, 0.0, 10, 1, prefix_segments=tuple(segments))
     assert block_hashes(request, block_size) == _reference_block_hashes(segments, block_size)
+
+
+# Prompts that share content and part from each other at block boundaries and inside blocks: a system prompt
+# (content 1), then one of two questions, then maybe an answer (content 5); or something else entirely.
+_CONTENTS = [((1, 24),), ((1, 24), (2, 10)), ((1, 24), (3, 13)), ((1, 24), (2, 10), (5, 9)), ((1, 11), (4, 20)),
+             ((6, 30),), ()]
+_OPS = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["step"] * 3 + ["decode", "decode_run", "finish", "finish",
+                                           "preempt", "probe"]),
+                          st.integers(0, 5), st.integers(1, 40), st.integers(0, len(_CONTENTS) - 1)),
+                min_size=1, max_size=100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS, st.sampled_from([(4, 30), (4, 60), (8, 14)]))
+def test_runs_of_blocks_behave_as_vllm_s_block_at_a_time_cache(ops, shape):
+    """The manager keeps named blocks in runs; vLLM keeps them one by one (``kv_cache_reference``). Driven with
+    the same admissions (hits that end inside a run, on held and on free blocks), chunks, decodes one by one and
+    in bulk, finishes, preemptions and evictions, the two agree on every hit, every admission, and every count."""
+    _drive_both(ops, shape)
+
+
+def test_runs_of_blocks_behave_as_vllm_s_block_at_a_time_cache_on_long_random_runs():
+    """The same on 300 longer seeded sequences, which reach the rarer cases (a hit ending inside a free run, a
+    fill that copies some cached blocks and caches others) hundreds of times."""
+    rng = random.Random(7)
+    kinds = ["admit"] * 3 + ["step"] * 3 + ["decode", "decode_run", "finish", "finish", "preempt", "probe"]
+    for _ in range(300):
+        ops = [(rng.choice(kinds), rng.randrange(6), rng.randint(1, 40), rng.randrange(len(_CONTENTS)))
+               for _ in range(200)]
+        _drive_both(ops, rng.choice([(4, 30), (4, 60), (8, 14)]))
+
+
+def _drive_both(ops, shape):
+    block_size, num_blocks = shape
+    managers = (BlockManager(num_blocks, block_size, enable_prefix_caching=True),
+                reference.BlockManager(num_blocks, block_size, enable_prefix_caching=True))
+    twins: dict[int, tuple[Request, Request]] = {}  # each manager mutates its own copy of a request
+    running: list[int] = []
+    for op, key, n, content in ops:
+        if key not in twins:
+            segments = _CONTENTS[content]
+            length = sum(s for _, s in segments) + 3 + key
+            twins[key] = tuple(Request(key, 0, length, 30, prefix_segments=segments) for _ in managers)
+        pair = twins[key]
+        if op == "admit" and key not in running:
+            hits = [bm.lookup(r) for bm, r in zip(managers, pair)]
+            assert (hits[0].num_tokens, hits[0].num_evictable, hits[0].num_run_blocks) == (
+                hits[1].num_tokens, hits[1].num_evictable, hits[1].num_run_blocks)
+            take = min(n, pair[0].num_tokens - hits[0].num_tokens)
+            admitted = {bm.allocate_slots(r, hit, take) for bm, r, hit in zip(managers, pair, hits)}
+            assert len(admitted) == 1
+            if admitted.pop():
+                for r in pair:
+                    r.num_computed_tokens += take
+                running.append(key)
+        elif op == "step" and key in running and pair[0].num_pending_tokens > 1:
+            take = min(n, pair[0].num_pending_tokens - 1)
+            if managers[0].can_allocate(pair[0], take):
+                for bm, r in zip(managers, pair):
+                    bm.allocate(r, take)
+                    r.num_computed_tokens += take
+        elif op == "decode" and key in running and managers[0].num_free_blocks:
+            for bm, r in zip(managers, pair):
+                bm.append_slot(r)
+                r.num_computed_tokens += 1
+        elif op == "decode_run" and running:
+            # Every running request advances n tokens, then the blocks catch up in one call (fast-forward).
+            need = sum(managers[0].blocks_for(twins[k][0].num_computed_tokens + n) - managers[0].num_held(twins[k][0])
+                       for k in running)
+            if need <= managers[0].num_free_blocks:
+                for i, bm in enumerate(managers):
+                    batch = [twins[k][i] for k in running]
+                    for r in batch:
+                        r.num_computed_tokens += n
+                    bm.grow_to_computed(batch)
+        elif op in ("finish", "preempt") and key in running:
+            for bm, r in zip(managers, pair):
+                bm.free(r, keep_cached=op == "preempt")
+                r.num_computed_tokens = 0
+            running.remove(key)
+            if op == "finish":
+                del twins[key]
+        elif op == "probe" and key not in running:
+            assert len({bm.hit_may_grow(r, [twins[k][i] for k in running])
+                        for i, (bm, r) in enumerate(zip(managers, pair))}) == 1
+        for bm in managers:
+            bm.check_integrity()
+        new, ref = managers
+        assert (new.num_free_blocks, new.num_cached_blocks) == (ref.num_free_blocks, ref.num_cached_blocks)
+        for k in running:
+            assert new.num_held(twins[k][0]) == ref.num_held(twins[k][1])
+            assert new.fills_named_blocks(twins[k][0]) == ref.fills_named_blocks(twins[k][1])
