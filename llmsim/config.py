@@ -292,7 +292,8 @@ ArrivalProcess = Annotated[Union[Poisson, Gamma], Field(discriminator="kind")]
 
 class TraceConfig(_Strict):
     path: Path
-    format: Literal["burstgpt", "azure", "mooncake"]
+    # prefill_decode: a lengths-only CSV (num_prefill_tokens, num_decode_tokens), for lengths_from only.
+    format: Literal["burstgpt", "azure", "mooncake", "prefill_decode"]
     model: str | None = None  # burstgpt: keep rows of this model (e.g. ChatGPT, GPT-4)
     log_type: str | None = None  # burstgpt: "Conversation log" or "API log"
     failed: Literal["skip", "reject"] = "skip"  # burstgpt rows with Response tokens == 0
@@ -357,6 +358,9 @@ class WorkloadConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadConfig":
+        if self.trace is not None and self.trace.format == "prefill_decode":
+            raise ValueError("trace.format prefill_decode has lengths but no arrival times: use it in "
+                             "workload.lengths_from, with arrival")
         if self.trace is not None:
             if (self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from or self.shared_prefix
                     or self.conversation):

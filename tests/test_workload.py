@@ -126,6 +126,33 @@ def test_rows_past_a_context_are_left_out():
     assert all(r.num_prompt_tokens + r.num_output_tokens <= 2048 for r in build_workload(wl, 0))
 
 
+def test_prefill_decode_lengths_feed_lengths_from_and_only_that():
+    """Sarathi-Serve's ShareGPT lengths: the shipped file reads whole, pairs are drawn jointly, and a replay of a
+    file without times is a config error; a bad row names the file and line."""
+    src = TraceConfig(path=ROOT / "workloads" / "sharegpt_8k_sarathi_serve.csv", format="prefill_decode")
+    rows = list(read_trace(src))
+    assert len(rows) == 30731 and (rows[0].prompt_tokens, rows[0].output_tokens) == (74, 918)
+    assert np.median([r.prompt_tokens for r in rows]) == 1730 and np.median([r.output_tokens for r in rows]) == 415
+    pairs = {(r.prompt_tokens, r.output_tokens) for r in rows}
+    wl = WorkloadConfig(num_requests=300, arrival={"kind": "poisson", "rate_per_s": 1.0}, lengths_from=src)
+    assert all((r.num_prompt_tokens, r.num_output_tokens) in pairs for r in build_workload(wl, 0))
+    with pytest.raises(ValueError, match="prefill_decode has lengths but no arrival times"):
+        WorkloadConfig(trace=src)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("num_prefill_tokens,num_decode_tokens\n12,5\n0,5\n", ":3: column 'num_prefill_tokens' is 0, expected at least 1"),
+    ("num_prefill_tokens,num_decode_tokens\n12,x\n", ":2: column 'num_decode_tokens' is 'x'"),
+    ("prompt,output\n12,5\n", ":1: header lacks ['num_prefill_tokens', 'num_decode_tokens']"),
+])
+def test_bad_prefill_decode_file_names_file_and_line(tmp_path, body, needle):
+    path = tmp_path / "lengths.csv"
+    path.write_text(body)
+    with pytest.raises(TraceError) as err:
+        list(read_trace(TraceConfig(path=path, format="prefill_decode")))
+    assert f"{path}{needle}" in str(err.value)
+
+
 def test_duration_cap():
     wl = WorkloadConfig(duration_s=10.0, arrival={"kind": "poisson", "rate_per_s": 20.0},
                         prompt_tokens={"kind": "fixed", "value": 10}, output_tokens={"kind": "fixed", "value": 5})

@@ -1,4 +1,5 @@
-"""Streaming trace readers: BurstGPT CSV, Azure LLM inference 2023 CSV, Mooncake JSONL.
+"""Streaming trace readers: BurstGPT CSV, Azure LLM inference 2023 CSV, Mooncake JSONL, and the lengths-only CSV
+of Sarathi-Serve and Vidur (``num_prefill_tokens,num_decode_tokens``).
 
 Rows are read one at a time, so a 10-million-row trace is never held in memory; a malformed row raises a
 ``TraceError`` naming the file and line.
@@ -19,6 +20,7 @@ from llmsim.errors import TraceError
 
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+PREFILL_DECODE_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
 MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash_ids name blocks of this many prompt tokens
 
 
@@ -138,6 +140,20 @@ def read_azure(cfg: TraceConfig) -> Iterator[TraceRow]:
             yield TraceRow(t - t0, prompt, output, output == 0, line)
 
 
+def read_prefill_decode(cfg: TraceConfig) -> Iterator[TraceRow]:
+    """Sarathi-Serve's and Vidur's processed traces: (prompt, output) lengths and no times, so only
+    ``workload.lengths_from`` takes them (rows are numbered as seconds to keep them in order)."""
+    path = Path(cfg.path)
+    with _open(path) as f:
+        reader = csv.DictReader(f)
+        _check_header(reader.fieldnames, PREFILL_DECODE_COLUMNS, path)
+        for i, row in enumerate(reader):
+            line = reader.line_num
+            prompt = _int(row["num_prefill_tokens"], path, line, "num_prefill_tokens", minimum=1)
+            output = _int(row["num_decode_tokens"], path, line, "num_decode_tokens", minimum=1)
+            yield TraceRow(float(i), prompt, output, False, line)
+
+
 def _azure_time(stamp: str, path: Path, line: int) -> float:
     """Seconds of an Azure TIMESTAMP: seven fractional digits, and a timezone offset where the file has one
     (without one, the time is taken as UTC, so the trace's clock never depends on where it is read)."""
@@ -184,7 +200,8 @@ def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
             yield TraceRow(t, prompt, _int(output, path, line, "output_length", minimum=1), False, line, hash_ids)
 
 
-READERS = {"burstgpt": read_burstgpt, "azure": read_azure, "mooncake": read_mooncake}
+READERS = {"burstgpt": read_burstgpt, "azure": read_azure, "mooncake": read_mooncake,
+           "prefill_decode": read_prefill_decode}
 
 
 def read_trace(cfg: TraceConfig) -> Iterator[TraceRow]:
