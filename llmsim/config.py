@@ -75,6 +75,10 @@ class PoolConfig(_Strict):
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
+    # The pool's own batch limits, as DistServe sets them per phase (--context-max-batch-size and
+    # --context-max-tokens-per-batch, --decoding-...); default: the scheduler's.
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
 
 
 class DistServeConfig(_Strict):
@@ -439,6 +443,15 @@ class ExperimentConfig(_Strict):
     slo: SLOConfig = SLOConfig()
     energy: EnergyConfig = EnergyConfig()
     simulation: SimulationConfig = SimulationConfig()
+
+    def scheduler_for(self, role: str) -> SchedulerConfig:
+        """The scheduler config a pool runs: a DistServe prefill or decode pool may set its own batch limits."""
+        if self.cluster.policy != "distserve" or role not in ("prefill", "decode"):
+            return self.scheduler
+        pool = getattr(self.cluster.distserve, role)
+        update = {name: getattr(pool, name) for name in ("max_num_seqs", "max_num_batched_tokens")
+                  if getattr(pool, name) is not None}
+        return self.scheduler.model_copy(update=update) if update else self.scheduler
 
     @model_validator(mode="after")
     def _llumnix_without_pipelines(self) -> "ExperimentConfig":

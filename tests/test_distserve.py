@@ -44,6 +44,26 @@ def test_disaggregation_beats_colocation_per_gpu_under_tight_tpot():
     assert distserve["ttft"]["p90_s"] > colocated["ttft"]["p90_s"]  # one prefill instance instead of two
 
 
+def test_each_pool_runs_its_own_batch_limits():
+    """DistServe sets batch limits per phase: a decode pool capped at 4 sequences and a prefill pool at 3,584
+    tokens a step (the longest prompt here is 3,500) never exceed them, while the scheduler's own limits stay
+    larger; every request still finishes."""
+    base = config("distserve", 2.0, 120)
+    cfg = base.model_copy(update={"cluster": base.cluster.model_copy(update={"distserve": base.cluster.distserve.model_copy(
+        update={"prefill": base.cluster.distserve.prefill.model_copy(update={"max_num_batched_tokens": 3584}),
+                "decode": base.cluster.distserve.decode.model_copy(update={"max_num_seqs": 4})})})})
+    assert cfg.scheduler_for("decode").max_num_seqs == 4 and cfg.scheduler_for("prefill").max_num_seqs == 256
+    assert cfg.scheduler_for("prefill").max_num_batched_tokens == 3584
+    assert cfg.scheduler_for("colocated").max_num_batched_tokens == 4096
+    result = simulate(cfg, build_workload(cfg.workload, cfg.seed))
+    it = result.recorder.iteration_frame()
+    roles = {i: result.pools[p].role for i, p in enumerate(result.replica_pool)}
+    decode = it[it["replica_id"].map(roles) == "decode"]
+    prefill = it[it["replica_id"].map(roles) == "prefill"]
+    assert decode["num_decode_tokens"].max() == 4 and prefill["num_prefill_tokens"].max() <= 3584
+    assert (result.recorder.request_frame()["status"] == "finished").all()
+
+
 def test_requests_move_from_prefill_to_decode_with_kv_transfer_time():
     cfg = config("distserve", 1.0, 60)
     result = simulate(cfg, build_workload(cfg.workload, cfg.seed))

@@ -81,7 +81,7 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
     hardware = load_profile(cfg.hardware.device)
     plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp)
     check_plan(model, plan)
-    s = cfg.scheduler
+    s = cfg.scheduler_for(role)
     max_model_len = s.max_model_len or model.max_position
     memory = plan_memory(model, hardware, plan, block_size=s.block_size,
                          gpu_memory_utilization=s.gpu_memory_utilization,
@@ -113,7 +113,7 @@ def build_pools(cfg: ExperimentConfig) -> tuple[ModelSpec, list[Pool], int]:
 
 def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool, recorder: Recorder,
                  on_prefilled: Callable | None = None) -> Replica:
-    s = cfg.scheduler
+    s = cfg.scheduler_for(pool.role)
     num_blocks = pool.memory.num_blocks
     decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks),
