@@ -181,9 +181,9 @@ def _cmd_validate_e2e(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     table = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
-                         on_run=lambda name: print(f"replayed {name}", flush=True))
+                         on_run=lambda name: print(f"replayed {name}", flush=True), intervals=args.intervals)
     print(summary(table).to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"{out}/: e2e_errors.csv, e2e_report.md, e2e_parity.png")
+    print(f"{out}/: e2e_errors.csv, e2e_report.md, e2e_parity.png" + (", e2e_intervals.csv" if args.intervals else ""))
     return 0
 
 
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--runs", action="append", metavar="SUBSTRING",
                      help="only runs whose name contains this (repeatable)")
     e2e.add_argument("--max-requests", type=_positive, help="replay only each run's first N requests (a quick slice)")
+    e2e.add_argument("--intervals", type=_positive, default=0, metavar="N",
+                     help="also replay each run under N samples of the profile's held-out kernel errors and write "
+                          "5th-95th percentile intervals and their coverage (OUT/e2e_intervals.csv; N x the time)")
     e2e.set_defaults(func=_cmd_validate_e2e)
     return parser
 

@@ -53,6 +53,10 @@ class ModelConfig(_Strict):
 
 class HardwareConfig(_Strict):
     device: str = "a100-80gb"  # profile name in hardware_profiles/ or a path to a profile YAML
+    # What-if multipliers on the modelled kernel times, by group (1 where absent): "attention 20% slower" is
+    # {attention_decode: 1.2}. ``llmsim validate-e2e --intervals`` draws them from the held-out kernel errors.
+    time_factors: dict[Literal["gemm", "attention_prefill", "attention_decode", "collective", "other"],
+                       Annotated[float, Field(gt=0, allow_inf_nan=False)]] = {}
 
 
 class ParallelConfig(_Strict):

@@ -79,6 +79,29 @@ def test_decode_iteration_is_the_general_path():
             assert (times[j], flops[j], num_bytes[j]) == tuple(model.decode_iteration(37, 12345 + 37 * j))
 
 
+@pytest.mark.parametrize("profile", [A100, A100.model_copy(update={"decode_attention": None, "prefill_attention": None})],
+                         ids=["fitted attention", "roofline attention"])
+def test_time_factors_scale_each_kernel_group_and_nothing_else(profile):
+    """hardware.time_factors: a group's factor multiplies exactly that group's time (decode runs too); factors of
+    1 change nothing, bit for bit."""
+    base = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2))
+    ones = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2), time_factors={"gemm": 1.0, "attention_decode": 1.0})
+    batch = (((300, 200),), 37, 12345, 38)
+    assert ones.iteration(*batch) == base.iteration(*batch)
+    assert ones.decode_run(37, 12345, 4) == base.decode_run(37, 12345, 4)
+    attn = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2), time_factors={"attention_decode": 2.0})
+    assert attn._decode_attention(37, 12345)[0] == pytest.approx(2 * base._decode_attention(37, 12345)[0], rel=1e-12)
+    assert attn._fixed(38, 38) == base._fixed(38, 38)  # nothing else moves
+    times, _, _ = attn.decode_run(37, 12345, 3)
+    assert times == [attn.decode_iteration(37, 12345 + 37 * j).time_s for j in range(3)]
+    gemm = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2), time_factors={"gemm": 1.5})
+    linear = [op for op in ops.dense_layer_ops(base.shapes, 64) if op.kind == "linear"]
+    assert sum(map(gemm.op_cost, linear)) == pytest.approx(1.5 * sum(map(base.op_cost, linear)), rel=1e-12)
+    comm = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2), time_factors={"collective": 3.0})
+    extra = comm._fixed(64, 1).time_s - base._fixed(64, 1).time_s
+    assert extra == pytest.approx(2.0 * 32 * 2 * all_reduce_s(base._custom_link, 64 * 4096 * 2, 2, True), rel=1e-9)
+
+
 def test_tp_and_pp_add_communication():
     t1 = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1)).iteration(((512, 0),), 0, 0, 1).time_s
     t2 = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2)).iteration(((512, 0),), 0, 0, 1).time_s

@@ -69,6 +69,14 @@ def _stored_measurements(profile: HardwareProfile, path: Path) -> list[Path]:
     return [path.parent / m for m in ([stored] if isinstance(stored, str) else stored)]
 
 
+def profile_measurements(device: str) -> tuple[HardwareProfile, Rows | None, Split]:
+    """A profile, the measurements its calibration recorded (None where it has none at hand) and its split."""
+    path = profile_path(device)
+    profile = _read_profile(path)
+    stored = [m for m in _stored_measurements(profile, path) if m.exists()]
+    return profile, (read_all(stored) if profile.calibrated and stored else None), _split(profile)
+
+
 def read_all(paths: list[Path]) -> Rows:
     return Rows(pd.concat([read_measurements(p) for p in paths], ignore_index=True))
 

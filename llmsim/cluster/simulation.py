@@ -92,7 +92,8 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
     cpu = s.cpu_overhead_params
     cpu_overhead = None if cpu is None else CpuOverhead.of(cpu, max_model_len, plan.tp)
     # DistServe's decode instances schedule synchronously (``make_replica``), so their CPU time adds.
-    execution = ExecutionModel(model, hardware, plan, cpu_overhead, s.schedules_ahead and role != "decode")
+    execution = ExecutionModel(model, hardware, plan, cpu_overhead, s.schedules_ahead and role != "decode",
+                               cfg.hardware.time_factors)
     return model, execution, memory, max_model_len
 
 

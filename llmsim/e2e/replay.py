@@ -44,10 +44,11 @@ def model_name(run: MeasuredRun, root: Path) -> str:
                       f"({', '.join(CATALOG_IDS)})")
 
 
-def experiment(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0) -> ExperimentConfig:
+def experiment(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0,
+               time_factors: dict[str, float] | None = None) -> ExperimentConfig:
     return parse_config({
         "name": run.name, "model": {"name": model_name(run, root), "dtype": "bf16"},
-        "hardware": {"device": device}, "parallel": {"tp": run.tp},
+        "hardware": {"device": device, "time_factors": time_factors or {}}, "parallel": {"tp": run.tp},
         "cluster": {"frontend_latency_s": frontend_latency_s},
         "scheduler": {"name": "vllm_v1", "enable_prefix_caching": True, "max_num_seqs": run.max_num_seqs,
                       "max_num_batched_tokens": run.max_num_batched_tokens, "block_size": run.block_size,
@@ -146,8 +147,10 @@ def requests_of(run: MeasuredRun) -> tuple[list[Request], int]:
     return out, filled
 
 
-def replay(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0) -> Replayed:
-    cfg = experiment(run, root, device, frontend_latency_s)
+def replay(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float = 0.0,
+           time_factors: dict[str, float] | None = None) -> Replayed:
+    """``time_factors``: multipliers on the kernel groups' modelled times (a prediction-interval sample)."""
+    cfg = experiment(run, root, device, frontend_latency_s, time_factors)
     requests, filled = requests_of(run)
     planned = _planned_blocks(cfg)
     result = simulate(cfg, requests)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from llmsim.e2e.compare import COLUMNS, compare
 from llmsim.e2e.frontend import FrontendFit, fit_leave_one_model_out
+from llmsim.e2e.intervals import draw_factors, held_out_ratios, interval_bounds, ratio_summary
 from llmsim.e2e.replay import replay
 from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_arrival
 from llmsim.e2e.vllm_bench import bench_names, load_bench_run
@@ -31,7 +32,9 @@ def truncate(run: MeasuredRun, max_requests: int) -> MeasuredRun:
 
 
 def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = None,
-                 max_requests: int | None = None, on_run=None) -> pd.DataFrame:
+                 max_requests: int | None = None, on_run=None, intervals: int = 0) -> pd.DataFrame:
+    """``intervals``: Monte Carlo samples of the held-out kernel errors (``llmsim.e2e.intervals``); with any,
+    also writes ``e2e_intervals.csv`` and the intervals' coverage in the report."""
     names = [(n, load_run) for n in find_runs(root)] + [(n, load_bench_run) for n in bench_names(root)]
     if not names:
         raise ConfigError(f"{root / 'bench'}: no <exp>.json vllm bench serve results")
@@ -42,6 +45,8 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     runs = [load(root, n) for n, load in names]  # read and check everything before the long part
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
+    ratios = held_out_ratios(device) if intervals else {}
+    samples = draw_factors(ratios, intervals)
     # First the engine alone, then each model's runs again with the front end fitted on the other models.
     engine_only, notes = {}, []
     for run in runs:
@@ -50,12 +55,15 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
         notes.append((run.name, run.kv_blocks, replayed.kv_blocks_planned, replayed.filled_lengths,
                       len(run.requests), time.perf_counter() - t0))
     fits = fit_leave_one_model_out(runs, engine_only)
-    frames, engine_frames = [], []
+    frames, engine_frames, interval_frames = [], [], []
     for run in runs:
         latency = fits[run.model_id].latency_s
         final = replay(run, root, device, frontend_latency_s=latency) if latency else engine_only[run.name]
         frames.append(compare(run, final))
         engine_frames.append(compare(run, engine_only[run.name]))
+        if samples:
+            drawn = [compare(run, replay(run, root, device, latency, factors))["predicted"] for factors in samples]
+            interval_frames.append(with_intervals(frames[-1], np.column_stack(drawn)))
         if on_run is not None:
             on_run(run.name)
     table = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
@@ -63,9 +71,48 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "e2e_errors.csv", index=False)
     engine_table.to_csv(out / "e2e_errors_engine_only.csv", index=False)
-    (out / "e2e_report.md").write_text(report(table, engine_table, list(fits.values()), notes, device, root))
+    text = report(table, engine_table, list(fits.values()), notes, device, root)
+    if samples:
+        bounds = pd.concat(interval_frames, ignore_index=True)
+        bounds.to_csv(out / "e2e_intervals.csv", index=False)
+        text += intervals_report(bounds, ratios, len(samples))
+    (out / "e2e_report.md").write_text(text)
     parity_plot(table, out / "e2e_parity.png")
     return table
+
+
+INTERVAL_COLUMNS = ("experiment", "stage", "metric", "predicted", "low", "high", "measured", "inside")
+
+
+def with_intervals(table: pd.DataFrame, drawn: np.ndarray) -> pd.DataFrame:
+    """``table``'s rows with the 5th-95th percentile of each metric over the samples (``drawn``: one column per
+    sample) and whether the measured value lies inside."""
+    bounds = np.array([interval_bounds(row) for row in drawn])
+    low, high = bounds[:, 0], bounds[:, 1]
+    measured = table["measured"].to_numpy(dtype=float)
+    inside = (measured >= low) & (measured <= high)
+    return table.assign(low=low, high=high, inside=inside)[list(INTERVAL_COLUMNS)]
+
+
+def coverage(bounds: pd.DataFrame) -> pd.Series:
+    """Per headline metric, the share of (run, stage) rows whose measurement lies inside the interval."""
+    t = bounds[bounds["metric"].isin(HEADLINE[:-1])].dropna(subset=["measured", "low", "high"])
+    return t.groupby("metric")["inside"].mean()
+
+
+def intervals_report(bounds: pd.DataFrame, ratios: dict, num_samples: int) -> str:
+    lines = ["", "## Prediction intervals", "",
+             f"{num_samples} samples of the held-out kernel errors (`llmsim.e2e.intervals`): per kernel group, one "
+             "held-out row's measured / predicted ratio scales that group's modelled times. The ratios drawn from:",
+             "", "| kernel group | held-out rows | 5th pct | median | 95th pct |", "|---|---:|---:|---:|---:|"]
+    for group, n, lo, mid, hi in ratio_summary(ratios):
+        lines.append(f"| {group} | {n} | {lo:.3f} | {mid:.3f} | {hi:.3f} |")
+    lines += ["", "Share of runs and stages whose measurement lies inside the 5th-95th percentile interval "
+              "(`e2e_intervals.csv`):", "", "| metric | coverage | rows |", "|---|---:|---:|"]
+    rows = bounds[bounds["metric"].isin(HEADLINE[:-1])].dropna(subset=["measured", "low", "high"])
+    for metric, share in coverage(bounds).items():
+        lines.append(f"| {metric} | {share:.0%} | {int((rows['metric'] == metric).sum())} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -51,10 +51,26 @@ class IterationCost(NamedTuple):
     num_bytes: float  # memory traffic summed over all GPUs
 
 
+# Kernel groups a what-if multiplier (``hardware.time_factors``) scales, as the calibration reports their errors.
+KERNEL_GROUPS = ("gemm", "attention_prefill", "attention_decode", "collective", "other")
+
+
+def kernel_group(kind: str) -> str:
+    """The group of an op kind: GEMMs (dense, FP8, fused MoE), the two attention kernels, or the rest."""
+    if kind.startswith(("linear", "moe")):
+        return "gemm"
+    return kind if kind in ("attention_prefill", "attention_decode") else "other"
+
+
 class ExecutionModel:
     def __init__(self, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
-                 cpu_overhead: CpuOverhead | None = None, cpu_overlaps: bool = False):
+                 cpu_overhead: CpuOverhead | None = None, cpu_overlaps: bool = False,
+                 time_factors: dict[str, float] | None = None):
         self.model, self.hardware, self.plan = model, hardware, plan
+        # Multipliers on the modelled kernel times by group (``KERNEL_GROUPS``; 1 where absent): a what-if, or a
+        # draw from the calibration's held-out errors. Folded into the cached per-token-count and per-batch-size
+        # constants, so the hot paths do no extra work.
+        self.time_factors = {g: float((time_factors or {}).get(g, 1.0)) for g in KERNEL_GROUPS}
         # The engine's CPU time per step: added to the GPU time, or (async scheduling) overlapping it.
         self.cpu_overhead, self.cpu_overlaps = cpu_overhead, cpu_overlaps
         self.shapes = ops.ShardShapes.of(model, plan.tp)
@@ -77,7 +93,11 @@ class ExecutionModel:
         eff = gemm_efficiency(self.hardware, op.kind)
         gemm = op.kind.startswith(("linear", "moe"))
         return op_time_s(eff, self.peak_flops if gemm else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n)
+                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n) * self.time_factors[kernel_group(op.kind)]
+
+    def _send_recv_s(self, num_bytes: float) -> float:
+        """A pipeline stage's activation hand-off."""
+        return send_recv_s(self._pp_link, num_bytes) * self.time_factors["collective"]
 
     def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
         """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""
@@ -111,9 +131,9 @@ class ExecutionModel:
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
             custom = self._custom_link is not None and activation_bytes <= self._custom_max_bytes
             link = self._custom_link if custom else self._tp_link
-            layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom)
+            layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
             emb = ops.embedding(s, num_tokens)
-            hand_off_s = (self.plan.pp - 1) * send_recv_s(self._pp_link, activation_bytes) if self.plan.pp > 1 else 0.0
+            hand_off_s = (self.plan.pp - 1) * self._send_recv_s(activation_bytes) if self.plan.pp > 1 else 0.0
             part = (layer_s, sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops),
                     self.op_cost(emb), emb.flops, emb.num_bytes, hand_off_s)
             self._token_cache[num_tokens] = part
@@ -163,7 +183,7 @@ class ExecutionModel:
             return self.op_cost(op)
         mean_keys, tiles = ops.prefill_attention_grid(self.shapes, chunks, fit.tile_tokens)
         return prefill_attention_s(fit, self.act_peak_flops, self.bandwidth, op.flops, op.num_bytes, mean_keys,
-                                   tiles)
+                                   tiles) * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
@@ -198,6 +218,11 @@ class ExecutionModel:
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),
                      decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads), fit.overhead_s)
+            f = self.time_factors["attention_decode"]
+            if f != 1.0:  # both forms are homogeneous in (overhead, time terms): scale each by f
+                flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
+                c = (flops_per_kv, bytes_per_kv, fixed_bytes, fit, a * f if fit is not None else a / f, b / f,
+                     overhead_s * f)
             self._decode_attn_cache[num_decode] = c
         return c
 
@@ -247,7 +272,7 @@ class ExecutionModel:
         pp = self.plan.pp
         if pp == 1:
             return cost.time_s, 0.0
-        hand_off = send_recv_s(self._pp_link, num_tokens * self.shapes.hidden * self.shapes.dtype_bytes)
+        hand_off = self._send_recv_s(num_tokens * self.shapes.hidden * self.shapes.dtype_bytes)
         return (cost.time_s - (pp - 1) * hand_off) / pp, hand_off
 
     def kv_transfer_s(self, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
@@ -257,4 +282,4 @@ class ExecutionModel:
         num_bytes = num_tokens * self.model.kv_bytes_per_token()
         link = self.hardware.inter_node if inter_node else self.hardware.intra_node
         links = min(self.plan.num_gpus, dst_num_gpus)
-        return link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)
+        return (link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)) * self.time_factors["collective"]
