@@ -219,7 +219,11 @@ class BlockManager:
             held, num_cached, take = self._held, self._num_cached, 0
             for r in requests:
                 n = -(-r.num_computed_tokens // bs)
-                if r.prefix_segments and num_cached.get(r.id, 0) < len(request_block_hashes(r, bs)):
+                done = num_cached.get(r.id, 0) if r.prefix_segments else 0
+                named = len(request_block_hashes(r, bs)) if r.prefix_segments else 0
+                if done < named:
+                    if n <= held.get(r.id, 0) and min(r.num_computed_tokens // bs, named) <= done:
+                        continue  # no new block and no named block filled: nothing changes
                     if take:
                         self._take(take)
                         take = 0
