@@ -535,6 +535,11 @@ class BlockManager:
                         del self._runs[entry.request_id]
 
     @property
+    def holds_named_blocks(self) -> bool:
+        """Whether any request holds blocks of named content (whose filling ``append_slot`` must see)."""
+        return bool(self._segs)
+
+    @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
