@@ -481,7 +481,7 @@ def format_validation_error(exc: ValidationError, source: str, what: str = "expe
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
                                                                                  "uniform", "zipf", "lognormal",
-                                                                                 "cpu_params", "cpu_profile"}))
+                                                                                 "cpu_params", "cpu_profile", "[key]"}))
         where = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "unknown_key":
             key = ".".join(str(p) for p in (*loc, err["ctx"]["key"]))

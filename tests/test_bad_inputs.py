@@ -107,6 +107,15 @@ CASES = {
     # A float such as 4.5e15 reads as a whole number; building that many replicas ran out of memory.
     "replicas past any cluster": (lambda tmp: _experiment(tmp, cluster={"num_replicas": 4.5e15}),
                                   "cluster.num_replicas: Input should be less than or equal to 10000"),
+    "unknown kernel group": (lambda tmp: _experiment(tmp, hardware={"device": "a100-80gb",
+                                                                    "time_factors": {"attn": 1.2}}),
+                             "hardware.time_factors.attn: Input should be 'gemm', 'attention_prefill'"),
+    "non-positive time factor": (lambda tmp: _experiment(tmp, hardware={"device": "a100-80gb",
+                                                                        "time_factors": {"gemm": 0}}),
+                                 "hardware.time_factors.gemm: Input should be greater than 0"),
+    "lengths file replayed": (lambda tmp: _experiment(tmp, workload={"trace": {
+        "path": str(Path(__file__).resolve().parents[1] / "workloads" / "sharegpt_8k_sarathi_serve.csv"),
+        "format": "prefill_decode"}}), "prefill_decode has lengths but no arrival times"),
 }
 
 
