@@ -366,10 +366,10 @@ class WorkloadConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadConfig":
-        if self.trace is not None and self.trace.format == "prefill_decode":
-            raise ValueError("trace.format prefill_decode has lengths but no arrival times: use it in "
-                             "workload.lengths_from, with arrival")
         if self.trace is not None:
+            if self.trace.format == "prefill_decode":
+                raise ValueError("trace.format prefill_decode has lengths but no arrival times: use it in "
+                                 "workload.lengths_from, with arrival")
             if (self.arrival or self.prompt_tokens or self.output_tokens or self.lengths_from or self.shared_prefix
                     or self.conversation):
                 raise ValueError("a trace replay takes arrivals and lengths from the trace; remove "

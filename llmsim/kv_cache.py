@@ -191,6 +191,18 @@ class BlockManager:
             self._held[request.id] = self._held.get(request.id, 0) + 1
             self.num_free_blocks -= 1
 
+    def append_slots(self, requests: list[Request]) -> None:
+        """``append_slot`` for each of a batch's decodes, in order (the schedulers' fast path: the caller has
+        checked that enough blocks are free). Most tokens land in a block the request already holds, so this
+        tests first what ``append_slot`` needs to do anything: a token at a block's start, or (with named
+        blocks held) one that fills a block."""
+        block_size, named = self.block_size, bool(self._segs)
+        append_slot = self.append_slot
+        for request in requests:
+            computed = request.num_computed_tokens
+            if computed % block_size == 0 or (named and (computed + 1) % block_size == 0):
+                append_slot(request)
+
     def grow_to(self, request: Request, num_blocks: int, num_tokens: int = 0) -> None:
         """Bring a request's holding up to ``num_blocks``, full of its first ``num_tokens`` tokens (bulk decode
         bookkeeping; 0 for KV that is still arriving, as in a migration)."""
@@ -222,12 +234,12 @@ class BlockManager:
                 done = num_cached.get(r.id, 0) if r.prefix_segments else 0
                 named = len(request_block_hashes(r, bs)) if r.prefix_segments else 0
                 if done < named:
-                    if n <= held.get(r.id, 0) and min(r.num_computed_tokens // bs, named) <= done:
+                    has = held.get(r.id, 0)
+                    if n <= has and min(r.num_computed_tokens // bs, named) <= done:
                         continue  # no new block and no named block filled: nothing changes
                     if take:
                         self._take(take)
                         take = 0
-                    has = held.get(r.id, 0)
                     if n - has > self.num_free_blocks:
                         raise RuntimeError(f"request {r.id} needs {n - has} blocks, {self.num_free_blocks} free")
                     self._grow(r, n if n > has else has, r.num_computed_tokens)  # grow_to, inlined
@@ -261,9 +273,7 @@ class BlockManager:
             self.num_free_blocks += n
             return n
         rid = request.id
-        segs = self._segs.pop(rid, None)
-        num_named = segs[-1].end if segs else 0
-        self._num_cached.pop(rid, None)
+        num_named = self._num_named(rid)
         stale = self._runs.pop(rid, None)
         if stale is not None:  # left from an earlier preemption: its blocks stay free, cached for nobody
             stale.request_id = -1
@@ -279,23 +289,7 @@ class BlockManager:
                 self._runs[rid] = run
             else:  # no request can ever hit them: they are free blocks like any other
                 self._push(num_own_full)
-        released = n - num_named
-        if segs:
-            enqueue = self._queue.append
-            for seg in reversed(segs):  # the tail first, so eviction takes a prompt's end first
-                holders = seg.holders
-                if len(holders) > 1:
-                    holders.remove(rid)
-                    continue
-                holders.clear()
-                size = seg.end - seg.start
-                released += size
-                if seg.cached:
-                    cell = seg.cell = [seg]
-                    enqueue(cell)
-                else:  # content nobody can hit (not full yet, or a copy of blocks cached elsewhere)
-                    self._push(size)
-        self.num_free_blocks += released
+        self.num_free_blocks += n - num_named + self._release_named(rid)
         return n
 
     # --- prefix caching ---------------------------------------------------------------------------------
@@ -307,7 +301,18 @@ class BlockManager:
             return NO_HIT
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = request_block_hashes(request, self.block_size)
-        limit = min(max_blocks, len(hashes))
+        segments, p, evictable = self._match(hashes, min(max_blocks, len(hashes)))
+        num_run = 0
+        run = self._runs.get(request.id)
+        if run is not None and run.base == p == len(hashes):
+            num_run = min(run.count, max_blocks - p)
+        if not p and not num_run:
+            return NO_HIT
+        return PrefixHit(segments, p, num_run, evictable + num_run, (p + num_run) * self.block_size)
+
+    def _match(self, hashes: tuple[int, ...], limit: int) -> tuple[tuple, int, int]:
+        """The cached runs matching the chain ``hashes`` from its start, up to ``limit`` blocks: (each run with
+        the position its part of the match ends at, blocks matched, of those the ones in the free queue)."""
         starts = self._starts
         segments = []
         evictable = 0
@@ -333,13 +338,7 @@ class BlockManager:
             if not seg.holders:
                 evictable += end - p
             p = end
-        num_run = 0
-        run = self._runs.get(request.id)
-        if run is not None and run.base == p == len(hashes):
-            num_run = min(run.count, max_blocks - p)
-        if not p and not num_run:
-            return NO_HIT
-        return PrefixHit(tuple(segments), p, num_run, evictable + num_run, (p + num_run) * self.block_size)
+        return tuple(segments), p, evictable
 
     def free_blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks a request that holds none uses to hold ``num_tokens`` tokens from its cached prefix
@@ -362,30 +361,34 @@ class BlockManager:
             run.request_id = -1
         if num_hit:
             rid = request.id
-            segs = []
-            for seg, end in hit.segments:
-                if end < seg.end:
-                    self._split(seg, end)  # the hit takes the run's first blocks
-                cell = seg.cell
-                if cell is not None:  # out of the free queue
-                    cell[0] = None
-                    seg.cell = None
-                seg.holders.append(rid)
-                segs.append(seg)
+            self._segs[rid] = self._hold_hit(rid, hit.segments)
             self.num_free_blocks -= hit.num_evictable
             self._held[rid] = num_hit
-            self._segs[rid] = segs
             self._num_cached[rid] = hit.num_named_blocks
             request.num_computed_tokens = hit.num_tokens
         self.allocate(request, num_new_tokens)
         return True
+
+    def _hold_hit(self, rid: int, segments: tuple) -> list[_Seg]:
+        """The request takes the runs of its hit (out of the free queue where they sit); returns its list."""
+        segs = []
+        for seg, end in segments:
+            if end < seg.end:
+                self._split(seg, end)  # the hit takes the run's first blocks
+            cell = seg.cell
+            if cell is not None:  # out of the free queue
+                cell[0] = None
+                seg.cell = None
+            seg.holders.append(rid)
+            segs.append(seg)
+        return segs
 
     def hit_may_grow(self, request: Request, running: list[Request]) -> bool:
         """Whether ``request``'s cached prefix could get longer while ``running`` decode: its next named block
         is not cached yet and some running request still has named blocks to fill (multi-turn traffic, where
         the next round's prompt holds the answer being generated). Conservative: it does not check that the
         blocks match."""
-        if self._cached_hashes.issuperset(request_block_hashes(request, self.block_size)):
+        if self._caches_all(request_block_hashes(request, self.block_size)):
             return False
         cached_blocks = self._num_cached
         return any(len(request_block_hashes(r, self.block_size)) > cached_blocks.get(r.id, 0) for r in running)
@@ -399,27 +402,66 @@ class BlockManager:
             self._held[rid] = num_blocks
             hashes = request_block_hashes(request, self.block_size)
             if held < len(hashes):  # it holds named blocks 0 .. held - 1 so far
-                end = num_blocks if num_blocks < len(hashes) else len(hashes)
-                segs = self._segs.setdefault(rid, [])
-                if segs and not segs[-1].cached and segs[-1].chain is hashes:
-                    segs[-1].end = end  # its own run of blocks nobody can hit grows
-                else:
-                    segs.append(_Seg(hashes, held, end, [rid]))
-        segs = self._segs.get(rid)
-        if not segs:
+                self._add_named(rid, hashes, held, num_blocks if num_blocks < len(hashes) else len(hashes))
+        num_named = self._num_named(rid)
+        if not num_named:
             return
         done = self._num_cached.get(rid, 0)
         full = num_tokens // self.block_size
-        if full > segs[-1].end:
-            full = segs[-1].end
+        if full > num_named:
+            full = num_named
         if full > done:
-            self._cache_filled(rid, segs, done, full)
+            self._cache_filled(rid, done, full)
             self._num_cached[rid] = full
 
-    def _cache_filled(self, rid: int, segs: list[_Seg], done: int, full: int) -> None:
+    # The named blocks' own bookkeeping, in runs (``tests/kv_cache_reference.py`` overrides these one block at a
+    # time, and the property tests check that the two agree).
+
+    def _num_named(self, rid: int) -> int:
+        """How many named blocks the request holds (its first ones)."""
+        segs = self._segs.get(rid)
+        return segs[-1].end if segs else 0
+
+    def _add_named(self, rid: int, hashes: tuple[int, ...], held: int, end: int) -> None:
+        """The request now holds named blocks ``held .. end - 1`` too, not filled yet."""
+        segs = self._segs.setdefault(rid, [])
+        if segs and not segs[-1].cached and segs[-1].chain is hashes:
+            segs[-1].end = end  # its own run of blocks nobody can hit grows
+        else:
+            segs.append(_Seg(hashes, held, end, [rid]))
+
+    def _release_named(self, rid: int) -> int:
+        """The request lets its named blocks go, the tail first (so eviction takes a prompt's end first); returns
+        how many are free now (the others are still held by requests sharing them)."""
+        segs = self._segs.pop(rid, None)
+        self._num_cached.pop(rid, None)
+        if not segs:
+            return 0
+        released = 0
+        enqueue = self._queue.append
+        for seg in reversed(segs):
+            holders = seg.holders
+            if len(holders) > 1:
+                holders.remove(rid)
+                continue
+            holders.clear()
+            size = seg.end - seg.start
+            released += size
+            if seg.cached:
+                cell = seg.cell = [seg]
+                enqueue(cell)
+            else:  # content nobody can hit (not full yet, or a copy of blocks cached elsewhere)
+                self._push(size)
+        return released
+
+    def _caches_all(self, hashes: tuple[int, ...]) -> bool:
+        return self._cached_hashes.issuperset(hashes)
+
+    def _cache_filled(self, rid: int, done: int, full: int) -> None:
         """Cache the request's named blocks ``done .. full - 1``, just filled: each whose hash no block caches
         yet (an equal block cached already keeps the entry, and this one stays a copy nobody can hit). They
         lie in its own runs not cached, which only it holds."""
+        segs = self._segs[rid]
         cached_hashes, starts = self._cached_hashes, self._starts
         last = segs[-1]
         if last.start == done:
@@ -510,21 +552,7 @@ class BlockManager:
                 queue.popleft()
                 num_blocks -= entry
             elif kind is list:
-                seg = entry[0]
-                if seg is None:
-                    queue.popleft()
-                    continue  # taken out by a hit
-                start, end, chain = seg.start, seg.end, seg.chain
-                if end - start > num_blocks:  # the run's last blocks go first
-                    self._cached_hashes.difference_update(chain[end - num_blocks:end])
-                    seg.end = end - num_blocks
-                    return
-                queue.popleft()
-                seg.cell = None
-                seg.cached = False
-                self._cached_hashes.difference_update(chain[start:end])
-                del self._starts[chain[start]]
-                num_blocks -= end - start
+                num_blocks -= self._take_cell(entry, num_blocks)
             else:
                 take = min(entry.count, num_blocks)
                 entry.count -= take
@@ -534,10 +562,24 @@ class BlockManager:
                     if self._runs.get(entry.request_id) is entry:
                         del self._runs[entry.request_id]
 
-    @property
-    def holds_named_blocks(self) -> bool:
-        """Whether any request holds blocks of named content (whose filling ``append_slot`` must see)."""
-        return bool(self._segs)
+    def _take_cell(self, cell: list, num_blocks: int) -> int:
+        """Up to ``num_blocks`` blocks from the free-queue cell at the head, evicting their content; returns how
+        many (the cell leaves the queue when it has none left, or was emptied by a hit)."""
+        seg = cell[0]
+        if seg is None:  # taken out by a hit
+            self._queue.popleft()
+            return 0
+        start, end, chain = seg.start, seg.end, seg.chain
+        if end - start > num_blocks:  # the run's last blocks go first
+            self._cached_hashes.difference_update(chain[end - num_blocks:end])
+            seg.end = end - num_blocks
+            return num_blocks
+        self._queue.popleft()
+        seg.cell = None
+        seg.cached = False
+        self._cached_hashes.difference_update(chain[start:end])
+        del self._starts[chain[start]]
+        return end - start
 
     @property
     def num_used_blocks(self) -> int:
@@ -556,6 +598,29 @@ class BlockManager:
             assert held + self.num_free_blocks == self.num_blocks, (
                 f"KV blocks not conserved: {held} held + {self.num_free_blocks} free != {self.num_blocks}")
             return
+        shared = self._check_named()
+        assert all(held >= self._num_named(rid) for rid, held in self._held.items()), (
+            "a request lists more named blocks than it holds")
+        own = sum(held - self._num_named(rid) for rid, held in self._held.items())
+        queued = 0
+        for entry in self._queue:
+            kind = type(entry)
+            if kind is int:
+                assert entry > 0
+                queued += entry
+            elif kind is list:
+                queued += self._cell_blocks(entry)
+            else:
+                queued += entry.count
+        assert queued == self.num_free_blocks, f"free queue holds {queued} blocks, counter says {self.num_free_blocks}"
+        assert own + shared + self.num_free_blocks == self.num_blocks, (
+            f"KV blocks not conserved: {own} own + {shared} shared + {self.num_free_blocks} free "
+            f"!= {self.num_blocks}")
+        for rid, run in self._runs.items():
+            assert run.request_id == rid and run.count > 0 and rid not in self._held
+
+    def _check_named(self) -> int:
+        """Check the named blocks' bookkeeping; returns how many named blocks are held (shared ones once)."""
         listed: dict[_Seg, list[int]] = {}  # each held run -> the requests listing it
         for rid, segs in self._segs.items():
             assert rid in self._held, "a request lists runs but holds no blocks"
@@ -564,38 +629,24 @@ class BlockManager:
                 assert seg.start == position < seg.end, "a request's runs do not tile its named blocks"
                 position = seg.end
                 listed.setdefault(seg, []).append(rid)
-            assert self._held[rid] >= position, "a request lists more named blocks than it holds"
             assert self._num_cached.get(rid, 0) <= position
         for seg, rids in listed.items():
             assert sorted(seg.holders) == sorted(rids), "a run's holders are not the requests listing it"
             assert seg.cell is None, "a held run is in the free queue"
             assert seg.cached or len(rids) == 1, "a run nobody can hit is shared"
-        shared = sum(seg.end - seg.start for seg in listed)
-        own = sum(held - (self._segs[rid][-1].end if self._segs.get(rid) else 0)
-                  for rid, held in self._held.items())
-        queued = 0
         cached_runs = [seg for seg in listed if seg.cached]
-        for entry in self._queue:
-            kind = type(entry)
-            if kind is int:
-                assert entry > 0
-                queued += entry
-            elif kind is list:
-                seg = entry[0]
-                if seg is not None:
-                    assert not seg.holders and seg.cell is entry and seg.cached, "a free run is held or listed twice"
-                    assert seg.start < seg.end
-                    queued += seg.end - seg.start
-                    cached_runs.append(seg)
-            else:
-                queued += entry.count
-        assert queued == self.num_free_blocks, f"free queue holds {queued} blocks, counter says {self.num_free_blocks}"
-        assert own + shared + self.num_free_blocks == self.num_blocks, (
-            f"KV blocks not conserved: {own} own + {shared} shared + {self.num_free_blocks} free "
-            f"!= {self.num_blocks}")
+        cached_runs += [entry[0] for entry in self._queue if type(entry) is list and entry[0] is not None]
         hashes = [h for seg in cached_runs for h in seg.chain[seg.start:seg.end]]
         assert len(hashes) == len(set(hashes)) and set(hashes) == self._cached_hashes, (
             "the cached hashes are not those of the cached runs, each once")
         assert self._starts == {seg.chain[seg.start]: seg for seg in cached_runs}, "a cached run's start is lost"
-        for rid, run in self._runs.items():
-            assert run.request_id == rid and run.count > 0 and rid not in self._held
+        return sum(seg.end - seg.start for seg in listed)
+
+    def _cell_blocks(self, cell: list) -> int:
+        """Check a free-queue cell; returns the free blocks in it."""
+        seg = cell[0]
+        if seg is None:
+            return 0
+        assert not seg.holders and seg.cell is cell and seg.cached, "a free run is held or listed twice"
+        assert seg.start < seg.end
+        return seg.end - seg.start

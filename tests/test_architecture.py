@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmsim"
 QUEUES = {"waiting", "running", "busy"}
 QUEUE_MUTATORS = {"append", "appendleft", "extend", "insert", "remove", "pop", "popleft", "clear", "add",
                   "discard", "update", "difference_update", "sort", "reverse"}
-BLOCK_MUTATORS = {"allocate", "allocate_slots", "append_slot", "grow_to", "free", "lookup"}
+BLOCK_MUTATORS = {"allocate", "allocate_slots", "append_slot", "append_slots", "grow_to", "free", "lookup"}
 SCHEDULER_STATE = {"num_reserved_seqs", "waiting", "running", "busy"}
 
 

@@ -91,9 +91,9 @@ class ExecutionModel:
 
     def op_cost(self, op: ops.OpWork) -> float:
         eff = gemm_efficiency(self.hardware, op.kind)
-        gemm = op.kind.startswith(("linear", "moe"))
-        return op_time_s(eff, self.peak_flops if gemm else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n) * self.time_factors[kernel_group(op.kind)]
+        group = kernel_group(op.kind)
+        return op_time_s(eff, self.peak_flops if group == "gemm" else self.act_peak_flops, self.bandwidth, op.flops,
+                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n) * self.time_factors[group]
 
     def _send_recv_s(self, num_bytes: float) -> float:
         """A pipeline stage's activation hand-off."""

@@ -278,15 +278,9 @@ class Scheduler:
         """One new token for each candidate still running, in order."""
         blocks = self.blocks
         if blocks.num_free_blocks >= len(candidates) and not out.preempted:
-            # Fast path: a decode adds at most one block, so nobody can be evicted. append_slot's own test
-            # first: most tokens land in a block the request already holds.
-            block_size, named, kv_tokens = blocks.block_size, blocks.holds_named_blocks, 0
-            for request in candidates:
-                computed = request.num_computed_tokens
-                if computed % block_size == 0 or (named and (computed + 1) % block_size == 0):
-                    blocks.append_slot(request)
-                kv_tokens += computed + 1
-            out.decode_kv_tokens += kv_tokens
+            # Fast path: a decode adds at most one block, so nobody can be evicted.
+            blocks.append_slots(candidates)
+            out.decode_kv_tokens += sum(r.num_computed_tokens for r in candidates) + len(candidates)
             out.decodes.extend(candidates)
             return
         for request in candidates:

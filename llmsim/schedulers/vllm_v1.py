@@ -47,16 +47,13 @@ class VLLMV1Scheduler(Scheduler):
             # Fast path for the leading decodes (the common case: all of them): each takes one token and at
             # most one block, so none is preempted and the budget lasts; the loop below does the same slower.
             decodes, kv_tokens = out.decodes, 0
-            block_size, named = blocks.block_size, blocks.holds_named_blocks
             for request in running:
                 computed = request.num_computed_tokens
                 if request.num_prompt_tokens + request.num_generated_tokens - computed != 1:
                     break  # num_pending_tokens, spelled out: this runs for every decode of every step
-                # append_slot's own test, first: most tokens land in a block the request already holds.
-                if computed % block_size == 0 or (named and (computed + 1) % block_size == 0):
-                    blocks.append_slot(request)
                 decodes.append(request)
                 kv_tokens += computed + 1
+            blocks.append_slots(decodes)
             num_decodes = len(decodes)
             out.decode_kv_tokens = kv_tokens
             budget -= num_decodes
