@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Layer ops and NCCL collectives from Vidur; attention kernels and vLLM's custom all-reduce from aiconfigurator.
 # Held out: whole models (layer ops), whole head layouts (attention), GEMMs with K = 5120 or 8192 (the hidden
-# sizes of 13B/34B and 70B models), 8-GPU groups (collectives). Fused-MoE rows are validated, never fitted.
+# sizes of 13B/34B and 70B models), 8-GPU groups (collectives), the fused-MoE shape of Mixtral-8x7B (every TP).
 # GEMM curves come from aiconfigurator's vLLM 0.14 GEMMs only (the engine version of the end-to-end runs); Vidur's
 # layer GEMMs, from an older stack, validate them.
 llmsim calibrate --device a100-80gb --measurements hardware_profiles/measurements/vidur-a100.csv.gz \
@@ -15,7 +15,8 @@ llmsim calibrate --device a100-80gb --measurements hardware_profiles/measurement
   --gemm-source aiconfigurator
 llmsim calibrate --device h100-sxm --measurements hardware_profiles/measurements/vidur-h100.csv.gz \
   --measurements hardware_profiles/measurements/aiconfigurator-h100.csv.gz \
-  --hold-out-model codellama/CodeLlama-34b-Instruct-hf --hold-out-model microsoft/phi-2 --hold-out-workers 8 \
+  --hold-out-model codellama/CodeLlama-34b-Instruct-hf --hold-out-model microsoft/phi-2 \
+  --hold-out-model "moe h4096 i14336 e8 k2" --hold-out-workers 8 \
   --hold-out-heads 32/8 --hold-out-heads 64/8 --hold-out-heads 40/40 --hold-out-gemm-k 5120 --hold-out-gemm-k 8192 \
   --gemm-source aiconfigurator
 llmsim calibrate --device cpu --measurements hardware_profiles/measurements/cpu-small.csv --hold-out-model Llama-3-8B

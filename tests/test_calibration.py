@@ -144,12 +144,21 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     # held-out 8 GPUs, with its one- or two-stage kernel by size: H100 <= 10%, A100 <= 16%.
     assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= 0.16, held
     assert held["all_reduce (vLLM custom)"] <= (0.10 if device == "h100-sxm" else 0.16)
-    if device == "h100-sxm":  # vLLM's fused-MoE kernel for Mixtral's TP2 shard: 17% faster on the GEMM curve
-        rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"))
+    if device == "h100-sxm":
+        # vLLM's fused MoE, fitted with a curve for its tuned and one for its default kernel configurations, on
+        # Mixtral's expert shape, which the fit never saw (every TP held out): tuned shapes (TP 2-8) <= 7%, the
+        # default configuration (TP 1, 16, 32) <= 14%; FP8 weights 7% and 12% (README). The TP2 shard, Mixtral's
+        # end-to-end runs: <= 10%.
+        assert "moe h4096 i14336 e8 k2" in profile.calibration["held_out_models"]
+        assert held["moe"] <= 0.07 and held["moe (vLLM default config)"] <= 0.14, held
+        assert held["moe (fp8)"] <= 0.07 and held["moe (fp8, vLLM default config)"] <= 0.12, held
+        rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"),
+                    profile)
         mixtral = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 2)
                    & (rows.df["dtype"] == "bf16")).to_numpy()
+        assert set(rows.kind[mixtral]) == {"moe"}
         err = predict_s(profile, rows)[mixtral] / rows.measured_s[mixtral] - 1
-        assert len(err) == 27 and np.abs(err).mean() <= 0.20 and np.median(err) < 0
+        assert len(err) == 27 and np.abs(err).mean() <= 0.10
     recorded = profile.validation["mape"]["held-out"]
     assert {op: round(float(v), 4) for op, v in held.items()} == recorded
     assert result.plot_path.stat().st_size > 10_000

@@ -217,9 +217,18 @@ def test_moe_layer_is_one_fused_expert_kernel():
     assert moe.num_bytes - ops.moe_experts(s, 2).num_bytes > 3 * 4096 * ffn * 2 * 3
     assert moe.num_tokens == 1.0  # each expert's GEMM gets one token
     h100 = load_profile("h100-sxm")
-    ex = ExecutionModel(mixtral, h100, ParallelPlan(tp=2))
-    # Shape terms of the first grouped GEMM, whose grid spans the output columns of every active expert.
-    assert (moe.gemm_k, moe.gemm_n) == (4096, 2 * ffn * 8)
-    assert ex.op_cost(moe) == op_time_s(h100.efficiency["linear"], h100.peak("bf16"),
-                                        h100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes, moe.num_tokens,
-                                        4096, 2 * ffn * 8)
+    # Shape terms of the first grouped GEMM, per expert (the Triton kernel tiles each expert's GEMM apart).
+    assert (moe.gemm_k, moe.gemm_n) == (4096, 2 * ffn)
+    # vLLM ships a tuned kernel configuration for E=8, N=7168 (TP2) on H100, none for N=14336 (TP1): the fused
+    # MoE runs on the profile's ``moe`` and ``moe_untuned`` curves.
+    for tp, kind in ((2, "moe"), (1, "moe_untuned")):
+        op = ops.moe_experts(ops.ShardShapes.of(mixtral, tp), 4)
+        ex = ExecutionModel(mixtral, h100, ParallelPlan(tp=tp))
+        assert ex.op_cost(op) == op_time_s(h100.efficiency[kind], h100.peak("bf16"), h100.memory_bandwidth_bytes_per_s,
+                                           op.flops, op.num_bytes, op.num_tokens, 4096, op.gemm_n)
+    # A device without the tuned list (A100: no MoE measurements) runs it on the GEMM curve.
+    a100 = load_profile("a100-80gb")
+    assert not a100.fused_moe_tuned and "moe" not in a100.efficiency
+    assert ExecutionModel(mixtral, a100, ParallelPlan(tp=2)).op_cost(moe) == op_time_s(
+        a100.efficiency["linear"], a100.peak("bf16"), a100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes,
+        moe.num_tokens, 4096, 2 * ffn)

@@ -25,11 +25,19 @@ _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not qu
 # Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
 # memory-bound at every size; fitting their compute curve would only turn it into a second overhead term.
 COMPUTE_BOUND_KINDS = ("linear", "linear_fp8", "attention_prefill")
-# Validated, not fitted: vLLM's fused-MoE kernel runs at the dense GEMM curve where vLLM ships a tuned kernel
-# configuration for the shape (Mixtral at TP 2-4 on H100: 6-10% MAPE) and far slower where it falls back to
-# its default one; one fitted curve over both (tried: 20% on fit rows, 71% on the held-out Mixtral shape)
-# follows the untuned shapes and misprices the tuned ones.
-VALIDATION_ONLY_KINDS = ("moe", "moe_fp8")
+# vLLM's fused-MoE kernel is fast where vLLM ships a tuned kernel configuration for the shape and far slower
+# where it falls back to its default one; one fitted curve over both (tried: 20% on fit rows, 71% on the
+# held-out Mixtral shape) follows the untuned shapes and misprices the tuned ones. So each weight dtype gets two
+# tiled curves (``moe`` / ``moe_untuned``, ``moe_fp8`` / ``moe_fp8_untuned``) where the profile lists the
+# device's tuned shapes for that dtype (``fused_moe_tuned``); without a list, its rows are validated, not fitted.
+FUSED_MOE_KINDS = {"bf16": ("moe", "moe_untuned"), "fp8": ("moe_fp8", "moe_fp8_untuned")}
+
+
+def validation_only(profile: HardwareProfile, kinds: np.ndarray) -> np.ndarray:
+    """Rows of kinds the fit never sees on this profile."""
+    never = [k for dtype, pair in FUSED_MOE_KINDS.items() for k in pair
+             if not (dtype in profile.fused_moe_tuned and profile.gemm_model == "tiled")]
+    return np.isin(kinds, never)
 # Every fit starts from the same point, not from the profile's current values, so refitting a fitted profile
 # reproduces it exactly (the optimiser's end point depends on its start).
 START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds
@@ -206,13 +214,14 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
 
 def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwareProfile:
     """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
-    train = ~split.held_out(rows.df) & ~l2_resident(profile, rows) & ~split.other_gemm_source(rows)
+    train = (~split.held_out(rows.df) & ~l2_resident(profile, rows) & ~split.other_gemm_source(rows)
+             & ~validation_only(profile, rows.kind))
     efficiency = dict(profile.efficiency)
     links: dict[str, LinkModel] = {}
     kernels: dict[str, object] = {}
     for kind in sorted(set(rows.kind[train])):
         mask = train & (rows.kind == kind)
-        if kind == "unmodelled" or kind in VALIDATION_ONLY_KINDS:
+        if kind == "unmodelled":
             continue
         flash = profile.attention_model == "flash_attention"
         if flash and kind in ("attention_prefill", "attention_decode"):
@@ -232,7 +241,7 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
                 links[kind] = fit_link(rows, mask, kind)
             continue
         peak = peak_flops(profile, rows, mask)
-        if kind.startswith("linear") and profile.gemm_model == "tiled":
+        if kind.startswith(("linear", "moe")) and profile.gemm_model == "tiled":
             efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s)
             continue
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.

@@ -88,7 +88,9 @@ def row_work(row) -> ops.OpWork:
 class Rows:
     """Measured rows with their op kind, FLOPs, bytes, GEMM M, and collective shapes as arrays."""
 
-    def __init__(self, df: pd.DataFrame):
+    def __init__(self, df: pd.DataFrame, profile: HardwareProfile | None = None):
+        """``profile``: the device the rows were measured on, where a kind depends on it (vLLM's fused MoE runs
+        a tuned or its default kernel configuration by the device's tuned shapes)."""
         self.df = df.reset_index(drop=True)
         n = len(self.df)
         self.measured_s = self.df["median_ms"].to_numpy(dtype=float) / 1e3
@@ -113,6 +115,9 @@ class Rows:
                 continue
             work = row_work(row)
             self.kind[i] = work.kind
+            if row.op == "moe" and profile is not None:
+                self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts),
+                                                      int(row.n_expanded_embd) // int(row.tp))
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
             self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
             if row.op in ("attn_prefill", "attn_decode"):

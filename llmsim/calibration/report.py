@@ -34,8 +34,8 @@ def compare(profile: HardwareProfile, rows: Rows, held_out: np.ndarray,
 
 
 def _op_labels(rows: Rows) -> pd.Series:
-    """The op, with the collective's variant where the kind has one: ``all_reduce (inter-node)``,
-    ``all_reduce (vLLM custom)``, ``all_reduce (vLLM custom, eager)``."""
+    """The op, with the variant where the kind has one: ``all_reduce (inter-node)``, ``all_reduce (vLLM custom)``,
+    ``all_reduce (vLLM custom, eager)``, ``moe (vLLM default config)``."""
     kind = pd.Series(rows.kind)
     op = rows.df["op"].copy()
     op = op.where(~kind.str.endswith("_inter_node"), op + " (inter-node)")
@@ -43,6 +43,9 @@ def _op_labels(rows: Rows) -> pd.Series:
     op = op.where(~((rows.df["op"] == "gemm") & (kind == "linear_fp8")), op + " (fp8)")
     op = op.where(~((rows.df["op"] == "gemm") & (kind == "unmodelled")), op + " (fp8 block-scaled)")
     op = op.where(~(kind.str.startswith("attention_") & (rows.kv_dtype_bytes == 1)), op + " (8-bit KV)")
+    op = op.where(kind != "moe_untuned", op + " (vLLM default config)")
+    op = op.where(kind != "moe_fp8", op + " (fp8)")
+    op = op.where(kind != "moe_fp8_untuned", op + " (fp8, vLLM default config)")
     return op.where(kind != "unmodelled", op + " (vLLM custom, eager)")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from llmsim.calibration.fit import VALIDATION_ONLY_KINDS, Split, calibrate, l2_resident
+from llmsim.calibration.fit import Split, calibrate, l2_resident, validation_only
 from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
 from llmsim.calibration.report import compare, error_table, markdown, parity_plot, summary
@@ -74,11 +74,11 @@ def profile_measurements(device: str) -> tuple[HardwareProfile, Rows | None, Spl
     path = profile_path(device)
     profile = _read_profile(path)
     stored = [m for m in _stored_measurements(profile, path) if m.exists()]
-    return profile, (read_all(stored) if profile.calibrated and stored else None), _split(profile)
+    return profile, (read_all(stored, profile) if profile.calibrated and stored else None), _split(profile)
 
 
-def read_all(paths: list[Path]) -> Rows:
-    return Rows(pd.concat([read_measurements(p) for p in paths], ignore_index=True))
+def read_all(paths: list[Path], profile: HardwareProfile) -> Rows:
+    return Rows(pd.concat([read_measurements(p) for p in paths], ignore_index=True), profile)
 
 
 def unseen(rows: Rows, fitted: Rows | None, split: Split) -> np.ndarray:
@@ -111,16 +111,16 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
         if not stored:
             raise ConfigError(f"{path}: no calibration.measurements recorded; pass --measurements FILE")
         measurements = stored
-    rows = read_all(measurements)
+    rows = read_all(measurements, profile)
     split = _split(profile)
     own = all(m.resolve() in {s.resolve() for s in stored} for m in measurements)
     # What the fit saw, where its files are at hand; otherwise (an uncalibrated profile, or a copy moved away
     # from its measurements) every row counts as unseen.
     seen = [m for m in stored if m.exists()]
-    held = unseen(rows, None if own else (read_all(seen) if seen else None), split)
+    held = unseen(rows, None if own else (read_all(seen, profile) if seen else None), split)
     if not own and not seen:
         held = np.ones(len(rows), dtype=bool)
-    held |= np.isin(rows.kind, VALIDATION_ONLY_KINDS) | split.other_gemm_source(rows)  # never fitted
+    held |= validation_only(profile, rows.kind) | split.other_gemm_source(rows)  # never fitted
     comparison = compare(profile, rows, held, l2_resident(profile, rows))
     if comparison.empty:
         raise ConfigError(f"{', '.join(map(str, measurements))}: no rows that {profile.name} can predict "
@@ -140,7 +140,7 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
                     command: str) -> tuple[HardwareProfile, Validation]:
     """Fit ``path``'s profile to ``measurements``, write the fitted profile to ``out``, validate it."""
     profile = _read_profile(path)
-    rows = read_all(measurements)
+    rows = read_all(measurements, profile)
     _check_split(rows, split)
     fitted = calibrate(profile, rows, split)
     calibration = {
@@ -151,7 +151,7 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
         "held_out_gemm_k": list(split.held_out_gemm_k),
         **({"gemm_source": split.gemm_source} if split.gemm_source else {}),
         "fitted_rows": int((~split.held_out(rows.df) & ~l2_resident(profile, rows)
-                            & ~np.isin(rows.kind, VALIDATION_ONLY_KINDS) & ~split.other_gemm_source(rows)).sum()),
+                            & ~validation_only(profile, rows.kind) & ~split.other_gemm_source(rows)).sum()),
         "method": METHOD,
         "date": dt.date.today().isoformat(),
         "command": command,

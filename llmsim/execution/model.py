@@ -23,9 +23,12 @@ from llmsim.models.spec import ModelSpec
 
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
-    (at the FP8 peak), a fused-MoE kernel on the GEMM curve of its dtype."""
+    (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype."""
     efficiency = hardware.efficiency
     eff = efficiency.get(kind)
+    if eff is None and kind.endswith("_untuned"):  # fused MoE without a default-configuration curve
+        kind = kind.removesuffix("_untuned")
+        eff = efficiency.get(kind)
     if eff is None and kind == "moe_fp8":
         eff = efficiency.get("linear_fp8")
     if eff is None and kind.startswith(("linear", "moe")):
@@ -90,7 +93,8 @@ class ExecutionModel:
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
-        eff = gemm_efficiency(self.hardware, op.kind)
+        kind = self.hardware.fused_moe_kind(op.kind, self.shapes.num_experts, self.shapes.ffn)
+        eff = gemm_efficiency(self.hardware, kind)
         group = kernel_group(op.kind)
         return op_time_s(eff, self.peak_flops if group == "gemm" else self.act_peak_flops, self.bandwidth, op.flops,
                          op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n) * self.time_factors[group]

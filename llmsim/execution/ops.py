@@ -104,10 +104,11 @@ def moe_experts(s: ShardShapes, tokens: int) -> OpWork:
     up_out = (2 if s.gated else 1) * s.ffn
     flops = 2.0 * routed * h * up_out + 5.0 * routed * s.ffn + 2.0 * routed * s.ffn * h
     num_bytes = (tokens * h + routed * (up_out + s.ffn) * 2 + tokens * h) * d + active * (h * up_out + s.ffn * h) * w
-    # Shape terms of the first grouped GEMM (hidden -> up_out, two thirds of the work), whose grid spans the
-    # output columns of every active expert.
+    # Shape terms of the first grouped GEMM (hidden -> up_out, two thirds of the work), per expert: M is the
+    # tokens an expert gets and N its own output width, the sizes each expert's tiles see (the Triton kernel
+    # tiles every expert's GEMM apart, padding its M to the block size).
     return OpWork("moe_experts", "moe_fp8" if s.gemm_kind == "linear_fp8" else "moe", flops, num_bytes,
-                  routed / active, h, up_out * active)
+                  routed / active, h, up_out)
 
 
 def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:

@@ -164,6 +164,13 @@ class HardwareProfile(_Frozen):
     # fewer bytes' speed-up). Absent: the 16-bit fits, at the 8-bit bytes.
     prefill_attention_8bit_kv: PrefillAttentionFit | None = None
     decode_attention_8bit_kv: DecodeAttentionFit | None = None
+    # vLLM's fused-MoE Triton kernel runs a tuned tile configuration where vLLM ships one for the device and the
+    # shape (``fused_moe/configs/E=<experts>,N=<intermediate per GPU>,device_name=<GPU>[,dtype=fp8_w8a8].json``)
+    # and a default one (small tiles) otherwise; the two reach very different speeds (H100 at 16k tokens: 430-630
+    # vs ~200 TFLOPS in bf16, ~1,000 vs ~230 in FP8). By weight dtype (``bf16``: 16-bit weights, ``fp8``: W8A8),
+    # the (experts, intermediate per GPU) pairs with a tuned file. Untuned shapes run on the ``*_untuned``
+    # curves; a dtype without a list runs every shape on its ``moe`` / ``moe_fp8`` curve.
+    fused_moe_tuned: dict[Literal["bf16", "fp8"], list[tuple[int, int]]] = {}
     l2_cache_bytes: float | None = Field(default=None, gt=0)  # decides which decode measurements sat in L2
     sources: dict[str, str]
     calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
@@ -180,6 +187,15 @@ class HardwareProfile(_Frozen):
         if kv_dtype_bytes == 1 and self.decode_attention_8bit_kv is not None:
             return self.decode_attention_8bit_kv
         return self.decode_attention
+
+    def fused_moe_kind(self, kind: str, num_experts: int, shard_ffn: int) -> str:
+        """``moe_untuned`` / ``moe_fp8_untuned`` for a fused MoE whose shape vLLM has no tuned configuration for
+        on this device; ``kind`` otherwise."""
+        tuned = self.fused_moe_tuned.get("fp8" if kind == "moe_fp8" else "bf16") if kind in ("moe", "moe_fp8") \
+            else None
+        if tuned is not None and (num_experts, shard_ffn) not in tuned:
+            return f"{kind}_untuned"
+        return kind
 
     def peak(self, dtype: str) -> float:
         try:
