@@ -95,6 +95,11 @@ CASES = {
     "HF heads not a multiple of KV heads": (lambda tmp: _hf(tmp, num_key_value_heads=5), "not a multiple"),
     "profile empty": (lambda tmp: _profile(tmp, ""), "is not a YAML mapping"),
     "profile a list": (lambda tmp: _profile(tmp, "- 1\n"), "is not a YAML mapping"),
+    "profile's tuned MoE list of an unknown dtype": (
+        lambda tmp: _profile(tmp, yaml.safe_dump({**yaml.safe_load(
+            (Path(__file__).parents[1] / "hardware_profiles" / "h100-sxm.yaml").read_text()),
+            "fused_moe_tuned": {"int4": [[8, 7168]]}})),
+        "fused_moe_tuned.int4: Input should be 'bf16' or 'fp8'"),
     "profile syntax": (lambda tmp: _profile(tmp, "a: [1, 2\n"), "p.yaml:2 is not valid YAML"),
     "profile binary": (lambda tmp: _profile(tmp, bytes(range(256))), "not a readable text file"),
     "uniform min > max": (_dist(kind="uniform", min=10, max=5), "min (10) is above max (5)"),

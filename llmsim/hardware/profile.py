@@ -236,5 +236,5 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         return HardwareProfile(**raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # pydantic's marker for a dict's key
         raise ConfigError(f"{path}: {where}: {first['msg']}") from None
