@@ -302,3 +302,27 @@ def test_tiled_gemm_fit_recovers_shape_terms_and_keeps_to_its_source():
     mixed = calibrate(start, rows, Split()).efficiency["linear"]
     mixed_profile = start.model_copy(update={"efficiency": {**start.efficiency, "linear": mixed}})
     assert np.median(np.abs(predict_s(mixed_profile, rows)[bare] / truth_s - 1)) > 3 * clean_error
+
+
+def test_mi325x_follows_its_public_measurements():
+    """The MI325X profile from public numbers (README): its all-reduce is the alpha-beta fit of AMD's published
+    8-GPU RCCL all-reduce times (HIP graphs; MI300X, the same xGMI fabric), within 17% over 8 B - 16 GB; its GEMM
+    curves give AMD's published Max-Achievable FLOPs at the benchmark's shapes (BF16 843, FP8 1519 TFLOPS)."""
+    from llmsim.calibration.fit import fit_link
+    from llmsim.calibration.predict import link_s
+    from llmsim.hardware.roofline import op_time_s
+
+    profile = load_profile("mi325x")
+    rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "public-mi300x-rccl-allreduce.csv"))
+    assert len(rows) == 32 and set(rows.kind) == {"all_reduce"}
+    assert fit_link(rows, np.ones(len(rows), dtype=bool), "all_reduce") == profile.all_reduce
+    link = profile.all_reduce
+    err = link_s("all_reduce", rows.size_bytes, rows.num_workers, link.latency_s, link.bandwidth_bytes_per_s) \
+        / rows.measured_s - 1
+    assert np.abs(err).mean() <= 0.17
+    for kind, dtype, n, maf in (("linear", "bf16", 4864, 843e12), ("linear_fp8", "fp8", 3648, 1519e12)):
+        m, k = 4096, 32896
+        flops = 2.0 * m * n * k
+        t = op_time_s(profile.efficiency[kind], profile.peak(dtype), profile.memory_bandwidth_bytes_per_s, flops,
+                      (m * k + k * n + m * n) * (1 if dtype == "fp8" else 2), m)
+        assert abs(flops / t / maf - 1) <= 0.01, (kind, flops / t)
