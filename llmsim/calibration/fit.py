@@ -38,6 +38,8 @@ def validation_only(profile: HardwareProfile, kinds: np.ndarray) -> np.ndarray:
     never = [k for dtype, pair in FUSED_MOE_KINDS.items() for k in pair
              if not (dtype in profile.fused_moe_tuned and profile.gemm_model == "tiled")]
     return np.isin(kinds, never)
+
+
 # Every fit starts from the same point, not from the profile's current values, so refitting a fitted profile
 # reproduces it exactly (the optimiser's end point depends on its start).
 START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds

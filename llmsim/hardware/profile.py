@@ -191,8 +191,9 @@ class HardwareProfile(_Frozen):
     def fused_moe_kind(self, kind: str, num_experts: int, shard_ffn: int) -> str:
         """``moe_untuned`` / ``moe_fp8_untuned`` for a fused MoE whose shape vLLM has no tuned configuration for
         on this device; ``kind`` otherwise."""
-        tuned = self.fused_moe_tuned.get("fp8" if kind == "moe_fp8" else "bf16") if kind in ("moe", "moe_fp8") \
-            else None
+        if kind not in ("moe", "moe_fp8"):
+            return kind
+        tuned = self.fused_moe_tuned.get("fp8" if kind == "moe_fp8" else "bf16")
         if tuned is not None and (num_experts, shard_ffn) not in tuned:
             return f"{kind}_untuned"
         return kind
