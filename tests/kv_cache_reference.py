@@ -29,6 +29,15 @@ class BlockManager(kv_cache.BlockManager):
         self._segs = self._shared  # where the inherited code keeps each request's named blocks
         self._cached: dict[int, Block] = {}  # hash -> the block caching it
 
+    def append_slots(self, requests) -> None:
+        for r in requests:
+            self.append_slot(r)
+
+    def grow_to_computed(self, requests) -> None:
+        """One request at a time, as a block-at-a-time engine catches each request's blocks up."""
+        for r in requests:
+            self.grow_to(r, max(self.blocks_for(r.num_computed_tokens), self.num_held(r)), r.num_computed_tokens)
+
     def _num_named(self, rid: int) -> int:
         return len(self._shared.get(rid, ()))
 

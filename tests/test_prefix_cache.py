@@ -205,8 +205,8 @@ def test_block_hashes_equal_the_block_by_block_definition(segments, block_size):
 # (content 1), then one of two questions, then maybe an answer (content 5); or something else entirely.
 _CONTENTS = [((1, 24),), ((1, 24), (2, 10)), ((1, 24), (3, 13)), ((1, 24), (2, 10), (5, 9)), ((1, 11), (4, 20)),
              ((6, 30),), ()]
-_OPS = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["step"] * 3 + ["decode", "decode_run", "finish", "finish",
-                                           "preempt", "probe"]),
+_OPS = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["step"] * 3 + ["decode", "decode_batch", "decode_run",
+                                           "reserve", "finish", "finish", "preempt", "probe"]),
                           st.integers(0, 5), st.integers(1, 40), st.integers(0, len(_CONTENTS) - 1)),
                 min_size=1, max_size=100)
 
@@ -224,7 +224,8 @@ def test_runs_of_blocks_behave_as_vllm_s_block_at_a_time_cache_on_long_random_ru
     """The same on 300 longer seeded sequences, which reach the rarer cases (a hit ending inside a free run, a
     fill that copies some cached blocks and caches others) hundreds of times."""
     rng = random.Random(7)
-    kinds = ["admit"] * 3 + ["step"] * 3 + ["decode", "decode_run", "finish", "finish", "preempt", "probe"]
+    kinds = ["admit"] * 3 + ["step"] * 3 + ["decode", "decode_batch", "decode_run", "reserve", "finish", "finish",
+                                               "preempt", "probe"]
     for _ in range(300):
         ops = [(rng.choice(kinds), rng.randrange(6), rng.randint(1, 40), rng.randrange(len(_CONTENTS)))
                for _ in range(200)]
@@ -264,10 +265,21 @@ def _drive_both(ops, shape):
             for bm, r in zip(managers, pair):
                 bm.append_slot(r)
                 r.num_computed_tokens += 1
+        elif op == "reserve" and key in running and managers[0].num_free_blocks:
+            # A block held ahead of the tokens, not filled yet (a migration's destination reserves so).
+            for bm, r in zip(managers, pair):
+                bm.grow_to(r, bm.num_held(r) + 1)
+        elif op == "decode_batch" and running and managers[0].num_free_blocks >= len(running):
+            # One token for every running request, the blocks in one call (the schedulers' fast path).
+            for i, bm in enumerate(managers):
+                batch = [twins[k][i] for k in running]
+                bm.append_slots(batch)
+                for r in batch:
+                    r.num_computed_tokens += 1
         elif op == "decode_run" and running:
             # Every running request advances n tokens, then the blocks catch up in one call (fast-forward).
-            need = sum(managers[0].blocks_for(twins[k][0].num_computed_tokens + n) - managers[0].num_held(twins[k][0])
-                       for k in running)
+            need = sum(max(0, managers[0].blocks_for(twins[k][0].num_computed_tokens + n)
+                           - managers[0].num_held(twins[k][0])) for k in running)
             if need <= managers[0].num_free_blocks:
                 for i, bm in enumerate(managers):
                     batch = [twins[k][i] for k in running]
