@@ -32,7 +32,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmsim.config import apply_overrides, format_validation_error, parse_config, read_yaml, set_path
+from llmsim.config import format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.sweep.execute import execute_points, folder_lock
 from llmsim.sweep.spec import Point, load_base, values_label
@@ -71,7 +71,7 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
         cfg = PlanSearchConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "plan file")) from None
-    base = apply_overrides(load_base(path, cfg.base), overrides, str(path))
+    base = load_base(path, cfg.base, overrides)
     if cfg.rank_by == "goodput_per_dollar":
         devices = cfg.candidates.get("hardware.device") or [base.get("hardware", {}).get("device", "a100-80gb")]
         missing = [d for d in devices if d not in cfg.price_per_gpu_hour]

@@ -66,8 +66,10 @@ def test_decode_iteration_is_the_general_path():
     op = ops.decode_attention(ex.shapes, 37, 12345)
     fit = A100.decode_attention
     kv_heads = ex.shapes.kv_heads
+    mha = kv_heads == ex.shapes.num_heads  # Llama-2-7B: MHA, which A100's kernel does not split
+    assert mha and fit.gqa_only_split_kv
     layer_s = decode_attention_s(fit, decode_stream_s(fit, 37, kv_heads), op.num_bytes,
-                                 decode_memory_rate(fit, A100.memory_bandwidth_bytes_per_s, 37, kv_heads))
+                                 decode_memory_rate(fit, A100.memory_bandwidth_bytes_per_s, 37, kv_heads, mha), mha)
     assert ex._decode_attention(37, 12345) == pytest.approx((32 * layer_s, 32 * op.flops * 2, 32 * op.num_bytes * 2),
                                                             rel=1e-12)
     roofline = ExecutionModel(LLAMA7, A100.model_copy(update={"decode_attention": None}), ParallelPlan(tp=2))

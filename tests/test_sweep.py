@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from llmsim.cli import main
+from llmsim.config import load_config
 from llmsim.errors import ConfigError
 from llmsim.sweep.spec import load_sweep
 
@@ -150,3 +151,15 @@ def test_set_overrides_the_base_experiment_of_a_sweep(tmp_path):
     assert points[0].config.workload.num_requests == 7 and points[0].config.scheduler.max_num_seqs == 3
     assert main(["sweep", str(path), "--workers", "1", "-q", "--set", "workload.num_requests=7"]) == 0
     assert pd.read_csv(tmp_path / "out" / "results.csv")["finished"].tolist() == [7]
+
+
+def test_a_path_set_on_a_sweep_resolves_as_on_its_base_experiment():
+    """``--set`` paths are relative to the experiment file, for ``llmsim sweep`` as for ``llmsim run`` (a sweep
+    used to resolve them against the working directory, so a path that worked with ``run`` failed every point)."""
+    papers = Path(__file__).resolve().parents[1] / "experiments" / "papers"
+    overrides = {"workload.lengths_from.path": "../../workloads/azure_conv_2023.csv",
+                 "workload.lengths_from.format": "azure"}
+    _, points = load_sweep(papers / "sweep_distserve_opt13b.yaml", overrides)
+    run = load_config(papers / "distserve_opt13b.yaml", overrides).workload.lengths_from.path
+    assert {p.config.workload.lengths_from.path for p in points} == {run}
+    assert Path(run).is_file()

@@ -108,6 +108,7 @@ class Rows:
         self.kv_heads = np.zeros(n)
         self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
         self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
+        self.mha = np.zeros(n, dtype=bool)  # attention rows: as many KV heads as query heads on the GPU
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
         for i, row in enumerate(self.df.itertuples(index=False)):
             if is_collective[i]:
@@ -124,6 +125,7 @@ class Rows:
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads
                 self.kv_dtype_bytes[i] = s.kv_dtype_bytes
+                self.mha[i] = s.kv_heads == s.num_heads
                 if row.op == "attn_prefill":
                     chunks = ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size)
                     self.mean_keys[i], self.query_tiles[i] = ops.prefill_attention_grid(s, chunks, 128)
@@ -229,5 +231,6 @@ def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> n
     """The fitted decode kernel on rows ``m`` (``fit`` overrides the profile's, for the optimiser)."""
     fit = fit or profile.decode_attention
     stream = decode_stream_s(fit, rows.batch[m], rows.kv_heads[m])
-    rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m])
-    return decode_attention_s(fit, stream, rows.num_bytes[m], rate)
+    rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
+                              rows.mha[m])
+    return decode_attention_s(fit, stream, rows.num_bytes[m], rate, rows.mha[m])

@@ -15,7 +15,8 @@ from typing import NamedTuple
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.cpu_overhead import CpuOverhead
-from llmsim.hardware.attention import decode_memory_rate, decode_stream_s, prefill_attention_s
+from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s,
+                                       prefill_attention_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
@@ -219,9 +220,11 @@ class ExecutionModel:
                      self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
             else:  # fitted kernel: per-sequence term, KV read rate, overhead
                 kv_heads = self.shapes.kv_heads
+                mha = kv_heads == self.shapes.num_heads
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),
-                     decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads), fit.overhead_s)
+                     decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads, mha),
+                     decode_overhead_s(fit, mha))
             f = self.time_factors["attention_decode"]
             if f != 1.0:  # both forms are homogeneous in (overhead, time terms): scale each by f
                 flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c

@@ -6,6 +6,8 @@ every measured row at once.
 
 from __future__ import annotations
 
+import numpy as np
+
 from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
@@ -24,15 +26,28 @@ def decode_stream_s(fit: DecodeAttentionFit, num_decode, kv_heads):
     return num_decode * kv_heads * fit.per_stream_s
 
 
-def decode_memory_rate(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads):
-    """Bytes per second a decode batch reads its KV at."""
+def decode_memory_rate(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads, mha=False):
+    """Bytes per second a decode batch reads its KV at. ``mha``: as many KV heads as query heads on the GPU
+    (scalars, or arrays in calibration)."""
     if hasattr(num_decode, "clip"):  # numpy arrays (calibration)
-        n = kv_heads * num_decode.clip(min=fit.min_splits)
+        split = num_decode.clip(min=fit.min_splits)
+        n = kv_heads * (np.where(mha, num_decode, split) if fit.gqa_only_split_kv else split)
+    elif mha and fit.gqa_only_split_kv:  # no split-KV: one stream per sequence and head
+        n = kv_heads * num_decode
     else:
         n = kv_heads * max(num_decode, fit.min_splits)
     return bandwidth * fit.memory_eff * n / (n + fit.half_streams)
 
 
-def decode_attention_s(fit: DecodeAttentionFit, stream_s, num_bytes, memory_rate):
+def decode_overhead_s(fit: DecodeAttentionFit, mha=False):
+    """The decode kernel's fixed cost: an MHA decode's own where the kernel splits only GQA ones."""
+    if not fit.gqa_only_split_kv or fit.mha_overhead_s is None:
+        return fit.overhead_s
+    if hasattr(mha, "shape"):  # numpy arrays (calibration)
+        return np.where(mha, fit.mha_overhead_s, fit.overhead_s)
+    return fit.mha_overhead_s if mha else fit.overhead_s
+
+
+def decode_attention_s(fit: DecodeAttentionFit, stream_s, num_bytes, memory_rate, mha=False):
     p = fit.softness
-    return fit.overhead_s + (stream_s ** p + (num_bytes / memory_rate) ** p) ** (1.0 / p)
+    return decode_overhead_s(fit, mha) + (stream_s ** p + (num_bytes / memory_rate) ** p) ** (1.0 / p)

@@ -100,7 +100,13 @@ class DecodeAttentionFit(_Frozen):
         memory = KV bytes / (bandwidth * memory_eff * n / (n + half_streams)),  n = kv_heads * max(batch, min_splits)
 
     ``n`` counts the parallel KV streams: a small batch is split along the KV length (split-KV), which the
-    measurements show levels off at about ``min_splits`` streams per KV head."""
+    measurements show levels off at about ``min_splits`` streams per KV head.
+
+    ``gqa_only_split_kv``: the kernel splits the KV only for GQA decodes (FlashAttention 2, vLLM's kernel on
+    A100: ``mha_varlen_fwd`` applies split-KV only when it packs a GQA group into the query rows,
+    ``seqlenq_ngroups_swapped``). An MHA decode (as many KV heads as query heads) then runs one CTA per
+    (sequence, head) over its whole KV, ``n = kv_heads * batch``, and skips the packing and the split-combine
+    step, so its fixed cost is its own, ``mha_overhead_s``. FlashAttention 3 (H100) splits both."""
 
     overhead_s: float = Field(ge=0)
     per_stream_s: float = Field(ge=0)
@@ -108,6 +114,8 @@ class DecodeAttentionFit(_Frozen):
     half_streams: float = Field(ge=0)
     min_splits: float = Field(ge=1)
     softness: float = Field(ge=1)
+    gqa_only_split_kv: bool = False
+    mha_overhead_s: float | None = Field(default=None, ge=0)  # with gqa_only_split_kv (None: overhead_s)
 
 
 class Interconnect(_Frozen):

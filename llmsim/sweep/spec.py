@@ -85,9 +85,10 @@ def _short(value: Any) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)[:40]
 
 
-def load_base(path: Path, base: str | dict) -> dict:
-    """The base experiment of a sweep or plan file (``path``): a YAML path relative to it, or an inline mapping.
-    Returns a fresh dict with workload paths resolved against the file that holds them."""
+def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = None) -> dict:
+    """The base experiment of a sweep or plan file (``path``): a YAML path relative to it, or an inline mapping,
+    with ``overrides`` (``--set``) applied. Returns a fresh dict with workload paths resolved against the file
+    that holds the base, a path set by ``--set`` too (as ``llmsim run`` resolves it against the experiment)."""
     if isinstance(base, str):
         base_path = path.parent / base
         try:
@@ -99,7 +100,9 @@ def load_base(path: Path, base: str | dict) -> dict:
         base_dir = base_path.parent
     else:
         data, base_dir = copy.deepcopy(base), path.parent
-    _resolve_paths(data.get("workload"), base_dir)
+    data = apply_overrides(data, overrides, str(path))
+    if isinstance(data, dict):
+        _resolve_paths(data.get("workload"), base_dir)
     return data
 
 
@@ -111,7 +114,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         sweep = SweepConfig(**(raw or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
-    base = apply_overrides(load_base(path, sweep.base), overrides, str(path))
+    base = load_base(path, sweep.base, overrides)
     if not sweep.output_dir.is_absolute():
         sweep = sweep.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / sweep.output_dir))})
     if sweep.x is None:
