@@ -6,7 +6,7 @@ from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import load_profile
-from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, op_time_s
+from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, custom_all_reduce_rounds, op_time_s
 from llmsim.models import load_model
 
 LLAMA7 = load_model("Llama-2-7B")
@@ -115,7 +115,8 @@ def test_tp_and_pp_add_communication():
 def test_vllm_custom_all_reduce_kernel_by_size():
     """vLLM's custom all-reduce (csrc/custom_all_reduce.cuh, full NVLink): the one-stage kernel reads every peer's
     whole buffer (n - 1 bytes per byte) for 2 GPUs, under 512 KiB on 4 and under 256 KiB on 8; the two-stage one
-    moves 2 (n - 1) / n. A step's all-reduces take that kernel up to the custom limit, NCCL's ring beyond."""
+    moves 2 (n - 1) / n in two rounds. A step's all-reduces take that kernel up to the custom limit, NCCL's ring
+    beyond."""
     assert custom_all_reduce_factor(2, 64 << 20) == 1.0
     assert custom_all_reduce_factor(4, (512 << 10) - 1) == 3.0 and custom_all_reduce_factor(4, 512 << 10) == 1.5
     assert custom_all_reduce_factor(8, (256 << 10) - 1) == 7.0 and custom_all_reduce_factor(8, 256 << 10) == 1.75
@@ -132,6 +133,11 @@ def test_vllm_custom_all_reduce_kernel_by_size():
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert all_reduce_s(h100.all_reduce_custom, 32 << 10, 8, True) == pytest.approx(
         h100.all_reduce_custom.latency_s + 7 * (32 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
+    # The two-stage kernel's all-gather reads what its reduce-scatter wrote, after a barrier: two rounds of reads
+    # from the peers, each paying the link's latency.
+    assert custom_all_reduce_rounds(8, (256 << 10) - 1) == 1.0 and custom_all_reduce_rounds(8, 256 << 10) == 2.0
+    assert all_reduce_s(h100.all_reduce_custom, 512 << 10, 8, True) == pytest.approx(
+        2 * h100.all_reduce_custom.latency_s + 1.75 * (512 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
 
 
 def test_an_8bit_kv_cache_runs_its_own_attention_fits():

@@ -18,7 +18,8 @@ from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency
-from llmsim.hardware.roofline import all_gather_factor, all_reduce_factor, custom_all_reduce_factor
+from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
+                                      custom_all_reduce_rounds)
 from llmsim.models.spec import ModelSpec
 
 
@@ -181,8 +182,10 @@ def ring_factor(op: str, num_workers: np.ndarray, size_bytes: np.ndarray) -> np.
 
 
 def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
-    """Collective time on arrays: latency plus ring bytes over bandwidth (``roofline.all_reduce_s``,
-    ``send_recv_s``)."""
+    """Collective time on arrays: latency (per round of reads, for vLLM's custom kernel) plus ring bytes over
+    bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
+    if op == "all_reduce_custom":
+        latency_s = latency_s * custom_all_reduce_rounds(num_workers, size_bytes)
     return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 

@@ -32,22 +32,35 @@ def all_gather_factor(num_workers):
     return (num_workers - 1) / num_workers
 
 
-def custom_all_reduce_factor(num_workers, num_bytes):
-    """Bytes each GPU reads per message byte in vLLM's custom all-reduce (``csrc/custom_all_reduce.cuh``, full
-    NVLink): the one-stage kernel, where every GPU reads every peer's whole buffer (``n - 1``), for 2 GPUs and for
-    messages under 512 KiB on up to 4 GPUs or under 256 KiB on up to 8; else the two-stage kernel (reduce-scatter
-    and all-gather, ``2 (n-1)/n``). Scalars or arrays."""
-    one_stage = (num_workers == 2) | ((num_workers <= 4) & (num_bytes < 512 * 1024)) | (
+def _custom_one_stage(num_workers, num_bytes):
+    """vLLM's custom all-reduce (``csrc/custom_all_reduce.cuh``, full NVLink) runs its one-stage kernel for 2 GPUs
+    and for messages under 512 KiB on up to 4 GPUs or under 256 KiB on up to 8, else its two-stage kernel."""
+    return (num_workers == 2) | ((num_workers <= 4) & (num_bytes < 512 * 1024)) | (
         (num_workers <= 8) & (num_bytes < 256 * 1024))
-    return np.where(one_stage, num_workers - 1.0, all_reduce_factor(num_workers))
+
+
+def custom_all_reduce_factor(num_workers, num_bytes):
+    """Bytes each GPU reads per message byte in vLLM's custom all-reduce: the one-stage kernel, where every GPU
+    reads every peer's whole buffer (``n - 1``), or the two-stage kernel (reduce-scatter and all-gather,
+    ``2 (n-1)/n``). Scalars or arrays."""
+    return np.where(_custom_one_stage(num_workers, num_bytes), num_workers - 1.0, all_reduce_factor(num_workers))
+
+
+def custom_all_reduce_rounds(num_workers, num_bytes):
+    """Dependent rounds of reads from the peers, each paying the link's latency: one for the one-stage kernel,
+    two for the two-stage one (its all-gather reads what the reduce-scatter wrote, after a barrier across the
+    GPUs). Scalars or arrays."""
+    return np.where(_custom_one_stage(num_workers, num_bytes), 1.0, 2.0)
 
 
 def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bool = False) -> float:
     """``custom``: vLLM's custom all-reduce (its one- or two-stage kernel by size), else a ring (NCCL)."""
     if num_workers <= 1:
         return 0.0
-    factor = float(custom_all_reduce_factor(num_workers, num_bytes)) if custom else all_reduce_factor(num_workers)
-    return link.latency_s + factor * num_bytes / link.bandwidth_bytes_per_s
+    if custom:
+        return (float(custom_all_reduce_rounds(num_workers, num_bytes)) * link.latency_s
+                + float(custom_all_reduce_factor(num_workers, num_bytes)) * num_bytes / link.bandwidth_bytes_per_s)
+    return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
 
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
