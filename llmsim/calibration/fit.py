@@ -196,7 +196,8 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
 
 def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> DecodeAttentionFit:
     """The profile's ``gqa_only_split_kv`` (a property of its kernel, set by hand with its source) is kept; with
-    it, MHA rows get their own fixed cost where the fit has any (else they share the GQA one)."""
+    it, MHA rows get their own fixed cost where the fit has any (else ``mha_overhead_s`` stays unset: they share
+    the GQA one)."""
     y = rows.measured_s[mask]
     gqa_only = profile.decode_attention is not None and profile.decode_attention.gqa_only_split_kv
     own_mha = gqa_only and bool(rows.mha[mask].any())
@@ -205,7 +206,7 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
         return DecodeAttentionFit.model_construct(overhead_s=x[0] * 1e-6, per_stream_s=x[1] * 1e-6,
                                                   memory_eff=x[2], half_streams=x[3], min_splits=x[4],
                                                   softness=x[5], gqa_only_split_kv=gqa_only,
-                                                  mha_overhead_s=x[6 if own_mha else 0] * 1e-6)
+                                                  mha_overhead_s=x[6] * 1e-6 if own_mha else None)
 
     def residuals(x):
         return np.log(decode_s(profile, rows, mask, fit_of(x)) / y)
@@ -216,9 +217,9 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
         x0, lower, upper = x0 + [10.0], lower + [0.0], upper + [100.0]
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
-    extra = {}
-    if gqa_only:
-        extra = {"gqa_only_split_kv": True, "mha_overhead_s": round(x[6 if own_mha else 0] * 1e-6, 9)}
+    extra = {"gqa_only_split_kv": True} if gqa_only else {}
+    if own_mha:
+        extra["mha_overhead_s"] = round(x[6] * 1e-6, 9)
     return DecodeAttentionFit(overhead_s=round(x[0] * 1e-6, 9), per_stream_s=round(x[1] * 1e-6, 12),
                               memory_eff=round(x[2], 4), half_streams=round(x[3], 3), min_splits=round(x[4], 3),
                               softness=round(x[5], 4), **extra)

@@ -126,7 +126,7 @@ class Rows:
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads
                 self.kv_dtype_bytes[i] = s.kv_dtype_bytes
-                self.mha[i] = s.kv_heads == s.num_heads
+                self.mha[i] = s.mha
                 if row.op == "attn_prefill":
                     chunks = ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size)
                     self.mean_keys[i], self.query_tiles[i] = ops.prefill_attention_grid(s, chunks, 128)

@@ -219,8 +219,7 @@ class ExecutionModel:
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, None,
                      self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
             else:  # fitted kernel: per-sequence term, KV read rate, overhead
-                kv_heads = self.shapes.kv_heads
-                mha = kv_heads == self.shapes.num_heads
+                kv_heads, mha = self.shapes.kv_heads, self.shapes.mha
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),
                      decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads, mha),

@@ -56,6 +56,11 @@ class ShardShapes:
     def kv_heads(self) -> int:
         return self.kv // self.head_dim
 
+    @property
+    def mha(self) -> bool:
+        """As many KV heads as query heads on this shard (no grouped-query attention)."""
+        return self.kv_heads == self.num_heads
+
 
 def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quantised: bool = True) -> OpWork:
     """GEMM [tokens, n_in] x [n_in, n_out]: reads input and weights, writes output. ``quantised``: the weights
