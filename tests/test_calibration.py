@@ -140,9 +140,12 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     assert "fit" not in set(table.loc[table["op"].isin(("attn_pre_proj", "layer (sum of ops)")), "split"])
     held = held["mape"]
     # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
-    # 40/40); bounds as the README states them (decode <= 9%, prefill <= 16%); vLLM's custom all-reduce on the
+    # 40/40); bounds as the README states them (decode <= 9%; prefill, by its tiles and KV-block units: A100 <= 6%,
+    # H100 <= 8.1%, fp8 KV <= 8.8%; 14-15% with the former mean-keys model); vLLM's custom all-reduce on the
     # held-out 8 GPUs, with its one- or two-stage kernel by size: H100 <= 10%, A100 <= 16%.
-    assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= 0.16, held
+    assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= (0.06 if device == "a100-80gb" else 0.081), held
+    if device == "h100-sxm":
+        assert held["attn_prefill (8-bit KV)"] <= 0.088, held
     assert held["all_reduce (vLLM custom)"] <= (0.10 if device == "h100-sxm" else 0.16)
     if device == "a100-80gb":
         # FlashAttention 2 (vLLM on A100) splits the KV only for GQA decodes: MHA decodes run one CTA per sequence

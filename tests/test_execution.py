@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmsim.errors import ConfigError, PlanError
 from llmsim.execution import ops
@@ -45,6 +47,34 @@ def test_attention_flops_by_hand():
     assert decode.num_bytes == (2 * 4000 * 4096 + 2 * 4 * 4096 + 2 * 4 * 4096) * 2
     prefill = ops.prefill_attention(s, ((10, 0),))
     assert prefill.flops == 4 * 32 * 128 * 10 * 5.5  # causal: 5.5 keys per query on average
+
+
+def _tile_units_by_enumeration(new, cached, g, block_m, block_n):
+    tiles = -(-new * g // block_m)
+    units = 0
+    for j in range(tiles):
+        last_token = min(new - 1, ((j + 1) * block_m - 1) // g)  # rows are (token, head of the group) pairs
+        units += -(-(cached + last_token + 1) // block_n)
+    return tiles, units
+
+
+@settings(max_examples=300, deadline=None)
+@given(new=st.integers(1, 5000), cached=st.integers(0, 20000), g=st.integers(1, 16),
+       block=st.sampled_from([(128, 128), (64, 128), (128, 64), (192, 128)]))
+def test_prefill_tile_units_closed_form_equals_enumeration(new, cached, g, block):
+    assert ops.chunk_tile_units(new, cached, g, *block) == _tile_units_by_enumeration(new, cached, g, *block)
+
+
+def test_prefill_attention_grid_by_hand():
+    # Llama-2-70B at TP 8: 8 query heads over 1 KV head per GPU. FlashAttention 3 packs the group: a 128-row
+    # tile holds 16 tokens x 8 heads; a 256-token chunk after 100 cached tokens has 16 tiles, tile j seeing
+    # 100 + 16 (j + 1) keys in 128-key blocks: 1 unit for j = 0, 2 for j = 1-8, 3 for j = 9-15: 1 + 16 + 21.
+    s = ops.ShardShapes.of(load_model("Llama-2-70B"), 8)
+    assert ops.prefill_attention_grid(s, ((256, 100),), 128, 128, True) == (16, 38, 3)
+    # FlashAttention 2 (no packing): each of the 8 heads has 4 tiles of 64 tokens seeing 164, 228, 292, 356 keys.
+    assert ops.prefill_attention_grid(s, ((256, 100),), 64, 128, False) == (8 * 4, 8 * (2 + 2 + 3 + 3), 3)
+    # ... except for single-token queries, whose GQA group it packs (seqlenq_ngroups_swapped): 1 tile each.
+    assert ops.prefill_attention_grid(s, ((1, 300), (1, 10)), 64, 128, False) == (2, 3 + 1, 3)
 
 
 def test_roofline_regimes():
@@ -149,9 +179,10 @@ def test_an_8bit_kv_cache_runs_its_own_attention_fits():
     ex = ExecutionModel(fp8_kv, h100, ParallelPlan(tp=1))
     assert ex._decode_attention_constants(32)[3] is h100.decode_attention_8bit_kv
     op = ops.prefill_attention(ex.shapes, ((1024, 0),))
-    mean_keys, tiles = ops.prefill_attention_grid(ex.shapes, ((1024, 0),), 128)
+    fit = h100.prefill_attention_8bit_kv
+    grid = ops.prefill_attention_grid(ex.shapes, ((1024, 0),), fit.block_m, fit.block_n, fit.pack_gqa)
     assert ex._prefill_attention_s(op, ((1024, 0),)) == prefill_attention_s(
-        h100.prefill_attention_8bit_kv, ex.act_peak_flops, ex.bandwidth, op.flops, op.num_bytes, mean_keys, tiles)
+        fit, ex.act_peak_flops, ex.bandwidth, op.num_bytes, 128, 32, *grid)
     assert ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is h100.decode_attention
     assert A100.decode_attention_8bit_kv is None
     assert ExecutionModel(fp8_kv, A100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is A100.decode_attention

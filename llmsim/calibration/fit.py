@@ -16,8 +16,8 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
-from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, peak_flops, roofline_s
-from llmsim.hardware.attention import prefill_attention_s
+from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, peak_flops, prefill_s, roofline_s
+from llmsim.errors import ConfigError
 from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
                                      PrefillAttentionFit)
 
@@ -174,24 +174,28 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
 
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
-    peak = peak_flops(profile, rows, mask)
+    """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa``, ``num_sms``: set by hand with their source)
+    is kept from the profile's fit; the rest is fitted."""
     y = rows.measured_s[mask]
-    names = ("overhead_s", "max_eff", "half_keys", "half_tiles", "memory_eff", "softness")
+    if profile.prefill_attention is None:
+        raise ConfigError(f"profile {profile.name}: prefill_attention needs its kernel geometry (block_m, block_n, "
+                          "pack_gqa, num_sms) before calibration can fit the rest; see the shipped h100-sxm.yaml")
+    geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa", "num_sms"})
+    names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
 
-    def fit_of(x):  # overhead in microseconds for the optimiser
-        return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, *x[1:]))), tile_tokens=128)
+    def fit_of(x):  # overhead and per-tile cost in microseconds for the optimiser
+        return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, x[1] * 1e-6, *x[2:]))),
+                                                   **geometry)
 
     def residuals(x):
-        predicted = prefill_attention_s(fit_of(x), peak, profile.memory_bandwidth_bytes_per_s, rows.flops[mask],
-                                        rows.num_bytes[mask], rows.mean_keys[mask], rows.query_tiles[mask])
-        return np.log(predicted / y)
+        return np.log(prefill_s(profile, rows, mask, fit_of(x)) / y)
 
-    lower, upper = [0.0, 0.05, 0.0, 0.0, 0.01, 1.0], [200.0, 1.0, 1e5, 1e6, 1.0, 8.0]
-    fit = least_squares(residuals, [10.0, 0.7, 128.0, 100.0, 0.5, 2.0], bounds=(lower, upper), loss="soft_l1",
+    lower, upper = [0.0, 0.0, 0.05, 1.0, 0.01, 0.0, 1.0], [200.0, 100.0, 1.0, 20.0, 1.0, 1e4, 8.0]
+    fit = least_squares(residuals, [10.0, 1.0, 0.6, 2.0, 0.5, 4.0, 1.5], bounds=(lower, upper), loss="soft_l1",
                         f_scale=_LOSS_SCALE)
     x = [round(float(v), 4) for v in fit.x]
-    return PrefillAttentionFit(overhead_s=round(x[0] * 1e-6, 9), max_eff=x[1], half_keys=x[2], half_tiles=x[3],
-                               memory_eff=x[4], softness=x[5])
+    return PrefillAttentionFit(overhead_s=round(x[0] * 1e-6, 9), tile_s=round(x[1] * 1e-6, 9), max_eff=x[2],
+                               path_softness=x[3], memory_eff=x[4], half_heads=x[5], softness=x[6], **geometry)
 
 
 def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> DecodeAttentionFit:

@@ -17,7 +17,7 @@ from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
-from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency
+from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_rounds)
 from llmsim.models.spec import ModelSpec
@@ -103,8 +103,10 @@ class Rows:
         self.gemm_n = np.zeros(n)
         self.dtype = np.array([d if isinstance(d, str) else "fp16" for d in self.df["dtype"]], dtype=object)
         # Attention rows: what the fitted kernels depend on besides FLOPs and bytes.
-        self.mean_keys = np.zeros(n)
-        self.query_tiles = np.zeros(n)
+        self.num_heads = np.zeros(n)  # query heads on the GPU
+        self.head_dim = np.zeros(n)
+        self._prefill: dict[int, tuple[ops.ShardShapes, tuple[tuple[int, int], ...]]] = {}  # row: (shapes, chunks)
+        self._grids: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.batch = self.df["batch_size"].to_numpy(dtype=float)
         self.kv_heads = np.zeros(n)
         self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
@@ -127,13 +129,26 @@ class Rows:
                 self.kv_heads[i] = s.kv_heads
                 self.kv_dtype_bytes[i] = s.kv_dtype_bytes
                 self.mha[i] = s.mha
+                self.num_heads[i], self.head_dim[i] = s.num_heads, s.head_dim
                 if row.op == "attn_prefill":
-                    chunks = ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size)
-                    self.mean_keys[i], self.query_tiles[i] = ops.prefill_attention_grid(s, chunks, 128)
+                    self._prefill[i] = (s, ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size))
                 else:
                     self.kv_bytes[i] = 2 * int(row.batch_size) * int(row.kv_len) * s.kv * s.kv_dtype_bytes
         self.size_bytes = self.df["size_bytes"].to_numpy(dtype=float)
         self.num_workers = self.df["num_workers"].to_numpy(dtype=float)
+
+    def prefill_grid(self, fit: PrefillAttentionFit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tiles, units, longest tile's units) of every prefill-attention row under the kernel geometry of
+        ``fit`` (zeros elsewhere), as the execution model counts them."""
+        key = (fit.block_m, fit.block_n, fit.pack_gqa)
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = tuple(np.zeros(len(self.df)) for _ in range(3))
+            for i, (s, chunks) in self._prefill.items():
+                for out, v in zip(grid, ops.prefill_attention_grid(s, chunks, *key)):
+                    out[i] = v
+            self._grids[key] = grid
+        return grid
 
     def __len__(self) -> int:
         return len(self.df)
@@ -198,9 +213,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             for width in (1, 2, 4):  # KV element bytes: each width on its own fit where the profile has one
                 mw = m & (rows.kv_dtype_bytes == width)
                 if mw.any():
-                    out[mw] = prefill_attention_s(profile.prefill_attention_for(width), peak_flops(profile, rows, mw),
-                                                  profile.memory_bandwidth_bytes_per_s, rows.flops[mw],
-                                                  rows.num_bytes[mw], rows.mean_keys[mw], rows.query_tiles[mw])
+                    out[mw] = prefill_s(profile, rows, mw, profile.prefill_attention_for(width))
             continue
         if kind == "attention_decode" and profile.decode_attention is not None:
             for width in (1, 2, 4):
@@ -228,6 +241,12 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
 def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarray:
     """The profile's peak FLOP/s for each of rows ``m`` by its dtype; NaN where the profile has no peak."""
     return np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
+
+
+def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillAttentionFit) -> np.ndarray:
+    tiles, units, longest = (a[m] for a in rows.prefill_grid(fit))
+    return prefill_attention_s(fit, peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
+                               rows.num_bytes[m], rows.head_dim[m], rows.num_heads[m], tiles, units, longest)
 
 
 def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:

@@ -186,9 +186,10 @@ class ExecutionModel:
         fit = self.hardware.prefill_attention_for(self.shapes.kv_dtype_bytes)
         if fit is None:
             return self.op_cost(op)
-        mean_keys, tiles = ops.prefill_attention_grid(self.shapes, chunks, fit.tile_tokens)
-        return prefill_attention_s(fit, self.act_peak_flops, self.bandwidth, op.flops, op.num_bytes, mean_keys,
-                                   tiles) * self.time_factors["attention_prefill"]
+        s = self.shapes
+        tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
+        return prefill_attention_s(fit, self.act_peak_flops, self.bandwidth, op.num_bytes, s.head_dim, s.num_heads,
+                                   tiles, units, longest) * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants

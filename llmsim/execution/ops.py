@@ -130,13 +130,52 @@ def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> Op
     return OpWork("attn_prefill", "attention_prefill", flops, num_bytes, tokens)
 
 
-def prefill_attention_grid(s: ShardShapes, chunks: tuple[tuple[int, int], ...], tile_tokens: int
-                           ) -> tuple[float, float]:
-    """(keys per query on average, query tiles): what the fitted prefill kernel's efficiency depends on."""
-    tokens = sum(new for new, _ in chunks)
-    mean_keys = sum(new * (cached + (new + 1) / 2.0) for new, cached in chunks) / tokens
-    tiles = s.num_heads * sum(-(-new // tile_tokens) for new, _ in chunks)
-    return mean_keys, float(tiles)
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum(floor((a * i + b) / m) for i in range(n)) for non-negative integers, in O(log) steps (Euclid-like)."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return total
+        n, b, m, a = y_max // m, y_max % m, a, m
+
+
+def chunk_tile_units(new: int, cached: int, rows_per_token: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(query tiles, tile x KV-block units) of one chunk for one KV stream. The chunk's rows are its tokens, each
+    ``rows_per_token`` query heads (a packed GQA group; 1 without packing), cut into tiles of ``block_m``; tile j
+    sees, causally, the cached prefix and the chunk up to its last token, ``ceil((j + 1) * block_m / g)``, in
+    blocks of ``block_n`` keys. The last tile sees the whole chunk."""
+    g = rows_per_token
+    tiles = -(-new * g // block_m)
+    # Tiles before the last: ceil((cached + ceil((j + 1) * block_m / g)) / block_n) = ceil((cached * g + (j + 1)
+    # * block_m) / (g * block_n)) (nested ceilings of integers), summed in closed form.
+    m = g * block_n
+    units = _floor_sum(tiles - 1, m, block_m, cached * g + block_m + m - 1) + -(-(cached + new) // block_n)
+    return tiles, units
+
+
+def prefill_attention_grid(s: ShardShapes, chunks: tuple[tuple[int, int], ...], block_m: int, block_n: int,
+                           pack_gqa: bool) -> tuple[int, int, int]:
+    """(query tiles, tile x KV-block units, the longest tile's units) of a varlen prefill batch: the work the
+    fitted prefill kernel's time depends on (``hardware.profile.PrefillAttentionFit``). ``pack_gqa``: tiles hold a
+    KV head's whole query group (FlashAttention 3); otherwise only a batch of single-token queries is packed
+    (FlashAttention 2's ``seqlenq_ngroups_swapped``)."""
+    kv_heads = s.kv_heads
+    packed = kv_heads < s.num_heads and (pack_gqa or all(new == 1 for new, _ in chunks))
+    streams, g = (kv_heads, s.num_heads // kv_heads) if packed else (s.num_heads, 1)
+    tiles = units = 0
+    for new, cached in chunks:
+        t, u = chunk_tile_units(new, cached, g, block_m, block_n)
+        tiles += t
+        units += u
+    longest = max(-(-(cached + new) // block_n) for new, cached in chunks)
+    return streams * tiles, streams * units, longest
 
 
 def decode_attention(s: ShardShapes, num_decode: int, kv_tokens: int) -> OpWork:

@@ -11,12 +11,16 @@ import numpy as np
 from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
-def prefill_attention_s(fit: PrefillAttentionFit, peak: float, bandwidth: float, flops, num_bytes, mean_keys,
-                        query_tiles):
-    compute_eff = (fit.max_eff * mean_keys / (mean_keys + fit.half_keys)
-                   * query_tiles / (query_tiles + fit.half_tiles))
-    compute = flops / (peak * compute_eff)
-    memory = num_bytes / (bandwidth * fit.memory_eff)
+def prefill_attention_s(fit: PrefillAttentionFit, peak: float, bandwidth: float, num_bytes, head_dim, num_heads,
+                        tiles, units, max_units):
+    """``num_heads``: query heads on the GPU; ``tiles``, ``units``, ``max_units``: the batch's grid
+    (``execution.ops.prefill_attention_grid``)."""
+    unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * fit.num_sms / (peak * fit.max_eff)
+    bulk = (tiles * fit.tile_s + units * unit_s) / fit.num_sms
+    path = fit.tile_s + max_units * unit_s
+    q = fit.path_softness
+    compute = (bulk ** q + path ** q) ** (1.0 / q)
+    memory = num_bytes * (num_heads + fit.half_heads) / (bandwidth * fit.memory_eff * num_heads)
     p = fit.softness
     return fit.overhead_s + (compute ** p + memory ** p) ** (1.0 / p)
 

@@ -75,21 +75,35 @@ class LinkModel(_Frozen):
 class PrefillAttentionFit(_Frozen):
     """vLLM's flash-attention prefill kernel, fitted on measured latencies (``hardware/attention.py``)::
 
-        time = overhead + (compute^p + memory^p)^(1/p)
-        compute = FLOPs / (peak * max_eff * L / (L + half_keys) * C / (C + half_tiles))
-        memory = bytes / (bandwidth * memory_eff)
+        time    = overhead + (compute^p + memory^p)^(1/p)
+        compute = (bulk^q + path^q)^(1/q)
+        bulk    = (tiles * tile_s + units * unit_s) / num_sms      every SM busy
+        path    = tile_s + max_units * unit_s                       the longest tile, alone on its SM
+        unit_s  = 4 * block_m * block_n * head_dim / (peak / num_sms * max_eff)
+        memory  = bytes / (bandwidth * memory_eff * H / (H + half_heads))
 
-    ``L``: keys each query attends to, on average (the length of the inner loop a tile amortises its set-up
-    over); ``C``: query tiles of ``tile_tokens`` tokens per head, summed over sequences and heads (the kernel's
-    grid: few tiles leave SMs idle); ``p`` (``softness``): how much compute and memory traffic overlap."""
+    The kernel's grid: query tiles of ``block_m`` rows, each walking the keys it may see (causal, after any cached
+    prefix) in blocks of ``block_n``; a *unit* is one tile times one KV block (the tile's inner loop). ``tiles`` and
+    ``units`` are summed over the batch, ``max_units`` is the longest tile's (``execution/ops.py``,
+    ``prefill_attention_grid``). ``pack_gqa``: a tile's rows are (token, query head) pairs of one KV head's group,
+    as FlashAttention 3 lays out varlen batches; without it every query head has its own tiles, as FlashAttention
+    2 does except for single-token queries, whose GQA groups it packs. ``tile_s``: a tile's own cost (loading its
+    queries, writing its output); ``H``: query heads on the GPU (the fitted memory traffic runs slower with few:
+    layouts of 1-4 heads move their bytes at a third to two thirds of the rate of 32-64); ``p`` (``softness``):
+    how much compute and memory traffic overlap. ``block_m``, ``block_n``, ``pack_gqa`` and ``num_sms`` are the
+    kernel's and the GPU's, set by hand with their source; the rest is fitted."""
 
     overhead_s: float = Field(ge=0)
+    tile_s: float = Field(ge=0)
     max_eff: float = Field(gt=0, le=1)
-    half_keys: float = Field(ge=0)
-    half_tiles: float = Field(ge=0)
+    path_softness: float = Field(ge=1)
     memory_eff: float = Field(gt=0, le=1)
+    half_heads: float = Field(ge=0)
     softness: float = Field(ge=1)
-    tile_tokens: int = Field(default=128, ge=1)
+    block_m: int = Field(ge=1)
+    block_n: int = Field(ge=1)
+    pack_gqa: bool
+    num_sms: int = Field(ge=1)
 
 
 class DecodeAttentionFit(_Frozen):
