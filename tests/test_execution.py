@@ -182,7 +182,7 @@ def test_an_8bit_kv_cache_runs_its_own_attention_fits():
     fit = h100.prefill_attention_8bit_kv
     grid = ops.prefill_attention_grid(ex.shapes, ((1024, 0),), fit.block_m, fit.block_n, fit.pack_gqa)
     assert ex._prefill_attention_s(op, ((1024, 0),)) == prefill_attention_s(
-        fit, ex.act_peak_flops, ex.bandwidth, op.num_bytes, 128, 32, *grid)
+        fit, 132, ex.act_peak_flops, ex.bandwidth, op.num_bytes, 128, 32, *grid)
     assert ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is h100.decode_attention
     assert A100.decode_attention_8bit_kv is None
     assert ExecutionModel(fp8_kv, A100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is A100.decode_attention

@@ -45,6 +45,7 @@ def validation_only(profile: HardwareProfile, kinds: np.ndarray) -> np.ndarray:
 START = (0.6, 64.0, 0.7, 5.0)  # max_eff, half_tokens, memory_eff, overhead in microseconds
 # max_eff, half_tokens, memory_eff, overhead (us), half_k, half_n, half_tiles, softness, K latency (ns)
 GEMM_START = (0.6, 64.0, 0.7, 5.0, 100.0, 50.0, 10.0, 2.0, 0.5)
+SPLIT_K_START = 512.0  # split-K's smallest K per split
 LINK_START = (10.0, 100.0)  # latency in microseconds, bandwidth in GB/s
 
 
@@ -97,34 +98,41 @@ def l2_resident(profile: HardwareProfile, rows: Rows) -> np.ndarray:
 
 
 def _eff(max_eff, half_tokens, memory_eff, overhead_s, half_k=0.0, half_n=0.0, half_tiles=0.0, softness=None,
-         k_latency_s=0.0) -> OpEfficiency:
+         k_latency_s=0.0, split_k_min_k=None) -> OpEfficiency:
     """An unvalidated efficiency for the optimiser's inner loop."""
     compute = ComputeEfficiency.model_construct(max_eff=max_eff, half_tokens=half_tokens, half_k=half_k,
                                                 half_n=half_n, half_tiles=half_tiles)
     return OpEfficiency.model_construct(compute=compute, memory_eff=memory_eff, overhead_s=overhead_s,
-                                        k_latency_s=k_latency_s, softness=softness)
+                                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=softness)
 
 
-def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidth: float) -> OpEfficiency:
+def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidth: float,
+                        num_sms: int | None = None) -> OpEfficiency:
     """Least-squares fit of a GEMM kind: the roofline's four parameters, the shape terms (``half_k``,
-    ``half_n``, ``half_tiles``), the soft maximum and the reduction's latency per K element."""
+    ``half_n``, ``half_tiles``), the soft maximum and the reduction's latency per K element; with ``num_sms``
+    (cuBLAS GEMMs) also split-K's smallest K per split. A fit whose reduction latency comes out 0 has no
+    split-K to speak of and keeps none."""
     f, b, t, y = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask]
     k, n = rows.gemm_k[mask], rows.gemm_n[mask]
+    split = num_sms is not None
 
     def eff_of(x):  # overhead in microseconds and latency in ns per K element, for the optimiser
-        return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9)
+        return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9, x[9] if split else None)
 
     def residuals(x):
-        return np.log(roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth) / y)
+        return np.log(roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms) / y)
 
-    lower = [0.01, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0]
-    fit = least_squares(residuals, GEMM_START, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
+    x0 = list(GEMM_START) + ([SPLIT_K_START] if split else [])
+    lower = [0.01, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0] + ([16.0] if split else [])
+    upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0] + ([1e6] if split else [])
+    fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     compute = ComputeEfficiency(max_eff=round(x[0], 4), half_tokens=round(x[1], 2), half_k=round(x[4], 2),
                                 half_n=round(x[5], 2), half_tiles=round(x[6], 3))
+    k_latency_s = round(x[8] * 1e-9, 13)
+    split_k_min_k = round(x[9], 1) if split and k_latency_s > 0 else None
     return OpEfficiency(compute=compute, memory_eff=round(x[2], 4), overhead_s=round(x[3] * 1e-6, 9),
-                        k_latency_s=round(x[8] * 1e-9, 13), softness=round(x[7], 4))
+                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=round(x[7], 4))
 
 
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,
@@ -174,13 +182,13 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
 
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
-    """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa``, ``num_sms``: set by hand with their source)
-    is kept from the profile's fit; the rest is fitted."""
+    """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa``: set by hand with their source) is kept from
+    the profile's fit; the rest is fitted."""
     y = rows.measured_s[mask]
     if profile.prefill_attention is None:
         raise ConfigError(f"profile {profile.name}: prefill_attention needs its kernel geometry (block_m, block_n, "
-                          "pack_gqa, num_sms) before calibration can fit the rest; see the shipped h100-sxm.yaml")
-    geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa", "num_sms"})
+                          "pack_gqa) before calibration can fit the rest; see the shipped h100-sxm.yaml")
+    geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa"})
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
 
     def fit_of(x):  # overhead and per-tile cost in microseconds for the optimiser
@@ -259,7 +267,9 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
             continue
         peak = peak_flops(profile, rows, mask)
         if kind.startswith(("linear", "moe")) and profile.gemm_model == "tiled":
-            efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s)
+            # Dense GEMMs (cuBLAS) split K when few output tiles fill the SMs; vLLM's fused-MoE kernel does not.
+            num_sms = profile.num_sms if kind.startswith("linear") else None
+            efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s, num_sms)
             continue
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
         current = efficiency.get(kind)

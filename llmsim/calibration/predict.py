@@ -19,7 +19,7 @@ from llmsim.execution.model import gemm_efficiency
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
-                                      custom_all_reduce_rounds)
+                                      custom_all_reduce_rounds, split_k_splits)
 from llmsim.models.spec import ModelSpec
 
 
@@ -170,7 +170,7 @@ def is_link_kind(kind: str) -> bool:
     return kind.split("_inter_node")[0].split("_custom")[0] in COLLECTIVE_OPS
 
 
-def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, peak, bandwidth):
+def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, peak, bandwidth, num_sms=None):
     """``op_time_s`` on arrays (``gemm_k`` 0 where a row is no GEMM)."""
     c = eff.compute
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -182,7 +182,8 @@ def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, 
     memory = num_bytes / (bandwidth * eff.memory_eff)
     p = eff.softness
     bound = np.maximum(compute, memory) if p is None else (compute ** p + memory ** p) ** (1.0 / p)
-    return bound + eff.overhead_s + eff.k_latency_s * gemm_k
+    return bound + eff.overhead_s + eff.k_latency_s * gemm_k / split_k_splits(eff, num_tokens, gemm_k, gemm_n,
+                                                                              num_sms)
 
 
 def ring_factor(op: str, num_workers: np.ndarray, size_bytes: np.ndarray) -> np.ndarray:
@@ -234,7 +235,8 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             continue
         eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
-                            rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s)
+                            rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
+                            profile.num_sms if kind.startswith("linear") else None)  # as ExecutionModel.op_cost
     return out
 
 
@@ -245,8 +247,9 @@ def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarra
 
 def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillAttentionFit) -> np.ndarray:
     tiles, units, longest = (a[m] for a in rows.prefill_grid(fit))
-    return prefill_attention_s(fit, peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
-                               rows.num_bytes[m], rows.head_dim[m], rows.num_heads[m], tiles, units, longest)
+    return prefill_attention_s(fit, profile.num_sms, peak_flops(profile, rows, m),
+                               profile.memory_bandwidth_bytes_per_s, rows.num_bytes[m], rows.head_dim[m],
+                               rows.num_heads[m], tiles, units, longest)
 
 
 def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:

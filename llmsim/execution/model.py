@@ -97,8 +97,10 @@ class ExecutionModel:
         kind = self.hardware.fused_moe_kind(op.kind, self.shapes.num_experts, self.shapes.ffn)
         eff = gemm_efficiency(self.hardware, kind)
         group = kernel_group(op.kind)
+        # cuBLAS splits K (dense GEMMs); vLLM's fused-MoE kernel does not, even on the GEMM curve's fallback.
+        num_sms = self.hardware.num_sms if kind.startswith("linear") else None
         return op_time_s(eff, self.peak_flops if group == "gemm" else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n) * self.time_factors[group]
+                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n, num_sms) * self.time_factors[group]
 
     def _send_recv_s(self, num_bytes: float) -> float:
         """A pipeline stage's activation hand-off."""
@@ -188,8 +190,8 @@ class ExecutionModel:
             return self.op_cost(op)
         s = self.shapes
         tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
-        return prefill_attention_s(fit, self.act_peak_flops, self.bandwidth, op.num_bytes, s.head_dim, s.num_heads,
-                                   tiles, units, longest) * self.time_factors["attention_prefill"]
+        return prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
+                                   s.head_dim, s.num_heads, tiles, units, longest) * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants

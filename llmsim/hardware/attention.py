@@ -11,12 +11,12 @@ import numpy as np
 from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
-def prefill_attention_s(fit: PrefillAttentionFit, peak: float, bandwidth: float, num_bytes, head_dim, num_heads,
-                        tiles, units, max_units):
+def prefill_attention_s(fit: PrefillAttentionFit, num_sms: int, peak: float, bandwidth: float, num_bytes, head_dim,
+                        num_heads, tiles, units, max_units):
     """``num_heads``: query heads on the GPU; ``tiles``, ``units``, ``max_units``: the batch's grid
     (``execution.ops.prefill_attention_grid``)."""
-    unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * fit.num_sms / (peak * fit.max_eff)
-    bulk = (tiles * fit.tile_s + units * unit_s) / fit.num_sms
+    unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * num_sms / (peak * fit.max_eff)
+    bulk = (tiles * fit.tile_s + units * unit_s) / num_sms
     path = fit.tile_s + max_units * unit_s
     q = fit.path_softness
     compute = (bulk ** q + path ** q) ** (1.0 / q)

@@ -61,6 +61,10 @@ class OpEfficiency(_Frozen):
     # GEMMs: time per element of K that one thread block walks in sequence (the reduction's latency, which
     # shows when few blocks run: a decode GEMV)
     k_latency_s: float = Field(default=0.0, ge=0)
+    # GEMMs: split-K. With fewer output tiles than SMs the library splits K across thread blocks, which shortens
+    # the serial reduction: ``k_latency_s * K / splits``, ``splits = clip(min(num_sms / tiles, K / split_k_min_k),
+    # 1)`` (continuous: the library's integer choice varies by shape). None: never split.
+    split_k_min_k: float | None = Field(default=None, gt=0)
     # How compute and memory time combine: ``(c^p + m^p)^(1/p)`` (they overlap imperfectly); None: ``max``.
     softness: float | None = Field(default=None, ge=1)
 
@@ -90,8 +94,8 @@ class PrefillAttentionFit(_Frozen):
     2 does except for single-token queries, whose GQA groups it packs. ``tile_s``: a tile's own cost (loading its
     queries, writing its output); ``H``: query heads on the GPU (the fitted memory traffic runs slower with few:
     layouts of 1-4 heads move their bytes at a third to two thirds of the rate of 32-64); ``p`` (``softness``):
-    how much compute and memory traffic overlap. ``block_m``, ``block_n``, ``pack_gqa`` and ``num_sms`` are the
-    kernel's and the GPU's, set by hand with their source; the rest is fitted."""
+    how much compute and memory traffic overlap. ``block_m``, ``block_n`` and ``pack_gqa`` are the kernel's, set by
+    hand with their source, and ``num_sms`` the profile's; the rest is fitted."""
 
     overhead_s: float = Field(ge=0)
     tile_s: float = Field(ge=0)
@@ -103,7 +107,6 @@ class PrefillAttentionFit(_Frozen):
     block_m: int = Field(ge=1)
     block_n: int = Field(ge=1)
     pack_gqa: bool
-    num_sms: int = Field(ge=1)
 
 
 class DecodeAttentionFit(_Frozen):
@@ -159,6 +162,9 @@ class HardwareProfile(_Frozen):
     memory_bytes: float = Field(gt=0)
     memory_bandwidth_bytes_per_s: float = Field(gt=0)
     gpus_per_node: int = Field(default=8, ge=1)
+    # Streaming multiprocessors (compute units): the thread blocks a kernel runs at once. The GEMM split-K and the
+    # prefill-attention grid models need it.
+    num_sms: int | None = Field(default=None, ge=1)
     intra_node: Interconnect
     inter_node: Interconnect
     host_link: Interconnect  # PCIe to host memory, used by KV swap
@@ -197,6 +203,17 @@ class HardwareProfile(_Frozen):
     sources: dict[str, str]
     calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
     validation: dict[str, Any] = {}  # error of the fit, per op, on fitted and held-out data
+
+    @model_validator(mode="after")
+    def _sms_where_needed(self) -> "HardwareProfile":
+        if self.num_sms is None:
+            if self.prefill_attention is not None or self.prefill_attention_8bit_kv is not None:
+                raise ValueError("prefill_attention needs num_sms (the GPU's streaming multiprocessors)")
+            split = [kind for kind, eff in self.efficiency.items() if eff.split_k_min_k is not None]
+            if split:
+                raise ValueError(f"efficiency.{split[0]}.split_k_min_k needs num_sms (the GPU's streaming "
+                                 "multiprocessors)")
+        return self
 
     def prefill_attention_for(self, kv_dtype_bytes: int) -> PrefillAttentionFit | None:
         """The fitted prefill kernel for a KV cache of this element size."""

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency
+
+
+def split_k_splits(eff: OpEfficiency, num_tokens, gemm_k, gemm_n, num_sms: int | None):
+    """How many ways a GEMM's K is split (``OpEfficiency.split_k_min_k``; scalars or arrays): enough to fill the
+    SMs with output tiles, no finer than ``split_k_min_k`` elements of K each, at least 1."""
+    if eff.split_k_min_k is None or num_sms is None:
+        return 1.0
+    tiles = np.maximum(num_tokens * gemm_n / (GEMM_TILE * GEMM_TILE), 1.0)
+    return np.maximum(np.minimum(num_sms / tiles, gemm_k / eff.split_k_min_k), 1.0)
 
 
 def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: float, num_bytes: float,
-              num_tokens: float, gemm_k: int = 0, gemm_n: int = 0) -> float:
+              num_tokens: float, gemm_k: int = 0, gemm_n: int = 0, num_sms: int | None = None) -> float:
     compute_s = flops / (peak_flops * eff.compute.at_shape(num_tokens, gemm_k, gemm_n)) if flops > 0 else 0.0
     memory_s = num_bytes / (bandwidth * eff.memory_eff)
     p = eff.softness
     bound_s = max(compute_s, memory_s) if p is None else (compute_s ** p + memory_s ** p) ** (1.0 / p)
-    return bound_s + eff.overhead_s + eff.k_latency_s * gemm_k
+    if not gemm_k:
+        return bound_s + eff.overhead_s
+    return bound_s + eff.overhead_s + eff.k_latency_s * gemm_k / float(split_k_splits(eff, num_tokens, gemm_k,
+                                                                                      gemm_n, num_sms))
 
 
 def all_reduce_factor(num_workers):
