@@ -384,3 +384,13 @@ def test_mi325x_follows_its_public_measurements():
         t = op_time_s(profile.efficiency[kind], profile.peak(dtype), profile.memory_bandwidth_bytes_per_s, flops,
                       (m * k + k * n + m * n) * (1 if dtype == "fp8" else 2), m)
         assert abs(flops / t / maf - 1) <= 0.01, (kind, flops / t)
+
+
+def test_a100_40gb_carries_the_80gb_fit():
+    """Same GA100 chip: the 40 GB profile copies the 80 GB one's efficiencies, collectives and SM count (its
+    sources say so), so a refit of the 80 GB part must be copied over."""
+    a40, a80 = load_profile("a100-40gb"), load_profile("a100-80gb")
+    assert a40.efficiency == {k: v for k, v in a80.efficiency.items() if k in a40.efficiency}
+    links = ("all_reduce", "send_recv", "all_reduce_inter_node", "send_recv_inter_node", "all_gather", "all_reduce_custom",
+             "custom_all_reduce_max_bytes", "num_sms", "l2_cache_bytes")
+    assert all(getattr(a40, k) == getattr(a80, k) for k in links), [k for k in links if getattr(a40, k) != getattr(a80, k)]
