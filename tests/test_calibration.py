@@ -187,11 +187,12 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
     # 40/40); bounds as the README states them (decode <= 9%; prefill, by its tiles and KV-block units: A100 <= 6%,
     # H100 <= 8.1%, fp8 KV <= 8.8%; 14-15% with the former mean-keys model); vLLM's custom all-reduce on the
-    # held-out 8 GPUs, with its one- or two-stage kernel by size: H100 <= 10%, A100 <= 16%.
+    # held-out 8 GPUs, with its one- or two-stage kernel by size and a barrier latency per peer: <= 10% on both
+    # (A100 14.3% with the sizes read as bytes and no per-peer term).
     assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= (0.06 if device == "a100-80gb" else 0.081), held
     if device == "h100-sxm":
         assert held["attn_prefill (8-bit KV)"] <= 0.088, held
-    assert held["all_reduce (vLLM custom)"] <= (0.10 if device == "h100-sxm" else 0.16)
+    assert held["all_reduce (vLLM custom)"] <= 0.10
     if device == "a100-80gb":
         # FlashAttention 2 (vLLM on A100) splits the KV only for GQA decodes: MHA decodes run one CTA per sequence
         # and head, with their own fixed cost. Modelled so, the fitted MHA rows (1/1 .. 8/8 heads) are within 13%
@@ -243,6 +244,8 @@ def test_aiconfigurator_import_maps_columns(tmp_path):
     assert (decode["kv_len"], decode["seq_len"], decode["kv_dtype"], decode["dtype"]) == (512, 1, "fp8", "bf16")
     assert (prefill["seq_len"], prefill["kv_len"], prefill["n_embd"]) == (1024, 0, 16 * 128)
     assert sorted(df.loc["all_reduce"]["impl"]) == ["custom_eager", "custom_graph"]
+    # aiconfigurator's message_size counts elements (the collectors build a tensor of that many): 8,192 bf16.
+    assert (df.loc["all_reduce"]["size_bytes"] == 8192 * 2).all()
     rows = Rows(df.reset_index())
     assert sorted(rows.kind) == ["all_reduce_custom", "attention_decode", "attention_prefill", "unmodelled"]
     with pytest.raises(TraceError, match="no aiconfigurator attention, GEMM or communication tables"):

@@ -145,29 +145,34 @@ def test_tp_and_pp_add_communication():
 def test_vllm_custom_all_reduce_kernel_by_size():
     """vLLM's custom all-reduce (csrc/custom_all_reduce.cuh, full NVLink): the one-stage kernel reads every peer's
     whole buffer (n - 1 bytes per byte) for 2 GPUs, under 512 KiB on 4 and under 256 KiB on 8; the two-stage one
-    moves 2 (n - 1) / n in two rounds. A step's all-reduces take that kernel up to the custom limit, NCCL's ring
-    beyond."""
+    moves 2 (n - 1) / n in two rounds; each round's barrier pays a latency per peer. A step's all-reduces take that
+    kernel under the custom limit (should_custom_ar: inp_size < max_size), NCCL's ring from it."""
     assert custom_all_reduce_factor(2, 64 << 20) == 1.0
     assert custom_all_reduce_factor(4, (512 << 10) - 1) == 3.0 and custom_all_reduce_factor(4, 512 << 10) == 1.5
     assert custom_all_reduce_factor(8, (256 << 10) - 1) == 7.0 and custom_all_reduce_factor(8, 256 << 10) == 1.75
     h100 = load_profile("h100-sxm")
     ex = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=8))
     bare = ExecutionModel(LLAMA7, h100.model_copy(update={"all_reduce_custom": None}), ParallelPlan(tp=8))
-    for tokens in (4, 64, 2048):  # 32 KiB (one-stage), 512 KiB (two-stage), 16 MiB (NCCL)
+    for tokens in (4, 64, 1024, 2048):  # 32 KiB (one-stage), 512 KiB (two-stage), 8 MiB and 16 MiB (NCCL)
         activation_bytes = tokens * 4096 * 2
-        custom = activation_bytes <= h100.custom_all_reduce_max_bytes
+        custom = activation_bytes < h100.custom_all_reduce_max_bytes
+        assert custom == (tokens < 1024)
         link = h100.all_reduce_custom if custom else h100.all_reduce
         got = ex._fixed(tokens, 0).time_s - bare._fixed(tokens, 0).time_s
         want = LLAMA7.num_layers * 2 * (all_reduce_s(link, activation_bytes, 8, custom)
                                         - all_reduce_s(h100.all_reduce, activation_bytes, 8))
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    assert all_reduce_s(h100.all_reduce_custom, 32 << 10, 8, True) == pytest.approx(
-        h100.all_reduce_custom.latency_s + 7 * (32 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
+    link = h100.all_reduce_custom
+    assert link.peer_latency_s > 0
+    round_s = link.latency_s + 7 * link.peer_latency_s  # a barrier over 7 peers
+    assert all_reduce_s(link, 32 << 10, 8, True) == pytest.approx(round_s + 7 * (32 << 10) / link.bandwidth_bytes_per_s)
     # The two-stage kernel's all-gather reads what its reduce-scatter wrote, after a barrier: two rounds of reads
-    # from the peers, each paying the link's latency.
+    # from the peers, each paying the round's latency.
     assert custom_all_reduce_rounds(8, (256 << 10) - 1) == 1.0 and custom_all_reduce_rounds(8, 256 << 10) == 2.0
-    assert all_reduce_s(h100.all_reduce_custom, 512 << 10, 8, True) == pytest.approx(
-        2 * h100.all_reduce_custom.latency_s + 1.75 * (512 << 10) / h100.all_reduce_custom.bandwidth_bytes_per_s)
+    assert all_reduce_s(link, 512 << 10, 8, True) == pytest.approx(
+        2 * round_s + 1.75 * (512 << 10) / link.bandwidth_bytes_per_s)
+    assert all_reduce_s(link, 512 << 10, 2, True) == pytest.approx(
+        link.latency_s + link.peer_latency_s + (512 << 10) / link.bandwidth_bytes_per_s)
 
 
 def test_an_8bit_kv_cache_runs_its_own_attention_fits():

@@ -22,6 +22,7 @@ from llmsim.errors import TraceError
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", "int8": "int8",
            "fp8_block": "fp8_block"}
+_ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp8_block": 1}
 _IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eager", "NCCL": "nccl"}
 
 
@@ -60,10 +61,16 @@ def _attention(df: pd.DataFrame, device: str, op: str) -> pd.DataFrame:
 
 
 def _collectives(df: pd.DataFrame, device: str, gpus_per_node: int, dtype_column: str) -> pd.DataFrame:
+    """``message_size`` counts elements, not bytes: the collectors build a tensor of that many elements
+    (``get_input_shape_and_comm_size``) and log NCCL's tested bytes divided by the element size. The kernels'
+    own size switches confirm it: vLLM's custom all-reduce goes two-stage on 8 GPUs at 131,072 (256 KiB of bf16)
+    and hands over to NCCL at 4,194,304 (its 8 MiB limit)."""
     df = df[df["op_name"].isin(["all_reduce", "all_gather"])]
+    dtype = _dtype(df[dtype_column], "collective")
     return pd.DataFrame({
-        "device": device, "op": df["op_name"], "dtype": _dtype(df[dtype_column], "collective"),
-        "size_bytes": df["message_size"], "num_workers": df["num_gpus"], "devices_per_node": gpus_per_node,
+        "device": device, "op": df["op_name"], "dtype": dtype,
+        "size_bytes": df["message_size"] * dtype.map(_ELEMENT_BYTES), "num_workers": df["num_gpus"],
+        "devices_per_node": gpus_per_node,
         "impl": df["kernel_source"].map(_IMPLS), "median_ms": df["latency"], "source": df["source"],
     })
 

@@ -166,19 +166,22 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
 
 
 def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
-    """Alpha-beta fit of one collective: ``latency + ring_factor * bytes / bandwidth``."""
+    """Alpha-beta fit of one collective: ``latency + ring_factor * bytes / bandwidth``; vLLM's custom all-reduce
+    also fits the latency its barriers add per peer, per round."""
     size, workers, y = rows.size_bytes[mask], rows.num_workers[mask], rows.measured_s[mask]
+    per_peer = kind == "all_reduce_custom"
 
     def residuals(x):
-        latency_us, bandwidth_gbs = x
-        return np.log(link_s(kind, size, workers, latency_us * 1e-6, bandwidth_gbs * 1e9) / y)
+        return np.log(link_s(kind, size, workers, x[0] * 1e-6, x[1] * 1e9, x[2] * 1e-6 if per_peer else 0.0) / y)
 
-    x0 = list(LINK_START)
-    lower, upper = [0.0, 0.01], [1e5, 1e5]
+    x0, lower, upper = list(LINK_START), [0.0, 0.01], [1e5, 1e5]
+    if per_peer:
+        x0, lower, upper = x0 + [0.1], lower + [0.0], upper + [100.0]
     fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
                         f_scale=_LOSS_SCALE)
-    latency_us, bandwidth_gbs = (float(v) for v in fit.x)
-    return LinkModel(latency_s=round(latency_us * 1e-6, 9), bandwidth_bytes_per_s=round(bandwidth_gbs * 1e9, 0))
+    x = [float(v) for v in fit.x]
+    extra = {"peer_latency_s": round(x[2] * 1e-6, 10)} if per_peer else {}
+    return LinkModel(latency_s=round(x[0] * 1e-6, 9), bandwidth_bytes_per_s=round(x[1] * 1e9, 0), **extra)
 
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
@@ -261,7 +264,7 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
             continue
         if is_link_kind(kind):
             if kind.endswith("_custom"):  # fitted on the sizes vLLM sends through it
-                mask &= rows.size_bytes <= (profile.custom_all_reduce_max_bytes or 0.0)
+                mask &= rows.size_bytes < (profile.custom_all_reduce_max_bytes or 0.0)
             if mask.any():
                 links[kind] = fit_link(rows, mask, kind)
             continue

@@ -197,11 +197,12 @@ def ring_factor(op: str, num_workers: np.ndarray, size_bytes: np.ndarray) -> np.
     return np.ones_like(num_workers)
 
 
-def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth):
-    """Collective time on arrays: latency (per round of reads, for vLLM's custom kernel) plus ring bytes over
-    bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
+def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth, peer_latency_s=0.0):
+    """Collective time on arrays: latency (per round of reads and its barrier over the peers, for vLLM's custom
+    kernel) plus ring bytes over bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
     if op == "all_reduce_custom":
-        latency_s = latency_s * custom_all_reduce_rounds(num_workers, size_bytes)
+        latency_s = (latency_s + peer_latency_s * (num_workers - 1)) * custom_all_reduce_rounds(num_workers,
+                                                                                                  size_bytes)
     return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 
@@ -226,9 +227,9 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             link: LinkModel | None = getattr(profile, kind, None)  # all_reduce, send_recv_inter_node, ...
             if link is not None:
                 out[m] = link_s(kind, rows.size_bytes[m], rows.num_workers[m], link.latency_s,
-                                link.bandwidth_bytes_per_s)
+                                link.bandwidth_bytes_per_s, link.peer_latency_s)
             if kind.endswith("_custom"):  # beyond its size limit vLLM runs NCCL, not the custom kernel
-                out[m & (rows.size_bytes > (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
+                out[m & (rows.size_bytes >= (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
             continue
         if kind == "unmodelled" or (profile.efficiency.get(kind) is None
                                     and not kind.startswith(("linear", "moe"))):

@@ -136,7 +136,7 @@ class ExecutionModel:
             layer_ops = ops.dense_layer_ops(s, num_tokens)
             layer_s = sum(self.op_cost(op) for op in layer_ops)
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
-            custom = self._custom_link is not None and activation_bytes <= self._custom_max_bytes
+            custom = self._custom_link is not None and activation_bytes < self._custom_max_bytes
             link = self._custom_link if custom else self._tp_link
             layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
             emb = ops.embedding(s, num_tokens)

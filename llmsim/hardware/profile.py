@@ -70,10 +70,14 @@ class OpEfficiency(_Frozen):
 
 
 class LinkModel(_Frozen):
-    """Alpha-beta model of a collective: ``latency_s + algorithm_bytes / bus_bandwidth``."""
+    """Alpha-beta model of a collective: ``latency_s + algorithm_bytes / bus_bandwidth``.
+
+    ``peer_latency_s`` (vLLM's custom all-reduce): each round's barrier writes a flag to every peer and waits for
+    every peer's, so a round costs ``latency_s + peer_latency_s * (GPUs - 1)``."""
 
     latency_s: float = Field(ge=0)
     bandwidth_bytes_per_s: float = Field(gt=0)
+    peer_latency_s: float = Field(default=0.0, ge=0)
 
 
 class PrefillAttentionFit(_Frozen):
@@ -175,8 +179,8 @@ class HardwareProfile(_Frozen):
     all_reduce_inter_node: LinkModel | None = None  # fitted where multi-node measurements exist
     send_recv_inter_node: LinkModel | None = None
     all_gather: LinkModel | None = None
-    # vLLM's custom all-reduce (inside CUDA graphs), used inside a node for messages up to
-    # ``custom_all_reduce_max_bytes``; NCCL (``all_reduce``) beyond.
+    # vLLM's custom all-reduce (inside CUDA graphs), used inside a node for messages under
+    # ``custom_all_reduce_max_bytes`` (``should_custom_ar``: ``inp_size < max_size``); NCCL (``all_reduce``) from it.
     all_reduce_custom: LinkModel | None = None
     custom_all_reduce_max_bytes: float | None = Field(default=None, gt=0)
     # How attention kernels are modelled: the roofline ``efficiency`` kinds (any device), or vLLM's flash-attention

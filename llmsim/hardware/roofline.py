@@ -70,7 +70,8 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bo
     if num_workers <= 1:
         return 0.0
     if custom:
-        return (float(custom_all_reduce_rounds(num_workers, num_bytes)) * link.latency_s
+        round_s = link.latency_s + link.peer_latency_s * (num_workers - 1)
+        return (float(custom_all_reduce_rounds(num_workers, num_bytes)) * round_s
                 + float(custom_all_reduce_factor(num_workers, num_bytes)) * num_bytes / link.bandwidth_bytes_per_s)
     return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
