@@ -22,6 +22,8 @@ from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_li
 from llmsim.models.spec import ModelSpec
 
 
+_PREFILL_CACHE_ENTRIES = 1 << 16  # distinct prefill batches remembered per model (then forgotten at once)
+
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
     (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype."""
@@ -92,6 +94,9 @@ class ExecutionModel:
         self._token_cache: dict[int, tuple] = {}
         self._sample_cache: dict[int, tuple] = {}
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
+        # Prefill attention (time, FLOPs, bytes over all layers) by the step's chunks: chunked prefills repeat the
+        # same (new, cached) shapes step after step. Bounded: a long mixed run sees many distinct batches.
+        self._prefill_cache: dict[tuple[tuple[int, int], ...], tuple[float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
         kind = self.hardware.fused_moe_kind(op.kind, self.shapes.num_experts, self.shapes.ffn)
@@ -162,10 +167,17 @@ class ExecutionModel:
         time_s, flops, num_bytes = self._fixed(num_tokens, num_samples)
         layers, tp = self.model.num_layers, self.plan.tp
         if prefill_chunks:
-            op = ops.prefill_attention(self.shapes, prefill_chunks)
-            time_s += layers * self._prefill_attention_s(op, prefill_chunks)
-            flops += layers * op.flops * tp
-            num_bytes += layers * op.num_bytes * tp
+            part = self._prefill_cache.get(prefill_chunks)
+            if part is None:
+                op = ops.prefill_attention(self.shapes, prefill_chunks)
+                part = (layers * self._prefill_attention_s(op, prefill_chunks), layers * op.flops * tp,
+                        layers * op.num_bytes * tp)
+                if len(self._prefill_cache) >= _PREFILL_CACHE_ENTRIES:
+                    self._prefill_cache.clear()
+                self._prefill_cache[prefill_chunks] = part
+            time_s += part[0]
+            flops += part[1]
+            num_bytes += part[2]
         if num_decode:
             attn_s, attn_flops, attn_bytes = self._decode_attention(num_decode, decode_kv_tokens)
             time_s += attn_s
