@@ -276,3 +276,17 @@ def test_moe_layer_is_one_fused_expert_kernel():
     assert ExecutionModel(mixtral, a100, ParallelPlan(tp=2)).op_cost(moe) == op_time_s(
         a100.efficiency["linear"], a100.peak("bf16"), a100.memory_bandwidth_bytes_per_s, moe.flops, moe.num_bytes,
         moe.num_tokens, 4096, 2 * ffn)
+
+
+def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
+    """The execution model remembers a step's prefill attention by its chunks; a remembered batch costs exactly what
+    a fresh model computes, and the memory is bounded (cleared at once when full)."""
+    from llmsim.execution import model as model_module
+    monkeypatch.setattr(model_module, "_PREFILL_CACHE_ENTRIES", 3)
+    h100 = load_profile("h100-sxm")
+    ex = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
+    batches = [((512, 0),), ((512, 512), (100, 0)), ((7, 3000),), ((512, 1024),), ((512, 0),)]
+    for chunks in batches + batches:
+        assert ex.iteration(chunks, 5, 4000, 6) == ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2)).iteration(
+            chunks, 5, 4000, 6)
+        assert len(ex._prefill_cache) <= 3
