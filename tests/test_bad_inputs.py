@@ -100,6 +100,17 @@ CASES = {
             (Path(__file__).parents[1] / "hardware_profiles" / "h100-sxm.yaml").read_text()),
             "fused_moe_tuned": {"int4": [[8, 7168]]}})),
         "fused_moe_tuned.int4: Input should be 'bf16' or 'fp8'"),
+    "profile's prefill fit without SMs": (
+        lambda tmp: _profile(tmp, yaml.safe_dump({k: v for k, v in yaml.safe_load(
+            (Path(__file__).parents[1] / "hardware_profiles" / "h100-sxm.yaml").read_text()).items()
+            if k != "num_sms"})),
+        "p.yaml: prefill_attention needs num_sms (the GPU's streaming multiprocessors)"),
+    "profile with the former prefill fit": (
+        lambda tmp: _profile(tmp, yaml.safe_dump({**yaml.safe_load(
+            (Path(__file__).parents[1] / "hardware_profiles" / "h100-sxm.yaml").read_text()),
+            "prefill_attention": {"overhead_s": 1e-5, "max_eff": 0.6, "half_keys": 0.0, "half_tiles": 167.0,
+                                  "memory_eff": 0.4, "softness": 1.2, "tile_tokens": 128}})),
+        "prefill_attention.tile_s: Field required"),
     "profile syntax": (lambda tmp: _profile(tmp, "a: [1, 2\n"), "p.yaml:2 is not valid YAML"),
     "profile binary": (lambda tmp: _profile(tmp, bytes(range(256))), "not a readable text file"),
     "uniform min > max": (_dist(kind="uniform", min=10, max=5), "min (10) is above max (5)"),

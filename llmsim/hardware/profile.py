@@ -281,4 +281,5 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # pydantic's marker for a dict's key
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")  # a validator's own message says what and where
+        raise ConfigError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}") from None
