@@ -3,7 +3,8 @@
 ``time = max(flops / (peak * eff_compute(M)), bytes / (bandwidth * eff_memory)) + overhead``:
 an operator is bound by whichever of compute or memory traffic takes longer at the efficiency the
 hardware actually reaches for that kind of kernel, plus a fixed launch/tail overhead. GEMMs add their shape
-(``ComputeEfficiency.at_shape``), a soft maximum where the profile fits one, and the reduction's latency.
+(``ComputeEfficiency.at_shape``), a soft maximum where the profile fits one, and the reduction's latency
+(split over K when few output tiles leave SMs idle: ``split_k_splits``).
 """
 
 from __future__ import annotations
