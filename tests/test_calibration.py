@@ -10,6 +10,7 @@ from llmsim.calibration.aiconfigurator import import_aiconfigurator
 from llmsim.calibration.fit import Split, calibrate, fit_gemm_efficiency, l2_resident
 from llmsim.calibration.measurements import check, normalize, read_measurements, write_measurements
 from llmsim.calibration.predict import Rows, predict_s, roofline_s, row_work
+from llmsim.calibration.report import collective_table
 from llmsim.calibration.vidur import import_vidur
 from llmsim.calibration.workflow import profile_path, validate
 from llmsim.cli import main
@@ -218,6 +219,10 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
         assert set(rows.kind[mixtral]) == {"moe"}
         err = predict_s(profile, rows)[mixtral] / rows.measured_s[mixtral] - 1
         assert len(err) == 27 and np.abs(err).mean() <= 0.10
+    # The report's per-TP table: vLLM's custom all-reduce at the held-out TP 8 within 10%, as above.
+    report = result.report_path.read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| held-out | all_reduce (vLLM custom) | 8 |"))
+    assert float(row.split("|")[5].strip().rstrip("%")) <= 10.0
     recorded = profile.validation["mape"]["held-out"]
     assert {op: round(float(v), 4) for op, v in held.items()} == recorded
     assert result.plot_path.stat().st_size > 10_000
@@ -397,3 +402,17 @@ def test_a100_40gb_carries_the_80gb_fit():
     links = ("all_reduce", "send_recv", "all_reduce_inter_node", "send_recv_inter_node", "all_gather", "all_reduce_custom",
              "custom_all_reduce_max_bytes", "num_sms", "l2_cache_bytes")
     assert all(getattr(a40, k) == getattr(a80, k) for k in links), [k for k in links if getattr(a40, k) != getattr(a80, k)]
+
+
+def test_collective_table_reports_per_gpu_count_and_nccl_at_the_sizes_it_gets():
+    comparison = pd.DataFrame({
+        "op": ["all_reduce", "all_reduce", "all_reduce", "all_reduce (vLLM custom)", "gemm"],
+        "split": ["fit", "fit", "held-out", "fit", "fit"],
+        "num_workers": [2.0, 2.0, 8.0, 2.0, np.nan], "size_bytes": [1024.0, 16 * 2**20, 32 * 2**20, 1024.0, np.nan],
+        "rel_error": [0.5, -0.1, 0.2, 0.03, 0.4]})
+    table = collective_table(comparison, 8 * 2**20).set_index(["split", "op", "gpus"])
+    assert table.loc[("fit", "all_reduce", 2), "mape"] == pytest.approx(0.3)  # every size
+    assert table.loc[("fit", "all_reduce", 2), "mape_engine_sizes"] == pytest.approx(0.1)  # only >= 8 MiB
+    assert table.loc[("held-out", "all_reduce", 8), "mape_engine_sizes"] == pytest.approx(0.2)
+    assert np.isnan(table.loc[("fit", "all_reduce (vLLM custom)", 2), "mape_engine_sizes"])
+    assert "gemm" not in set(table.reset_index()["op"])

@@ -27,6 +27,8 @@ def compare(profile: HardwareProfile, rows: Rows, held_out: np.ndarray,
         "split": split,
         "measured_s": rows.measured_s,
         "predicted_s": predicted,
+        "num_workers": rows.num_workers,  # collectives: the GPU count (a TP degree); NaN elsewhere
+        "size_bytes": rows.size_bytes,
     })
     out = pd.concat([out, _layer_sums(out, rows.df)], ignore_index=True)
     out["rel_error"] = out["predicted_s"] / out["measured_s"] - 1.0
@@ -83,6 +85,21 @@ def error_table(comparison: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def collective_table(comparison: pd.DataFrame, custom_max_bytes: float | None) -> pd.DataFrame:
+    """MAPE of each collective per split and GPU count (a TP group's all-reduce is reported per TP degree), and,
+    for NCCL inside a node where vLLM's custom all-reduce takes the smaller messages, over the sizes vLLM still
+    sends through NCCL (from ``custom_max_bytes``)."""
+    c = comparison[comparison["op"].str.startswith(("all_reduce", "all_gather", "send_recv"))]
+    c = c.assign(abs_err=c["rel_error"].abs(), gpus=c["num_workers"].astype(int))
+    table = c.groupby(["split", "op", "gpus"], sort=True).agg(rows=("abs_err", "size"), mape=("abs_err", "mean"))
+    table["mape_engine_sizes"] = np.nan
+    if custom_max_bytes:
+        big = c[(c["op"] == "all_reduce") & (c["size_bytes"] >= custom_max_bytes)]
+        per = big.groupby(["split", "op", "gpus"]).abs_err.mean()
+        table.loc[per.index, "mape_engine_sizes"] = per
+    return table.reset_index()
+
+
 def parity_plot(comparison: pd.DataFrame, title: str, path: Path) -> None:
     import matplotlib
 
@@ -109,7 +126,7 @@ def parity_plot(comparison: pd.DataFrame, title: str, path: Path) -> None:
 
 
 def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, split: Split, png_name: str,
-             command: str) -> str:
+             command: str, collectives: pd.DataFrame | None = None) -> str:
     lines = [
         f"# Validation: {profile.name} ({profile.description})",
         "",
@@ -136,6 +153,20 @@ def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, s
     ]
     for r in table.itertuples(index=False):
         lines.append(f"| {r.split} | {r.op} | {r.rows} | {r.mape:.1%} | {r.p90:.1%} | {r.max:.1%} | {r.bias:+.1%} |")
+    if collectives is not None and len(collectives):
+        limit = profile.custom_all_reduce_max_bytes
+        lines += ["", "Collectives by GPU count (a TP group's all-reduce, per TP degree)."
+                  + (f" Inside a node vLLM sends messages under {limit / 2**20:g} MiB through its custom all-reduce "
+                     "(`vLLM custom`); the last column is NCCL's error over the sizes it still gets there."
+                     if limit else ""), ""]
+        if limit:
+            lines += ["| split | op | GPUs | rows | MAPE | MAPE, sizes NCCL gets inside a node |",
+                      "|---|---|---:|---:|---:|---:|"]
+        else:
+            lines += ["| split | op | GPUs | rows | MAPE |", "|---|---|---:|---:|---:|"]
+        for r in collectives.itertuples(index=False):
+            engine = "" if not limit else " - |" if pd.isna(r.mape_engine_sizes) else f" {r.mape_engine_sizes:.1%} |"
+            lines.append(f"| {r.split} | {r.op} | {r.gpus} | {r.rows} | {r.mape:.1%} |{engine}")
     lines += ["", f"![parity plot]({png_name})", ""]
     return "\n".join(lines)
 

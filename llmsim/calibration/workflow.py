@@ -17,7 +17,7 @@ import yaml
 from llmsim.calibration.fit import Split, calibrate, l2_resident, validation_only
 from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
-from llmsim.calibration.report import compare, error_table, markdown, parity_plot, summary
+from llmsim.calibration.report import collective_table, compare, error_table, markdown, parity_plot, summary
 from llmsim.errors import ConfigError
 from llmsim.hardware.profile import PROFILES_DIR, HardwareProfile, available_profiles, load_profile
 
@@ -133,7 +133,8 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
     parity_plot(comparison, profile.name, plot)
     report = out_dir / f"{path.stem}.md"
     shown = ", ".join(_relative(m, path.parent) for m in measurements)
-    report.write_text(markdown(profile, table, shown, split, plot.name, command))
+    collectives = collective_table(comparison, profile.custom_all_reduce_max_bytes)
+    report.write_text(markdown(profile, table, shown, split, plot.name, command, collectives))
     return Validation(table, report, plot)
 
 
