@@ -171,14 +171,15 @@ def test_held_out_rows_do_not_move_the_fit():
 @pytest.mark.parametrize("device, stack_gap", [("a100-80gb", (-0.16, -0.08)), ("h100-sxm", (-0.26, -0.16))])
 def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_gap):
     """The committed profiles' validation numbers come out of the shipped data; held-out vLLM GEMMs (K = 5120,
-    8192) stay within the README's 9% (H100 FP8: 7%); Vidur's layer GEMMs, from an older software stack and not
-    fitted, run slower than vLLM 0.14's by the gap the README states (median signed error)."""
+    8192) stay within the issue's 8% (H100 FP8: 7%; 8.1% / 8.4% before split-K); Vidur's layer GEMMs, from an
+    older software stack and not fitted, run slower than vLLM 0.14's by the gap the README states (median signed
+    error)."""
     profile = load_profile(device)
     assert profile.calibrated and profile.calibration["gemm_source"] == "aiconfigurator"
     result = validate(profile_path(device), None, tmp_path, "test")
     table = result.table
     held = table[table["split"] == "held-out"].set_index("op")
-    assert held.loc["gemm", "mape"] <= 0.09
+    assert held.loc["gemm", "mape"] <= 0.08
     if device == "h100-sxm":
         assert held.loc["gemm (fp8)", "mape"] <= 0.07
     for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"):
