@@ -18,8 +18,10 @@ from scipy.optimize import least_squares
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, peak_flops, prefill_s, roofline_s
 from llmsim.errors import ConfigError
+from llmsim.execution.model import split_k_sms
 from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
                                      PrefillAttentionFit)
+from llmsim.hardware.roofline import custom_all_reduce_serves
 
 _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
 # Kinds whose compute curve can bind. The others (norms, rope, activation, adds, embedding, decode attention) are
@@ -264,15 +266,14 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
             continue
         if is_link_kind(kind):
             if kind.endswith("_custom"):  # fitted on the sizes vLLM sends through it
-                mask &= rows.size_bytes < (profile.custom_all_reduce_max_bytes or 0.0)
+                mask &= custom_all_reduce_serves(profile.custom_all_reduce_max_bytes, rows.size_bytes)
             if mask.any():
                 links[kind] = fit_link(rows, mask, kind)
             continue
         peak = peak_flops(profile, rows, mask)
         if kind.startswith(("linear", "moe")) and profile.gemm_model == "tiled":
-            # Dense GEMMs (cuBLAS) split K when few output tiles fill the SMs; vLLM's fused-MoE kernel does not.
-            num_sms = profile.num_sms if kind.startswith("linear") else None
-            efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s, num_sms)
+            efficiency[kind] = fit_gemm_efficiency(rows, mask, peak, profile.memory_bandwidth_bytes_per_s,
+                                                   split_k_sms(profile, kind))
             continue
         # Memory-bound kinds keep the profile's (documented, non-binding) compute curve.
         current = efficiency.get(kind)

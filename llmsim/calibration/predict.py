@@ -15,11 +15,11 @@ import pandas as pd
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
-from llmsim.execution.model import gemm_efficiency
+from llmsim.execution.model import gemm_efficiency, split_k_sms
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
-                                      custom_all_reduce_rounds, split_k_splits)
+                                      custom_all_reduce_latency_s, custom_all_reduce_serves, split_k_splits)
 from llmsim.models.spec import ModelSpec
 
 
@@ -201,8 +201,7 @@ def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth, peer_latency_
     """Collective time on arrays: latency (per round of reads and its barrier over the peers, for vLLM's custom
     kernel) plus ring bytes over bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
     if op == "all_reduce_custom":
-        latency_s = (latency_s + peer_latency_s * (num_workers - 1)) * custom_all_reduce_rounds(num_workers,
-                                                                                                  size_bytes)
+        latency_s = custom_all_reduce_latency_s(latency_s, peer_latency_s, num_workers, size_bytes)
     return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 
@@ -229,7 +228,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                 out[m] = link_s(kind, rows.size_bytes[m], rows.num_workers[m], link.latency_s,
                                 link.bandwidth_bytes_per_s, link.peer_latency_s)
             if kind.endswith("_custom"):  # beyond its size limit vLLM runs NCCL, not the custom kernel
-                out[m & (rows.size_bytes >= (profile.custom_all_reduce_max_bytes or 0.0))] = np.nan
+                out[m & ~custom_all_reduce_serves(profile.custom_all_reduce_max_bytes, rows.size_bytes)] = np.nan
             continue
         if kind == "unmodelled" or (profile.efficiency.get(kind) is None
                                     and not kind.startswith(("linear", "moe"))):
@@ -237,7 +236,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
         eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
                             rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
-                            profile.num_sms if kind.startswith("linear") else None)  # as ExecutionModel.op_cost
+                            split_k_sms(profile, kind))
     return out
 
 

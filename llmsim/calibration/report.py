@@ -11,6 +11,7 @@ from llmsim.calibration.fit import Split
 from llmsim.calibration.measurements import LAYER_OPS
 from llmsim.calibration.predict import Rows, predict_s
 from llmsim.hardware.profile import HardwareProfile
+from llmsim.hardware.roofline import custom_all_reduce_serves
 
 
 def compare(profile: HardwareProfile, rows: Rows, held_out: np.ndarray,
@@ -94,7 +95,7 @@ def collective_table(comparison: pd.DataFrame, custom_max_bytes: float | None) -
     table = c.groupby(["split", "op", "gpus"], sort=True).agg(rows=("abs_err", "size"), mape=("abs_err", "mean"))
     table["mape_engine_sizes"] = np.nan
     if custom_max_bytes:
-        big = c[(c["op"] == "all_reduce") & (c["size_bytes"] >= custom_max_bytes)]
+        big = c[(c["op"] == "all_reduce") & ~custom_all_reduce_serves(custom_max_bytes, c["size_bytes"])]
         per = big.groupby(["split", "op", "gpus"]).abs_err.mean()
         table.loc[per.index, "mape_engine_sizes"] = per
     return table.reset_index()

@@ -18,11 +18,12 @@ from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s,
                                        prefill_attention_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
-from llmsim.hardware.roofline import all_reduce_s, op_time_s, send_recv_s, tp_link
+from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
 
 
 _PREFILL_CACHE_ENTRIES = 1 << 16  # distinct prefill batches remembered per model (then forgotten at once)
+
 
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
@@ -61,6 +62,12 @@ class IterationCost(NamedTuple):
 KERNEL_GROUPS = ("gemm", "attention_prefill", "attention_decode", "collective", "other")
 
 
+def split_k_sms(hardware: HardwareProfile, kind: str) -> int | None:
+    """The SMs a GEMM of ``kind`` splits K over (``roofline.split_k_splits``): cuBLAS's dense GEMMs split K
+    when few output tiles leave SMs idle; vLLM's fused-MoE kernel does not, even on the GEMM curve's fallback."""
+    return hardware.num_sms if kind.startswith("linear") else None
+
+
 def kernel_group(kind: str) -> str:
     """The group of an op kind: GEMMs (dense, FP8, fused MoE), the two attention kernels, or the rest."""
     if kind.startswith(("linear", "moe")):
@@ -86,7 +93,7 @@ class ExecutionModel:
         self._tp_link = tp_link(hardware, plan.tp)
         # vLLM runs its custom all-reduce inside a node for messages up to its size limit, NCCL beyond.
         self._custom_link = hardware.all_reduce_custom if plan.tp <= hardware.gpus_per_node else None
-        self._custom_max_bytes = hardware.custom_all_reduce_max_bytes or 0.0
+        self._custom_max_bytes = hardware.custom_all_reduce_max_bytes
         # Pipeline stages hand activations over NVLink-class links inside a node, the network across nodes.
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
@@ -102,10 +109,9 @@ class ExecutionModel:
         kind = self.hardware.fused_moe_kind(op.kind, self.shapes.num_experts, self.shapes.ffn)
         eff = gemm_efficiency(self.hardware, kind)
         group = kernel_group(op.kind)
-        # cuBLAS splits K (dense GEMMs); vLLM's fused-MoE kernel does not, even on the GEMM curve's fallback.
-        num_sms = self.hardware.num_sms if kind.startswith("linear") else None
         return op_time_s(eff, self.peak_flops if group == "gemm" else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n, num_sms) * self.time_factors[group]
+                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n, split_k_sms(self.hardware, kind)
+                         ) * self.time_factors[group]
 
     def _send_recv_s(self, num_bytes: float) -> float:
         """A pipeline stage's activation hand-off."""
@@ -141,7 +147,8 @@ class ExecutionModel:
             layer_ops = ops.dense_layer_ops(s, num_tokens)
             layer_s = sum(self.op_cost(op) for op in layer_ops)
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
-            custom = self._custom_link is not None and activation_bytes < self._custom_max_bytes
+            custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,
+                                                                                 activation_bytes)
             link = self._custom_link if custom else self._tp_link
             layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
             emb = ops.embedding(s, num_tokens)
@@ -202,8 +209,9 @@ class ExecutionModel:
             return self.op_cost(op)
         s = self.shapes
         tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
-        return prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
-                                   s.head_dim, s.num_heads, tiles, units, longest) * self.time_factors["attention_prefill"]
+        time_s = prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
+                                     s.head_dim, s.num_heads, tiles, units, longest)
+        return time_s * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants

@@ -59,6 +59,12 @@ def custom_all_reduce_factor(num_workers, num_bytes):
     return np.where(_custom_one_stage(num_workers, num_bytes), num_workers - 1.0, all_reduce_factor(num_workers))
 
 
+def custom_all_reduce_serves(max_bytes: float | None, num_bytes):
+    """Whether vLLM's custom all-reduce takes a message (scalars or arrays): under its size limit
+    (``should_custom_ar``: ``inp_size < max_size``); NCCL takes the rest, and everything where there is no limit."""
+    return num_bytes < (max_bytes or 0.0)
+
+
 def custom_all_reduce_rounds(num_workers, num_bytes):
     """Dependent rounds of reads from the peers, each paying the link's latency: one for the one-stage kernel,
     two for the two-stage one (its all-gather reads what the reduce-scatter wrote, after a barrier across the
@@ -66,13 +72,17 @@ def custom_all_reduce_rounds(num_workers, num_bytes):
     return np.where(_custom_one_stage(num_workers, num_bytes), 1.0, 2.0)
 
 
+def custom_all_reduce_latency_s(latency_s, peer_latency_s, num_workers, num_bytes):
+    """The custom all-reduce's latency: per round, the link's plus its barrier's per peer (scalars or arrays)."""
+    return (latency_s + peer_latency_s * (num_workers - 1)) * custom_all_reduce_rounds(num_workers, num_bytes)
+
+
 def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bool = False) -> float:
     """``custom``: vLLM's custom all-reduce (its one- or two-stage kernel by size), else a ring (NCCL)."""
     if num_workers <= 1:
         return 0.0
     if custom:
-        round_s = link.latency_s + link.peer_latency_s * (num_workers - 1)
-        return (float(custom_all_reduce_rounds(num_workers, num_bytes)) * round_s
+        return (float(custom_all_reduce_latency_s(link.latency_s, link.peer_latency_s, num_workers, num_bytes))
                 + float(custom_all_reduce_factor(num_workers, num_bytes)) * num_bytes / link.bandwidth_bytes_per_s)
     return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
 
