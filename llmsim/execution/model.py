@@ -101,17 +101,26 @@ class ExecutionModel:
         self._token_cache: dict[int, tuple] = {}
         self._sample_cache: dict[int, tuple] = {}
         self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
+        self._op_static: dict[str, tuple] = {}
         # Prefill attention (time, FLOPs, bytes over all layers) by the step's chunks: chunked prefills repeat the
         # same (new, cached) shapes step after step. Bounded: a long mixed run sees many distinct batches.
         self._prefill_cache: dict[tuple[tuple[int, int], ...], tuple[float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
-        kind = self.hardware.fused_moe_kind(op.kind, self.shapes.num_experts, self.shapes.ffn)
-        eff = gemm_efficiency(self.hardware, kind)
-        group = kernel_group(op.kind)
-        return op_time_s(eff, self.peak_flops if group == "gemm" else self.act_peak_flops, self.bandwidth, op.flops,
-                         op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n, split_k_sms(self.hardware, kind)
-                         ) * self.time_factors[group]
+        static = self._op_static.get(op.kind)
+        if static is None:
+            static = self._op_static[op.kind] = self._op_static_for(op.kind)
+        eff, peak, sms, factor = static
+        return op_time_s(eff, peak, self.bandwidth, op.flops, op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n,
+                         sms) * factor
+
+    def _op_static_for(self, op_kind: str) -> tuple:
+        """What ``op_cost`` needs of an op kind besides the op's own work: its curve, peak, split-K SMs and the
+        what-if factor of its kernel group (fixed for this model and profile, so looked up once per kind)."""
+        kind = self.hardware.fused_moe_kind(op_kind, self.shapes.num_experts, self.shapes.ffn)
+        group = kernel_group(op_kind)
+        return (gemm_efficiency(self.hardware, kind), self.peak_flops if group == "gemm" else self.act_peak_flops,
+                split_k_sms(self.hardware, kind), self.time_factors[group])
 
     def _send_recv_s(self, num_bytes: float) -> float:
         """A pipeline stage's activation hand-off."""

@@ -31,8 +31,17 @@ def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: flo
     bound_s = max(compute_s, memory_s) if p is None else (compute_s ** p + memory_s ** p) ** (1.0 / p)
     if not gemm_k:
         return bound_s + eff.overhead_s
-    return bound_s + eff.overhead_s + eff.k_latency_s * gemm_k / float(split_k_splits(eff, num_tokens, gemm_k,
-                                                                                      gemm_n, num_sms))
+    # split_k_splits on scalars, in plain Python (numpy's scalar calls cost more than the rest of this function;
+    # min/max of floats give the same value).
+    splits = 1.0
+    if eff.split_k_min_k is not None and num_sms is not None:
+        tiles = num_tokens * gemm_n / (GEMM_TILE * GEMM_TILE)
+        if tiles < 1.0:
+            tiles = 1.0
+        splits = min(num_sms / tiles, gemm_k / eff.split_k_min_k)
+        if splits < 1.0:
+            splits = 1.0
+    return bound_s + eff.overhead_s + eff.k_latency_s * gemm_k / splits
 
 
 def all_reduce_factor(num_workers):
