@@ -406,6 +406,39 @@ def test_a100_40gb_carries_the_80gb_fit():
     assert not differ, differ
 
 
+def test_h200_is_the_h100_fit_with_the_h200_memory_and_the_suite_on_both_gpus_agrees():
+    """Same GH100 chip: the H200 profile carries every fit of the H100 one and changes only its memory. The
+    microbenchmark suite's runs on both GPUs (shipped measurements) check what that implies: compute-bound GEMMs
+    take the same time on both, memory-bound ones the bandwidth ratio (with fixed costs, a little more)."""
+    h200, h100 = load_profile("h200"), load_profile("h100-sxm")
+    same = ("efficiency", "peak_flops", "num_sms", "all_reduce", "send_recv", "all_reduce_inter_node",
+            "send_recv_inter_node", "all_gather", "all_reduce_custom", "custom_all_reduce_max_bytes",
+            "prefill_attention", "decode_attention", "prefill_attention_8bit_kv", "decode_attention_8bit_kv",
+            "fused_moe_tuned", "attention_model", "gemm_model", "intra_node", "inter_node")
+    differ = [k for k in same if getattr(h200, k) != getattr(h100, k)]
+    assert not differ, differ
+    assert h200.memory_bandwidth_bytes_per_s > h100.memory_bandwidth_bytes_per_s and h200.memory_bytes > h100.memory_bytes
+    measured, predicted = {}, {}
+    for name, profile in (("h100", h100), ("h200", h200)):
+        rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / f"llmsim-microbench-{name}.csv.gz"),
+                    profile)
+        keep = rows.df["op"].isin(["gemm", "attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj",
+                                   "lm_head"]).to_numpy()
+        df = rows.df[keep]
+        key = pd.MultiIndex.from_arrays([df[c].to_numpy() for c in ("op", "model", "tp", "num_tokens", "gemm_n",
+                                                                       "gemm_k")])
+        measured[name] = pd.Series(rows.measured_s[keep], index=key)
+        predicted[name] = pd.Series(predict_s(profile, rows)[keep], index=key)
+    assert measured["h100"].index.equals(measured["h200"].index)  # the same grid, in the same order
+    tokens = measured["h100"].index.get_level_values(3).to_numpy(dtype=float)
+    for band, (low, high) in {"memory-bound": (1, 128), "compute-bound": (1025, 8192)}.items():
+        rows_in = (tokens >= low) & (tokens <= high)
+        ratio_measured = float(np.median(measured["h200"][rows_in] / measured["h100"][rows_in]))
+        ratio_predicted = float(np.median(predicted["h200"][rows_in] / predicted["h100"][rows_in]))
+        assert abs(ratio_predicted - ratio_measured) < (0.1 if band == "memory-bound" else 0.03), (
+            band, ratio_predicted, ratio_measured)
+
+
 def test_collective_table_reports_per_gpu_count_and_nccl_at_the_sizes_it_gets():
     comparison = pd.DataFrame({
         "op": ["all_reduce", "all_reduce", "all_reduce", "all_reduce (vLLM custom)", "gemm"],

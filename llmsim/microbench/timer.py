@@ -1,8 +1,8 @@
 """Timing one kernel on one device: warm-up, synchronisation, repetitions, median and spread.
 
 On CUDA and ROCm (torch exposes both as ``cuda``) each repetition is bracketed by CUDA events, and a buffer larger
-than the L2 cache is overwritten before it, so weights are read from HBM as they are in a real forward pass (the
-next layer's weights are never still in cache). On CPU, ``perf_counter_ns`` brackets each call; CPU caches are not
+than the L2 cache is read before it, so weights are read from HBM as they are in a real forward pass (the next
+layer's weights are never still in cache). On CPU, ``perf_counter_ns`` brackets each call; CPU caches are not
 flushed (the last-level cache can be hundreds of MB), which the CPU profile states.
 """
 
@@ -84,7 +84,11 @@ class Timer:
     def _cuda_times(self, fn) -> list[float]:
         pairs = []
         for _ in range(self.repetitions):
-            self._flush.zero_()
+            # Evict the L2 by reading the buffer. Overwriting it (zero_) left an L2's worth of dirty lines that the
+            # timed kernel paid to write back: on an H100, 1-token GEMMs over 134 and 268 MB of weights timed 60 and
+            # 106 us after a write flush, 50 and 97 us after a read flush, and 48 and 94 us per GEMM in a CUDA graph
+            # of GEMMs over distinct weights (no flush: what a forward pass does; benchmarks/bench_l2_flush.py).
+            self._flush.sum()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
