@@ -17,6 +17,7 @@ from llmsim.cli import main  # noqa: E402
 from llmsim.hardware.profile import PROFILES_DIR  # noqa: E402
 from llmsim.microbench.grid import GRIDS, compute_specs, model_columns  # noqa: E402
 from llmsim.microbench.kernels import attention_kernel, gemm_kernel, layer_kernel  # noqa: E402
+from llmsim.microbench.timer import Timer  # noqa: E402
 
 CPU = torch.device("cpu")
 GEMMS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "lm_head")
@@ -103,3 +104,11 @@ def test_gpu_request_without_gpu_is_a_clear_error(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert main(["microbench", "--device", "cuda", "--out", str(tmp_path / "x.csv")]) == 2
     assert "sees no GPU" in capsys.readouterr().err
+
+
+def test_the_timer_knows_its_flushes():
+    """The GPU flush is chosen by name (read: the suite's; write and none for benchmarks/bench_l2_flush.py); a CPU
+    timer takes any of them and times alike."""
+    assert len(Timer(torch.device("cpu"), 1, 3, flush="write").samples(lambda: None)) == 3
+    with pytest.raises(ValueError, match="flush 'evict'"):
+        Timer(torch.device("cpu"), 1, 3, flush="evict")

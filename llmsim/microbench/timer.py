@@ -59,8 +59,12 @@ def device_name(device: torch.device) -> str:
 
 
 class Timer:
-    def __init__(self, device: torch.device, warmup: int, repetitions: int):
-        self.device, self.warmup, self.repetitions = device, warmup, repetitions
+    def __init__(self, device: torch.device, warmup: int, repetitions: int, flush: str = "read"):
+        """``flush`` (GPUs): how the L2 is emptied before each repetition: ``read`` a buffer larger than it (the
+        suite's), ``write`` it, or ``none`` (``benchmarks/bench_l2_flush.py`` compares them)."""
+        if flush not in ("read", "write", "none"):
+            raise ValueError(f"flush {flush!r}: read, write or none")
+        self.device, self.warmup, self.repetitions, self.flush = device, warmup, repetitions, flush
         self._flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
             if device.type == "cuda" else None
 
@@ -85,10 +89,13 @@ class Timer:
         pairs = []
         for _ in range(self.repetitions):
             # Evict the L2 by reading the buffer. Overwriting it (zero_) left an L2's worth of dirty lines that the
-            # timed kernel paid to write back: on an H100, 1-token GEMMs over 134 and 268 MB of weights timed 60 and
-            # 106 us after a write flush, 50 and 97 us after a read flush, and 48 and 94 us per GEMM in a CUDA graph
+            # timed kernel paid to write back: on an H100, 1-token GEMMs over 134 and 268 MB of weights timed 59 and
+            # 106 us after a write flush, 50 and 97 us after a read flush, and 48 and 95 us per GEMM in a CUDA graph
             # of GEMMs over distinct weights (no flush: what a forward pass does; benchmarks/bench_l2_flush.py).
-            self._flush.sum()
+            if self.flush == "read":
+                self._flush.sum()
+            elif self.flush == "write":
+                self._flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
