@@ -230,42 +230,20 @@ class BlockManager:
             # the requests that take the general path, in order.
             held, num_cached, take = self._held, self._num_cached, 0
             for r in requests:
-                computed = r.num_computed_tokens
-                n = -(-computed // bs)
-                if r.prefix_segments:
-                    rid = r.id
-                    hashes = r.block_hashes
-                    if hashes is None:
-                        hashes = request_block_hashes(r, bs)
-                    named = len(hashes)
-                    done = num_cached.get(rid, 0)
-                    if done < named:
-                        has = held.get(rid, 0)
-                        full = computed // bs
-                        if n <= has and (full if full < named else named) <= done:
-                            continue  # no new block and no named block filled: nothing changes
-                        # grow_to and _grow, inlined (this runs for every multi-turn decode crossing a block):
-                        # the blocks are taken (with the takes batched before them: consecutive takes are one),
-                        # then the named ones just filled are cached.
-                        if n > has:
-                            if take + n - has > self.num_free_blocks:
-                                raise RuntimeError(f"request {rid} needs {n - has} blocks, "
-                                                   f"{self.num_free_blocks - take} free")
-                            self._take(take + n - has)
-                            take = 0
-                            held[rid] = n
-                            if has < named:
-                                self._add_named(rid, hashes, has, n if n < named else named)
-                        elif take:
-                            self._take(take)
-                            take = 0
-                        num_named = self._num_named(rid)
-                        if full > num_named:
-                            full = num_named
-                        if full > done:
-                            self._cache_filled(rid, done, full)
-                            num_cached[rid] = full
-                        continue
+                n = -(-r.num_computed_tokens // bs)
+                done = num_cached.get(r.id, 0) if r.prefix_segments else 0
+                named = len(request_block_hashes(r, bs)) if r.prefix_segments else 0
+                if done < named:
+                    has = held.get(r.id, 0)
+                    if n <= has and min(r.num_computed_tokens // bs, named) <= done:
+                        continue  # no new block and no named block filled: nothing changes
+                    if take:
+                        self._take(take)
+                        take = 0
+                    if n - has > self.num_free_blocks:
+                        raise RuntimeError(f"request {r.id} needs {n - has} blocks, {self.num_free_blocks} free")
+                    self._grow(r, n if n > has else has, r.num_computed_tokens)  # grow_to, inlined
+                    continue
                 need = n - held.get(r.id, 0)
                 if need > 0:
                     if take + need > self.num_free_blocks:
