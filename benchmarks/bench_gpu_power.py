@@ -61,7 +61,10 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_power.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    import pynvml as nvml
+    try:
+        import pynvml as nvml
+    except ImportError:
+        sys.exit("bench_gpu_power.py needs NVML's Python binding: pip install nvidia-ml-py")
     nvml.nvmlInit()
     handle = nvml.nvmlDeviceGetHandleByIndex(0)
     limit_w = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
