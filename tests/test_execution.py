@@ -175,6 +175,21 @@ def test_vllm_custom_all_reduce_kernel_by_size():
         link.latency_s + link.peer_latency_s + (512 << 10) / link.bandwidth_bytes_per_s)
 
 
+def test_nccl_ring_all_reduce_pays_a_latency_per_step():
+    """NCCL's ring all-reduce takes 2 (n - 1) steps, each with its per-step latency (the A100 fit on 2 and 4 GPUs
+    has one; 8 GPUs are held out): 14 steps at 8 GPUs, 2 at 2. With none (H100's fit), the plain alpha-beta."""
+    a100 = load_profile("a100-80gb")
+    link = a100.all_reduce
+    assert link.peer_latency_s > 0
+    size = 16 << 20  # a 16 MiB message: NCCL's, above vLLM's custom kernel's limit
+    for gpus in (2, 4, 8):
+        steps = 2 * (gpus - 1)
+        want = link.latency_s + steps * link.peer_latency_s + steps / gpus * size / link.bandwidth_bytes_per_s
+        assert all_reduce_s(link, size, gpus) == pytest.approx(want, rel=1e-12)
+    h100 = load_profile("h100-sxm").all_reduce
+    assert all_reduce_s(h100, size, 8) == h100.latency_s + 1.75 * size / h100.bandwidth_bytes_per_s
+
+
 def test_an_8bit_kv_cache_runs_its_own_attention_fits():
     """H100 has attention kernels fitted on fp8-KV measurements (slower per byte than bf16's); A100 has none, so
     an fp8 KV cache there runs the 16-bit fits at the 8-bit bytes."""

@@ -19,7 +19,8 @@ from llmsim.execution.model import gemm_efficiency, split_k_sms
 from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
-                                      custom_all_reduce_latency_s, custom_all_reduce_serves, split_k_splits)
+                                      custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
+                                      split_k_splits)
 from llmsim.models.spec import ModelSpec
 
 
@@ -202,6 +203,8 @@ def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth, peer_latency_
     kernel) plus ring bytes over bandwidth (``roofline.all_reduce_s``, ``send_recv_s``)."""
     if op == "all_reduce_custom":
         latency_s = custom_all_reduce_latency_s(latency_s, peer_latency_s, num_workers, size_bytes)
+    elif op.startswith("all_reduce"):
+        latency_s = ring_all_reduce_latency_s(latency_s, peer_latency_s, num_workers)
     return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 

@@ -72,8 +72,9 @@ class OpEfficiency(_Frozen):
 class LinkModel(_Frozen):
     """Alpha-beta model of a collective: ``latency_s + algorithm_bytes / bus_bandwidth``.
 
-    ``peer_latency_s`` (vLLM's custom all-reduce): each round's barrier writes a flag to every peer and waits for
-    every peer's, so a round costs ``latency_s + peer_latency_s * (GPUs - 1)``."""
+    ``peer_latency_s``, per peer: in vLLM's custom all-reduce each round's barrier writes a flag to every peer and
+    waits for every peer's, so a round costs ``latency_s + peer_latency_s * (GPUs - 1)``; NCCL's ring all-reduce
+    takes ``2 (GPUs - 1)`` steps of ``peer_latency_s`` each after ``latency_s`` (``roofline.ring_all_reduce_latency_s``)."""
 
     latency_s: float = Field(ge=0)
     bandwidth_bytes_per_s: float = Field(gt=0)

@@ -87,6 +87,13 @@ def custom_all_reduce_latency_s(latency_s, peer_latency_s, num_workers, num_byte
     return (latency_s + peer_latency_s * (num_workers - 1)) * custom_all_reduce_rounds(num_workers, num_bytes)
 
 
+def ring_all_reduce_latency_s(latency_s, peer_latency_s, num_workers):
+    """NCCL's ring all-reduce: a fixed latency, then ``2 (n - 1)`` steps (reduce-scatter, all-gather), each paying
+    the per-step latency NCCL's own cost model charges (``nsteps x hwLat``, ``src/graph/tuning.cc``). Scalars or
+    arrays."""
+    return latency_s + 2.0 * (num_workers - 1) * peer_latency_s
+
+
 def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bool = False) -> float:
     """``custom``: vLLM's custom all-reduce (its one- or two-stage kernel by size), else a ring (NCCL)."""
     if num_workers <= 1:
@@ -94,7 +101,8 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bo
     if custom:
         return (float(custom_all_reduce_latency_s(link.latency_s, link.peer_latency_s, num_workers, num_bytes))
                 + float(custom_all_reduce_factor(num_workers, num_bytes)) * num_bytes / link.bandwidth_bytes_per_s)
-    return link.latency_s + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
+    return (ring_all_reduce_latency_s(link.latency_s, link.peer_latency_s, num_workers)
+            + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s)
 
 
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
