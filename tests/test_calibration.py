@@ -406,6 +406,20 @@ def test_a100_40gb_carries_the_80gb_fit():
     assert not differ, differ
 
 
+def test_a_profile_on_a_base_takes_its_fields_but_not_its_calibration(tmp_path):
+    """``base:`` takes the named profile's fields, the file's own merged over them key by key (a ``power`` or
+    ``sources`` entry replaces only itself), and leaves out what the base was fitted and validated on."""
+    path = tmp_path / "my-h100.yaml"
+    path.write_text("base: h100-sxm\nname: my-h100\nmemory_bytes: 1.0e11\npower: {idle_w: 100.0}\n"
+                    "sources: {memory: measured here}\n")
+    mine, h100 = load_profile(str(path)), load_profile("h100-sxm")
+    assert (mine.name, mine.memory_bytes, mine.power.idle_w) == ("my-h100", 1.0e11, 100.0)
+    assert mine.power.max_w == h100.power.max_w and mine.efficiency == h100.efficiency
+    assert mine.prefill_attention == h100.prefill_attention and mine.all_reduce == h100.all_reduce
+    assert mine.sources["memory"] == "measured here" and mine.sources["l2_cache"] == h100.sources["l2_cache"]
+    assert h100.calibration and h100.validation and not mine.calibration and not mine.validation
+
+
 def test_h200_is_the_h100_fit_with_the_h200_memory_and_the_suite_on_both_gpus_agrees():
     """Same GH100 chip: the H200 profile carries every fit of the H100 one and changes only its memory. The
     microbenchmark suite's runs on both GPUs (shipped measurements) check what that implies: compute-bound GEMMs
@@ -417,7 +431,8 @@ def test_h200_is_the_h100_fit_with_the_h200_memory_and_the_suite_on_both_gpus_ag
             "fused_moe_tuned", "attention_model", "gemm_model", "intra_node", "inter_node")
     differ = [k for k in same if getattr(h200, k) != getattr(h100, k)]
     assert not differ, differ
-    assert h200.memory_bandwidth_bytes_per_s > h100.memory_bandwidth_bytes_per_s and h200.memory_bytes > h100.memory_bytes
+    assert h200.memory_bandwidth_bytes_per_s > h100.memory_bandwidth_bytes_per_s
+    assert h200.memory_bytes > h100.memory_bytes
     measured, predicted = {}, {}
     for name, profile in (("h100", h100), ("h200", h200)):
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / f"llmsim-microbench-{name}.csv.gz"),

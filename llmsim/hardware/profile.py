@@ -74,7 +74,8 @@ class LinkModel(_Frozen):
 
     ``peer_latency_s``, per peer: in vLLM's custom all-reduce each round's barrier writes a flag to every peer and
     waits for every peer's, so a round costs ``latency_s + peer_latency_s * (GPUs - 1)``; NCCL's ring all-reduce
-    takes ``2 (GPUs - 1)`` steps of ``peer_latency_s`` each after ``latency_s`` (``roofline.ring_all_reduce_latency_s``)."""
+    takes ``2 (GPUs - 1)`` steps of ``peer_latency_s`` each after ``latency_s``
+    (``roofline.ring_all_reduce_latency_s``)."""
 
     latency_s: float = Field(ge=0)
     bandwidth_bytes_per_s: float = Field(gt=0)
@@ -255,17 +256,15 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-@lru_cache(maxsize=32)
-def load_profile(name_or_path: str) -> HardwareProfile:
-    """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path.lower()}.yaml"
-    if not path.exists():
-        raise ConfigError(
-            f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
-            "or a path to a profile YAML"
-        )
+# What a profile that names a ``base`` does not take from it: the base's fit was made and checked on the base's
+# part, not this one.
+_NOT_INHERITED = ("calibration", "validation")
+
+
+def _profile_fields(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A profile file's fields. ``base: <profile name or path>`` takes every field of that profile (but
+    ``_NOT_INHERITED``) and the file's own fields over them, mappings merged key by key: a part that shares a
+    chip with a profiled one (``h200`` on ``h100-sxm``) states only what differs."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -277,6 +276,42 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         raise ConfigError(f"hardware.device: cannot read profile {path}: not a readable text file ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"hardware.device: profile {path} is not a YAML mapping of profile fields")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: a profile name or a path to a profile YAML, not {base!r}")
+    base_path = PROFILES_DIR / f"{base.lower()}.yaml" if not Path(base).suffix else path.parent / base
+    if not base_path.exists():
+        raise ConfigError(f"{path}: base: unknown profile {base!r}; allowed: {', '.join(available_profiles())} "
+                          "or a path to a profile YAML")
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base: {base!r} leads back to this profile")
+    fields = _profile_fields(base_path, seen + (path.resolve(),))
+    for key in _NOT_INHERITED:
+        fields.pop(key, None)
+    return _merged(fields, raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@lru_cache(maxsize=32)
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path.lower()}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
+            "or a path to a profile YAML"
+        )
+    raw = _profile_fields(path, ())
     try:
         return HardwareProfile(**raw)
     except ValidationError as exc:
