@@ -183,7 +183,8 @@ def _cmd_validate_e2e(args: argparse.Namespace) -> int:
     table = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
                          on_run=lambda name: print(f"replayed {name}", flush=True), intervals=args.intervals)
     print(summary(table).to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"{out}/: e2e_errors.csv, e2e_report.md, e2e_parity.png" + (", e2e_intervals.csv" if args.intervals else ""))
+    print(f"{out}/: e2e_errors.csv, e2e_step_check.csv, e2e_report.md, e2e_parity.png"
+          + (", e2e_intervals.csv" if args.intervals else ""))
     return 0
 
 
@@ -388,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "_ground_truth file; DIR/runs/<exp>/profile.yaml and exp-config.yaml when "
                                      "present) on the device's profile with vllm_v1 and prefix caching, and write "
                                      "OUT/e2e_errors.csv (experiment, stage, metric, predicted, measured, "
-                                     "rel_error), OUT/e2e_report.md and OUT/e2e_parity.png.")
+                                     "rel_error), the step check (OUT/e2e_step_check.csv: measured time per "
+                                     "output token over the modelled steps at the measured batch and KV), "
+                                     "OUT/e2e_report.md and OUT/e2e_parity.png.")
     e2e.add_argument("dir", help="folder with replay/ (and runs/, model_configs/)")
     e2e.add_argument("--device", default="h100-sxm", help="hardware profile the runs were measured on")
     e2e.add_argument("--out", default="results/validate_e2e", help="folder for the table, report and plot")

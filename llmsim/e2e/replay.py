@@ -12,6 +12,7 @@ from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ExperimentConfig, parse_config
 from llmsim.e2e.runs import MeasuredRun, last_arrival_s
 from llmsim.errors import ConfigError, LLMSimError
+from llmsim.execution.model import ExecutionModel
 from llmsim.request import Request
 
 # HuggingFace ids of catalog models (used when DIR/model_configs/ has no config.json for the run's model).
@@ -32,6 +33,9 @@ class Replayed:
     filled_lengths: int
     kv_blocks_planned: int  # the simulator's own memory plan, beside the server's count it replays
     wall_s: float
+    prompts: np.ndarray | None = None  # prompt tokens each request was replayed with
+    cached_tokens: np.ndarray | None = None  # of those, the prefix-cache hit the simulated engine gave it
+    execution: ExecutionModel | None = None  # the replay's execution model (``llmsim.e2e.step_check``)
 
 
 def model_name(run: MeasuredRun, root: Path) -> str:
@@ -162,7 +166,9 @@ def replay(run: MeasuredRun, root: Path, device: str, frontend_latency_s: float 
     ttft[error] = np.nan
     e2e[error] = np.nan
     outputs = np.array([r.num_output_tokens for r in requests], dtype=float)
-    return Replayed(ttft, e2e, error, outputs, filled, planned, result.wall_s)
+    prompts = np.array([r.num_prompt_tokens for r in requests], dtype=float)
+    cached = df["num_cached_tokens"].fillna(0).to_numpy(dtype=float)
+    return Replayed(ttft, e2e, error, outputs, filled, planned, result.wall_s, prompts, cached, result.execution)
 
 
 def _planned_blocks(cfg: ExperimentConfig) -> int:

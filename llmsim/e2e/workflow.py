@@ -1,5 +1,5 @@
-"""``llmsim validate-e2e``: replay every measured run, compare, write ``e2e_errors.csv``, a markdown report and
-a parity plot. The interface (arguments, the CSV's columns and metric names) is stable: users and CI script
+"""``llmsim validate-e2e``: replay every measured run, compare, write ``e2e_errors.csv``, the step check
+(``e2e_step_check.csv``), a markdown report and a parity plot. The interface (arguments, the CSV's columns and metric names) is stable: users and CI script
 against it."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from llmsim.e2e.frontend import FrontendFit, fit_leave_one_model_out
 from llmsim.e2e.intervals import draw_factors, held_out_ratios, interval_bounds, ratio_summary
 from llmsim.e2e.replay import replay
 from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_arrival
+from llmsim.e2e.step_check import step_ratios, summarize
 from llmsim.e2e.vllm_bench import bench_names, load_bench_run
 from llmsim.errors import ConfigError
 
@@ -55,8 +56,10 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
         notes.append((run.name, run.kv_blocks, replayed.kv_blocks_planned, replayed.filled_lengths,
                       len(run.requests), time.perf_counter() - t0))
     fits = fit_leave_one_model_out(runs, engine_only)
-    frames, engine_frames, interval_frames = [], [], []
+    frames, engine_frames, interval_frames, step_frames, step_request_frames = [], [], [], [], []
     for run in runs:
+        step_request_frames.append(step_ratios(run, engine_only[run.name]))
+        step_frames.append(summarize(run, step_request_frames[-1]))
         latency = fits[run.model_id].latency_s
         final = replay(run, root, device, frontend_latency_s=latency) if latency else engine_only[run.name]
         frames.append(compare(run, final))
@@ -71,7 +74,10 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "e2e_errors.csv", index=False)
     engine_table.to_csv(out / "e2e_errors_engine_only.csv", index=False)
-    text = report(table, engine_table, list(fits.values()), notes, device, root)
+    steps = pd.concat(step_frames, ignore_index=True)
+    steps.to_csv(out / "e2e_step_check.csv", index=False)
+    pd.concat(step_request_frames, ignore_index=True).to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
+    text = report(table, engine_table, list(fits.values()), notes, device, root) + step_check_report(steps)
     if samples:
         bounds = pd.concat(interval_frames, ignore_index=True)
         bounds.to_csv(out / "e2e_intervals.csv", index=False)
@@ -112,6 +118,24 @@ def intervals_report(bounds: pd.DataFrame, ratios: dict, num_samples: int) -> st
               "(`e2e_intervals.csv`):", "", "| metric | coverage | rows |", "|---|---:|---:|"]
     for metric, share, rows in coverage(bounds).itertuples():
         lines.append(f"| {metric} | {share:.0%} | {rows} |")
+    return "\n".join(lines) + "\n"
+
+
+def step_check_report(steps: pd.DataFrame) -> str:
+    lines = ["", "## Step check", "",
+             "Each request's measured time per output token over the execution model's steps at the state the server "
+             "was measured in (`llmsim.e2e.step_check`: the running batch, KV and prefills rebuilt from the measured "
+             "first-token and finish times, not the simulated ones). 1.0: the modelled steps match the server's at "
+             "the operating points it ran through. Per request in `e2e_step_check_requests.csv.gz`.", "",
+             "| run | stage | requests | step ratio, median (p10-p90) | running | KV tokens per running request | "
+             "waiting |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in steps.itertuples():
+        if not r.requests:
+            lines.append(f"| {r.experiment} | {r.stage} | 0 | - | - | - | - |")
+            continue
+        lines.append(f"| {r.experiment} | {r.stage} | {r.requests} | {r.step_ratio_median:.3f} ({r.step_ratio_p10:.3f}-"
+                     f"{r.step_ratio_p90:.3f}) | {r.running_mean:.1f} | {r.kv_tokens_per_running_mean:.0f} | "
+                     f"{r.waiting_mean:.1f} |")
     return "\n".join(lines) + "\n"
 
 
