@@ -1,6 +1,6 @@
 """``llmsim validate-e2e``: replay every measured run, compare, write ``e2e_errors.csv``, the step check
-(``e2e_step_check.csv``), a markdown report and a parity plot. The interface (arguments, the CSV's columns and metric names) is stable: users and CI script
-against it."""
+(``e2e_step_check.csv``), a markdown report and a parity plot. The interface (arguments, the CSV's columns and
+metric names) is stable: users and CI script against it."""
 
 from __future__ import annotations
 
