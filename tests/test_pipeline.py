@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llmsim.cluster import pipeline
-from llmsim.cluster.simulation import simulate
+from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ConfigError
+from llmsim.execution import ops
+from llmsim.execution.model import pipeline_layers
+from llmsim.schedulers.base import SchedulerOutput
 from llmsim.run import run_experiment
 from tests.factories import assert_nothing_lost, make_config, make_requests
 
@@ -120,3 +125,37 @@ def test_pipeline_config_errors():
         make_config(parallel={"pp": 2, "micro_batches": 3})
     with pytest.raises(ConfigError, match="llumnix runs with parallel.pp: 1"):
         make_config(parallel={"pp": 2}, cluster={"policy": "llumnix"})
+
+
+@pytest.mark.parametrize("num_layers, pp, layers", [
+    (32, 4, [8, 8, 8, 8]), (22, 4, [5, 6, 6, 5]), (5, 3, [2, 2, 1]), (4, 3, [1, 2, 1]), (3, 2, [2, 1]),
+    (61, 2, [31, 30]), (61, 4, [15, 15, 16, 15]), (80, 3, [27, 27, 26])])
+def test_stages_hold_the_layers_vllm_gives_them(num_layers, pp, layers):
+    """vLLM's ``get_pp_indices``: the remainder goes one layer each to the stages before the last, counting back
+    (the examples of vLLM's own documentation and tests)."""
+    assert pipeline_layers(num_layers, pp) == layers
+
+
+def test_the_first_stage_runs_the_embedding_and_the_last_the_lm_head_and_the_slowest_sets_the_pace():
+    """Llama-3-8B's 128k-token vocabulary makes its LM head about two layers' worth of weights: at PP 2 the last
+    stage takes longer than the first, and back-to-back micro-batches leave the pipeline at the last stage's pace."""
+    cfg = pipeline_config(2, 2, model={"name": "Llama-3-8B"})
+    cfg = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"cpu_overhead": "off"})})
+    _, ex, _, _ = build_execution(cfg)
+    cost = ex.iteration((), 64, 64 * 1000, 64, with_cpu=False)
+    (first, last), hand_off = ex.pipeline_stages(cost, 64, 64)
+    assert first + last + hand_off == pytest.approx(cost.time_s, rel=1e-12)
+    head_s = sum(ex.op_cost(op) for op in ops.lm_head(ex.shapes, 64))
+    embedding_s = ex.op_cost(ops.embedding(ex.shapes, 64))
+    assert last - first == pytest.approx(head_s - embedding_s, rel=1e-9)
+    assert last > 1.05 * first
+    # Two micro-batches of that batch, launched at once: the second waits for the last stage, not the first.
+    recorded, flights = [], []
+    replica = SimpleNamespace(id=0, execution=ex, blocks=SimpleNamespace(num_used_blocks=0),
+                              recorder=SimpleNamespace(iteration=lambda *a: recorded.append(a)),
+                              scheduler=SimpleNamespace(start_flight=flights.append))
+    out = SchedulerOutput(decodes=[SimpleNamespace(num_pending_tokens=1)] * 64, decode_kv_tokens=64 * 1000)
+    stage_free = [0.0, 0.0]
+    leaves = [pipeline.launch(replica, out, 0.0, stage_free)[0] for _ in range(2)]
+    assert leaves[1] - leaves[0] == pytest.approx(last, rel=1e-12)
+    assert [r[2] for r in recorded] == pytest.approx([first, first], rel=1e-12)  # stage 0's hold

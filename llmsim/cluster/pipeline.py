@@ -1,11 +1,14 @@
 """The iteration loop of a pipelined replica (``pp`` > 1).
 
 Up to ``micro_batches`` batches are in flight, by default one per stage as in vLLM: a batch enters stage 0 as
-soon as stage 0 is free, each stage takes an equal share of the batch's time, and stage ``k`` starts a batch
-when both the batch has left stage ``k-1`` (plus the activation hand-off) and stage ``k`` has finished the
-previous batch. Requests of a batch in flight sit out of later batches until it leaves the last stage. An
-iteration record is one micro-batch, its duration the time it holds a stage: busy time and energy count each
-GPU once, and a stage's power is capped at its own utilisation. Pipelines never fast-forward.
+soon as stage 0 is free, each stage takes its layers' share of the batch's time (the first stage also the
+embedding, the last the LM head: ``ExecutionModel.pipeline_stages``), and stage ``k`` starts a batch when both
+the batch has left stage ``k-1`` (plus the activation hand-off) and stage ``k`` has finished the previous batch,
+so the slowest stage sets the pipeline's pace. Requests of a batch in flight sit out of later batches until it
+leaves the last stage. An iteration record is one micro-batch, its duration the time it holds stage 0: busy time
+counts each GPU once at stage 0's share (below the power cap energy does not depend on it: a step's energy is its
+work plus idle power over the run, busy or not), and a stage's power is capped at its own utilisation. Pipelines never
+fast-forward.
 
 The engine's CPU time per step (``ExecutionModel.cpu_step_s``) is the driver's: it prepares a micro-batch before
 the batch can enter stage 0, one micro-batch at a time, and starts on the next one as long before stage 0 frees
@@ -70,7 +73,7 @@ def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[
     ex = replica.execution
     chunks, num_decode, kv_tokens, num_samples = out.signature()
     cost = ex.iteration(chunks, num_decode, kv_tokens, num_samples, with_cpu=False)
-    stage_s, hand_off_s = ex.pipeline_stages(cost, num_decode + sum(n for n, _ in chunks))
+    stage_s, hand_off_s = ex.pipeline_stages(cost, num_decode + sum(n for n, _ in chunks), num_samples)
     # The engine's CPU prepares the micro-batch, and swapped KV moves over the host link, before it can start.
     cpu_s = ex.cpu_step_s(len(chunks) + num_decode, num_samples)
     t = now + cpu_s
@@ -78,7 +81,7 @@ def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[
     held_from = stage_free[0] if stage_free[0] > now else now  # stage 0 is this batch's from here
     for k in range(len(stage_free)):
         start = t if t > stage_free[k] else stage_free[k]
-        stage_free[k] = start + stage_s
+        stage_free[k] = start + stage_s[k]
         t = stage_free[k] + hand_off_s
     replica.recorder.iteration(replica.id, held_from, stage_free[0] - held_from, cost.flops, cost.num_bytes,
                                out.num_prefill_tokens, num_decode, replica.blocks.num_used_blocks)

@@ -42,6 +42,17 @@ def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     return eff
 
 
+def pipeline_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers on each pipeline stage as vLLM splits them (``vllm/distributed/utils.py``, ``get_pp_indices``):
+    evenly, and the remainder one each on the stages before the last, counting back from it (the last stage
+    also runs the final norm and the LM head)."""
+    per_stage, remainder = divmod(num_layers, pp)
+    layers = [per_stage] * pp
+    for i in range(2, remainder + 2):
+        layers[-i] += 1
+    return layers
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     tp: int = 1  # tensor-parallel degree (GPUs sharing each layer)
@@ -304,14 +315,23 @@ class ExecutionModel:
             times = [t if t >= cpu_s else cpu_s for t in times]
         return times, flops, num_bytes
 
-    def pipeline_stages(self, cost: IterationCost, num_tokens: int) -> tuple[float, float]:
-        """(time on each stage, activation hand-off between stages) of a batch whose whole-pipeline time is
-        ``cost.time_s``: layers split evenly, so each stage takes an equal share of the compute."""
+    def pipeline_stages(self, cost: IterationCost, num_tokens: int, num_samples: int
+                        ) -> tuple[tuple[float, ...], float]:
+        """(each stage's time, activation hand-off between stages) of a batch of ``num_tokens`` whose
+        whole-pipeline time is ``cost.time_s``: every layer takes the same time, the stages hold the layers vLLM
+        gives them (``pipeline_layers``), the first one also runs the embedding and the last the final norm and
+        the LM head for the ``num_samples`` tokens that sample."""
         pp = self.plan.pp
         if pp == 1:
-            return cost.time_s, 0.0
+            return (cost.time_s,), 0.0
         hand_off = self._send_recv_s(num_tokens * self.shapes.hidden * self.shapes.dtype_bytes)
-        return (cost.time_s - (pp - 1) * hand_off) / pp, hand_off
+        embedding_s = self._token_part(num_tokens)[3]
+        head_s = sum(op_s for op_s, _, _ in self._sample_part(num_samples)) if num_samples else 0.0
+        layer_s = (cost.time_s - (pp - 1) * hand_off - embedding_s - head_s) / self.model.num_layers
+        stages = [n * layer_s for n in pipeline_layers(self.model.num_layers, pp)]
+        stages[0] += embedding_s
+        stages[-1] += head_s
+        return tuple(stages), hand_off
 
     def kv_transfer_s(self, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
         """Time to move ``num_tokens`` of KV cache to an instance of ``dst_num_gpus`` GPUs (DistServe's hand-off,
