@@ -256,3 +256,4 @@ def test_validate_e2e_writes_the_step_check(tmp_path):
     requests = pd.read_csv(tmp_path / "e2e_step_check_requests.csv.gz")
     assert len(requests) == steps.loc[1, "requests"] == 400
     assert "## Step check" in (tmp_path / "e2e_report.md").read_text()
+    assert (tmp_path / "e2e_step_check.png").stat().st_size > 5_000

@@ -5,6 +5,7 @@ metric names) is stable: users and CI script against it."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     engine_table.to_csv(out / "e2e_errors_engine_only.csv", index=False)
     steps = pd.concat(step_frames, ignore_index=True)
     steps.to_csv(out / "e2e_step_check.csv", index=False)
-    pd.concat(step_request_frames, ignore_index=True).to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
+    step_requests = pd.concat(step_request_frames, ignore_index=True)
+    step_requests.to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
+    step_check_plot(step_requests, out / "e2e_step_check.png")
     text = report(table, engine_table, list(fits.values()), notes, device, root) + step_check_report(steps)
     if samples:
         bounds = pd.concat(interval_frames, ignore_index=True)
@@ -126,7 +129,8 @@ def step_check_report(steps: pd.DataFrame) -> str:
              "Each request's measured time per output token over the execution model's steps at the state the server "
              "was measured in (`llmsim.e2e.step_check`: the running batch, KV and prefills rebuilt from the measured "
              "first-token and finish times, not the simulated ones). 1.0: the modelled steps match the server's at "
-             "the operating points it ran through. Per request in `e2e_step_check_requests.csv.gz`.", "",
+             "the operating points it ran through. Per request in `e2e_step_check_requests.csv.gz`; over time in "
+             "`e2e_step_check.png`.", "",
              "| run | stage | requests | step ratio, median (p10-p90) | running | KV tokens per running request | "
              "waiting |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in steps.itertuples():
@@ -137,6 +141,34 @@ def step_check_report(steps: pd.DataFrame) -> str:
                      f"{r.step_ratio_p90:.3f}) | {r.running_mean:.1f} | {r.kv_tokens_per_running_mean:.0f} | "
                      f"{r.waiting_mean:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def step_check_plot(per_request: pd.DataFrame, path: Path, bin_s: float = 30.0) -> None:
+    """Per run, the step ratio (median over the requests sent in each ``bin_s``) against send time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(per_request["experiment"]))
+    cols = min(4, max(1, len(runs)))
+    rows = -(-len(runs) // cols) if runs else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, runs):
+        g = per_request[per_request["experiment"] == name]
+        binned = g.groupby((g["arrival_s"] // bin_s) * bin_s)["step_ratio"].median()
+        ax.plot(binned.index, binned.to_numpy(), lw=1.2)
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.set_title(re.sub(r"^\d{8}-\d{6}-", "", name)[:48], fontsize=7)  # the run's timestamp says little here
+        ax.set_xlabel("request sent (s)", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylim(0.8, 2.0)  # shared: the runs that kept up sit at 1.0 +- a few %; higher bins are cut off
+    axes[0][0].set_ylabel("measured / modelled step", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
