@@ -221,6 +221,14 @@ def test_memory_plan_and_fit_error():
     with pytest.raises(PlanError, match="does not fit"):
         plan_memory(load_model("Llama-2-70B"), A100, ParallelPlan(), **kw)
     assert plan_memory(load_model("Llama-2-70B"), A100, ParallelPlan(tp=4), **kw).num_blocks > 0
+    # PP 3: vLLM gives the stages 11, 11 and 10 of the 32 layers; the first also holds the embedding (a 250 MiB
+    # table), which leaves it room for the fewest blocks of 11 layers; the count is that stage's.
+    staged = plan_memory(LLAMA7, A100, ParallelPlan(pp=3), **kw)
+    embedding = LLAMA7.vocab_size * LLAMA7.hidden_size * LLAMA7.act_bytes
+    assert staged.weights_bytes == pytest.approx(11 * LLAMA7.params_per_layer * LLAMA7.dtype_bytes + embedding)
+    assert staged.kv_bytes_per_block == pytest.approx(11 / 32 * plan.kv_bytes_per_block)
+    assert staged.num_blocks == int((0.9 * 80 * 2**30 - staged.weights_bytes - (plan.activation_bytes - 256 * 32000 * 4)
+                                     - 2**30) // staged.kv_bytes_per_block)
 
 
 def test_unknown_device_and_dtype():
