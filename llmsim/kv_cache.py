@@ -181,15 +181,20 @@ class BlockManager:
         """Room for one more token of a request (a decode step). Its blocks may already hold it: a scheduler
         that reserves a whole prompt at admission (Sarathi) has the last prompt token's block in hand."""
         c = request.num_computed_tokens
-        if self.caching:
+        if self.caching and request.prefix_segments:
             # Only a new block, or a named block this token fills (to be cached), needs the general path.
             if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._segs):
                 self.allocate(request, 1)
         elif c % self.block_size == 0 and c >= self._held.get(request.id, 0) * self.block_size:
+            # A request with no named content holds anonymous blocks only, with or without caching: a new one
+            # comes off the head of the free queue (``_take``, which evicts what it cached) or off the count.
             if self.num_free_blocks == 0:
                 raise RuntimeError(f"request {request.id} needs a block, none free")
             self._held[request.id] = self._held.get(request.id, 0) + 1
-            self.num_free_blocks -= 1
+            if self.caching:
+                self._take(1)
+            else:
+                self.num_free_blocks -= 1
 
     def append_slots(self, requests: list[Request]) -> None:
         """``append_slot`` for each of a batch's decodes, in order (the schedulers' fast path: the caller has
