@@ -13,8 +13,8 @@ from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.model import pipeline_layers
-from llmsim.schedulers.base import SchedulerOutput
 from llmsim.run import run_experiment
+from llmsim.schedulers.base import SchedulerOutput
 from tests.factories import assert_nothing_lost, make_config, make_requests
 
 
