@@ -30,13 +30,15 @@ class SarathiScheduler(Scheduler):
         out = SchedulerOutput()
         budget = min(self.chunk_size, self.max_num_batched_tokens)
         running = self.idle_running()
-        decoding = [r for r in running if r.num_pending_tokens == 1][:min(budget, self.decode_share())]
+        # num_pending_tokens == 1, spelled out: this reads every running request at every step.
+        decoding = [r for r in running if r.num_prompt_tokens + r.num_generated_tokens - r.num_computed_tokens == 1
+                    ][:min(budget, self.decode_share())]
         self._schedule_decodes(decoding, out)
         budget -= len(out.decodes)
         for request in running:  # part-way prefills continue in admission order
             if budget <= 0:
                 break
-            pending = request.num_pending_tokens
+            pending = request.num_prompt_tokens + request.num_generated_tokens - request.num_computed_tokens
             if pending <= 1 or request.status is not RequestStatus.RUNNING:
                 continue
             n = min(pending, budget)
