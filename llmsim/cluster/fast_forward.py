@@ -165,6 +165,7 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
     max_gap = max(later_gaps, default=0.0)
     more = num_steps - 1
     steady = 0
+    off_gaps = []  # first-step gaps of requests whose previous token did not end where this run started
     for r in requests:
         # The first step's token is ``Replica.sample`` inlined (this loop runs for every request of every run):
         # its gap is a steady one when the request's previous token ended exactly where this run started.
@@ -178,7 +179,7 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
             if r.last_token_s == start:
                 steady += 1
             else:
-                recorder.gap(gap, 1)
+                off_gaps.append(gap)
         r.num_computed_tokens += num_steps
         if more:
             r.num_generated_tokens = generated + more
@@ -190,6 +191,8 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
             r.last_token_s = first
         if r.scheduled_s != r.scheduled_s:
             r.scheduled_s = start
+    if off_gaps:
+        recorder.gaps_bulk(off_gaps, 1)  # in request order, as one call each would have recorded them
     if steady:
         recorder.gap(durations[0], steady)
     recorder.gaps_bulk(later_gaps, len(requests))
