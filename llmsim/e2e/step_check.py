@@ -39,7 +39,7 @@ REQUEST_COLUMNS = ("experiment", "request", "arrival_s", "step_ratio", "running"
 
 
 def measured_state(run: MeasuredRun, prompts: np.ndarray, outputs: np.ndarray):
-    """(grid times, running requests, their KV tokens, waiting requests, per request: first token, finish,
+    """(grid times, running requests, their KV tokens, waiting requests, per request: arrival, first token, finish,
     inter-token time, whether it decoded) from the measured times alone."""
     arrival = np.array([r["arrival_time_us"] for r in run.requests], dtype=float) / 1e6
     ttft, e2e, error = run.measured_ttft_s(), run.measured_e2e_s(), run.measured_errors()
@@ -58,14 +58,14 @@ def measured_state(run: MeasuredRun, prompts: np.ndarray, outputs: np.ndarray):
     waiting = np.zeros(len(grid) + 1)
     np.add.at(waiting, np.searchsorted(grid, arrival), 1)
     np.add.at(waiting, np.searchsorted(grid, waits_until), -1)
-    return grid, running, kv, np.cumsum(waiting)[:-1], first, finish, itl, decoded
+    return grid, running, kv, np.cumsum(waiting)[:-1], arrival, first, finish, itl, decoded
 
 
 def step_ratios(run: MeasuredRun, replayed: Replayed) -> pd.DataFrame:
     """Per request that decoded (``REQUEST_COLUMNS``): its arrival, step ratio, and the mean running batch, KV
     tokens per running request and waiting requests over its decode interval."""
     prompts, outputs, execution = replayed.prompts, replayed.outputs, replayed.execution
-    grid, running, kv, waiting, first, finish, itl, decoded = measured_state(run, prompts, outputs)
+    grid, running, kv, waiting, arrival, first, finish, itl, decoded = measured_state(run, prompts, outputs)
     step = np.full(len(grid), np.nan)
     for j in np.flatnonzero(running):
         step[j] = execution.decode_iteration(int(running[j]), int(kv[j])).time_s
@@ -75,9 +75,8 @@ def step_ratios(run: MeasuredRun, replayed: Replayed) -> pd.DataFrame:
         b, tokens = int(running[j]), int(kv[j])
         cached = int(min(replayed.cached_tokens[i], prompts[i] - 1))
         with_prefill = execution.iteration(((int(prompts[i]) - cached, cached),), b, tokens, b + 1).time_s
-        prefill_s[j] += with_prefill - (execution.decode_iteration(b, tokens).time_s if b else 0.0)
+        prefill_s[j] += with_prefill - (step[j] if b else 0.0)  # step[j]: the same batch without the prefill
     tokens_per_s = (1.0 - np.minimum(prefill_s / GRID_S, MAX_PREFILL_SHARE)) / step  # per running request
-    arrival = np.array([r["arrival_time_us"] for r in run.requests], dtype=float) / 1e6
     rows = []
     for i in np.flatnonzero(decoded):
         s, e = np.searchsorted(grid, first[i]), np.searchsorted(grid, finish[i])
