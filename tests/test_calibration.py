@@ -208,13 +208,25 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     if device == "h100-sxm":
         # vLLM's fused MoE, fitted with a curve for its tuned and one for its default kernel configurations, on
         # Mixtral's expert shape, which the fit never saw (every TP held out): tuned shapes (TP 2-8) <= 7%, the
-        # default configuration (TP 1, 16, 32) <= 14%; FP8 weights 7% and 12% (README). The TP2 shard, Mixtral's
+        # default configuration (TP 1, 16, 32), with each expert's tokens padded to its block, <= 9%; FP8 weights
+        # 7% and 8.5% (README; 12.6% and 10.7% before the padding was counted). The TP2 shard, Mixtral's
         # end-to-end runs: <= 10%.
         assert "moe h4096 i14336 e8 k2" in profile.calibration["held_out_models"]
-        assert held["moe"] <= 0.07 and held["moe (vLLM default config)"] <= 0.14, held
-        assert held["moe (fp8)"] <= 0.07 and held["moe (fp8, vLLM default config)"] <= 0.12, held
+        assert held["moe"] <= 0.07 and held["moe (vLLM default config)"] <= 0.09, held
+        assert held["moe (fp8)"] <= 0.07 and held["moe (fp8, vLLM default config)"] <= 0.085, held
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"),
                     profile)
+        # The default configuration's 64-row blocks show in the measurements as steps: Mixtral at TP 1 (held out)
+        # takes 1.45 ms at 256 tokens (64 a expert: one block) and 2.15 ms at 320 (80: two), and the model, which
+        # pads each expert's tokens to the block as vLLM's moe_align_block_size does, steps with it.
+        tp1 = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 1)
+               & (rows.df["dtype"] == "bf16")).to_numpy()
+        at = {int(t): i for i, t in zip(np.flatnonzero(tp1), rows.df["num_tokens"][tp1])}
+        predicted = predict_s(profile, rows)
+        assert set(rows.kind[tp1]) == {"moe_untuned"}
+        measured_step = rows.measured_s[at[320]] / rows.measured_s[at[256]]
+        modelled_step = predicted[at[320]] / predicted[at[256]]
+        assert measured_step > 1.4 and modelled_step > 1.3, (measured_step, modelled_step)
         mixtral = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 2)
                    & (rows.df["dtype"] == "bf16")).to_numpy()
         assert set(rows.kind[mixtral]) == {"moe"}

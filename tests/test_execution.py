@@ -301,6 +301,34 @@ def test_moe_layer_is_one_fused_expert_kernel():
         moe.num_tokens, 4096, 2 * ffn)
 
 
+def test_moe_default_configuration_pads_each_experts_tokens_to_its_block():
+    """Without a tuned kernel configuration vLLM runs its default one: 16-row blocks while a step has no more
+    tokens than experts, 64-row ones beyond; each expert's tokens are padded to the block and both grouped GEMMs
+    compute the padded rows. Tuned configurations (block sizes varying with M) keep the unpadded work."""
+    mixtral = load_model("Mixtral-8x7B", "bf16")
+    s = ops.ShardShapes.of(mixtral, 1)
+    ffn, h = 14336, 4096
+    per_row = 2.0 * h * 2 * ffn + 2.0 * ffn * h  # both grouped GEMMs, one token
+    for tokens, rows_per_expert, block in ((4, 1, 16), (8, 2, 16), (256, 64, 64), (320, 80, 128), (2048, 512, 512)):
+        layer = by_name(ops.dense_layer_ops(s, tokens, moe_default_config=True))
+        moe, plain = layer["moe_experts"], ops.moe_experts(s, tokens)
+        assert plain.num_tokens == rows_per_expert and moe.num_tokens == block
+        assert moe.flops - plain.flops == pytest.approx(8 * (block - rows_per_expert) * per_row)
+        assert moe.num_bytes == plain.num_bytes  # padding reads no more weights
+    assert ops.vllm_default_moe_block_m(8, 8) == 16 and ops.vllm_default_moe_block_m(9, 8) == 64
+    # The execution model pads where the device has no tuned configuration for the shape: Mixtral's TP1 shard on
+    # H100 (steps of 80 tokens a expert cost as two 64-row blocks), not its tuned TP2 shard.
+    h100 = load_profile("h100-sxm")
+    ex = ExecutionModel(mixtral, h100, ParallelPlan(tp=1))
+    padded, plain = (sum(ex.op_cost(op) for op in ops.dense_layer_ops(s, 320, moe_default_config=pad))
+                     for pad in (True, False))
+    assert padded > 1.2 * plain and ex._token_part(320)[0] == padded  # one layer at TP 1: no all-reduce
+    tp2 = ExecutionModel(mixtral, h100, ParallelPlan(tp=2))
+    plain_tp2 = sum(tp2.op_cost(op) for op in ops.dense_layer_ops(ops.ShardShapes.of(mixtral, 2), 320))
+    assert tp2._token_part(320)[0] > plain_tp2  # the all-reduces come on top of the unpadded ops
+    assert ex._moe_default_config and not tp2._moe_default_config
+
+
 def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
     """The execution model remembers a step's prefill attention by its chunks; a remembered batch costs exactly what
     a fresh model computes, and the memory is bounded (cleared at once when full)."""

@@ -62,12 +62,8 @@ def row_work(row) -> ops.OpWork:
     op = row.op
     if op == "memcpy":  # device copy: reads and writes size_bytes
         return ops.OpWork("memcpy", "copy", 0.0, 2.0 * float(row.size_bytes), 0.0)
-    if op == "moe":  # vLLM's fused MoE over num_tokens tokens, experts sharded by tp
-        if row.dtype == "fp8_block":
-            return ops.OpWork("moe", "unmodelled", 0.0, 0.0, 0.0)
-        s = _shapes(1, 1, int(row.n_embd), int(row.n_expanded_embd), 32000, True, row.dtype, int(row.tp), "bf16",
-                    int(row.num_experts), int(row.experts_per_token))
-        return ops.moe_experts(s, int(row.num_tokens))
+    if op == "moe":
+        return moe_row_work(row)
     if op == "gemm":  # [num_tokens, gemm_k] x [gemm_k, gemm_n], weights in dtype, activations 16-bit
         if row.dtype == "fp8_block":  # block-scaled FP8 (DeepSeek-style): not modelled
             return ops.OpWork("gemm", "unmodelled", 0.0, 0.0, 0.0)
@@ -85,6 +81,18 @@ def row_work(row) -> ops.OpWork:
     if op == "lm_head":
         return ops.lm_head(s, tokens)[1]
     return next(w for w in ops.dense_layer_ops(s, tokens) if w.name == op)
+
+
+def moe_row_work(row, default_config: bool = False) -> ops.OpWork:
+    """vLLM's fused MoE over num_tokens tokens, experts sharded by tp; ``default_config``: run with vLLM's
+    default kernel configuration (``ops.vllm_default_moe_block_m``)."""
+    if row.dtype == "fp8_block":
+        return ops.OpWork("moe", "unmodelled", 0.0, 0.0, 0.0)
+    s = _shapes(1, 1, int(row.n_embd), int(row.n_expanded_embd), 32000, True, row.dtype, int(row.tp), "bf16",
+                int(row.num_experts), int(row.experts_per_token))
+    tokens = int(row.num_tokens)
+    block_m = ops.vllm_default_moe_block_m(tokens, s.num_experts) if default_config else 0
+    return ops.moe_experts(s, tokens, block_m)
 
 
 class Rows:
@@ -123,6 +131,8 @@ class Rows:
             if row.op == "moe" and profile is not None:
                 self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts),
                                                       int(row.n_expanded_embd) // int(row.tp))
+                if self.kind[i].endswith("_untuned"):  # vLLM's default configuration: its padding is known
+                    work = moe_row_work(row, default_config=True)
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
             self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
             if row.op in ("attn_prefill", "attn_decode"):

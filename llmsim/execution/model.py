@@ -98,6 +98,11 @@ class ExecutionModel:
         # The engine's CPU time per step: added to the GPU time, or (async scheduling) overlapping it.
         self.cpu_overhead, self.cpu_overlaps = cpu_overhead, cpu_overlaps
         self.shapes = ops.ShardShapes.of(model, plan.tp)
+        # vLLM's fused MoE without a tuned kernel configuration for this shape on this device runs its default
+        # one, whose block size is known (ops.vllm_default_moe_block_m): its padding is then counted.
+        moe_kind = "moe_fp8" if self.shapes.gemm_kind == "linear_fp8" else "moe"
+        self._moe_default_config = self.shapes.num_experts > 1 and hardware.fused_moe_kind(
+            moe_kind, self.shapes.num_experts, self.shapes.ffn).endswith("_untuned")
         self.peak_flops = hardware.peak(model.dtype)  # GEMMs run at the weights' dtype (W8A8 for fp8)
         self.act_peak_flops = hardware.peak(model.act_dtype)  # attention and the rest at the activations'
         self.bandwidth = hardware.memory_bandwidth_bytes_per_s
@@ -164,7 +169,7 @@ class ExecutionModel:
         part = self._token_cache.get(num_tokens)
         if part is None:
             s, tp = self.shapes, self.plan.tp
-            layer_ops = ops.dense_layer_ops(s, num_tokens)
+            layer_ops = ops.dense_layer_ops(s, num_tokens, self._moe_default_config)
             layer_s = sum(self.op_cost(op) for op in layer_ops)
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
             custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,

@@ -71,8 +71,9 @@ def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quanti
     return OpWork(name, s.gemm_kind if quantised else "linear", flops, num_bytes, tokens, n_in, n_out)
 
 
-def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
-    """Every op of a layer except attention itself and the TP all-reduces."""
+def dense_layer_ops(s: ShardShapes, tokens: int, moe_default_config: bool = False) -> list[OpWork]:
+    """Every op of a layer except attention itself and the TP all-reduces. ``moe_default_config``: the device
+    runs this model's fused MoE with vLLM's default kernel configuration (no tuned one for the shape)."""
     d, w, h, T = s.dtype_bytes, s.weight_bytes, s.hidden, tokens
     routed = T * s.experts_per_token  # token-expert pairs (= T for dense models)
     active_experts = min(s.num_experts, routed)  # distinct expert weights that must be read
@@ -85,7 +86,8 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
         OpWork("post_attention_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
     ]
     if s.num_experts > 1:
-        ops += [linear("moe_gate", T, h, s.num_experts, s), moe_experts(s, T)]
+        block_m = vllm_default_moe_block_m(T, s.num_experts) if moe_default_config else 0
+        ops += [linear("moe_gate", T, h, s.num_experts, s), moe_experts(s, T, block_m)]
     else:
         ops += [
             OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
@@ -99,21 +101,38 @@ def dense_layer_ops(s: ShardShapes, tokens: int) -> list[OpWork]:
     return ops
 
 
-def moe_experts(s: ShardShapes, tokens: int) -> OpWork:
+def vllm_default_moe_block_m(tokens: int, num_experts: int) -> int:
+    """BLOCK_SIZE_M of vLLM's fused-MoE kernel where it has no tuned configuration for the shape
+    (``fused_moe.get_default_config``, bf16 and per-tensor FP8 alike): 16 rows while the step has no more tokens
+    than experts, 64 beyond."""
+    return 16 if tokens <= num_experts else 64
+
+
+def moe_experts(s: ShardShapes, tokens: int, block_m: int = 0) -> OpWork:
     """vLLM's fused MoE kernel: both grouped GEMMs of every expert a token is routed to, and the activation
     between them. Reads the weights of each expert that receives a token (all of them once tokens x top-k
-    reach the expert count: balanced routing). Its efficiency follows the tokens each expert's GEMM gets."""
+    reach the expert count: balanced routing). Its efficiency follows the tokens each expert's GEMM gets.
+
+    ``block_m``: the kernel configuration's BLOCK_SIZE_M where it is known (vLLM's default one; 0: a tuned
+    configuration, whose block sizes vary with M and are left to the fitted curve). vLLM's
+    ``moe_align_block_size`` pads each expert's tokens to a multiple of it and the kernel computes whole tiles,
+    so both grouped GEMMs do the padded rows' work too (counted in the FLOPs: the GPU executes it)."""
     d, w, h = s.dtype_bytes, s.weight_bytes, s.hidden
     routed = tokens * s.experts_per_token
     active = min(s.num_experts, routed)
     up_out = (2 if s.gated else 1) * s.ffn
-    flops = 2.0 * routed * h * up_out + 5.0 * routed * s.ffn + 2.0 * routed * s.ffn * h
+    per_expert = routed / active
+    gemm_rows = routed
+    if block_m:
+        per_expert = -(-per_expert // block_m) * block_m  # balanced routing: every active expert alike
+        gemm_rows = per_expert * active
+    flops = 2.0 * gemm_rows * h * up_out + 5.0 * routed * s.ffn + 2.0 * gemm_rows * s.ffn * h
     num_bytes = (tokens * h + routed * (up_out + s.ffn) * 2 + tokens * h) * d + active * (h * up_out + s.ffn * h) * w
     # Shape terms of the first grouped GEMM (hidden -> up_out, two thirds of the work), per expert: M is the
-    # tokens an expert gets and N its own output width, the sizes each expert's tiles see (the Triton kernel
-    # tiles every expert's GEMM apart, padding its M to the block size).
+    # tokens an expert gets (padded to the block where the block is known) and N its own output width, the sizes
+    # each expert's tiles see (the Triton kernel tiles every expert's GEMM apart).
     return OpWork("moe_experts", "moe_fp8" if s.gemm_kind == "linear_fp8" else "moe", flops, num_bytes,
-                  routed / active, h, up_out)
+                  per_expert, h, up_out)
 
 
 def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:
