@@ -198,13 +198,23 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     if device == "a100-80gb":
         # FlashAttention 2 (vLLM on A100) splits the KV only for GQA decodes: MHA decodes run one CTA per sequence
         # and head, with their own fixed cost. Modelled so, the fitted MHA rows (1/1 .. 8/8 heads) are within 13%
-        # (37% when every decode was modelled as split), and the held-out (GQA) rows within 8%.
-        assert profile.decode_attention.gqa_only_split_kv and held["attn_decode"] <= 0.08
+        # (37% when every decode was modelled as split). Its GQA packing copies q and the output where batch and
+        # KV heads are both 2+: with that, the held-out (GQA) rows are within 6% (7.9% without), and the one-KV-head
+        # rows, whose reshape is a view, within 12% (25%, predicted slow, without).
+        assert profile.decode_attention.gqa_only_split_kv and held["attn_decode"] <= 0.06
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-a100.csv.gz"),
                     profile)
-        mha = (rows.kind == "attention_decode") & rows.mha & ~l2_resident(profile, rows)
-        err = predict_s(profile, rows)[mha] / rows.measured_s[mha] - 1
-        assert mha.sum() > 500 and np.abs(err).mean() <= 0.13
+        decode = (rows.kind == "attention_decode") & ~l2_resident(profile, rows)
+        err = predict_s(profile, rows) / rows.measured_s - 1
+        mha, mqa = decode & rows.mha, decode & ~rows.mha & (rows.kv_heads == 1)
+        assert mha.sum() > 500 and np.abs(err[mha]).mean() <= 0.13
+        assert mqa.sum() > 500 and np.abs(err[mqa]).mean() <= 0.12
+        # The copies show in the measurements as a step of a few microseconds at short KV: 8 query heads over 2 KV
+        # heads take ~12.5 us at batch 1 and ~18 us at batch 2, over 1 KV head ~12.5 us at both.
+        short = decode & (rows.df["kv_len"].to_numpy() <= 128) & (rows.num_heads == 8)
+        at = {(int(b), int(k)): rows.measured_s[i] for i, b, k in zip(np.flatnonzero(short), rows.batch[short],
+                                                                       rows.kv_heads[short])}
+        assert at[(2, 2)] - at[(1, 2)] > 4e-6 and abs(at[(2, 1)] - at[(1, 1)]) < 1e-6
     if device == "h100-sxm":
         # vLLM's fused MoE, fitted with a curve for its tuned and one for its default kernel configurations, on
         # Mixtral's expert shape, which the fit never saw (every TP held out): tuned shapes (TP 2-8) <= 7%, the

@@ -111,6 +111,40 @@ def test_decode_iteration_is_the_general_path():
             assert (times[j], flops[j], num_bytes[j]) == tuple(model.decode_iteration(37, 12345 + 37 * j))
 
 
+def test_flash_attention_2_packing_copies_cost_where_the_reshape_copies():
+    """FlashAttention 2 (A100) packs a GQA decode's query group into the query rows by reshaping q and the output
+    on the host side; that is a copy unless the batch or the KV heads per GPU are 1. The copies are charged to
+    pure-decode steps of GQA models with 2+ KV heads per GPU and 2+ sequences, and nowhere else: not to MHA
+    (Llama-2-7B), not to one KV head per GPU (Llama-3-70B at TP 8), not to a mixed step (its varlen call has
+    prefill rows, so no packing), not on H100 (FlashAttention 3 packs inside the kernel)."""
+    fit = A100.decode_attention
+    assert fit.gqa_only_split_kv and fit.swapped_copy_s > 0
+    bw = A100.memory_bandwidth_bytes_per_s
+
+    def layer_s(ex, batch, kv_tokens, pure):
+        return ex._decode_attention(batch, kv_tokens, pure)[0] / ex.model.num_layers
+
+    llama3 = ExecutionModel(load_model("Llama-3-8B"), A100, ParallelPlan(tp=1))  # 32 query / 8 KV heads
+    s = llama3.shapes
+    for batch in (2, 37):
+        copy_s = fit.swapped_copy_s + 4.0 * batch * s.num_heads * s.head_dim * s.dtype_bytes / bw
+        assert layer_s(llama3, batch, 1000 * batch, True) == pytest.approx(
+            layer_s(llama3, batch, 1000 * batch, False) + copy_s, rel=1e-12)
+    assert layer_s(llama3, 1, 1000, True) == layer_s(llama3, 1, 1000, False)  # batch 1: a view
+    for ex in (ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1)),  # MHA: no packing
+               ExecutionModel(load_model("Llama-3-70B"), A100, ParallelPlan(tp=8)),  # 1 KV head per GPU: a view
+               ExecutionModel(load_model("Llama-3-8B"), load_profile("h100-sxm"), ParallelPlan(tp=1))):
+        assert layer_s(ex, 37, 37000, True) == layer_s(ex, 37, 37000, False)
+    # A mixed step's decodes run without the copies; a pure-decode step (stepped or fast-forwarded) with them.
+    mixed = llama3.iteration(((100, 0),), 37, 37000, 38)
+    plain = ExecutionModel(load_model("Llama-3-8B"),
+                           A100.model_copy(update={"decode_attention": fit.model_copy(update={"swapped_copy_s": None})}),
+                           ParallelPlan(tp=1))
+    assert mixed == plain.iteration(((100, 0),), 37, 37000, 38)
+    assert llama3.decode_iteration(37, 37000).time_s > plain.decode_iteration(37, 37000).time_s
+    assert llama3.decode_run(37, 37000, 3)[0] == [llama3.decode_iteration(37, 37000 + 37 * j).time_s for j in range(3)]
+
+
 @pytest.mark.parametrize("profile", [A100, A100.model_copy(update={"decode_attention": None, "prefill_attention": None})],
                          ids=["fitted attention", "roofline attention"])
 def test_time_factors_scale_each_kernel_group_and_nothing_else(profile):

@@ -216,16 +216,20 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
 def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> DecodeAttentionFit:
     """The profile's ``gqa_only_split_kv`` (a property of its kernel, set by hand with its source) is kept; with
     it, MHA rows get their own fixed cost where the fit has any (else ``mha_overhead_s`` stays unset: they share
-    the GQA one)."""
+    the GQA one), and the packed GQA rows with copies their ``swapped_copy_s``."""
     y = rows.measured_s[mask]
     gqa_only = profile.decode_attention is not None and profile.decode_attention.gqa_only_split_kv
     own_mha = gqa_only and bool(rows.mha[mask].any())
+    # FlashAttention 2's packing copies q and the output where the batch and the KV heads are both 2+.
+    copies = gqa_only and bool(((rows.batch >= 2) & (rows.kv_heads >= 2) & ~rows.mha)[mask].any())
+    at_copy = 7 if own_mha else 6
 
     def fit_of(x):  # overheads and per-stream time in microseconds for the optimiser
         return DecodeAttentionFit.model_construct(overhead_s=x[0] * 1e-6, per_stream_s=x[1] * 1e-6,
                                                   memory_eff=x[2], half_streams=x[3], min_splits=x[4],
                                                   softness=x[5], gqa_only_split_kv=gqa_only,
-                                                  mha_overhead_s=x[6] * 1e-6 if own_mha else None)
+                                                  mha_overhead_s=x[6] * 1e-6 if own_mha else None,
+                                                  swapped_copy_s=x[at_copy] * 1e-6 if copies else None)
 
     def residuals(x):
         return np.log(decode_s(profile, rows, mask, fit_of(x)) / y)
@@ -234,11 +238,15 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
     lower, upper = [0.0, 0.0, 0.1, 0.0, 1.0, 1.0], [100.0, 10.0, 1.0, 1e4, 1e3, 8.0]
     if own_mha:
         x0, lower, upper = x0 + [10.0], lower + [0.0], upper + [100.0]
+    if copies:
+        x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     extra = {"gqa_only_split_kv": True} if gqa_only else {}
     if own_mha:
         extra["mha_overhead_s"] = round(x[6] * 1e-6, 9)
+    if copies:
+        extra["swapped_copy_s"] = round(x[at_copy] * 1e-6, 9)
     return DecodeAttentionFit(overhead_s=round(x[0] * 1e-6, 9), per_stream_s=round(x[1] * 1e-6, 12),
                               memory_eff=round(x[2], 4), half_streams=round(x[3], 3), min_splits=round(x[4], 3),
                               softness=round(x[5], 4), **extra)

@@ -16,7 +16,8 @@ import pandas as pd
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency, split_k_sms
-from llmsim.hardware.attention import decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s
+from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, decode_swap_copy_s,
+                                      prefill_attention_s)
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
@@ -271,4 +272,7 @@ def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> n
     stream = decode_stream_s(fit, rows.batch[m], rows.kv_heads[m])
     rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
                               rows.mha[m])
-    return decode_attention_s(fit, stream, rows.num_bytes[m], rate, rows.mha[m])
+    # The measured decode kernels are pure-decode batches with 16-bit queries (an 8-bit KV cache keeps them).
+    copy_s = decode_swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
+                                rows.num_heads[m], rows.head_dim[m], 2)
+    return decode_attention_s(fit, stream, rows.num_bytes[m], rate, rows.mha[m], copy_s)

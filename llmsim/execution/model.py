@@ -15,7 +15,7 @@ from typing import NamedTuple
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.cpu_overhead import CpuOverhead
-from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s,
+from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s, decode_swap_copy_s,
                                        prefill_attention_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
@@ -116,7 +116,7 @@ class ExecutionModel:
         self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
         self._token_cache: dict[int, tuple] = {}
         self._sample_cache: dict[int, tuple] = {}
-        self._decode_attn_cache: dict[int, tuple[float, int, int, float, float, float]] = {}
+        self._decode_attn_cache: dict[int, tuple] = {}
         self._op_static: dict[str, tuple] = {}
         # Prefill attention (time, FLOPs, bytes over all layers) by the step's chunks: chunked prefills repeat the
         # same (new, cached) shapes step after step. Bounded: a long mixed run sees many distinct batches.
@@ -211,7 +211,8 @@ class ExecutionModel:
             flops += part[1]
             num_bytes += part[2]
         if num_decode:
-            attn_s, attn_flops, attn_bytes = self._decode_attention(num_decode, decode_kv_tokens)
+            attn_s, attn_flops, attn_bytes = self._decode_attention(num_decode, decode_kv_tokens,
+                                                                    not prefill_chunks)
             time_s += attn_s
             flops += attn_flops
             num_bytes += attn_bytes
@@ -238,13 +239,17 @@ class ExecutionModel:
                                      s.head_dim, s.num_heads, tiles, units, longest)
         return time_s * self.time_factors["attention_prefill"]
 
-    def _decode_attention(self, num_decode: int, kv_tokens: int) -> tuple[float, float, float]:
+    def _decode_attention(self, num_decode: int, kv_tokens: int, pure: bool = True) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
-        cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator."""
+        cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator.
+        ``pure``: a step of decodes only (the kernel's fixed cost then includes the packing copies of
+        ``hardware.attention.decode_swap_copy_s``, where the kernel makes them)."""
         c = self._decode_attn_cache.get(num_decode)
         if c is None:
             c = self._decode_attention_constants(num_decode)
-        flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
+        flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s, mixed_overhead_s = c
+        if not pure:
+            overhead_s = mixed_overhead_s
         flops = flops_per_kv * kv_tokens
         num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
         if fit is None:
@@ -263,20 +268,25 @@ class ExecutionModel:
             empty = ops.decode_attention(self.shapes, num_decode, 0)
             one = ops.decode_attention(self.shapes, num_decode, 1)
             fit = self.hardware.decode_attention_for(self.shapes.kv_dtype_bytes)
-            if fit is None:  # roofline: compute rate, memory rate, overhead
+            if fit is None:  # roofline: compute rate, memory rate, overhead (pure-decode and mixed steps)
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, None,
-                     self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s)
-            else:  # fitted kernel: per-sequence term, KV read rate, overhead
-                kv_heads, mha = self.shapes.kv_heads, self.shapes.mha
+                     self.act_peak_flops * eff.compute.at(num_decode), self.bandwidth * eff.memory_eff, eff.overhead_s,
+                     eff.overhead_s)
+            else:  # fitted kernel: per-sequence term, KV read rate, overhead (pure-decode and mixed steps)
+                s = self.shapes
+                kv_heads, mha = s.kv_heads, s.mha
+                overhead_s = decode_overhead_s(fit, mha)
+                copy_s = decode_swap_copy_s(fit, self.bandwidth, num_decode, kv_heads, s.num_heads, s.head_dim,
+                                            s.dtype_bytes)
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),
                      decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads, mha),
-                     decode_overhead_s(fit, mha))
+                     overhead_s + copy_s, overhead_s)
             f = self.time_factors["attention_decode"]
             if f != 1.0:  # both forms are homogeneous in (overhead, time terms): scale each by f
-                flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s = c
+                flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s, mixed_overhead_s = c
                 c = (flops_per_kv, bytes_per_kv, fixed_bytes, fit, a * f if fit is not None else a / f, b / f,
-                     overhead_s * f)
+                     overhead_s * f, mixed_overhead_s * f)
             self._decode_attn_cache[num_decode] = c
         return c
 
@@ -288,7 +298,7 @@ class ExecutionModel:
         """Times, FLOPs and bytes of ``num_steps`` consecutive decode iterations of the same batch, whose KV
         grows by ``num_decode`` tokens a step. Same arithmetic, in the same order, as ``decode_iteration``."""
         fixed_s, fixed_flops, fixed_bytes = self._fixed(num_decode, num_decode)
-        flops_per_kv, bytes_per_kv, attn_fixed_bytes, fit, a, b, overhead_s = self._decode_attention_constants(
+        flops_per_kv, bytes_per_kv, attn_fixed_bytes, fit, a, b, overhead_s, _ = self._decode_attention_constants(
             num_decode)
         layers, tp = self.model.num_layers, self.plan.tp
         times, flops, num_bytes = [], [], []

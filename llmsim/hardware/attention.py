@@ -52,6 +52,21 @@ def decode_overhead_s(fit: DecodeAttentionFit, mha=False):
     return fit.mha_overhead_s if mha else fit.overhead_s
 
 
-def decode_attention_s(fit: DecodeAttentionFit, stream_s, num_bytes, memory_rate, mha=False):
+def decode_swap_copy_s(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads, num_heads, head_dim,
+                       dtype_bytes):
+    """The two copies FlashAttention 2 makes around a GQA decode it packs (``DecodeAttentionFit.swapped_copy_s``):
+    where there are 2+ sequences and 2+ KV heads per GPU and fewer KV than query heads, a fixed cost plus q and
+    the output read and written once each at ``bandwidth`` (scalars, or arrays in calibration)."""
+    if fit.swapped_copy_s is None:
+        return 0.0 * num_decode
+    copied = (num_decode >= 2) & (kv_heads >= 2) & (kv_heads < num_heads)
+    copy_s = fit.swapped_copy_s + 4.0 * num_decode * num_heads * head_dim * dtype_bytes / bandwidth
+    if hasattr(copied, "shape"):  # numpy arrays (calibration)
+        return np.where(copied, copy_s, 0.0)
+    return copy_s if copied else 0.0
+
+
+def decode_attention_s(fit: DecodeAttentionFit, stream_s, num_bytes, memory_rate, mha=False, copy_s=0.0):
+    """``copy_s``: ``decode_swap_copy_s`` of a pure-decode step (0 for decodes in a mixed step)."""
     p = fit.softness
-    return decode_overhead_s(fit, mha) + (stream_s ** p + (num_bytes / memory_rate) ** p) ** (1.0 / p)
+    return (decode_overhead_s(fit, mha) + copy_s) + (stream_s ** p + (num_bytes / memory_rate) ** p) ** (1.0 / p)

@@ -129,7 +129,14 @@ class DecodeAttentionFit(_Frozen):
     A100: ``mha_varlen_fwd`` applies split-KV only when it packs a GQA group into the query rows,
     ``seqlenq_ngroups_swapped``). An MHA decode (as many KV heads as query heads) then runs one CTA per
     (sequence, head) over its whole KV, ``n = kv_heads * batch``, and skips the packing and the split-combine
-    step, so its fixed cost is its own, ``mha_overhead_s``. FlashAttention 3 (H100) splits both."""
+    step, so its fixed cost is its own, ``mha_overhead_s``. FlashAttention 3 (H100) splits both.
+
+    ``swapped_copy_s``: that packing is a reshape on the host side of the kernel (``flash_api.cpp``: q becomes
+    [batch x group, kv_heads, head_dim] and the output goes back after the kernel), which is a view only when the
+    batch or the KV heads are 1; otherwise both tensors are copied, two more kernels per layer. A GQA decode of 2+
+    sequences over 2+ KV heads per GPU then pays ``swapped_copy_s`` plus the copies' bytes (q and the output, each
+    read and written, at the activations' width) at HBM bandwidth (``hardware/attention.decode_swap_copy_s``).
+    Only pure-decode steps take this path (``max_seqlen_q == 1``)."""
 
     overhead_s: float = Field(ge=0)
     per_stream_s: float = Field(ge=0)
@@ -139,6 +146,7 @@ class DecodeAttentionFit(_Frozen):
     softness: float = Field(ge=1)
     gqa_only_split_kv: bool = False
     mha_overhead_s: float | None = Field(default=None, ge=0)  # with gqa_only_split_kv (None: overhead_s)
+    swapped_copy_s: float | None = Field(default=None, ge=0)  # with gqa_only_split_kv (None: no copies)
 
 
 class Interconnect(_Frozen):
