@@ -21,6 +21,7 @@ from llmsim.e2e.runs import MeasuredRun, load_run
 from llmsim.e2e.step_check import COLUMNS as STEP_COLUMNS
 from llmsim.e2e.step_check import REQUEST_COLUMNS, step_ratios, summarize
 from llmsim.e2e.vllm_bench import load_bench_run
+from llmsim.e2e.workflow import overload_check
 from tests.factories import make_config, make_requests
 
 SLICE = Path(__file__).parent / "data" / "e2e_slice"
@@ -43,8 +44,25 @@ def test_validate_e2e_writes_the_stable_table_and_meets_its_bound(tmp_path, caps
     # model's runs leave no other model to fit the front end's latency on, so TTFT is the engine's alone (the full
     # validation fits about 10 ms on the other models, which turns this run's TTFT to +9%).
     assert rel["e2e_mean"] <= 0.12 and rel["tpot_mean"] <= 0.12 and rel["ttft_mean"] <= 0.35, rel.to_dict()
-    assert (tmp_path / "e2e_report.md").read_text().count(RUN) >= 2
+    report = (tmp_path / "e2e_report.md").read_text()
+    assert report.count(RUN) >= 3  # the KV table, the overload check, the per-stage table
+    assert "Overload check" in report and "1 of 1 pass" in report  # the slice keeps up, and so does its replay
     assert (tmp_path / "e2e_parity.png").stat().st_size > 5_000
+
+
+def test_overload_check_asks_for_overloaded_runs_within_2x_and_kept_up_runs_kept_up():
+    """The issue's test on timeouts, per run: an overloaded run (>= 1% of its requests timed out) passes when the
+    replay's timeouts are within 2x of the measured ones; a run that kept up passes when its replay keeps up."""
+    def row(run, measured, predicted):
+        return {"experiment": run, "stage": "all", "metric": "errors", "predicted": float(predicted),
+                "measured": float(measured), "rel_error": np.nan}
+    table = pd.DataFrame([row("over-close", 3000, 1600), row("over-low", 3000, 0), row("over-high", 100, 201),
+                          row("kept", 4, 9), row("kept-not", 0, 10), {**row("over-close", 0, 0), "stage": "0"}])
+    n = {"over-close": 4000, "over-low": 4000, "over-high": 4000, "kept": 1000, "kept-not": 1000}
+    check = overload_check(table, n).set_index("experiment")
+    assert check["passes"].to_dict() == {"over-close": True, "over-low": False, "over-high": False, "kept": True,
+                                         "kept-not": False}
+    assert check.loc["over-low", "measured_overloaded"] and not check.loc["over-low", "predicted_overloaded"]
 
 
 def test_intervals_replay_held_out_kernel_errors_and_report_coverage(tmp_path):

@@ -177,6 +177,28 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return t.assign(abs_error=t["rel_error"].abs()).groupby("metric")["abs_error"].agg(["mean", "median", "count"])
 
 
+# A run counts as overloaded when at least this share of its requests timed out (measured or predicted).
+OVERLOADED_SHARE = 0.01
+
+
+def overload_check(table: pd.DataFrame, num_requests: dict[str, int]) -> pd.DataFrame:
+    """Per run (stage ``all``): whether the measured server and the replay were overloaded (timed-out requests at
+    least ``OVERLOADED_SHARE`` of the run's), and the issue's test: an overloaded run's predicted timeouts within 2x
+    of the measured ones, a run that kept up predicted to keep up."""
+    rows = []
+    errors = table[(table["stage"] == "all") & (table["metric"] == "errors")]
+    for r in errors.itertuples(index=False):
+        n = num_requests[r.experiment]
+        measured_over, predicted_over = r.measured >= OVERLOADED_SHARE * n, r.predicted >= OVERLOADED_SHARE * n
+        if measured_over:
+            ok = r.measured / 2 <= r.predicted <= 2 * r.measured
+        else:
+            ok = not predicted_over
+        rows.append((r.experiment, n, int(r.measured), int(r.predicted), measured_over, predicted_over, ok))
+    return pd.DataFrame(rows, columns=["experiment", "requests", "measured_timeouts", "predicted_timeouts",
+                                       "measured_overloaded", "predicted_overloaded", "passes"])
+
+
 def report(table: pd.DataFrame, engine_table: pd.DataFrame, fits: list[FrontendFit], notes: list, device: str,
            root: Path) -> str:
     lines = [f"# End-to-end validation on {device}", "",
@@ -200,6 +222,16 @@ def report(table: pd.DataFrame, engine_table: pd.DataFrame, fits: list[FrontendF
     for metric, r in both.iterrows():
         lines.append(f"| {metric} | {r['mean']:.1%} | {r['median']:.1%} | {r['mean_engine']:.1%} | "
                      f"{r['median_engine']:.1%} | {int(r['count'])} |")
+    check = overload_check(table, {name: n for name, _, _, _, n, _ in notes})
+    lines += ["", f"Overload check (stage `all`; overloaded: at least {OVERLOADED_SHARE:.0%} of the requests timed "
+              "out; an overloaded run passes when the predicted timeouts are within 2x of the measured ones, a run "
+              f"that kept up when the replay keeps up too): {int(check['passes'].sum())} of {len(check)} pass.", "",
+              "| run | requests | timed out, measured | predicted | overloaded, measured | predicted | passes |",
+              "|---|---:|---:|---:|---|---|---|"]
+    yes = {True: "yes", False: "no"}
+    for r in check.itertuples(index=False):
+        lines.append(f"| {r.experiment} | {r.requests} | {r.measured_timeouts} | {r.predicted_timeouts} | "
+                     f"{yes[r.measured_overloaded]} | {yes[r.predicted_overloaded]} | {yes[r.passes]} |")
     lines += ["", "Per run and stage (predicted / measured, relative error):", "",
               "| run | stage | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---:|" * len(HEADLINE)]
     for (run, stage), g in table.groupby(["experiment", "stage"], sort=False):
