@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from llmsim.cluster.simulation import simulate
 from llmsim.config import parse_config
 from llmsim.run import run_experiment
+from llmsim.schedulers.decode import DecodeScheduler
 from llmsim.workload import build_workload
 from tests.factories import assert_nothing_lost, make_config, make_requests
 
@@ -82,15 +83,44 @@ def test_requests_move_from_prefill_to_decode_with_kv_transfer_time():
 
 @settings(deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 10), st.integers(1, 3000), st.integers(1, 400)), min_size=1, max_size=40),
-       st.sampled_from(["recompute", "swap"]), st.booleans())
-def test_distserve_loses_nothing(specs, preemption, inter_node):
+       st.sampled_from(["recompute", "swap"]), st.booleans(), st.sampled_from(["fcfs", "vllm_v1"]))
+def test_distserve_loses_nothing(specs, preemption, inter_node, scheduler):
+    """``vllm_v1`` brings prefix caching to both pools: a request preempted on a decode instance by recompute
+    re-prefills there from its own blocks still cached."""
     specs.sort()
     cfg = make_config(cluster={"policy": "distserve", "distserve": {
                           "prefill": {"replicas": 1}, "decode": {"replicas": 2},
                           "kv_link": "inter_node" if inter_node else "intra_node"}},
-                      scheduler={"name": "fcfs", "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096,
+                      scheduler={"name": scheduler, "gpu_memory_utilization": 0.22, "max_num_batched_tokens": 4096,
                                  "preemption": preemption})
-    assert_nothing_lost(simulate(cfg, make_requests(specs)), len(specs))
+    result = simulate(cfg, make_requests(specs))
+    assert_nothing_lost(result, len(specs))
+    for replica in result.replicas:
+        replica.blocks.check_integrity()
+
+
+def test_a_request_preempted_on_a_decode_instance_recomputes_only_what_its_cache_lost(monkeypatch):
+    """With prefix caching a recompute preemption leaves the request's full blocks cached on the decode instance;
+    its re-prefill there looks them up (as any vLLM admission does) and computes only the rest (what memory
+    pressure evicted meanwhile, and the last partial block), so the decode side prefills fewer than half the
+    tokens of re-running every preempted request whole, and still loses nothing."""
+    specs = [(0.05 * i, 1500, 400) for i in range(40)]
+    cfg = make_config(cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},
+                                                                    "decode": {"replicas": 1}}},
+                      scheduler={"name": "vllm_v1", "gpu_memory_utilization": 0.25, "max_num_batched_tokens": 4096})
+
+    def decode_side():
+        result = simulate(cfg, make_requests(specs))
+        df = assert_nothing_lost(result, len(specs))
+        decode_ids = [i for i, p in enumerate(result.replica_pool) if result.pools[p].role == "decode"]
+        it = result.recorder.iteration_frame()
+        return int(it[it["replica_id"].isin(decode_ids)]["num_prefill_tokens"].sum()), int(df["num_preemptions"].sum())
+
+    looked_up, preemptions = decode_side()
+    monkeypatch.setattr(DecodeScheduler, "_recomputes", lambda self, request: False)  # re-run every token
+    whole, preemptions_whole = decode_side()
+    assert preemptions > 5 and preemptions_whole > 5
+    assert 0 < looked_up < 0.5 * whole  # here 4,326 against 11,526 tokens over 7 re-prefills
 
 
 def test_distserve_fast_forward_equals_stepping():

@@ -9,7 +9,9 @@ With prefix caching (the experiment's ``enable_prefix_caching``) the decode inst
 own, as a vLLM decode instance does: a handed-over request shares the blocks of its longest prefix cached here
 (another request's system prompt or earlier turns) instead of holding copies, and the named blocks its
 transferred KV fills are cached here for later requests; the pull carries only the blocks not cached here (as
-vLLM's KV connectors do). A request re-prefilled after a recompute preemption does not look the cache up.
+vLLM's KV connectors do). A request re-prefilled here after a recompute preemption looks the cache up like any
+admission in vLLM: its own full blocks stay cached when it is preempted, so it recomputes only what was evicted
+meanwhile and its last partial block.
 """
 
 from __future__ import annotations
@@ -32,8 +34,22 @@ class DecodeScheduler(FCFSScheduler):
     # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
 
+    def _recomputes(self, request: Request) -> bool:
+        """A request preempted here by recompute, about to prefill again, with a prefix cache to look up."""
+        return (self.blocks.caching and request.status is RequestStatus.PREEMPTED
+                and request.num_computed_tokens == 0)
+
+    def _new_tokens(self, request: Request) -> int:
+        if self._recomputes(request):
+            return request.num_tokens - self.blocks.lookup(request).num_tokens
+        return request.num_pending_tokens
+
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         blocks = self.blocks
+        if self._recomputes(request):
+            hit = blocks.lookup(request)  # the one _new_tokens saw: nothing changed since
+            need = blocks.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens)
+            return need + blocks.watermark_blocks <= blocks.num_free_blocks
         if not _handed_over(request, num_new_tokens):
             return blocks.can_admit(request, num_new_tokens)
         # Its prompt's KV plus this step's token, from the prefix cached here (none without prefix caching).
@@ -41,6 +57,12 @@ class DecodeScheduler(FCFSScheduler):
         return need + blocks.watermark_blocks <= blocks.num_free_blocks
 
     def _admit(self, request, num_new_tokens: int, out: SchedulerOutput) -> None:
+        if self._recomputes(request):
+            # Its cached prefix is taken as computed; the prefill runs the rest (vLLM's allocate_slots).
+            if not self.blocks.allocate_slots(request, self.blocks.lookup(request), num_new_tokens):
+                raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
+            self._start(request, num_new_tokens, out)
+            return
         if not _handed_over(request, num_new_tokens):
             super()._admit(request, num_new_tokens, out)
             return

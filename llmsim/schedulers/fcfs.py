@@ -22,12 +22,16 @@ class FCFSScheduler(Scheduler):
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         return self.blocks.can_admit(request, num_new_tokens)
 
+    def _new_tokens(self, request: Request) -> int:
+        """The tokens admitting the head of the queue prefills (all it has pending: no prefix cache here)."""
+        return request.num_pending_tokens
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         while self.waiting and self.has_seq_room():
             request = self.waiting[0]
-            n = request.num_pending_tokens
+            n = self._new_tokens(request)
             if n > budget or not self._can_admit(request, n):
                 break
             self._admit(request, n, out)
