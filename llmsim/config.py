@@ -65,11 +65,16 @@ class ParallelConfig(_Strict):
     # Micro-batches in flight through the pipeline (default: one per stage, as vLLM runs PP); 1 runs each
     # batch through every stage before the next starts.
     micro_batches: int | None = Field(default=None, ge=1)
+    # Layers on each pipeline stage, first to last, as vLLM's VLLM_PP_LAYER_PARTITION gives them (default:
+    # vLLM's own even split). They must add up to the model's layers (checked when the model is loaded).
+    pp_layer_partition: list[Annotated[int, Field(ge=1)]] | None = None
 
     @model_validator(mode="after")
     def _micro_batches(self) -> "ParallelConfig":
         if self.micro_batches is not None and self.micro_batches > self.pp:
             raise ValueError(f"micro_batches ({self.micro_batches}) can be at most pp ({self.pp}): one per stage")
+        if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pp:
+            raise ValueError(f"pp_layer_partition has {len(self.pp_layer_partition)} stages, pp is {self.pp}")
         return self
 
 

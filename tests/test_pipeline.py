@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from llmsim.cluster import pipeline
 from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ConfigError
+from llmsim.errors import PlanError
 from llmsim.execution import ops
 from llmsim.execution.model import pipeline_layers
 from llmsim.run import run_experiment
@@ -159,3 +160,38 @@ def test_the_first_stage_runs_the_embedding_and_the_last_the_lm_head_and_the_slo
     leaves = [pipeline.launch(replica, out, 0.0, stage_free)[0] for _ in range(2)]
     assert leaves[1] - leaves[0] == pytest.approx(last, rel=1e-12)
     assert [r[2] for r in recorded] == pytest.approx([first, first], rel=1e-12)  # stage 0's hold
+
+
+def test_a_users_layer_partition_moves_layers_between_stages_and_balances_the_pipeline():
+    """``parallel.pp_layer_partition`` (vLLM's VLLM_PP_LAYER_PARTITION): Llama-3-8B at PP 2 with 17 + 15 layers
+    gives the last stage, which also runs the LM head, two layers fewer than vLLM's even 16 + 16, so the stages
+    are nearer each other and the pipeline's pace (its slowest stage) is faster; the memory plan holds the
+    layers where they are (the stage with more layers has less room for KV)."""
+    def stages(partition):
+        cfg = pipeline_config(2, 2, model={"name": "Llama-3-8B"},
+                              parallel={"pp": 2, "micro_batches": 2, "pp_layer_partition": partition})
+        cfg = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"cpu_overhead": "off"})})
+        _, ex, memory, _ = build_execution(cfg)
+        cost = ex.iteration((), 64, 64 * 1000, 64, with_cpu=False)
+        return ex.pipeline_stages(cost, 64, 64)[0], memory.num_blocks, cost.time_s, ex
+
+    (even_first, even_last), even_blocks, even_s, ex = stages(None)
+    assert stages([16, 16])[:3] == ((even_first, even_last), even_blocks, even_s)  # vLLM's own split, spelled out
+    (first, last), blocks, time_s, _ = stages([17, 15])
+    assert time_s == pytest.approx(even_s, rel=1e-12)  # the same work, split differently
+    layer_s = (even_first - ex.op_cost(ops.embedding(ex.shapes, 64))) / 16  # stage 0: 16 layers and the embedding
+    assert first == pytest.approx(even_first + layer_s, rel=1e-9)
+    assert last == pytest.approx(even_last - layer_s, rel=1e-9)
+    assert max(first, last) < max(even_first, even_last)
+    assert blocks < even_blocks  # the first stage now holds 17 layers' weights and KV
+
+
+def test_layer_partition_errors_name_the_setting():
+    with pytest.raises(ConfigError, match="pp_layer_partition has 3 stages, pp is 2"):
+        make_config(parallel={"pp": 2, "pp_layer_partition": [10, 11, 11]})
+    with pytest.raises(ConfigError, match="pp_layer_partition"):
+        make_config(parallel={"pp": 2, "pp_layer_partition": [32, 0]})
+    cfg = pipeline_config(2, 2, parallel={"pp": 2, "pp_layer_partition": [20, 21]})  # Llama-2-13B: 40 layers
+    with pytest.raises(PlanError, match=r"parallel.pp_layer_partition: \[20, 21\] adds up to 41 layers, "
+                                        r"Llama-2-13B has 40"):
+        build_execution(cfg)

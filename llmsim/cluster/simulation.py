@@ -72,6 +72,9 @@ def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
                         f"{model.num_kv_heads} KV heads")
     if plan.pp > model.num_layers:
         raise PlanError(f"parallel.pp: {plan.pp} stages for {model.name}'s {model.num_layers} layers")
+    if plan.layer_partition is not None and sum(plan.layer_partition) != model.num_layers:
+        raise PlanError(f"parallel.pp_layer_partition: {list(plan.layer_partition)} adds up to "
+                        f"{sum(plan.layer_partition)} layers, {model.name} has {model.num_layers}")
 
 
 def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None, role: str = "colocated"
@@ -79,7 +82,10 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
     m = cfg.model
     model = load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
     hardware = load_profile(cfg.hardware.device)
-    plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp)
+    partition = cfg.parallel.pp_layer_partition
+    # A DistServe pool (its own tp/pp) splits its layers evenly; the experiment's partition is the colocated plan's.
+    plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp,
+                        tuple(partition) if partition is not None and role == "colocated" else None)
     check_plan(model, plan)
     s = cfg.scheduler_for(role)
     max_model_len = s.max_model_len or model.max_position

@@ -39,7 +39,7 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
     reserve = runtime_reserve_gib * GIB
     usable = hardware.memory_bytes * gpu_memory_utilization
     stages = []  # (weights, activations, KV bytes per block, blocks) per stage
-    for k, layers in enumerate(pipeline_layers(model.num_layers, plan.pp)):
+    for k, layers in enumerate(pipeline_layers(model.num_layers, plan.pp, plan.layer_partition)):
         first, last = k == 0, k == plan.pp - 1
         # The embedding on the first stage, the LM head and the final norm on the last (both where one stage).
         head = embed_params * ((1 if first else 0) + (1 if last else 0)) + (model.hidden_size if last else 0)

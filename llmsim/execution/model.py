@@ -42,10 +42,13 @@ def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     return eff
 
 
-def pipeline_layers(num_layers: int, pp: int) -> list[int]:
+def pipeline_layers(num_layers: int, pp: int, partition: tuple[int, ...] | None = None) -> list[int]:
     """Layers on each pipeline stage as vLLM splits them (``vllm/distributed/utils.py``, ``get_pp_indices``):
-    evenly, and the remainder one each on the stages before the last, counting back from it (the last stage
-    also runs the final norm and the LM head)."""
+    ``partition`` where the user gives one (``VLLM_PP_LAYER_PARTITION``); otherwise evenly, and the remainder one
+    each on the stages before the last, counting back from it (the last stage also runs the final norm and the
+    LM head)."""
+    if partition is not None:
+        return list(partition)
     per_stage, remainder = divmod(num_layers, pp)
     layers = [per_stage] * pp
     for i in range(2, remainder + 2):
@@ -57,6 +60,7 @@ def pipeline_layers(num_layers: int, pp: int) -> list[int]:
 class ParallelPlan:
     tp: int = 1  # tensor-parallel degree (GPUs sharing each layer)
     pp: int = 1  # pipeline stages (layers split across GPUs)
+    layer_partition: tuple[int, ...] | None = None  # layers per stage (None: vLLM's even split)
 
     @property
     def num_gpus(self) -> int:
@@ -343,7 +347,7 @@ class ExecutionModel:
         embedding_s = self._token_part(num_tokens)[3]
         head_s = sum(op_s for op_s, _, _ in self._sample_part(num_samples)) if num_samples else 0.0
         layer_s = (cost.time_s - (pp - 1) * hand_off - embedding_s - head_s) / self.model.num_layers
-        stages = [n * layer_s for n in pipeline_layers(self.model.num_layers, pp)]
+        stages = [n * layer_s for n in pipeline_layers(self.model.num_layers, pp, self.plan.layer_partition)]
         stages[0] += embedding_s
         stages[-1] += head_s
         return tuple(stages), hand_off
