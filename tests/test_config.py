@@ -39,7 +39,7 @@ def test_unknown_key_lists_allowed_keys():
     with pytest.raises(ConfigError) as err:
         make_config(parallel={"tp": 2, "tensor_parallel": 2})
     msg = str(err.value)
-    assert "parallel.tensor_parallel: unknown key" in msg and "pp, tp" in msg
+    assert "parallel.tensor_parallel: unknown key" in msg and "pp, pp_layer_partition, tp" in msg
 
 
 def test_bad_nested_value_names_full_path():
