@@ -100,6 +100,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         "kv_blocks_per_replica": result.memory.num_blocks,
         **summary,
         **({"migration": result.migration.summary()} if result.migration is not None else {}),
+        **({"kv_copies": result.kv_copies.summary()} if result.kv_copies is not None else {}),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -150,6 +151,10 @@ def _policy_lines(summary: dict) -> list[str]:
                      f"{pc['prefill_flops_saved'] / 1e12:.1f} TFLOP of prefill saved")
     if "migration" in summary:
         lines.append(migration_line(summary["migration"]))
+    if "kv_copies" in summary:
+        k = summary["kv_copies"]
+        lines.append(f"KV copies between instances: {k['copies']} ({k['bytes'] / 1e9:.2f} GB), up to "
+                     f"{k['max_concurrent']} at once, {k['copies_slowed']} slowed by another on a shared link")
     for priority, g in summary.get("by_priority", {}).items():
         ttft, tpot = g["ttft"]["p99_s"], g["tpot"]["mean_s"]
         lines.append(f"priority {priority}: {g['finished']} finished, TTFT P99 "

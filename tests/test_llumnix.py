@@ -8,6 +8,7 @@ import pytest
 from llmsim.clock import Clock
 from llmsim.cluster.llumnix import Llumnix, migration_transfer
 from llmsim.cluster.migration import Migrator
+from llmsim.cluster.network import Network
 from llmsim.cluster.simulation import build_pools, make_replica, simulate
 from llmsim.config import ConfigError, LlumnixConfig
 from llmsim.metrics.recorder import Recorder
@@ -92,7 +93,7 @@ def _two_replicas(cfg, link="inter_node"):
     env = Clock()
     recorder = Recorder([pools[0].power] * 2)
     replicas = [make_replica(env, i, cfg, pools[0], recorder) for i in range(2)]
-    transfer = migration_transfer(pools[0].execution.hardware.gpus_per_node, pools[0].num_gpus, link)
+    transfer = migration_transfer(pools[0].execution.hardware.gpus_per_node, pools[0].num_gpus, link, Network(env))
     return env, replicas, transfer, recorder
 
 
@@ -120,8 +121,12 @@ def test_one_migration_stage_by_stage_costs_what_the_network_model_says():
     # Stage 1 copies ~1.9k tokens over InfiniBand (~40 ms): decoding goes on meanwhile, so the request is
     # still moving at most two small blocks in its stop-and-copy, whose downtime is that copy's time.
     last = stats.downtime_s
-    assert transfer(src, dst, 1) <= last <= transfer(src, dst, 2 * 16)
-    assert last < 0.01 < transfer(src, dst, seen["computed_at_start"])
+
+    def copy_s(num_tokens):  # one copy alone on the InfiniBand links
+        return src.execution.kv_transfer_s(num_tokens, True, dst.execution.plan.num_gpus)
+
+    assert copy_s(1) <= last <= copy_s(2 * 16)
+    assert last < 0.01 < copy_s(seen["computed_at_start"])
     assert r.max_tbt_s >= last  # the downtime shows as one longer gap between tokens
     for rep in (src, dst):
         rep.blocks.check_integrity()
@@ -132,7 +137,13 @@ def test_a_request_that_finishes_while_migrating_is_dropped_from_the_migration()
     cfg = make_config(cluster={"num_replicas": 2, "policy": "llumnix"})
     env, (src, dst), transfer, _ = _two_replicas(cfg)
     # A copy slower than the request's remaining decode steps: the request finishes on the source first.
-    migrator = Migrator(env, lambda s, d, n: 5.0, max_stages=3, last_stage_max_blocks=2)
+    def slow_copy(s, d, n, on_landed):
+        def land():
+            yield env.timeout(5.0)
+            on_landed()
+        env.process(land())
+
+    migrator = Migrator(env, slow_copy, max_stages=3, last_stage_max_blocks=2)
     r = Request(0, 0.0, 500, 20)
     src.submit(r)
 

@@ -5,23 +5,25 @@ leaves the prefill batch, and the cluster's router sends it to a decode instance
 instance (parked: it holds the prefill instance's memory) until the decode instance pulls it, as DistServe does
 so that a busy decode pool pushes back on the prefill pool instead of overflowing: the decode instance's
 ``DecodeScheduler`` admits it when its KV cache and batch have room, holds blocks for it, and the KV crosses the
-link (``ExecutionModel.kv_transfer_s``; only the blocks not already cached on the decode instance). When the copy
-lands the request joins the decode batch and the prefill instance frees its copy, both at their next iteration
-boundary.
+link (``cluster.network``: concurrent copies share the instances' links; only the blocks not already cached on
+the decode instance). When the copy lands the request joins the decode batch and the prefill instance frees its
+copy, both at their next iteration boundary.
 """
 
 from __future__ import annotations
 
 from llmsim.clock import Clock
+from llmsim.cluster.network import Network
 from llmsim.cluster.replica import Replica
 from llmsim.request import Request, RequestStatus
 
 
 class DistServe:
-    def __init__(self, env: Clock, router, inter_node: bool):
+    def __init__(self, env: Clock, router, inter_node: bool, network: Network):
         self.env = env
         self.router = router  # picks a decode instance for each handed-over request
         self.inter_node = inter_node
+        self.network = network
         self.decode_replicas: list[Replica] = []
         self.parked_on: dict[int, Replica] = {}  # request id -> the prefill instance holding its KV
         self.in_transfer: dict[int, Request] = {}  # KV on the wire, by request id
@@ -48,12 +50,14 @@ class DistServe:
         """The decode instance admitted ``r`` (blocks and a batch slot held): copy the KV it lacks."""
         prefill = self.parked_on.pop(r.id)
         self.in_transfer[r.id] = r
-        delay = prefill.execution.kv_transfer_s(r.num_computed_tokens - cached_tokens, self.inter_node,
-                                                decode.execution.plan.num_gpus)
-        self.env.process(self._land(prefill, decode, r, self.env.now + delay))
+        ex = prefill.execution
+        bandwidth, latency_s = ex.kv_link(self.inter_node)
+        self.network.copy((prefill.id, ex.plan.num_gpus), (decode.id, decode.execution.plan.num_gpus),
+                          (r.num_computed_tokens - cached_tokens) * ex.model.kv_bytes_per_token(), bandwidth,
+                          latency_s, "inter_node" if self.inter_node else "intra_node",
+                          lambda: self._landed(prefill, decode, r))
 
-    def _land(self, prefill: Replica, decode: Replica, r: Request, at: float):
-        yield self.env.at(at)
+    def _landed(self, prefill: Replica, decode: Replica, r: Request) -> None:
         del self.in_transfer[r.id]
         decode.post(lambda: decode.scheduler.adopt(r))
         prefill.post(lambda: prefill.drop_parked(r))

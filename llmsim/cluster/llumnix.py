@@ -26,6 +26,7 @@ import simpy
 
 from llmsim.clock import Clock
 from llmsim.cluster.migration import Migration, Migrator
+from llmsim.cluster.network import Network
 from llmsim.cluster.replica import Replica
 from llmsim.config import LlumnixConfig
 from llmsim.request import Request, RequestStatus
@@ -33,7 +34,7 @@ from llmsim.request import Request, RequestStatus
 
 class Llumnix:
     def __init__(self, env: Clock, replicas: list[Replica], cfg: LlumnixConfig,
-                 transfer_s: Callable[[Replica, Replica, int], float]):
+                 transfer: Callable[[Replica, Replica, int, Callable[[], None]], None]):
         self.env = env
         self.replicas = replicas
         self.cfg = cfg
@@ -45,7 +46,7 @@ class Llumnix:
         self._reports: dict[int, tuple[float, int]] = {rep.id: (0.0, 0) for rep in replicas}
         self._sent: dict[int, tuple[float, int]] = {rep.id: (0.0, 0) for rep in replicas}
         if cfg.migration:
-            self.migrator = Migrator(env, transfer_s, max_stages=cfg.max_stages,
+            self.migrator = Migrator(env, transfer, max_stages=cfg.max_stages,
                                      last_stage_max_blocks=cfg.last_stage_max_blocks, on_end=self._ended)
         if cfg.migration or self.reported:
             env.process(self._poll())
@@ -157,19 +158,25 @@ class Llumnix:
         self._pairing -= {m.src.id, m.dst.id}
 
 
-def migration_transfer(gpus_per_node: int, gpus_per_replica: int, link: str
-                       ) -> Callable[[Replica, Replica, int], float]:
-    """KV copy time between two replicas over the network model. Replicas sit on nodes in id order, so with
-    ``link: auto`` replicas on one node copy over NVLink-class links, others over the inter-node network."""
+def migration_transfer(gpus_per_node: int, gpus_per_replica: int, link: str, network: Network
+                       ) -> Callable[[Replica, Replica, int, Callable[[], None]], None]:
+    """A KV copy between two replicas over the network model (``cluster.network``: concurrent copies share the
+    replicas' links); the action runs when it lands. Replicas sit on nodes in id order, so with ``link: auto``
+    replicas on one node copy over NVLink-class links, others over the inter-node network."""
 
     def node(rep: Replica) -> int:
         return rep.id * gpus_per_replica // gpus_per_node
 
-    def transfer_s(src: Replica, dst: Replica, num_tokens: int) -> float:
+    def transfer(src: Replica, dst: Replica, num_tokens: int, on_landed: Callable[[], None]) -> None:
         if link == "auto":
             inter_node = gpus_per_replica > gpus_per_node or node(src) != node(dst)
         else:
             inter_node = link == "inter_node"
-        return src.execution.kv_transfer_s(num_tokens, inter_node, dst.execution.plan.num_gpus)
+        ex = src.execution
+        bandwidth, latency_s = ex.kv_link(inter_node)
+        # Urgent, like arrivals: a copy landing exactly at an iteration boundary is seen by that boundary.
+        network.copy((src.id, ex.plan.num_gpus), (dst.id, dst.execution.plan.num_gpus),
+                     num_tokens * ex.model.kv_bytes_per_token(), bandwidth, latency_s,
+                     "inter_node" if inter_node else "intra_node", on_landed, urgent=True)
 
-    return transfer_s
+    return transfer

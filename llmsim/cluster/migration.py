@@ -8,9 +8,10 @@ progress is exact::
     last:    once at most ``last_stage_max_blocks`` are left uncopied: take the request out of the batch,
              copy the rest (the downtime), and hand it to the destination, which decodes it from then on
 
-A copy of ``n`` tokens takes the network model's time (``transfer_s``). The migration is dropped, and the
-destination's reservation freed, when the request finishes or is preempted on the source meanwhile, when the
-destination runs out of KV, or when ``max_stages`` pass without the remainder getting small enough.
+A copy of ``n`` tokens crosses the network model (``transfer``, over ``cluster.network``). The migration is
+dropped, and the destination's reservation freed, when the request finishes or is preempted on the source
+meanwhile, when the destination runs out of KV, or when ``max_stages`` pass without the remainder getting small
+enough.
 
 What happens on the destination -- reserving blocks, freeing them, taking the request into its batch -- is done
 by the destination between two of its iterations (``Replica.post``), as an instance's engine loop handles such
@@ -61,10 +62,10 @@ def migration_line(m: dict) -> str:
 
 
 class Migrator:
-    def __init__(self, env: Clock, transfer_s: Callable[[Replica, Replica, int], float], *, max_stages: int,
-                 last_stage_max_blocks: int, on_end: Callable[[Migration], None] | None = None):
+    def __init__(self, env: Clock, transfer: Callable[[Replica, Replica, int, Callable[[], None]], None], *,
+                 max_stages: int, last_stage_max_blocks: int, on_end: Callable[[Migration], None] | None = None):
         self.env = env
-        self.transfer_s = transfer_s
+        self.transfer = transfer  # (source, destination, tokens, action when the copy lands)
         self.max_stages = max_stages
         self.last_stage_max_blocks = last_stage_max_blocks
         self.on_end = on_end
@@ -99,17 +100,16 @@ class Migrator:
             return self._abort(m, "did not converge within max_stages")
         tokens = r.num_computed_tokens
         dst.post(lambda: self._reserve(m, tokens))
-        delay = self.transfer_s(src, dst, uncopied_tokens)
         self.stats.copied_tokens += uncopied_tokens
         m.copied_tokens = r.num_computed_tokens
         if last:
             src.release(r)
             r.status = RequestStatus.MIGRATING
             m.released_s = self.env.now
-            self.env.process(self._after(delay, lambda: self._commit(m)))
+            self.transfer(src, dst, uncopied_tokens, lambda: self._commit(m))
         else:
             m.num_stages += 1
-            self.env.process(self._after(delay, lambda: src.post(lambda: self._stage(m))))
+            self.transfer(src, dst, uncopied_tokens, lambda: src.post(lambda: self._stage(m)))
 
     def _reserve(self, m: Migration, tokens: int) -> None:
         """On the destination, at its boundary: hold blocks for ``tokens`` of the request's KV. The room was
@@ -120,11 +120,6 @@ class Migrator:
             return  # dropped meanwhile (its drop is queued after this action)
         dst = m.dst
         dst.scheduler.reserve_blocks(m.request, dst.blocks.blocks_for(tokens) - dst.blocks.num_held(m.request))
-
-    def _after(self, delay: float, action: Callable[[], None]):
-        # Urgent, like arrivals: an event exactly at an iteration boundary is seen by that boundary.
-        yield self.env.urgent_at(self.env.now + delay)
-        action()
 
     def _commit(self, m: Migration) -> None:
         """The last copy landed: the destination takes the request at its next boundary."""

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 from llmsim.clock import Clock
 from llmsim.cluster.distserve import DistServe
 from llmsim.cluster.llumnix import Llumnix, migration_transfer
+from llmsim.cluster.network import LinkStats, Network
 from llmsim.cluster.migration import MigrationStats
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
@@ -60,6 +61,7 @@ class SimulationResult:
     pools: list[Pool] = field(default_factory=list)
     replica_pool: list[int] = field(default_factory=list)  # pool index of each replica
     migration: MigrationStats | None = None  # Llumnix with migration on
+    kv_copies: LinkStats | None = None  # KV copies between instances (DistServe, Llumnix), where any
 
 
 def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
@@ -167,9 +169,10 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     replica_pool = [i for i, pool in enumerate(pools) for _ in range(pool.num_replicas)]
     recorder = Recorder([pools[i].power for i in replica_pool], cfg.simulation.record_iterations)
     distserve = None
+    network = Network(env)  # the KV copies between instances (DistServe's hand-offs, Llumnix's migrations)
     if cfg.cluster.policy == "distserve":
         inter_node = cfg.cluster.distserve.kv_link == "inter_node"
-        distserve = DistServe(env, ROUTERS[cfg.cluster.router](cfg.cluster), inter_node)
+        distserve = DistServe(env, ROUTERS[cfg.cluster.router](cfg.cluster), inter_node, network)
     replicas = []
     for rid, pool_index in enumerate(replica_pool):
         pool = pools[pool_index]
@@ -182,7 +185,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     llumnix = None
     if cfg.cluster.policy == "llumnix":
         transfer = migration_transfer(pools[0].execution.hardware.gpus_per_node, pools[0].num_gpus,
-                                      cfg.cluster.llumnix.link)
+                                      cfg.cluster.llumnix.link, network)
         router = llumnix = Llumnix(env, replicas, cfg.cluster.llumnix, transfer)
     else:
         router = ROUTERS[cfg.cluster.router](cfg.cluster)
@@ -247,4 +250,5 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         rep.blocks.check_integrity()
     return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
                             len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool,
-                            migrator.stats if migrator is not None else None)
+                            migrator.stats if migrator is not None else None,
+                            network.stats if network.stats.copies else None)

@@ -352,6 +352,13 @@ class ExecutionModel:
         stages[-1] += head_s
         return tuple(stages), hand_off
 
+    def kv_link(self, inter_node: bool) -> tuple[float, float]:
+        """(bytes/s per GPU, latency) of the link a KV copy from this instance crosses (``cluster.network``),
+        with the collectives' what-if factor (``hardware.time_factors``)."""
+        link = self.hardware.inter_node if inter_node else self.hardware.intra_node
+        f = self.time_factors["collective"]
+        return link.bandwidth_bytes_per_s / f, link.latency_s * f
+
     def kv_transfer_s(self, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
         """Time to move ``num_tokens`` of KV cache to an instance of ``dst_num_gpus`` GPUs (DistServe's hand-off,
         Llumnix's migration): each GPU pair moves its shard in parallel, so the side with fewer GPUs sets the
