@@ -75,9 +75,6 @@ class Network:
         self.stats.max_concurrent = max(self.stats.max_concurrent, len(self.active))
         self._reschedule()
 
-    def in_flight(self) -> int:
-        return len(self.active)
-
     def _drain_to(self, now: float) -> None:
         elapsed = now - self._updated_s
         if elapsed > 0:
