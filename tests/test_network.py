@@ -1,5 +1,6 @@
 """KV copies between instances over shared links (``llmsim.cluster.network``)."""
 
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +91,9 @@ def test_distserve_hand_offs_contend_for_the_decode_instances_link():
     assert_nothing_lost(result, len(specs))
     stats = result.kv_copies
     assert stats.copies == len(specs) and stats.max_concurrent >= 2 and stats.copies_slowed >= 2
+    # The copies land between the decode instance's steps as they would if it stepped one iteration at a time.
+    stepped = simulate(cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"fast_forward": False})}),
+                       make_requests(specs))
+    pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped.recorder.request_frame(),
+                                  check_exact=True)
+    assert vars(stepped.kv_copies) == vars(stats)
