@@ -464,16 +464,15 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _llumnix_without_pipelines(self) -> "ExperimentConfig":
+        pipelined = self.parallel.pp > 1 or (self.cluster.policy == "distserve" and max(
+            self.cluster.distserve.prefill.pp, self.cluster.distserve.decode.pp) > 1)
         if self.cluster.policy == "llumnix" and self.parallel.pp > 1:
             # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
             raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
                              "pipeline)")
-        if self.simulation.client_timeout_s is not None and (self.cluster.policy != "colocated"
-                                                             or self.parallel.pp > 1):
-            raise ValueError("simulation.client_timeout_s: modelled for colocated replicas without pipeline stages "
-                             "(cluster.policy: colocated, parallel.pp: 1)")
-        pipelined = self.parallel.pp > 1 or (self.cluster.policy == "distserve" and max(
-            self.cluster.distserve.prefill.pp, self.cluster.distserve.decode.pp) > 1)
+        if self.simulation.client_timeout_s is not None and (self.cluster.policy == "llumnix" or pipelined):
+            raise ValueError("simulation.client_timeout_s: modelled for colocated replicas and DistServe pools "
+                             "without pipeline stages (cluster.policy: colocated or distserve, pp: 1)")
         if self.scheduler.async_scheduling and pipelined:
             # A pipelined replica already keeps a micro-batch per stage in flight (``parallel.micro_batches``).
             raise ValueError("scheduler.async_scheduling: modelled for replicas without pipeline stages "

@@ -186,3 +186,40 @@ def test_the_prefill_instance_holds_the_kv_until_the_decode_instance_pulls_it():
     decode = it[it["replica_id"] == 1].sort_values("start_s")
     # the first request's first decode step starts no earlier than its prefill plus the pull
     assert decode["start_s"].iloc[0] >= df.loc[0, "first_token_s"] + pull_s - 1e-12
+
+
+def test_clients_that_give_up_leave_wherever_their_request_is():
+    """``simulation.client_timeout_s`` under DistServe: a request whose client gives up leaves at the next boundary
+    of the instance it is on, including waiting on the decode instance with its KV parked on the prefill instance
+    (which frees it) and with its KV on the wire (both instances get the copy's blocks back when it lands); the
+    others finish, nothing is lost and every block comes back."""
+    cfg = make_config(cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},
+                                                                    "decode": {"replicas": 1},
+                                                                    "kv_link": "inter_node"}},
+                      scheduler={"name": "fcfs", "max_num_seqs": 1, "max_num_batched_tokens": 4096},
+                      simulation={"client_timeout_s": 4.0})
+    # One decode slot: each request decodes 200 tokens (a few seconds) while the next ones wait parked.
+    result = simulate(cfg, make_requests([(0.0, 1000, 200)] * 4 + [(0.5, 3000, 5)]))
+    df = result.recorder.request_frame().set_index("id")
+    assert set(df["status"]) == {"finished", "timed_out"}
+    timed_out = df[df["status"] == "timed_out"]
+    assert len(timed_out) >= 2 and (timed_out["reason"] == "client timeout (4 s after arrival)").all()
+    # Request 1 gave up while decoding, 2 and 3 while waiting parked (their first token only); 0 and 4 finished.
+    assert list(df["status"]) == ["finished", "timed_out", "timed_out", "timed_out", "finished"]
+    assert list(df["num_generated_tokens"].iloc[2:4]) == [1, 1] and 1 < df.loc[1, "num_generated_tokens"] < 200
+
+    def all_back(result):
+        for rep in result.replicas:
+            rep.blocks.check_integrity()
+            assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+            assert rep.scheduler.num_parked == 0 and rep.scheduler.num_reserved_seqs == 0
+
+    all_back(result)
+    # A link 1,000 times slower: the client gives up while the KV is on the wire; the request leaves then, and
+    # the blocks held for it on both instances come back when the copy lands, about a minute later.
+    slow = cfg.model_copy(update={"hardware": cfg.hardware.model_copy(update={"time_factors": {"collective": 1000}})})
+    result = simulate(slow, make_requests([(0.0, 3000, 50)]))
+    df = result.recorder.request_frame()
+    assert list(df["status"]) == ["timed_out"] and list(df["num_generated_tokens"]) == [1]
+    assert result.sim_time_s > 30.0 and result.kv_copies.copies == 1
+    all_back(result)

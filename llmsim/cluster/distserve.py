@@ -8,6 +8,12 @@ so that a busy decode pool pushes back on the prefill pool instead of overflowin
 link (``cluster.network``: concurrent copies share the instances' links; only the blocks not already cached on
 the decode instance). When the copy lands the request joins the decode batch and the prefill instance frees its
 copy, both at their next iteration boundary.
+
+A client that gives up (``simulation.client_timeout_s``) is followed to wherever its request is at that
+instance's next boundary: queued or running on either instance, it leaves as on a colocated replica; waiting on a
+decode instance with its KV parked, the prefill instance frees that KV too; with its KV on the wire, it leaves at
+once and the copy's blocks come back on both instances when the copy lands (the bytes already in flight are not
+recalled).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 from llmsim.clock import Clock
 from llmsim.cluster.network import Network
 from llmsim.cluster.replica import Replica
-from llmsim.request import Request, RequestStatus
+from llmsim.request import DONE, Request, RequestStatus
 
 
 class DistServe:
@@ -28,7 +34,8 @@ class DistServe:
         self.parked_on: dict[int, Replica] = {}  # request id -> the prefill instance holding its KV
         self.in_transfer: dict[int, Request] = {}  # KV on the wire, by request id
 
-    def connect(self, decode_replicas: list[Replica]) -> None:
+    def connect(self, replicas: list[Replica], decode_replicas: list[Replica]) -> None:
+        self.replicas = replicas  # every instance, by id
         self.decode_replicas = decode_replicas
         for rep in decode_replicas:
             rep.scheduler.on_pull = lambda r, cached, rep=rep: self._pull(rep, r, cached)
@@ -58,9 +65,34 @@ class DistServe:
                           lambda: self._landed(prefill, decode, r))
 
     def _landed(self, prefill: Replica, decode: Replica, r: Request) -> None:
-        del self.in_transfer[r.id]
-        decode.post(lambda: decode.scheduler.adopt(r))
+        if self.in_transfer.pop(r.id, None) is None:  # the client gave up meanwhile: its blocks come back
+            decode.post(lambda: decode.scheduler.drop_reservation(r))
+        else:
+            decode.post(lambda: decode.scheduler.adopt(r))
         prefill.post(lambda: prefill.drop_parked(r))
+
+    def abort(self, r: Request, reason: str) -> None:
+        """The client gave up on ``r``: at the next boundary of the instance it is on, it leaves."""
+        rep = self.replicas[r.replica_id]
+
+        def act() -> None:
+            if r.status in DONE:
+                return
+            if r.replica_id != rep.id:  # handed over since: follow it
+                self.abort(r, reason)
+                return
+            if self.in_transfer.pop(r.id, None) is not None:  # its KV on the wire (``_landed`` cleans up)
+                rep.abandon(r, reason)
+                return
+            if r.status is RequestStatus.MIGRATING:  # landed, joining the batch at this boundary: then
+                rep.post(act)
+                return
+            rep.abort(r, reason)
+            prefill = self.parked_on.pop(r.id, None)
+            if prefill is not None:  # it waited here with its KV parked on the prefill instance
+                prefill.post(lambda: prefill.drop_parked(r))
+
+        rep.post(act)
 
     def in_flight(self) -> list[Request]:
         return list(self.in_transfer.values())

@@ -121,6 +121,14 @@ class Replica:
         self.num_outstanding -= 1
         self.recorder.request(request, "timed_out")
 
+    def abandon(self, request: Request, reason: str) -> None:
+        """The client gave up on a request whose KV is still on its way here (DistServe's pull): it leaves now;
+        its reservation is given back when the copy lands."""
+        request.status = RequestStatus.TIMED_OUT
+        request.reject_reason = reason
+        self.num_outstanding -= 1
+        self.recorder.request(request, "timed_out")
+
     def release(self, request: Request) -> None:
         """Let a running request go (with its KV, which is freed here); call at a boundary."""
         self.scheduler.release(request)
@@ -212,10 +220,11 @@ class Replica:
                 # KV or batch slots held for copies between instances leave no room: wait for one to land.
                 yield from self.wait_for_work()
                 continue
-            if self.fast_forward:
+            if self.fast_forward and not self.actions:
                 # A DistServe prefill instance hands a request over after the step that samples its first token,
                 # so its decodes (a prompt's last token) never run on. A request held by async scheduling joins
-                # at the next boundary but one: decodes step until it has.
+                # at the next boundary but one: decodes step until it has. An action posted while the last ones
+                # ran (one that waits a boundary for another) runs at the next boundary: this step runs alone.
                 hands_over = self.on_prefilled is not None
                 if not self.pending and not hands_over and scheduler.allows_fast_forward(out):
                     yield from decode_run(self, out, start)

@@ -180,7 +180,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         replicas.append(make_replica(env, rid, cfg, pool, recorder, on_prefilled))
     entry = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role != "decode"]
     if distserve is not None:
-        distserve.connect([rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"])
+        distserve.connect(replicas, [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"])
     whole = distserve.decode_replicas[0] if distserve is not None else entry[0]
     llumnix = None
     if cfg.cluster.policy == "llumnix":
@@ -200,6 +200,9 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         """The client's deadline passed: if the request is still being served, its replica aborts it at its next
         boundary (as an engine takes an abort between steps)."""
         if r.status in DONE:
+            return
+        if distserve is not None:  # it may move between instances before its instance's next boundary
+            distserve.abort(r, timeout_reason)
             return
         rep = replicas[r.replica_id]
         rep.post(lambda: rep.abort(r, timeout_reason))
