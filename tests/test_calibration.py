@@ -428,6 +428,17 @@ def test_a100_40gb_carries_the_80gb_fit():
     assert not differ, differ
 
 
+def test_t4_memory_bound_kernels_carry_the_a100_fit_scaled_by_the_measured_copy_bandwidth():
+    """No T4 kernel data here: its memory-bound kernels take the A100-80GB fit's memory efficiencies scaled by the
+    two GPUs' measured device-to-device copy fractions (bandwidthTest: T4 239.6 of 320 GB/s, A100 1,157.5 of 1,555;
+    the T4 profile's sources), so a refit of the A100 must be carried over."""
+    t4, a100 = load_profile("t4"), load_profile("a100-80gb")
+    ratio = (239.6 / 320) / (1157.5 / 1555)
+    for kind in ("linear", "norm", "embedding", "rope", "activation", "residual"):
+        assert t4.efficiency[kind].memory_eff == round(min(1.0, a100.efficiency[kind].memory_eff * ratio), 3), kind
+    assert "bandwidthTest" in t4.sources["efficiency"]
+
+
 def test_a_profile_on_a_base_takes_its_fields_but_not_its_calibration(tmp_path):
     """``base:`` takes the named profile's fields, the file's own merged over them key by key (a ``power`` or
     ``sources`` entry replaces only itself), and leaves out what the base was fitted and validated on."""
