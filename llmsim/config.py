@@ -470,9 +470,8 @@ class ExperimentConfig(_Strict):
             # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
             raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
                              "pipeline)")
-        if self.simulation.client_timeout_s is not None and (self.cluster.policy == "llumnix" or pipelined):
-            raise ValueError("simulation.client_timeout_s: modelled for colocated replicas and DistServe pools "
-                             "without pipeline stages (cluster.policy: colocated or distserve, pp: 1)")
+        if self.simulation.client_timeout_s is not None and pipelined:
+            raise ValueError("simulation.client_timeout_s: modelled for replicas without pipeline stages (pp: 1)")
         if self.scheduler.async_scheduling and pipelined:
             # A pipelined replica already keeps a micro-batch per stage in flight (``parallel.micro_batches``).
             raise ValueError("scheduler.async_scheduling: modelled for replicas without pipeline stages "

@@ -145,7 +145,7 @@ def test_every_turn_is_accounted_for(seed, policy, scheduler, mem, turns, think,
                       scheduler={"name": scheduler, "gpu_memory_utilization": mem, "max_num_batched_tokens": 4096},
                       workload={**CHAT, "num_requests": 80, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
                                 "conversation": {"mean_turns": turns, "mean_think_time_s": think}},
-                      simulation={"client_timeout_s": timeout if policy != "llumnix" else None})
+                      simulation={"client_timeout_s": timeout})
     result, sent = _run(cfg)
     df = result.recorder.request_frame()
     assert sorted(df["id"]) == list(range(len(sent))) and len(sent) <= 80

@@ -159,6 +159,43 @@ def test_a_request_that_finishes_while_migrating_is_dropped_from_the_migration()
     assert dst.blocks.num_free_blocks == dst.blocks.num_blocks  # the destination's reservation was returned
 
 
+def test_a_client_that_gives_up_during_the_stop_and_copy_leaves_and_the_reservation_comes_back():
+    """``simulation.client_timeout_s`` under Llumnix: a request whose client gives up during its stop-and-copy
+    (out of every batch, its last KV on the wire) leaves at once, timed out; when the copy lands the destination
+    gives back what it held for it instead of taking it into its batch."""
+    cfg = make_config(cluster={"num_replicas": 2, "policy": "llumnix"})
+    env, (src, dst), transfer, recorder = _two_replicas(cfg)
+
+    def copy_in_a_second(s, d, n, on_landed):
+        def land():
+            yield env.timeout(1.0)
+            on_landed()
+        env.process(land())
+
+    migrator = Migrator(env, copy_in_a_second, max_stages=3, last_stage_max_blocks=200)
+    r = Request(0, 0.0, 500, 400)
+    src.submit(r)
+    gave_up = []
+
+    def client():
+        yield env.timeout(0.2)
+        migrator.start(r, src, dst)
+        while r.status is not RequestStatus.MIGRATING:
+            yield env.timeout(0.01)
+        gave_up.append(migrator.give_up(r, "client timeout"))
+
+    env.process(client())
+    env.run()
+    assert gave_up == [True] and r.status is RequestStatus.TIMED_OUT and r.num_migrations == 0
+    assert list(recorder.request_frame()["status"]) == ["timed_out"]
+    assert migrator.stats.aborted == {"client gave up during the stop-and-copy": 1} and not migrator.active
+    assert not migrator.give_up(r, "again")  # nothing left to give up
+    for rep in (src, dst):
+        assert rep.scheduler.num_reserved_seqs == 0 and not rep.scheduler.running
+        rep.blocks.check_integrity()
+        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+
+
 def _loaded_source(cfg_llumnix: dict):
     """Replica 0 decodes six long requests with a long prompt queued behind them; replica 1 is empty."""
     cfg = make_config(model={"name": "Llama-2-13B"}, hardware={"device": "a100-40gb"},

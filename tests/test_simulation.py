@@ -126,8 +126,8 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths, "high_priority_fraction": high_priority},
                            simulation={"fast_forward": ff,
-                                       # clients that give up (not under Llumnix): aborts at boundaries
-                                       "client_timeout_s": timeout if policy != "llumnix" else None})
+                                       # clients that give up: aborts at boundaries
+                                       "client_timeout_s": timeout})
     ff, step = cfg(True), cfg(False)
     a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
     a_req, a_it = frames(a)
@@ -219,7 +219,5 @@ def test_clients_that_give_up_are_aborted_and_accounted_for():
                              write=False)[1]
     r = summary["requests"]
     assert r["timed_out"] > 0 and r["finished"] + r["timed_out"] == r["arrived"] == 120
-    with pytest.raises(ConfigError, match="client_timeout_s: modelled for colocated replicas and DistServe"):
-        make_config(cluster={"policy": "llumnix"}, simulation={"client_timeout_s": 2.0})
-    with pytest.raises(ConfigError, match="client_timeout_s: modelled for colocated replicas and DistServe"):
+    with pytest.raises(ConfigError, match=r"client_timeout_s: modelled for replicas without pipeline stages"):
         make_config(parallel={"pp": 2}, simulation={"client_timeout_s": 2.0})

@@ -125,7 +125,25 @@ class Migrator:
         """The last copy landed: the destination takes the request at its next boundary."""
         m.dst.post(lambda: self._adopt(m))
 
+    def give_up(self, request: Request, reason: str) -> bool:
+        """The client gave up on ``request``: if it is in its stop-and-copy (out of every batch, its last KV on
+        the wire), it leaves now and the destination's reservation comes back when the copy lands; returns
+        whether it was. A request still on a replica is aborted there, and its migration is dropped at its next
+        stage."""
+        m = self.active.get(request.id)
+        if m is None or request.status is not RequestStatus.MIGRATING:
+            return False
+        request.status = RequestStatus.TIMED_OUT
+        request.reject_reason = reason
+        m.src.recorder.request(request, "timed_out")
+        return True
+
     def _adopt(self, m: Migration) -> None:
+        if m.request.status is RequestStatus.TIMED_OUT:  # its client gave up during the stop-and-copy
+            m.dst.scheduler.drop_reservation(m.request)  # at the destination's boundary already
+            reason = "client gave up during the stop-and-copy"
+            self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
+            return self._end(m)
         m.request.num_migrations += 1
         m.dst.adopt(m.request)
         self.stats.committed += 1

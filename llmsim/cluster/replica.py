@@ -208,6 +208,8 @@ class Replica:
             if self.pending:
                 self.release_pending()
             if not scheduler.has_work:
+                if self.actions:  # posted by the actions just run (one waiting for another): nothing to step
+                    continue
                 yield from self.wait_for_work()
                 continue
             start = env.now

@@ -204,8 +204,19 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         if distserve is not None:  # it may move between instances before its instance's next boundary
             distserve.abort(r, timeout_reason)
             return
+        if migrator is not None and migrator.give_up(r, timeout_reason):
+            return
         rep = replicas[r.replica_id]
-        rep.post(lambda: rep.abort(r, timeout_reason))
+
+        def abort() -> None:
+            if r.status is RequestStatus.MIGRATING:  # its stop-and-copy began before this boundary
+                migrator.give_up(r, timeout_reason)
+            elif r.replica_id != rep.id:  # migrated since: follow it
+                give_up(r)
+            else:
+                rep.abort(r, timeout_reason)
+
+        rep.post(abort)
 
     closed_loop = requests if isinstance(requests, ClosedLoop) else None
 
