@@ -213,18 +213,19 @@ class SchedulerConfig(_Strict):
         from llmsim.schedulers import SCHEDULERS
 
         if self.enable_prefix_caching and not SCHEDULERS[self.name].supports_prefix_caching:
-            raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 scheduler only, not {self.name}")
+            raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 and fcfs schedulers, not {self.name}")
         if self.async_scheduling and self.name != "vllm_v1":
             raise ValueError(f"async_scheduling is modelled for the vllm_v1 scheduler only, not {self.name}")
         return self
 
     @property
     def prefix_caching(self) -> bool:
-        """Whether the KV cache reuses cached prefixes (default: where the scheduler models it, as vLLM V1)."""
+        """Whether the KV cache reuses cached prefixes (default: on for vllm_v1, as vLLM V1; off for fcfs, as
+        vLLM v0's ``--enable-prefix-caching``)."""
         if self.enable_prefix_caching is None:
             from llmsim.schedulers import SCHEDULERS
 
-            return SCHEDULERS[self.name].supports_prefix_caching
+            return SCHEDULERS[self.name].prefix_caching_by_default
         return self.enable_prefix_caching
 
     @property

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.config import parse_config
+from llmsim.kv_cache import NO_HIT
 from llmsim.run import run_experiment
 from llmsim.schedulers.decode import DecodeScheduler
 from llmsim.workload import build_workload
@@ -117,7 +118,7 @@ def test_a_request_preempted_on_a_decode_instance_recomputes_only_what_its_cache
         return int(it[it["replica_id"].isin(decode_ids)]["num_prefill_tokens"].sum()), int(df["num_preemptions"].sum())
 
     looked_up, preemptions = decode_side()
-    monkeypatch.setattr(DecodeScheduler, "_recomputes", lambda self, request: False)  # re-run every token
+    monkeypatch.setattr(DecodeScheduler, "_hit", lambda self, request: NO_HIT)  # re-run every token
     whole, preemptions_whole = decode_side()
     assert preemptions > 5 and preemptions_whole > 5
     assert 0 < looked_up < 0.5 * whole  # here 4,326 against 11,526 tokens over 7 re-prefills

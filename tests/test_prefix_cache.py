@@ -5,13 +5,18 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmsim.cluster.simulation import simulate
+from llmsim.config import ConfigError
 from llmsim.kv_cache import NO_HIT, BlockManager, _run_base, block_hashes
 from llmsim.request import Request
+from llmsim.workload import build_workload
 from llmsim.workload.traces import mooncake_segments
 from tests import kv_cache_reference as reference
+from tests.factories import assert_nothing_lost, make_config
 
 MOONCAKE = Path(__file__).parent.parent / "workloads" / "mooncake_conversation.jsonl"
 
@@ -303,3 +308,31 @@ def _drive_both(ops, shape):
         for k in running:
             assert new.num_held(twins[k][0]) == ref.num_held(twins[k][1])
             assert new.fills_named_blocks(twins[k][0]) == ref.fills_named_blocks(twins[k][1])
+
+
+def test_fcfs_with_prefix_caching_prefills_only_what_is_not_cached():
+    """vLLM v0's --enable-prefix-caching (``scheduler.enable_prefix_caching`` with ``fcfs``; off by default, as in
+    v0): a request starts from its longest cached prefix, so shared system prompts are prefilled once; results
+    with it off are those of plain FCFS, and nothing is lost either way."""
+    def run(caching):
+        cfg = make_config(scheduler={"name": "fcfs", "max_num_batched_tokens": 4096,
+                                     **({} if caching is None else {"enable_prefix_caching": caching})},
+                          workload={"num_requests": 120, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                                    "shared_prefix": {"num_system_prompts": 2, "users_per_system_prompt": 6,
+                                                      "system_prompt_tokens": 1000, "question_tokens": 100,
+                                                      "output_tokens": 60}})
+        assert cfg.scheduler.prefix_caching is bool(caching)
+        result = simulate(cfg, build_workload(cfg.workload, cfg.seed))
+        df = assert_nothing_lost(result, 120)
+        it = result.recorder.iteration_frame()
+        return df, int(it["num_prefill_tokens"].sum())
+
+    default, default_prefill = run(None)
+    off, off_prefill = run(False)
+    on, on_prefill = run(True)
+    assert default_prefill == off_prefill and default.equals(off)  # off by default
+    assert (off["num_cached_tokens"] == 0).all() and (on["num_cached_tokens"] > 0).mean() > 0.9
+    assert on_prefill < 0.3 * off_prefill  # ~1,000 of each ~1,100-token prompt is one of two system prompts
+    assert on["first_token_s"].sub(on["arrival_s"]).mean() < off["first_token_s"].sub(off["arrival_s"]).mean()
+    with pytest.raises(ConfigError, match="enable_prefix_caching is modelled for the vllm_v1 and fcfs schedulers"):
+        make_config(scheduler={"name": "sarathi", "enable_prefix_caching": True})

@@ -82,8 +82,10 @@ class Scheduler:
 
     # ``scheduler`` config fields this policy takes as keyword arguments beyond the shared ones.
     config_fields: tuple[str, ...] = ()
-    # Whether the policy looks up cached prefixes (``enable_prefix_caching`` defaults to this).
+    # Whether the policy looks up cached prefixes when the KV cache keeps them (``enable_prefix_caching``), and
+    # whether it does by default (vLLM V1 turns it on, vLLM v0 off).
     supports_prefix_caching: bool = False
+    prefix_caching_by_default: bool = False
 
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption: str = "recompute", kv_bytes_per_token: float = 0.0):

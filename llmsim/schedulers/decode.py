@@ -34,35 +34,15 @@ class DecodeScheduler(FCFSScheduler):
     # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
 
-    def _recomputes(self, request: Request) -> bool:
-        """A request preempted here by recompute, about to prefill again, with a prefix cache to look up."""
-        return (self.blocks.caching and request.status is RequestStatus.PREEMPTED
-                and request.num_computed_tokens == 0)
-
-    def _new_tokens(self, request: Request) -> int:
-        if self._recomputes(request):
-            return request.num_tokens - self.blocks.lookup(request).num_tokens
-        return request.num_pending_tokens
-
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
-        blocks = self.blocks
-        if self._recomputes(request):
-            hit = blocks.lookup(request)  # the one _new_tokens saw: nothing changed since
-            need = blocks.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens)
-            return need + blocks.watermark_blocks <= blocks.num_free_blocks
         if not _handed_over(request, num_new_tokens):
-            return blocks.can_admit(request, num_new_tokens)
+            return super()._can_admit(request, num_new_tokens)  # a re-prefill after a recompute preemption
         # Its prompt's KV plus this step's token, from the prefix cached here (none without prefix caching).
+        blocks = self.blocks
         need = blocks.free_blocks_to_admit(blocks.lookup(request), request.num_computed_tokens + num_new_tokens)
         return need + blocks.watermark_blocks <= blocks.num_free_blocks
 
     def _admit(self, request, num_new_tokens: int, out: SchedulerOutput) -> None:
-        if self._recomputes(request):
-            # Its cached prefix is taken as computed; the prefill runs the rest (vLLM's allocate_slots).
-            if not self.blocks.allocate_slots(request, self.blocks.lookup(request), num_new_tokens):
-                raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
-            self._start(request, num_new_tokens, out)
-            return
         if not _handed_over(request, num_new_tokens):
             super()._admit(request, num_new_tokens, out)
             return

@@ -4,27 +4,60 @@ Each step first admits waiting requests in arrival order while their whole pendi
 budget, the sequence limit and the KV cache (above the watermark); a step with any prefill runs prefills
 only. Otherwise every running request decodes one token, evicting the latest-admitted request when the KV
 cache is full (recompute, or swap to host memory).
+
+With ``enable_prefix_caching`` (vLLM v0's automatic prefix caching, off by default there and here) a request
+that holds no KV -- a new one, or one preempted by recompute -- takes its longest cached prefix as computed when
+admitted and prefills the rest (the KV cache's ``lookup`` / ``allocate_slots``, as vLLM V1 does too); its cached
+tokens still count against nothing but the KV they occupy.
 """
 
 from __future__ import annotations
 
+from llmsim.kv_cache import NO_HIT, PrefixHit
 from llmsim.request import Request
 from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
 
 class FCFSScheduler(Scheduler):
+    supports_prefix_caching = True
+
     def rejection_reason(self, request: Request) -> str:
         # A prompt runs in one step, within the token budget.
         if request.num_prompt_tokens > self.max_num_batched_tokens:
             return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
         return ""
 
+    def _hit(self, request: Request) -> PrefixHit:
+        """The cached prefix a request holding no KV starts from (none without prefix caching, and none for a
+        request that still holds KV: swapped out, it comes back whole)."""
+        if not self.blocks.caching or request.num_computed_tokens:
+            return NO_HIT
+        return self.blocks.lookup(request)
+
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
-        return self.blocks.can_admit(request, num_new_tokens)
+        hit = self._hit(request)  # the one _new_tokens saw: nothing changed since
+        if hit is NO_HIT:
+            return self.blocks.can_admit(request, num_new_tokens)
+        blocks = self.blocks
+        return blocks.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens) + blocks.watermark_blocks \
+            <= blocks.num_free_blocks
 
     def _new_tokens(self, request: Request) -> int:
-        """The tokens admitting the head of the queue prefills (all it has pending: no prefix cache here)."""
-        return request.num_pending_tokens
+        """The tokens admitting the head of the queue prefills: all it has pending, less its cached prefix."""
+        return request.num_pending_tokens - self._hit(request).num_tokens
+
+    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
+               reserve_tokens: int | None = None) -> None:
+        hit = self._hit(request)
+        if hit is NO_HIT:
+            super()._admit(request, num_new_tokens, out, reserve_tokens)
+            return
+        # Its cached prefix is taken as computed; the prefill runs the rest (vLLM's allocate_slots).
+        if not self.blocks.allocate_slots(request, hit, num_new_tokens):
+            raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = hit.num_tokens
+        self._start(request, num_new_tokens, out)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

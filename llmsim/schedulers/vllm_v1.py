@@ -26,6 +26,7 @@ from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 class VLLMV1Scheduler(Scheduler):
     config_fields = ("long_prefill_token_threshold",)
     supports_prefix_caching = True
+    prefix_caching_by_default = True
 
     def __init__(self, blocks, *, long_prefill_token_threshold: int = 0, **kwargs):
         super().__init__(blocks, **kwargs)
