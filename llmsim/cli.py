@@ -177,13 +177,19 @@ def _cmd_calibrate_cpu(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_e2e(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from llmsim.e2e.workflow import summary, validate_e2e
 
     out = Path(args.out)
     table = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
                          on_run=lambda name: print(f"replayed {name}", flush=True), intervals=args.intervals)
     print(summary(table).to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"{out}/: e2e_errors.csv, e2e_step_check.csv, e2e_report.md, e2e_parity.png"
+    check = pd.read_csv(out / "e2e_overload.csv")
+    failed = check.loc[~check["passes"], "experiment"].tolist()
+    print(f"overload check: {int(check['passes'].sum())} of {len(check)} runs pass"
+          + (f" (not: {', '.join(failed)})" if failed else ""))
+    print(f"{out}/: e2e_errors.csv, e2e_overload.csv, e2e_step_check.csv, e2e_report.md, e2e_parity.png"
           + (", e2e_intervals.csv" if args.intervals else ""))
     return 0
 

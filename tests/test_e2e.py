@@ -47,6 +47,9 @@ def test_validate_e2e_writes_the_stable_table_and_meets_its_bound(tmp_path, caps
     report = (tmp_path / "e2e_report.md").read_text()
     assert report.count(RUN) >= 3  # the KV table, the overload check, the per-stage table
     assert "Overload check" in report and "1 of 1 pass" in report  # the slice keeps up, and so does its replay
+    check = pd.read_csv(tmp_path / "e2e_overload.csv")
+    assert check["passes"].tolist() == [True] and check["measured_timeouts"].tolist() == [0]
+    assert "overload check: 1 of 1 runs pass" in capsys.readouterr().out
     assert (tmp_path / "e2e_parity.png").stat().st_size > 5_000
 
 

@@ -80,6 +80,7 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     step_requests = pd.concat(step_request_frames, ignore_index=True)
     step_requests.to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
     step_check_plot(step_requests, out / "e2e_step_check.png")
+    overload_check(table, {name: n for name, _, _, _, n, _ in notes}).to_csv(out / "e2e_overload.csv", index=False)
     text = report(table, engine_table, list(fits.values()), notes, device, root) + step_check_report(steps)
     if samples:
         bounds = pd.concat(interval_frames, ignore_index=True)
