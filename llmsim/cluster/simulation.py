@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 from llmsim.clock import Clock
 from llmsim.cluster.distserve import DistServe
 from llmsim.cluster.llumnix import Llumnix, migration_transfer
-from llmsim.cluster.network import LinkStats, Network
 from llmsim.cluster.migration import MigrationStats
+from llmsim.cluster.network import LinkStats, Network
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
 from llmsim.config import ExperimentConfig
