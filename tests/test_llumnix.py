@@ -88,6 +88,16 @@ def test_llumnix_fast_forward_matches_stepping_with_migrations():
     assert vars(a.migration) == vars(b.migration)
 
 
+def copy_taking(env, seconds):
+    """A migration's ``transfer`` whose every copy lands ``seconds`` after it starts."""
+    def transfer(src, dst, num_tokens, on_landed):
+        def land():
+            yield env.timeout(seconds)
+            on_landed()
+        env.process(land())
+    return transfer
+
+
 def _two_replicas(cfg, link="inter_node"):
     _, pools, _ = build_pools(cfg)
     env = Clock()
@@ -137,13 +147,7 @@ def test_a_request_that_finishes_while_migrating_is_dropped_from_the_migration()
     cfg = make_config(cluster={"num_replicas": 2, "policy": "llumnix"})
     env, (src, dst), transfer, _ = _two_replicas(cfg)
     # A copy slower than the request's remaining decode steps: the request finishes on the source first.
-    def slow_copy(s, d, n, on_landed):
-        def land():
-            yield env.timeout(5.0)
-            on_landed()
-        env.process(land())
-
-    migrator = Migrator(env, slow_copy, max_stages=3, last_stage_max_blocks=2)
+    migrator = Migrator(env, copy_taking(env, 5.0), max_stages=3, last_stage_max_blocks=2)
     r = Request(0, 0.0, 500, 20)
     src.submit(r)
 
@@ -165,14 +169,7 @@ def test_a_client_that_gives_up_during_the_stop_and_copy_leaves_and_the_reservat
     gives back what it held for it instead of taking it into its batch."""
     cfg = make_config(cluster={"num_replicas": 2, "policy": "llumnix"})
     env, (src, dst), transfer, recorder = _two_replicas(cfg)
-
-    def copy_in_a_second(s, d, n, on_landed):
-        def land():
-            yield env.timeout(1.0)
-            on_landed()
-        env.process(land())
-
-    migrator = Migrator(env, copy_in_a_second, max_stages=3, last_stage_max_blocks=200)
+    migrator = Migrator(env, copy_taking(env, 1.0), max_stages=3, last_stage_max_blocks=200)
     r = Request(0, 0.0, 500, 400)
     src.submit(r)
     gave_up = []
