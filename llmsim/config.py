@@ -213,15 +213,15 @@ class SchedulerConfig(_Strict):
         from llmsim.schedulers import SCHEDULERS
 
         if self.enable_prefix_caching and not SCHEDULERS[self.name].supports_prefix_caching:
-            raise ValueError(f"enable_prefix_caching is modelled for the vllm_v1 and fcfs schedulers, not {self.name}")
+            raise ValueError(f"enable_prefix_caching is not modelled for the {self.name} scheduler")
         if self.async_scheduling and self.name != "vllm_v1":
             raise ValueError(f"async_scheduling is modelled for the vllm_v1 scheduler only, not {self.name}")
         return self
 
     @property
     def prefix_caching(self) -> bool:
-        """Whether the KV cache reuses cached prefixes (default: on for vllm_v1, as vLLM V1; off for fcfs, as
-        vLLM v0's ``--enable-prefix-caching``)."""
+        """Whether the KV cache reuses cached prefixes (default: on for vllm_v1, as vLLM V1; off for fcfs and
+        sarathi, as vLLM v0's ``--enable-prefix-caching``)."""
         if self.enable_prefix_caching is None:
             from llmsim.schedulers import SCHEDULERS
 

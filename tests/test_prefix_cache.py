@@ -13,6 +13,7 @@ from llmsim.cluster.simulation import simulate
 from llmsim.config import ConfigError
 from llmsim.kv_cache import NO_HIT, BlockManager, _run_base, block_hashes
 from llmsim.request import Request
+from llmsim.schedulers import SCHEDULERS, Scheduler
 from llmsim.workload import build_workload
 from llmsim.workload.traces import mooncake_segments
 from tests import kv_cache_reference as reference
@@ -310,12 +311,14 @@ def _drive_both(ops, shape):
             assert new.fills_named_blocks(twins[k][0]) == ref.fills_named_blocks(twins[k][1])
 
 
-def test_fcfs_with_prefix_caching_prefills_only_what_is_not_cached():
-    """vLLM v0's --enable-prefix-caching (``scheduler.enable_prefix_caching`` with ``fcfs``; off by default, as in
-    v0): a request starts from its longest cached prefix, so shared system prompts are prefilled once; results
-    with it off are those of plain FCFS, and nothing is lost either way."""
+@pytest.mark.parametrize("scheduler", ["fcfs", "sarathi"])
+def test_vllm_v0_with_prefix_caching_prefills_only_what_is_not_cached(scheduler, monkeypatch):
+    """vLLM v0's --enable-prefix-caching (``scheduler.enable_prefix_caching`` with ``fcfs`` or, beside chunked
+    prefill, ``sarathi``; off by default, as in v0): a request starts from its longest cached prefix, so shared
+    system prompts are prefilled once; results with it off are those without it, and nothing is lost either way."""
+
     def run(caching):
-        cfg = make_config(scheduler={"name": "fcfs", "max_num_batched_tokens": 4096,
+        cfg = make_config(scheduler={"name": scheduler, "max_num_batched_tokens": 4096, "chunk_size": 512,
                                      **({} if caching is None else {"enable_prefix_caching": caching})},
                           workload={"num_requests": 120, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
                                     "shared_prefix": {"num_system_prompts": 2, "users_per_system_prompt": 6,
@@ -334,5 +337,8 @@ def test_fcfs_with_prefix_caching_prefills_only_what_is_not_cached():
     assert (off["num_cached_tokens"] == 0).all() and (on["num_cached_tokens"] > 0).mean() > 0.9
     assert on_prefill < 0.3 * off_prefill  # ~1,000 of each ~1,100-token prompt is one of two system prompts
     assert on["first_token_s"].sub(on["arrival_s"]).mean() < off["first_token_s"].sub(off["arrival_s"]).mean()
-    with pytest.raises(ConfigError, match="enable_prefix_caching is modelled for the vllm_v1 and fcfs schedulers"):
-        make_config(scheduler={"name": "sarathi", "enable_prefix_caching": True})
+    # A policy that does not look prefixes up refuses the setting.
+    monkeypatch.setitem(SCHEDULERS, "plain", type("Plain", (Scheduler,), {}))
+    with pytest.raises(ConfigError, match="enable_prefix_caching is not modelled for the plain scheduler"):
+        make_config(scheduler={"name": "plain", "enable_prefix_caching": True})
+

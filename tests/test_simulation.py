@@ -85,14 +85,14 @@ def scheduler_named(name: str) -> dict:
         return {"name": "vllm_v1", "async_scheduling": False}
     if name == "vllm_v1_cpu":
         return {"name": "vllm_v1", "cpu_overhead": "vllm_v0"}
-    if name == "fcfs_cached":  # vLLM v0 with --enable-prefix-caching
-        return {"name": "fcfs", "enable_prefix_caching": True}
+    if name in ("fcfs_cached", "sarathi_cached"):  # vLLM v0 with --enable-prefix-caching
+        return {"name": name.split("_")[0], "enable_prefix_caching": True}
     return {"name": name}
 
 
 @given(seed=st.integers(0, 2**31),
-       scheduler=st.sampled_from(["fcfs", "fcfs_cached", "sarathi", "vllm_v1", "vllm_v1_sync", "vllm_v1_cpu",
-                                  "spf"]),
+       scheduler=st.sampled_from(["fcfs", "fcfs_cached", "sarathi", "sarathi_cached", "vllm_v1", "vllm_v1_sync",
+                                  "vllm_v1_cpu", "spf"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),

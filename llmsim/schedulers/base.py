@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from llmsim.kv_cache import BlockManager
+from llmsim.kv_cache import NO_HIT, BlockManager, PrefixHit
 from llmsim.request import Request, RequestStatus
 
 
@@ -240,6 +240,13 @@ class Scheduler:
         return n
 
     # --- mechanism shared by the policies -------------------------------------------------------------
+
+    def _hit(self, request: Request) -> PrefixHit:
+        """The cached prefix a request holding no KV starts from (none without prefix caching, and none for a
+        request that still holds KV: swapped out, it comes back whole)."""
+        if not self.blocks.caching or request.num_computed_tokens:
+            return NO_HIT
+        return self.blocks.lookup(request)
 
     def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
                reserve_tokens: int | None = None) -> None:

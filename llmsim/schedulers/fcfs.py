@@ -13,7 +13,7 @@ tokens still count against nothing but the KV they occupy.
 
 from __future__ import annotations
 
-from llmsim.kv_cache import NO_HIT, PrefixHit
+from llmsim.kv_cache import NO_HIT
 from llmsim.request import Request
 from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
@@ -26,13 +26,6 @@ class FCFSScheduler(Scheduler):
         if request.num_prompt_tokens > self.max_num_batched_tokens:
             return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
         return ""
-
-    def _hit(self, request: Request) -> PrefixHit:
-        """The cached prefix a request holding no KV starts from (none without prefix caching, and none for a
-        request that still holds KV: swapped out, it comes back whole)."""
-        if not self.blocks.caching or request.num_computed_tokens:
-            return NO_HIT
-        return self.blocks.lookup(request)
 
     def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
         hit = self._hit(request)  # the one _new_tokens saw: nothing changed since

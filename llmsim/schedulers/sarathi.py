@@ -8,16 +8,22 @@ Admission follows Sarathi-Serve's block manager (vLLM v0's): a waiting request i
 of its whole prompt fit above the watermark, and they are allocated then, so its later chunks never need a
 block. (Admitting on the first chunk alone over-commits the cache under memory pressure: requests admitted
 together outgrow it part-way through their prompts and evict each other by recompute.)
+
+With ``enable_prefix_caching`` (vLLM v0's automatic prefix caching beside its chunked prefill; off by default, as
+there) a request holding no KV starts from its longest cached prefix: it is admitted when the blocks of the rest
+of its prompt fit, holds them all from then on, and its blocks are cached as its chunks fill them.
 """
 
 from __future__ import annotations
 
+from llmsim.kv_cache import NO_HIT
 from llmsim.request import RequestStatus
 from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
 
 class SarathiScheduler(Scheduler):
     config_fields = ("chunk_size",)
+    supports_prefix_caching = True
 
     def __init__(self, blocks, *, chunk_size: int = 512, **kwargs):
         super().__init__(blocks, **kwargs)
@@ -46,12 +52,27 @@ class SarathiScheduler(Scheduler):
                 continue
             out.prefills.append(PrefillChunk(request, n, request.num_computed_tokens))
             budget -= n
+        blocks = self.blocks
         while budget > 0 and self.waiting and self.has_seq_room() and not out.preempted:
             request = self.waiting[0]
-            prompt = request.num_pending_tokens
-            if not self.blocks.can_admit(request, prompt):
-                break
+            hit = self._hit(request)
+            prompt = request.num_pending_tokens - hit.num_tokens
             n = min(prompt, budget)
-            self._admit(request, n, out, reserve_tokens=prompt)
+            if hit is NO_HIT:
+                if not blocks.can_admit(request, prompt):
+                    break
+                self._admit(request, n, out, reserve_tokens=prompt)
+            else:
+                total = hit.num_tokens + prompt
+                if blocks.free_blocks_to_admit(hit, total) + blocks.watermark_blocks > blocks.num_free_blocks:
+                    break
+                # The cached prefix is taken as computed and this chunk's blocks allocated (vLLM's
+                # allocate_slots); the rest of the prompt's blocks are held now too, cached only as chunks fill them.
+                if not blocks.allocate_slots(request, hit, n):
+                    raise RuntimeError(f"request {request.id}: admitted without room for its prompt")
+                blocks.grow_to(request, blocks.blocks_for(total), hit.num_tokens + n)
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = hit.num_tokens
+                self._start(request, n, out)
             budget -= n
         return out
