@@ -7,8 +7,8 @@ cache is full (recompute, or swap to host memory).
 
 With ``enable_prefix_caching`` (vLLM v0's automatic prefix caching, off by default there and here) a request
 that holds no KV -- a new one, or one preempted by recompute -- takes its longest cached prefix as computed when
-admitted and prefills the rest (the KV cache's ``lookup`` / ``allocate_slots``, as vLLM V1 does too); its cached
-tokens still count against nothing but the KV they occupy.
+admitted and prefills the rest (the KV cache's ``lookup`` / ``allocate_slots``, as vLLM V1 does too); the token
+budget counts only the tokens it prefills.
 """
 
 from __future__ import annotations
