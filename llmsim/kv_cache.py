@@ -351,6 +351,11 @@ class BlockManager:
         queue uses them)."""
         return self.blocks_for(num_tokens) - hit.num_named_blocks - hit.num_run_blocks + hit.num_evictable
 
+    def can_admit_from(self, hit: PrefixHit, num_tokens: int) -> bool:
+        """Whether a request that holds no blocks fits ``num_tokens`` tokens from its cached prefix ``hit`` and
+        leaves the watermark free (``can_admit`` for a request with a prefix-cache hit)."""
+        return self.free_blocks_to_admit(hit, num_tokens) + self.watermark_blocks <= self.num_free_blocks
+
     def allocate_slots(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool:
         """Admit a request that holds no blocks: take its cached prefix ``hit`` (its computed tokens become the
         hit's) and room for ``num_new_tokens`` more. False, changing nothing, when they do not fit (vLLM v1's

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from llmsim.kv_cache import NO_HIT, PrefixHit
 from llmsim.request import Request, RequestStatus
 from llmsim.schedulers.base import SchedulerOutput
 from llmsim.schedulers.fcfs import FCFSScheduler
@@ -34,28 +35,28 @@ class DecodeScheduler(FCFSScheduler):
     # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
 
-    def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
+    def _can_admit(self, request: Request, num_new_tokens: int, hit: PrefixHit) -> bool:
         if not _handed_over(request, num_new_tokens):
-            return super()._can_admit(request, num_new_tokens)  # a re-prefill after a recompute preemption
+            return super()._can_admit(request, num_new_tokens, hit)  # a re-prefill after a recompute preemption
         # Its prompt's KV plus this step's token, from the prefix cached here (none without prefix caching).
         blocks = self.blocks
-        need = blocks.free_blocks_to_admit(blocks.lookup(request), request.num_computed_tokens + num_new_tokens)
-        return need + blocks.watermark_blocks <= blocks.num_free_blocks
+        return blocks.can_admit_from(blocks.lookup(request), request.num_computed_tokens + num_new_tokens)
 
-    def _admit(self, request, num_new_tokens: int, out: SchedulerOutput) -> None:
+    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
+               reserve_tokens: int | None = None, hit: PrefixHit = NO_HIT) -> None:
         if not _handed_over(request, num_new_tokens):
-            super()._admit(request, num_new_tokens, out)
+            super()._admit(request, num_new_tokens, out, reserve_tokens, hit)
             return
         # Handed-over KV: hold blocks for the computed tokens, sharing the prefix cached here, and pull the rest;
         # the request joins the batch when the copy lands (``adopt``).
         blocks = self.blocks
         computed = request.num_computed_tokens
-        hit = blocks.lookup(request)
-        request.num_computed_tokens = hit.num_tokens  # allocate_slots counts from the hit ...
-        if not blocks.allocate_slots(request, hit, computed - hit.num_tokens):
+        cached_here = blocks.lookup(request)  # ``hit`` is NO_HIT: ``_hit`` skips a request with computed KV
+        request.num_computed_tokens = cached_here.num_tokens  # allocate_slots counts from the hit ...
+        if not blocks.allocate_slots(request, cached_here, computed - cached_here.num_tokens):
             raise RuntimeError(f"request {request.id}: admitted without room for its KV")
         request.num_computed_tokens = computed  # ... and the transfer fills the rest
         self.waiting.popleft()
         request.status = RequestStatus.MIGRATING
         self.num_reserved_seqs += 1
-        self.on_pull(request, hit.num_tokens)
+        self.on_pull(request, cached_here.num_tokens)

@@ -13,7 +13,7 @@ budget counts only the tokens it prefills.
 
 from __future__ import annotations
 
-from llmsim.kv_cache import NO_HIT
+from llmsim.kv_cache import NO_HIT, PrefixHit
 from llmsim.request import Request
 from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
@@ -27,21 +27,14 @@ class FCFSScheduler(Scheduler):
             return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
         return ""
 
-    def _can_admit(self, request: Request, num_new_tokens: int) -> bool:
-        hit = self._hit(request)  # the one _new_tokens saw: nothing changed since
+    def _can_admit(self, request: Request, num_new_tokens: int, hit: PrefixHit) -> bool:
+        """Whether the head of the queue, starting from its cached prefix ``hit``, fits the KV cache."""
         if hit is NO_HIT:
             return self.blocks.can_admit(request, num_new_tokens)
-        blocks = self.blocks
-        return blocks.free_blocks_to_admit(hit, hit.num_tokens + num_new_tokens) + blocks.watermark_blocks \
-            <= blocks.num_free_blocks
-
-    def _new_tokens(self, request: Request) -> int:
-        """The tokens admitting the head of the queue prefills: all it has pending, less its cached prefix."""
-        return request.num_pending_tokens - self._hit(request).num_tokens
+        return self.blocks.can_admit_from(hit, hit.num_tokens + num_new_tokens)
 
     def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
-               reserve_tokens: int | None = None) -> None:
-        hit = self._hit(request)
+               reserve_tokens: int | None = None, hit: PrefixHit = NO_HIT) -> None:
         if hit is NO_HIT:
             super()._admit(request, num_new_tokens, out, reserve_tokens)
             return
@@ -57,10 +50,11 @@ class FCFSScheduler(Scheduler):
         budget = self.max_num_batched_tokens
         while self.waiting and self.has_seq_room():
             request = self.waiting[0]
-            n = self._new_tokens(request)
-            if n > budget or not self._can_admit(request, n):
+            hit = self._hit(request)  # looked up once: nothing changes the cache until it is admitted
+            n = request.num_pending_tokens - hit.num_tokens  # all it has pending, less its cached prefix
+            if n > budget or not self._can_admit(request, n, hit):
                 break
-            self._admit(request, n, out)
+            self._admit(request, n, out, hit=hit)
             budget -= n
         if out.prefills:
             return out

@@ -64,7 +64,7 @@ class SarathiScheduler(Scheduler):
                 self._admit(request, n, out, reserve_tokens=prompt)
             else:
                 total = hit.num_tokens + prompt
-                if blocks.free_blocks_to_admit(hit, total) + blocks.watermark_blocks > blocks.num_free_blocks:
+                if not blocks.can_admit_from(hit, total):
                     break
                 # The cached prefix is taken as computed and this chunk's blocks allocated (vLLM's
                 # allocate_slots); the rest of the prompt's blocks are held now too, cached only as chunks fill them.
