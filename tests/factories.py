@@ -43,3 +43,13 @@ def assert_nothing_lost(result, num_requests: int):
         rep.blocks.check_integrity()
         assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
     return df
+
+
+def lone_kv_copy_s(src_execution, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
+    """What one KV copy alone on its links takes: the link's latency plus the bytes over the parallel links of
+    the side with fewer GPUs, with the collectives' what-if factor."""
+    ex = src_execution
+    link = ex.hardware.inter_node if inter_node else ex.hardware.intra_node
+    num_bytes = num_tokens * ex.model.kv_bytes_per_token()
+    links = min(ex.plan.num_gpus, dst_num_gpus)
+    return (link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)) * ex.time_factors["collective"]

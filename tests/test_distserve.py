@@ -10,7 +10,7 @@ from llmsim.kv_cache import NO_HIT
 from llmsim.run import run_experiment
 from llmsim.schedulers.decode import DecodeScheduler
 from llmsim.workload import build_workload
-from tests.factories import assert_nothing_lost, make_config, make_requests
+from tests.factories import assert_nothing_lost, lone_kv_copy_s, make_config, make_requests
 
 PAPER_LIKE = {  # long prompts, short outputs, tight TPOT: where prefill-decode interference hurts most
     "prompt_tokens": {"kind": "lognormal", "median": 1500, "sigma": 0.4, "min": 64, "max": 3500},
@@ -183,7 +183,7 @@ def test_the_prefill_instance_holds_the_kv_until_the_decode_instance_pulls_it():
     # The third prompt's prefill runs while the second request's KV waits on the prefill instance to be pulled.
     assert prefill["kv_used_blocks"].iloc[2] >= 2 * blocks - 1
     ex = result.pools[0].execution
-    pull_s = ex.kv_transfer_s(1000, False, 1)
+    pull_s = lone_kv_copy_s(ex, 1000, False, 1)
     decode = it[it["replica_id"] == 1].sort_values("start_s")
     # the first request's first decode step starts no earlier than its prefill plus the pull
     assert decode["start_s"].iloc[0] >= df.loc[0, "first_token_s"] + pull_s - 1e-12

@@ -15,7 +15,7 @@ from llmsim.metrics.recorder import Recorder
 from llmsim.request import Request, RequestStatus
 from llmsim.run import run_experiment
 from llmsim.workload import build_workload
-from tests.factories import assert_nothing_lost, make_config
+from tests.factories import assert_nothing_lost, lone_kv_copy_s, make_config
 
 
 def bursty(policy: str, router: str = "round_robin", llumnix: dict | None = None, **overrides):
@@ -133,7 +133,7 @@ def test_one_migration_stage_by_stage_costs_what_the_network_model_says():
     last = stats.downtime_s
 
     def copy_s(num_tokens):  # one copy alone on the InfiniBand links
-        return src.execution.kv_transfer_s(num_tokens, True, dst.execution.plan.num_gpus)
+        return lone_kv_copy_s(src.execution, num_tokens, True, dst.execution.plan.num_gpus)
 
     assert copy_s(1) <= last <= copy_s(2 * 16)
     assert last < 0.01 < copy_s(seen["computed_at_start"])

@@ -57,12 +57,8 @@ class DistServe:
         """The decode instance admitted ``r`` (blocks and a batch slot held): copy the KV it lacks."""
         prefill = self.parked_on.pop(r.id)
         self.in_transfer[r.id] = r
-        ex = prefill.execution
-        bandwidth, latency_s = ex.kv_link(self.inter_node)
-        self.network.copy((prefill.id, ex.plan.num_gpus), (decode.id, decode.execution.plan.num_gpus),
-                          (r.num_computed_tokens - cached_tokens) * ex.model.kv_bytes_per_token(), bandwidth,
-                          latency_s, "inter_node" if self.inter_node else "intra_node",
-                          lambda: self._landed(prefill, decode, r))
+        self.network.copy_kv(prefill, decode, r.num_computed_tokens - cached_tokens, self.inter_node,
+                             lambda: self._landed(prefill, decode, r))
 
     def _landed(self, prefill: Replica, decode: Replica, r: Request) -> None:
         if self.in_transfer.pop(r.id, None) is None:  # the client gave up meanwhile: its blocks come back

@@ -172,11 +172,7 @@ def migration_transfer(gpus_per_node: int, gpus_per_replica: int, link: str, net
             inter_node = gpus_per_replica > gpus_per_node or node(src) != node(dst)
         else:
             inter_node = link == "inter_node"
-        ex = src.execution
-        bandwidth, latency_s = ex.kv_link(inter_node)
         # Urgent, like arrivals: a copy landing exactly at an iteration boundary is seen by that boundary.
-        network.copy((src.id, ex.plan.num_gpus), (dst.id, dst.execution.plan.num_gpus),
-                     num_tokens * ex.model.kv_bytes_per_token(), bandwidth, latency_s,
-                     "inter_node" if inter_node else "intra_node", on_landed, urgent=True)
+        network.copy_kv(src, dst, num_tokens, inter_node, on_landed, urgent=True)
 
     return transfer

@@ -6,16 +6,19 @@ moves at most ``min(G_src, G_dst) x bandwidth`` (its GPU pairs move their shards
 overlap in time share those capacities max-min fairly (progressive filling: the most contended link sets the
 rate of every copy on it, the capacity they leave goes to the others), recomputed whenever a copy starts or
 finishes. A copy's bytes drain at its rate and it lands the link's latency after its last byte. A copy alone on
-its links takes ``latency + bytes / (min(G_src, G_dst) x bandwidth)``, as ``ExecutionModel.kv_transfer_s``
-has it; inside a node and across nodes are separate links.
+its links takes ``latency + bytes / (min(G_src, G_dst) x bandwidth)``; inside a node and across nodes are
+separate links.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from llmsim.clock import Clock
+
+if TYPE_CHECKING:
+    from llmsim.cluster.replica import Replica
 
 
 @dataclass(eq=False)
@@ -74,6 +77,16 @@ class Network:
         self.active.append(c)
         self.stats.max_concurrent = max(self.stats.max_concurrent, len(self.active))
         self._reschedule()
+
+    def copy_kv(self, src: Replica, dst: Replica, num_tokens: int, inter_node: bool,
+                on_landed: Callable[[], None], urgent: bool = False) -> None:
+        """Copy ``num_tokens`` tokens of KV cache from instance ``src`` to ``dst`` over the link a KV copy from
+        ``src`` crosses (``ExecutionModel.kv_link``: inside a node, or across nodes with ``inter_node``)."""
+        ex = src.execution
+        bandwidth, latency_s = ex.kv_link(inter_node)
+        self.copy((src.id, ex.plan.num_gpus), (dst.id, dst.execution.plan.num_gpus),
+                  num_tokens * ex.model.kv_bytes_per_token(), bandwidth, latency_s,
+                  "inter_node" if inter_node else "intra_node", on_landed, urgent)
 
     def _drain_to(self, now: float) -> None:
         elapsed = now - self._updated_s

@@ -358,12 +358,3 @@ class ExecutionModel:
         link = self.hardware.inter_node if inter_node else self.hardware.intra_node
         f = self.time_factors["collective"]
         return link.bandwidth_bytes_per_s / f, link.latency_s * f
-
-    def kv_transfer_s(self, num_tokens: int, inter_node: bool, dst_num_gpus: int) -> float:
-        """Time to move ``num_tokens`` of KV cache to an instance of ``dst_num_gpus`` GPUs (DistServe's hand-off,
-        Llumnix's migration): each GPU pair moves its shard in parallel, so the side with fewer GPUs sets the
-        number of parallel links."""
-        num_bytes = num_tokens * self.model.kv_bytes_per_token()
-        link = self.hardware.inter_node if inter_node else self.hardware.intra_node
-        links = min(self.plan.num_gpus, dst_num_gpus)
-        return (link.latency_s + num_bytes / (link.bandwidth_bytes_per_s * links)) * self.time_factors["collective"]
