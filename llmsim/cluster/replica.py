@@ -116,14 +116,12 @@ class Replica:
             del self.pending[held]
         else:
             self.scheduler.abort(request)
-        request.status = RequestStatus.TIMED_OUT
-        request.reject_reason = reason
-        self.num_outstanding -= 1
-        self.recorder.request(request, "timed_out")
+        self.abandon(request, reason)
 
     def abandon(self, request: Request, reason: str) -> None:
-        """The client gave up on a request whose KV is still on its way here (DistServe's pull): it leaves now;
-        its reservation is given back when the copy lands."""
+        """The client gave up on ``request``, which is in none of this replica's queues (``abort`` took it out,
+        or its KV is still on its way here in DistServe's pull, whose reservation is given back when the copy
+        lands): it leaves now."""
         request.status = RequestStatus.TIMED_OUT
         request.reject_reason = reason
         self.num_outstanding -= 1
