@@ -80,8 +80,9 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     step_requests = pd.concat(step_request_frames, ignore_index=True)
     step_requests.to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
     step_check_plot(step_requests, out / "e2e_step_check.png")
-    overload_check(table, {name: n for name, _, _, _, n, _ in notes}).to_csv(out / "e2e_overload.csv", index=False)
-    text = report(table, engine_table, list(fits.values()), notes, device, root) + step_check_report(steps)
+    check = overload_check(table, {name: n for name, _, _, _, n, _ in notes})
+    check.to_csv(out / "e2e_overload.csv", index=False)
+    text = report(table, engine_table, check, list(fits.values()), notes, device, root) + step_check_report(steps)
     if samples:
         bounds = pd.concat(interval_frames, ignore_index=True)
         bounds.to_csv(out / "e2e_intervals.csv", index=False)
@@ -200,8 +201,9 @@ def overload_check(table: pd.DataFrame, num_requests: dict[str, int]) -> pd.Data
                                        "measured_overloaded", "predicted_overloaded", "passes"])
 
 
-def report(table: pd.DataFrame, engine_table: pd.DataFrame, fits: list[FrontendFit], notes: list, device: str,
-           root: Path) -> str:
+def report(table: pd.DataFrame, engine_table: pd.DataFrame, check: pd.DataFrame, fits: list[FrontendFit],
+           notes: list, device: str, root: Path) -> str:
+    """The markdown report: ``check`` is ``overload_check``'s table (written to ``e2e_overload.csv`` too)."""
     lines = [f"# End-to-end validation on {device}", "",
              f"Runs from `{root}`. The kernels are fitted on kernel measurements, not on these runs. The one "
              "parameter fitted at this level, the front end's latency per request (`cluster.frontend_latency_s`), "
@@ -223,7 +225,6 @@ def report(table: pd.DataFrame, engine_table: pd.DataFrame, fits: list[FrontendF
     for metric, r in both.iterrows():
         lines.append(f"| {metric} | {r['mean']:.1%} | {r['median']:.1%} | {r['mean_engine']:.1%} | "
                      f"{r['median_engine']:.1%} | {int(r['count'])} |")
-    check = overload_check(table, {name: n for name, _, _, _, n, _ in notes})
     lines += ["", f"Overload check (stage `all`; overloaded: at least {OVERLOADED_SHARE:.0%} of the requests timed "
               "out; an overloaded run passes when the predicted timeouts are within 2x of the measured ones, a run "
               f"that kept up when the replay keeps up too): {int(check['passes'].sum())} of {len(check)} pass.", "",
