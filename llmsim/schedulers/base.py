@@ -258,6 +258,17 @@ class Scheduler:
         self.blocks.allocate(request, num_new_tokens if reserve_tokens is None else reserve_tokens)
         self._start(request, num_new_tokens, out)
 
+    def _admit_from(self, request: Request, hit: PrefixHit, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        """Move the head of the waiting queue into the batch from its cached prefix ``hit`` (taken as computed)
+        with ``num_new_tokens`` of prefill, its blocks allocated as vLLM's ``allocate_slots`` does; False,
+        changing nothing, when they do not fit."""
+        if not self.blocks.allocate_slots(request, hit, num_new_tokens):
+            return False
+        if request.num_cached_tokens < 0:  # the first admission's hit is the one reported
+            request.num_cached_tokens = hit.num_tokens
+        self._start(request, num_new_tokens, out)
+        return True
+
     def _start(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
         """The head of the waiting queue, its blocks allocated, joins the batch with ``num_new_tokens``."""
         self.waiting.popleft()

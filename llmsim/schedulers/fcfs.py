@@ -38,12 +38,9 @@ class FCFSScheduler(Scheduler):
         if hit is NO_HIT:
             super()._admit(request, num_new_tokens, out, reserve_tokens)
             return
-        # Its cached prefix is taken as computed; the prefill runs the rest (vLLM's allocate_slots).
-        if not self.blocks.allocate_slots(request, hit, num_new_tokens):
+        # Its cached prefix is taken as computed; the prefill runs the rest.
+        if not self._admit_from(request, hit, num_new_tokens, out):
             raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
-        if request.num_cached_tokens < 0:
-            request.num_cached_tokens = hit.num_tokens
-        self._start(request, num_new_tokens, out)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -66,13 +66,10 @@ class SarathiScheduler(Scheduler):
                 total = hit.num_tokens + prompt
                 if not blocks.can_admit_from(hit, total):
                     break
-                # The cached prefix is taken as computed and this chunk's blocks allocated (vLLM's
-                # allocate_slots); the rest of the prompt's blocks are held now too, cached only as chunks fill them.
-                if not blocks.allocate_slots(request, hit, n):
+                # The cached prefix is taken as computed and this chunk's blocks allocated; the rest of the
+                # prompt's blocks are held now too, cached only as chunks fill them.
+                if not self._admit_from(request, hit, n, out):
                     raise RuntimeError(f"request {request.id}: admitted without room for its prompt")
                 blocks.grow_to(request, blocks.blocks_for(total), hit.num_tokens + n)
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = hit.num_tokens
-                self._start(request, n, out)
             budget -= n
         return out

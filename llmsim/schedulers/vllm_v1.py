@@ -96,10 +96,7 @@ class VLLMV1Scheduler(Scheduler):
                     break
                 self._admit(request, n, out)
             else:
-                if not blocks.allocate_slots(request, hit, n):
+                if not self._admit_from(request, hit, n, out):
                     break
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = hit.num_tokens
-                self._start(request, n, out)
             budget -= n
         return out
