@@ -167,8 +167,8 @@ class SchedulerConfig(_Strict):
     chunk_size: int = Field(default=512, ge=1)  # sarathi: token budget per iteration
     # vllm_v1: a prefill takes at most this many tokens a step (0: no limit), so long prompts share the budget.
     long_prefill_token_threshold: int = Field(default=0, ge=0)
-    # Reuse the KV of cached prefixes (vLLM's --enable-prefix-caching). Default: on for vllm_v1, as in vLLM;
-    # modelled for vllm_v1 only.
+    # Reuse the KV of cached prefixes (vLLM's --enable-prefix-caching). Default: on for vllm_v1, as in vLLM V1;
+    # off for fcfs and sarathi, as in vLLM v0.
     enable_prefix_caching: bool | None = None
     block_size: int = Field(default=16, ge=1)  # tokens per KV block
     preemption: Literal["recompute", "swap"] = "recompute"
@@ -216,6 +216,15 @@ class SchedulerConfig(_Strict):
             raise ValueError(f"enable_prefix_caching is not modelled for the {self.name} scheduler")
         if self.async_scheduling and self.name != "vllm_v1":
             raise ValueError(f"async_scheduling is modelled for the vllm_v1 scheduler only, not {self.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_covers_sequences(self) -> "SchedulerConfig":
+        # vLLM refuses to start with a smaller budget (``SchedulerConfig``, V1 and v0 alike): each running
+        # sequence needs a token of it every step. Sarathi-Serve's budget is ``chunk_size``.
+        if self.name in ("vllm_v1", "fcfs") and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is below max_num_seqs "
+                             f"({self.max_num_seqs}); vLLM requires max_num_batched_tokens >= max_num_seqs")
         return self
 
     @property

@@ -125,6 +125,11 @@ CASES = {
     "negative seed": (lambda tmp: _experiment(tmp, seed=-1), "seed"),
     "TP not dividing heads": (lambda tmp: _experiment(tmp, parallel={"tp": 3}), "3 does not divide"),
     "PP beyond the layers": (lambda tmp: _experiment(tmp, parallel={"pp": 64}), "64 stages for"),
+    # vLLM refuses to start with a token budget below its sequence limit; so does the config.
+    "budget below the sequence limit": (lambda tmp: _experiment(tmp, scheduler={"name": "vllm_v1", "max_num_seqs": 64,
+                                                                                "max_num_batched_tokens": 32}),
+                                        "scheduler: Value error, max_num_batched_tokens (32) is below max_num_seqs "
+                                        "(64)"),
     "output path is a file": (_output_is_a_file, "is a file, not a folder"),
     # A float such as 4.5e15 reads as a whole number; building that many replicas ran out of memory.
     "replicas past any cluster": (lambda tmp: _experiment(tmp, cluster={"num_replicas": 4.5e15}),
