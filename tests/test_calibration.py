@@ -187,11 +187,12 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     assert "fit" not in set(table.loc[table["op"].isin(("attn_pre_proj", "layer (sum of ops)")), "split"])
     held = held["mape"]
     # Attention kernels, fitted on NVIDIA's measured vLLM kernels, on head layouts the fit never saw (32/8, 64/8,
-    # 40/40); bounds as the README states them (decode <= 9%; prefill, by its tiles and KV-block units: A100 <= 6%,
-    # H100 <= 8.1%, fp8 KV <= 8.8%; 14-15% with the former mean-keys model); vLLM's custom all-reduce on the
+    # 40/40); bounds as the README states them (decode <= 9%; prefill, by its tiles and KV-block units: A100 <= 4%
+    # (5.1% before its single-token batches paid the packing copies), H100 <= 8.1%, fp8 KV <= 8.8%; 14-15% with
+    # the former mean-keys model); vLLM's custom all-reduce on the
     # held-out 8 GPUs, with its one- or two-stage kernel by size and a barrier latency per peer: <= 10% on both
     # (A100 14.3% with the sizes read as bytes and no per-peer term).
-    assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= (0.06 if device == "a100-80gb" else 0.081), held
+    assert held["attn_decode"] <= 0.09 and held["attn_prefill"] <= (0.04 if device == "a100-80gb" else 0.081), held
     if device == "h100-sxm":
         assert held["attn_prefill (8-bit KV)"] <= 0.088, held
     assert held["all_reduce (vLLM custom)"] <= 0.10
@@ -215,6 +216,13 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
         at = {(int(b), int(k)): rows.measured_s[i] for i, b, k in zip(np.flatnonzero(short), rows.batch[short],
                                                                        rows.kv_heads[short])}
         assert at[(2, 2)] - at[(1, 2)] > 4e-6 and abs(at[(2, 1)] - at[(1, 1)]) < 1e-6
+        # Prefill batches of one new token per sequence take the same packed path and show the same step (8 query
+        # heads over 2 KV heads: ~12.2 us at batch 1, ~18 us from batch 2); charged the copies, those rows of 2+
+        # sequences over 2+ KV heads are within 5% (35%, predicted fast, without).
+        prefill = (rows.kind == "attention_prefill") & rows.single_token
+        packed = prefill & (rows.batch >= 2) & (rows.kv_heads >= 2) & ~rows.mha
+        assert profile.prefill_attention.swapped_copy_s > 0
+        assert packed.sum() > 150 and np.abs(err[packed]).mean() <= 0.05, np.abs(err[packed]).mean()
     if device == "h100-sxm":
         # vLLM's fused MoE, fitted with a curve for its tuned and one for its default kernel configurations, on
         # Mixtral's expert shape, which the fit never saw (every TP held out): tuned shapes (TP 2-8) <= 7%, the

@@ -145,6 +145,38 @@ def test_flash_attention_2_packing_copies_cost_where_the_reshape_copies():
     assert llama3.decode_run(37, 37000, 3)[0] == [llama3.decode_iteration(37, 37000 + 37 * j).time_s for j in range(3)]
 
 
+def test_flash_attention_2_packs_a_prefill_batch_of_single_tokens_with_the_same_copies():
+    """A prefill batch whose chunks are all one token (prefix-cache hits that leave one token to compute) takes
+    FlashAttention 2's packed single-token path too, and pays its copies where a decode would: 2+ sequences over
+    2+ KV heads of a GQA model; not with a longer chunk in the batch, one sequence, MHA, or on H100."""
+    fit = A100.prefill_attention
+    assert not fit.pack_gqa and fit.swapped_copy_s > 0
+    plain_profile = A100.model_copy(update={"prefill_attention": fit.model_copy(update={"swapped_copy_s": None})})
+    bw = A100.memory_bandwidth_bytes_per_s
+
+    def attention_s(ex, chunks):
+        op = ops.prefill_attention(ex.shapes, chunks)
+        return ex._prefill_attention_s(op, chunks)
+
+    llama3, plain = (ExecutionModel(load_model("Llama-3-8B"), p, ParallelPlan(tp=1)) for p in (A100, plain_profile))
+    s = llama3.shapes
+    ones = ((1, 700), (1, 1500), (1, 90))
+    copy_s = fit.swapped_copy_s + 4.0 * 3 * s.num_heads * s.head_dim * s.dtype_bytes / bw
+    assert attention_s(llama3, ones) == pytest.approx(attention_s(plain, ones) + copy_s, rel=1e-12)
+    for chunks in (((1, 700),), ((1, 700), (2, 1500))):  # one sequence: a view; a 2-token chunk: no packing
+        assert attention_s(llama3, chunks) == attention_s(plain, chunks)
+    for model, tp in (("Llama-2-7B", 1), ("Llama-3-70B", 8)):  # MHA; one KV head per GPU (a view)
+        assert attention_s(ExecutionModel(load_model(model), A100, ParallelPlan(tp=tp)), ones) == \
+            attention_s(ExecutionModel(load_model(model), plain_profile, ParallelPlan(tp=tp)), ones)
+    # FlashAttention 3 (H100) packs inside the kernel: no copies even with a copy cost in its fit.
+    h100 = load_profile("h100-sxm")
+    with_copies = h100.model_copy(update={"prefill_attention": h100.prefill_attention.model_copy(
+        update={"swapped_copy_s": 1e-5})})
+    assert h100.prefill_attention.pack_gqa
+    assert attention_s(ExecutionModel(load_model("Llama-3-8B"), with_copies, ParallelPlan(tp=1)), ones) == \
+        attention_s(ExecutionModel(load_model("Llama-3-8B"), h100, ParallelPlan(tp=1)), ones)
+
+
 @pytest.mark.parametrize("profile", [A100, A100.model_copy(update={"decode_attention": None, "prefill_attention": None})],
                          ids=["fitted attention", "roofline attention"])
 def test_time_factors_scale_each_kernel_group_and_nothing_else(profile):

@@ -190,27 +190,34 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
     """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa``: set by hand with their source) is kept from
-    the profile's fit; the rest is fitted."""
+    the profile's fit; the rest is fitted, and without ``pack_gqa`` (FlashAttention 2) the packed single-token GQA
+    rows with copies their ``swapped_copy_s``."""
     y = rows.measured_s[mask]
     if profile.prefill_attention is None:
         raise ConfigError(f"profile {profile.name}: prefill_attention needs its kernel geometry (block_m, block_n, "
                           "pack_gqa) before calibration can fit the rest; see the shipped h100-sxm.yaml")
     geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa"})
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
+    copies = not geometry["pack_gqa"] and bool(
+        (rows.single_token & (rows.batch >= 2) & (rows.kv_heads >= 2) & ~rows.mha)[mask].any())
 
-    def fit_of(x):  # overhead and per-tile cost in microseconds for the optimiser
-        return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, x[1] * 1e-6, *x[2:]))),
-                                                   **geometry)
+    def fit_of(x):  # overhead, per-tile cost and copies' fixed cost in microseconds for the optimiser
+        return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, x[1] * 1e-6, *x[2:7]))),
+                                                   swapped_copy_s=x[7] * 1e-6 if copies else None, **geometry)
 
     def residuals(x):
         return np.log(prefill_s(profile, rows, mask, fit_of(x)) / y)
 
+    x0 = [10.0, 1.0, 0.6, 2.0, 0.5, 4.0, 1.5]
     lower, upper = [0.0, 0.0, 0.05, 1.0, 0.01, 0.0, 1.0], [200.0, 100.0, 1.0, 20.0, 1.0, 1e4, 8.0]
-    fit = least_squares(residuals, [10.0, 1.0, 0.6, 2.0, 0.5, 4.0, 1.5], bounds=(lower, upper), loss="soft_l1",
-                        f_scale=_LOSS_SCALE)
+    if copies:
+        x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
+    fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [round(float(v), 4) for v in fit.x]
+    extra = {"swapped_copy_s": round(x[7] * 1e-6, 9)} if copies else {}
     return PrefillAttentionFit(overhead_s=round(x[0] * 1e-6, 9), tile_s=round(x[1] * 1e-6, 9), max_eff=x[2],
-                               path_softness=x[3], memory_eff=x[4], half_heads=x[5], softness=x[6], **geometry)
+                               path_softness=x[3], memory_eff=x[4], half_heads=x[5], softness=x[6], **extra,
+                               **geometry)
 
 
 def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> DecodeAttentionFit:

@@ -16,8 +16,8 @@ import pandas as pd
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency, split_k_sms
-from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, decode_swap_copy_s,
-                                      prefill_attention_s)
+from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
+                                      swap_copy_s)
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
@@ -122,6 +122,8 @@ class Rows:
         self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
         self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
         self.mha = np.zeros(n, dtype=bool)  # attention rows: as many KV heads as query heads on the GPU
+        # Prefill-attention rows of one new token per sequence (FlashAttention 2 packs their GQA groups).
+        self.single_token = (self.df["op"] == "attn_prefill").to_numpy() & (self.df["seq_len"] == 1).to_numpy()
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
         for i, row in enumerate(self.df.itertuples(index=False)):
             if is_collective[i]:
@@ -261,9 +263,16 @@ def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarra
 
 def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillAttentionFit) -> np.ndarray:
     tiles, units, longest = (a[m] for a in rows.prefill_grid(fit))
+    # FlashAttention 2's packing copies on batches of single-token queries, as the execution model charges them
+    # (16-bit queries: an 8-bit KV cache keeps them).
+    copy_s = 0.0
+    if not fit.pack_gqa:
+        copy_s = np.where(rows.single_token[m], swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m],
+                                                            rows.kv_heads[m], rows.num_heads[m], rows.head_dim[m], 2),
+                          0.0)
     return prefill_attention_s(fit, profile.num_sms, peak_flops(profile, rows, m),
                                profile.memory_bandwidth_bytes_per_s, rows.num_bytes[m], rows.head_dim[m],
-                               rows.num_heads[m], tiles, units, longest)
+                               rows.num_heads[m], tiles, units, longest, copy_s)
 
 
 def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:
@@ -273,6 +282,6 @@ def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> n
     rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
                               rows.mha[m])
     # The measured decode kernels are pure-decode batches with 16-bit queries (an 8-bit KV cache keeps them).
-    copy_s = decode_swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
+    copy_s = swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
                                 rows.num_heads[m], rows.head_dim[m], 2)
     return decode_attention_s(fit, stream, rows.num_bytes[m], rate, rows.mha[m], copy_s)

@@ -15,8 +15,8 @@ from typing import NamedTuple
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.cpu_overhead import CpuOverhead
-from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s, decode_swap_copy_s,
-                                       prefill_attention_s)
+from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s, prefill_attention_s,
+                                       swap_copy_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
@@ -239,15 +239,19 @@ class ExecutionModel:
             return self.op_cost(op)
         s = self.shapes
         tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
+        copy_s = 0.0
+        if not fit.pack_gqa and fit.swapped_copy_s is not None and all(new == 1 for new, _ in chunks):
+            # FlashAttention 2's packed single-token path (FlashAttention 3 packs inside the kernel)
+            copy_s = swap_copy_s(fit, self.bandwidth, len(chunks), s.kv_heads, s.num_heads, s.head_dim, s.dtype_bytes)
         time_s = prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
-                                     s.head_dim, s.num_heads, tiles, units, longest)
+                                     s.head_dim, s.num_heads, tiles, units, longest, copy_s)
         return time_s * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int, pure: bool = True) -> tuple[float, float, float]:
         """``ops.decode_attention`` through ``op_cost``, over all layers, with the per-batch-size constants
         cached: decode runs evaluate this once per step, so it is the hottest arithmetic in the simulator.
         ``pure``: a step of decodes only (the kernel's fixed cost then includes the packing copies of
-        ``hardware.attention.decode_swap_copy_s``, where the kernel makes them)."""
+        ``hardware.attention.swap_copy_s``, where the kernel makes them)."""
         c = self._decode_attn_cache.get(num_decode)
         if c is None:
             c = self._decode_attention_constants(num_decode)
@@ -280,7 +284,7 @@ class ExecutionModel:
                 s = self.shapes
                 kv_heads, mha = s.kv_heads, s.mha
                 overhead_s = decode_overhead_s(fit, mha)
-                copy_s = decode_swap_copy_s(fit, self.bandwidth, num_decode, kv_heads, s.num_heads, s.head_dim,
+                copy_s = swap_copy_s(fit, self.bandwidth, num_decode, kv_heads, s.num_heads, s.head_dim,
                                             s.dtype_bytes)
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),

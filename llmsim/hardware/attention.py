@@ -12,9 +12,10 @@ from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
 def prefill_attention_s(fit: PrefillAttentionFit, num_sms: int, peak: float, bandwidth: float, num_bytes, head_dim,
-                        num_heads, tiles, units, max_units):
+                        num_heads, tiles, units, max_units, copy_s=0.0):
     """``num_heads``: query heads on the GPU; ``tiles``, ``units``, ``max_units``: the batch's grid
-    (``execution.ops.prefill_attention_grid``)."""
+    (``execution.ops.prefill_attention_grid``); ``copy_s``: ``swap_copy_s`` where the batch takes FlashAttention
+    2's packed single-token path (0 elsewhere)."""
     unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * num_sms / (peak * fit.max_eff)
     bulk = (tiles * fit.tile_s + units * unit_s) / num_sms
     path = fit.tile_s + max_units * unit_s
@@ -22,7 +23,7 @@ def prefill_attention_s(fit: PrefillAttentionFit, num_sms: int, peak: float, ban
     compute = (bulk ** q + path ** q) ** (1.0 / q)
     memory = num_bytes * (num_heads + fit.half_heads) / (bandwidth * fit.memory_eff * num_heads)
     p = fit.softness
-    return fit.overhead_s + (compute ** p + memory ** p) ** (1.0 / p)
+    return (fit.overhead_s + copy_s) + (compute ** p + memory ** p) ** (1.0 / p)
 
 
 def decode_stream_s(fit: DecodeAttentionFit, num_decode, kv_heads):
@@ -52,21 +53,22 @@ def decode_overhead_s(fit: DecodeAttentionFit, mha=False):
     return fit.mha_overhead_s if mha else fit.overhead_s
 
 
-def decode_swap_copy_s(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads, num_heads, head_dim,
-                       dtype_bytes):
-    """The two copies FlashAttention 2 makes around a GQA decode it packs (``DecodeAttentionFit.swapped_copy_s``):
-    where there are 2+ sequences and 2+ KV heads per GPU and fewer KV than query heads, a fixed cost plus q and
-    the output read and written once each at ``bandwidth`` (scalars, or arrays in calibration)."""
+def swap_copy_s(fit: DecodeAttentionFit | PrefillAttentionFit, bandwidth: float, num_seqs, kv_heads, num_heads,
+                head_dim, dtype_bytes):
+    """The two copies FlashAttention 2 makes around a batch of single-token queries it packs (a decode, or a
+    prefill batch of one new token each; the fit's ``swapped_copy_s``): where there are 2+ sequences and 2+ KV
+    heads per GPU and fewer KV than query heads, a fixed cost plus q and the output read and written once each
+    at ``bandwidth`` (scalars, or arrays in calibration)."""
     if fit.swapped_copy_s is None:
-        return 0.0 * num_decode
-    copied = (num_decode >= 2) & (kv_heads >= 2) & (kv_heads < num_heads)
-    copy_s = fit.swapped_copy_s + 4.0 * num_decode * num_heads * head_dim * dtype_bytes / bandwidth
+        return 0.0 * num_seqs
+    copied = (num_seqs >= 2) & (kv_heads >= 2) & (kv_heads < num_heads)
+    copy_s = fit.swapped_copy_s + 4.0 * num_seqs * num_heads * head_dim * dtype_bytes / bandwidth
     if hasattr(copied, "shape"):  # numpy arrays (calibration)
         return np.where(copied, copy_s, 0.0)
     return copy_s if copied else 0.0
 
 
 def decode_attention_s(fit: DecodeAttentionFit, stream_s, num_bytes, memory_rate, mha=False, copy_s=0.0):
-    """``copy_s``: ``decode_swap_copy_s`` of a pure-decode step (0 for decodes in a mixed step)."""
+    """``copy_s``: ``swap_copy_s`` of a pure-decode step (0 for decodes in a mixed step)."""
     p = fit.softness
     return (decode_overhead_s(fit, mha) + copy_s) + (stream_s ** p + (num_bytes / memory_rate) ** p) ** (1.0 / p)

@@ -101,7 +101,9 @@ class PrefillAttentionFit(_Frozen):
     queries, writing its output); ``H``: query heads on the GPU (the fitted memory traffic runs slower with few:
     layouts of 1-4 heads move their bytes at a third to two thirds of the rate of 32-64); ``p`` (``softness``):
     how much compute and memory traffic overlap. ``block_m``, ``block_n`` and ``pack_gqa`` are the kernel's, set by
-    hand with their source, and ``num_sms`` the profile's; the rest is fitted."""
+    hand with their source, and ``num_sms`` the profile's; the rest is fitted. ``swapped_copy_s``: without
+    ``pack_gqa``, a batch of single-token queries goes FlashAttention 2's packed path, whose q and output copies
+    cost what they cost a decode (``DecodeAttentionFit.swapped_copy_s``; fitted on these rows, None: no copies)."""
 
     overhead_s: float = Field(ge=0)
     tile_s: float = Field(ge=0)
@@ -113,6 +115,7 @@ class PrefillAttentionFit(_Frozen):
     block_m: int = Field(ge=1)
     block_n: int = Field(ge=1)
     pack_gqa: bool
+    swapped_copy_s: float | None = Field(default=None, ge=0)
 
 
 class DecodeAttentionFit(_Frozen):
@@ -135,7 +138,7 @@ class DecodeAttentionFit(_Frozen):
     [batch x group, kv_heads, head_dim] and the output goes back after the kernel), which is a view only when the
     batch or the KV heads are 1; otherwise both tensors are copied, two more kernels per layer. A GQA decode of 2+
     sequences over 2+ KV heads per GPU then pays ``swapped_copy_s`` plus the copies' bytes (q and the output, each
-    read and written, at the activations' width) at HBM bandwidth (``hardware/attention.decode_swap_copy_s``).
+    read and written, at the activations' width) at HBM bandwidth (``hardware/attention.swap_copy_s``).
     Only pure-decode steps take this path (``max_seqlen_q == 1``)."""
 
     overhead_s: float = Field(ge=0)
