@@ -177,15 +177,12 @@ def _cmd_calibrate_cpu(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_e2e(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from llmsim.e2e.workflow import summary, validate_e2e
 
     out = Path(args.out)
-    table = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
-                         on_run=lambda name: print(f"replayed {name}", flush=True), intervals=args.intervals)
+    table, check = validate_e2e(Path(args.dir), args.device, out, args.runs, args.max_requests,
+                                on_run=lambda name: print(f"replayed {name}", flush=True), intervals=args.intervals)
     print(summary(table).to_string(float_format=lambda v: f"{v:.3f}"))
-    check = pd.read_csv(out / "e2e_overload.csv")
     failed = check.loc[~check["passes"], "experiment"].tolist()
     print(f"overload check: {int(check['passes'].sum())} of {len(check)} runs pass"
           + (f" (not: {', '.join(failed)})" if failed else ""))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +18,7 @@ from llmsim.errors import ConfigError
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo, summarize
 from llmsim.request import Request
+from llmsim.results_folder import write_folder
 from llmsim.version import code_version
 from llmsim.workload import build_workload
 from llmsim.workload.conversations import ClosedLoop
@@ -32,16 +32,17 @@ def resolved_config(cfg: ExperimentConfig) -> dict:
 RESULT_FILES = ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml")
 
 
-def prepare_output(out: Path) -> None:
-    """The results folder exists (or is created) and is writable -- checked before the simulation runs."""
+def prepare_output(out: Path, setting: str = "output_dir") -> None:
+    """The results folder exists (or is created) and is writable -- checked before the simulation runs.
+    ``setting``: what the user set it with, for the error."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} is a file, not a folder")
+        raise ConfigError(f"{setting}: {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot write to {out}: {exc.strerror}") from None
 
 
 def first_request(requests: Iterator[Request], cfg: ExperimentConfig) -> Iterator[Request]:
@@ -113,28 +114,16 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
 
 
 def write_results(out: Path, cfg: ExperimentConfig, requests, rec, summary: dict) -> None:
-    """Complete or absent, never mixed: ``config.yaml`` (what a resumed sweep checks) goes first, every file is
-    written beside its place and renamed into it, and ``config.yaml`` comes back last. A run killed half-way
-    leaves no ``config.yaml``, so nothing counts it as done."""
-    (out / "config.yaml").unlink(missing_ok=True)
-    staged = {}
-
-    def stage(name: str, write) -> None:
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        write(tmp)
-        staged[name] = tmp
-
-    stage("requests.parquet", lambda p: requests.to_parquet(p, index=False))
+    """Complete or absent, never mixed (``results_folder.write_folder``): ``config.yaml`` (what a resumed sweep
+    checks) goes first and comes back last, so a run killed half-way leaves no ``config.yaml`` and nothing counts
+    it as done."""
+    files = {"requests.parquet": lambda p: requests.to_parquet(p, index=False)}
     if rec.record_iterations:
         iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
-        stage("iterations.parquet", lambda p: iterations.reset_index(drop=True).to_parquet(p, index=False))
-    else:
-        (out / "iterations.parquet").unlink(missing_ok=True)  # a stale one from an earlier run
-    stage("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-    stage("config.yaml", lambda p: p.write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False)))
-    for name in RESULT_FILES:
-        if name in staged:
-            os.replace(staged[name], out / name)
+        files["iterations.parquet"] = lambda p: iterations.reset_index(drop=True).to_parquet(p, index=False)
+    files["summary.json"] = lambda p: p.write_text(json.dumps(summary, indent=2))
+    files["config.yaml"] = lambda p: p.write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    write_folder(out, files, marker="config.yaml", stale=[n for n in RESULT_FILES if n not in files])
 
 
 def _prefill_flops(execution):

@@ -145,6 +145,33 @@ def test_max_requests_slices_each_run(tmp_path):
     assert table.loc[("all", "request_throughput"), "measured"] > 4.0
 
 
+def test_the_output_folder_is_complete_or_absent(tmp_path, capsys, monkeypatch):
+    """validate-e2e writes its files beside their places and renames them in, e2e_errors.csv last: a run killed
+    while writing leaves no e2e_errors.csv (nor its temporary files), a run without --intervals takes away an
+    earlier run's e2e_intervals.csv, and an --out that cannot be a folder is refused before any replay."""
+    out = tmp_path / "o"
+    args = ["validate-e2e", str(SLICE), "--max-requests", "50", "--out", str(out)]
+    assert main([*args, "--intervals", "2"]) == 0
+    assert (out / "e2e_intervals.csv").exists()
+    assert main(args) == 0
+    assert not (out / "e2e_intervals.csv").exists() and (out / "e2e_errors.csv").exists()
+
+    def killed(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr("llmsim.e2e.workflow.parity_plot", killed)
+        assert main(args) == 2
+    assert "--out: writing the results to" in capsys.readouterr().err
+    assert not (out / "e2e_errors.csv").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    (tmp_path / "f").write_text("x")
+    assert main([*args[:-1], str(tmp_path / "f")]) == 2
+    printed = capsys.readouterr()
+    assert "--out: " in printed.err and "is a file, not a folder" in printed.err and "replayed" not in printed.out
+
+
 def _run(name: str, model: str, measured_ttft: list[float], errors: int = 0):
     requests = [{"arrival_time_us": i, "input_tokens": 10, "output_tokens": 5, "has_error": False}
                 for i in range(len(measured_ttft))]

@@ -20,6 +20,8 @@ from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_
 from llmsim.e2e.step_check import step_ratios, summarize
 from llmsim.e2e.vllm_bench import bench_names, load_bench_run
 from llmsim.errors import ConfigError
+from llmsim.results_folder import write_folder
+from llmsim.run import prepare_output
 
 HEADLINE = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "request_throughput", "errors")
 
@@ -34,9 +36,12 @@ def truncate(run: MeasuredRun, max_requests: int) -> MeasuredRun:
 
 
 def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = None,
-                 max_requests: int | None = None, on_run=None, intervals: int = 0) -> pd.DataFrame:
-    """``intervals``: Monte Carlo samples of the held-out kernel errors (``llmsim.e2e.intervals``); with any,
-    also writes ``e2e_intervals.csv`` and the intervals' coverage in the report."""
+                 max_requests: int | None = None, on_run=None, intervals: int = 0
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The error table (``e2e_errors.csv``) and the overload check (``e2e_overload.csv``), both also written to
+    ``out`` with the report and plots, complete or absent. ``intervals``: Monte Carlo samples of the held-out
+    kernel errors (``llmsim.e2e.intervals``); with any, also writes ``e2e_intervals.csv`` and the intervals'
+    coverage in the report."""
     names = [(n, load_run) for n in find_runs(root)] + [(n, load_bench_run) for n in bench_names(root)]
     if not names:
         raise ConfigError(f"{root / 'bench'}: no <exp>.json vllm bench serve results")
@@ -45,6 +50,7 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
         if not names:
             raise ConfigError(f"--runs {' '.join(select)}: matches no run in {root}")
     runs = [load(root, n) for n, load in names]  # read and check everything before the long part
+    prepare_output(out, "--out")
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
     ratios = held_out_ratios(device) if intervals else {}
@@ -72,24 +78,30 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
             on_run(run.name)
     table = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     engine_table = pd.concat(engine_frames, ignore_index=True)[list(COLUMNS)]
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "e2e_errors.csv", index=False)
-    engine_table.to_csv(out / "e2e_errors_engine_only.csv", index=False)
     steps = pd.concat(step_frames, ignore_index=True)
-    steps.to_csv(out / "e2e_step_check.csv", index=False)
     step_requests = pd.concat(step_request_frames, ignore_index=True)
-    step_requests.to_csv(out / "e2e_step_check_requests.csv.gz", index=False)
-    step_check_plot(step_requests, out / "e2e_step_check.png")
     check = overload_check(table, {name: n for name, _, _, _, n, _ in notes})
-    check.to_csv(out / "e2e_overload.csv", index=False)
     text = report(table, engine_table, check, list(fits.values()), notes, device, root) + step_check_report(steps)
+    files = {
+        "e2e_errors_engine_only.csv": lambda p: engine_table.to_csv(p, index=False),
+        "e2e_step_check.csv": lambda p: steps.to_csv(p, index=False),
+        "e2e_step_check_requests.csv.gz": lambda p: step_requests.to_csv(p, index=False),
+        "e2e_step_check.png": lambda p: step_check_plot(step_requests, p),
+        "e2e_overload.csv": lambda p: check.to_csv(p, index=False),
+    }
     if samples:
         bounds = pd.concat(interval_frames, ignore_index=True)
-        bounds.to_csv(out / "e2e_intervals.csv", index=False)
+        files["e2e_intervals.csv"] = lambda p: bounds.to_csv(p, index=False)
         text += intervals_report(bounds, ratios, len(samples))
-    (out / "e2e_report.md").write_text(text)
-    parity_plot(table, out / "e2e_parity.png")
-    return table
+    files["e2e_report.md"] = lambda p: p.write_text(text)
+    files["e2e_parity.png"] = lambda p: parity_plot(table, p)
+    files["e2e_errors.csv"] = lambda p: table.to_csv(p, index=False)
+    # Complete or absent: e2e_errors.csv, what scripts read, appears last; an earlier run's intervals go.
+    try:
+        write_folder(out, files, marker="e2e_errors.csv", stale=[] if samples else ["e2e_intervals.csv"])
+    except OSError as exc:  # a disk that filled up during the replays
+        raise ConfigError(f"--out: writing the results to {out} failed: {exc.strerror}") from None
+    return table, check
 
 
 INTERVAL_COLUMNS = ("experiment", "stage", "metric", "predicted", "low", "high", "measured", "inside")

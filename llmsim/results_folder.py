@@ -1,0 +1,32 @@
+"""Write a results folder complete or absent, never mixed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+def write_folder(out: Path, files: dict[str, Callable[[Path], None]], marker: str, stale: Iterable[str] = ()) -> None:
+    """Write each of ``files`` (name -> a function writing that file at the path it is given) into ``out``.
+    Each is written beside its place under a temporary name (ending in its own, so that writers which read the
+    format from the suffix still do) and renamed into place once all are written. ``marker`` is the file that
+    says the folder is done (what a resumed sweep checks, or a script reads): it is removed first and renamed
+    last, so a writer killed half-way leaves the folder without it. ``stale``: files an earlier run may have left
+    that this one does not write, removed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).unlink(missing_ok=True)
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for name, write in files.items():
+            tmp = out / f".tmp-{os.getpid()}-{name}"
+            write(tmp)
+            staged[name] = tmp
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name in sorted(staged, key=lambda n: n == marker):  # the marker last
+        os.replace(staged[name], out / name)
