@@ -77,25 +77,31 @@ def _command_line(argv_name: str) -> str:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from llmsim.progress import progress
 
+    from llmsim.results_folder import write_folder
+    from llmsim.run import prepare_output
     from llmsim.sweep.execute import run_points
-    from llmsim.sweep.report import curves, goodput, table
+    from llmsim.sweep.report import CURVE_FILES, curves, goodput, table
     from llmsim.sweep.spec import load_sweep
 
     from llmsim.config import parse_overrides
 
     sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_output(root, "--out" if args.out else "output_dir")
     with progress(len(points), "point", sweep.name, args.quiet) as bar:
         summaries = run_points(root, points, args.executor, args.workers, args.address,
                                on_done=lambda point, summary: bar.update(1))
     df = table(points, summaries)
-    df.to_csv(root / "results.csv", index=False)
     target = points[0].config.slo.attainment
     best = goodput(df, sweep, target)
+    files = {"results.csv": lambda p: df.to_csv(p, index=False)}
     if not best.empty:
-        best.to_csv(root / "goodput.csv", index=False)
-    plots = curves(df, sweep, target, root)
+        files["goodput.csv"] = lambda p: best.to_csv(p, index=False)
+    plots = curves(df, sweep, target)
+    files.update(plots)
+    # The sweep's own files together, results.csv last; none left from an earlier sweep of other points.
+    write_folder(root, files, marker="results.csv", stale=[n for n in ("goodput.csv", *CURVE_FILES) if n not in files],
+                 setting="--out" if args.out else "output_dir")
     if not args.quiet:
         shown = [c for c in ("point", "attainment", "goodput_rps", "ttft_p90_s", "itl_p99_s", "j_per_output_token",
                              "error") if c in df]
@@ -105,7 +111,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(best.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     errors = int((df["error"].fillna("") != "").sum()) if "error" in df else 0
     print(f"{len(points)} points ({errors} failed) in {root}/: results.csv"
-          + (", goodput.csv" if not best.empty else "") + "".join(f", {p.name}" for p in plots))
+          + (", goodput.csv" if not best.empty else "") + "".join(f", {name}" for name in plots))
     return 0
 
 
@@ -113,16 +119,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from llmsim.progress import progress
 
     from llmsim.plan_search import load_plan_search, run_plan_search
+    from llmsim.results_folder import write_folder
+    from llmsim.run import prepare_output
 
     from llmsim.config import parse_overrides
 
     cfg, base, combos = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
+    prepare_output(out, "--out" if args.out else "output_dir")
     with progress(len(combos), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, combos, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "plans.csv", index=False)
+    write_folder(out, {"plans.csv": lambda p: df.to_csv(p, index=False)}, marker="plans.csv",
+                 setting="--out" if args.out else "output_dir")
     shown = [c for c in (*cfg.candidates, "replicas", "goodput_rate", "goodput_per_gpu", "goodput_per_dollar",
                          "goodput_per_watt", "j_per_output_token", "error") if c in df]
     print(f"{cfg.name}: {cfg.gpus} GPUs per plan, ranked by {cfg.rank_by} "
@@ -137,6 +146,9 @@ def _cmd_microbench(args: argparse.Namespace) -> int:
         from llmsim.microbench.run import main as microbench
     except ImportError as exc:
         raise LLMSimError(f"microbench needs torch: pip install -e '.[bench]' ({exc})") from None
+    from llmsim.run import prepare_output_file
+
+    prepare_output_file(Path(args.out), "--out")
     try:
         df = microbench(args.device, Path(args.out), args.grid, args.dtype, args.warmup, args.repetitions,
                         not args.no_collectives, args.quiet, args.threads)
@@ -149,7 +161,9 @@ def _cmd_microbench(args: argparse.Namespace) -> int:
 def _cmd_import_vidur(args: argparse.Namespace) -> int:
     from llmsim.calibration.measurements import write_measurements
     from llmsim.calibration.vidur import import_vidur
+    from llmsim.run import prepare_output_file
 
+    prepare_output_file(Path(args.out), "--out")
     df = import_vidur(args.root, args.device, args.node)
     write_measurements(df, args.out)
     print(f"{args.out}: {len(df)} rows ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
@@ -159,7 +173,9 @@ def _cmd_import_vidur(args: argparse.Namespace) -> int:
 def _cmd_import_aiconfigurator(args: argparse.Namespace) -> int:
     from llmsim.calibration.aiconfigurator import import_aiconfigurator
     from llmsim.calibration.measurements import write_measurements
+    from llmsim.run import prepare_output_file
 
+    prepare_output_file(Path(args.out), "--out")
     df = import_aiconfigurator(args.root, args.device, args.gpus_per_node)
     write_measurements(df, args.out)
     print(f"{args.out}: {len(df)} rows ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
@@ -168,7 +184,9 @@ def _cmd_import_aiconfigurator(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate_cpu(args: argparse.Namespace) -> int:
     from llmsim.calibration.cpu_overhead import calibrate_cpu, write_profile
+    from llmsim.run import prepare_output_file
 
+    prepare_output_file(Path(args.out), "--out")
     doc, table = calibrate_cpu(args.measurements, args.hold_out_model, args.check, Path(args.out).stem, args.source)
     write_profile(doc, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -209,6 +227,7 @@ def _report_dir(args: argparse.Namespace, profile: Path) -> Path:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from llmsim.calibration.fit import Split
     from llmsim.calibration.workflow import profile_path, run_calibration
+    from llmsim.run import prepare_output, prepare_output_file
 
     path = profile_path(args.device)
     out = Path(args.out) if args.out else path
@@ -216,6 +235,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                   tuple(args.hold_out_gemm_k), args.gemm_source)
     command = _command_line(f"llmsim calibrate --device {args.device} "
                             + " ".join(f"--measurements {m}" for m in args.measurements))
+    prepare_output_file(out, "--out")
+    prepare_output(_report_dir(args, out), "--report-dir")
     profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out,
                                       _report_dir(args, out), command)
     for split_name in ("fit", "held-out", "l2-resident"):
@@ -226,10 +247,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from llmsim.calibration.workflow import profile_path, validate
+    from llmsim.run import prepare_output
 
     path = profile_path(args.device)
     measurements = [Path(m) for m in args.measurements] if args.measurements else None
     command = _command_line(f"llmsim validate --device {args.device}")
+    prepare_output(_report_dir(args, path), "--report-dir")
     result = validate(path, measurements, _report_dir(args, path), command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)

@@ -6,14 +6,25 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from llmsim.errors import ConfigError
 
-def write_folder(out: Path, files: dict[str, Callable[[Path], None]], marker: str, stale: Iterable[str] = ()) -> None:
+
+def write_folder(out: Path, files: dict[str, Callable[[Path], None]], marker: str, stale: Iterable[str] = (),
+                 setting: str = "output_dir") -> None:
     """Write each of ``files`` (name -> a function writing that file at the path it is given) into ``out``.
     Each is written beside its place under a temporary name (ending in its own, so that writers which read the
     format from the suffix still do) and renamed into place once all are written. ``marker`` is the file that
     says the folder is done (what a resumed sweep checks, or a script reads): it is removed first and renamed
     last, so a writer killed half-way leaves the folder without it. ``stale``: files an earlier run may have left
-    that this one does not write, removed too."""
+    that this one does not write, removed too. A failed write (a disk that filled up) is a ``ConfigError``
+    naming ``setting``, what the user chose the folder with."""
+    try:
+        _write(out, files, marker, stale)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: writing the results to {out} failed: {exc.strerror}") from None
+
+
+def _write(out: Path, files: dict[str, Callable[[Path], None]], marker: str, stale: Iterable[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / marker).unlink(missing_ok=True)
     for name in stale:

@@ -45,6 +45,14 @@ def prepare_output(out: Path, setting: str = "output_dir") -> None:
         raise ConfigError(f"{setting}: cannot write to {out}: {exc.strerror}") from None
 
 
+def prepare_output_file(path: Path, setting: str) -> None:
+    """A file to write: not a folder, in a folder that exists (or is created) and is writable -- checked before
+    the work that produces it."""
+    if path.is_dir():
+        raise ConfigError(f"{setting}: {path} is a folder, not a file")
+    prepare_output(path.parent, setting)
+
+
 def first_request(requests: Iterator[Request], cfg: ExperimentConfig) -> Iterator[Request]:
     """``requests`` unchanged, after checking there is at least one (lazily read traces included)."""
     first = next(requests, None)
@@ -106,10 +114,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
     if write:
-        try:
-            write_results(out, cfg, requests, rec, summary)
-        except OSError as exc:  # a disk that filled up during the run
-            raise ConfigError(f"output_dir: writing the results to {out} failed: {exc.strerror}") from None
+        write_results(out, cfg, requests, rec, summary)
     return result, summary
 
 

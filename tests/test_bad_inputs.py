@@ -22,6 +22,7 @@ from llmsim.run import run_experiment
 BASE = {"model": {"name": "Llama-2-7B"}, "cluster": {"num_replicas": 1},
         "workload": {"num_requests": 12, "arrival": {"kind": "poisson", "rate_per_s": 5},
                      "prompt_tokens": {"kind": "fixed", "value": 100}, "output_tokens": {"kind": "fixed", "value": 8}}}
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
 
 
@@ -187,6 +188,33 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
                                     "rates": {"start": 10.0, "max": 5.0}}))
     assert main(["plan", str(plan), "-q"]) == 2
     assert "start (10.0) is above max (5.0)" in capsys.readouterr().err
+
+
+def test_every_command_refuses_an_output_it_cannot_write_before_working(tmp_path, capsys):
+    """An output folder that is a file, or an output file that is a folder, is one clear error naming the
+    option, for every command that writes, before any work (it was a raw traceback for all but run)."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": [1, 2]}}))
+    plan = tmp_path / "p.yaml"
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]}}))
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    cpu = ROOT / "hardware_profiles" / "measurements" / "vidur-cpu-overheads-a100.csv"
+    cases = [
+        (["sweep", str(sweep), "-q", "--out", str(a_file)], "--out: ", "is a file, not a folder"),
+        (["plan", str(plan), "-q", "--out", str(a_file)], "--out: ", "is a file, not a folder"),
+        (["validate", "--device", "a100-80gb", "--report-dir", str(a_file)], "--report-dir: ", "is a file"),
+        (["calibrate", "--device", "cpu", "--measurements", str(cpu), "--out", str(tmp_path)], "--out: ",
+         "is a folder, not a file"),
+        (["calibrate-cpu", "--measurements", str(cpu), "--out", str(a_file / "c.yaml")], "--out: ", "is a file"),
+        (["import-vidur", "--device", "a100", str(tmp_path), "--out", str(a_file / "m.csv")], "--out: ", "is a file"),
+    ]
+    for argv, option, what in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert option in err and what in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):

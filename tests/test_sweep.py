@@ -43,6 +43,28 @@ def test_sweep_runs_grid_writes_table_curves_and_goodput(tmp_path, capsys):
     assert (out / "goodput_curve.png").stat().st_size > 5000 and (out / "energy_curve.png").exists()
 
 
+def test_a_sweep_folder_holds_one_sweep_s_files(tmp_path, monkeypatch, capsys):
+    """The sweep's own files are written together, results.csv last: a sweep over no rate (no curves, no
+    goodput) takes away the curves and goodput.csv an earlier sweep left in the folder, and one killed while
+    writing them leaves no results.csv."""
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 4.0]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    out = tmp_path / "out"
+    assert {"results.csv", "goodput.csv", "goodput_curve.png"} <= {p.name for p in out.iterdir()}
+    path = write_sweep(tmp_path, {"seed": [1, 2]})
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert not {"goodput.csv", "goodput_curve.png", "energy_curve.png"} & {p.name for p in out.iterdir()}
+    assert len(pd.read_csv(out / "results.csv")) == 2
+
+    def killed(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pandas.DataFrame.to_csv", killed)
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 2
+    assert "output_dir: writing the results to" in capsys.readouterr().err
+    assert not (out / "results.csv").exists()
+
+
 def test_sweep_variants_apply_their_overrides_together(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "cluster": {"num_replicas": 2}}))
     path = tmp_path / "sweep.yaml"

@@ -97,10 +97,7 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     files["e2e_parity.png"] = lambda p: parity_plot(table, p)
     files["e2e_errors.csv"] = lambda p: table.to_csv(p, index=False)
     # Complete or absent: e2e_errors.csv, what scripts read, appears last; an earlier run's intervals go.
-    try:
-        write_folder(out, files, marker="e2e_errors.csv", stale=[] if samples else ["e2e_intervals.csv"])
-    except OSError as exc:  # a disk that filled up during the replays
-        raise ConfigError(f"--out: writing the results to {out} failed: {exc.strerror}") from None
+    write_folder(out, files, marker="e2e_errors.csv", stale=[] if samples else ["e2e_intervals.csv"], setting="--out")
     return table, check
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -56,7 +57,11 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) -> list[Path]:
+CURVE_FILES = ("goodput_curve.png", "energy_curve.png", "ttft_p99_curve.png")
+
+
+def curves(df: pd.DataFrame, sweep: SweepConfig, target: float) -> dict[str, Callable[[Path], None]]:
+    """The sweep's curves against its x path: file name -> a function that writes the plot there."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,12 +69,11 @@ def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) ->
 
     x = sweep.x
     if x is None or "attainment" not in df:
-        return []
+        return {}
     others = sweep.curve_keys
-    paths = []
-    for column, ylabel, filename in (("attainment", "SLO attainment", "goodput_curve.png"),
-                                     ("j_per_output_token", "joules per output token", "energy_curve.png"),
-                                     ("ttft_p99_s", "P99 TTFT (s)", "ttft_p99_curve.png")):
+    writers = {}
+    for column, ylabel, filename in zip(("attainment", "j_per_output_token", "ttft_p99_s"),
+                                        ("SLO attainment", "joules per output token", "P99 TTFT (s)"), CURVE_FILES):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         groups = df.groupby(others, sort=False) if others else [((), df)]
         for key, group in groups:
@@ -86,8 +90,10 @@ def curves(df: pd.DataFrame, sweep: SweepConfig, target: float, folder: Path) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / filename
-        fig.savefig(path, dpi=110)
+        writers[filename] = _saver(fig)
         plt.close(fig)
-        paths.append(path)
-    return paths
+    return writers
+
+
+def _saver(fig) -> Callable[[Path], None]:
+    return lambda path: fig.savefig(path, dpi=110, format="png")
