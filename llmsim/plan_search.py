@@ -27,7 +27,7 @@ import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from llmsim.config import format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.sweep.execute import execute_points, folder_lock
-from llmsim.sweep.spec import Point, load_base, values_label
+from llmsim.sweep.spec import Point, check_names_at, load_base, values_label
 
 
 class RateSearch(BaseModel):
@@ -58,7 +58,7 @@ class PlanSearchConfig(BaseModel):
     gpus: int = Field(ge=1)
     candidates: dict[str, list[Any]] = Field(min_length=1)
     rates: RateSearch = RateSearch()
-    price_per_gpu_hour: dict[str, float] = {}
+    price_per_gpu_hour: dict[str, Annotated[float, Field(gt=0)]] = {}
     rank_by: Literal["goodput_per_gpu", "goodput_per_dollar", "goodput_per_watt"] = "goodput_per_gpu"
     output_dir: Path = Path("results/plan_search")
 
@@ -81,6 +81,13 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
     if not cfg.output_dir.is_absolute():
         cfg = cfg.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / cfg.output_dir))})
     combos = [dict(zip(cfg.candidates, values)) for values in itertools.product(*cfg.candidates.values())]
+    for values in combos:  # a device or model that does not exist is a typo here, not a plan that does not fit
+        try:
+            probe = parse_config(candidate_config(base, values, cfg.gpus, cfg.rates.start), "<plan candidate>")
+        except LLMSimError:
+            continue  # reported in its row (run_plan_search)
+        check_names_at(probe, f"{path} (candidate " + ", ".join(f"{k}={v}" for k, v in
+                                                            _candidate_row(values).items()) + ")")
     return cfg, base, combos
 
 
@@ -89,8 +96,9 @@ def candidate_config(base: dict, values: dict[str, Any], gpus: int, rate: float)
     for key, value in values.items():
         set_path(data, key, value)
     parallel = data.get("parallel") or {}
-    per_replica = int(parallel.get("tp", 1)) * int(parallel.get("pp", 1))
-    set_path(data, "cluster.num_replicas", max(1, gpus // per_replica))
+    if isinstance(parallel, dict):  # else not a plan: parse_config says so, for this candidate's row
+        per_replica = int(parallel.get("tp", 1)) * int(parallel.get("pp", 1))
+        set_path(data, "cluster.num_replicas", max(1, gpus // per_replica))
     workload = data.setdefault("workload", {})
     workload.pop("trace", None)
     workload["arrival"] = {**(workload.get("arrival") or {"kind": "poisson"}), "rate_per_s": rate}
@@ -187,7 +195,7 @@ def run_plan_search(cfg: PlanSearchConfig, base: dict, combos: list[dict], root:
         try:
             probe = parse_config(candidate_config(base, values, cfg.gpus, cfg.rates.start), "<plan candidate>")
         except LLMSimError as exc:
-            row["error"] = str(exc).splitlines()[0]
+            row["error"] = " ".join(line.strip() for line in str(exc).splitlines()[:2])
             continue
         per_replica = probe.parallel.tp * probe.parallel.pp
         if per_replica > cfg.gpus:

@@ -188,6 +188,24 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
                                     "rates": {"start": 10.0, "max": 5.0}}))
     assert main(["plan", str(plan), "-q"]) == 2
     assert "start (10.0) is above max (5.0)" in capsys.readouterr().err
+    # A device or model that does not exist is a typo, named with its grid point or candidate before anything
+    # runs; a candidate that is not a plan is a row (a parallel plan that is a number crashed the search).
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"hardware.device": ["a100-80gb", "h900"]}}))
+    assert main(["sweep", str(sweep), "-q", "--out", str(tmp_path / "o")]) == 2
+    assert "s.yaml (grid point 1: hardware.device=h900): hardware.device: unknown device 'h900'" in \
+        capsys.readouterr().err
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"model.name": ["Llama-9"]}}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o")]) == 2
+    assert "p.yaml (candidate model.name=Llama-9): model: unknown model 'Llama-9'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "runs").exists()
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]},
+                                    "price_per_gpu_hour": {"a100-80gb": 0}}))
+    assert main(["plan", str(plan), "-q"]) == 2
+    assert "price_per_gpu_hour.a100-80gb: Input should be greater than 0" in capsys.readouterr().err
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"parallel": [3]},
+                                    "rates": {"start": 1.0, "max": 1.0}}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o")]) == 0
+    assert "parallel: Input should be a valid dictionary" in capsys.readouterr().out
 
 
 def test_every_command_refuses_an_output_it_cannot_write_before_working(tmp_path, capsys):

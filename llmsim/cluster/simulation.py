@@ -79,6 +79,14 @@ def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
                         f"{sum(plan.layer_partition)} layers, {model.name} has {model.num_layers}")
 
 
+def check_names(cfg: ExperimentConfig) -> None:
+    """The model and the hardware profile the config names exist and load: a typo in either is an error
+    before anything runs (a sweep or a plan search checks every point up front)."""
+    m = cfg.model
+    load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
+    load_profile(cfg.hardware.device)
+
+
 def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None = None, role: str = "colocated"
                     ) -> tuple[ModelSpec, ExecutionModel, MemoryPlan, int]:
     m = cfg.model

@@ -132,5 +132,18 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
                 set_path(data, key, value)
         data["name"] = f"{sweep.name}/{index}"
         where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
-        points.append(Point(index, values, parse_config(data, where)))
+        config = parse_config(data, where)
+        check_names_at(config, where)
+        points.append(Point(index, values, config))
     return sweep, points
+
+
+def check_names_at(cfg: ExperimentConfig, where: str) -> None:
+    """The point's model and device exist (``cluster.simulation.check_names``), checked before any point runs;
+    the error names the point."""
+    from llmsim.cluster.simulation import check_names
+
+    try:
+        check_names(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
