@@ -126,6 +126,9 @@ CASES = {
     "negative seed": (lambda tmp: _experiment(tmp, seed=-1), "seed"),
     "TP not dividing heads": (lambda tmp: _experiment(tmp, parallel={"tp": 3}), "3 does not divide"),
     "PP beyond the layers": (lambda tmp: _experiment(tmp, parallel={"pp": 64}), "64 stages for"),
+    "DistServe pool's TP not dividing heads": (
+        lambda tmp: _experiment(tmp, cluster={"policy": "distserve", "distserve": {"prefill": {"tp": 3}}}),
+        "cluster.distserve.prefill.tp: 3 does not divide"),
     # vLLM refuses to start with a token budget below its sequence limit; so does the config.
     "budget below the sequence limit": (lambda tmp: _experiment(tmp, scheduler={"name": "vllm_v1", "max_num_seqs": 64,
                                                                                 "max_num_batched_tokens": 32}),

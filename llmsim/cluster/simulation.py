@@ -64,16 +64,17 @@ class SimulationResult:
     kv_copies: LinkStats | None = None  # KV copies between instances (DistServe, Llumnix), where any
 
 
-def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
+def check_plan(model: ModelSpec, plan: ParallelPlan, where: str = "parallel") -> None:
     """The shapes vLLM accepts: TP divides the attention heads, and the KV heads (or KV heads divide TP, each
-    replicated); no more pipeline stages than layers."""
+    replicated); no more pipeline stages than layers. ``where``: the config path of the plan's tp and pp (a
+    DistServe pool's are ``cluster.distserve.<pool>``)."""
     if model.num_heads % plan.tp:
-        raise PlanError(f"parallel.tp: {plan.tp} does not divide {model.name}'s {model.num_heads} attention heads")
+        raise PlanError(f"{where}.tp: {plan.tp} does not divide {model.name}'s {model.num_heads} attention heads")
     if model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
-        raise PlanError(f"parallel.tp: {plan.tp} neither divides nor is a multiple of {model.name}'s "
+        raise PlanError(f"{where}.tp: {plan.tp} neither divides nor is a multiple of {model.name}'s "
                         f"{model.num_kv_heads} KV heads")
     if plan.pp > model.num_layers:
-        raise PlanError(f"parallel.pp: {plan.pp} stages for {model.name}'s {model.num_layers} layers")
+        raise PlanError(f"{where}.pp: {plan.pp} stages for {model.name}'s {model.num_layers} layers")
     if plan.layer_partition is not None and sum(plan.layer_partition) != model.num_layers:
         raise PlanError(f"parallel.pp_layer_partition: {list(plan.layer_partition)} adds up to "
                         f"{sum(plan.layer_partition)} layers, {model.name} has {model.num_layers}")
@@ -96,7 +97,7 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
     # A DistServe pool (its own tp/pp) splits its layers evenly; the experiment's partition is the colocated plan's.
     plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp,
                         tuple(partition) if partition is not None and role == "colocated" else None)
-    check_plan(model, plan)
+    check_plan(model, plan, f"cluster.distserve.{role}" if role in ("prefill", "decode") else "parallel")
     s = cfg.scheduler_for(role)
     max_model_len = s.max_model_len or model.max_position
     memory = plan_memory(model, hardware, plan, block_size=s.block_size,
