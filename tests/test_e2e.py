@@ -135,6 +135,8 @@ def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
     assert "1 measurements for 400 requests" in capsys.readouterr().err
     assert main(["validate-e2e", str(SLICE), "--runs", "mixtral", "--out", str(tmp_path / "o")]) == 2
     assert "matches no run" in capsys.readouterr().err
+    assert main(["validate-e2e", str(SLICE), "--device", "h900", "--out", str(tmp_path / "o")]) == 2
+    assert "--device: unknown device 'h900'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 

@@ -20,6 +20,7 @@ from llmsim.e2e.runs import MeasuredRun, find_runs, load_run, stages_until_last_
 from llmsim.e2e.step_check import step_ratios, summarize
 from llmsim.e2e.vllm_bench import bench_names, load_bench_run
 from llmsim.errors import ConfigError
+from llmsim.hardware.profile import load_profile
 from llmsim.results_folder import write_folder
 from llmsim.run import prepare_output
 
@@ -50,6 +51,10 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
         if not names:
             raise ConfigError(f"--runs {' '.join(select)}: matches no run in {root}")
     runs = [load(root, n) for n, load in names]  # read and check everything before the long part
+    try:
+        load_profile(device)
+    except ConfigError as exc:
+        raise ConfigError(f"--device: {str(exc).split(': ', 1)[1]}") from None
     prepare_output(out, "--out")
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
