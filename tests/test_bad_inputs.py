@@ -281,7 +281,15 @@ _PATHS = ["seed", "model.name", "model.dtype", "parallel.tp", "parallel.pp", "cl
           "scheduler.watermark", "scheduler.gpu_memory_utilization", "workload.num_requests",
           "workload.arrival.rate_per_s", "workload.arrival.kind", "workload.prompt_tokens.value",
           "workload.prompt_tokens.kind", "workload.output_tokens.value", "slo.ttft_s", "simulation.max_time_s",
-          "hardware.device", "workload.duration_s", "cluster.policy", "workload.high_priority_fraction"]
+          "hardware.device", "workload.duration_s", "cluster.policy", "workload.high_priority_fraction",
+          "cluster.router", "cluster.distserve.prefill.tp", "cluster.distserve.decode.replicas",
+          "cluster.distserve.decode.max_num_seqs", "cluster.llumnix.polling_interval_s", "cluster.llumnix.migration",
+          "scheduler.enable_prefix_caching", "scheduler.async_scheduling", "scheduler.long_prefill_token_threshold",
+          "scheduler.preemption", "scheduler.cpu_overhead", "scheduler.chunk_size", "scheduler.max_model_len",
+          "scheduler.num_gpu_blocks_override", "simulation.client_timeout_s", "simulation.fast_forward",
+          "parallel.pp_layer_partition", "model.kv_cache_dtype", "model.activation_dtype",
+          "workload.shared_prefix.num_system_prompts", "workload.shared_prefix.multi_turn",
+          "workload.conversation.mean_turns", "slo.definition", "slo.tbt_s"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
