@@ -32,9 +32,8 @@ def _write(out: Path, files: dict[str, Callable[[Path], None]], marker: str, sta
     staged: dict[str, Path] = {}
     try:
         for name, write in files.items():
-            tmp = out / f".tmp-{os.getpid()}-{name}"
+            tmp = staged[name] = out / f".tmp-{os.getpid()}-{name}"
             write(tmp)
-            staged[name] = tmp
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)

@@ -283,5 +283,5 @@ def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> n
                               rows.mha[m])
     # The measured decode kernels are pure-decode batches with 16-bit queries (an 8-bit KV cache keeps them).
     copy_s = swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
-                                rows.num_heads[m], rows.head_dim[m], 2)
+                         rows.num_heads[m], rows.head_dim[m], 2)
     return decode_attention_s(fit, stream, rows.num_bytes[m], rate, rows.mha[m], copy_s)

@@ -285,7 +285,7 @@ class ExecutionModel:
                 kv_heads, mha = s.kv_heads, s.mha
                 overhead_s = decode_overhead_s(fit, mha)
                 copy_s = swap_copy_s(fit, self.bandwidth, num_decode, kv_heads, s.num_heads, s.head_dim,
-                                            s.dtype_bytes)
+                                     s.dtype_bytes)
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
                      decode_stream_s(fit, num_decode, kv_heads),
                      decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads, mha),
