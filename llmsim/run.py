@@ -200,6 +200,7 @@ def format_summary(summary: dict) -> str:
         f"{r['in_flight']} in flight, "
         + (f"{r['timed_out']} timed out, " if r.get("timed_out") else "")
         + f"{r['preemptions']} preemptions, {r['migrations']} migrations",
+        *([f"rejected, e.g. {r['rejected_example']}"] if r.get("rejected_example") else []),
         "",
         f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]

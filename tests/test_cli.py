@@ -75,6 +75,21 @@ def test_set_overrides_config_values_by_dotted_path(tmp_path, capsys):
     assert "model.name is 'Llama-3-8B', not a section" in capsys.readouterr().err
 
 
+def test_a_run_whose_requests_are_rejected_says_why(tmp_path, capsys):
+    """Rejections are per request in requests.parquet; the summary and the printed table give the first one's
+    reason, so a run that rejects everything does not leave the user guessing."""
+    quickstart = str(ROOT / "experiments" / "quickstart.yaml")
+    assert main(["run", quickstart, "--out", str(tmp_path), "--set", "workload.num_requests=30",
+                 "--set", "scheduler.max_model_len=1000"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["requests"]["rejected"] > 0
+    example = summary["requests"]["rejected_example"]
+    assert "exceeds max_model_len 1000" in example
+    assert f"rejected, e.g. {example}" in capsys.readouterr().out
+    assert main(["run", quickstart, "--out", str(tmp_path), "-q", "--set", "workload.num_requests=30"]) == 0
+    assert "rejected_example" not in json.loads((tmp_path / "summary.json").read_text())["requests"]
+
+
 def test_check_does_not_load_the_results_stack():
     """``llmsim check`` starts fast because the simulator imports neither pandas nor pyarrow."""
     code = ("import sys; from llmsim.cli import main; main(['check', %r]); "

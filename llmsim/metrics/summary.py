@@ -130,11 +130,12 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
     total_gpus = sum(r.num_gpus for r in replicas)
     kv_capacity_s = sum(r.num_blocks * r.totals.busy_s for r in replicas)
     kv_util = float(sum(r.totals.kv_block_s for r in replicas) / kv_capacity_s) if kv_capacity_s > 0 else 0.0
+    rejected = df[df["status"] == "rejected"]
     summary = {
         "requests": {
             "arrived": n_arrived,
             "finished": int(len(finished)),
-            "rejected": int((df["status"] == "rejected").sum()),
+            "rejected": int(len(rejected)),
             "in_flight": int((df["status"] == "in_flight").sum()),
             "timed_out": int((df["status"] == "timed_out").sum()),
             "preemptions": int(df["num_preemptions"].sum()),
@@ -182,6 +183,10 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
                      "tpot": _stats(group["tpot_s"].to_numpy()), "e2e": _stats(group["e2e_s"].to_numpy())}
             for p, group in finished.groupby("priority")}
     summary.update(vllm_metrics(summary))  # top level, as in a saved vLLM benchmark result
+    if len(rejected) and "reason" in rejected:
+        # Reasons are per request (requests.parquet); the first one tells the printed summary's reader why.
+        first = rejected.iloc[0]
+        summary["requests"]["rejected_example"] = f"request {int(first['id'])}: {first['reason']}"
     return summary
 
 
