@@ -578,6 +578,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     path = Path(path)
     data = read_yaml(path, "experiment config")
     data = {} if data is None else data
+    if isinstance(data, dict) and "base" in data:  # a sweep or a plan search given where an experiment goes
+        command = "llmsim plan" if "candidates" in data else "llmsim sweep"
+        raise ConfigError(f"{path}: a {command.split()[1]} file (it has a base experiment), not an experiment; "
+                          f"run it with {command} {path}")
     data = apply_overrides(data, overrides, str(path))
     # Every relative path in a YAML (traces, lengths_from, output_dir) is relative to that YAML file, so an
     # experiment runs the same from any working directory. Command-line paths (--out) are relative to it.

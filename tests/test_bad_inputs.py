@@ -77,6 +77,11 @@ CASES = {
     "top level is a list": (lambda tmp: _raw(tmp, "- 1\n- 2\n"), "expected a mapping at the top level"),
     "top level is binary": (lambda tmp: _raw(tmp, bytes(range(256))), "not a text YAML file"),
     "YAML syntax": (lambda tmp: _raw(tmp, "model: [1, 2\n"), "exp.yaml:2 is not valid YAML"),
+    "a sweep file run as an experiment": (lambda tmp: _raw(tmp, "base: b.yaml\ngrid: {seed: [1]}\n"),
+                                          "a sweep file (it has a base experiment), not an experiment; run it with "
+                                          "llmsim sweep"),
+    "a plan file run as an experiment": (lambda tmp: _raw(tmp, "base: b.yaml\ngpus: 1\ncandidates: {seed: [1]}\n"),
+                                         "run it with llmsim plan"),
     "header-only trace": (lambda tmp: _trace(tmp, ""), "no requests to simulate"),
     "filter matches nothing": (lambda tmp: _trace(tmp, "1,ChatGPT,10,5,15,Conversation log\n", model="GPT-9"),
                                "no requests to simulate"),
