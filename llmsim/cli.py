@@ -57,16 +57,21 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from llmsim.cluster.simulation import build_execution
+    from llmsim.cluster.simulation import build_pools
     from llmsim.config import load_config, parse_overrides
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    model, execution, memory, max_len = build_execution(cfg)
+    model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
     gib = 2**30
-    print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {execution.hardware.name}, "
-          f"TP={execution.plan.tp} PP={execution.plan.pp}: per GPU weights {memory.weights_bytes / gib:.1f} GiB, "
-          f"activations {memory.activation_bytes / gib:.2f} GiB, {memory.num_blocks} KV blocks "
-          f"({memory.num_blocks * cfg.scheduler.block_size} tokens) per replica, max_model_len {max_len}")
+    plans = []
+    for pool in pools:
+        ex, memory = pool.execution, pool.memory
+        role = "" if pool.role == "colocated" else f"{pool.role} pool ({pool.num_replicas}x) "
+        plans.append(f"{role}TP={ex.plan.tp} PP={ex.plan.pp}: per GPU weights {memory.weights_bytes / gib:.1f} GiB, "
+                     f"activations {memory.activation_bytes / gib:.2f} GiB, {memory.num_blocks} KV blocks "
+                     f"({memory.num_blocks * cfg.scheduler.block_size} tokens) per replica")
+    print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {pools[0].execution.hardware.name}, "
+          + "; ".join(plans) + f", max_model_len {max_len}")
     return 0
 
 

@@ -90,6 +90,17 @@ def test_a_run_whose_requests_are_rejected_says_why(tmp_path, capsys):
     assert "rejected_example" not in json.loads((tmp_path / "summary.json").read_text())["requests"]
 
 
+def test_check_shows_every_distserve_pool_and_names_the_one_that_does_not_fit(capsys):
+    """``llmsim check`` on DistServe plans each pool (it showed the colocated plan, which DistServe does not run,
+    and so passed a decode pool that cannot fit)."""
+    config = str(ROOT / "experiments" / "distserve_vs_colocated.yaml")
+    assert main(["check", config]) == 0
+    out = capsys.readouterr().out
+    assert "prefill pool (1x) TP=1 PP=1" in out and "decode pool (1x) TP=1 PP=1" in out
+    assert main(["check", config, "--set", "cluster.distserve.decode.max_num_batched_tokens=2000000"]) == 2
+    assert "cluster.distserve.decode: Llama-2-13B does not fit" in capsys.readouterr().err
+
+
 def test_check_does_not_load_the_results_stack():
     """``llmsim check`` starts fast because the simulator imports neither pandas nor pyarrow."""
     code = ("import sys; from llmsim.cli import main; main(['check', %r]); "

@@ -97,13 +97,19 @@ def build_execution(cfg: ExperimentConfig, tp: int | None = None, pp: int | None
     # A DistServe pool (its own tp/pp) splits its layers evenly; the experiment's partition is the colocated plan's.
     plan = ParallelPlan(tp or cfg.parallel.tp, pp or cfg.parallel.pp,
                         tuple(partition) if partition is not None and role == "colocated" else None)
-    check_plan(model, plan, f"cluster.distserve.{role}" if role in ("prefill", "decode") else "parallel")
+    pool = f"cluster.distserve.{role}" if role in ("prefill", "decode") else None
+    check_plan(model, plan, pool or "parallel")
     s = cfg.scheduler_for(role)
     max_model_len = s.max_model_len or model.max_position
-    memory = plan_memory(model, hardware, plan, block_size=s.block_size,
-                         gpu_memory_utilization=s.gpu_memory_utilization,
-                         max_num_batched_tokens=s.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
-                         runtime_reserve_gib=s.runtime_reserve_gib, max_model_len=max_model_len)
+    try:
+        memory = plan_memory(model, hardware, plan, block_size=s.block_size,
+                             gpu_memory_utilization=s.gpu_memory_utilization,
+                             max_num_batched_tokens=s.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
+                             runtime_reserve_gib=s.runtime_reserve_gib, max_model_len=max_model_len)
+    except PlanError as exc:
+        if pool is None:
+            raise
+        raise PlanError(f"{pool}: {exc}") from None  # which pool does not fit
     if s.num_gpu_blocks_override is not None:
         memory = dataclasses.replace(memory, num_blocks=s.num_gpu_blocks_override)
     cpu = s.cpu_overhead_params
