@@ -104,9 +104,8 @@ class ExecutionModel:
         self.shapes = ops.ShardShapes.of(model, plan.tp)
         # vLLM's fused MoE without a tuned kernel configuration for this shape on this device runs its default
         # one, whose block size is known (ops.vllm_default_moe_block_m): its padding is then counted.
-        moe_kind = "moe_fp8" if self.shapes.gemm_kind == "linear_fp8" else "moe"
         self._moe_default_config = self.shapes.num_experts > 1 and hardware.fused_moe_kind(
-            moe_kind, self.shapes.num_experts, self.shapes.ffn).endswith("_untuned")
+            self.shapes.moe_kind, self.shapes.num_experts, self.shapes.ffn).endswith("_untuned")
         self.peak_flops = hardware.peak(model.dtype)  # GEMMs run at the weights' dtype (W8A8 for fp8)
         self.act_peak_flops = hardware.peak(model.act_dtype)  # attention and the rest at the activations'
         self.bandwidth = hardware.memory_bandwidth_bytes_per_s

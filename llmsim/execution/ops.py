@@ -57,6 +57,11 @@ class ShardShapes:
         return self.kv // self.head_dim
 
     @property
+    def moe_kind(self) -> str:
+        """Efficiency class of the fused MoE: ``moe``, or ``moe_fp8`` for FP8 weights (as ``gemm_kind``)."""
+        return "moe_fp8" if self.gemm_kind == "linear_fp8" else "moe"
+
+    @property
     def mha(self) -> bool:
         """As many KV heads as query heads on this shard (no grouped-query attention)."""
         return self.kv_heads == self.num_heads
@@ -131,8 +136,7 @@ def moe_experts(s: ShardShapes, tokens: int, block_m: int = 0) -> OpWork:
     # Shape terms of the first grouped GEMM (hidden -> up_out, two thirds of the work), per expert: M is the
     # tokens an expert gets (padded to the block where the block is known) and N its own output width, the sizes
     # each expert's tiles see (the Triton kernel tiles every expert's GEMM apart).
-    return OpWork("moe_experts", "moe_fp8" if s.gemm_kind == "linear_fp8" else "moe", flops, num_bytes,
-                  per_expert, h, up_out)
+    return OpWork("moe_experts", s.moe_kind, flops, num_bytes, per_expert, h, up_out)
 
 
 def prefill_attention(s: ShardShapes, chunks: tuple[tuple[int, int], ...]) -> OpWork:
