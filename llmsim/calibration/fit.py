@@ -19,6 +19,7 @@ from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.calibration.predict import Rows, decode_s, is_link_kind, link_s, peak_flops, prefill_s, roofline_s
 from llmsim.errors import ConfigError
 from llmsim.execution.model import split_k_sms
+from llmsim.hardware.attention import packing_copies
 from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
                                      PrefillAttentionFit)
 from llmsim.hardware.roofline import custom_all_reduce_serves
@@ -199,7 +200,7 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
     geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa"})
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
     copies = not geometry["pack_gqa"] and bool(
-        (rows.single_token & (rows.batch >= 2) & (rows.kv_heads >= 2) & ~rows.mha)[mask].any())
+        (rows.single_token & packing_copies(rows.batch, rows.kv_heads, rows.num_heads))[mask].any())
 
     def fit_of(x):  # overhead, per-tile cost and copies' fixed cost in microseconds for the optimiser
         return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, x[1] * 1e-6, *x[2:7]))),
@@ -227,8 +228,7 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
     y = rows.measured_s[mask]
     gqa_only = profile.decode_attention is not None and profile.decode_attention.gqa_only_split_kv
     own_mha = gqa_only and bool(rows.mha[mask].any())
-    # FlashAttention 2's packing copies q and the output where the batch and the KV heads are both 2+.
-    copies = gqa_only and bool(((rows.batch >= 2) & (rows.kv_heads >= 2) & ~rows.mha)[mask].any())
+    copies = gqa_only and bool(packing_copies(rows.batch, rows.kv_heads, rows.num_heads)[mask].any())
     at_copy = 7 if own_mha else 6
 
     def fit_of(x):  # overheads and per-stream time in microseconds for the optimiser

@@ -53,15 +53,21 @@ def decode_overhead_s(fit: DecodeAttentionFit, mha=False):
     return fit.mha_overhead_s if mha else fit.overhead_s
 
 
+def packing_copies(num_seqs, kv_heads, num_heads):
+    """Whether FlashAttention 2's packing of a batch of single-token queries copies q and the output: the
+    reshape is a view unless there are 2+ sequences and 2+ KV heads per GPU, and there is no packing without
+    fewer KV than query heads (scalars, or arrays in calibration)."""
+    return (num_seqs >= 2) & (kv_heads >= 2) & (kv_heads < num_heads)
+
+
 def swap_copy_s(fit: DecodeAttentionFit | PrefillAttentionFit, bandwidth: float, num_seqs, kv_heads, num_heads,
                 head_dim, dtype_bytes):
     """The two copies FlashAttention 2 makes around a batch of single-token queries it packs (a decode, or a
-    prefill batch of one new token each; the fit's ``swapped_copy_s``): where there are 2+ sequences and 2+ KV
-    heads per GPU and fewer KV than query heads, a fixed cost plus q and the output read and written once each
-    at ``bandwidth`` (scalars, or arrays in calibration)."""
+    prefill batch of one new token each; the fit's ``swapped_copy_s``): where ``packing_copies``, a fixed cost
+    plus q and the output read and written once each at ``bandwidth`` (scalars, or arrays in calibration)."""
     if fit.swapped_copy_s is None:
         return 0.0 * num_seqs
-    copied = (num_seqs >= 2) & (kv_heads >= 2) & (kv_heads < num_heads)
+    copied = packing_copies(num_seqs, kv_heads, num_heads)
     copy_s = fit.swapped_copy_s + 4.0 * num_seqs * num_heads * head_dim * dtype_bytes / bandwidth
     if hasattr(copied, "shape"):  # numpy arrays (calibration)
         return np.where(copied, copy_s, 0.0)
