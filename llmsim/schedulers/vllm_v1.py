@@ -86,7 +86,7 @@ class VLLMV1Scheduler(Scheduler):
         while self.waiting and budget > 0 and self.has_seq_room():
             request = self.waiting[0]
             resumed_swap = request.num_computed_tokens > 0  # swapped-out KV comes back whole
-            hit = blocks.lookup(request) if not resumed_swap else None
+            hit = self._hit(request)  # none for a swapped-out request
             computed = request.num_computed_tokens if resumed_swap else hit.num_tokens
             n = min(request.num_tokens - computed, budget)
             if 0 < threshold < n:
