@@ -92,7 +92,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
-    prepare_output(root, "--out" if args.out else "output_dir")
+    setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
+    prepare_output(root, setting)
     with progress(len(points), "point", sweep.name, args.quiet) as bar:
         summaries = run_points(root, points, args.executor, args.workers, args.address,
                                on_done=lambda point, summary: bar.update(1))
@@ -106,7 +107,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     files.update(plots)
     # The sweep's own files together, results.csv last; none left from an earlier sweep of other points.
     write_folder(root, files, marker="results.csv", stale=[n for n in ("goodput.csv", *CURVE_FILES) if n not in files],
-                 setting="--out" if args.out else "output_dir")
+                 setting=setting)
     if not args.quiet:
         shown = [c for c in ("point", "attainment", "goodput_rps", "ttft_p90_s", "itl_p99_s", "j_per_output_token",
                              "error") if c in df]
@@ -131,12 +132,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg, base, combos = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
-    prepare_output(out, "--out" if args.out else "output_dir")
+    setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
+    prepare_output(out, setting)
     with progress(len(combos), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, combos, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))
-    write_folder(out, {"plans.csv": lambda p: df.to_csv(p, index=False)}, marker="plans.csv",
-                 setting="--out" if args.out else "output_dir")
+    write_folder(out, {"plans.csv": lambda p: df.to_csv(p, index=False)}, marker="plans.csv", setting=setting)
     shown = [c for c in (*cfg.candidates, "replicas", "goodput_rate", "goodput_per_gpu", "goodput_per_dollar",
                          "goodput_per_watt", "j_per_output_token", "error") if c in df]
     print(f"{cfg.name}: {cfg.gpus} GPUs per plan, ranked by {cfg.rank_by} "
