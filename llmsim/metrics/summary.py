@@ -183,7 +183,7 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
                      "tpot": _stats(group["tpot_s"].to_numpy()), "e2e": _stats(group["e2e_s"].to_numpy())}
             for p, group in finished.groupby("priority")}
     summary.update(vllm_metrics(summary))  # top level, as in a saved vLLM benchmark result
-    if len(rejected) and "reason" in rejected:
+    if len(rejected):
         # Reasons are per request (requests.parquet); the first one tells the printed summary's reader why.
         first = rejected.iloc[0]
         summary["requests"]["rejected_example"] = f"request {int(first['id'])}: {first['reason']}"
