@@ -183,6 +183,10 @@ class SchedulerConfig(_Strict):
     # step N runs, so a request that arrives during step N is first scheduled in step N+2. Default: on for
     # vllm_v1, as in vLLM; modelled for vllm_v1 only (pipelined replicas queue their micro-batches instead).
     async_scheduling: bool | None = None
+    # Triton's kernel cache when the engine starts: 'cold' (a fresh host: a step that needs a fused-MoE kernel
+    # variant its start-up did not build waits for Triton to build it, ``hardware.fused_moe_compile_s`` a
+    # kernel) or 'warm' (kept from an earlier run: nothing is built while serving). MoE models only.
+    triton_cache: Literal["cold", "warm"] = "cold"
     # The engine's CPU time per step (llmsim.execution.cpu_overhead): a profile in hardware_profiles/cpu_overhead/,
     # a mapping of its *_ms parameters, or 'off'. A synchronous engine adds it to each step's GPU time; with async
     # scheduling a step takes the longer of the two. Default: vllm_v0 (fitted on measurements of vLLM v0's code

@@ -27,6 +27,7 @@ from llmsim.clock import Clock
 from llmsim.cluster.fast_forward import decode_run, mixed_run
 from llmsim.cluster.pipeline import run_pipeline
 from llmsim.execution.model import ExecutionModel
+from llmsim.execution.moe_jit import FusedMoeCompiles
 from llmsim.kv_cache import BlockManager
 from llmsim.metrics.recorder import Recorder
 from llmsim.request import DONE, Request, RequestStatus
@@ -37,7 +38,8 @@ class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
                  on_prefilled: Callable[[Replica, list[Request]], None] | None = None,
-                 micro_batches: int = 1, async_scheduling: bool = False):
+                 micro_batches: int = 1, async_scheduling: bool = False,
+                 moe_compiles: FusedMoeCompiles | None = None):
         self.env = env
         self.id = replica_id
         self.scheduler = scheduler
@@ -62,6 +64,8 @@ class Replica:
         self.async_scheduling = async_scheduling and not self.pipelined
         self.pending: deque[tuple[float, Request]] = deque()
         self.step_start_s = self.step_end_s = float("-inf")
+        # The fused-MoE kernel variants this engine has built (a cold Triton cache), or None: nothing to build.
+        self.moe_compiles = moe_compiles
         self.process = env.process(run_pipeline(self) if self.pipelined else self._run())
 
     # --- interface for routers and cluster policies ----------------------------------------------------
@@ -220,7 +224,11 @@ class Replica:
                 # KV or batch slots held for copies between instances leave no room: wait for one to land.
                 yield from self.wait_for_work()
                 continue
-            if self.fast_forward and not self.actions:
+            # A step that builds a fused-MoE kernel variant runs alone; a run repeats its first step's token count,
+            # so its later steps need nothing more.
+            moe = self.moe_compiles
+            builds = moe is not None and not moe.is_built(out.num_prefill_tokens + len(out.decodes), not out.prefills)
+            if self.fast_forward and not self.actions and not builds:
                 # A DistServe prefill instance hands a request over after the step that samples its first token,
                 # so its decodes (a prompt's last token) never run on. A request held by async scheduling joins
                 # at the next boundary but one: decodes step until it has. An action posted while the last ones
@@ -236,6 +244,8 @@ class Replica:
             chunks, num_decode, kv_tokens, num_samples = out.signature()
             cost = self.execution.iteration(chunks, num_decode, kv_tokens, num_samples)
             duration = cost.time_s + out.swap_bytes / self.execution.hardware.host_link.bandwidth_bytes_per_s
+            if builds:  # the engine waits for Triton
+                duration += moe.stall_s(out.num_prefill_tokens + len(out.decodes), not out.prefills)
             end = start + duration
             self.recorder.iteration(self.id, start, end - start, cost.flops, cost.num_bytes,
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)

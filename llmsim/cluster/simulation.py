@@ -150,9 +150,13 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
         policy = SCHEDULERS[s.name]
         scheduler = policy(blocks, **kwargs, **{name: getattr(s, name) for name in policy.config_fields})
     pp = pool.execution.plan.pp
+    moe_compiles = None
+    if s.triton_cache == "cold" and pp == 1:  # pipelined replicas: not modelled
+        moe_compiles = pool.execution.fused_moe_compiles(s.max_num_seqs, s.max_num_batched_tokens,
+                                                         scheduler.pads_every_step_to_graphs)
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
                    on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp),
-                   async_scheduling=s.schedules_ahead and not decode_pool)
+                   async_scheduling=s.schedules_ahead and not decode_pool, moe_compiles=moe_compiles)
 
 
 def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Replica) -> str:

@@ -86,6 +86,9 @@ class Scheduler:
     # whether it does by default (vLLM V1 turns it on, vLLM v0 off).
     supports_prefix_caching: bool = False
     prefix_caching_by_default: bool = False
+    # Whether the engine runs every step that fits a captured CUDA graph padded to its batch size (vLLM V1's
+    # piecewise graphs), or only decode steps (vLLM v0 captures decode batches alone).
+    pads_every_step_to_graphs: bool = False
 
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption: str = "recompute", kv_bytes_per_token: float = 0.0):

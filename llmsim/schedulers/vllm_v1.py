@@ -27,6 +27,7 @@ class VLLMV1Scheduler(Scheduler):
     config_fields = ("long_prefill_token_threshold",)
     supports_prefix_caching = True
     prefix_caching_by_default = True
+    pads_every_step_to_graphs = True
 
     def __init__(self, blocks, *, long_prefill_token_threshold: int = 0, **kwargs):
         super().__init__(blocks, **kwargs)
