@@ -110,6 +110,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         **summary,
         **({"migration": result.migration.summary()} if result.migration is not None else {}),
         **({"kv_copies": result.kv_copies.summary()} if result.kv_copies is not None else {}),
+        **_kernel_builds(result.replicas),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -131,6 +132,17 @@ def write_results(out: Path, cfg: ExperimentConfig, requests, rec, summary: dict
     write_folder(out, files, marker="config.yaml", stale=[n for n in RESULT_FILES if n not in files])
 
 
+def _kernel_builds(replicas) -> dict:
+    """Fused-MoE kernel variants built while serving (a cold Triton cache), summed over replicas, and the time
+    steps waited for them; nothing for a model or setting that builds none."""
+    engines = [rep.moe_compiles for rep in replicas if rep.moe_compiles is not None]
+    if not engines:
+        return {}
+    built = sum(e.num_built_serving for e in engines)
+    return {"kernel_builds": {"fused_moe_variants": built,
+                              "wait_s": sum(e.num_built_serving * e.variant_s for e in engines)}}
+
+
 def _prefill_flops(execution):
     """FLOPs of one request's prefill chunk of ``new`` tokens after ``cached`` ones (first token sampled)."""
     return lambda new, cached: execution.iteration(((new, cached),), 0, 0, 1).flops
@@ -145,6 +157,10 @@ def _policy_lines(summary: dict) -> list[str]:
                      f"{pc['prefill_flops_saved'] / 1e12:.1f} TFLOP of prefill saved")
     if "migration" in summary:
         lines.append(migration_line(summary["migration"]))
+    if summary.get("kernel_builds", {}).get("fused_moe_variants"):
+        k = summary["kernel_builds"]
+        lines.append(f"fused-MoE kernel variants built while serving (cold Triton cache): {k['fused_moe_variants']}, "
+                     f"steps waited {k['wait_s']:.1f} s")
     if "kv_copies" in summary:
         k = summary["kv_copies"]
         lines.append(f"KV copies between instances: {k['copies']} ({k['bytes'] / 1e9:.2f} GB), up to "

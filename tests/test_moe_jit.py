@@ -91,6 +91,22 @@ def test_fast_forward_equals_stepping_with_kernels_built_while_serving():
     pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
 
 
+def test_the_summary_counts_the_builds_and_their_wait():
+    from llmsim.run import run_experiment
+
+    cfg = _mixtral()
+    cfg = cfg.model_copy(update={"workload": cfg.workload.model_copy(update={"num_requests": 40})})
+    result, summary = run_experiment(cfg, write=False)
+    builds = summary["kernel_builds"]
+    assert builds["fused_moe_variants"] == result.replicas[0].moe_compiles.num_built_serving > 0
+    assert builds["wait_s"] == pytest.approx(builds["fused_moe_variants"] * 2 * 0.563)
+    dense = make_config(workload={"num_requests": 5, "arrival": {"kind": "poisson", "rate_per_s": 1.0},
+                                  "prompt_tokens": {"kind": "fixed", "value": 300},
+                                  "output_tokens": {"kind": "fixed", "value": 3}})
+    _, summary = run_experiment(dense, write=False)
+    assert "kernel_builds" not in summary
+
+
 def test_dense_models_build_nothing_and_a_bad_cache_setting_is_named():
     result = simulate(make_config(cluster={"num_replicas": 1}), make_requests([(0.0, 300, 5)]))
     assert result.replicas[0].moe_compiles is None
