@@ -294,7 +294,7 @@ _PATHS = ["seed", "model.name", "model.dtype", "parallel.tp", "parallel.pp", "cl
           "scheduler.num_gpu_blocks_override", "simulation.client_timeout_s", "simulation.fast_forward",
           "parallel.pp_layer_partition", "model.kv_cache_dtype", "model.activation_dtype",
           "workload.shared_prefix.num_system_prompts", "workload.shared_prefix.multi_turn",
-          "workload.conversation.mean_turns", "slo.definition", "slo.tbt_s"]
+          "workload.conversation.mean_turns", "slo.definition", "slo.tbt_s", "scheduler.triton_cache"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
