@@ -75,18 +75,38 @@ def test_a_cold_triton_cache_holds_the_first_step_of_each_new_variant(fast_forwa
     assert warm.replicas[0].moe_compiles is None
 
 
-def test_fast_forward_equals_stepping_with_kernels_built_while_serving():
-    specs = [(0.01 * i, 200 + (53 * i) % 1700, 5 + (7 * i) % 60) for i in range(80)]
+_POLICIES = {
+    "vllm_v1": {"scheduler": {"name": "vllm_v1", "max_num_batched_tokens": 4096}},
+    "fcfs": {"scheduler": {"name": "fcfs", "max_num_batched_tokens": 4096}, "cluster": {"num_replicas": 2}},
+    "sarathi": {"scheduler": {"name": "sarathi", "max_num_batched_tokens": 4096, "chunk_size": 300},
+                "cluster": {"num_replicas": 2}},
+    "distserve": {"scheduler": {"name": "vllm_v1", "max_num_batched_tokens": 4096},
+                  "cluster": {"num_replicas": 2, "policy": "distserve",
+                              "distserve": {"prefill": {"replicas": 1, "tp": 2}, "decode": {"replicas": 1, "tp": 2}}}},
+    "llumnix": {"scheduler": {"name": "vllm_v1", "max_num_batched_tokens": 4096},
+                "cluster": {"num_replicas": 2, "policy": "llumnix"}},
+}
+
+
+@pytest.mark.parametrize("policy", list(_POLICIES))
+def test_fast_forward_equals_stepping_with_kernels_built_while_serving(policy):
+    from llmsim.workload import build_workload
 
     def frames(ff):
-        cfg = _mixtral()
-        cfg = cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"fast_forward": ff})})
-        result = simulate(cfg, make_requests(specs))
-        assert result.replicas[0].moe_compiles.num_built_serving > 0
+        sections = {"cluster": {"num_replicas": 1}, **_POLICIES[policy]}
+        cfg = make_config(model={"name": "Mixtral-8x7B"}, hardware={"device": "h100-sxm"}, parallel={"tp": 2},
+                          simulation={"fast_forward": ff},
+                          workload={"num_requests": 60, "arrival": {"kind": "poisson", "rate_per_s": 6.0},
+                                    "prompt_tokens": {"kind": "uniform", "min": 16, "max": 2500},
+                                    "output_tokens": {"kind": "uniform", "min": 1, "max": 200}},
+                          **sections)
+        result = simulate(cfg, build_workload(cfg.workload, cfg.seed))
+        assert sum(rep.moe_compiles.num_built_serving for rep in result.replicas) > 0
         its = result.recorder.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
         return result.recorder.request_frame(), its.reset_index(drop=True)
 
     (a_req, a_it), (b_req, b_it) = frames(True), frames(False)
+    assert (a_req["status"] == "finished").all()
     pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
     pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
 
