@@ -184,9 +184,13 @@ class SchedulerConfig(_Strict):
     # vllm_v1, as in vLLM; modelled for vllm_v1 only (pipelined replicas queue their micro-batches instead).
     async_scheduling: bool | None = None
     # Triton's kernel cache when the engine starts: 'cold' (a fresh host: a step that needs a fused-MoE kernel
-    # variant its start-up did not build waits for Triton to build it, ``hardware.fused_moe_compile_s`` a
-    # kernel) or 'warm' (kept from an earlier run: nothing is built while serving). MoE models only.
+    # variant its start-up did not build waits for Triton to build it) or 'warm' (kept from an earlier run:
+    # nothing is built while serving). MoE models only (``execution/moe_jit.py``).
     triton_cache: Literal["cold", "warm"] = "cold"
+    # Seconds Triton takes to build one fused-MoE kernel (the host's CPU compiles, whatever the GPU): measured
+    # with vLLM's kernel for Mixtral-8x7B's TP 2 shard on an H100 host, 16 CPU cores, Triton 3.6
+    # (benchmarks/bench_moe_jit.py: 1.03-1.29 s a variant of two kernels, median 1.126 s).
+    fused_moe_build_s: float = Field(default=0.563, gt=0)
     # The engine's CPU time per step (llmsim.execution.cpu_overhead): a profile in hardware_profiles/cpu_overhead/,
     # a mapping of its *_ms parameters, or 'off'. A synchronous engine adds it to each step's GPU time; with async
     # scheduling a step takes the longer of the two. Default: vllm_v0 (fitted on measurements of vLLM v0's code

@@ -152,8 +152,8 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
     pp = pool.execution.plan.pp
     moe_compiles = None
     if s.triton_cache == "cold" and pp == 1:  # pipelined replicas: not modelled
-        moe_compiles = pool.execution.fused_moe_compiles(s.max_num_seqs, s.max_num_batched_tokens,
-                                                         scheduler.pads_every_step_to_graphs)
+        moe_compiles = pool.execution.fused_moe_compiles(s.fused_moe_build_s, s.max_num_seqs,
+                                                         s.max_num_batched_tokens, scheduler.pads_every_step_to_graphs)
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
                    on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp),
                    async_scheduling=s.schedules_ahead and not decode_pool, moe_compiles=moe_compiles)

@@ -298,15 +298,14 @@ class ExecutionModel:
             self._decode_attn_cache[num_decode] = c
         return c
 
-    def fused_moe_compiles(self, max_num_seqs: int, max_num_batched_tokens: int,
+    def fused_moe_compiles(self, build_s: float, max_num_seqs: int, max_num_batched_tokens: int,
                            pads_every_step: bool) -> FusedMoeCompiles | None:
-        """A new engine's record of the fused-MoE kernel variants it has built (``execution/moe_jit.py``); None
-        for a dense model, or where the profile has no compile time."""
-        compile_s = self.hardware.fused_moe_compile_s
-        if self.shapes.num_experts == 1 or compile_s is None:
+        """A new engine's record of the fused-MoE kernel variants it has built (``execution/moe_jit.py``), each
+        kernel ``build_s`` to build; None for a dense model."""
+        if self.shapes.num_experts == 1:
             return None
         return FusedMoeCompiles(self.shapes.num_experts, self.shapes.experts_per_token, not self._moe_default_config,
-                                compile_s, max_num_seqs, max_num_batched_tokens, pads_every_step)
+                                build_s, max_num_seqs, max_num_batched_tokens, pads_every_step)
 
     def decode_iteration(self, num_decode: int, decode_kv_tokens: int) -> IterationCost:
         return self.iteration((), num_decode, decode_kv_tokens, num_decode)

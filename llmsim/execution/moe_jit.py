@@ -14,7 +14,8 @@ V1 pads every step that fits; vLLM v0 only decodes), else runs at its own M; a v
 then, two kernels, and the step waits. ``benchmarks/bench_moe_jit.py`` replayed that start-up and every M up to
 2,048 on an H100 with a fresh Triton cache for Mixtral-8x7B's TP 2 shard: exactly the variants this module
 names compiled (20 kernels at start-up, 26 for steps of 257-2,048 tokens), 1.03-1.29 s a variant
-(``hardware_profiles/measurements/llmsim-moe-jit-h100.csv``).
+(``hardware_profiles/measurements/llmsim-moe-jit-h100.csv``). The build time is the engine's
+(``scheduler.fused_moe_build_s``): the host's CPU compiles, whatever the GPU.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ class FusedMoeCompiles:
     """The fused-MoE variants one engine has built, from its start-up on. ``stall_s(num_tokens, pure_decode)``:
     the seconds a step waits for the variants it needs (0 once built)."""
 
-    def __init__(self, num_experts: int, top_k: int, tuned: bool, compile_s: float, max_num_seqs: int,
+    def __init__(self, num_experts: int, top_k: int, tuned: bool, build_s: float, max_num_seqs: int,
                  max_num_batched_tokens: int, pads_every_step: bool):
         self.num_experts, self.top_k, self.tuned = num_experts, top_k, tuned
-        self.variant_s = KERNELS_PER_VARIANT * compile_s
+        self.variant_s = KERNELS_PER_VARIANT * build_s
         self.sizes = capture_sizes(max_num_seqs, max_num_batched_tokens)
         self.pads_every_step = pads_every_step
         self.built = {self._variant(m) for m in (max_num_batched_tokens, *self.sizes)}

@@ -216,10 +216,6 @@ class HardwareProfile(_Frozen):
     # the (experts, intermediate per GPU) pairs with a tuned file. Untuned shapes run on the ``*_untuned``
     # curves; a dtype without a list runs every shape on its ``moe`` / ``moe_fp8`` curve.
     fused_moe_tuned: dict[Literal["bf16", "fp8"], list[tuple[int, int]]] = {}
-    # Seconds Triton takes to build one variant of vLLM's fused-MoE kernel (one launch's constants; the host CPU
-    # compiles): a step that needs a variant the engine's start-up did not build waits for it
-    # (``execution/moe_jit.py``). Absent: not modelled.
-    fused_moe_compile_s: float | None = Field(default=None, gt=0)
     l2_cache_bytes: float | None = Field(default=None, gt=0)  # decides which decode measurements sat in L2
     sources: dict[str, str]
     calibration: dict[str, Any] = {}  # what the efficiencies were fitted on, and how
