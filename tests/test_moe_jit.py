@@ -10,14 +10,15 @@ from llmsim.errors import ConfigError
 from llmsim.execution.moe_jit import FusedMoeCompiles, capture_sizes, variant
 from tests.factories import make_config, make_requests
 
-MEASURED = Path(__file__).parent.parent / "hardware_profiles" / "measurements" / "llmsim-moe-jit-h100.csv"
+MEASURED = Path(__file__).parent.parent / "hardware_profiles" / "measurements"
 
 
-def test_the_steps_that_build_a_variant_are_the_ones_that_compiled_on_an_h100():
-    """benchmarks/bench_moe_jit.py on an H100 (fresh Triton cache, Mixtral's TP 2 shard, vLLM's tuned
-    configurations, max_num_seqs 128, max_num_batched_tokens 2048): after the start-up, every M from 257 to 2048
-    once; 13 of them compiled. The model names the same 13."""
-    df = pd.read_csv(MEASURED)
+@pytest.mark.parametrize("host", ["h100", "h200"])
+def test_the_steps_that_build_a_variant_are_the_ones_that_compiled_on_a_gpu(host):
+    """benchmarks/bench_moe_jit.py on an H100 and on an H200 host (fresh Triton cache, Mixtral's TP 2 shard, vLLM's
+    tuned configurations, max_num_seqs 128, max_num_batched_tokens 2048): after the start-up, every M from 257 to
+    2048 once; 13 of them compiled. The model names the same 13."""
+    df = pd.read_csv(MEASURED / f"llmsim-moe-jit-{host}.csv")
     serving = df[df["phase"] == "serving"]
     engine = FusedMoeCompiles(8, 2, True, 0.5, max_num_seqs=128, max_num_batched_tokens=2048, pads_every_step=True)
     built = [engine.stall_s(m, pure_decode=False) > 0 for m in serving["num_tokens"]]
