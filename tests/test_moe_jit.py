@@ -36,6 +36,9 @@ def test_capture_sizes_are_vllm_s_defaults():
     assert capture_sizes(256, 8192) == [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
     assert capture_sizes(8, 8192) == [1, 2, 4, 8, 16]
     assert capture_sizes(128, 100) == [1, 2, 4, *range(8, 97, 8)]  # never above the token budget
+    # vLLM v0 captures decode batches up to max_num_seqs rounded up to 8, at most 256
+    assert capture_sizes(256, 8192, v1=False) == [1, 2, 4, *range(8, 257, 8)]
+    assert capture_sizes(20, 8192, v1=False) == [1, 2, 4, 8, 16, 24]
 
 
 def test_only_vllm_v1_pads_a_step_with_prefill_to_a_captured_size():
@@ -44,7 +47,7 @@ def test_only_vllm_v1_pads_a_step_with_prefill_to_a_captured_size():
     assert v1.runs_at(201, pure_decode=False) == 208 and v1.stall_s(201, pure_decode=False) == 0.0
     assert v0.runs_at(201, pure_decode=False) == 201 and v0.stall_s(201, pure_decode=False) == 1.0
     assert v0.stall_s(201, pure_decode=False) == 0.0  # built now
-    assert v0.runs_at(201, pure_decode=True) == 208  # decodes run in graphs in both
+    assert v0.runs_at(101, pure_decode=True) == 104  # decodes run in graphs in both (v0: up to max_num_seqs)
 
 
 def _mixtral(**scheduler):

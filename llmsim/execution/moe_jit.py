@@ -9,7 +9,7 @@ experts x (BLOCK_SIZE_M - 1), a multiple of 16 exactly when M x top-k - experts 
 So a variant is (configuration, the two divisibilities).
 
 At start-up vLLM compiles what its profiling run (M = ``max_num_batched_tokens``) and CUDA-graph capture (M =
-each captured batch size, ``capture_sizes``) reach. Later a step pads to a captured size where it fits one (vLLM
+each captured batch size, ``capture_sizes``: V1's, or v0's decode-only ones) reach. Later a step pads to a captured size where it fits one (vLLM
 V1 pads every step that fits; vLLM v0 only decodes), else runs at its own M; a variant not built yet is built
 then, two kernels, and the step waits. ``benchmarks/bench_moe_jit.py`` replayed that start-up and every M up to
 2,048 on an H100 with a fresh Triton cache for Mixtral-8x7B's TP 2 shard: exactly the variants this module
@@ -31,9 +31,13 @@ TUNED_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 15
 KERNELS_PER_VARIANT = 2  # the gate-and-up and the down projection launch the kernel with other constants
 
 
-def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
-    """vLLM's default CUDA-graph batch sizes (``VllmConfig._set_cudagraph_sizes``): 1, 2, 4, every 8 to 256, every
-    16 beyond, up to min(2 x max_num_seqs, 512, max_num_batched_tokens)."""
+def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, v1: bool = True) -> list[int]:
+    """vLLM's default CUDA-graph batch sizes. V1 (``VllmConfig._set_cudagraph_sizes``): 1, 2, 4, every 8 to 256,
+    every 16 beyond, up to min(2 x max_num_seqs, 512, max_num_batched_tokens). v0 (``_BATCH_SIZES_TO_CAPTURE``,
+    decode batches only): 1, 2, 4, every 8 up to max_num_seqs rounded up to 8, at most 256."""
+    if not v1:
+        top = min(256, -(-max_num_seqs // 8) * 8)
+        return [s for s in (1, 2, 4, *range(8, 257, 8)) if s <= top]
     top = min(2 * max_num_seqs, 512, max_num_batched_tokens)
     return [s for s in (1, 2, 4, *range(8, 256, 8), *range(256, top + 1, 16)) if s <= top]
 
@@ -57,7 +61,7 @@ class FusedMoeCompiles:
                  max_num_batched_tokens: int, pads_every_step: bool):
         self.num_experts, self.top_k, self.tuned = num_experts, top_k, tuned
         self.variant_s = KERNELS_PER_VARIANT * build_s
-        self.sizes = capture_sizes(max_num_seqs, max_num_batched_tokens)
+        self.sizes = capture_sizes(max_num_seqs, max_num_batched_tokens, v1=pads_every_step)
         self.pads_every_step = pads_every_step
         self.built = {self._variant(m) for m in (max_num_batched_tokens, *self.sizes)}
         self.num_built_serving = 0
