@@ -241,10 +241,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                   tuple(args.hold_out_gemm_k), args.gemm_source)
     command = _command_line(f"llmsim calibrate --device {args.device} "
                             + " ".join(f"--measurements {m}" for m in args.measurements))
+    report_dir = _report_dir(args, out)
     prepare_output_file(out, "--out")
-    prepare_output(_report_dir(args, out), "--report-dir")
-    profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out,
-                                      _report_dir(args, out), command)
+    prepare_output(report_dir, "--report-dir")
+    profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out, report_dir, command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"fitted profile written to {out}; report {result.report_path}, parity plot {result.plot_path}")
@@ -258,8 +258,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     path = profile_path(args.device)
     measurements = [Path(m) for m in args.measurements] if args.measurements else None
     command = _command_line(f"llmsim validate --device {args.device}")
-    prepare_output(_report_dir(args, path), "--report-dir")
-    result = validate(path, measurements, _report_dir(args, path), command)
+    report_dir = _report_dir(args, path)
+    prepare_output(report_dir, "--report-dir")
+    result = validate(path, measurements, report_dir, command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"report {result.report_path}, parity plot {result.plot_path}")

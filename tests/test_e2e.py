@@ -137,6 +137,10 @@ def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
     assert "matches no run" in capsys.readouterr().err
     assert main(["validate-e2e", str(SLICE), "--device", "h900", "--out", str(tmp_path / "o")]) == 2
     assert "--device: unknown device 'h900'" in capsys.readouterr().err
+    bad_profile = tmp_path / "mine.yaml"
+    bad_profile.write_text("name: [unclosed\n")
+    assert main(["validate-e2e", str(SLICE), "--device", str(bad_profile), "--out", str(tmp_path / "o")]) == 2
+    assert f"--device: profile {bad_profile}:2 is not valid YAML" in capsys.readouterr().err  # file:line kept
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 

@@ -226,8 +226,10 @@ class Replica:
                 continue
             # A step that builds a fused-MoE kernel variant runs alone; a run repeats its first step's token count,
             # so its later steps need nothing more.
-            moe = self.moe_compiles
-            builds = moe is not None and not moe.is_built(out.num_prefill_tokens + len(out.decodes), not out.prefills)
+            moe, builds = self.moe_compiles, False
+            if moe is not None:
+                moe_tokens = out.num_prefill_tokens + len(out.decodes)
+                builds = not moe.is_built(moe_tokens, not out.prefills)
             if self.fast_forward and not self.actions and not builds:
                 # A DistServe prefill instance hands a request over after the step that samples its first token,
                 # so its decodes (a prompt's last token) never run on. A request held by async scheduling joins
@@ -245,7 +247,7 @@ class Replica:
             cost = self.execution.iteration(chunks, num_decode, kv_tokens, num_samples)
             duration = cost.time_s + out.swap_bytes / self.execution.hardware.host_link.bandwidth_bytes_per_s
             if builds:  # the engine waits for Triton
-                duration += moe.stall_s(out.num_prefill_tokens + len(out.decodes), not out.prefills)
+                duration += moe.stall_s(moe_tokens, not out.prefills)
             end = start + duration
             self.recorder.iteration(self.id, start, end - start, cost.flops, cost.num_bytes,
                                     out.num_prefill_tokens, num_decode, self.blocks.num_used_blocks)

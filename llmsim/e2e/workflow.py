@@ -54,7 +54,7 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     try:
         load_profile(device)
     except ConfigError as exc:
-        raise ConfigError(f"--device: {str(exc).split(': ', 1)[1]}") from None
+        raise ConfigError(f"--device: {str(exc).removeprefix('hardware.device: ')}") from None
     prepare_output(out, "--out")
     if max_requests is not None:
         runs = [truncate(r, max_requests) for r in runs]
