@@ -397,22 +397,14 @@ class BlockManager:
         return segs
 
     def hit_may_grow(self, request: Request, running: list[Request]) -> bool:
-        """Whether ``request``'s cached prefix could get longer while ``running`` decode (multi-turn traffic, where
-        the next round's prompt holds the answer being generated): the first block of its chain not cached (up
-        to the hit's cap) is one a running request is still to fill. Hashes are chained, so that block can only
-        be the same hash at the same place of the running request's chain."""
-        block_size = self.block_size
-        hashes = request_block_hashes(request, block_size)
-        limit = min((request.num_tokens - 1) // block_size, len(hashes))
-        _, p, _ = self._match(hashes, limit)
-        if p >= limit:
+        """Whether ``request``'s cached prefix could get longer while ``running`` decode: its next named block
+        is not cached yet and some running request still has named blocks to fill (multi-turn traffic, where
+        the next round's prompt holds the answer being generated). Conservative: it does not check that the
+        blocks match."""
+        if self._caches_all(request_block_hashes(request, self.block_size)):
             return False
-        wanted, cached_blocks = hashes[p], self._num_cached
-        for r in running:
-            theirs = request_block_hashes(r, block_size)
-            if len(theirs) > p and theirs[p] == wanted and cached_blocks.get(r.id, 0) <= p:
-                return True
-        return False
+        cached_blocks = self._num_cached
+        return any(len(request_block_hashes(r, self.block_size)) > cached_blocks.get(r.id, 0) for r in running)
 
     def _grow(self, request: Request, num_blocks: int, num_tokens: int) -> None:
         """Hold ``num_blocks`` blocks, and cache the named-content blocks full of the first ``num_tokens``."""
@@ -474,6 +466,9 @@ class BlockManager:
             else:  # content nobody can hit (not full yet, or a copy of blocks cached elsewhere)
                 self._push(size)
         return released
+
+    def _caches_all(self, hashes: tuple[int, ...]) -> bool:
+        return self._cached_hashes.issuperset(hashes)
 
     def _cache_filled(self, rid: int, done: int, full: int) -> None:
         """Cache the request's named blocks ``done .. full - 1``, just filled: each whose hash no block caches

@@ -63,6 +63,10 @@ class BlockManager(kv_cache.BlockManager):
                 self._push(1)
         return released
 
+    def _caches_all(self, hashes: tuple[int, ...]) -> bool:
+        cached = self._cached
+        return all(h in cached for h in hashes)
+
     def _cache_filled(self, rid: int, done: int, full: int) -> None:
         cached = self._cached
         for block in self._shared[rid][done:full]:

@@ -108,6 +108,10 @@ def scheduler_named(name: str) -> dict:
 # the running requests were still generating (multi-turn), so stepping admitted it sooner.
 @example(seed=927, scheduler="vllm_v1_sync", rate=52.0, router="round_robin", mem=0.22, preemption="recompute",
          policy="distserve", high_priority=0.2, traffic="shared_prefix", timeout=None)
+# Found by this test: a check of whether the waiting head's cached prefix may grow that asked only whether a
+# running request fills its first uncached block let Llumnix replicas fast-forward where stepping admitted sooner.
+@example(seed=577, scheduler="fcfs_cached", rate=51.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.0, traffic="shared_prefix", timeout=None)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
                                       traffic, timeout):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
