@@ -268,7 +268,7 @@ def test_an_8bit_kv_cache_runs_its_own_attention_fits():
     fit = h100.prefill_attention_8bit_kv
     grid = ops.prefill_attention_grid(ex.shapes, ((1024, 0),), fit.block_m, fit.block_n, fit.pack_gqa)
     assert ex._prefill_attention_s(op, ((1024, 0),)) == prefill_attention_s(
-        fit, 132, ex.act_peak_flops, ex.bandwidth, op.num_bytes, 128, 32, *grid)
+        fit, 132, ex.act_peak_flops, ex.bandwidth, op.num_bytes, 128, 32, *grid, 0.0, h100.l2_cache_bytes)
     assert ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is h100.decode_attention
     assert A100.decode_attention_8bit_kv is None
     assert ExecutionModel(fp8_kv, A100, ParallelPlan(tp=1))._decode_attention_constants(32)[3] is A100.decode_attention
@@ -407,3 +407,36 @@ def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
         assert ex.iteration(chunks, 5, 4000, 6) == ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2)).iteration(
             chunks, 5, 4000, 6)
         assert len(ex._prefill_cache) <= 3
+
+
+def test_prefill_attention_moves_a_batch_that_fits_in_l2_faster_but_not_a_cached_prefix():
+    """The L2 term (``PrefillAttentionFit.l2_speedup``): on both calibrated GPUs the fit finds about 1.6-1.8x
+    for batches whose bytes fit in about half the L2, and none for batches several times its size. A cached
+    prefix's KV (written steps before) stays at HBM speed: with the term off it costs what it did."""
+    for name in ("h100-sxm", "a100-80gb"):
+        profile = load_profile(name)
+        fit = profile.prefill_attention
+        assert 1.5 < fit.l2_speedup < 2.0 and 0.4 < fit.l2_fraction < 0.7
+        off = profile.model_copy(update={"prefill_attention": fit.model_copy(update={"l2_fraction": None})})
+        on_ex, off_ex = (ExecutionModel(LLAMA7, p, ParallelPlan(tp=1)) for p in (profile, off))
+
+        def attention_s(ex, chunks):
+            return ex._prefill_attention_s(ops.prefill_attention(ex.shapes, chunks), chunks)
+
+        small, large = ((64, 0),) * 4, ((4096, 0),) * 8  # ~12 MB and ~1.6 GB of attention traffic
+        assert attention_s(on_ex, small) < attention_s(off_ex, small)
+        assert attention_s(on_ex, large) == pytest.approx(attention_s(off_ex, large), rel=1e-9)
+        # A chunk over a short cached prefix fits too, but only the new tokens' bytes are sped up.
+        prefixed = ((64, 256),)
+        op = ops.prefill_attention(on_ex.shapes, prefixed)
+        grid = ops.prefill_attention_grid(on_ex.shapes, prefixed, fit.block_m, fit.block_n, fit.pack_gqa)
+        cold = 2 * 256 * on_ex.shapes.kv * on_ex.shapes.kv_dtype_bytes
+        args = (fit, profile.num_sms, on_ex.act_peak_flops, on_ex.bandwidth, op.num_bytes, 128, 32, *grid, 0.0,
+                profile.l2_cache_bytes)
+        assert op.num_bytes < fit.l2_fraction * profile.l2_cache_bytes / 2
+        assert attention_s(on_ex, prefixed) == prefill_attention_s(*args, cold)
+        assert prefill_attention_s(*args, 0.0) < attention_s(on_ex, prefixed) < attention_s(off_ex, prefixed)
+        # The speed-up never exceeds the fitted factor on the memory term, nor slows anything.
+        for chunks in (((16, 0),), ((256, 0),) * 8, ((512, 128),) * 16, ((2048, 0),)):
+            assert attention_s(off_ex, chunks) / fit.l2_speedup <= attention_s(on_ex, chunks) <= \
+                attention_s(off_ex, chunks)

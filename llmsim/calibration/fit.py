@@ -201,10 +201,14 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
     copies = not geometry["pack_gqa"] and bool(
         (rows.single_token & packing_copies(rows.batch, rows.kv_heads, rows.num_heads))[mask].any())
+    l2 = profile.l2_cache_bytes is not None  # the L2 term needs the cache's size
+    at_l2 = 8 if copies else 7
 
     def fit_of(x):  # overhead, per-tile cost and copies' fixed cost in microseconds for the optimiser
+        l2_terms = {"l2_speedup": x[at_l2], "l2_fraction": x[at_l2 + 1]} if l2 else {}
         return PrefillAttentionFit.model_construct(**dict(zip(names, (x[0] * 1e-6, x[1] * 1e-6, *x[2:7]))),
-                                                   swapped_copy_s=x[7] * 1e-6 if copies else None, **geometry)
+                                                   swapped_copy_s=x[7] * 1e-6 if copies else None, **l2_terms,
+                                                   **geometry)
 
     def residuals(x):
         return np.log(prefill_s(profile, rows, mask, fit_of(x)) / y)
@@ -213,9 +217,13 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
     lower, upper = [0.0, 0.0, 0.05, 1.0, 0.01, 0.0, 1.0], [200.0, 100.0, 1.0, 20.0, 1.0, 1e4, 8.0]
     if copies:
         x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
+    if l2:  # speed-up 1-4x, from 5% to twice the L2's size
+        x0, lower, upper = x0 + [1.5, 0.5], lower + [1.0, 0.05], upper + [4.0, 2.0]
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [round(float(v), 4) for v in fit.x]
     extra = {"swapped_copy_s": round(x[7] * 1e-6, 9)} if copies else {}
+    if l2:
+        extra |= {"l2_speedup": x[at_l2], "l2_fraction": x[at_l2 + 1]}
     return PrefillAttentionFit(overhead_s=round(x[0] * 1e-6, 9), tile_s=round(x[1] * 1e-6, 9), max_eff=x[2],
                                path_softness=x[3], memory_eff=x[4], half_heads=x[5], softness=x[6], **extra,
                                **geometry)

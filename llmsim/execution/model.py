@@ -243,8 +243,11 @@ class ExecutionModel:
         if not fit.pack_gqa and all(new == 1 for new, _ in chunks):
             # FlashAttention 2's packed single-token path (FlashAttention 3 packs inside the kernel)
             copy_s = swap_copy_s(fit, self.bandwidth, len(chunks), s.kv_heads, s.num_heads, s.head_dim, s.dtype_bytes)
+        # A cached prefix's KV was written steps before: read from HBM, outside the L2 term.
+        cold_bytes = sum(2 * cached for _, cached in chunks) * s.kv * s.kv_dtype_bytes
         time_s = prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
-                                     s.head_dim, s.num_heads, tiles, units, longest, copy_s)
+                                     s.head_dim, s.num_heads, tiles, units, longest, copy_s,
+                                     self.hardware.l2_cache_bytes, cold_bytes)
         return time_s * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int, pure: bool = True) -> tuple[float, float, float]:

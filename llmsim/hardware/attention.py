@@ -6,21 +6,39 @@ every measured row at once.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
+# Width of the L2 term's step, in ln(bytes): it goes from 12% to 88% of the way over a factor 1.6 in bytes.
+L2_STEP_WIDTH = 0.2
+
+
 def prefill_attention_s(fit: PrefillAttentionFit, num_sms: int, peak: float, bandwidth: float, num_bytes, head_dim,
-                        num_heads, tiles, units, max_units, copy_s=0.0):
+                        num_heads, tiles, units, max_units, copy_s=0.0, l2_bytes: float | None = None,
+                        cold_bytes=0.0):
     """``num_heads``: query heads on the GPU; ``tiles``, ``units``, ``max_units``: the batch's grid
     (``execution.ops.prefill_attention_grid``); ``copy_s``: ``swap_copy_s`` where the batch takes FlashAttention
-    2's packed single-token path (0 elsewhere)."""
+    2's packed single-token path (0 elsewhere); ``l2_bytes``: the GPU's L2 cache (None: no L2 term);
+    ``cold_bytes``: of ``num_bytes``, a cached prefix's KV (read from HBM, never sped up by the L2 term)."""
     unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * num_sms / (peak * fit.max_eff)
     bulk = (tiles * fit.tile_s + units * unit_s) / num_sms
     path = fit.tile_s + max_units * unit_s
     q = fit.path_softness
     compute = (bulk ** q + path ** q) ** (1.0 / q)
+    if fit.l2_fraction is not None and l2_bytes is not None:
+        # The batch's bytes against the share of L2 they may keep: a logistic step in ln(bytes), so the fit sees
+        # a slope; exp's argument is clipped (a huge batch: no speed-up, without overflow).
+        if hasattr(num_bytes, "shape"):  # numpy arrays (calibration)
+            z = np.minimum((np.log(num_bytes) - math.log(fit.l2_fraction * l2_bytes)) / L2_STEP_WIDTH, 50.0)
+            speed = 1.0 + (fit.l2_speedup - 1.0) / (1.0 + np.exp(z))
+        else:
+            z = min((math.log(num_bytes) - math.log(fit.l2_fraction * l2_bytes)) / L2_STEP_WIDTH, 50.0)
+            speed = 1.0 + (fit.l2_speedup - 1.0) / (1.0 + math.exp(z))
+        num_bytes = cold_bytes + (num_bytes - cold_bytes) / speed
     memory = num_bytes * (num_heads + fit.half_heads) / (bandwidth * fit.memory_eff * num_heads)
     p = fit.softness
     return (fit.overhead_s + copy_s) + (compute ** p + memory ** p) ** (1.0 / p)
