@@ -130,12 +130,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from llmsim.config import parse_overrides
 
-    cfg, base, combos = load_plan_search(args.plan, parse_overrides(args.set))
+    cfg, base, candidates = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
     prepare_output(out, setting)
-    with progress(len(combos), "plan", cfg.name, args.quiet) as bar:
-        df = run_plan_search(cfg, base, combos, out / "runs", args.executor, args.workers, args.address,
+    with progress(len(candidates), "plan", cfg.name, args.quiet) as bar:
+        df = run_plan_search(cfg, base, candidates, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))
     write_folder(out, {"plans.csv": lambda p: df.to_csv(p, index=False)}, marker="plans.csv", setting=setting)
     shown = [c for c in (*cfg.candidates, "replicas", "goodput_rate", "goodput_per_gpu", "goodput_per_dollar",

@@ -63,8 +63,18 @@ class PlanSearchConfig(BaseModel):
     output_dir: Path = Path("results/plan_search")
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One combination of the plan's candidate values, parsed once at the starting rate (``probe``), or the
+    error that parse gave (reported in the candidate's row)."""
+
+    values: dict[str, Any]
+    probe: Any = None  # ExperimentConfig
+    error: str = ""
+
+
 def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
-                     ) -> tuple[PlanSearchConfig, dict, list[dict[str, Any]]]:
+                     ) -> tuple[PlanSearchConfig, dict, list[Candidate]]:
     path = Path(path)
     raw = read_yaml(path, "plan file") or {}
     try:
@@ -80,15 +90,18 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
                               f"{', '.join(missing)}")
     if not cfg.output_dir.is_absolute():
         cfg = cfg.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / cfg.output_dir))})
-    combos = [dict(zip(cfg.candidates, values)) for values in itertools.product(*cfg.candidates.values())]
-    for values in combos:  # a device or model that does not exist is a typo here, not a plan that does not fit
+    candidates = []
+    for values in (dict(zip(cfg.candidates, v)) for v in itertools.product(*cfg.candidates.values())):
         try:
             probe = parse_config(candidate_config(base, values, cfg.gpus, cfg.rates.start), "<plan candidate>")
-        except LLMSimError:
-            continue  # reported in its row (run_plan_search)
+        except LLMSimError as exc:  # reported in its row (run_plan_search)
+            candidates.append(Candidate(values, error=" ".join(line.strip() for line in str(exc).splitlines()[:2])))
+            continue
+        # A device or model that does not exist is a typo here, not a plan that does not fit.
         check_names_at(probe, f"{path} (candidate " + ", ".join(f"{k}={v}" for k, v in
                                                             _candidate_row(values).items()) + ")")
-    return cfg, base, combos
+        candidates.append(Candidate(values, probe))
+    return cfg, base, candidates
 
 
 def candidate_config(base: dict, values: dict[str, Any], gpus: int, rate: float) -> dict:
@@ -183,19 +196,19 @@ def rank(rows: list[dict], cfg: PlanSearchConfig) -> pd.DataFrame:
     return pd.concat([df[ok].sort_values(key, ascending=False, kind="stable"), df[~ok]], ignore_index=True)
 
 
-def run_plan_search(cfg: PlanSearchConfig, base: dict, combos: list[dict], root: Path, executor: str = "local",
-                    workers: int | None = None, address: str | None = None, on_done=None) -> pd.DataFrame:
+def run_plan_search(cfg: PlanSearchConfig, base: dict, candidates: list[Candidate], root: Path,
+                    executor: str = "local", workers: int | None = None, address: str | None = None,
+                    on_done=None) -> pd.DataFrame:
     """Every candidate's goodput. The searches advance in rounds: each round runs the next rate of every
     unfinished candidate as sweep points (``sweep.execute``: local processes or Ray, and its resume -- a
     probe whose folder under ``root`` holds the same resolved config is read back, not rerun)."""
+    combos = [c.values for c in candidates]
     rows = [_candidate_row(values) for values in combos]
     searches: dict[int, RateBracket] = {}
     for i, row in enumerate(rows):
-        values = combos[i]
-        try:
-            probe = parse_config(candidate_config(base, values, cfg.gpus, cfg.rates.start), "<plan candidate>")
-        except LLMSimError as exc:
-            row["error"] = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        probe = candidates[i].probe
+        if probe is None:
+            row["error"] = candidates[i].error
             continue
         per_replica = probe.parallel.tp * probe.parallel.pp
         if per_replica > cfg.gpus:

@@ -21,9 +21,10 @@ def test_shipped_experiments_parse():
             _, points = load_sweep(path)
             assert points and all(p.config.name for p in points)
         elif "candidates" in raw:  # a plan search: every candidate must be a valid experiment
-            cfg, base, combos = load_plan_search(path)
-            for values in combos:
-                parse_config(candidate_config(base, values, cfg.gpus, 1.0), str(path))
+            cfg, base, candidates = load_plan_search(path)
+            for candidate in candidates:
+                assert candidate.probe is not None, candidate.error
+                parse_config(candidate_config(base, candidate.values, cfg.gpus, 1.0), str(path))
         else:
             assert load_config(path).name
 

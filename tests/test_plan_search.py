@@ -32,7 +32,7 @@ def test_plan_search_finds_and_ranks_goodput(tmp_path, capsys):
     for par in ("tp=1", "tp=2"):
         assert by[("h100-sxm", par)] >= by[("a100-80gb", par)]
     # The reported goodput is a bracket edge: attainment meets the target there and misses it just above.
-    cfg, base, combos = load_plan_search(path)
+    cfg, base, _ = load_plan_search(path)
     values = {"hardware.device": "a100-80gb", "parallel": {"tp": 1}}
     rate = by[("a100-80gb", "tp=1")]
     assert _attainment(candidate_config(base, values, 2, rate))[0] >= 0.9

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from llmsim.clock import Clock
-from llmsim.cluster.replica import Replica
+from llmsim.cluster.replica import Replica, record_timed_out
 from llmsim.request import Request, RequestStatus
 
 
@@ -133,9 +133,7 @@ class Migrator:
         m = self.active.get(request.id)
         if m is None or request.status is not RequestStatus.MIGRATING:
             return False
-        request.status = RequestStatus.TIMED_OUT
-        request.reject_reason = reason
-        m.src.recorder.request(request, "timed_out")
+        record_timed_out(m.src.recorder, request, reason)  # it left the source's count at its release
         return True
 
     def _adopt(self, m: Migration) -> None:

@@ -34,6 +34,13 @@ from llmsim.request import DONE, Request, RequestStatus
 from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
 
+def record_timed_out(recorder: Recorder, request: Request, reason: str) -> None:
+    """The client gave up on ``request``, which holds nothing anywhere now: it leaves with ``reason``."""
+    request.status = RequestStatus.TIMED_OUT
+    request.reject_reason = reason
+    recorder.request(request, "timed_out")
+
+
 class Replica:
     def __init__(self, env: Clock, replica_id: int, scheduler: Scheduler,
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
@@ -126,10 +133,8 @@ class Replica:
         """The client gave up on ``request``, which is in none of this replica's queues (``abort`` took it out,
         or its KV is still on its way here in DistServe's pull, whose reservation is given back when the copy
         lands): it leaves now."""
-        request.status = RequestStatus.TIMED_OUT
-        request.reject_reason = reason
         self.num_outstanding -= 1
-        self.recorder.request(request, "timed_out")
+        record_timed_out(self.recorder, request, reason)
 
     def release(self, request: Request) -> None:
         """Let a running request go (with its KV, which is freed here); call at a boundary."""

@@ -240,7 +240,7 @@ class ExecutionModel:
         s = self.shapes
         tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
         copy_s = 0.0
-        if not fit.pack_gqa and all(new == 1 for new, _ in chunks):
+        if not fit.pack_gqa and ops.single_token_chunks(chunks):
             # FlashAttention 2's packed single-token path (FlashAttention 3 packs inside the kernel)
             copy_s = swap_copy_s(fit, self.bandwidth, len(chunks), s.kv_heads, s.num_heads, s.head_dim, s.dtype_bytes)
         # A cached prefix's KV was written steps before: read from HBM, outside the L2 term.

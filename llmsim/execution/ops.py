@@ -183,6 +183,12 @@ def chunk_tile_units(new: int, cached: int, rows_per_token: int, block_m: int, b
     return tiles, units
 
 
+def single_token_chunks(chunks: tuple[tuple[int, int], ...]) -> bool:
+    """Whether every prefill chunk of a batch is one new token: FlashAttention 2 then takes its packed
+    single-token path (``seqlenq_ngroups_swapped``), as for a decode."""
+    return all(new == 1 for new, _ in chunks)
+
+
 def prefill_attention_grid(s: ShardShapes, chunks: tuple[tuple[int, int], ...], block_m: int, block_n: int,
                            pack_gqa: bool) -> tuple[int, int, int]:
     """(query tiles, tile x KV-block units, the longest tile's units) of a varlen prefill batch: the work the
@@ -190,7 +196,7 @@ def prefill_attention_grid(s: ShardShapes, chunks: tuple[tuple[int, int], ...], 
     KV head's whole query group (FlashAttention 3); otherwise only a batch of single-token queries is packed
     (FlashAttention 2's ``seqlenq_ngroups_swapped``)."""
     kv_heads = s.kv_heads
-    packed = kv_heads < s.num_heads and (pack_gqa or all(new == 1 for new, _ in chunks))
+    packed = kv_heads < s.num_heads and (pack_gqa or single_token_chunks(chunks))
     streams, g = (kv_heads, s.num_heads // kv_heads) if packed else (s.num_heads, 1)
     tiles = units = 0
     for new, cached in chunks:
