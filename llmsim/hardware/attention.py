@@ -13,7 +13,7 @@ import numpy as np
 from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 
 
-# Width of the L2 term's step, in ln(bytes): it goes from 12% to 88% of the way over a factor 1.6 in bytes.
+# Width of the L2 term's step, in ln(bytes): it goes from 12% to 88% of the way over a factor of 2.2 in bytes.
 L2_STEP_WIDTH = 0.2
 
 
