@@ -29,17 +29,25 @@ def config(policy: str, rate: float, num_requests: int = 400):
 
 
 def test_disaggregation_beats_colocation_per_gpu_under_tight_tpot():
-    """Same 2 GPUs: 1 prefill + 1 decode instance against 2 colocated FCFS replicas. DistServe's goodput (the
-    highest rate with >= 90% of requests meeting TTFT and TPOT) per GPU is higher with disaggregation."""
-    def goodput_per_gpu(policy):
-        best = 0.0
-        for rate in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5):  # steps fine enough to split them (1.75: 92% vs 87%)
+    """Same 2 GPUs: 1 prefill + 1 decode instance against 2 colocated FCFS replicas. Under a tight TPOT SLO more
+    requests meet it with disaggregation at every rate from light load to past both setups' capacity (decodes
+    never wait behind a prefill), so DistServe's goodput (the highest rate with >= 90% of requests meeting TTFT
+    and TPOT) per GPU is at least colocation's. (Whether it is strictly higher depends on where the 90% line
+    falls between the grid's rates: both reach it at 1.75 req/s here, 95% against 91%, since the A100 decode
+    refit that shortened Llama-2-13B's MHA decodes; before it, 92% against 87%.)"""
+    attainment = {policy: {} for policy in ("distserve", "colocated")}
+    for policy, by_rate in attainment.items():
+        for rate in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5):
             _, s = run_experiment(config(policy, rate), write=False)
-            if s["slo"]["attainment"] >= 0.9:
-                best = rate / s["utilization"]["num_gpus"]
-        return best
+            assert s["utilization"]["num_gpus"] == 2
+            by_rate[rate] = s["slo"]["attainment"]
+    for rate in (1.5, 1.75, 2.0, 2.5):
+        assert attainment["distserve"][rate] > attainment["colocated"][rate], rate
 
-    assert goodput_per_gpu("distserve") > goodput_per_gpu("colocated")
+    def goodput_per_gpu(by_rate):
+        return max((rate for rate, a in by_rate.items() if a >= 0.9), default=0.0) / 2
+
+    assert goodput_per_gpu(attainment["distserve"]) >= goodput_per_gpu(attainment["colocated"])
     _, colocated = run_experiment(config("colocated", 2.0), write=False)
     _, distserve = run_experiment(config("distserve", 2.0), write=False)
     assert distserve["tpot"]["p90_s"] < colocated["tpot"]["p90_s"]  # decodes no longer wait behind prefills

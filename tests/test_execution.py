@@ -440,3 +440,27 @@ def test_prefill_attention_moves_a_batch_that_fits_in_l2_faster_but_not_a_cached
         for chunks in (((16, 0),), ((256, 0),) * 8, ((512, 128),) * 16, ((2048, 0),)):
             assert attention_s(off_ex, chunks) / fit.l2_speedup <= attention_s(on_ex, chunks) <= \
                 attention_s(off_ex, chunks)
+
+
+def test_a_short_kv_history_splits_less_and_decode_runs_follow_it_exactly():
+    """``DecodeAttentionFit.split_keys``: a batch of fewer sequences than ``min_splits`` is split along its KV,
+    into no more splits than its KV tokens per sequence / ``split_keys`` (FlashAttention never splits a few KV
+    blocks), so its read rate grows with the KV length until ``min_splits``; a decode run evaluates the rate
+    step by step, with the same arithmetic as single iterations, and a batch of ``min_splits`` keeps one rate."""
+    for name in ("h100-sxm", "a100-80gb"):
+        profile = load_profile(name)
+        fit = profile.decode_attention
+        assert fit.split_keys is not None
+        bw = profile.memory_bandwidth_bytes_per_s
+        short, long = fit.split_keys * 2, fit.split_keys * fit.min_splits * 4
+        assert decode_memory_rate(fit, bw, 2, 8, False, short) < decode_memory_rate(fit, bw, 2, 8, False, long)
+        assert decode_memory_rate(fit, bw, 2, 8, False, long) == decode_memory_rate(fit, bw, 2, 8, False)
+        ex = ExecutionModel(load_model("Llama-3-8B"), profile, ParallelPlan(tp=1))
+        assert ex._decode_attention_constants(4)[5] is None  # per step
+        kv0 = 4 * int(fit.split_keys)
+        run = ex.decode_run(4, kv0, 3000)
+        assert run[0] == [ex.decode_iteration(4, kv0 + 4 * j).time_s for j in range(3000)]
+        for kv in (kv0, kv0 + 7, 4 * long):  # the simulator's inlined rate is calibration's, exactly
+            assert ex._decode_rate(4, kv) == decode_memory_rate(fit, bw, 4, ex.shapes.kv_heads, False, kv / 4)
+        big = int(fit.min_splits) + 1  # at least min_splits sequences: the splits are never capped
+        assert ex._decode_attention_constants(big)[5] is not None

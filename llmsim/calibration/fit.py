@@ -238,13 +238,15 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
     own_mha = gqa_only and bool(rows.mha[mask].any())
     copies = gqa_only and bool(packing_copies(rows.batch, rows.kv_heads, rows.num_heads)[mask].any())
     at_copy = 7 if own_mha else 6
+    at_keys = at_copy + copies  # split_keys, last
 
     def fit_of(x):  # overheads and per-stream time in microseconds for the optimiser
         return DecodeAttentionFit.model_construct(overhead_s=x[0] * 1e-6, per_stream_s=x[1] * 1e-6,
                                                   memory_eff=x[2], half_streams=x[3], min_splits=x[4],
                                                   softness=x[5], gqa_only_split_kv=gqa_only,
                                                   mha_overhead_s=x[6] * 1e-6 if own_mha else None,
-                                                  swapped_copy_s=x[at_copy] * 1e-6 if copies else None)
+                                                  swapped_copy_s=x[at_copy] * 1e-6 if copies else None,
+                                                  split_keys=x[at_keys])
 
     def residuals(x):
         return np.log(decode_s(profile, rows, mask, fit_of(x)) / y)
@@ -255,9 +257,11 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
         x0, lower, upper = x0 + [10.0], lower + [0.0], upper + [100.0]
     if copies:
         x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
+    x0, lower, upper = x0 + [128.0], lower + [1.0], upper + [1e5]  # split_keys: a KV block of 128 to start
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     extra = {"gqa_only_split_kv": True} if gqa_only else {}
+    extra["split_keys"] = round(x[at_keys], 2)
     if own_mha:
         extra["mha_overhead_s"] = round(x[6] * 1e-6, 9)
     if copies:

@@ -118,6 +118,7 @@ class Rows:
         self._prefill: dict[int, tuple[ops.ShardShapes, tuple[tuple[int, int], ...]]] = {}  # row: (shapes, chunks)
         self._grids: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.batch = self.df["batch_size"].to_numpy(dtype=float)
+        self.kv_len = self.df["kv_len"].to_numpy(dtype=float)  # attention rows: KV tokens per sequence
         self.kv_heads = np.zeros(n)
         self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
         self.prefix_kv_bytes = np.zeros(n)  # KV cache bytes of a prefill row's cached prefix
@@ -283,7 +284,7 @@ def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> n
     fit = fit or profile.decode_attention
     stream = decode_stream_s(fit, rows.batch[m], rows.kv_heads[m])
     rate = decode_memory_rate(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
-                              rows.mha[m])
+                              rows.mha[m], rows.kv_len[m])
     # The measured decode kernels are pure-decode batches with 16-bit queries (an 8-bit KV cache keeps them).
     copy_s = swap_copy_s(fit, profile.memory_bandwidth_bytes_per_s, rows.batch[m], rows.kv_heads[m],
                          rows.num_heads[m], rows.head_dim[m], 2)

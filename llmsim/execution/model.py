@@ -16,8 +16,8 @@ from llmsim.errors import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.moe_jit import FusedMoeCompiles
-from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_stream_s, prefill_attention_s,
-                                       swap_copy_s)
+from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_rate_varies, decode_stream_s,
+                                       prefill_attention_s, swap_copy_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
@@ -121,6 +121,7 @@ class ExecutionModel:
         self._token_cache: dict[int, tuple] = {}
         self._sample_cache: dict[int, tuple] = {}
         self._decode_attn_cache: dict[int, tuple] = {}
+        self._rate_terms: tuple | None = None  # _decode_rate_terms
         self._op_static: dict[str, tuple] = {}
         # Prefill attention (time, FLOPs, bytes over all layers) by the step's chunks: chunked prefills repeat the
         # same (new, cached) shapes step after step. Bounded: a long mixed run sees many distinct batches.
@@ -261,6 +262,8 @@ class ExecutionModel:
         flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s, mixed_overhead_s = c
         if not pure:
             overhead_s = mixed_overhead_s
+        if b is None:  # the KV read rate follows the KV length (splits capped by it)
+            b = self._decode_rate(num_decode, kv_tokens)
         flops = flops_per_kv * kv_tokens
         num_bytes = bytes_per_kv * kv_tokens + fixed_bytes
         if fit is None:
@@ -289,17 +292,40 @@ class ExecutionModel:
                 overhead_s = decode_overhead_s(fit, mha)
                 copy_s = swap_copy_s(fit, self.bandwidth, num_decode, kv_heads, s.num_heads, s.head_dim,
                                      s.dtype_bytes)
+                # None: the rate depends on the KV length, evaluated per step (``_decode_rate``).
+                rate = None if decode_rate_varies(fit, num_decode, mha) else decode_memory_rate(
+                    fit, self.bandwidth, num_decode, kv_heads, mha)
                 c = (one.flops - empty.flops, one.num_bytes - empty.num_bytes, empty.num_bytes, fit,
-                     decode_stream_s(fit, num_decode, kv_heads),
-                     decode_memory_rate(fit, self.bandwidth, num_decode, kv_heads, mha),
-                     overhead_s + copy_s, overhead_s)
+                     decode_stream_s(fit, num_decode, kv_heads), rate, overhead_s + copy_s, overhead_s)
             f = self.time_factors["attention_decode"]
             if f != 1.0:  # both forms are homogeneous in (overhead, time terms): scale each by f
                 flops_per_kv, bytes_per_kv, fixed_bytes, fit, a, b, overhead_s, mixed_overhead_s = c
-                c = (flops_per_kv, bytes_per_kv, fixed_bytes, fit, a * f if fit is not None else a / f, b / f,
-                     overhead_s * f, mixed_overhead_s * f)
+                c = (flops_per_kv, bytes_per_kv, fixed_bytes, fit, a * f if fit is not None else a / f,
+                     None if b is None else b / f, overhead_s * f, mixed_overhead_s * f)
             self._decode_attn_cache[num_decode] = c
         return c
+
+    def _decode_rate(self, num_decode: int, kv_tokens: int) -> float:
+        """The KV read rate of a decode batch whose splits its KV length caps (``DecodeAttentionFit.split_keys``),
+        from its KV tokens per sequence averaged over the batch, with the what-if factor as the constants have
+        it: ``hardware.attention.decode_memory_rate``'s arithmetic, in its order (decode runs evaluate it every
+        step; test_execution pins the two equal)."""
+        kv_heads, max_splits, split_keys, bw_eff, half, f = self._decode_rate_terms()
+        splits = kv_tokens / num_decode / split_keys
+        if splits > max_splits:
+            splits = max_splits
+        n = kv_heads * (num_decode if num_decode >= splits else splits)
+        rate = bw_eff * n / (n + half)
+        return rate / f if f != 1.0 else rate
+
+    def _decode_rate_terms(self) -> tuple:
+        terms = self._rate_terms
+        if terms is None:
+            fit = self.hardware.decode_attention_for(self.shapes.kv_dtype_bytes)
+            terms = self._rate_terms = (self.shapes.kv_heads, fit.min_splits, fit.split_keys,
+                                        self.bandwidth * fit.memory_eff, fit.half_streams,
+                                        self.time_factors["attention_decode"])
+        return terms
 
     def fused_moe_compiles(self, build_s: float, max_num_seqs: int, max_num_batched_tokens: int,
                            pads_every_step: bool) -> FusedMoeCompiles | None:
@@ -331,6 +357,24 @@ class ExecutionModel:
                 f = flops_per_kv * kv_tokens
                 nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
                 layer_s = max(f / a, nb / b) + overhead_s
+                times.append(fixed_s + layers * layer_s + add_s)
+                flops.append(fixed_flops + layers * f * tp)
+                num_bytes.append(fixed_bytes + layers * nb * tp)
+                kv_tokens += num_decode
+        elif b is None:  # the KV read rate follows the KV length: _decode_attention's arithmetic, per step
+            p = fit.softness
+            kv_heads, max_splits, split_keys, bw_eff, half, factor = self._decode_rate_terms()
+            for _ in range(num_steps):
+                f = flops_per_kv * kv_tokens
+                nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
+                splits = kv_tokens / num_decode / split_keys  # _decode_rate, inlined
+                if splits > max_splits:
+                    splits = max_splits
+                n = kv_heads * (num_decode if num_decode >= splits else splits)
+                rate = bw_eff * n / (n + half)
+                if factor != 1.0:
+                    rate = rate / factor
+                layer_s = overhead_s + (a ** p + (nb / rate) ** p) ** (1.0 / p)
                 times.append(fixed_s + layers * layer_s + add_s)
                 flops.append(fixed_flops + layers * f * tp)
                 num_bytes.append(fixed_bytes + layers * nb * tp)

@@ -49,17 +49,29 @@ def decode_stream_s(fit: DecodeAttentionFit, num_decode, kv_heads):
     return num_decode * kv_heads * fit.per_stream_s
 
 
-def decode_memory_rate(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads, mha=False):
-    """Bytes per second a decode batch reads its KV at. ``mha``: as many KV heads as query heads on the GPU
-    (scalars, or arrays in calibration)."""
+def decode_memory_rate(fit: DecodeAttentionFit, bandwidth: float, num_decode, kv_heads, mha=False,
+                       kv_per_seq=None):
+    """Bytes per second a decode batch reads its KV at. ``mha``: as many KV heads as query heads on the GPU;
+    ``kv_per_seq``: KV tokens per sequence, which cap the splits where the fit has ``split_keys`` (scalars, or
+    arrays in calibration)."""
+    splits = fit.min_splits
+    if fit.split_keys is not None and kv_per_seq is not None:
+        splits = np.minimum(splits, kv_per_seq / fit.split_keys) if hasattr(kv_per_seq, "shape") else \
+            min(splits, kv_per_seq / fit.split_keys)
     if hasattr(num_decode, "clip"):  # numpy arrays (calibration)
-        split = num_decode.clip(min=fit.min_splits)
+        split = np.maximum(num_decode, splits)
         n = kv_heads * (np.where(mha, num_decode, split) if fit.gqa_only_split_kv else split)
     elif mha and fit.gqa_only_split_kv:  # no split-KV: one stream per sequence and head
         n = kv_heads * num_decode
     else:
-        n = kv_heads * max(num_decode, fit.min_splits)
+        n = kv_heads * max(num_decode, splits)
     return bandwidth * fit.memory_eff * n / (n + fit.half_streams)
+
+
+def decode_rate_varies(fit: DecodeAttentionFit, num_decode: int, mha: bool) -> bool:
+    """Whether a decode batch's KV read rate depends on its KV length (``split_keys`` may cap its splits): a
+    batch of fewer sequences than ``min_splits`` that the kernel splits."""
+    return fit.split_keys is not None and num_decode < fit.min_splits and not (mha and fit.gqa_only_split_kv)
 
 
 def decode_overhead_s(fit: DecodeAttentionFit, mha=False):

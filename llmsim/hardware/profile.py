@@ -132,10 +132,13 @@ class DecodeAttentionFit(_Frozen):
 
         time = overhead + (stream^p + memory^p)^(1/p)
         stream = batch * kv_heads * per_stream_s      (per sequence and KV head: block table, query, softmax)
-        memory = KV bytes / (bandwidth * memory_eff * n / (n + half_streams)),  n = kv_heads * max(batch, min_splits)
+        memory = KV bytes / (bandwidth * memory_eff * n / (n + half_streams)),  n = kv_heads * max(batch, splits)
+        splits = min(min_splits, KV tokens per sequence / split_keys)
 
     ``n`` counts the parallel KV streams: a small batch is split along the KV length (split-KV), which the
-    measurements show levels off at about ``min_splits`` streams per KV head.
+    measurements show levels off at about ``min_splits`` streams per KV head; and a split needs ``split_keys``
+    keys or so of its own (FlashAttention's ``num_splits_heuristic`` never splits fewer than 5 KV blocks and
+    never into more splits than blocks), so short histories split less (``split_keys`` None: no such cap).
 
     ``gqa_only_split_kv``: the kernel splits the KV only for GQA decodes (FlashAttention 2, vLLM's kernel on
     A100: ``mha_varlen_fwd`` applies split-KV only when it packs a GQA group into the query rows,
@@ -159,6 +162,7 @@ class DecodeAttentionFit(_Frozen):
     gqa_only_split_kv: bool = False
     mha_overhead_s: float | None = Field(default=None, ge=0)  # with gqa_only_split_kv (None: overhead_s)
     swapped_copy_s: float | None = Field(default=None, ge=0)  # with gqa_only_split_kv (None: no copies)
+    split_keys: float | None = Field(default=None, gt=0)
 
 
 class Interconnect(_Frozen):
