@@ -228,3 +228,29 @@ def test_clients_that_give_up_are_aborted_and_accounted_for():
     assert r["timed_out"] > 0 and r["finished"] + r["timed_out"] == r["arrived"] == 120
     with pytest.raises(ConfigError, match=r"client_timeout_s: modelled for replicas without pipeline stages"):
         make_config(parallel={"pp": 2}, simulation={"client_timeout_s": 2.0})
+
+
+@given(seed=st.integers(0, 2**31), device=st.sampled_from(["h100-sxm", "a100-80gb"]),
+       scheduler=st.sampled_from(["vllm_v1", "fcfs", "sarathi"]), rate=st.floats(0.5, 20.0),
+       decode_factor=st.sampled_from([1.0, 1.3]))
+def test_fast_forward_equals_stepping_where_the_decode_rate_follows_the_kv_length(seed, device, scheduler, rate,
+                                                                                  decode_factor):
+    """A GQA model's small decode batches read KV at a rate that grows with their KV length
+    (``DecodeAttentionFit.split_keys``); a decode run evaluates it step by step, as stepping does, with and
+    without a what-if factor on decode attention (the property test above runs an MHA model, whose rate is
+    constant)."""
+    def cfg(ff):
+        return make_config(seed=seed, model={"name": "Llama-3-8B"}, hardware={
+            "device": device, "time_factors": {"attention_decode": decode_factor}},
+            cluster={"num_replicas": 2, "router": "least_outstanding"},
+            scheduler={"name": scheduler, "chunk_size": 256, "max_num_batched_tokens": 4096},
+            workload={"num_requests": 40, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
+                      "prompt_tokens": {"kind": "lognormal", "median": 300, "sigma": 1.0, "max": 3000},
+                      "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1500}},
+            simulation={"fast_forward": ff})
+    ff, step = cfg(True), cfg(False)
+    a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
+    a_req, a_it = frames(a)
+    b_req, b_it = frames(b)
+    pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
+    pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
