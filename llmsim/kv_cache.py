@@ -223,15 +223,71 @@ class BlockManager:
             self._held[request.id] = num_blocks
             self.num_free_blocks -= need
 
+    def _fill_order_matters(self, requests: list[Request], num_steps: int) -> bool:
+        """Whether the bulk bookkeeping of a decode run could differ from stepping's: stepping fills named blocks
+        and takes new blocks (evicting whatever the free queue's head caches) step by step, the bulk path
+        request by request. The order decides what ends up cached only when the run's takes evict cached blocks
+        and a block it fills holds content some other block caches (a copy while that block is cached, the cached
+        one once it is evicted). (Two requests never fill blocks of one hash in a run: a decode fills the
+        request's own answer, which nobody else generates.)"""
+        bs, held, queue = self.block_size, self._held, self._queue
+        head = queue[0] if queue else 0
+        if type(head) is int and head >= len(requests) * (num_steps // bs + 1):
+            return False  # the usual case: anonymous free blocks at the head cover whatever the run takes
+        take = 0
+        for r in requests:
+            need = -(-r.num_computed_tokens // bs) - held.get(r.id, 0)
+            if need > 0:
+                take += need
+        for entry in queue:  # the blocks the run takes come off the head: do they evict cached content?
+            if take <= 0:
+                return False
+            kind = type(entry)
+            if kind is int:
+                take -= entry
+            elif kind is list:
+                if entry[0] is not None:
+                    break
+            else:
+                take -= entry.count
+        else:
+            return False
+        num_cached, cached_hashes = self._num_cached, self._cached_hashes
+        for r in requests:
+            if r.prefix_segments:
+                hashes = request_block_hashes(r, bs)
+                done, full = num_cached.get(r.id, 0), min(r.num_computed_tokens // bs, len(hashes))
+                if full > done and not cached_hashes.isdisjoint(hashes[done:full]):
+                    return True
+        return False
+
+    def _replay_decode_steps(self, requests: list[Request], num_steps: int) -> None:
+        """Bring a decode run's requests to their computed tokens as stepping does: step by step, each request's
+        ``append_slot`` in batch order (its first step's slot was allocated when it was scheduled)."""
+        final = [r.num_computed_tokens for r in requests]
+        try:
+            for j in range(1, num_steps):
+                for r, end in zip(requests, final):
+                    r.num_computed_tokens = end - num_steps + j
+                    self.append_slot(r)
+        finally:
+            for r, end in zip(requests, final):
+                r.num_computed_tokens = end
+
     def fills_named_blocks(self, request: Request) -> bool:
         """Whether the request's next tokens fill blocks of named content not yet cached (prefix caching)."""
         if not self.caching or not request.prefix_segments:
             return False
         return len(request_block_hashes(request, self.block_size)) > self._num_cached.get(request.id, 0)
 
-    def grow_to_computed(self, requests: list[Request]) -> None:
-        """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop."""
+    def grow_to_computed(self, requests: list[Request], num_steps: int | None = None) -> None:
+        """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop.
+        ``num_steps``: the run's steps, each one token of every request (a pure decode run), which lets a run whose
+        order of block takes and named-block fills matters be replayed step by step (``_fill_order_matters``)."""
         bs = self.block_size
+        if self.caching and num_steps is not None and num_steps > 1 and self._fill_order_matters(requests, num_steps):
+            self._replay_decode_steps(requests, num_steps)
+            return
         if self.caching:
             # A request with no named blocks left to fill only takes blocks off the free queue; consecutive
             # takes are one take (the queue is consumed from its head either way), so they are batched between

@@ -196,5 +196,5 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
     if steady:
         recorder.gap(durations[0], steady)
     recorder.gaps_bulk(later_gaps, len(requests))
-    replica.scheduler.commit_decode_run(requests + also if also else requests)
+    replica.scheduler.commit_decode_run(requests + also if also else requests, None if also else num_steps)
     replica.finish_done(requests)

@@ -160,9 +160,10 @@ class Scheduler:
             self.waiting.remove(request)
         self.blocks.free(request)
 
-    def commit_decode_run(self, requests: list[Request]) -> None:
-        """A fast-forwarded decode run advanced ``requests``: their block tables follow their KV tokens."""
-        self.blocks.grow_to_computed(requests)
+    def commit_decode_run(self, requests: list[Request], num_steps: int | None = None) -> None:
+        """A fast-forwarded decode run advanced ``requests``: their block tables follow their KV tokens.
+        ``num_steps``: a pure decode run's steps (one token of each request a step)."""
+        self.blocks.grow_to_computed(requests, num_steps)
 
     def start_flight(self, out: SchedulerOutput) -> None:
         """A pipeline micro-batch entered stage 0: its requests sit out of later batches until it lands."""
