@@ -120,8 +120,7 @@ class Rows:
         self.batch = self.df["batch_size"].to_numpy(dtype=float)
         self.kv_len = self.df["kv_len"].to_numpy(dtype=float)  # attention rows: KV tokens per sequence
         self.kv_heads = np.zeros(n)
-        self.kv_bytes = np.zeros(n)  # KV cache bytes a decode row reads
-        self.prefix_kv_bytes = np.zeros(n)  # KV cache bytes of a prefill row's cached prefix
+        self.kv_bytes = np.zeros(n)  # KV cache bytes already cached: a decode row's whole KV, a prefill row's prefix
         self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
         self.mha = np.zeros(n, dtype=bool)  # attention rows: as many KV heads as query heads on the GPU
         # Prefill-attention rows of one new token per sequence (FlashAttention 2 packs their GQA groups).
@@ -146,11 +145,9 @@ class Rows:
                 self.kv_dtype_bytes[i] = s.kv_dtype_bytes
                 self.mha[i] = s.mha
                 self.num_heads[i], self.head_dim[i] = s.num_heads, s.head_dim
+                self.kv_bytes[i] = 2 * int(row.batch_size) * int(row.kv_len) * s.kv * s.kv_dtype_bytes
                 if row.op == "attn_prefill":
                     self._prefill[i] = (s, ((int(row.seq_len), int(row.kv_len)),) * int(row.batch_size))
-                    self.prefix_kv_bytes[i] = 2 * int(row.batch_size) * int(row.kv_len) * s.kv * s.kv_dtype_bytes
-                else:
-                    self.kv_bytes[i] = 2 * int(row.batch_size) * int(row.kv_len) * s.kv * s.kv_dtype_bytes
         self.size_bytes = self.df["size_bytes"].to_numpy(dtype=float)
         self.num_workers = self.df["num_workers"].to_numpy(dtype=float)
 
@@ -276,7 +273,7 @@ def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillA
     return prefill_attention_s(fit, profile.num_sms, peak_flops(profile, rows, m),
                                profile.memory_bandwidth_bytes_per_s, rows.num_bytes[m], rows.head_dim[m],
                                rows.num_heads[m], tiles, units, longest, copy_s, profile.l2_cache_bytes,
-                               rows.prefix_kv_bytes[m])
+                               rows.kv_bytes[m])
 
 
 def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:
