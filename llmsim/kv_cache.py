@@ -185,9 +185,23 @@ class BlockManager:
         that reserves a whole prompt at admission (Sarathi) has the last prompt token's block in hand."""
         c = request.num_computed_tokens
         if self.caching and request.prefix_segments:
-            # Only a new block, or a named block this token fills (to be cached), needs the general path.
-            if c % self.block_size == 0 or ((c + 1) % self.block_size == 0 and request.id in self._segs):
+            # Only a new block, or a named block this token fills (to be cached), changes anything.
+            bs, rid = self.block_size, request.id
+            if c % bs == 0:
                 self.allocate(request, 1)
+            elif (c + 1) % bs == 0 and rid in self._segs:
+                if (c + 1) // bs > self._held.get(rid, 0):
+                    self.allocate(request, 1)
+                    return
+                # The token fills a block it holds: ``_grow``'s caching, without taking any block.
+                full = (c + 1) // bs
+                num_named = self._num_named(rid)
+                if full > num_named:
+                    full = num_named
+                done = self._num_cached.get(rid, 0)
+                if full > done:
+                    self._cache_filled(rid, done, full)
+                    self._num_cached[rid] = full
         elif c % self.block_size == 0 and c >= self._held.get(request.id, 0) * self.block_size:
             # A request with no named content holds anonymous blocks only, with or without caching: a new one
             # comes off the head of the free queue (``_take``, which evicts what it cached) or off the count.
@@ -223,43 +237,71 @@ class BlockManager:
             self._held[request.id] = num_blocks
             self.num_free_blocks -= need
 
-    def _fill_order_matters(self, requests: list[Request], num_steps: int) -> bool:
-        """Whether the bulk bookkeeping of a decode run could differ from stepping's: stepping fills named blocks
-        and takes new blocks (evicting whatever the free queue's head caches) step by step, the bulk path
-        request by request. The order decides what ends up cached only when the run's takes evict cached blocks
-        and a block it fills holds content some other block caches (a copy while that block is cached, the cached
-        one once it is evicted). (Two requests never fill blocks of one hash in a run: a decode fills the
-        request's own answer, which nobody else generates.)"""
-        bs, held, queue = self.block_size, self._held, self._queue
-        head = queue[0] if queue else 0
-        if type(head) is int and head >= len(requests) * (num_steps // bs + 1):
-            return False  # the usual case: anonymous free blocks at the head cover whatever the run takes
-        take = 0
-        for r in requests:
-            need = -(-r.num_computed_tokens // bs) - held.get(r.id, 0)
-            if need > 0:
-                take += need
-        for entry in queue:  # the blocks the run takes come off the head: do they evict cached content?
-            if take <= 0:
+    def _takes_evict_cached(self, num_blocks: int) -> bool:
+        """Whether taking ``num_blocks`` blocks off the head of the free queue would evict cached content."""
+        for entry in self._queue:
+            if num_blocks <= 0:
                 return False
             kind = type(entry)
             if kind is int:
-                take -= entry
+                num_blocks -= entry
             elif kind is list:
                 if entry[0] is not None:
-                    break
-            else:
-                take -= entry.count
-        else:
-            return False
-        num_cached, cached_hashes = self._num_cached, self._cached_hashes
-        for r in requests:
-            if r.prefix_segments:
-                hashes = request_block_hashes(r, bs)
-                done, full = num_cached.get(r.id, 0), min(r.num_computed_tokens // bs, len(hashes))
-                if full > done and not cached_hashes.isdisjoint(hashes[done:full]):
                     return True
+            else:
+                num_blocks -= entry.count
         return False
+
+    def _decode_run_fills(self, requests: list[Request]) -> tuple[list | None, int]:
+        """What a decode run's bookkeeping changes, found without changing anything: for each request that takes a
+        block or fills a named one, (id, its hashes, blocks held, blocks to hold, the end of the named blocks it
+        now holds too (0: none), named blocks cached, named blocks full, whether those just filled are content
+        no block caches); and how many blocks the run takes. Stepping books each step's takes (which evict what
+        the free queue's head caches) and fills in batch order; booking the fills, then all the takes as one, ends
+        in the same state unless a take evicts a cached block and a fill holds content some block caches (a copy
+        while that block is cached, the cached one once it is evicted). Then the list is None (replay the
+        steps). Two requests never fill blocks of one hash in a run: a decode fills the request's own answer,
+        which nobody else generates."""
+        bs = self.block_size
+        held, num_cached, cached_hashes = self._held, self._num_cached, self._cached_hashes
+        fills = []
+        take = 0
+        copies = False
+        for r in requests:
+            c = r.num_computed_tokens
+            n = -(-c // bs)
+            rid = r.id
+            has = held.get(rid, 0)
+            if r.prefix_segments:
+                hashes = r.block_hashes
+                if hashes is None:
+                    hashes = request_block_hashes(r, bs)
+                named = len(hashes)
+                done = num_cached.get(rid, 0)
+                if done < named:
+                    full = c // bs
+                    if full > named:
+                        full = named
+                    if n <= has and full <= done:
+                        continue  # no new block and no named block filled: nothing changes
+                    end = 0
+                    if n > has:
+                        take += n - has
+                        if has < named:
+                            end = n if n < named else named
+                    new = True
+                    if full > done and not cached_hashes.isdisjoint(hashes[done:full]):
+                        new, copies = False, True
+                    fills.append((rid, hashes, has, n, end, done, full, new))
+                    continue
+            if n > has:
+                take += n - has
+                fills.append((rid, None, has, n, 0, 0, 0, True))
+        if take > self.num_free_blocks:
+            raise RuntimeError(f"a decode run needs {take} blocks, {self.num_free_blocks} free")
+        if copies and self._takes_evict_cached(take):
+            return None, take
+        return fills, take
 
     def _replay_decode_steps(self, requests: list[Request], num_steps: int) -> None:
         """Bring a decode run's requests to their computed tokens as stepping does: step by step, each request's
@@ -282,11 +324,31 @@ class BlockManager:
 
     def grow_to_computed(self, requests: list[Request], num_steps: int | None = None) -> None:
         """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop.
-        ``num_steps``: the run's steps, each one token of every request (a pure decode run), which lets a run whose
-        order of block takes and named-block fills matters be replayed step by step (``_fill_order_matters``)."""
+        ``num_steps``: the run's steps, each one token of every request (a pure decode run), which lets the run's
+        block takes be booked as one and lets a run whose order of takes and named-block fills matters be
+        replayed step by step (``_decode_run_fills``)."""
         bs = self.block_size
-        if self.caching and num_steps is not None and num_steps > 1 and self._fill_order_matters(requests, num_steps):
-            self._replay_decode_steps(requests, num_steps)
+        if self.caching and num_steps is not None and num_steps > 1:
+            fills, take = self._decode_run_fills(requests)
+            if fills is None:
+                self._replay_decode_steps(requests, num_steps)
+                return
+            held = self._held
+            for rid, hashes, has, n, end, done, full, new in fills:
+                if n > has:
+                    held[rid] = n
+                if end:  # the request holds named blocks has .. end - 1 too (_add_named, inlined)
+                    segs = self._segs.get(rid)
+                    if segs and not segs[-1].cached and segs[-1].chain is hashes:
+                        segs[-1].end = end
+                    else:
+                        self._add_named(rid, hashes, has, end)
+                if full > done:
+                    if not new or not self._extend_cached_run(rid, done, full):
+                        self._cache_filled(rid, done, full)
+                    self._num_cached[rid] = full
+            if take:
+                self._take(take)
             return
         if self.caching:
             # A request with no named blocks left to fill only takes blocks off the free queue; consecutive
@@ -533,24 +595,9 @@ class BlockManager:
         segs = self._segs[rid]
         cached_hashes, starts = self._cached_hashes, self._starts
         last = segs[-1]
-        if last.start == done:
-            blocks = last.chain[done:full]
-            if cached_hashes.isdisjoint(blocks):  # the usual case: new content, at the start of its last run
-                cached_hashes.update(blocks)
-                before = segs[-2] if len(segs) > 1 else None
-                if (before is not None and before.cached and before.end == done and before.chain is last.chain
-                        and len(before.holders) == 1):
-                    before.end = full  # the run it cached last grows (a prefill's chunks, a decode's blocks)
-                    if full == last.end:
-                        segs.pop()
-                    else:
-                        last.start = full
-                    return
-                if full < last.end:
-                    self._split(last, full)
-                last.cached = True
-                starts[last.chain[done]] = last
-                return
+        if last.start == done and cached_hashes.isdisjoint(last.chain[done:full]):
+            self._extend_cached_run(rid, done, full)  # the usual case: new content, at the start of its last run
+            return
         i = len(segs) - 1
         while segs[i].start > done:
             i -= 1
@@ -582,6 +629,30 @@ class BlockManager:
                     cached_hashes.update(chain[at:stop])
                     starts[chain[at]] = seg
                 seg, at = rest, stop
+
+    def _extend_cached_run(self, rid: int, done: int, full: int) -> bool:
+        """``_cache_filled`` for blocks ``done .. full - 1`` of content no block caches: if they start the request's
+        last run (a prefill's next chunk, a decode's answer), cache them there and return True."""
+        segs = self._segs[rid]
+        last = segs[-1]
+        if last.start != done:
+            return False
+        chain = last.chain
+        self._cached_hashes.update(chain[done:full])
+        before = segs[-2] if len(segs) > 1 else None
+        if (before is not None and before.cached and before.end == done and before.chain is chain
+                and len(before.holders) == 1):
+            before.end = full  # the run it cached last grows
+            if full == last.end:
+                segs.pop()
+            else:
+                last.start = full
+            return True
+        if full < last.end:
+            self._split(last, full)
+        last.cached = True
+        self._starts[chain[done]] = last
+        return True
 
     def _split(self, seg: _Seg, at: int) -> _Seg:
         """Split a run before position ``at``; the part from ``at`` on is a new run that keeps the old one's

@@ -33,8 +33,12 @@ class BlockManager(kv_cache.BlockManager):
         for r in requests:
             self.append_slot(r)
 
-    def grow_to_computed(self, requests) -> None:
-        """One request at a time, as a block-at-a-time engine catches each request's blocks up."""
+    def grow_to_computed(self, requests, num_steps=None) -> None:
+        """One request at a time, as a block-at-a-time engine catches each request's blocks up; a pure decode run
+        of ``num_steps`` steps (its first step's slots booked already) step by step, as stepping books it."""
+        if num_steps is not None and num_steps > 1:
+            self._replay_decode_steps(requests, num_steps)
+            return
         for r in requests:
             self.grow_to(r, max(self.blocks_for(r.num_computed_tokens), self.num_held(r)), r.num_computed_tokens)
 

@@ -115,6 +115,19 @@ def test_references_and_free_queue_stay_consistent(ops):
                 r.num_computed_tokens += take
                 if r.num_computed_tokens == r.num_tokens:
                     r.num_generated_tokens += 1
+        elif op == "decode_steps":
+            # A pure decode run of n steps, booked as the simulator books one: the first step's slots when it is
+            # scheduled, the others in one call after the run; the reference books every step.
+            decoding = [k for k in running if twins[k][0].num_computed_tokens >= twins[k][0].num_prompt_tokens]
+            need = sum(max(0, managers[0].blocks_for(twins[k][0].num_computed_tokens + n)
+                           - managers[0].num_held(twins[k][0])) for k in decoding)
+            if decoding and need <= managers[0].num_free_blocks:
+                for i, bm in enumerate(managers):
+                    batch = [twins[k][i] for k in decoding]
+                    bm.append_slots(batch)
+                    for r in batch:
+                        r.num_computed_tokens += n
+                    bm.grow_to_computed(batch, n)
         elif op in ("finish", "preempt") and key in running:
             bm.free(r, keep_cached=op == "preempt")
             running.discard(key)
@@ -211,9 +224,11 @@ def test_block_hashes_equal_the_block_by_block_definition(segments, block_size):
 # (content 1), then one of two questions, then maybe an answer (content 5); or something else entirely.
 _CONTENTS = [((1, 24),), ((1, 24), (2, 10)), ((1, 24), (3, 13)), ((1, 24), (2, 10), (5, 9)), ((1, 11), (4, 20)),
              ((6, 30),), ()]
-_OPS = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["step"] * 3 + ["decode", "decode_batch", "decode_run",
-                                           "reserve", "finish", "finish", "preempt", "probe"]),
-                          st.integers(0, 5), st.integers(1, 40), st.integers(0, len(_CONTENTS) - 1)),
+_ANSWERING = len(_CONTENTS)  # content index of a request whose answer is named too (a conversation's turn)
+_KINDS = ["admit"] * 3 + ["step"] * 3 + ["decode", "decode_batch", "decode_run", "decode_steps", "reserve", "finish",
+                                         "finish", "preempt", "probe"]
+_OPS = st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 5), st.integers(1, 40),
+                          st.integers(0, _ANSWERING)),
                 min_size=1, max_size=100)
 
 
@@ -230,10 +245,8 @@ def test_runs_of_blocks_behave_as_vllm_s_block_at_a_time_cache_on_long_random_ru
     """The same on 300 longer seeded sequences, which reach the rarer cases (a hit ending inside a free run, a
     fill that copies some cached blocks and caches others) hundreds of times."""
     rng = random.Random(7)
-    kinds = ["admit"] * 3 + ["step"] * 3 + ["decode", "decode_batch", "decode_run", "reserve", "finish", "finish",
-                                               "preempt", "probe"]
     for _ in range(300):
-        ops = [(rng.choice(kinds), rng.randrange(6), rng.randint(1, 40), rng.randrange(len(_CONTENTS)))
+        ops = [(rng.choice(_KINDS), rng.randrange(6), rng.randint(1, 40), rng.randrange(_ANSWERING + 1))
                for _ in range(200)]
         _drive_both(ops, rng.choice([(4, 30), (4, 60), (8, 14)]))
 
@@ -246,8 +259,11 @@ def _drive_both(ops, shape):
     running: list[int] = []
     for op, key, n, content in ops:
         if key not in twins:
-            segments = _CONTENTS[content]
-            length = sum(s for _, s in segments) + 3 + key
+            if content == _ANSWERING:  # a system prompt, then an answer of its own the request generates
+                segments, length = ((1, 24), (100 + key, 40)), 27
+            else:
+                segments = _CONTENTS[content]
+                length = sum(s for _, s in segments) + 3 + key
             twins[key] = tuple(Request(key, 0, length, 30, prefix_segments=segments) for _ in managers)
         pair = twins[key]
         if op == "admit" and key not in running:
@@ -292,6 +308,19 @@ def _drive_both(ops, shape):
                     for r in batch:
                         r.num_computed_tokens += n
                     bm.grow_to_computed(batch)
+        elif op == "decode_steps":
+            # A pure decode run of n steps, booked as the simulator books one: the first step's slots when it is
+            # scheduled, the others in one call after the run; the reference books every step.
+            decoding = [k for k in running if twins[k][0].num_computed_tokens >= twins[k][0].num_prompt_tokens]
+            need = sum(max(0, managers[0].blocks_for(twins[k][0].num_computed_tokens + n)
+                           - managers[0].num_held(twins[k][0])) for k in decoding)
+            if decoding and need <= managers[0].num_free_blocks:
+                for i, bm in enumerate(managers):
+                    batch = [twins[k][i] for k in decoding]
+                    bm.append_slots(batch)
+                    for r in batch:
+                        r.num_computed_tokens += n
+                    bm.grow_to_computed(batch, n)
         elif op in ("finish", "preempt") and key in running:
             for bm, r in zip(managers, pair):
                 bm.free(r, keep_cached=op == "preempt")
