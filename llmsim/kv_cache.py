@@ -252,11 +252,11 @@ class BlockManager:
                 num_blocks -= entry.count
         return False
 
-    def _decode_run_fills(self, requests: list[Request]) -> tuple[list | None, int]:
+    def _decode_run_fills(self, requests: list[Request]) -> tuple[list | None, list, int]:
         """What a decode run's bookkeeping changes, found without changing anything: for each request that takes a
         block or fills a named one, (id, its hashes, blocks held, blocks to hold, the end of the named blocks it
         now holds too (0: none), named blocks cached, named blocks full, whether those just filled are content
-        no block caches); and how many blocks the run takes. Stepping books each step's takes (which evict what
+        no block caches); (id, blocks to hold) of those that only take blocks; and how many blocks the run takes. Stepping books each step's takes (which evict what
         the free queue's head caches) and fills in batch order; booking the fills, then all the takes as one, ends
         in the same state unless a take evicts a cached block and a fill holds content some block caches (a copy
         while that block is cached, the cached one once it is evicted). Then the list is None (replay the
@@ -264,7 +264,7 @@ class BlockManager:
         which nobody else generates."""
         bs = self.block_size
         held, num_cached, cached_hashes = self._held, self._num_cached, self._cached_hashes
-        fills = []
+        fills, grows = [], []  # grows: (id, blocks to hold) of requests with no named block left to fill
         take = 0
         copies = False
         for r in requests:
@@ -296,12 +296,12 @@ class BlockManager:
                     continue
             if n > has:
                 take += n - has
-                fills.append((rid, None, has, n, 0, 0, 0, True))
+                grows.append((rid, n))
         if take > self.num_free_blocks:
             raise RuntimeError(f"a decode run needs {take} blocks, {self.num_free_blocks} free")
         if copies and self._takes_evict_cached(take):
-            return None, take
-        return fills, take
+            return None, grows, take
+        return fills, grows, take
 
     def _replay_decode_steps(self, requests: list[Request], num_steps: int) -> None:
         """Bring a decode run's requests to their computed tokens as stepping does: step by step, each request's
@@ -329,11 +329,13 @@ class BlockManager:
         replayed step by step (``_decode_run_fills``)."""
         bs = self.block_size
         if self.caching and num_steps is not None and num_steps > 1:
-            fills, take = self._decode_run_fills(requests)
+            fills, grows, take = self._decode_run_fills(requests)
             if fills is None:
                 self._replay_decode_steps(requests, num_steps)
                 return
             held = self._held
+            for rid, n in grows:
+                held[rid] = n
             for rid, hashes, has, n, end, done, full, new in fills:
                 if n > has:
                     held[rid] = n
