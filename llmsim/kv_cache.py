@@ -253,15 +253,16 @@ class BlockManager:
         return False
 
     def _decode_run_fills(self, requests: list[Request]) -> tuple[list | None, list, int]:
-        """What a decode run's bookkeeping changes, found without changing anything: for each request that takes a
-        block or fills a named one, (id, its hashes, blocks held, blocks to hold, the end of the named blocks it
-        now holds too (0: none), named blocks cached, named blocks full, whether those just filled are content
-        no block caches); (id, blocks to hold) of those that only take blocks; and how many blocks the run takes. Stepping books each step's takes (which evict what
-        the free queue's head caches) and fills in batch order; booking the fills, then all the takes as one, ends
-        in the same state unless a take evicts a cached block and a fill holds content some block caches (a copy
-        while that block is cached, the cached one once it is evicted). Then the list is None (replay the
-        steps). Two requests never fill blocks of one hash in a run: a decode fills the request's own answer,
-        which nobody else generates."""
+        """What a decode run's bookkeeping changes, found without changing anything: for each request with named
+        blocks left to fill that takes a block or fills one, (id, its hashes, blocks held, blocks to hold, the
+        end of the named blocks it now holds too (0: none), named blocks cached, named blocks full, whether those
+        just filled are content no block caches); (id, blocks to hold) of the others that take blocks; and how
+        many blocks the run takes. Stepping books each step's takes (which evict what the free queue's head
+        caches) and fills in batch order; booking the fills, then all the takes as one, ends in the same state
+        unless a take evicts a cached block and a fill holds content some block caches (a copy while that block
+        is cached, the cached one once it is evicted). Then the first list is None (replay the steps). Two
+        requests never fill blocks of one hash in a run: a decode fills the request's own answer, which nobody
+        else generates."""
         bs = self.block_size
         held, num_cached, cached_hashes = self._held, self._num_cached, self._cached_hashes
         fills, grows = [], []  # grows: (id, blocks to hold) of requests with no named block left to fill
