@@ -115,19 +115,6 @@ def test_references_and_free_queue_stay_consistent(ops):
                 r.num_computed_tokens += take
                 if r.num_computed_tokens == r.num_tokens:
                     r.num_generated_tokens += 1
-        elif op == "decode_steps":
-            # A pure decode run of n steps, booked as the simulator books one: the first step's slots when it is
-            # scheduled, the others in one call after the run; the reference books every step.
-            decoding = [k for k in running if twins[k][0].num_computed_tokens >= twins[k][0].num_prompt_tokens]
-            need = sum(max(0, managers[0].blocks_for(twins[k][0].num_computed_tokens + n)
-                           - managers[0].num_held(twins[k][0])) for k in decoding)
-            if decoding and need <= managers[0].num_free_blocks:
-                for i, bm in enumerate(managers):
-                    batch = [twins[k][i] for k in decoding]
-                    bm.append_slots(batch)
-                    for r in batch:
-                        r.num_computed_tokens += n
-                    bm.grow_to_computed(batch, n)
         elif op in ("finish", "preempt") and key in running:
             bm.free(r, keep_cached=op == "preempt")
             running.discard(key)
