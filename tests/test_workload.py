@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,21 @@ def test_empirical_lengths_keep_joint_pairs():
     pairs = {(r.prompt_tokens, r.output_tokens) for r in read_trace(src)}
     wl = WorkloadConfig(num_requests=500, arrival={"kind": "poisson", "rate_per_s": 1.0}, lengths_from=src)
     assert all((r.num_prompt_tokens, r.num_output_tokens) in pairs for r in build_workload(wl, 0))
+
+
+def test_lengths_from_a_file_read_before_follow_a_change_to_it(tmp_path):
+    """A process reads a lengths_from trace once (sweep points and plan candidates resample the same one); a
+    changed file is read again."""
+    path = tmp_path / "lengths.csv"
+    wl = WorkloadConfig(num_requests=20, arrival={"kind": "poisson", "rate_per_s": 1.0},
+                        lengths_from=TraceConfig(path=path, format="azure"))
+    lengths = set()
+    for prompt, output, mtime_ns in ((100, 10, 1_000_000_000), (200, 20, 2_000_000_000), (3000, 30, 2_000_000_000)):
+        path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                        + "".join(f"2023-11-16 18:15:4{i}.0000000,{prompt},{output}\n" for i in range(3)))
+        os.utime(path, ns=(mtime_ns, mtime_ns))  # the third keeps the second's time: its size tells them apart
+        lengths |= {(r.num_prompt_tokens, r.num_output_tokens) for r in build_workload(wl, 0)}
+    assert lengths == {(100, 10), (200, 20), (3000, 30)}
 
 
 def test_rows_past_a_context_are_left_out():

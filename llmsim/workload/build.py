@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from itertools import islice
 from typing import Iterator
 
 import numpy as np
 
-from llmsim.config import WorkloadConfig
+from llmsim.config import TraceConfig, WorkloadConfig
 from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
 from llmsim.errors import TraceError
@@ -54,12 +55,38 @@ def _closed_loop_replay(cfg: WorkloadConfig, seed: int) -> ClosedLoopReplay:
 
 
 def _empirical_source(cfg: WorkloadConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The (prompt, output) lengths of ``lengths_from``'s rows, read once per process and version of the file:
+    the points of a sweep or a plan search resample the same trace (the Azure one takes ~0.2 s to parse, as long
+    as a short run's whole simulation). Read-only arrays, so no run can change another's."""
+    source = cfg.lengths_from
+    try:
+        stat = os.stat(source.path)
+    except OSError:
+        return _read_lengths(source)  # the reader says what is wrong with the file
+    key = (source.model_dump_json(), stat.st_mtime_ns, stat.st_size)
+    lengths = _LENGTHS.get(key)
+    if lengths is None:
+        lengths = _read_lengths(source)
+        for array in lengths:
+            array.flags.writeable = False
+        if len(_LENGTHS) >= _LENGTHS_MAX:
+            _LENGTHS.clear()
+        _LENGTHS[key] = lengths
+    return lengths
+
+
+def _read_lengths(source: TraceConfig) -> tuple[np.ndarray, np.ndarray]:
     prompts, outputs = [], []
-    for row in read_trace(cfg.lengths_from):
+    for row in read_trace(source):
         if not row.failed and row.prompt_tokens > 0:
             prompts.append(row.prompt_tokens)
             outputs.append(row.output_tokens)
     return np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64)
+
+
+# (the source's settings, the file's modification time and size) -> its lengths (``_empirical_source``).
+_LENGTHS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_LENGTHS_MAX = 8
 
 
 def _pairs(cfg: WorkloadConfig, length_rng: np.random.Generator) -> Iterator[tuple[int, int]]:
