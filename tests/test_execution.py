@@ -404,9 +404,31 @@ def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
     ex = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
     batches = [((512, 0),), ((512, 512), (100, 0)), ((7, 3000),), ((512, 1024),), ((512, 0),)]
     for chunks in batches + batches:
+        model_module._SHARED_COSTS.clear()  # the fresh model below computes its costs anew
         assert ex.iteration(chunks, 5, 4000, 6) == ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2)).iteration(
             chunks, 5, 4000, 6)
         assert len(ex._prefill_cache) <= 3
+
+
+def test_execution_models_of_one_model_device_plan_and_factors_share_their_costs():
+    """A sweep's points build new execution models; those of the same model, device, plan and what-if factors
+    share the cost tables (a step priced by one is looked up by the next), and the costs are those a model
+    alone in the process computes."""
+    from llmsim.execution import model as model_module
+    h100 = load_profile("h100-sxm")
+    steps = [(((512, 0),), 5, 4000, 6), ((), 64, 64 * 900, 64), (((300, 1200), (17, 0)), 9, 7000, 11)]
+    first = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
+    costs = [first.iteration(*step) for step in steps]
+    second = ExecutionModel(LLAMA7.model_copy(), h100, ParallelPlan(tp=2))  # equal, not the same object
+    assert second._token_cache is first._token_cache and second._prefill_cache is first._prefill_cache
+    assert [second.iteration(*step) for step in steps] == costs
+    slower = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2), time_factors={"gemm": 1.1})
+    other_plan = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))
+    assert slower._token_cache is not first._token_cache and other_plan._token_cache is not first._token_cache
+    model_module._SHARED_COSTS.clear()
+    alone = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
+    assert alone._token_cache is not first._token_cache
+    assert [alone.iteration(*step) for step in steps] == costs
 
 
 def test_prefill_attention_moves_a_batch_that_fits_in_l2_faster_but_not_a_cached_prefix():

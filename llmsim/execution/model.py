@@ -26,6 +26,26 @@ from llmsim.models.spec import ModelSpec
 _PREFILL_CACHE_ENTRIES = 1 << 16  # distinct prefill batches remembered per model (then forgotten at once)
 
 
+# (model, device's id, plan, what-if factors) -> (device, the cost tables of ``ExecutionModel``); the entry holds
+# the device, so its id names no other while the entry lives. A few at a time: a sweep or a plan search varies
+# them little, and each table is bounded by the token counts and batches a run sees.
+_SHARED_COSTS: dict[tuple, tuple[HardwareProfile, tuple[dict, ...]]] = {}
+_SHARED_COSTS_MAX = 8
+
+
+def _shared_costs(model: ModelSpec, hardware: HardwareProfile, plan: "ParallelPlan",
+                  time_factors: dict[str, float]) -> tuple[dict, ...]:
+    """The cost tables shared by every execution model of this model, device, plan and what-if factors (pure
+    functions of those, so a table filled by one run gives another the values it would compute)."""
+    key = (model, id(hardware), plan, tuple(time_factors.items()))
+    entry = _SHARED_COSTS.get(key)
+    if entry is None or entry[0] is not hardware:
+        if len(_SHARED_COSTS) >= _SHARED_COSTS_MAX:
+            del _SHARED_COSTS[next(iter(_SHARED_COSTS))]  # the oldest
+        entry = _SHARED_COSTS[key] = (hardware, ({}, {}, {}, {}, {}, {}))
+    return entry[1]
+
+
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
     (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype."""
@@ -117,15 +137,17 @@ class ExecutionModel:
         # Pipeline stages hand activations over NVLink-class links inside a node, the network across nodes.
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
-        self._fixed_cache: dict[tuple[int, int], IterationCost] = {}
-        self._token_cache: dict[int, tuple] = {}
-        self._sample_cache: dict[int, tuple] = {}
-        self._decode_attn_cache: dict[int, tuple] = {}
+        # The cached costs below depend on nothing but the model, the device, the plan and the what-if factors, so
+        # every execution model of those in the process shares them (``_shared_costs``): a sweep's points and a
+        # plan search's runs build new engines, not new tables.
+        # _fixed_cache: (tokens, samples) -> IterationCost; _token_cache: tokens -> one layer's (and the rest's)
+        # costs; _sample_cache: samples -> the LM head's; _decode_attn_cache: decodes -> attention constants;
+        # _op_static: op kind -> curve, peak, SMs, factor; _prefill_cache: a step's prefill attention (time,
+        # FLOPs, bytes over all layers) by its chunks, as chunked prefills repeat the same (new, cached) shapes
+        # step after step (bounded: a long mixed run sees many distinct batches).
+        (self._fixed_cache, self._token_cache, self._sample_cache, self._decode_attn_cache, self._op_static,
+         self._prefill_cache) = _shared_costs(model, hardware, plan, self.time_factors)
         self._rate_terms: tuple | None = None  # _decode_rate_terms
-        self._op_static: dict[str, tuple] = {}
-        # Prefill attention (time, FLOPs, bytes over all layers) by the step's chunks: chunked prefills repeat the
-        # same (new, cached) shapes step after step. Bounded: a long mixed run sees many distinct batches.
-        self._prefill_cache: dict[tuple[tuple[int, int], ...], tuple[float, float, float]] = {}
 
     def op_cost(self, op: ops.OpWork) -> float:
         static = self._op_static.get(op.kind)
