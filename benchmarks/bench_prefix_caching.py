@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from llmsim.config import load_config
+from llmsim.execution.model import forget_shared_costs
 from llmsim.run import run_experiment
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
@@ -30,6 +31,7 @@ def loop_times(name: str, repeat: int) -> dict[bool, tuple[list[float], int]]:
     iterations = {}
     for i in range(repeat):
         for on in ((True, False) if i % 2 == 0 else (False, True)):
+            forget_shared_costs()  # each run prices its steps from cold, as a run in a process of its own does
             result, summary = run_experiment(cfgs[on], write=False)
             times[on].append(result.wall_s)
             iterations[on] = summary["utilization"]["iterations"]

@@ -404,7 +404,7 @@ def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
     ex = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
     batches = [((512, 0),), ((512, 512), (100, 0)), ((7, 3000),), ((512, 1024),), ((512, 0),)]
     for chunks in batches + batches:
-        model_module._SHARED_COSTS.clear()  # the fresh model below computes its costs anew
+        model_module.forget_shared_costs()  # the fresh model below computes its costs anew
         assert ex.iteration(chunks, 5, 4000, 6) == ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2)).iteration(
             chunks, 5, 4000, 6)
         assert len(ex._prefill_cache) <= 3
@@ -425,7 +425,7 @@ def test_execution_models_of_one_model_device_plan_and_factors_share_their_costs
     slower = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2), time_factors={"gemm": 1.1})
     other_plan = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=1))
     assert slower._token_cache is not first._token_cache and other_plan._token_cache is not first._token_cache
-    model_module._SHARED_COSTS.clear()
+    model_module.forget_shared_costs()
     alone = ExecutionModel(LLAMA7, h100, ParallelPlan(tp=2))
     assert alone._token_cache is not first._token_cache
     assert [alone.iteration(*step) for step in steps] == costs

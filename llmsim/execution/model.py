@@ -46,6 +46,12 @@ def _shared_costs(model: ModelSpec, hardware: HardwareProfile, plan: "ParallelPl
     return entry[1]
 
 
+def forget_shared_costs() -> None:
+    """Drop the shared cost tables, so the next execution model starts cold, as in a process of its own (for
+    timings that compare single runs, and for tests)."""
+    _SHARED_COSTS.clear()
+
+
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
     (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype."""
