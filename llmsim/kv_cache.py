@@ -193,15 +193,7 @@ class BlockManager:
                 if (c + 1) // bs > self._held.get(rid, 0):
                     self.allocate(request, 1)
                     return
-                # The token fills a block it holds: ``_grow``'s caching, without taking any block.
-                full = (c + 1) // bs
-                num_named = self._num_named(rid)
-                if full > num_named:
-                    full = num_named
-                done = self._num_cached.get(rid, 0)
-                if full > done:
-                    self._cache_filled(rid, done, full)
-                    self._num_cached[rid] = full
+                self._cache_full(rid, c + 1)  # the token fills a block it holds: cache it, take nothing
         elif c % self.block_size == 0 and c >= self._held.get(request.id, 0) * self.block_size:
             # A request with no named content holds anonymous blocks only, with or without caching: a new one
             # comes off the head of the free queue (``_take``, which evicts what it cached) or off the count.
@@ -340,12 +332,8 @@ class BlockManager:
             for rid, hashes, has, n, end, done, full, new in fills:
                 if n > has:
                     held[rid] = n
-                if end:  # the request holds named blocks has .. end - 1 too (_add_named, inlined)
-                    segs = self._segs.get(rid)
-                    if segs and not segs[-1].cached and segs[-1].chain is hashes:
-                        segs[-1].end = end
-                    else:
-                        self._add_named(rid, hashes, has, end)
+                if end:  # the request holds named blocks has .. end - 1 too
+                    self._add_named(rid, hashes, has, end)
                 if full > done:
                     if not new or not self._extend_cached_run(rid, done, full):
                         self._cache_filled(rid, done, full)
@@ -537,6 +525,10 @@ class BlockManager:
             hashes = request_block_hashes(request, self.block_size)
             if held < len(hashes):  # it holds named blocks 0 .. held - 1 so far
                 self._add_named(rid, hashes, held, num_blocks if num_blocks < len(hashes) else len(hashes))
+        self._cache_full(rid, num_tokens)
+
+    def _cache_full(self, rid: int, num_tokens: int) -> None:
+        """Cache the request's named blocks that its first ``num_tokens`` tokens fill and are not cached yet."""
         num_named = self._num_named(rid)
         if not num_named:
             return
