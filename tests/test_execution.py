@@ -60,7 +60,7 @@ def _tile_units_by_enumeration(new, cached, g, block_m, block_n):
 
 @settings(max_examples=300, deadline=None)
 @given(new=st.integers(1, 5000), cached=st.integers(0, 20000), g=st.integers(1, 16),
-       block=st.sampled_from([(128, 128), (64, 128), (128, 64), (192, 128)]))
+       block=st.sampled_from([(128, 128), (64, 128), (128, 64), (192, 128), (128, 160)]))
 def test_prefill_tile_units_closed_form_equals_enumeration(new, cached, g, block):
     assert ops.chunk_tile_units(new, cached, g, *block) == _tile_units_by_enumeration(new, cached, g, *block)
 

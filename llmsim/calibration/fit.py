@@ -194,10 +194,13 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
     the profile's fit; the rest is fitted, and without ``pack_gqa`` (FlashAttention 2) the packed single-token GQA
     rows with copies their ``swapped_copy_s``."""
     y = rows.measured_s[mask]
-    if profile.prefill_attention is None:
+    widths = np.unique(rows.kv_dtype_bytes[mask])
+    # The kernel of the rows' KV width: an 8-bit KV cache runs FlashAttention 3's FP8 kernel, whose tiles differ.
+    current = profile.prefill_attention_for(int(widths[0])) if len(widths) == 1 else profile.prefill_attention
+    if current is None:
         raise ConfigError(f"profile {profile.name}: prefill_attention needs its kernel geometry (block_m, block_n, "
                           "pack_gqa) before calibration can fit the rest; see the shipped h100-sxm.yaml")
-    geometry = profile.prefill_attention.model_dump(include={"block_m", "block_n", "pack_gqa"})
+    geometry = current.model_dump(include={"block_m", "block_n", "pack_gqa"})
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
     copies = not geometry["pack_gqa"] and bool(
         (rows.single_token & packing_copies(rows.batch, rows.kv_heads, rows.num_heads))[mask].any())
