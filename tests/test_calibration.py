@@ -304,6 +304,22 @@ def test_validating_on_unseen_shapes_labels_them_held_out(tmp_path):
     assert table.loc[("held-out", "attn_pre_proj"), "rows"] == 10 and ("fit", "attn_pre_proj") not in table.index
 
 
+def test_a_profile_written_elsewhere_records_its_measurements_from_its_own_folder(tmp_path, monkeypatch):
+    """Relative paths on the command line, the profile written to another folder: it records the measurements as
+    a path from its own folder, so validating it still tells the rows it was fitted on from held-out ones."""
+    (tmp_path / "data").mkdir()
+    measured = ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"
+    (tmp_path / "data" / "m.csv").write_bytes(measured.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "--device", "cpu", "--measurements", "data/m.csv", "--hold-out-model", "Llama-3-8B",
+                 "--out", "profiles/p.yaml", "--report-dir", "reports"]) == 0
+    calibration = load_profile(str(tmp_path / "profiles" / "p.yaml")).calibration
+    assert calibration["measurements"] == ["../data/m.csv"]
+    report = (tmp_path / "reports" / "p.md").read_text()
+    assert "Produced by `llmsim validate --device profiles/p.yaml`" in report
+    assert "| fit | attn_pre_proj |" in report and "| held-out | attn_pre_proj |" in report
+
+
 def test_calibrate_refuses_a_hold_out_that_matches_nothing(tmp_path, capsys):
     assert main(["calibrate", "--device", "cpu", "--measurements",
                  str(ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"), "--hold-out-model", "Nope-1B",

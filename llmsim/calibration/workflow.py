@@ -7,6 +7,7 @@ profile, and the held-out split), so ``validate`` needs only the device name to 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
     _check_split(rows, split)
     fitted = calibrate(profile, rows, split)
     calibration = {
-        "measurements": [_relative(m, out.parent) for m in measurements],
+        "measurements": [_path_from(out.parent, m) for m in measurements],
         "held_out_models": list(split.held_out_models),
         "held_out_num_workers": list(split.held_out_num_workers),
         "held_out_head_layouts": list(split.held_out_head_layouts),
@@ -161,9 +162,11 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
     }
     fitted = fitted.model_copy(update={"calibrated": True, "calibration": calibration})
     write_profile(fitted, out)
-    result = validate(out, measurements, report_dir, f"llmsim validate --device {fitted.name}")
+    # The report says how to reproduce it: by name where the fit replaced the named profile, else by its file.
+    device = fitted.name if out.resolve() == path.resolve() else out
+    result = validate(out, measurements, report_dir, f"llmsim validate --device {device}")
     fitted = fitted.model_copy(update={"validation": {
-        "report": _relative(result.report_path, out.parent),
+        "report": _path_from(out.parent, result.report_path),
         "mape": summary(result.table),
     }})
     write_profile(fitted, out)
@@ -212,6 +215,12 @@ def write_profile(profile: HardwareProfile, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
     load_profile.cache_clear()
+
+
+def _path_from(base: Path, target: Path) -> str:
+    """``target`` as a path from the folder ``base``, as a profile records its files (read back from its folder,
+    wherever the command ran)."""
+    return os.path.relpath(Path(target).resolve(), Path(base).resolve())
 
 
 def _relative(target: Path, base: Path) -> str:
