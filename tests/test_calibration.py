@@ -107,6 +107,30 @@ def test_split_k_is_recovered():
     assert np.abs(predicted / rows.measured_s - 1).mean() < 0.03  # the noise's own mean is 2.4%
 
 
+def test_fused_moe_unaligned_width_factor_is_recovered():
+    """Fused-MoE rows of expert widths on the GPU that are multiples of 16 and of ones that are not (1,856 at TP 8-32:
+    232, 116, 58), the latter 1.5x slower, with 3% noise: the fit gives the factor back; rows of aligned widths only
+    give no factor."""
+    truth = OpEfficiency(compute=ComputeEfficiency(max_eff=0.3, half_tokens=0.0, half_k=200.0, half_n=150.0,
+                                                   half_tiles=0.01), memory_eff=0.9, overhead_s=1e-5,
+                         k_latency_s=3e-9, softness=2.0)
+    shape = {"n_head": 16, "n_kv_head": 4, "n_embd": 2688, "n_expanded_embd": 1856, "vocab_size": 32000,
+             "gated": True, "num_experts": 128, "experts_per_token": 6}
+    df = normalize(pd.DataFrame([{"device": "synthetic", "op": "moe", "dtype": "bf16", "model": "m", "tp": tp,
+                                  "num_tokens": t, **shape, "median_ms": 1.0}
+                                 for tp in (1, 2, 4, 8, 16, 32) for t in (1, 8, 64, 256, 1024, 4096, 16384)]))
+    rows = Rows(df)
+    assert list(np.unique(df["tp"][rows.moe_unaligned])) == [8, 16, 32]
+    peak, bw = np.full(len(df), 989e12), 3.35e12
+    rng = np.random.default_rng(2)
+    rows.measured_s = (roofline_s(truth, rows.flops, rows.num_bytes, rows.num_tokens, rows.gemm_k, rows.gemm_n, peak,
+                                  bw) * np.where(rows.moe_unaligned, 1.5, 1.0) * rng.lognormal(0.0, 0.03, len(df)))
+    got = fit_gemm_efficiency(rows, np.ones(len(df), dtype=bool), peak, bw)
+    assert got.unaligned_factor == pytest.approx(1.5, rel=0.05)
+    aligned = ~rows.moe_unaligned
+    assert fit_gemm_efficiency(rows, aligned, peak[aligned], bw).unaligned_factor is None
+
+
 def test_gemm_shape_terms_by_hand():
     """A 512 x 4096 x 1024 GEMM: 32 output tiles of 128 x 128; the terms as the profile documents them."""
     compute = ComputeEfficiency(max_eff=0.8, half_tokens=64.0, half_k=1024.0, half_n=1024.0, half_tiles=32.0)
@@ -227,20 +251,26 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
         # vLLM's fused MoE, fitted with a curve for its tuned and one for its default kernel configurations, on
         # Mixtral's expert shape, which the fit never saw (every TP held out): tuned shapes (TP 2-8) <= 7%, the
         # default configuration (TP 1, 16, 32), with each expert's tokens padded to its block, <= 9%; FP8 weights
-        # 7% and 8.5% (README; 12.6% and 10.7% before the padding was counted). The TP2 shard, Mixtral's
-        # end-to-end runs: <= 10%.
+        # 7% and 9% (README; 12.6% and 10.7% before the padding was counted; the FP8 default one was 8.05% while
+        # its curve bent to absorb the shapes of expert widths not a multiple of 16, now a factor of their own, 8.9%
+        # since). The TP2 shard, Mixtral's end-to-end runs: <= 10%.
         assert "moe h4096 i14336 e8 k2" in profile.calibration["held_out_models"]
         assert held["moe"] <= 0.07 and held["moe (vLLM default config)"] <= 0.09, held
-        assert held["moe (fp8)"] <= 0.07 and held["moe (fp8, vLLM default config)"] <= 0.085, held
+        assert held["moe (fp8)"] <= 0.07 and held["moe (fp8, vLLM default config)"] <= 0.09, held
         rows = Rows(read_measurements(ROOT / "hardware_profiles" / "measurements" / "aiconfigurator-h100.csv.gz"),
                     profile)
+        predicted = predict_s(profile, rows)
+        # Those shapes (1,856 wide at TP 8-32, 2,688 at TP 16-32: 58-232 per GPU) ran 1.4-1.9x the curve; with the
+        # fitted factor their rows are at 12.6% (bf16) and 19.5% (FP8), against 27% and 34% (median -28% and -35%)
+        # when the curve alone priced them.
+        odd = rows.moe_unaligned & np.isin(rows.kind, ["moe_untuned", "moe_fp8_untuned"])
+        assert odd.sum() >= 250 and np.abs(predicted[odd] / rows.measured_s[odd] - 1).mean() <= 0.17
         # The default configuration's 64-row blocks show in the measurements as steps: Mixtral at TP 1 (held out)
         # takes 1.45 ms at 256 tokens (64 a expert: one block) and 2.15 ms at 320 (80: two), and the model, which
         # pads each expert's tokens to the block as vLLM's moe_align_block_size does, steps with it.
         tp1 = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 1)
                & (rows.df["dtype"] == "bf16")).to_numpy()
         at = {int(t): i for i, t in zip(np.flatnonzero(tp1), rows.df["num_tokens"][tp1])}
-        predicted = predict_s(profile, rows)
         assert set(rows.kind[tp1]) == {"moe_untuned"}
         measured_step = rows.measured_s[at[320]] / rows.measured_s[at[256]]
         modelled_step = predicted[at[320]] / predicted[at[256]]
@@ -248,7 +278,7 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
         mixtral = ((rows.df["model"] == "moe h4096 i14336 e8 k2") & (rows.df["tp"] == 2)
                    & (rows.df["dtype"] == "bf16")).to_numpy()
         assert set(rows.kind[mixtral]) == {"moe"}
-        err = predict_s(profile, rows)[mixtral] / rows.measured_s[mixtral] - 1
+        err = predicted[mixtral] / rows.measured_s[mixtral] - 1
         assert len(err) == 27 and np.abs(err).mean() <= 0.10
     # The report's per-TP table: vLLM's custom all-reduce at the held-out TP 8 within 10%, as above.
     report = result.report_path.read_text()

@@ -395,6 +395,27 @@ def test_moe_default_configuration_pads_each_experts_tokens_to_its_block():
     assert ex._moe_default_config and not tp2._moe_default_config
 
 
+def test_fused_moe_of_an_expert_width_not_a_multiple_of_16_runs_slower_by_the_fitted_factor():
+    """Triton specializes integer arguments divisible by 16; an expert width on the GPU that is not (here 232 = 1,856
+    at TP 8, as the measured 128-expert shape) costs the default-configuration curve's ``unaligned_factor`` more,
+    and an aligned one (224) nothing more."""
+    h100 = load_profile("h100-sxm")
+    eff = h100.efficiency["moe_untuned"]
+    assert eff.unaligned_factor is not None and eff.unaligned_factor > 1.2
+    base = load_model("Mixtral-8x7B", "bf16")
+    costs = {}
+    for ffn in (8 * 232, 8 * 224):
+        model = base.model_copy(update={"ffn_size": ffn})
+        s = ops.ShardShapes.of(model, 8)
+        op = ops.moe_experts(s, 64, ops.vllm_default_moe_block_m(64, s.num_experts))
+        assert h100.fused_moe_kind(s.moe_kind, s.num_experts, s.ffn) == "moe_untuned"
+        plain = op_time_s(eff, h100.peak("bf16"), h100.memory_bandwidth_bytes_per_s, op.flops, op.num_bytes,
+                          op.num_tokens, op.gemm_k, op.gemm_n)
+        costs[s.ffn] = ExecutionModel(model, h100, ParallelPlan(tp=8)).op_cost(op) / plain
+    assert ops.moe_width_unaligned(232) and not ops.moe_width_unaligned(224)
+    assert costs == {232: pytest.approx(eff.unaligned_factor), 224: 1.0}
+
+
 def test_prefill_attention_cache_returns_what_it_would_compute(monkeypatch):
     """The execution model remembers a step's prefill attention by its chunks; a remembered batch costs exactly what
     a fresh model computes, and the memory is bounded (cleared at once when full)."""

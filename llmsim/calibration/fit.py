@@ -118,24 +118,32 @@ def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidt
     f, b, t, y = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask]
     k, n = rows.gemm_k[mask], rows.gemm_n[mask]
     split = num_sms is not None
+    unaligned = rows.moe_unaligned[mask]
+    at_factor = 10 if split else 9  # the fused MoE's unaligned-width factor, where such rows are fitted
 
     def eff_of(x):  # overhead in microseconds and latency in ns per K element, for the optimiser
         return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9, x[9] if split else None)
 
     def residuals(x):
-        return np.log(roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms) / y)
+        predicted = roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms)
+        if unaligned.any():
+            predicted = predicted * np.where(unaligned, x[at_factor], 1.0)
+        return np.log(predicted / y)
 
     x0 = list(GEMM_START) + ([SPLIT_K_START] if split else [])
     lower = [0.01, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0] + ([16.0] if split else [])
     upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0] + ([1e6] if split else [])
+    if unaligned.any():
+        x0, lower, upper = x0 + [1.2], lower + [1.0], upper + [4.0]
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
+    extra = {"unaligned_factor": round(x[at_factor], 4)} if unaligned.any() else {}
     compute = ComputeEfficiency(max_eff=round(x[0], 4), half_tokens=round(x[1], 2), half_k=round(x[4], 2),
                                 half_n=round(x[5], 2), half_tiles=round(x[6], 3))
     k_latency_s = round(x[8] * 1e-9, 13)
     split_k_min_k = round(x[9], 1) if split and k_latency_s > 0 else None
     return OpEfficiency(compute=compute, memory_eff=round(x[2], 4), overhead_s=round(x[3] * 1e-6, 9),
-                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=round(x[7], 4))
+                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=round(x[7], 4), **extra)
 
 
 def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, bandwidth: float,

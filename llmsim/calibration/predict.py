@@ -123,6 +123,7 @@ class Rows:
         self.kv_bytes = np.zeros(n)  # KV cache bytes already cached: a decode row's whole KV, a prefill row's prefix
         self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
         self.mha = np.zeros(n, dtype=bool)  # attention rows: as many KV heads as query heads on the GPU
+        self.moe_unaligned = np.zeros(n, dtype=bool)  # fused-MoE rows: ops.moe_width_unaligned
         # Prefill-attention rows of one new token per sequence (FlashAttention 2 packs their GQA groups).
         self.single_token = (self.df["op"] == "attn_prefill").to_numpy() & (self.df["seq_len"] == 1).to_numpy()
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
@@ -132,6 +133,8 @@ class Rows:
                 continue
             work = row_work(row)
             self.kind[i] = work.kind
+            if row.op == "moe":
+                self.moe_unaligned[i] = ops.moe_width_unaligned(int(row.n_expanded_embd) // int(row.tp))
             if row.op == "moe" and profile is not None:
                 self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts),
                                                       int(row.n_expanded_embd) // int(row.tp))
@@ -253,6 +256,8 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
                             rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
                             split_k_sms(profile, kind))
+        if eff.unaligned_factor is not None:
+            out[m] *= np.where(rows.moe_unaligned[m], eff.unaligned_factor, 1.0)
     return out
 
 

@@ -168,8 +168,12 @@ class ExecutionModel:
         what-if factor of its kernel group (fixed for this model and profile, so looked up once per kind)."""
         kind = self.hardware.fused_moe_kind(op_kind, self.shapes.num_experts, self.shapes.ffn)
         group = kernel_group(op_kind)
-        return (gemm_efficiency(self.hardware, kind), self.peak_flops if group == "gemm" else self.act_peak_flops,
-                split_k_sms(self.hardware, kind), self.time_factors[group])
+        eff = gemm_efficiency(self.hardware, kind)
+        factor = self.time_factors[group]
+        if eff.unaligned_factor is not None and kind.startswith("moe") and ops.moe_width_unaligned(self.shapes.ffn):
+            factor *= eff.unaligned_factor
+        return (eff, self.peak_flops if group == "gemm" else self.act_peak_flops, split_k_sms(self.hardware, kind),
+                factor)
 
     def _send_recv_s(self, num_bytes: float) -> float:
         """A pipeline stage's activation hand-off."""

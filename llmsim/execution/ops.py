@@ -115,6 +115,12 @@ def vllm_default_moe_block_m(tokens: int, num_experts: int) -> int:
     return 16 if tokens <= num_experts else 64
 
 
+def moe_width_unaligned(shard_ffn: int) -> bool:
+    """Whether an expert's width on the GPU is not a multiple of 16, where vLLM's fused-MoE kernel runs slower
+    (``OpEfficiency.unaligned_factor``)."""
+    return shard_ffn % 16 != 0
+
+
 def moe_experts(s: ShardShapes, tokens: int, block_m: int = 0) -> OpWork:
     """vLLM's fused MoE kernel: both grouped GEMMs of every expert a token is routed to, and the activation
     between them. Reads the weights of each expert that receives a token (all of them once tokens x top-k

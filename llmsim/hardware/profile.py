@@ -67,6 +67,11 @@ class OpEfficiency(_Frozen):
     split_k_min_k: float | None = Field(default=None, gt=0)
     # How compute and memory time combine: ``(c^p + m^p)^(1/p)`` (they overlap imperfectly); None: ``max``.
     softness: float | None = Field(default=None, ge=1)
+    # vLLM's fused MoE (a Triton kernel): the time factor where an expert's width on the GPU is not a multiple of
+    # 16 (``moe_width_unaligned``). Triton specializes a kernel's integer arguments on divisibility by 16, which lets
+    # it vectorise loads; the down GEMM's K and the strides of the intermediate rows are that width, so without it
+    # every tile loads narrower. Fitted where the measurements have such widths; None: none (no factor).
+    unaligned_factor: float | None = Field(default=None, ge=1)
 
 
 class LinkModel(_Frozen):
