@@ -208,7 +208,7 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
     if current is None:
         raise ConfigError(f"profile {profile.name}: prefill_attention needs its kernel geometry (block_m, block_n, "
                           "pack_gqa) before calibration can fit the rest; see the shipped h100-sxm.yaml")
-    geometry = current.model_dump(include={"block_m", "block_n", "pack_gqa"})
+    geometry = current.model_dump(include={"block_m", "block_n", "pack_gqa", "one_wg_block_m", "one_wg_block_n"})
     names = ("overhead_s", "tile_s", "max_eff", "path_softness", "memory_eff", "half_heads", "softness")
     copies = not geometry["pack_gqa"] and bool(
         (rows.single_token & packing_copies(rows.batch, rows.kv_heads, rows.num_heads))[mask].any())

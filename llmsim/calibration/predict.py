@@ -17,7 +17,7 @@ from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency, split_k_sms
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
-                                      swap_copy_s)
+                                       prefill_tiles, swap_copy_s)
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
@@ -116,7 +116,7 @@ class Rows:
         self.num_heads = np.zeros(n)  # query heads on the GPU
         self.head_dim = np.zeros(n)
         self._prefill: dict[int, tuple[ops.ShardShapes, tuple[tuple[int, int], ...]]] = {}  # row: (shapes, chunks)
-        self._grids: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._grids: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.batch = self.df["batch_size"].to_numpy(dtype=float)
         self.kv_len = self.df["kv_len"].to_numpy(dtype=float)  # attention rows: KV tokens per sequence
         self.kv_heads = np.zeros(n)
@@ -154,15 +154,17 @@ class Rows:
         self.size_bytes = self.df["size_bytes"].to_numpy(dtype=float)
         self.num_workers = self.df["num_workers"].to_numpy(dtype=float)
 
-    def prefill_grid(self, fit: PrefillAttentionFit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tiles, units, longest tile's units) of every prefill-attention row under the kernel geometry of
-        ``fit`` (zeros elsewhere), as the execution model counts them."""
-        key = (fit.block_m, fit.block_n, fit.pack_gqa)
+    def prefill_grid(self, fit: PrefillAttentionFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tiles, units, longest tile's units, tile area) of every prefill-attention row under the kernel geometry
+        of ``fit`` (zeros elsewhere), as the execution model counts them (``attention.prefill_tiles``)."""
+        key = (fit.block_m, fit.block_n, fit.pack_gqa, fit.one_wg_block_m, fit.one_wg_block_n)
         grid = self._grids.get(key)
         if grid is None:
-            grid = tuple(np.zeros(len(self.df)) for _ in range(3))
+            grid = tuple(np.zeros(len(self.df)) for _ in range(4))
             for i, (s, chunks) in self._prefill.items():
-                for out, v in zip(grid, ops.prefill_attention_grid(s, chunks, *key)):
+                block_m, block_n = prefill_tiles(fit, max(new for new, _ in chunks), s.num_heads // s.kv_heads)
+                values = (*ops.prefill_attention_grid(s, chunks, block_m, block_n, fit.pack_gqa), block_m * block_n)
+                for out, v in zip(grid, values):
                     out[i] = v
             self._grids[key] = grid
         return grid
@@ -267,7 +269,7 @@ def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarra
 
 
 def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillAttentionFit) -> np.ndarray:
-    tiles, units, longest = (a[m] for a in rows.prefill_grid(fit))
+    tiles, units, longest, area = (a[m] for a in rows.prefill_grid(fit))
     # FlashAttention 2's packing copies on batches of single-token queries, as the execution model charges them
     # (16-bit queries: an 8-bit KV cache keeps them).
     copy_s = 0.0
@@ -278,7 +280,7 @@ def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillA
     return prefill_attention_s(fit, profile.num_sms, peak_flops(profile, rows, m),
                                profile.memory_bandwidth_bytes_per_s, rows.num_bytes[m], rows.head_dim[m],
                                rows.num_heads[m], tiles, units, longest, copy_s, profile.l2_cache_bytes,
-                               rows.kv_bytes[m])
+                               rows.kv_bytes[m], area)
 
 
 def decode_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit=None) -> np.ndarray:

@@ -17,7 +17,7 @@ from llmsim.execution import ops
 from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.moe_jit import FusedMoeCompiles
 from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_rate_varies, decode_stream_s,
-                                       prefill_attention_s, swap_copy_s)
+                                       prefill_attention_s, prefill_tiles, swap_copy_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
@@ -271,7 +271,8 @@ class ExecutionModel:
         if fit is None:
             return self.op_cost(op)
         s = self.shapes
-        tiles, units, longest = ops.prefill_attention_grid(s, chunks, fit.block_m, fit.block_n, fit.pack_gqa)
+        block_m, block_n = prefill_tiles(fit, max(new for new, _ in chunks), s.num_heads // s.kv_heads)
+        tiles, units, longest = ops.prefill_attention_grid(s, chunks, block_m, block_n, fit.pack_gqa)
         copy_s = 0.0
         if not fit.pack_gqa and ops.single_token_chunks(chunks):
             # FlashAttention 2's packed single-token path (FlashAttention 3 packs inside the kernel)
@@ -280,7 +281,7 @@ class ExecutionModel:
         cold_bytes = sum(2 * cached for _, cached in chunks) * s.kv * s.kv_dtype_bytes
         time_s = prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
                                      s.head_dim, s.num_heads, tiles, units, longest, copy_s,
-                                     self.hardware.l2_cache_bytes, cold_bytes)
+                                     self.hardware.l2_cache_bytes, cold_bytes, block_m * block_n)
         return time_s * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int, pure: bool = True) -> tuple[float, float, float]:

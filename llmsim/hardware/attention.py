@@ -17,14 +17,26 @@ from llmsim.hardware.profile import DecodeAttentionFit, PrefillAttentionFit
 L2_STEP_WIDTH = 0.2
 
 
+def prefill_tiles(fit: PrefillAttentionFit, longest_query: int, group: int) -> tuple[int, int]:
+    """(block_m, block_n) the prefill kernel runs a batch with: FlashAttention 3 takes its one-warpgroup tiles where
+    the batch's longest query times the query heads per KV head is at most 64 rows (``use_one_mma_wg``,
+    ``hopper/heuristics.h``), whether or not it packs the group; its usual tiles otherwise."""
+    if fit.one_wg_block_m is not None and longest_query * group <= 64:
+        return fit.one_wg_block_m, fit.one_wg_block_n
+    return fit.block_m, fit.block_n
+
+
 def prefill_attention_s(fit: PrefillAttentionFit, num_sms: int, peak: float, bandwidth: float, num_bytes, head_dim,
                         num_heads, tiles, units, max_units, copy_s=0.0, l2_bytes: float | None = None,
-                        cold_bytes=0.0):
+                        cold_bytes=0.0, tile_area=None):
     """``num_heads``: query heads on the GPU; ``tiles``, ``units``, ``max_units``: the batch's grid
     (``execution.ops.prefill_attention_grid``); ``copy_s``: ``swap_copy_s`` where the batch takes FlashAttention
     2's packed single-token path (0 elsewhere); ``l2_bytes``: the GPU's L2 cache (None: no L2 term);
-    ``cold_bytes``: of ``num_bytes``, a cached prefix's KV (read from HBM, never sped up by the L2 term)."""
-    unit_s = 4.0 * fit.block_m * fit.block_n * head_dim * num_sms / (peak * fit.max_eff)
+    ``cold_bytes``: of ``num_bytes``, a cached prefix's KV (read from HBM, never sped up by the L2 term);
+    ``tile_area``: block_m x block_n of the tiles the grid was counted in (``prefill_tiles``; None: the fit's)."""
+    if tile_area is None:
+        tile_area = fit.block_m * fit.block_n
+    unit_s = 4.0 * tile_area * head_dim * num_sms / (peak * fit.max_eff)
     bulk = (tiles * fit.tile_s + units * unit_s) / num_sms
     path = fit.tile_s + max_units * unit_s
     q = fit.path_softness

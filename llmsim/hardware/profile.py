@@ -107,7 +107,9 @@ class PrefillAttentionFit(_Frozen):
     queries, writing its output); ``H``: query heads on the GPU (the fitted memory traffic runs slower with few:
     layouts of 1-4 heads move their bytes at a third to two thirds of the rate of 32-64); ``p`` (``softness``):
     how much compute and memory traffic overlap. ``block_m``, ``block_n`` and ``pack_gqa`` are the kernel's, set by
-    hand with their source, and ``num_sms`` the profile's; the rest is fitted. ``swapped_copy_s``: without
+    hand with their source, and ``num_sms`` the profile's; the rest is fitted. ``one_wg_block_m``,
+    ``one_wg_block_n``: the tiles FlashAttention 3 switches to for short queries (``hardware.attention.prefill_tiles``),
+    which then take ``block_m``'s and ``block_n``'s place in the grid and in ``unit_s``. ``swapped_copy_s``: without
     ``pack_gqa``, a batch of single-token queries goes FlashAttention 2's packed path, whose q and output copies
     cost what they cost a decode (``DecodeAttentionFit.swapped_copy_s``; fitted on these rows, None: no copies).
     ``l2_speedup``, ``l2_fraction``: a batch whose bytes fit in the L2 cache (``L2``, the profile's
@@ -127,6 +129,10 @@ class PrefillAttentionFit(_Frozen):
     block_m: int = Field(ge=1)
     block_n: int = Field(ge=1)
     pack_gqa: bool
+    # FlashAttention 3's tiles for a batch whose longest query, times the query heads per KV head, is at most 64
+    # rows (``use_one_mma_wg``: one MMA warpgroup, a 64-row tile); None: the kernel has no such tiles.
+    one_wg_block_m: int | None = Field(default=None, ge=1)
+    one_wg_block_n: int | None = Field(default=None, ge=1)
     swapped_copy_s: float | None = Field(default=None, ge=0)
     l2_speedup: float = Field(default=1.0, ge=1)
     l2_fraction: float | None = Field(default=None, gt=0)
