@@ -117,6 +117,11 @@ CASES = {
             "prefill_attention": {"overhead_s": 1e-5, "max_eff": 0.6, "half_keys": 0.0, "half_tiles": 167.0,
                                   "memory_eff": 0.4, "softness": 1.2, "tile_tokens": 128}})),
         "prefill_attention.tile_s: Field required"),
+    "profile's short-query prefill tiles without their keys": (
+        lambda tmp: _profile(tmp, yaml.safe_dump({**(h100 := yaml.safe_load(
+            (Path(__file__).parents[1] / "hardware_profiles" / "h100-sxm.yaml").read_text())),
+            "prefill_attention": {k: v for k, v in h100["prefill_attention"].items() if k != "one_wg_block_n"}})),
+        "one_wg_block_m and one_wg_block_n come together"),
     "profile on an unknown base": (lambda tmp: _profile(tmp, "base: h300\nname: x\n"),
                                    "p.yaml: base: unknown profile 'h300'; allowed: a100-40gb"),
     "profile based on itself": (lambda tmp: _profile(tmp, "base: p.yaml\nname: x\n"),

@@ -137,6 +137,13 @@ class PrefillAttentionFit(_Frozen):
     l2_speedup: float = Field(default=1.0, ge=1)
     l2_fraction: float | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def _one_wg_tiles_whole(self):
+        if (self.one_wg_block_m is None) != (self.one_wg_block_n is None):
+            raise ValueError("one_wg_block_m and one_wg_block_n come together (the short-query tiles' rows and "
+                             "keys), or neither")
+        return self
+
 
 class DecodeAttentionFit(_Frozen):
     """vLLM's paged decode attention, fitted on measured latencies (``hardware/attention.py``)::
