@@ -134,10 +134,10 @@ class Rows:
             work = row_work(row)
             self.kind[i] = work.kind
             if row.op == "moe":
-                self.moe_unaligned[i] = ops.moe_width_unaligned(int(row.n_expanded_embd) // int(row.tp))
+                shard_ffn = int(row.n_expanded_embd) // int(row.tp)
+                self.moe_unaligned[i] = ops.moe_width_unaligned(shard_ffn)
             if row.op == "moe" and profile is not None:
-                self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts),
-                                                      int(row.n_expanded_embd) // int(row.tp))
+                self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts), shard_ffn)
                 if self.kind[i].endswith("_untuned"):  # vLLM's default configuration: its padding is known
                     work = moe_row_work(row, default_config=True)
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
