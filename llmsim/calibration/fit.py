@@ -198,9 +198,9 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
 
 
 def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray) -> PrefillAttentionFit:
-    """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa``: set by hand with their source) is kept from
-    the profile's fit; the rest is fitted, and without ``pack_gqa`` (FlashAttention 2) the packed single-token GQA
-    rows with copies their ``swapped_copy_s``."""
+    """The kernel's geometry (``block_m``, ``block_n``, ``pack_gqa`` and the short-query tiles: set by hand with
+    their source) is kept from the profile's fit for the rows' KV width; the rest is fitted, and without
+    ``pack_gqa`` (FlashAttention 2) the packed single-token GQA rows with copies their ``swapped_copy_s``."""
     y = rows.measured_s[mask]
     widths = np.unique(rows.kv_dtype_bytes[mask])
     # The kernel of the rows' KV width: an 8-bit KV cache runs FlashAttention 3's FP8 kernel, whose tiles differ.
