@@ -119,25 +119,26 @@ def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidt
     k, n = rows.gemm_k[mask], rows.gemm_n[mask]
     split = num_sms is not None
     unaligned = rows.moe_unaligned[mask]
-    at_factor = 10 if split else 9  # the fused MoE's unaligned-width factor, where such rows are fitted
+    fits_factor = bool(unaligned.any())  # the fused MoE's unaligned-width factor, where such rows are fitted
+    at_factor = 10 if split else 9
 
     def eff_of(x):  # overhead in microseconds and latency in ns per K element, for the optimiser
         return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9, x[9] if split else None)
 
     def residuals(x):
         predicted = roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms)
-        if unaligned.any():
+        if fits_factor:
             predicted = predicted * np.where(unaligned, x[at_factor], 1.0)
         return np.log(predicted / y)
 
     x0 = list(GEMM_START) + ([SPLIT_K_START] if split else [])
     lower = [0.01, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0] + ([16.0] if split else [])
     upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0] + ([1e6] if split else [])
-    if unaligned.any():
+    if fits_factor:
         x0, lower, upper = x0 + [1.2], lower + [1.0], upper + [4.0]
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
-    extra = {"unaligned_factor": round(x[at_factor], 4)} if unaligned.any() else {}
+    extra = {"unaligned_factor": round(x[at_factor], 4)} if fits_factor else {}
     compute = ComputeEfficiency(max_eff=round(x[0], 4), half_tokens=round(x[1], 2), half_k=round(x[4], 2),
                                 half_n=round(x[5], 2), half_tiles=round(x[6], 3))
     k_latency_s = round(x[8] * 1e-9, 13)

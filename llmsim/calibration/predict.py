@@ -15,9 +15,9 @@ import pandas as pd
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.execution import ops
-from llmsim.execution.model import gemm_efficiency, split_k_sms
+from llmsim.execution.model import gemm_efficiency, prefill_grid, split_k_sms
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
-                                       prefill_tiles, swap_copy_s)
+                                       swap_copy_s)
 from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
@@ -136,10 +136,10 @@ class Rows:
             if row.op == "moe":
                 shard_ffn = int(row.n_expanded_embd) // int(row.tp)
                 self.moe_unaligned[i] = ops.moe_width_unaligned(shard_ffn)
-            if row.op == "moe" and profile is not None:
-                self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts), shard_ffn)
-                if self.kind[i].endswith("_untuned"):  # vLLM's default configuration: its padding is known
-                    work = moe_row_work(row, default_config=True)
+                if profile is not None:
+                    self.kind[i] = profile.fused_moe_kind(work.kind, int(row.num_experts), shard_ffn)
+                    if self.kind[i].endswith("_untuned"):  # vLLM's default configuration: its padding is known
+                        work = moe_row_work(row, default_config=True)
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
             self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
             if row.op in ("attn_prefill", "attn_decode"):
@@ -156,15 +156,13 @@ class Rows:
 
     def prefill_grid(self, fit: PrefillAttentionFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(tiles, units, longest tile's units, tile area) of every prefill-attention row under the kernel geometry
-        of ``fit`` (zeros elsewhere), as the execution model counts them (``attention.prefill_tiles``)."""
+        of ``fit`` (zeros elsewhere), as the execution model counts them (``execution.model.prefill_grid``)."""
         key = (fit.block_m, fit.block_n, fit.pack_gqa, fit.one_wg_block_m, fit.one_wg_block_n)
         grid = self._grids.get(key)
         if grid is None:
             grid = tuple(np.zeros(len(self.df)) for _ in range(4))
             for i, (s, chunks) in self._prefill.items():
-                block_m, block_n = prefill_tiles(fit, max(new for new, _ in chunks), s.num_heads // s.kv_heads)
-                values = (*ops.prefill_attention_grid(s, chunks, block_m, block_n, fit.pack_gqa), block_m * block_n)
-                for out, v in zip(grid, values):
+                for out, v in zip(grid, prefill_grid(fit, s, chunks)):
                     out[i] = v
             self._grids[key] = grid
         return grid

@@ -18,7 +18,7 @@ from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.moe_jit import FusedMoeCompiles
 from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_rate_varies, decode_stream_s,
                                        prefill_attention_s, prefill_tiles, swap_copy_s)
-from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency
+from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
 from llmsim.models.spec import ModelSpec
 
@@ -50,6 +50,15 @@ def forget_shared_costs() -> None:
     """Drop the shared cost tables, so the next execution model starts cold, as in a process of its own (for
     timings that compare single runs, and for tests)."""
     _SHARED_COSTS.clear()
+
+
+def prefill_grid(fit: PrefillAttentionFit, s: ops.ShardShapes, chunks: tuple[tuple[int, int], ...]
+                 ) -> tuple[int, int, int, int]:
+    """(tiles, units, longest tile's units, tile area) of a prefill batch on the fitted kernel, in the tiles it runs
+    the batch with (``prefill_tiles``): what ``prefill_attention_s`` prices, counted alike by the execution model
+    and by calibration."""
+    block_m, block_n = prefill_tiles(fit, max(new for new, _ in chunks), s.num_heads // s.kv_heads)
+    return (*ops.prefill_attention_grid(s, chunks, block_m, block_n, fit.pack_gqa), block_m * block_n)
 
 
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
@@ -271,8 +280,7 @@ class ExecutionModel:
         if fit is None:
             return self.op_cost(op)
         s = self.shapes
-        block_m, block_n = prefill_tiles(fit, max(new for new, _ in chunks), s.num_heads // s.kv_heads)
-        tiles, units, longest = ops.prefill_attention_grid(s, chunks, block_m, block_n, fit.pack_gqa)
+        tiles, units, longest, tile_area = prefill_grid(fit, s, chunks)
         copy_s = 0.0
         if not fit.pack_gqa and ops.single_token_chunks(chunks):
             # FlashAttention 2's packed single-token path (FlashAttention 3 packs inside the kernel)
@@ -281,7 +289,7 @@ class ExecutionModel:
         cold_bytes = sum(2 * cached for _, cached in chunks) * s.kv * s.kv_dtype_bytes
         time_s = prefill_attention_s(fit, self.hardware.num_sms, self.act_peak_flops, self.bandwidth, op.num_bytes,
                                      s.head_dim, s.num_heads, tiles, units, longest, copy_s,
-                                     self.hardware.l2_cache_bytes, cold_bytes, block_m * block_n)
+                                     self.hardware.l2_cache_bytes, cold_bytes, tile_area)
         return time_s * self.time_factors["attention_prefill"]
 
     def _decode_attention(self, num_decode: int, kv_tokens: int, pure: bool = True) -> tuple[float, float, float]:
