@@ -47,14 +47,16 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
         num_steps = bisect_right(cum_blocks, blocks.num_free_blocks) - 1
     used0 = blocks.num_used_blocks
 
-    step_s, step_flops, step_bytes = replica.execution.decode_run(num_decode, out.decode_kv_tokens, num_steps)
+    execution, kv_tokens = replica.execution, out.decode_kv_tokens
     times = [start]
     t = start
-    for dt in step_s:
+    for dt in execution.decode_run_times(num_decode, kv_tokens, num_steps):
         t = t + dt
         times.append(t)
     replica.run_state = (times, cum_blocks, requests, None)
     done = yield from wait_out(replica, times, arrivals_cut=True)
+    # The work of the steps done only: about half the steps computed are cut off by an arrival.
+    step_flops, step_bytes = execution.decode_run_work(num_decode, kv_tokens, done)
     durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks)
     apply_decode_steps(replica, requests, times, durations)
 

@@ -384,29 +384,31 @@ class ExecutionModel:
                    ) -> tuple[list[float], list[float], list[float]]:
         """Times, FLOPs and bytes of ``num_steps`` consecutive decode iterations of the same batch, whose KV
         grows by ``num_decode`` tokens a step. Same arithmetic, in the same order, as ``decode_iteration``."""
-        fixed_s, fixed_flops, fixed_bytes = self._fixed(num_decode, num_decode)
+        return (self.decode_run_times(num_decode, kv_tokens, num_steps),
+                *self.decode_run_work(num_decode, kv_tokens, num_steps))
+
+    def decode_run_times(self, num_decode: int, kv_tokens: int, num_steps: int) -> list[float]:
+        """``decode_run``'s times alone: a fast-forwarded run needs every step's end before it starts, and the
+        FLOPs and bytes only of the steps it does (``decode_run_work``; runs are often cut short)."""
+        fixed_s = self._fixed(num_decode, num_decode)[0]
         flops_per_kv, bytes_per_kv, attn_fixed_bytes, fit, a, b, overhead_s, _ = self._decode_attention_constants(
             num_decode)
-        layers, tp = self.model.num_layers, self.plan.tp
-        times, flops, num_bytes = [], [], []
+        layers = self.model.num_layers
+        times = []
         # The CPU time, as ``iteration`` adds it: after the GPU time (x + 0.0 == x where there is none).
         cpu_s = self.cpu_step_s(num_decode, num_decode)
         add_s = 0.0 if self.cpu_overlaps else cpu_s
         # _decode_attention's arithmetic, in its order, inlined in the loop (decode runs are the hot path).
         if fit is None:
             for _ in range(num_steps):
-                f = flops_per_kv * kv_tokens
-                nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
-                layer_s = max(f / a, nb / b) + overhead_s
+                layer_s = max(flops_per_kv * kv_tokens / a, (bytes_per_kv * kv_tokens + attn_fixed_bytes) / b
+                              ) + overhead_s
                 times.append(fixed_s + layers * layer_s + add_s)
-                flops.append(fixed_flops + layers * f * tp)
-                num_bytes.append(fixed_bytes + layers * nb * tp)
                 kv_tokens += num_decode
         elif b is None:  # the KV read rate follows the KV length: _decode_attention's arithmetic, per step
             p = fit.softness
             kv_heads, max_splits, split_keys, bw_eff, half, factor = self._decode_rate_terms()
             for _ in range(num_steps):
-                f = flops_per_kv * kv_tokens
                 nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
                 splits = kv_tokens / num_decode / split_keys  # _decode_rate, inlined
                 if splits > max_splits:
@@ -417,23 +419,29 @@ class ExecutionModel:
                     rate = rate / factor
                 layer_s = overhead_s + (a ** p + (nb / rate) ** p) ** (1.0 / p)
                 times.append(fixed_s + layers * layer_s + add_s)
-                flops.append(fixed_flops + layers * f * tp)
-                num_bytes.append(fixed_bytes + layers * nb * tp)
                 kv_tokens += num_decode
         else:
             p = fit.softness
             a_p, inv_p = a ** p, 1.0 / p
             for _ in range(num_steps):
-                f = flops_per_kv * kv_tokens
-                nb = bytes_per_kv * kv_tokens + attn_fixed_bytes
-                layer_s = overhead_s + (a_p + (nb / b) ** p) ** inv_p
+                layer_s = overhead_s + (a_p + ((bytes_per_kv * kv_tokens + attn_fixed_bytes) / b) ** p) ** inv_p
                 times.append(fixed_s + layers * layer_s + add_s)
-                flops.append(fixed_flops + layers * f * tp)
-                num_bytes.append(fixed_bytes + layers * nb * tp)
                 kv_tokens += num_decode
         if self.cpu_overlaps and cpu_s > 0.0:
             times = [t if t >= cpu_s else cpu_s for t in times]
-        return times, flops, num_bytes
+        return times
+
+    def decode_run_work(self, num_decode: int, kv_tokens: int, num_steps: int) -> tuple[list[float], list[float]]:
+        """``decode_run``'s FLOPs and bytes of its first ``num_steps`` steps."""
+        _, fixed_flops, fixed_bytes = self._fixed(num_decode, num_decode)
+        flops_per_kv, bytes_per_kv, attn_fixed_bytes = self._decode_attention_constants(num_decode)[:3]
+        layers, tp = self.model.num_layers, self.plan.tp
+        flops, num_bytes = [], []
+        for _ in range(num_steps):
+            flops.append(fixed_flops + layers * (flops_per_kv * kv_tokens) * tp)
+            num_bytes.append(fixed_bytes + layers * (bytes_per_kv * kv_tokens + attn_fixed_bytes) * tp)
+            kv_tokens += num_decode
+        return flops, num_bytes
 
     def pipeline_stages(self, cost: IterationCost, num_tokens: int, num_samples: int
                         ) -> tuple[tuple[float, ...], float]:
