@@ -87,11 +87,23 @@ def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
     probability ~1e-16: 64-bit hashing, like the tuple hashes of the blocks that span two segments and vLLM's
     builtin-hash option), at one ``range`` for the lot. Below 2**63 the hashes stay machine-word ints, which
     ``range`` makes and the cache's sets hash about 3x faster than 128-bit ones."""
+    segments = request.prefix_segments
+    if type(segments) is not tuple or (segments and type(segments[0]) is not tuple):  # lists, from the Python API
+        segments = tuple(map(tuple, segments))
+    # A multi-turn prompt is the previous turn's plus its answer and the next question: carry on from where
+    # hashing the previous turn's segments stopped, if that is remembered (two or one segments shorter).
     hashes: list[int] = []
     parent = 0
     pieces: list[tuple[int, int, int]] = []  # the current block's pieces so far
     need = block_size  # tokens the current block still lacks
-    for seg_id, seg_len in request.prefix_segments:
+    done = 0
+    for k in (len(segments) - 1, len(segments) - 2):
+        state = _HASH_STATES.get((block_size, segments[:k])) if k > 0 else None
+        if state is not None:
+            done, (prefix_hashes, parent, prefix_pieces, need) = k, state
+            hashes, pieces = list(prefix_hashes), list(prefix_pieces)
+            break
+    for seg_id, seg_len in segments[done:]:
         offset = 0
         if pieces or seg_len == 0:  # the segment continues a block begun before it (or adds an empty piece)
             take = need if need < seg_len else seg_len
@@ -112,7 +124,23 @@ def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
         if offset < seg_len:
             pieces.append((seg_id, offset, seg_len - offset))
             need = block_size - (seg_len - offset)
-    return tuple(hashes)
+    result = tuple(hashes)
+    if len(_HASH_STATES) >= _MAX_HASH_STATES:
+        _HASH_STATES.clear()
+    _HASH_STATES[(block_size, segments)] = (result, parent, tuple(pieces), need)
+    return result
+
+
+# (block size, prefix segments) -> (their block hashes, the last full block's hash, the pieces of the block they
+# end inside, the tokens it still lacks): where ``block_hashes`` stopped, so that the next turn of a conversation
+# hashes only what it adds. A pure function's memo, emptied as a simulation starts (``forget_hash_states``), so that
+# every run hashes from cold as a run in a process of its own does.
+_HASH_STATES: dict[tuple, tuple] = {}
+_MAX_HASH_STATES = 1 << 16
+
+
+def forget_hash_states() -> None:
+    _HASH_STATES.clear()
 
 
 def _run_base(parent: int, seg_id: int, offset: int, block_size: int) -> int:

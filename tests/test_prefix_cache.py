@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.config import ConfigError
-from llmsim.kv_cache import NO_HIT, BlockManager, _run_base, block_hashes
+from llmsim.kv_cache import NO_HIT, BlockManager, _run_base, block_hashes, forget_hash_states
 from llmsim.request import Request
 from llmsim.schedulers import SCHEDULERS, Scheduler
 from llmsim.workload import build_workload
@@ -205,6 +205,20 @@ def _reference_block_hashes(segments, block_size):
 def test_block_hashes_equal_the_block_by_block_definition(segments, block_size):
     request = Request(0, 0.0, 10, 1, prefix_segments=tuple(segments))
     assert block_hashes(request, block_size) == _reference_block_hashes(segments, block_size)
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 40)), min_size=1, max_size=10), st.sampled_from([1, 4, 16]),
+       st.lists(st.booleans(), min_size=10, max_size=10))
+def test_a_conversation_turn_hashed_on_from_the_turn_before_equals_hashing_it_whole(segments, block_size, hashed):
+    """``block_hashes`` carries on from the remembered end of a prompt one or two segments shorter (the turn
+    before): whichever earlier prompts were hashed, each comes out as the block-by-block definition has it."""
+    forget_hash_states()
+    for k in range(1, len(segments) + 1):
+        if hashed[k - 1] or k == len(segments):
+            request = Request(k, 0.0, 10, 1, prefix_segments=tuple(segments[:k]))
+            assert block_hashes(request, block_size) == _reference_block_hashes(segments[:k], block_size)
+    listed = Request(0, 0.0, 10, 1, prefix_segments=[list(s) for s in segments])  # lists, from the Python API
+    assert block_hashes(listed, block_size) == _reference_block_hashes(segments, block_size)
 
 
 # Prompts that share content and part from each other at block boundaries and inside blocks: a system prompt

@@ -21,7 +21,7 @@ from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.profile import load_profile
-from llmsim.kv_cache import BlockManager
+from llmsim.kv_cache import BlockManager, forget_hash_states
 from llmsim.metrics.recorder import Recorder
 from llmsim.models.spec import ModelSpec, load_model
 from llmsim.request import DONE, Request, RequestStatus
@@ -183,6 +183,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop
     workload sends each later turn when the turn before it has ended (``llmsim/workload/conversations.py``)."""
     wall0 = time.perf_counter()
+    forget_hash_states()
     model, pools, max_model_len = build_pools(cfg)
     env = Clock()
     replica_pool = [i for i, pool in enumerate(pools) for _ in range(pool.num_replicas)]
