@@ -164,6 +164,26 @@ def test_skipping_iteration_records_changes_nothing_else():
     assert a == b
 
 
+@pytest.mark.parametrize("fold_rows", [1, 7, 64])
+def test_totals_do_not_depend_on_how_iteration_rows_are_folded(monkeypatch, fold_rows):
+    """Without records the iteration rows are folded into the totals every ``_FOLD_ROWS`` rows, from the totals so
+    far: any batching adds the same numbers in the same order as one fold at the end (and as records kept)."""
+    import llmsim.metrics.recorder as recorder
+
+    full = make_config(workload={"num_requests": 120, "arrival": {"kind": "poisson", "rate_per_s": 20.0},
+                                 "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                                 "output_tokens": {"kind": "uniform", "min": 1, "max": 300}},
+                       cluster={"num_replicas": 3})
+    lean = full.model_copy(update={"simulation": full.simulation.model_copy(update={"record_iterations": False})})
+    _, a = run_experiment(full, write=False)
+    monkeypatch.setattr(recorder, "_FOLD_ROWS", fold_rows)
+    result, b = run_experiment(lean, write=False)
+    assert result.recorder.totals and len(result.recorder.iterations["duration_s"]) == 0
+    for summary in (a, b):
+        summary.pop("simulation")
+    assert a == b
+
+
 @given(st.lists(st.tuples(st.floats(0, 20), st.integers(1, 3000), st.integers(1, 600)), min_size=1, max_size=50),
        st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "vllm_v1_cpu", "spf"]),
        st.sampled_from(["colocated", "llumnix"]))

@@ -35,15 +35,22 @@ class ReplicaTotals:
         self.num_iterations = 0
 
 
+_FOLD_ROWS = 1 << 16  # without records: iteration rows buffered between folds into the totals (~2.6 MB)
+
+
+def _sum_on(total: float, values: np.ndarray) -> float:
+    """``total + values[0] + values[1] + ...``, added in order as a Python loop would."""
+    return float(np.cumsum(np.concatenate(([total], values)))[-1])
+
+
 class Recorder:
     def __init__(self, powers: list[PowerModel], record_iterations: bool = True) -> None:
         self.powers = powers  # by replica id
         self.record_iterations = record_iterations
-        # Without iteration records the totals are running sums; with them, the iterations' power and the totals
-        # are worked out from the records when read (``totals``, ``iteration_frame``): the same sums, in the
-        # same order, off the hot path.
+        # The iterations' power and the replicas' totals are worked out from the iteration rows, in batches, off
+        # the hot path (``_fold``). Without records the rows are a buffer, emptied by each fold.
         self._totals: dict[int, ReplicaTotals] = {}
-        self._totals_of = 0  # with records: how many iterations ``_totals`` and the power column cover
+        self._folded = 0  # rows of the iteration arrays already in ``_totals`` (and, with records, in power_w)
         self.requests = {name: array("d") for name in REQUEST_FLOAT_FIELDS}
         self.requests.update({name: array("q") for name in REQUEST_INT_FIELDS})
         self.status: list[str] = []
@@ -69,78 +76,68 @@ class Recorder:
 
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
+        it = self.iterations
+        it["replica_id"].append(replica_id)
+        it["duration_s"].append(duration_s)
+        it["flops"].append(flops)
+        it["num_bytes"].append(num_bytes)
+        it["kv_used_blocks"].append(kv_used_blocks)
         if self.record_iterations:
-            it = self.iterations
-            it["replica_id"].append(replica_id)
             it["start_s"].append(start_s)
-            it["duration_s"].append(duration_s)
-            it["flops"].append(flops)
-            it["num_bytes"].append(num_bytes)
             it["num_prefill_tokens"].append(num_prefill_tokens)
             it["num_decode_tokens"].append(num_decode_tokens)
-            it["kv_used_blocks"].append(kv_used_blocks)
-            return
-        t = self._running_totals(replica_id)
-        power = self.powers[replica_id]
-        power_w = power.power_w(duration_s, flops, num_bytes)
-        t.busy_s += duration_s
-        t.flops += flops
-        t.num_bytes += num_bytes
-        t.kv_block_s += kv_used_blocks * duration_s
-        t.busy_energy_j += power_w * duration_s * power.num_gpus
-        t.num_iterations += 1
+        elif len(it["duration_s"]) >= _FOLD_ROWS:
+            self._fold()
 
     def iterations_bulk(self, replica_id: int, starts: list[float], durations: list[float], flops: list[float],
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int],
                         num_prefill_tokens: int = 0) -> None:
         """Several iterations of one composition at once (a fast-forwarded run)."""
+        it, n = self.iterations, len(durations)
+        it["replica_id"].extend([replica_id] * n)
+        it["duration_s"].extend(durations)
+        it["flops"].extend(flops)
+        it["num_bytes"].extend(num_bytes)
+        it["kv_used_blocks"].extend(kv_used_blocks)
         if self.record_iterations:
-            it, n = self.iterations, len(starts)
-            it["replica_id"].extend([replica_id] * n)
             it["start_s"].extend(starts)
-            it["duration_s"].extend(durations)
-            it["flops"].extend(flops)
-            it["num_bytes"].extend(num_bytes)
             it["num_prefill_tokens"].extend([num_prefill_tokens] * n)
             it["num_decode_tokens"].extend([num_decode_tokens] * n)
-            it["kv_used_blocks"].extend(kv_used_blocks)
-            return
-        t = self._running_totals(replica_id)
-        pm = self.powers[replica_id]
-        gpus = pm.num_gpus
-        busy_s, total_flops, total_bytes, kv_block_s = t.busy_s, t.flops, t.num_bytes, t.kv_block_s
-        energy_j = t.busy_energy_j
-        for duration, f, b, kv in zip(durations, flops, num_bytes, kv_used_blocks):
-            busy_s += duration
-            total_flops += f
-            total_bytes += b
-            kv_block_s += kv * duration
-            energy_j += pm.power_w(duration, f, b) * duration * gpus
-        t.busy_s, t.flops, t.num_bytes, t.kv_block_s = busy_s, total_flops, total_bytes, kv_block_s
-        t.busy_energy_j = energy_j
-        t.num_iterations += len(durations)
+        elif len(it["duration_s"]) >= _FOLD_ROWS:
+            self._fold()
 
     @property
     def totals(self) -> dict[int, ReplicaTotals]:
         """Each replica's iteration totals (replicas that ran none are absent)."""
-        if self.record_iterations and self._totals_of != len(self.iterations["start_s"]):
-            self._from_records()
+        if len(self.iterations["duration_s"]) > self._folded:
+            self._fold()
         return self._totals
 
-    def _from_records(self) -> None:
-        """The power column and the totals, from the iteration records: per replica, ``PowerModel.power_w`` and
-        the running sums of ``_running_totals``, each operation as those do it (numpy's elementwise arithmetic and
-        its ``cumsum``, which adds one element at a time from the first, round as Python's floats do), so the
-        figures are bit for bit those of a run that keeps no records."""
+    def _fold(self) -> None:
+        """Add the iteration rows not yet counted to the replicas' totals, and, with records, their power to the
+        power column; without records, empty the rows. Per replica, ``PowerModel.power_w`` and the running sums
+        one iteration after another, each operation as those do it: numpy's elementwise arithmetic rounds as
+        Python's floats do, and its ``cumsum`` from the total so far adds one element at a time, so the totals do
+        not depend on how the rows were batched (stepping and fast-forwarding, records kept or not, agree bit for
+        bit)."""
         it = self.iterations
-        n = len(it["start_s"])
-        replica = np.frombuffer(it["replica_id"], dtype=np.int64)
-        duration = np.frombuffer(it["duration_s"], dtype=float)
-        flops = np.frombuffer(it["flops"], dtype=float)
-        num_bytes = np.frombuffer(it["num_bytes"], dtype=float)
-        kv = np.frombuffer(it["kv_used_blocks"], dtype=np.int64)
-        power = np.empty(n)
-        totals: dict[int, ReplicaTotals] = {}
+        power = self._fold_rows(self._folded, len(it["duration_s"]))
+        if self.record_iterations:
+            it["power_w"].frombytes(power.tobytes())
+            self._folded = len(it["duration_s"])
+        else:  # the numpy views of the rows are gone (``_fold_rows`` returned), so the arrays can shrink
+            for name in ("replica_id", "duration_s", "flops", "num_bytes", "kv_used_blocks"):
+                del it[name][:]
+
+    def _fold_rows(self, first: int, end: int) -> np.ndarray:
+        """``_fold`` of rows ``first .. end - 1``; returns their power (per GPU)."""
+        it = self.iterations
+        replica = np.frombuffer(it["replica_id"], dtype=np.int64)[first:end]
+        duration = np.frombuffer(it["duration_s"], dtype=float)[first:end]
+        flops = np.frombuffer(it["flops"], dtype=float)[first:end]
+        num_bytes = np.frombuffer(it["num_bytes"], dtype=float)[first:end]
+        kv = np.frombuffer(it["kv_used_blocks"], dtype=np.int64)[first:end]
+        power = np.empty(end - first)
         for rid in dict.fromkeys(replica.tolist()):  # in order of first iteration, as running totals appear
             rows = np.flatnonzero(replica == rid)
             pm = self.powers[rid]
@@ -149,15 +146,14 @@ class Recorder:
                 w = pm.idle_w + (pm.w_per_flop_s * f + pm.w_per_byte_s * b) / d
             w = np.where(d <= 0.0, pm.idle_w, np.where(w < pm.max_w, w, pm.max_w))
             power[rows] = w
-            t = totals[rid] = ReplicaTotals()
-            t.busy_s = float(np.cumsum(d)[-1])
-            t.flops = float(np.cumsum(f)[-1])
-            t.num_bytes = float(np.cumsum(b)[-1])
-            t.kv_block_s = float(np.cumsum(kv[rows] * d)[-1])
-            t.busy_energy_j = float(np.cumsum(w * d * pm.num_gpus)[-1])
-            t.num_iterations = len(rows)
-        it["power_w"] = array("d", power.tobytes())
-        self._totals, self._totals_of = totals, n
+            t = self._running_totals(rid)
+            t.busy_s = _sum_on(t.busy_s, d)
+            t.flops = _sum_on(t.flops, f)
+            t.num_bytes = _sum_on(t.num_bytes, b)
+            t.kv_block_s = _sum_on(t.kv_block_s, kv[rows] * d)
+            t.busy_energy_j = _sum_on(t.busy_energy_j, w * d * pm.num_gpus)
+            t.num_iterations += len(rows)
+        return power
 
     def _running_totals(self, replica_id: int) -> ReplicaTotals:
         t = self._totals.get(replica_id)
@@ -192,5 +188,5 @@ class Recorder:
     def iteration_frame(self) -> pd.DataFrame:
         import pandas as pd
 
-        self.totals  # fills the power column
+        self.totals  # fills the power column (and, without records, empties the rows)
         return pd.DataFrame({name: pd.Series(col) for name, col in self.iterations.items()})
