@@ -3,7 +3,7 @@
 Default workload (issue targets): Llama-2-7B on A100-80GB, TP1, 16 replicas, Poisson arrivals, 100,000
 requests, mean prompt ~2k tokens, mean output ~200 tokens.
 
-    python benchmarks/bench_sim_speed.py [--requests N] [--replicas R] [--rate RPS] [--step] [--profile]
+    python benchmarks/bench_sim_speed.py [--requests N] [--replicas R] [--rate RPS] [--step] [--workers W] [--profile]
 
 Replay a BurstGPT-format CSV instead (see make_burstgpt_like.py), without per-iteration records:
 
@@ -23,7 +23,7 @@ from llmsim.run import run_experiment
 
 def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool, output_median: float,
            trace: str | None = None, record_iterations: bool = True, scheduler: str = "fcfs",
-           prefix_caching: bool | None = None, chunk_size: int = 512):
+           prefix_caching: bool | None = None, chunk_size: int = 512, workers: int = 1):
     if trace:
         # Failed rows (Response tokens == 0) arrive and are rejected with a reason, so every row is a request.
         workload = {"num_requests": num_requests, "trace": {"path": trace, "format": "burstgpt", "failed": "reject"}}
@@ -45,7 +45,7 @@ def config(num_requests: int, num_replicas: int, rate: float, fast_forward: bool
         "scheduler": {"name": scheduler, "max_num_batched_tokens": 4096, "chunk_size": chunk_size,
                       **({} if prefix_caching is None else {"enable_prefix_caching": prefix_caching})},
         "workload": workload,
-        "simulation": {"fast_forward": fast_forward, "record_iterations": record_iterations},
+        "simulation": {"fast_forward": fast_forward, "record_iterations": record_iterations, "workers": workers},
     })
 
 
@@ -61,11 +61,13 @@ def main() -> None:
     ap.add_argument("--step", action="store_true", help="step every iteration (no fast-forward)")
     ap.add_argument("--trace", help="replay this BurstGPT-format CSV instead of the synthetic workload")
     ap.add_argument("--no-iteration-records", action="store_true", help="keep only iteration totals (less memory)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes simulating the replicas (simulation.workers; identical results)")
     ap.add_argument("--profile", action="store_true", help="print a pyinstrument profile (needs pyinstrument)")
     args = ap.parse_args()
     cfg = config(args.requests, args.replicas, args.rate, not args.step, args.output_median, args.trace,
                  not args.no_iteration_records, args.scheduler,
-                 False if args.no_prefix_caching else None, args.chunk_size)
+                 False if args.no_prefix_caching else None, args.chunk_size, args.workers)
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
@@ -80,7 +82,7 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r = summary["requests"]
     print(f"requests={args.requests} replicas={args.replicas} rate={args.rate}/s "
-          f"scheduler={args.scheduler} mode={'step' if args.step else 'fast-forward'}")
+          f"scheduler={args.scheduler} mode={'step' if args.step else 'fast-forward'} workers={args.workers}")
     print(f"finished={r['finished']} rejected={r['rejected']} preemptions={r['preemptions']} "
           f"iterations={summary['utilization']['iterations']} "
           f"simulated={summary['simulation']['simulated_s']:.0f}s")

@@ -448,6 +448,9 @@ class SimulationConfig(_Strict):
     # step boundary (vLLM aborts a request whose client disconnected, freeing its KV) and it is reported
     # ``timed_out``. None: clients wait for ever.
     client_timeout_s: float | None = Field(default=None, gt=0)
+    # Processes that simulate the replicas, each its share (``cluster/workers.py``): for clusters whose replicas
+    # never interact (round-robin routing, colocated replicas, open-loop traffic). Results are identical to 1.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class EnergyConfig(_Strict):
@@ -490,6 +493,18 @@ class ExperimentConfig(_Strict):
                              "pipeline)")
         if self.simulation.client_timeout_s is not None and pipelined:
             raise ValueError("simulation.client_timeout_s: modelled for replicas without pipeline stages (pp: 1)")
+        if self.simulation.workers > 1:
+            why = ("cluster.router: round_robin (a router that reads the replicas' state needs them in one process)"
+                   if self.cluster.router != "round_robin" else
+                   "cluster.policy: colocated (DistServe and Llumnix move requests between replicas)"
+                   if self.cluster.policy != "colocated" else
+                   "open-loop traffic (a conversation's next turn waits on the replica serving the one before)"
+                   if self.workload.conversation is not None or (self.workload.trace is not None
+                                                                 and self.workload.trace.closed_loop) else
+                   "no simulation.max_time_s (a run cut at a time is simulated in one process)"
+                   if self.simulation.max_time_s is not None else "")
+            if why:
+                raise ValueError(f"simulation.workers: {self.simulation.workers} needs {why}")
         if self.scheduler.async_scheduling and pipelined:
             # A pipelined replica already keeps a micro-batch per stage in flight (``parallel.micro_batches``).
             raise ValueError("scheduler.async_scheduling: modelled for replicas without pipeline stages "

@@ -101,7 +101,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         "llmsim_version": code_version(),
         "model": result.model.name,
         "device": ex.hardware.name,
-        "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": len(result.replicas)},
+        "parallel": {"tp": ex.plan.tp, "pp": ex.plan.pp, "replicas": len(result.replica_pool)},
         "policy": cfg.cluster.policy,
         "pools": [{"role": p.role, "tp": p.execution.plan.tp, "pp": p.execution.plan.pp, "replicas": p.num_replicas,
                    "kv_blocks_per_replica": p.memory.num_blocks} for p in result.pools],
@@ -110,7 +110,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         **summary,
         **({"migration": result.migration.summary()} if result.migration is not None else {}),
         **({"kv_copies": result.kv_copies.summary()} if result.kv_copies is not None else {}),
-        **_kernel_builds(result.replicas),
+        **_kernel_builds(result.moe_compiles),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -132,10 +132,10 @@ def write_results(out: Path, cfg: ExperimentConfig, requests, rec, summary: dict
     write_folder(out, files, marker="config.yaml", stale=[n for n in RESULT_FILES if n not in files])
 
 
-def _kernel_builds(replicas) -> dict:
+def _kernel_builds(moe_compiles: list) -> dict:
     """Fused-MoE kernel variants built while serving (a cold Triton cache), summed over replicas, and the time
     steps waited for them; nothing for a model or setting that builds none."""
-    engines = [rep.moe_compiles for rep in replicas if rep.moe_compiles is not None]
+    engines = [e for e in moe_compiles if e is not None]
     if not engines:
         return {}
     built = sum(e.num_built_serving for e in engines)

@@ -154,6 +154,14 @@ CASES = {
     "non-positive time factor": (lambda tmp: _experiment(tmp, hardware={"device": "a100-80gb",
                                                                         "time_factors": {"gemm": 0}}),
                                  "hardware.time_factors.gemm: Input should be greater than 0"),
+    "workers with a state-reading router": (
+        lambda tmp: _experiment(tmp, cluster={"router": "least_outstanding"}, simulation={"workers": 2}),
+        "simulation.workers: 2 needs cluster.router: round_robin"),
+    "workers with migration": (
+        lambda tmp: _experiment(tmp, cluster={"policy": "llumnix"}, simulation={"workers": 2}),
+        "simulation.workers: 2 needs cluster.policy: colocated"),
+    "workers with a time limit": (lambda tmp: _experiment(tmp, simulation={"workers": 2, "max_time_s": 10}),
+                                  "simulation.workers: 2 needs no simulation.max_time_s"),
     "lengths file replayed": (lambda tmp: _experiment(tmp, workload={"trace": {
         "path": str(Path(__file__).resolve().parents[1] / "workloads" / "sharegpt_8k_sarathi_serve.csv"),
         "format": "prefill_decode"}}), "prefill_decode has lengths but no arrival times"),
@@ -297,6 +305,7 @@ _PATHS = ["seed", "model.name", "model.dtype", "parallel.tp", "parallel.pp", "cl
           "scheduler.enable_prefix_caching", "scheduler.async_scheduling", "scheduler.long_prefill_token_threshold",
           "scheduler.preemption", "scheduler.cpu_overhead", "scheduler.chunk_size", "scheduler.max_model_len",
           "scheduler.num_gpu_blocks_override", "simulation.client_timeout_s", "simulation.fast_forward",
+          "simulation.workers",
           "parallel.pp_layer_partition", "model.kv_cache_dtype", "model.activation_dtype",
           "workload.shared_prefix.num_system_prompts", "workload.shared_prefix.multi_turn",
           "workload.conversation.mean_turns", "slo.definition", "slo.tbt_s", "scheduler.triton_cache"]

@@ -164,6 +164,50 @@ def test_skipping_iteration_records_changes_nothing_else():
     assert a == b
 
 
+@pytest.mark.parametrize("scheduler, extra", [
+    ("fcfs", {}),
+    ("sarathi", {"frontend": True}),
+    ("vllm_v1", {"shared_prefix": True, "timeout": True}),
+    ("vllm_v1", {"record_iterations": False, "too_long": True}),
+])
+def test_replicas_in_worker_processes_give_the_results_of_one_process(scheduler, extra):
+    """``simulation.workers``: the replicas of a round-robin cluster simulated in two processes, merged, are
+    bit for bit the run in one (summary, request and iteration tables), with prefix caching, client timeouts,
+    a front-end latency and requests rejected at arrival."""
+    workload = {"num_requests": 240, "arrival": {"kind": "poisson", "rate_per_s": 30.0},
+                "prompt_tokens": {"kind": "uniform", "min": 16, "max": 3000 if extra.get("too_long") else 1500},
+                "output_tokens": {"kind": "uniform", "min": 1, "max": 300}}
+    if extra.get("shared_prefix"):
+        workload = {"num_requests": 240, "arrival": {"kind": "poisson", "rate_per_s": 30.0},
+                    "shared_prefix": {"num_system_prompts": 4, "users_per_system_prompt": 3,
+                                      "system_prompt_tokens": 600, "question_tokens": 100, "output_tokens": 60}}
+    simulation = {"record_iterations": extra.get("record_iterations", True),
+                  **({"client_timeout_s": 0.73} if extra.get("timeout") else {})}
+    cluster = {"num_replicas": 3, "router": "round_robin",
+               **({"frontend_latency_s": 0.004} if extra.get("frontend") else {})}
+    scheduler_cfg = {**scheduler_named(scheduler), "max_num_batched_tokens": 4096,
+                     **({"max_model_len": 2048} if extra.get("too_long") else {})}
+    runs = []
+    for workers in (1, 2):
+        cfg = make_config(workload=workload, cluster=cluster, scheduler=scheduler_cfg,
+                          simulation={**simulation, "workers": workers})
+        result, summary = run_experiment(cfg, write=False)
+        summary.pop("simulation")
+        iterations = result.recorder.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
+        runs.append((summary, result.recorder.request_frame(), iterations.reset_index(drop=True)))
+    (a, a_req, a_it), (b, b_req, b_it) = runs
+    assert a == b
+    pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
+    pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
+    assert len(a_req) == 240
+    if extra.get("too_long"):
+        assert (a_req["status"] == "rejected").any()
+    if extra.get("timeout"):
+        assert a["requests"]["timed_out"] > 0 and a["requests"]["finished"] > 0
+    if extra.get("shared_prefix"):
+        assert a["prefix_cache"]["hit_rate_tokens"] > 0.5
+
+
 @pytest.mark.parametrize("fold_rows", [1, 7, 64])
 def test_totals_do_not_depend_on_how_iteration_rows_are_folded(monkeypatch, fold_rows):
     """Without records the iteration rows are folded into the totals every ``_FOLD_ROWS`` rows, from the totals so

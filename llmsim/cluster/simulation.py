@@ -14,9 +14,10 @@ from llmsim.cluster.migration import MigrationStats
 from llmsim.cluster.network import LinkStats, Network
 from llmsim.cluster.replica import Replica
 from llmsim.cluster.router import ROUTERS
+from llmsim.cluster.workers import simulate_in_workers
 from llmsim.config import ExperimentConfig
 from llmsim.energy import PowerModel, power_model
-from llmsim.errors import PlanError
+from llmsim.errors import ConfigError, PlanError
 from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
@@ -62,6 +63,9 @@ class SimulationResult:
     replica_pool: list[int] = field(default_factory=list)  # pool index of each replica
     migration: MigrationStats | None = None  # Llumnix with migration on
     kv_copies: LinkStats | None = None  # KV copies between instances (DistServe, Llumnix), where any
+    # Each replica's record of the fused-MoE kernel variants it built (None: a dense model or a warm cache). With
+    # ``simulation.workers`` > 1 the replicas ran in worker processes and ``replicas`` is empty.
+    moe_compiles: list = field(default_factory=list)
 
 
 def check_plan(model: ModelSpec, plan: ParallelPlan, where: str = "parallel") -> None:
@@ -179,9 +183,15 @@ def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Repl
 
 
 def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
-             on_progress: Callable[[int], None] | None = None) -> SimulationResult:
+             on_progress: Callable[[int], None] | None = None, router=None) -> SimulationResult:
     """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop
-    workload sends each later turn when the turn before it has ended (``llmsim/workload/conversations.py``)."""
+    workload sends each later turn when the turn before it has ended (``llmsim/workload/conversations.py``).
+    ``router``: in place of the configured one (a worker of ``simulation.workers``)."""
+    if cfg.simulation.workers > 1 and router is None:
+        if isinstance(requests, ClosedLoop):
+            raise ConfigError(f"simulation.workers: {cfg.simulation.workers} needs open-loop traffic (a "
+                              "conversation's next turn waits on the replica serving the one before)")
+        return simulate_in_workers(cfg, requests, on_progress)
     wall0 = time.perf_counter()
     forget_hash_states()
     model, pools, max_model_len = build_pools(cfg)
@@ -208,7 +218,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
                                       cfg.cluster.llumnix.link, network)
         router = llumnix = Llumnix(env, replicas, cfg.cluster.llumnix, transfer)
     else:
-        router = ROUTERS[cfg.cluster.router](cfg.cluster)
+        router = router or ROUTERS[cfg.cluster.router](cfg.cluster)
     migrator = llumnix.migrator if llumnix is not None else None
     counts = {"arrived": 0}
 
@@ -285,4 +295,5 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
                             len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool,
                             migrator.stats if migrator is not None else None,
-                            network.stats if network.stats.copies else None)
+                            network.stats if network.stats.copies else None,
+                            [rep.moe_compiles for rep in replicas])

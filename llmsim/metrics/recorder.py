@@ -7,7 +7,7 @@ request rather than by the request objects themselves; iterations and token gaps
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -154,6 +154,36 @@ class Recorder:
             t.busy_energy_j = _sum_on(t.busy_energy_j, w * d * pm.num_gpus)
             t.num_iterations += len(rows)
         return power
+
+    def columns(self) -> list[array]:
+        """Every packed column (requests, iterations, token gaps), in a fixed order."""
+        return [*self.requests.values(), *self.iterations.values(), self.tbt_gap_s, self.tbt_count]
+
+    def detach_columns(self) -> None:
+        """Replace every packed column with an empty one (after ``columns()`` was taken: a worker sends them
+        apart from the rest)."""
+        self.requests = {name: array(col.typecode) for name, col in self.requests.items()}
+        self.iterations = {name: array(col.typecode) for name, col in self.iterations.items()}
+        self.tbt_gap_s, self.tbt_count = array("d"), array("q")
+
+    def absorb(self, other: Recorder, columns: Iterable[bytes] | None = None) -> None:
+        """Append the records of another recorder whose replicas this one has none of (a worker process's,
+        ``cluster/workers.py``). ``columns``: the contents of ``other.columns()``, one after another, where
+        they come apart from it (a worker sends them raw, one at a time, to keep two copies of the records from
+        ever being in memory at once)."""
+        self.totals, other.totals  # both folded: their rows' power and totals are counted
+        if set(self._totals) & set(other._totals):
+            raise RuntimeError("absorb: the two recorders share a replica")
+        mine = self.columns()
+        if columns is None:
+            columns = (col.tobytes() for col in other.columns())
+        for col, data in zip(mine, columns, strict=True):
+            col.frombytes(data)
+        self.status += other.status
+        self.reason += other.reason
+        self._totals.update(other._totals)
+        if self.record_iterations:
+            self._folded = len(self.iterations["duration_s"])
 
     def _running_totals(self, replica_id: int) -> ReplicaTotals:
         t = self._totals.get(replica_id)

@@ -11,6 +11,8 @@ rate-search goodput (the highest rate with attainment >= target) comes from a sw
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,7 +67,9 @@ def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     if len(gaps) == 0:
         return {"count": 0}
     total = counts.sum()
-    out = {"count": int(total), "mean_s": float((gaps * counts).sum() / total)}
+    # Summed exactly (fsum), so the mean does not depend on the order the gaps were recorded in (one process
+    # or several, ``simulation.workers``).
+    out = {"count": int(total), "mean_s": math.fsum(gaps * counts) / float(total)}
     for p, value in zip(PERCENTILES, pooled_percentiles(gaps, counts, PERCENTILES)):
         out[f"p{p}_s"] = value
     out["max_s"] = float(gaps.max())
