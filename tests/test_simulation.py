@@ -208,6 +208,25 @@ def test_replicas_in_worker_processes_give_the_results_of_one_process(scheduler,
         assert a["prefix_cache"]["hit_rate_tokens"] > 0.5
 
 
+def test_worker_processes_started_by_spawn_give_the_same_results(monkeypatch):
+    """Where fork is not available (macOS's default, Windows), jobs and records are pickled to and from spawned
+    workers: the same results as one process."""
+    import llmsim.cluster.workers as workers
+
+    def runs(n: int):
+        cfg = make_config(cluster={"num_replicas": 2, "router": "round_robin"},
+                          scheduler={"name": "vllm_v1", "max_num_batched_tokens": 4096}, simulation={"workers": n})
+        result, summary = run_experiment(cfg, write=False)
+        summary.pop("simulation")
+        return summary, result.recorder.request_frame()
+
+    one, one_requests = runs(1)
+    monkeypatch.setattr(workers.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    two, two_requests = runs(2)
+    assert one == two
+    pd.testing.assert_frame_equal(one_requests, two_requests, check_exact=True)
+
+
 @pytest.mark.parametrize("fold_rows", [1, 7, 64])
 def test_totals_do_not_depend_on_how_iteration_rows_are_folded(monkeypatch, fold_rows):
     """Without records the iteration rows are folded into the totals every ``_FOLD_ROWS`` rows, from the totals so

@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable
 
 from llmsim.clock import Clock
@@ -69,10 +70,10 @@ def simulate_in_workers(cfg: ExperimentConfig, requests: Iterable[Request],
     if "fork" in multiprocessing.get_all_start_methods():
         outcomes = _run_forked(jobs, recorder)
         jobs = None
-    else:  # spawn: each job is pickled to its worker, each outcome back
-        with multiprocessing.get_context("spawn").Pool(workers) as processes:
+    else:  # spawn: each job is pickled to its worker, each outcome back (a worker that dies raises, not hangs)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as processes:
             outcomes = []
-            for outcome in processes.imap(_simulate_share, jobs):
+            for outcome in processes.map(_simulate_share, jobs):
                 recorder.absorb(outcome[0])
                 outcomes.append(outcome[1:])
     moe_compiles = [None] * n
