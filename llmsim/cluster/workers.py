@@ -16,13 +16,17 @@ import multiprocessing
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from llmsim.clock import Clock
 from llmsim.cluster.router import RoundRobin
 from llmsim.config import ExperimentConfig
 from llmsim.metrics.recorder import Recorder
 from llmsim.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from llmsim.cluster.replica import Replica
+    from llmsim.cluster.simulation import SimulationResult
 
 
 class Assigned:
@@ -31,12 +35,12 @@ class Assigned:
     def __init__(self, replica_of: dict[int, int]) -> None:
         self._replica_of = replica_of
 
-    def pick(self, request: Request, replicas: list):
+    def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         return replicas[self._replica_of[request.id]]
 
 
 def simulate_in_workers(cfg: ExperimentConfig, requests: Iterable[Request],
-                        on_progress: Callable[[int], None] | None = None):
+                        on_progress: Callable[[int], None] | None = None) -> SimulationResult:
     from llmsim.cluster.simulation import SimulationResult, build_pools, make_replica, rejection_reason
 
     wall0 = time.perf_counter()
