@@ -125,22 +125,29 @@ def block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
             pieces.append((seg_id, offset, seg_len - offset))
             need = block_size - (seg_len - offset)
     result = tuple(hashes)
-    if len(_HASH_STATES) >= _MAX_HASH_STATES:
-        _HASH_STATES.clear()
+    global _hash_states_size
+    if _hash_states_size + len(result) > _MAX_HASH_STATES_SIZE:
+        forget_hash_states()
     _HASH_STATES[(block_size, segments)] = (result, parent, tuple(pieces), need)
+    _hash_states_size += len(result)
     return result
 
 
 # (block size, prefix segments) -> (their block hashes, the last full block's hash, the pieces of the block they
 # end inside, the tokens it still lacks): where ``block_hashes`` stopped, so that the next turn of a conversation
 # hashes only what it adds. A pure function's memo, emptied as a simulation starts (``forget_hash_states``), so that
-# every run hashes from cold as a run in a process of its own does.
+# every run hashes from cold as a run in a process of its own does, and whenever it would hold more than
+# ``_MAX_HASH_STATES_SIZE`` hashes (~40 MB: it keeps finished requests' hashes alive, and a replay of long
+# single-turn prompts, Mooncake's, would otherwise keep hundreds per request of tens of thousands).
 _HASH_STATES: dict[tuple, tuple] = {}
-_MAX_HASH_STATES = 1 << 16
+_MAX_HASH_STATES_SIZE = 1 << 20
+_hash_states_size = 0  # hashes the memo holds
 
 
 def forget_hash_states() -> None:
+    global _hash_states_size
     _HASH_STATES.clear()
+    _hash_states_size = 0
 
 
 def _run_base(parent: int, seg_id: int, offset: int, block_size: int) -> int:
