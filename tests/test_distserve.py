@@ -132,6 +132,33 @@ def test_a_request_preempted_on_a_decode_instance_recomputes_only_what_its_cache
     assert 0 < looked_up < 0.5 * whole  # here 4,326 against 11,526 tokens over 7 re-prefills
 
 
+def test_a_re_prefill_longer_than_the_decode_instances_token_budget_runs_in_chunks():
+    """A request preempted on a decode instance re-runs its prompt and the tokens it generated there; with a
+    token budget below that (vLLM V1 chunks prefills, so 512 tokens against 1,500-token prompts is a valid
+    engine) it runs in chunks of the budget, one a step, where it used to stall the instance ("empty batch
+    with work queued"). Nothing is lost, and fast-forward still equals stepping."""
+    specs = [(0.05 * i, 1500, 400) for i in range(40)]
+
+    def run(ff):
+        cfg = make_config(cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},
+                                                                        "decode": {"replicas": 1}}},
+                          scheduler={"name": "vllm_v1", "gpu_memory_utilization": 0.25, "max_num_batched_tokens": 512,
+                                     "enable_prefix_caching": False},
+                          simulation={"fast_forward": ff})
+        return simulate(cfg, make_requests(specs))
+
+    result = run(True)
+    df = assert_nothing_lost(result, len(specs))
+    decode_ids = [i for i, p in enumerate(result.replica_pool) if result.pools[p].role == "decode"]
+    it = result.recorder.iteration_frame()
+    chunks = it[it["replica_id"].isin(decode_ids) & (it["num_prefill_tokens"] > 0)]["num_prefill_tokens"]
+    assert df["num_preemptions"].sum() > 5
+    # Each re-prefill here is 1,500 prompt tokens or more: three full chunks at least (here 26 over 8 of them).
+    assert chunks.max() == 512 and (chunks == 512).sum() >= 9
+    stepped = run(False)
+    pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped.recorder.request_frame(), check_exact=True)
+
+
 def test_distserve_fast_forward_equals_stepping():
     def run(ff):
         cfg = make_config(cluster={"policy": "distserve", "distserve": {"prefill": {"replicas": 1},

@@ -3,7 +3,9 @@ instance and are admitted in arrival order as soon as the KV cache (above the wa
 allow. Admission pulls the KV (DistServe's pull-based hand-off): the request holds its blocks and a batch slot
 here while the KV crosses the link (``on_pull`` tells the cluster policy, which ``adopt``s it into the batch
 when the copy lands). A request preempted here by recompute re-runs its prefill here, FCFS-style (a step with a
-prefill runs prefills only).
+prefill runs prefills only); one longer than the token budget (its prompt and the tokens generated so far) runs
+in chunks of the budget, one a step, as an engine with chunked prefill (vLLM V1's, the one a disaggregated vLLM
+decode instance runs) runs it, where a prefill-only engine could never run it.
 
 With prefix caching (the experiment's ``enable_prefix_caching``) the decode instance has a prefix cache of its
 own, as a vLLM decode instance does: a handed-over request shares the blocks of its longest prefix cached here
@@ -20,7 +22,7 @@ from typing import Callable
 
 from llmsim.kv_cache import NO_HIT, PrefixHit
 from llmsim.request import Request, RequestStatus
-from llmsim.schedulers.base import SchedulerOutput
+from llmsim.schedulers.base import PrefillChunk, SchedulerOutput
 from llmsim.schedulers.fcfs import FCFSScheduler
 
 
@@ -34,6 +36,21 @@ class DecodeScheduler(FCFSScheduler):
     # Called with (request, tokens of its prompt cached here) when admission starts pulling its KV; set by the
     # DistServe policy (``DistServe.connect``) before the simulation starts.
     on_pull: Callable[[Request, int], None] | None = None
+
+    def schedule(self) -> SchedulerOutput:
+        # A re-prefill admitted in chunks goes on, alone in its steps, until its last chunk.
+        partial = next((r for r in self.idle_running() if r.num_pending_tokens > 1), None)
+        if partial is None:
+            return super().schedule()
+        out = SchedulerOutput()
+        n = min(partial.num_pending_tokens, self.max_num_batched_tokens)
+        if self._reserve(partial, n, out):
+            out.prefills.append(PrefillChunk(partial, n, partial.num_computed_tokens))
+        return out
+
+    def _first_chunk(self, request: Request, budget: int) -> int:
+        # A re-prefill longer than the whole budget starts with a chunk of it, in a step of its own.
+        return budget if budget == self.max_num_batched_tokens else 0
 
     def _can_admit(self, request: Request, num_new_tokens: int, hit: PrefixHit) -> bool:
         if not _handed_over(request, num_new_tokens):

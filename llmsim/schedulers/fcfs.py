@@ -41,6 +41,16 @@ class FCFSScheduler(Scheduler):
         # Its cached prefix is taken as computed; the prefill runs the rest.
         if not self._admit_from(request, hit, num_new_tokens, out):
             raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
+        if reserve_tokens is not None and reserve_tokens > num_new_tokens:
+            # A prefill admitted in chunks (``_first_chunk``) holds the blocks of all of it from now on, as Sarathi's
+            # admission does, cached as its chunks fill them.
+            self.blocks.grow_to(request, self.blocks.blocks_for(hit.num_tokens + reserve_tokens),
+                                hit.num_tokens + num_new_tokens)
+
+    def _first_chunk(self, request: Request, budget: int) -> int:
+        """Tokens to admit of a head whose prefill exceeds the ``budget`` left: none (it waits; a policy that
+        prefills in chunks says how much)."""
+        return 0
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -49,10 +59,11 @@ class FCFSScheduler(Scheduler):
             request = self.waiting[0]
             hit = self._hit(request)  # looked up once: nothing changes the cache until it is admitted
             n = request.num_pending_tokens - hit.num_tokens  # all it has pending, less its cached prefix
-            if n > budget or not self._can_admit(request, n, hit):
+            take = n if n <= budget else self._first_chunk(request, budget)
+            if not take or not self._can_admit(request, n, hit):
                 break
-            self._admit(request, n, out, hit=hit)
-            budget -= n
+            self._admit(request, take, out, reserve_tokens=n, hit=hit)
+            budget -= take
         if out.prefills:
             return out
         self._schedule_decodes(self.idle_running()[:self.decode_share()], out)
