@@ -96,27 +96,45 @@ def scheduler_named(name: str) -> dict:
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
        mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
-       traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), timeout=st.sampled_from([None, 1.5]))
+       traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), timeout=st.sampled_from([None, 1.5]),
+       budget=st.sampled_from([4096, 512]))
 # Found by this test: a migrated request's cached prefix registered at its first decode step (stepping) or at the
 # end of a decode run (fast-forward); a whole-prompt reservation (Sarathi) given one block too many by the
 # decode fast path.
 @example(seed=9376, scheduler="vllm_v1", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.2, traffic="shared_prefix", timeout=None)
+         policy="llumnix", high_priority=0.2, traffic="shared_prefix", timeout=None,
+         budget=4096)
 @example(seed=28566, scheduler="sarathi", rate=5.75, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.0, traffic="plain", timeout=None)
+         policy="llumnix", high_priority=0.0, traffic="plain", timeout=None,
+         budget=4096)
 # Found by this test: a DistServe decode instance fast-forwarded while the head of its queue waited on a prefix
 # the running requests were still generating (multi-turn), so stepping admitted it sooner.
 @example(seed=927, scheduler="vllm_v1_sync", rate=52.0, router="round_robin", mem=0.22, preemption="recompute",
-         policy="distserve", high_priority=0.2, traffic="shared_prefix", timeout=None)
+         policy="distserve", high_priority=0.2, traffic="shared_prefix", timeout=None,
+         budget=4096)
 # Found by this test: a check of whether the waiting head's cached prefix may grow that asked only whether a
 # running request fills its first uncached block let Llumnix replicas fast-forward where stepping admitted sooner.
 @example(seed=577, scheduler="fcfs_cached", rate=51.0, router="round_robin", mem=0.22, preemption="recompute",
-         policy="llumnix", high_priority=0.0, traffic="shared_prefix", timeout=None)
+         policy="llumnix", high_priority=0.0, traffic="shared_prefix", timeout=None,
+         budget=4096)
+# Found by this test: a mixed run that went on past its prompt's last chunk where that chunk was one token, which
+# stepping schedules as a decode; a Llumnix replica that did not see a mixed run's prompt decoding, or its KV
+# tokens.
+@example(seed=4, scheduler="vllm_v1", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.2, traffic="plain", timeout=None,
+         budget=4096)
+@example(seed=268, scheduler="sarathi", rate=2.5, router="round_robin", mem=0.9, preemption="recompute",
+         policy="colocated", high_priority=0.0, traffic="plain", timeout=None,
+         budget=4096)
+@example(seed=4, scheduler="sarathi", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.2, traffic="plain", timeout=None,
+         budget=4096)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
-                                      traffic, timeout):
+                                      traffic, timeout, budget):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
     (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic, closed-loop conversations whose turns
-    wait for the previous answer, or unrelated prompts)."""
+    wait for the previous answer, or unrelated prompts). ``budget``: vLLM V1's token budget per step, which at
+    512 chunks most prompts (mixed runs of several chunks) and at 4096 few."""
     lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
                "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
     if traffic == "shared_prefix":
@@ -129,7 +147,8 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                                                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
                                                "llumnix": {"priority_headroom": 0.2}},
                            scheduler={**scheduler_named(scheduler), "gpu_memory_utilization": mem, "chunk_size": 256,
-                                      "max_num_batched_tokens": 4096, "preemption": preemption},
+                                      "preemption": preemption,
+                                      "max_num_batched_tokens": budget if scheduler.startswith("vllm_v1") else 4096},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths, "high_priority_fraction": high_priority},
                            simulation={"fast_forward": ff,
@@ -148,6 +167,16 @@ def assert_fast_forward_equals_stepping(cfg) -> None:
     pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
     totals = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
     assert [a.recorder.total(f) for f in totals] == [b.recorder.total(f) for f in totals]
+    assert token_gaps(a) == token_gaps(b)
+
+
+def token_gaps(result) -> dict[float, int]:
+    """Tokens per inter-token gap (seconds): what the ITL summary is computed from, in whatever order and
+    grouping the gaps were recorded."""
+    counts: dict[float, int] = {}
+    for gap, count in zip(result.recorder.tbt_gap_s, result.recorder.tbt_count):
+        counts[gap] = counts.get(gap, 0) + count
+    return counts
 
 
 def test_skipping_iteration_records_changes_nothing_else():

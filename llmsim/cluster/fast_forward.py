@@ -10,14 +10,21 @@ exactly as stepping would) and the per-request bookkeeping is applied once::
 An arrival the scheduler could admit (``Scheduler.cuts_run``) cuts the run at the next boundary, where
 stepping would have seen it too; results are bit-identical to stepping (tests compare both). Cluster policies
 that act on a replica from outside ``post`` actions that run at its next boundary, or ``wake`` it, which cuts a
-run the same way; while a run is waited out the replica's ``num_used_blocks_now`` and ``num_computed_now``
-report the state stepping would show (from ``replica.run_state``).
+run the same way; while a run is waited out the replica's ``num_used_blocks_now``, ``num_computed_now`` and
+``is_decoding_now`` report the state stepping would show (from ``replica.run_state``).
 
 Mixed runs (``Scheduler.mixed_run_chunk``): a batch of every running decode plus one prefill chunk that takes
 the rest of the token budget repeats -- the same decodes, the prompt's next chunk of the same size -- until the
-prompt's last, partial chunk, a request finishes or the KV cache runs short. Each step is costed by the same
+prompt's last chunk, a request finishes or the KV cache runs short. Each step is costed by the same
 ``ExecutionModel.iteration`` call stepping makes. No arrival can join such a step (no budget is left), so
-arrivals do not cut a mixed run; cluster-policy actions still do.
+arrivals do not cut it; cluster-policy actions still do. The step of the prompt's last, partial chunk leaves
+budget: it joins the run only when nothing waits, and an arrival the scheduler sees by then ends the run before
+it. Once the prompt has ended (in that step, or in ``out`` itself, which may be a whole short prompt), and while
+nothing waits, the run goes on as a decode run of every running request, the prompt's among them (the run's
+``tail``), which an arrival cuts at the next boundary as it cuts a decode run::
+
+    | full chunks (arrivals wait) | partial chunk | tail: pure decode, one token of every request a step |
+                                  ^ an arrival seen by here ends the run here; later ones at the next boundary
 """
 
 from __future__ import annotations
@@ -54,11 +61,12 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
         t = t + dt
         times.append(t)
     replica.run_state = (times, cum_blocks, requests, None)
-    done = yield from wait_out(replica, times, arrivals_cut=True)
+    done = yield from wait_out(replica, times)
     # The work of the steps done only: about half the steps computed are cut off by an arrival.
     step_flops, step_bytes = execution.decode_run_work(num_decode, kv_tokens, done)
     durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks)
     apply_decode_steps(replica, requests, times, durations)
+    replica.finish_done(requests)
 
 
 def decode_blocks(requests: list[Request], num_steps: int, block_size: int) -> list[int]:
@@ -87,54 +95,127 @@ def record_steps(replica: Replica, times: list[float], done: int, step_flops: li
 
 def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: int):
     """Every running decode plus the next ``chunk_size`` tokens of one prompt, step after step (the first step is
-    ``out``, whose blocks the scheduler allocated)."""
-    blocks, execution = replica.blocks, replica.execution
+    ``out``, whose blocks the scheduler allocated), up to the step that ends the prompt where it may join; then,
+    while nothing waits, pure decode steps of every running request, the prompt's among them."""
+    blocks, execution, scheduler = replica.blocks, replica.execution, replica.scheduler
     bs = blocks.block_size
     prefill = out.prefills[0]
     request, c, cached0 = prefill.request, chunk_size, prefill.num_cached_tokens
+    pending = request.num_pending_tokens
     decodes = out.decodes
     num_decode = len(decodes)
-    # Steps that leave the prompt unfinished (its last chunk may be partial and leave budget to admit others).
-    num_steps = -(-request.num_pending_tokens // c) - 1
+    # Steps whose chunk takes the rest of the budget, the first being ``out`` (or that ends the prompt, as
+    # ``out`` may); then the prompt's last, partial chunk (``last`` tokens, if any).
+    num_full = pending // c
+    last = pending - num_full * c
+    head = -(-pending // c)  # steps until the prompt ends
+    # A partial chunk leaves budget that stepping gives the queue, so it joins only when nothing waits; an
+    # arrival the scheduler sees by its boundary (``num_full``) ends the run there. The step that ends the
+    # prompt samples its first token: it stays out where a DistServe prefill instance hands the request over
+    # after it. A step whose token count needs a fused-MoE kernel built runs alone. A last chunk of one token
+    # is scheduled as a decode (one pending token): that step stays out too.
+    moe = replica.moe_compiles
+    quiet = not scheduler.waiting and not replica.pending
+    ends_prompt = replica.on_prefilled is None and (not last or last > 1 and quiet and (
+        moe is None or moe.is_built(num_decode + last, False)))
+    num_steps = head if ends_prompt else head - 1
+    # Then every running request decodes, one token a step, while nothing waits (the ``tail``).
+    tail = 0
+    if ends_prompt and quiet and (moe is None or moe.is_built(num_decode + 1, True)):
+        tail = request.num_output_tokens - request.num_generated_tokens - 1
     if decodes:
-        num_steps = min(num_steps, min(r.num_output_tokens - r.num_generated_tokens for r in decodes))
-    new_blocks = decode_blocks(decodes, num_steps, bs)
+        left = min(r.num_output_tokens - r.num_generated_tokens for r in decodes)
+        num_steps = min(num_steps, left)
+        tail = min(tail, left - num_steps)
+    new_blocks = decode_blocks(decodes, num_steps + tail, bs)
     held = blocks.num_held(request)
     for j in range(2, num_steps + 1):  # the prompt's chunk j needs its blocks (none if reserved at admission)
-        need = blocks.blocks_for(cached0 + c * j)
+        need = blocks.blocks_for(cached0 + min(c * j, pending))
         if need > held:
             new_blocks[j] += need - held
             held = need
+    prompt_kv = cached0 + pending  # the request's KV tokens when its prompt has ended
+    if tail:  # (so the prompt's last chunk is in the run, and ``held`` its blocks)
+        j = held * bs - prompt_kv + 1  # its first decode step that needs a block more
+        while j <= tail:
+            new_blocks[num_steps + j] += 1
+            j += bs
     cum_blocks = list(accumulate(new_blocks))
     if cum_blocks[-1] > blocks.num_free_blocks:
-        num_steps = bisect_right(cum_blocks, blocks.num_free_blocks) - 1
+        total = bisect_right(cum_blocks, blocks.num_free_blocks) - 1
+        num_steps, tail = min(num_steps, total), max(0, total - num_steps)
     used0 = blocks.num_used_blocks
 
     times, step_flops, step_bytes = [start], [], []
     t, kv_tokens = start, out.decode_kv_tokens
-    for j in range(num_steps):
-        cost = execution.iteration(((c, cached0 + c * j),), num_decode, kv_tokens, num_decode)
+    for j in range(min(num_steps, num_full)):
+        # A full chunk that ends the prompt (``last == 0``) samples its first token too.
+        samples = num_decode + 1 if c * (j + 1) == pending else num_decode
+        cost = execution.iteration(((c, cached0 + c * j),), num_decode, kv_tokens, samples)
         t = t + (cost.time_s + 0.0)  # as stepping adds the (zero) swap time
         times.append(t)
         step_flops.append(cost.flops)
         step_bytes.append(cost.num_bytes)
         kv_tokens += num_decode
+    if num_steps > num_full:  # the partial chunk: the prompt's first token is sampled too
+        cost = execution.iteration(((last, cached0 + c * num_full),), num_decode, kv_tokens, num_decode + 1)
+        t = t + (cost.time_s + 0.0)
+        times.append(t)
+        step_flops.append(cost.flops)
+        step_bytes.append(cost.num_bytes)
+        kv_tokens += num_decode
+    tail_kv = kv_tokens + prompt_kv + 1
+    if tail:
+        for dt in execution.decode_run_times(num_decode + 1, tail_kv, tail):
+            t = t + dt
+            times.append(t)
+        order = list(scheduler.running)  # the tail's decodes, in the order stepping schedules them
     replica.run_state = (times, cum_blocks, decodes, (request, c))
-    done = yield from wait_out(replica, times, arrivals_cut=False)
-    durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks, c)
+    done = yield from wait_out(replica, times, arrivals_from=num_full)
+
+    ran = min(done, num_steps)  # steps of the prompt's chunks
+    ran_tail = done - ran
+    chunks = [c] * ran
+    if ran > num_full:
+        chunks[-1] = last
+    durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
+    used = [used0 + b for b in cum_blocks[1:done + 1]]
+    recorder = replica.recorder
+    recorder.iterations_bulk(replica.id, times[:ran], durations[:ran], step_flops[:ran], step_bytes[:ran],
+                             num_decode, used[:ran], chunks)
+    if ran_tail:
+        tail_flops, tail_bytes = execution.decode_run_work(num_decode + 1, tail_kv, ran_tail)
+        recorder.iterations_bulk(replica.id, times[ran:done], durations[ran:], tail_flops, tail_bytes,
+                                 num_decode + 1, used[ran:])
     if request.scheduled_s != request.scheduled_s:  # NaN: its first chunk ran in this run
         request.scheduled_s = start
-    request.num_computed_tokens += c * done
-    if decodes:
-        apply_decode_steps(replica, decodes, times[:done + 1], durations, also=[request])
+    request.num_computed_tokens += min(c * ran, pending)
+    prefilled = []
+    if ran == head:  # its last chunk ran: the (first, unless it was recomputed) token
+        if replica.sample(request, times[ran - 1], times[ran]):
+            recorder.gap(durations[ran - 1], 1)
+        prefilled.append(request)
+    if ran_tail:  # then a token a step (``Replica.sample``'s bookkeeping; the gaps are recorded with the others')
+        request.num_computed_tokens += ran_tail
+        request.num_generated_tokens += ran_tail
+        request.last_token_s = times[done]
+        max_gap = max(durations[ran:])
+        if max_gap > request.max_tbt_s:
+            request.max_tbt_s = max_gap
+    apply_decode_steps(replica, decodes, times[:done + 1], durations, also=[request],
+                       joined_after=ran if ran_tail else 0)
+    # Stepping's ``apply`` finishes the prefills, then the decodes, of a step; the tail's decodes in its order.
+    if ran_tail:
+        replica.finish_done(order)
     else:
-        replica.scheduler.commit_decode_run([request])
+        replica.finish_done(prefilled, decodes)
 
 
-def wait_out(replica: Replica, times: list[float], arrivals_cut: bool):
+def wait_out(replica: Replica, times: list[float], arrivals_from: int = 0):
     """Wait until the run's last boundary, or until the boundary where something cuts it; returns the number
-    of steps done. ``arrivals_cut``: an arrival ends the run at the next boundary (a decode run), or at the one
-    after for a request held by async scheduling; a mixed run ignores arrivals."""
+    of steps done. An arrival the scheduler could admit ends the run at the next boundary, or at the one after
+    for a request held by async scheduling -- but not before boundary ``arrivals_from``: the steps up to there
+    leave no budget to admit it (a mixed run's full chunks)."""
     done = len(times) - 1
     replica.cuttable = done > 1
     while True:
@@ -143,10 +224,11 @@ def wait_out(replica: Replica, times: list[float], arrivals_cut: bool):
             break
         except simpy.Interrupt as cut:
             end = bisect_left(times, replica.env.now, 1)  # the next boundary
-            if cut.cause in ("arrival", "pending") and not arrivals_cut:
-                end = done
-            elif cut.cause == "pending" and end < done:
-                end += 1  # the one after: there the engine first schedules the held request
+            if cut.cause in ("arrival", "pending"):
+                if cut.cause == "pending" and end < done:
+                    end += 1  # the one after: there the engine first schedules the held request
+                if end < arrivals_from:
+                    end = arrivals_from
             done = min(done, end)
             # Something that must act at the very next boundary may still come.
             replica.cuttable = done > bisect_left(times, replica.env.now, 1)
@@ -157,9 +239,11 @@ def wait_out(replica: Replica, times: list[float], arrivals_cut: bool):
 
 
 def apply_decode_steps(replica: Replica, requests: list[Request], times: list[float],
-                       durations: list[float], also: list[Request] = ()) -> None:
-    """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``). ``also``:
-    requests whose blocks follow their KV tokens too (a mixed run's prefill, advanced by the caller)."""
+                       durations: list[float], also: list[Request] = (), joined_after: int = 0) -> None:
+    """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``); the caller
+    finishes the requests done (``Replica.finish_done``). ``also``: requests whose blocks follow their KV
+    tokens too (a mixed run's prefill, advanced by the caller); where ``joined_after`` is set, they decoded from
+    the step after that one on, and their tokens' gaps are recorded with the others'."""
     num_steps = len(durations)
     start, first, end = times[0], times[1], times[num_steps]
     recorder = replica.recorder
@@ -197,6 +281,10 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
         recorder.gaps_bulk(off_gaps, 1)  # in request order, as one call each would have recorded them
     if steady:
         recorder.gap(durations[0], steady)
-    recorder.gaps_bulk(later_gaps, len(requests))
+    if joined_after:
+        if requests:
+            recorder.gaps_bulk(durations[1:joined_after], len(requests))
+        recorder.gaps_bulk(durations[joined_after:], len(requests) + len(also))
+    elif requests:
+        recorder.gaps_bulk(later_gaps, len(requests))
     replica.scheduler.commit_decode_run(requests + also if also else requests, None if also else num_steps)
-    replica.finish_done(requests)

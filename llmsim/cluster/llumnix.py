@@ -144,7 +144,7 @@ class Llumnix:
     def pick_request(src: Replica) -> Request | None:
         """The source's decoding request of lowest priority, shortest first."""
         candidates = [r for r in src.scheduler.running
-                      if r.status is RequestStatus.RUNNING and r.num_pending_tokens == 1]
+                      if r.status is RequestStatus.RUNNING and src.is_decoding_now(r)]
         if not candidates:
             return None
         return min(candidates, key=lambda r: (r.priority, src.num_computed_now(r), r.id))

@@ -171,8 +171,22 @@ class Replica:
         times, _, requests, prefill = self.run_state
         done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
         if prefill is not None and prefill[0] is request:
-            return request.num_computed_tokens + done * prefill[1]
+            # Its chunks, then (a mixed run's tail) a token a step.
+            chunk, pending = prefill[1], request.num_pending_tokens
+            head = -(-pending // chunk)
+            return request.num_computed_tokens + (done * chunk if done < head else pending + done - head)
         return request.num_computed_tokens + (done if request in requests else 0)
+
+    def is_decoding_now(self, request: Request) -> bool:
+        """Whether a running request has one pending token (it decodes) as stepping would show it now: a mixed
+        run's prompt, once its last chunk has run, decodes."""
+        if self.run_state is not None:
+            times, _, _, prefill = self.run_state
+            if prefill is not None and prefill[0] is request:
+                done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+                pending = request.num_pending_tokens
+                return done * prefill[1] >= pending or pending - done * prefill[1] == 1
+        return request.num_pending_tokens == 1
 
     def run_actions(self) -> None:
         actions, self.actions = self.actions, []
@@ -230,7 +244,7 @@ class Replica:
                 yield from self.wait_for_work()
                 continue
             # A step that builds a fused-MoE kernel variant runs alone; a run repeats its first step's token count,
-            # so its later steps need nothing more.
+            # and a mixed run checks the counts of its other steps (a prompt's last chunk, its tail).
             moe, builds = self.moe_compiles, False
             if moe is not None:
                 moe_tokens = out.num_prefill_tokens + len(out.decodes)
@@ -245,7 +259,7 @@ class Replica:
                     yield from decode_run(self, out, start)
                     continue
                 chunk = scheduler.mixed_run_chunk(out)
-                if chunk and not (hands_over and out.decodes):
+                if chunk and not (hands_over and (out.decodes or chunk == out.prefills[0].request.num_pending_tokens)):
                     yield from mixed_run(self, out, start, chunk)
                     continue
             chunks, num_decode, kv_tokens, num_samples = out.signature()

@@ -91,8 +91,9 @@ class Recorder:
 
     def iterations_bulk(self, replica_id: int, starts: list[float], durations: list[float], flops: list[float],
                         num_bytes: list[float], num_decode_tokens: int, kv_used_blocks: list[int],
-                        num_prefill_tokens: int = 0) -> None:
-        """Several iterations of one composition at once (a fast-forwarded run)."""
+                        num_prefill_tokens: int | list[int] = 0) -> None:
+        """Several iterations of one composition at once (a fast-forwarded run; prefill tokens the same in each
+        or one per iteration)."""
         it, n = self.iterations, len(durations)
         it["replica_id"].extend([replica_id] * n)
         it["duration_s"].extend(durations)
@@ -101,7 +102,8 @@ class Recorder:
         it["kv_used_blocks"].extend(kv_used_blocks)
         if self.record_iterations:
             it["start_s"].extend(starts)
-            it["num_prefill_tokens"].extend([num_prefill_tokens] * n)
+            it["num_prefill_tokens"].extend(
+                num_prefill_tokens if isinstance(num_prefill_tokens, list) else [num_prefill_tokens] * n)
             it["num_decode_tokens"].extend([num_decode_tokens] * n)
         elif len(it["duration_s"]) >= _FOLD_ROWS:
             self._fold()

@@ -13,7 +13,9 @@ what the KV cache manager holds):
 - ``mixed_run_chunk(out)``: the batch is every running decode plus one prefill chunk that takes the rest of the
   step's token budget, so the next steps repeat it (the same decodes, the prompt's next chunk of the same size)
   until the prompt's last, partial chunk -- and no arrival can change them, since no budget is left to admit
-  it. Returns that chunk size, or 0. Opt-in: the base class returns 0.
+  it; or the chunk ends the prompt. Once the prompt has ended and nothing waits, the next steps are pure decode
+  over every running request, the prompt's request among them, until a request finishes, the KV cache runs
+  short or an arrival could be admitted. Returns that chunk size, or 0. Opt-in: the base class returns 0.
 - ``cuts_run(request)``: a request just queued could be admitted at the next step boundary, so a run must stop
   there. The shipped policies admit in queue order and stop at the first request that does not fit, and KV
   headroom only shrinks while requests decode, so only a request that became the head of the queue can cut a
@@ -224,22 +226,27 @@ class Scheduler:
         return not (self.waiting and self.blocks.caching and self.blocks.hit_may_grow(self.waiting[0], self.running))
 
     def mixed_run_chunk(self, out: SchedulerOutput) -> int:
-        """The chunk size of a batch whose next steps repeat it with the same prefill's next chunks (see the
-        module docstring), or 0. A policy that schedules its running decodes first and gives the budget left to
-        its part-way prefills opts in with ``_full_budget_chunk``."""
+        """The chunk size of a batch whose next steps repeat it with the same prefill's next chunks, or that ends
+        the prompt with nothing waiting (see the module docstring), or 0. A policy that schedules its running
+        decodes first and gives the budget left to its part-way prefills opts in with ``_run_chunk``."""
         return 0
 
-    def _full_budget_chunk(self, out: SchedulerOutput, budget: int) -> int:
+    def _run_chunk(self, out: SchedulerOutput, budget: int) -> int:
         if out.preempted or out.swap_bytes or len(out.prefills) != 1 or self.busy:
             return 0
         chunk = out.prefills[0]
+        request = chunk.request
         n, decodes = chunk.num_new_tokens, len(out.decodes)
-        if decodes + 1 != len(self.running) or decodes + n != budget:
-            return 0  # someone sits out, or budget is left for a waiting request
-        if chunk.request.num_pending_tokens <= 2 * n:
-            return 0  # the next chunk is already the last one: no run
-        if self.blocks.fills_named_blocks(chunk.request) or any(
-                map(self.blocks.fills_named_blocks, out.decodes)):
+        if decodes + 1 != len(self.running):
+            return 0  # someone sits out
+        if n == request.num_pending_tokens:
+            # This chunk ends the prompt: a run only if its request then decodes with the others, which takes
+            # nothing waiting, a token more to generate and a budget of a token for every running request.
+            if self.waiting or decodes + 1 > budget or request.num_generated_tokens + 1 >= request.num_output_tokens:
+                return 0
+        elif decodes + n != budget:
+            return 0  # budget is left for a waiting request
+        if self.blocks.fills_named_blocks(request) or any(map(self.blocks.fills_named_blocks, out.decodes)):
             return 0  # the cache's bookkeeping of named content is done step by step
         return n
 

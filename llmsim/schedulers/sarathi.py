@@ -30,7 +30,7 @@ class SarathiScheduler(Scheduler):
         self.chunk_size = chunk_size
 
     def mixed_run_chunk(self, out: SchedulerOutput) -> int:
-        return self._full_budget_chunk(out, min(self.chunk_size, self.max_num_batched_tokens))
+        return self._run_chunk(out, min(self.chunk_size, self.max_num_batched_tokens))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

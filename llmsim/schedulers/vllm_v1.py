@@ -36,7 +36,7 @@ class VLLMV1Scheduler(Scheduler):
     def mixed_run_chunk(self, out: SchedulerOutput) -> int:
         # Running requests are scheduled in order and the prefill's chunk takes what the decodes left, so with
         # every running request in the batch the part-way prefill is the last of them.
-        return self._full_budget_chunk(out, self.max_num_batched_tokens)
+        return self._run_chunk(out, self.max_num_batched_tokens)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
