@@ -35,18 +35,21 @@ class SarathiScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = min(self.chunk_size, self.max_num_batched_tokens)
-        running = self.idle_running()
-        # num_pending_tokens == 1, spelled out: this reads every running request at every step.
-        decoding = [r for r in running if r.num_prompt_tokens + r.num_generated_tokens - r.num_computed_tokens == 1
-                    ][:min(budget, self.decode_share())]
-        self._schedule_decodes(decoding, out)
+        decoding, prefilling = [], []
+        for r in self.idle_running():
+            # num_pending_tokens == 1, spelled out: this reads every running request at every step.
+            if r.num_prompt_tokens + r.num_generated_tokens - r.num_computed_tokens == 1:
+                decoding.append(r)
+            else:
+                prefilling.append(r)
+        self._schedule_decodes(decoding[:min(budget, self.decode_share())], out)
         budget -= len(out.decodes)
-        for request in running:  # part-way prefills continue in admission order
+        for request in prefilling:  # part-way prefills continue in admission order
             if budget <= 0:
                 break
-            pending = request.num_prompt_tokens + request.num_generated_tokens - request.num_computed_tokens
-            if pending <= 1 or request.status is not RequestStatus.RUNNING:
-                continue
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted to make room for a decode
+            pending = request.num_pending_tokens
             n = min(pending, budget)
             if not self._reserve(request, n, out):
                 continue
