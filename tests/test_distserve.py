@@ -153,7 +153,7 @@ def test_a_re_prefill_longer_than_the_decode_instances_token_budget_runs_in_chun
     it = result.recorder.iteration_frame()
     chunks = it[it["replica_id"].isin(decode_ids) & (it["num_prefill_tokens"] > 0)]["num_prefill_tokens"]
     assert df["num_preemptions"].sum() > 5
-    # Each re-prefill here is 1,500 prompt tokens or more: three full chunks at least (here 26 over 8 of them).
+    # Each re-prefill here is 1,500 prompt tokens or more: three full chunks at least (here 26 over 9 of them).
     assert chunks.max() == 512 and (chunks == 512).sum() >= 9
     stepped = run(False)
     pd.testing.assert_frame_equal(result.recorder.request_frame(), stepped.recorder.request_frame(), check_exact=True)
