@@ -20,6 +20,28 @@ def test_pooled_percentile_is_numpys_percentile_of_the_expanded_sample(pairs, q)
     assert pooled_percentiles(values, counts, qs) == [np.percentile(np.repeat(values, counts), x) for x in qs]
 
 
+@given(st.lists(st.tuples(st.floats(-1e9, 1e9, allow_subnormal=True) | st.sampled_from([0.0, -0.0, 1e-300]),
+                          st.integers(1, 5)), min_size=1, max_size=60),
+       st.floats(0.0, 100.0))
+def test_pooled_percentile_over_any_magnitudes_and_signs(pairs, q):
+    """Values that span many of the buckets ``pooled_percentiles`` sorts separately, negative ones and -0.0 among
+    them, give numpy's percentile all the same."""
+    values = np.array([v for v, _ in pairs])
+    counts = np.array([c for _, c in pairs], dtype=np.int64)
+    qs = (q, 0.0, 50.0, 100.0)
+    assert pooled_percentiles(values, counts, qs) == [np.percentile(np.repeat(values, counts), x) for x in qs]
+
+
+def test_pooled_percentile_of_many_gaps_is_numpys():
+    """Tens of thousands of gaps as a run records them (step durations, repeated, with counts): many per bucket,
+    and ties that straddle no bucket boundary but fill whole buckets."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.lognormal(-4.0, 0.6, 40_000), np.full(5_000, 0.0125), rng.uniform(0, 3, 5_000)])
+    counts = rng.integers(1, 40, len(values))
+    qs = (50.0, 90.0, 99.0, 99.9, 12.5)
+    assert pooled_percentiles(values, counts, qs) == [np.percentile(np.repeat(values, counts), x) for x in qs]
+
+
 def test_summary_speaks_vllm_benchmark_names_in_ms():
     cfg = make_config(workload={"num_requests": 50, "arrival": {"kind": "poisson", "rate_per_s": 5.0},
                                 "prompt_tokens": {"kind": "uniform", "min": 16, "max": 600},
