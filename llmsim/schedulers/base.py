@@ -246,7 +246,8 @@ class Scheduler:
                 return 0
         elif decodes + n != budget:
             return 0  # budget is left for a waiting request
-        if self.blocks.fills_named_blocks(request) or any(map(self.blocks.fills_named_blocks, out.decodes)):
+        blocks = self.blocks
+        if blocks.caching and (blocks.fills_named_blocks(request) or any(map(blocks.fills_named_blocks, out.decodes))):
             return 0  # the cache's bookkeeping of named content is done step by step
         return n
 
