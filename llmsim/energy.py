@@ -30,12 +30,15 @@ class PowerModel:
     w_per_byte_s: float
     num_gpus: int
 
-    def power_w(self, duration_s: float, flops: float, num_bytes: float) -> float:
-        """Per-GPU draw during one iteration of the replica (``flops``/``num_bytes`` summed over its GPUs)."""
-        if duration_s <= 0.0:
-            return self.idle_w
-        w = self.idle_w + (self.w_per_flop_s * flops + self.w_per_byte_s * num_bytes) / duration_s
-        return w if w < self.max_w else self.max_w
+    def power_w(self, duration_s, flops, num_bytes) -> np.ndarray:
+        """Per-GPU draw during iterations of the replica (``flops``/``num_bytes`` summed over its GPUs): numbers or
+        arrays of them, elementwise (numpy's float arithmetic rounds as Python's does; the recorder works out a
+        run's power from its iteration rows at once)."""
+        duration_s = np.asarray(duration_s, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = self.idle_w + (self.w_per_flop_s * np.asarray(flops, dtype=float)
+                               + self.w_per_byte_s * np.asarray(num_bytes, dtype=float)) / duration_s
+        return np.where(duration_s <= 0.0, self.idle_w, np.where(w < self.max_w, w, self.max_w))
 
 
 def _operating_points(profile: HardwareProfile) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -184,8 +184,7 @@ class Replica:
             times, _, _, prefill = self.run_state
             if prefill is not None and prefill[0] is request:
                 done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
-                pending = request.num_pending_tokens
-                return done * prefill[1] >= pending or pending - done * prefill[1] == 1
+                return request.num_pending_tokens - done * prefill[1] <= 1  # its prompt done, or one token left
         return request.num_pending_tokens == 1
 
     def run_actions(self) -> None:

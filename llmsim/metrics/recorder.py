@@ -117,10 +117,9 @@ class Recorder:
 
     def _fold(self) -> None:
         """Add the iteration rows not yet counted to the replicas' totals, and, with records, their power to the
-        power column; without records, empty the rows. Per replica, ``PowerModel.power_w`` and the running sums
-        one iteration after another, each operation as those do it: numpy's elementwise arithmetic rounds as
-        Python's floats do, and its ``cumsum`` from the total so far adds one element at a time, so the totals do
-        not depend on how the rows were batched (stepping and fast-forwarding, records kept or not, agree bit for
+        power column; without records, empty the rows. Per replica, ``PowerModel.power_w`` of its rows, then the
+        running sums one iteration after another: numpy's ``cumsum`` from the total so far adds one element at a
+        time, so the totals do not depend on how the rows were batched (stepping and fast-forwarding, records kept or not, agree bit for
         bit)."""
         it = self.iterations
         power = self._fold_rows(self._folded, len(it["duration_s"]))
@@ -144,9 +143,7 @@ class Recorder:
             rows = np.flatnonzero(replica == rid)
             pm = self.powers[rid]
             d, f, b = duration[rows], flops[rows], num_bytes[rows]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                w = pm.idle_w + (pm.w_per_flop_s * f + pm.w_per_byte_s * b) / d
-            w = np.where(d <= 0.0, pm.idle_w, np.where(w < pm.max_w, w, pm.max_w))
+            w = pm.power_w(d, f, b)
             power[rows] = w
             t = self._running_totals(rid)
             t.busy_s = _sum_on(t.busy_s, d)
