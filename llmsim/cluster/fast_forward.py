@@ -64,7 +64,7 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
     done = yield from wait_out(replica, times)
     # The work of the steps done only: about half the steps computed are cut off by an arrival.
     step_flops, step_bytes = execution.decode_run_work(num_decode, kv_tokens, done)
-    durations = record_steps(replica, times, done, step_flops, step_bytes, num_decode, used0, cum_blocks)
+    durations = record_steps(replica, times, 0, done, step_flops, step_bytes, num_decode, used0, cum_blocks)
     apply_decode_steps(replica, requests, times, durations)
     replica.finish_done(requests)
 
@@ -82,14 +82,14 @@ def decode_blocks(requests: list[Request], num_steps: int, block_size: int) -> l
     return new_blocks
 
 
-def record_steps(replica: Replica, times: list[float], done: int, step_flops: list[float],
+def record_steps(replica: Replica, times: list[float], first: int, end: int, step_flops: list[float],
                  step_bytes: list[float], num_decode: int, used0: int, cum_blocks: list[int],
-                 num_prefill_tokens: int = 0) -> list[float]:
-    """Record a run's first ``done`` iterations (KV blocks in use: ``used0`` plus the run's new blocks so far);
-    returns their durations."""
-    durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
-    replica.recorder.iterations_bulk(replica.id, times[:done], durations, step_flops[:done], step_bytes[:done],
-                                     num_decode, [used0 + b for b in cum_blocks[1:done + 1]], num_prefill_tokens)
+                 num_prefill_tokens: int | list[int] = 0) -> list[float]:
+    """Record a run's iterations ``first`` .. ``end - 1`` (their FLOPs and bytes; KV blocks in use: ``used0`` plus
+    the run's new blocks so far; prefill tokens the same in each or one per step); returns their durations."""
+    durations = [times[j] - times[j - 1] for j in range(first + 1, end + 1)]
+    replica.recorder.iterations_bulk(replica.id, times[first:end], durations, step_flops, step_bytes, num_decode,
+                                     [used0 + b for b in cum_blocks[first + 1:end + 1]], num_prefill_tokens)
     return durations
 
 
@@ -178,22 +178,19 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
     chunks = [c] * ran
     if ran > num_full:
         chunks[-1] = last
-    durations = [times[j] - times[j - 1] for j in range(1, done + 1)]
-    used = [used0 + b for b in cum_blocks[1:done + 1]]
-    recorder = replica.recorder
-    recorder.iterations_bulk(replica.id, times[:ran], durations[:ran], step_flops[:ran], step_bytes[:ran],
-                             num_decode, used[:ran], chunks)
+    durations = record_steps(replica, times, 0, ran, step_flops[:ran], step_bytes[:ran], num_decode, used0,
+                             cum_blocks, chunks)
     if ran_tail:
         tail_flops, tail_bytes = execution.decode_run_work(num_decode + 1, tail_kv, ran_tail)
-        recorder.iterations_bulk(replica.id, times[ran:done], durations[ran:], tail_flops, tail_bytes,
-                                 num_decode + 1, used[ran:])
+        durations += record_steps(replica, times, ran, done, tail_flops, tail_bytes, num_decode + 1, used0,
+                                  cum_blocks)
     if request.scheduled_s != request.scheduled_s:  # NaN: its first chunk ran in this run
         request.scheduled_s = start
     request.num_computed_tokens += min(c * ran, pending)
     prefilled = []
     if ran == head:  # its last chunk ran: the (first, unless it was recomputed) token
         if replica.sample(request, times[ran - 1], times[ran]):
-            recorder.gap(durations[ran - 1], 1)
+            replica.recorder.gap(durations[ran - 1], 1)
         prefilled.append(request)
     if ran_tail:  # then a token a step (``Replica.sample``'s bookkeeping; the gaps are recorded with the others')
         request.num_computed_tokens += ran_tail
