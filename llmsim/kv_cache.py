@@ -350,6 +350,14 @@ class BlockManager:
             return False
         return len(request_block_hashes(request, self.block_size)) > self._num_cached.get(request.id, 0)
 
+    def fills_cached_content(self, request: Request) -> bool:
+        """Whether a named block the request has yet to fill holds content some block caches now (prefix caching;
+        filling it would make a copy, unless that block is evicted first)."""
+        if not self.caching or not request.prefix_segments:
+            return False
+        hashes = request_block_hashes(request, self.block_size)
+        return not self._cached_hashes.isdisjoint(hashes[self._num_cached.get(request.id, 0):])
+
     def grow_to_computed(self, requests: list[Request], num_steps: int | None = None) -> None:
         """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop.
         ``num_steps``: the run's steps, each one token of every request (a pure decode run), which lets the run's
@@ -625,9 +633,18 @@ class BlockManager:
         segs = self._segs[rid]
         cached_hashes, starts = self._cached_hashes, self._starts
         last = segs[-1]
-        if last.start == done and cached_hashes.isdisjoint(last.chain[done:full]):
-            self._extend_cached_run(rid, done, full)  # the usual case: new content, at the start of its last run
-            return
+        if last.start == done:
+            # The usual case: new content, at the start of its last run. Adding the hashes tells whether all are
+            # new in the same pass (one pass over hundreds of hashes, not two); where some were not, the set is
+            # rebuilt from the cached runs as it was (rare: a prompt part-cached elsewhere that missed its hit).
+            size = len(cached_hashes)
+            cached_hashes.update(last.chain[done:full])
+            if len(cached_hashes) - size == full - done:
+                self._extend_cached_run(rid, done, full, hashed=True)
+                return
+            cached_hashes.clear()
+            for seg in starts.values():
+                cached_hashes.update(seg.chain[seg.start:seg.end])
         i = len(segs) - 1
         while segs[i].start > done:
             i -= 1
@@ -660,15 +677,17 @@ class BlockManager:
                     starts[chain[at]] = seg
                 seg, at = rest, stop
 
-    def _extend_cached_run(self, rid: int, done: int, full: int) -> bool:
+    def _extend_cached_run(self, rid: int, done: int, full: int, hashed: bool = False) -> bool:
         """``_cache_filled`` for blocks ``done .. full - 1`` of content no block caches: if they start the request's
-        last run (a prefill's next chunk, a decode's answer), cache them there and return True."""
+        last run (a prefill's next chunk, a decode's answer), cache them there and return True. ``hashed``: their
+        hashes are in the cached set already."""
         segs = self._segs[rid]
         last = segs[-1]
         if last.start != done:
             return False
         chain = last.chain
-        self._cached_hashes.update(chain[done:full])
+        if not hashed:
+            self._cached_hashes.update(chain[done:full])
         before = segs[-2] if len(segs) > 1 else None
         if (before is not None and before.cached and before.end == done and before.chain is chain
                 and len(before.holders) == 1):

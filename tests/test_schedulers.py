@@ -178,3 +178,20 @@ def test_prefix_aware_router_follows_cached_prefixes_until_loads_drift_apart():
     assert router.pick(request(3, 7), replicas) is not first
     # A request without named content is balanced as least-outstanding would.
     assert router.pick(Request(4, 0.0, 50, 5), replicas).num_outstanding == 0
+
+
+def test_prefix_aware_router_knows_the_prompts_it_routed_not_their_answers():
+    """A conversation turn names its answer (for the next turn's prompt), but the router only ever saw the
+    prompt: the next turn shares 20 of its 50 prompt blocks with that replica (below the 0.5 threshold), not 40."""
+    from types import SimpleNamespace
+
+    from llmsim.cluster.router import PrefixAware
+    from llmsim.config import ClusterConfig
+
+    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(2)]
+    router = PrefixAware(ClusterConfig(router="prefix_aware"))
+    turn = Request(0, 0.0, 320, 320, prefix_segments=((7, 320), (8, 320)))  # message, named answer
+    first = router.pick(turn, replicas)
+    first.num_outstanding += 1
+    next_turn = Request(1, 0.0, 800, 16, prefix_segments=((7, 320), (8, 320), (9, 160), (10, 16)))
+    assert router.pick(next_turn, replicas) is not first

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.errors import ConfigError
+from llmsim.request import Request
 from llmsim.run import run_experiment
 from tests.factories import assert_nothing_lost, make_config, make_requests
 
@@ -129,6 +130,11 @@ def scheduler_named(name: str) -> dict:
 @example(seed=4, scheduler="sarathi", rate=1.0, router="round_robin", mem=0.22, preemption="recompute",
          policy="llumnix", high_priority=0.2, traffic="plain", timeout=None,
          budget=4096)
+# Found by this test: a Llumnix replica whose mixed run held arrivals (async scheduling) that stepping had queued
+# by priority showed them in arrival order, so the head of its queue, and its migration load, differed.
+@example(seed=453, scheduler="vllm_v1", rate=16.0, router="round_robin", mem=0.22, preemption="recompute",
+         policy="llumnix", high_priority=0.2, traffic="plain", timeout=None,
+         budget=512)
 def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemption, policy, high_priority,
                                       traffic, timeout, budget):
     """Exactness: decode fast-forwarding gives bit-identical records to iteration-by-iteration stepping
@@ -366,3 +372,38 @@ def test_fast_forward_equals_stepping_where_the_decode_rate_follows_the_kv_lengt
                       "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1500}},
             simulation={"fast_forward": ff})
     assert_fast_forward_equals_stepping(cfg)
+
+
+@given(seed=st.integers(0, 2**31), budget=st.sampled_from([48, 96]), num_blocks=st.sampled_from([40, 64, 120]))
+def test_fast_forward_equals_stepping_where_prompts_refill_cached_content(seed, budget, num_blocks):
+    """Exactness of chunked-prefill runs under prefix caching, whose prompts' named blocks are booked (taken,
+    cached) at the run's end: prompts made of a few shared pieces (so hits stop part-way, and prompts in flight
+    fill blocks another is filling too), a KV cache small enough that the runs' takes evict cached blocks, and a
+    budget that chunks most prompts."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = [(1, 48), (2, 32), (3, 64), (4, 16)]
+    specs = []
+    t = 0.0
+    for _ in range(40):
+        t += rng.expovariate(8.0)
+        segments = tuple(rng.choice(pieces) for _ in range(rng.randint(1, 3)))
+        named = sum(n for _, n in segments)
+        prompt = named + rng.choice([0, 0, 5, 16])
+        specs.append((t, prompt, rng.randint(1, 40), segments))
+
+    def cfg(ff):
+        return make_config(seed=seed, cluster={"num_replicas": 1},
+                           scheduler={"name": "vllm_v1", "max_num_batched_tokens": budget, "max_num_seqs": 4,
+                                      "num_gpu_blocks_override": num_blocks, "enable_prefix_caching": True},
+                           simulation={"fast_forward": ff})
+
+    def workload():
+        return [Request(i, t, p, o, prefix_segments=s) for i, (t, p, o, s) in enumerate(specs)]
+
+    a, b = simulate(cfg(True), workload()), simulate(cfg(False), workload())
+    a_req, a_it = frames(a)
+    b_req, b_it = frames(b)
+    pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
+    pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)

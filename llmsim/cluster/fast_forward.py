@@ -199,8 +199,12 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
         max_gap = max(durations[ran:])
         if max_gap > request.max_tbt_s:
             request.max_tbt_s = max_gap
+    # The KV bookkeeping. Where the prompt ended in ``out`` (whose blocks the scheduler booked), the tail's
+    # steps are a decode run of every running request whose first step is ``out``: booked as one, with the
+    # prompt's named blocks filled like any decode's (prefix caching).
+    as_decode_run = (order, ran_tail + 1) if ran_tail and ran == 1 else None
     apply_decode_steps(replica, decodes, times[:done + 1], durations, also=[request],
-                       joined_after=ran if ran_tail else 0)
+                       joined_after=ran if ran_tail else 0, as_decode_run=as_decode_run)
     # Stepping's ``apply`` finishes the prefills, then the decodes, of a step; the tail's decodes in its order.
     if ran_tail:
         replica.finish_done(order)
@@ -236,11 +240,15 @@ def wait_out(replica: Replica, times: list[float], arrivals_from: int = 0):
 
 
 def apply_decode_steps(replica: Replica, requests: list[Request], times: list[float],
-                       durations: list[float], also: list[Request] = (), joined_after: int = 0) -> None:
+                       durations: list[float], also: list[Request] = (), joined_after: int = 0,
+                       as_decode_run: tuple[list[Request], int] | None = None) -> None:
     """Apply decode iterations ending at ``times[1..]`` (``durations[j-1] = times[j] - times[j-1]``); the caller
     finishes the requests done (``Replica.finish_done``). ``also``: requests whose blocks follow their KV
     tokens too (a mixed run's prefill, advanced by the caller); where ``joined_after`` is set, they decoded from
-    the step after that one on, and their tokens' gaps are recorded with the others'."""
+    the step after that one on, and their tokens' gaps are recorded with the others'. ``as_decode_run``: the
+    requests, in batch order, and steps of the decode run whose KV bookkeeping this run's is (default: the
+    requests' blocks follow their tokens, or ``requests`` with ``len(durations)`` steps where ``also`` is
+    empty)."""
     num_steps = len(durations)
     start, first, end = times[0], times[1], times[num_steps]
     recorder = replica.recorder
@@ -284,4 +292,7 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
         recorder.gaps_bulk(durations[joined_after:], len(requests) + len(also))
     elif requests:
         recorder.gaps_bulk(later_gaps, len(requests))
-    replica.scheduler.commit_decode_run(requests + also if also else requests, None if also else num_steps)
+    if as_decode_run is not None:
+        replica.scheduler.commit_decode_run(*as_decode_run)
+    else:
+        replica.scheduler.commit_decode_run(requests + also if also else requests, None if also else num_steps)

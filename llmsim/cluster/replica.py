@@ -92,9 +92,23 @@ class Replica:
             self._cut("arrival")
 
     def queued(self) -> list[Request]:
-        """Requests here that do not run yet: the scheduler's queue, then those async scheduling still holds."""
-        waiting = self.scheduler.waiting
-        return [*waiting, *(r for _, r in self.pending)] if self.pending else list(waiting)
+        """Requests here that do not run yet: the scheduler's queue, then those async scheduling still holds, as
+        stepping would show them now."""
+        waiting, pending = self.scheduler.waiting, self.pending
+        if not pending:
+            return list(waiting)
+        if self.run_state is not None:
+            # A mixed run's full chunks hold arrivals past the boundaries where stepping hands them to the
+            # scheduler (``release_pending``: at each boundary, those submitted before the step that ended began),
+            # which queues them in its order (by priority): show them so.
+            times = self.run_state[0]
+            passed = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+            if passed:
+                seen_by = times[passed - 1]
+                released = [r for t, r in pending if t <= seen_by]
+                if released:
+                    return self.scheduler.waiting_after(released) + [r for t, r in pending if t > seen_by]
+        return [*waiting, *(r for _, r in pending)]
 
     def in_flight(self) -> list[Request]:
         return list(self.scheduler.running) + self.queued()

@@ -48,7 +48,10 @@ class PrefixAware:
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         least = min(replicas, key=lambda r: (r.num_outstanding, r.id))
         busiest = max(r.num_outstanding for r in replicas)
-        hashes = request_block_hashes(request, replicas[0].blocks.block_size)
+        block_size = replicas[0].blocks.block_size
+        # The prompt's named blocks: a turn's own answer is named too (the next turn's prompt resends it), but a
+        # router sees the prompt only.
+        hashes = request_block_hashes(request, block_size)[:request.num_prompt_tokens // block_size]
         imbalanced = (busiest - least.num_outstanding > self.balance_abs
                       and busiest > least.num_outstanding * self.balance_rel)
         choice = least

@@ -116,6 +116,18 @@ class Scheduler:
         else:
             waiting.append(request)
 
+    def waiting_after(self, requests: list[Request]) -> list[Request]:
+        """The waiting queue as it would be once ``requests`` were ``add``-ed in order; nothing changes (a
+        replica's view of its queue while a run still holds arrivals that stepping would have queued)."""
+        saved = self.waiting
+        self.waiting = deque(saved)
+        try:
+            for request in requests:
+                self.add(request)
+            return list(self.waiting)
+        finally:
+            self.waiting = saved
+
     def has_seq_room(self) -> bool:
         return len(self.running) + self.num_reserved_seqs < self.max_num_seqs
 
@@ -247,8 +259,13 @@ class Scheduler:
         elif decodes + n != budget:
             return 0  # budget is left for a waiting request
         blocks = self.blocks
-        if blocks.caching and (blocks.fills_named_blocks(request) or any(map(blocks.fills_named_blocks, out.decodes))):
-            return 0  # the cache's bookkeeping of named content is done step by step
+        if blocks.caching and n != request.num_pending_tokens and (
+                any(map(blocks.fills_named_blocks, out.decodes)) or blocks.fills_cached_content(request)):
+            # Chunk after chunk, the run's block takes and named-block fills are booked at its end, all the
+            # takes as one: stepping's order would matter only if a fill could copy cached content (which a take
+            # may evict first), or if fills of decodes interleaved with the prompt's. (A chunk that ends the
+            # prompt was booked when scheduled, and the run goes on as a decode run, booked as one.)
+            return 0
         return n
 
     # --- mechanism shared by the policies -------------------------------------------------------------

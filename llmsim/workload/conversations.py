@@ -96,7 +96,8 @@ class ClosedLoopChat(ClosedLoop):
             segments += [(conv.content_ids[2 * j], conv.messages[j]), (conv.content_ids[2 * j + 1], conv.answers[j])]
         segments.append((conv.content_ids[2 * k], conv.messages[k]))
         prompt = sum(n for _, n in segments)
-        segments.append((conv.content_ids[2 * k + 1], conv.answers[k]))  # names the answer for the next turn
+        if k + 1 < len(conv.messages):  # the next turn's prompt resends the answer: name it
+            segments.append((conv.content_ids[2 * k + 1], conv.answers[k]))
         r = Request(-1, arrival_s, prompt, conv.answers[k], priority=conv.priority, prefix_segments=tuple(segments))
         self._live[r] = conv
         return r
