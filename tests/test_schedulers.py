@@ -195,3 +195,21 @@ def test_prefix_aware_router_knows_the_prompts_it_routed_not_their_answers():
     first.num_outstanding += 1
     next_turn = Request(1, 0.0, 800, 16, prefix_segments=((7, 320), (8, 320), (9, 160), (10, 16)))
     assert router.pick(next_turn, replicas) is not first
+
+
+def test_prefix_aware_router_forgets_the_ends_of_prompts_first():
+    """The router's memory of a replica is bounded by its KV blocks and forgets the least recently routed blocks
+    first -- a prompt's last blocks before its first, as a radix tree drops leaves (and vLLM's free queue a freed
+    request's last block): what it still remembers of a prompt is a prefix, which a later request can match."""
+    from types import SimpleNamespace
+
+    from llmsim.cluster.router import PrefixAware
+    from llmsim.config import ClusterConfig
+
+    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(25, 16)) for i in range(2)]
+    router = PrefixAware(ClusterConfig(router="prefix_aware"))
+    first = router.pick(Request(0, 0.0, 320, 8, prefix_segments=((7, 320),)), replicas)  # 20 blocks
+    assert router.pick(Request(1, 0.0, 160, 8, prefix_segments=((8, 160),)), replicas) is first  # idle: tie
+    # 30 blocks routed to a memory of 25: the first prompt's last 5 are forgotten, its first 15 (75%) matched.
+    first.num_outstanding += 2
+    assert router.pick(Request(2, 0.0, 320, 8, prefix_segments=((7, 320),)), replicas) is first

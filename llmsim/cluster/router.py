@@ -32,7 +32,7 @@ class LeastOutstanding:
 class PrefixAware:
     """SGLang's cache-aware router. The router keeps, per replica, the block hashes of the prompts it sent
     there (an approximation of that replica's prefix cache, bounded by its KV blocks, least recently routed
-    dropped first; it never reads the replica's cache). While loads are balanced it sends a request to the
+    dropped first, a prompt's last blocks before its first; it never reads the replica's cache). While loads are balanced it sends a request to the
     replica holding the longest part of its prompt when that part is at least ``cache_threshold`` of the
     prompt's named blocks, else to the least loaded; when the loads drift apart (the busiest has more than
     ``balance_abs_threshold`` requests above the idlest and more than ``balance_rel_threshold`` times as
@@ -76,7 +76,9 @@ class PrefixAware:
     def _remember(self, replica: Replica, hashes: tuple[int, ...]) -> None:
         tree = self._trees.setdefault(replica.id, OrderedDict())
         move = tree.move_to_end
-        for h in hashes:
+        # Last block first, so that a prompt's first blocks are the most recent and are forgotten last: what is
+        # left of a prompt is a prefix (a radix tree drops leaves first), which later prompts can still match.
+        for h in reversed(hashes):
             if h in tree:
                 move(h)
             else:
