@@ -1,4 +1,6 @@
 import pandas as pd
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
 from llmsim.kv_cache import BlockManager
@@ -213,3 +215,37 @@ def test_prefix_aware_router_forgets_the_ends_of_prompts_first():
     # 30 blocks routed to a memory of 25: the first prompt's last 5 are forgotten, its first 15 (75%) matched.
     first.num_outstanding += 2
     assert router.pick(Request(2, 0.0, 320, 8, prefix_segments=((7, 320),)), replicas) is first
+
+
+@given(seed=st.integers(0, 2**31), capacity=st.sampled_from([6, 20, 60]))
+def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(seed, capacity):
+    """The router moves only the blocks it found (a prefix of the prompt) and adds the rest without looking:
+    its memory is the plain LRU of every routed prompt's blocks, last block first, whatever the traffic --
+    prompts sharing prefixes of several lengths, loads drifting apart, a memory a fraction of a prompt."""
+    import random
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from llmsim.cluster.router import PrefixAware
+    from llmsim.config import ClusterConfig
+    from llmsim.kv_cache import request_block_hashes
+
+    rng = random.Random(seed)
+    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(capacity, 16)) for i in range(3)]
+    router = PrefixAware(ClusterConfig(router="prefix_aware", prefix_aware={"balance_abs_threshold": 2}))
+    reference = {rep.id: OrderedDict() for rep in replicas}
+    for i in range(60):
+        segments = tuple((rng.randint(0, 3), rng.choice([16, 40, 64])) for _ in range(rng.randint(1, 4)))
+        prompt = sum(n for _, n in segments) + rng.choice([0, 7])
+        request = Request(i, 0.0, prompt, 4, prefix_segments=segments)
+        choice = router.pick(request, replicas)
+        choice.num_outstanding += rng.choice([0, 1, 1, 3])
+        tree = reference[choice.id]
+        for h in reversed(request_block_hashes(request, 16)[:prompt // 16]):
+            if h in tree:
+                tree.move_to_end(h)
+            else:
+                tree[h] = None
+        while len(tree) > capacity:
+            tree.popitem(last=False)
+        assert list(router._trees.get(choice.id, {})) == list(tree)

@@ -55,35 +55,45 @@ class PrefixAware:
         imbalanced = (busiest - least.num_outstanding > self.balance_abs
                       and busiest > least.num_outstanding * self.balance_rel)
         choice = least
+        known = {}  # replica id -> how many of the prompt's first blocks its memory holds
         if hashes and not imbalanced:
             best, matched = least, -1
             for rep in replicas:
-                tree = self._trees.get(rep.id)
-                n = 0
-                if tree:
-                    for h in hashes:
-                        if h not in tree:
-                            break
-                        n += 1
+                n = known[rep.id] = self._known(rep, hashes)
                 if n > matched or (n == matched and (rep.num_outstanding, rep.id) < (best.num_outstanding, best.id)):
                     best, matched = rep, n
             if matched / len(hashes) >= self.cache_threshold:
                 choice = best
         if hashes:
-            self._remember(choice, hashes)
+            n = known.get(choice.id)
+            self._remember(choice, hashes, self._known(choice, hashes) if n is None else n)
         return choice
 
-    def _remember(self, replica: Replica, hashes: tuple[int, ...]) -> None:
+    def _known(self, replica: Replica, hashes: tuple[int, ...]) -> int:
+        """How many of the prompt's first blocks the replica's memory holds."""
+        tree = self._trees.get(replica.id)
+        n = 0
+        if tree:
+            for h in hashes:
+                if h not in tree:
+                    break
+                n += 1
+        return n
+
+    def _remember(self, replica: Replica, hashes: tuple[int, ...], num_known: int) -> None:
+        """The prompt's blocks become the most recent in the replica's memory, the last first, so that a prompt's
+        first blocks are forgotten last: what is left of a prompt is a prefix (a radix tree drops leaves first),
+        which later prompts can still match. Of the prompt, the memory holds its first ``num_known`` blocks and no
+        others (a block is only ever touched with every block before it in its chain, and before them, so a
+        chain's blocks are dropped deepest first and what is left of it is a prefix): the rest go in at once,
+        and only those are moved."""
         tree = self._trees.setdefault(replica.id, OrderedDict())
+        for h in reversed(hashes[num_known:]):
+            tree[h] = None
         move = tree.move_to_end
-        # Last block first, so that a prompt's first blocks are the most recent and are forgotten last: what is
-        # left of a prompt is a prefix (a radix tree drops leaves first), which later prompts can still match.
-        for h in reversed(hashes):
-            if h in tree:
-                move(h)
-            else:
-                tree[h] = None
-        while len(tree) > replica.blocks.num_blocks:
+        for h in reversed(hashes[:num_known]):
+            move(h)
+        for _ in range(len(tree) - replica.blocks.num_blocks):
             tree.popitem(last=False)
 
 
