@@ -32,11 +32,11 @@ class LeastOutstanding:
 class PrefixAware:
     """SGLang's cache-aware router. The router keeps, per replica, the block hashes of the prompts it sent
     there (an approximation of that replica's prefix cache, bounded by its KV blocks, least recently routed
-    dropped first, a prompt's last blocks before its first; it never reads the replica's cache). While loads are balanced it sends a request to the
-    replica holding the longest part of its prompt when that part is at least ``cache_threshold`` of the
-    prompt's named blocks, else to the least loaded; when the loads drift apart (the busiest has more than
-    ``balance_abs_threshold`` requests above the idlest and more than ``balance_rel_threshold`` times as
-    many), to the least loaded."""
+    dropped first, a prompt's last blocks before its first; it never reads the replica's cache). While loads
+    are balanced it sends a request to the replica holding the longest part of its prompt when that part is at
+    least ``cache_threshold`` of the prompt's named blocks, else to the least loaded; when the loads drift
+    apart (the busiest has more than ``balance_abs_threshold`` requests above the idlest and more than
+    ``balance_rel_threshold`` times as many), to the least loaded."""
 
     def __init__(self, cfg) -> None:
         p = cfg.prefix_aware
@@ -84,9 +84,9 @@ class PrefixAware:
         """The prompt's blocks become the most recent in the replica's memory, the last first, so that a prompt's
         first blocks are forgotten last: what is left of a prompt is a prefix (a radix tree drops leaves first),
         which later prompts can still match. Of the prompt, the memory holds its first ``num_known`` blocks and no
-        others (a block is only ever touched with every block before it in its chain, and before them, so a
-        chain's blocks are dropped deepest first and what is left of it is a prefix): the rest go in at once,
-        and only those are moved."""
+        others (a block is touched only together with every block before it in its chain, and just before
+        them, so a chain's blocks are dropped deepest first and what is left of a chain is a prefix): the rest
+        go in without a lookup, and only the known ones are moved."""
         tree = self._trees.setdefault(replica.id, OrderedDict())
         for h in reversed(hashes[num_known:]):
             tree[h] = None
