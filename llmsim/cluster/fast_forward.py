@@ -25,6 +25,13 @@ nothing waits, the run goes on as a decode run of every running request, the pro
 
     | full chunks (arrivals wait) | partial chunk | tail: pure decode, one token of every request a step |
                                   ^ an arrival seen by here ends the run here; later ones at the next boundary
+
+With prefix caching, the KV bookkeeping of a run is booked when it ends. Where ``out`` ended the prompt, the tail
+is booked as a decode run (``BlockManager.grow_to_computed`` with its steps, which replays them where the order
+of takes and named-block fills matters); a prompt chunked over several steps runs only where no decode fills
+named blocks and none of its own has content some block caches (``Scheduler._run_chunk``), so that the order
+cannot matter. While a run holds arrivals (async scheduling) past the boundaries where stepping queues them,
+``Replica.queued`` shows the queue stepping would show.
 """
 
 from __future__ import annotations
