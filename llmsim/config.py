@@ -132,7 +132,7 @@ class LlumnixConfig(_Strict):
 class PrefixAwareConfig(_Strict):
     """SGLang's cache-aware router (``router: prefix_aware``); defaults are SGLang's."""
 
-    cache_threshold: float = Field(default=0.5, ge=0, le=1)  # share of the prompt's named blocks to follow a match
+    cache_threshold: float = Field(default=0.5, ge=0, le=1)  # share of the prompt's tokens a match must exceed
     balance_abs_threshold: int = Field(default=32, ge=0)  # requests between the busiest and the idlest replica
     balance_rel_threshold: float = Field(default=1.0001, ge=1)  # and their ratio, before balancing wins
 

@@ -249,3 +249,25 @@ def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(see
         while len(tree) > capacity:
             tree.popitem(last=False)
         assert list(router._trees.get(choice.id, {})) == list(tree)
+
+
+def test_prefix_aware_router_follows_a_match_above_the_threshold_of_the_whole_prompt():
+    """SGLang's match rate: the matched part over the whole prompt, not over its named content; a match of
+    exactly ``cache_threshold`` is not followed."""
+    from types import SimpleNamespace
+
+    from llmsim.cluster.router import PrefixAware
+    from llmsim.config import ClusterConfig
+
+    def follows(prompt_tokens: int) -> bool:
+        """A replica that was sent a 160-token system prompt, and has one request more than the other, is sent
+        a prompt of ``prompt_tokens`` that starts with it."""
+        replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(2)]
+        router = PrefixAware(ClusterConfig(router="prefix_aware"))
+        first = router.pick(Request(0, 0.0, 800, 8, prefix_segments=((7, 160),)), replicas)
+        first.num_outstanding += 1
+        return router.pick(Request(1, 0.0, prompt_tokens, 8, prefix_segments=((7, 160),)), replicas) is first
+
+    assert not follows(800)  # all of its named content, a fifth of the prompt
+    assert not follows(320)  # exactly 0.5
+    assert follows(304)  # 0.53

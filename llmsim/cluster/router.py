@@ -33,10 +33,10 @@ class PrefixAware:
     """SGLang's cache-aware router. The router keeps, per replica, the block hashes of the prompts it sent
     there (an approximation of that replica's prefix cache, bounded by its KV blocks, least recently routed
     dropped first, a prompt's last blocks before its first; it never reads the replica's cache). While loads
-    are balanced it sends a request to the replica holding the longest part of its prompt when that part is at
-    least ``cache_threshold`` of the prompt's named blocks, else to the least loaded; when the loads drift
-    apart (the busiest has more than ``balance_abs_threshold`` requests above the idlest and more than
-    ``balance_rel_threshold`` times as many), to the least loaded."""
+    are balanced it sends a request to the replica holding the longest part of its prompt when that part is
+    more than ``cache_threshold`` of the prompt's tokens (SGLang's match rate), else to the least loaded; when
+    the loads drift apart (the busiest has more than ``balance_abs_threshold`` requests above the idlest and
+    more than ``balance_rel_threshold`` times as many), to the least loaded."""
 
     def __init__(self, cfg) -> None:
         p = cfg.prefix_aware
@@ -62,7 +62,9 @@ class PrefixAware:
                 n = known[rep.id] = self._known(rep, hashes)
                 if n > matched or (n == matched and (rep.num_outstanding, rep.id) < (best.num_outstanding, best.id)):
                     best, matched = rep, n
-            if matched / len(hashes) >= self.cache_threshold:
+            # SGLang's match rate: the matched part over the whole prompt (tokens past the named content never
+            # match), and the match followed only above the threshold.
+            if matched * block_size / request.num_prompt_tokens > self.cache_threshold:
                 choice = best
         if hashes:
             n = known.get(choice.id)
