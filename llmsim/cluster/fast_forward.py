@@ -153,20 +153,17 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
         num_steps, tail = min(num_steps, total), max(0, total - num_steps)
     used0 = blocks.num_used_blocks
 
+    # Each chunk step's (tokens, cached tokens, sampled tokens): the step that ends the prompt (a full chunk where
+    # ``last == 0``, else the partial one) samples its first token too.
+    chunk_steps = [(c, cached0 + c * j, num_decode + 1 if c * (j + 1) == pending else num_decode)
+                   for j in range(min(num_steps, num_full))]
+    if num_steps > num_full:
+        chunk_steps.append((last, cached0 + c * num_full, num_decode + 1))
     times, step_flops, step_bytes = [start], [], []
     t, kv_tokens = start, out.decode_kv_tokens
-    for j in range(min(num_steps, num_full)):
-        # A full chunk that ends the prompt (``last == 0``) samples its first token too.
-        samples = num_decode + 1 if c * (j + 1) == pending else num_decode
-        cost = execution.iteration(((c, cached0 + c * j),), num_decode, kv_tokens, samples)
+    for new_tokens, cached, samples in chunk_steps:
+        cost = execution.iteration(((new_tokens, cached),), num_decode, kv_tokens, samples)
         t = t + (cost.time_s + 0.0)  # as stepping adds the (zero) swap time
-        times.append(t)
-        step_flops.append(cost.flops)
-        step_bytes.append(cost.num_bytes)
-        kv_tokens += num_decode
-    if num_steps > num_full:  # the partial chunk: the prompt's first token is sampled too
-        cost = execution.iteration(((last, cached0 + c * num_full),), num_decode, kv_tokens, num_decode + 1)
-        t = t + (cost.time_s + 0.0)
         times.append(t)
         step_flops.append(cost.flops)
         step_bytes.append(cost.num_bytes)

@@ -102,7 +102,7 @@ class Replica:
             # scheduler (``release_pending``: at each boundary, those submitted before the step that ended began),
             # which queues them in its order (by priority): show them so.
             times = self.run_state[0]
-            passed = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+            passed = self._boundaries_passed(times)
             if passed:
                 seen_by = times[passed - 1]
                 released = [r for t, r in pending if t <= seen_by]
@@ -183,7 +183,7 @@ class Replica:
         if self.run_state is None:
             return request.num_computed_tokens
         times, _, requests, prefill = self.run_state
-        done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+        done = self._boundaries_passed(times)
         if prefill is not None and prefill[0] is request:
             # Its chunks, then (a mixed run's tail) a token a step.
             chunk, pending = prefill[1], request.num_pending_tokens
@@ -191,13 +191,18 @@ class Replica:
             return request.num_computed_tokens + (done * chunk if done < head else pending + done - head)
         return request.num_computed_tokens + (done if request in requests else 0)
 
+    def _boundaries_passed(self, times: list[float]) -> int:
+        """How many of a run's boundaries (``times[1:]``) lie before now: the steps stepping would have done (one
+        at exactly now is not passed yet: an urgent event there sees the state before it)."""
+        return bisect_left(times, self.env.now, 1) - 1
+
     def is_decoding_now(self, request: Request) -> bool:
         """Whether a running request has one pending token (it decodes) as stepping would show it now: a mixed
         run's prompt, once its last chunk has run, decodes."""
         if self.run_state is not None:
             times, _, _, prefill = self.run_state
             if prefill is not None and prefill[0] is request:
-                done = bisect_left(times, self.env.now, 1) - 1  # boundaries passed
+                done = self._boundaries_passed(times)
                 return request.num_pending_tokens - done * prefill[1] <= 1  # its prompt done, or one token left
         return request.num_pending_tokens == 1
 

@@ -251,7 +251,8 @@ class Scheduler:
         n, decodes = chunk.num_new_tokens, len(out.decodes)
         if decodes + 1 != len(self.running):
             return 0  # someone sits out
-        if n == request.num_pending_tokens:
+        ends_prompt = n == request.num_pending_tokens
+        if ends_prompt:
             # This chunk ends the prompt: a run only if its request then decodes with the others, which takes
             # nothing waiting, a token more to generate and a budget of a token for every running request.
             if self.waiting or decodes + 1 > budget or request.num_generated_tokens + 1 >= request.num_output_tokens:
@@ -259,7 +260,7 @@ class Scheduler:
         elif decodes + n != budget:
             return 0  # budget is left for a waiting request
         blocks = self.blocks
-        if blocks.caching and n != request.num_pending_tokens and (
+        if blocks.caching and not ends_prompt and (
                 any(map(blocks.fills_named_blocks, out.decodes)) or blocks.fills_cached_content(request)):
             # Chunk after chunk, the run's block takes and named-block fills are booked at its end, all the
             # takes as one: stepping's order would matter only if a fill could copy cached content (which a take
@@ -277,10 +278,26 @@ class Scheduler:
             return NO_HIT
         return self.blocks.lookup(request)
 
+    def _can_admit(self, request: Request, num_new_tokens: int, hit: PrefixHit) -> bool:
+        """Whether the head of the queue, starting from its cached prefix ``hit``, fits the KV cache."""
+        if hit is NO_HIT:
+            return self.blocks.can_admit(request, num_new_tokens)
+        return self.blocks.can_admit_from(hit, hit.num_tokens + num_new_tokens)
+
     def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
-               reserve_tokens: int | None = None) -> None:
+               reserve_tokens: int | None = None, hit: PrefixHit = NO_HIT) -> None:
         """Move the head of the waiting queue into the batch with ``num_new_tokens`` of prefill, holding blocks
-        for ``reserve_tokens`` new tokens (default: the ones scheduled now)."""
+        for ``reserve_tokens`` new tokens (default: the ones scheduled now), from its cached prefix ``hit``."""
+        if hit is not NO_HIT:
+            # Its cached prefix is taken as computed; the prefill runs the rest.
+            if not self._admit_from(request, hit, num_new_tokens, out):
+                raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
+            if reserve_tokens is not None and reserve_tokens > num_new_tokens:
+                # A prefill admitted in chunks holds the blocks of all of it from now on (Sarathi's admission),
+                # cached as its chunks fill them.
+                self.blocks.grow_to(request, self.blocks.blocks_for(hit.num_tokens + reserve_tokens),
+                                    hit.num_tokens + num_new_tokens)
+            return
         cached = request.num_computed_tokens
         if request.status is RequestStatus.PREEMPTED and self.preemption == "swap" and cached:
             out.swap_bytes += cached * self.kv_bytes_per_token  # swap its KV back in

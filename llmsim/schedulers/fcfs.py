@@ -13,7 +13,6 @@ budget counts only the tokens it prefills.
 
 from __future__ import annotations
 
-from llmsim.kv_cache import NO_HIT, PrefixHit
 from llmsim.request import Request
 from llmsim.schedulers.base import Scheduler, SchedulerOutput
 
@@ -26,26 +25,6 @@ class FCFSScheduler(Scheduler):
         if request.num_prompt_tokens > self.max_num_batched_tokens:
             return f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens"
         return ""
-
-    def _can_admit(self, request: Request, num_new_tokens: int, hit: PrefixHit) -> bool:
-        """Whether the head of the queue, starting from its cached prefix ``hit``, fits the KV cache."""
-        if hit is NO_HIT:
-            return self.blocks.can_admit(request, num_new_tokens)
-        return self.blocks.can_admit_from(hit, hit.num_tokens + num_new_tokens)
-
-    def _admit(self, request: Request, num_new_tokens: int, out: SchedulerOutput,
-               reserve_tokens: int | None = None, hit: PrefixHit = NO_HIT) -> None:
-        if hit is NO_HIT:
-            super()._admit(request, num_new_tokens, out, reserve_tokens)
-            return
-        # Its cached prefix is taken as computed; the prefill runs the rest.
-        if not self._admit_from(request, hit, num_new_tokens, out):
-            raise RuntimeError(f"request {request.id}: admitted without room for its prefill")
-        if reserve_tokens is not None and reserve_tokens > num_new_tokens:
-            # A prefill admitted in chunks (``_first_chunk``) holds the blocks of all of it from now on, as Sarathi's
-            # admission does, cached as its chunks fill them.
-            self.blocks.grow_to(request, self.blocks.blocks_for(hit.num_tokens + reserve_tokens),
-                                hit.num_tokens + num_new_tokens)
 
     def _first_chunk(self, request: Request, budget: int) -> int:
         """Tokens to admit of a head whose prefill exceeds the ``budget`` left: none (it waits; a policy that

@@ -16,7 +16,6 @@ of its prompt fit, holds them all from then on, and its blocks are cached as its
 
 from __future__ import annotations
 
-from llmsim.kv_cache import NO_HIT
 from llmsim.request import RequestStatus
 from llmsim.schedulers.base import PrefillChunk, Scheduler, SchedulerOutput
 
@@ -55,24 +54,15 @@ class SarathiScheduler(Scheduler):
                 continue
             out.prefills.append(PrefillChunk(request, n, request.num_computed_tokens))
             budget -= n
-        blocks = self.blocks
         while budget > 0 and self.waiting and self.has_seq_room() and not out.preempted:
             request = self.waiting[0]
             hit = self._hit(request)
             prompt = request.num_pending_tokens - hit.num_tokens
             n = min(prompt, budget)
-            if hit is NO_HIT:
-                if not blocks.can_admit(request, prompt):
-                    break
-                self._admit(request, n, out, reserve_tokens=prompt)
-            else:
-                total = hit.num_tokens + prompt
-                if not blocks.can_admit_from(hit, total):
-                    break
-                # The cached prefix is taken as computed and this chunk's blocks allocated; the rest of the
-                # prompt's blocks are held now too, cached only as chunks fill them.
-                if not self._admit_from(request, hit, n, out):
-                    raise RuntimeError(f"request {request.id}: admitted without room for its prompt")
-                blocks.grow_to(request, blocks.blocks_for(total), hit.num_tokens + n)
+            if not self._can_admit(request, prompt, hit):
+                break
+            # This chunk's blocks and the rest of the prompt's are held from now on (past the cached prefix, if
+            # any, taken as computed), cached only as chunks fill them.
+            self._admit(request, n, out, reserve_tokens=prompt, hit=hit)
             budget -= n
         return out
