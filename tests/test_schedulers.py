@@ -238,10 +238,14 @@ def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(see
         segments = tuple((rng.randint(0, 3), rng.choice([16, 40, 64])) for _ in range(rng.randint(1, 4)))
         prompt = sum(n for _, n in segments) + rng.choice([0, 7])
         request = Request(i, 0.0, prompt, 4, prefix_segments=segments)
+        hashes = request_block_hashes(request, 16)[:prompt // 16]
+        for rep in replicas:  # the binary search over the prompt finds the plain scan's count
+            scan = next((k for k, h in enumerate(hashes) if h not in reference[rep.id]), len(hashes))
+            assert router._known(rep, hashes) == scan
         choice = router.pick(request, replicas)
         choice.num_outstanding += rng.choice([0, 1, 1, 3])
         tree = reference[choice.id]
-        for h in reversed(request_block_hashes(request, 16)[:prompt // 16]):
+        for h in reversed(hashes):
             if h in tree:
                 tree.move_to_end(h)
             else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from bisect import bisect_left
+from collections import deque
+from itertools import islice
 
 from llmsim.cluster.replica import Replica
 from llmsim.kv_cache import request_block_hashes
@@ -43,7 +45,7 @@ class PrefixAware:
         self.cache_threshold = p.cache_threshold
         self.balance_abs = p.balance_abs_threshold
         self.balance_rel = p.balance_rel_threshold
-        self._trees: dict[int, OrderedDict[int, None]] = {}
+        self._trees: dict[int, dict[int, None]] = {}  # per replica: block hash -> None, least recent first
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         least = min(replicas, key=lambda r: (r.num_outstanding, r.id))
@@ -72,15 +74,13 @@ class PrefixAware:
         return choice
 
     def _known(self, replica: Replica, hashes: tuple[int, ...]) -> int:
-        """How many of the prompt's first blocks the replica's memory holds."""
+        """How many of the prompt's first blocks the replica's memory holds. What the memory holds of any chain is a
+        prefix of it (``_remember``), and a block's hash names its whole prefix, so the blocks held are a prefix of
+        the prompt too: a binary search finds where it ends."""
         tree = self._trees.get(replica.id)
-        n = 0
-        if tree:
-            for h in hashes:
-                if h not in tree:
-                    break
-                n += 1
-        return n
+        if not tree:
+            return 0
+        return bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in tree)
 
     def _remember(self, replica: Replica, hashes: tuple[int, ...], num_known: int) -> None:
         """The prompt's blocks become the most recent in the replica's memory, the last first, so that a prompt's
@@ -89,14 +89,23 @@ class PrefixAware:
         others (a block is touched only together with every block before it in its chain, and just before
         them, so a chain's blocks are dropped deepest first and what is left of a chain is a prefix): the rest
         go in without a lookup, and only the known ones are moved."""
-        tree = self._trees.setdefault(replica.id, OrderedDict())
-        for h in reversed(hashes[num_known:]):
-            tree[h] = None
-        move = tree.move_to_end
-        for h in reversed(hashes[:num_known]):
-            move(h)
-        for _ in range(len(tree) - replica.blocks.num_blocks):
-            tree.popitem(last=False)
+        tree = self._trees.setdefault(replica.id, {})
+        # A dict in recency order (insertion order; a key moved is deleted and put back), each step one C-level
+        # pass, since a prompt has hundreds of blocks and this runs for every request routed (an OrderedDict's
+        # per-key bookkeeping took most of the router's time): the known blocks out; the new ones in at the end,
+        # last first; the known ones back after them, last first; the least recent dropped from the front until
+        # the memory fits.
+        known = hashes[:num_known]
+        _consume(map(tree.__delitem__, known))
+        tree.update(dict.fromkeys(reversed(hashes[num_known:])))
+        tree.update(dict.fromkeys(reversed(known)))
+        excess = len(tree) - replica.blocks.num_blocks
+        if excess > 0:
+            _consume(map(tree.__delitem__, list(islice(tree, excess))))
+
+def _consume(calls) -> None:
+    """Run an iterator of calls for their effect, in C (no bytecode per item)."""
+    deque(calls, maxlen=0)
 
 
 ROUTERS = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "prefix_aware": PrefixAware}
