@@ -91,7 +91,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         requests, usage, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
         attainment_target=cfg.slo.attainment, pue=cfg.energy.pue,
-        prefill_flops=_prefill_flops(result.pools[0].execution) if cfg.scheduler.prefix_caching else None)
+        prefill_flops=result.pools[0].execution.prefill_flops if cfg.scheduler.prefix_caching else None)
     if cfg.slo.definition == "pooled":
         summary["slo"] = pooled_slo(summary, cfg.slo.p99_itl_s, cfg.slo.median_queueing_s)
         summary.update(request_goodput=summary["slo"]["goodput_requests_per_s"])
@@ -141,11 +141,6 @@ def _kernel_builds(moe_compiles: list) -> dict:
     built = sum(e.num_built_serving for e in engines)
     return {"kernel_builds": {"fused_moe_variants": built,
                               "wait_s": sum(e.num_built_serving * e.variant_s for e in engines)}}
-
-
-def _prefill_flops(execution):
-    """FLOPs of one request's prefill chunk of ``new`` tokens after ``cached`` ones (first token sampled)."""
-    return lambda new, cached: execution.iteration(((new, cached),), 0, 0, 1).flops
 
 
 def _policy_lines(summary: dict) -> list[str]:

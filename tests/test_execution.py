@@ -473,6 +473,30 @@ def test_execution_models_of_one_model_device_plan_and_factors_share_their_costs
     assert [alone.iteration(*step) for step in steps] == costs
 
 
+@pytest.mark.parametrize("model,device,plan", [("Llama-2-7B", "h100-sxm", ParallelPlan(tp=2)),
+                                               ("Mixtral-8x7B", "a100-80gb", ParallelPlan(tp=4, pp=2)),
+                                               ("Llama-3-70B", "h100-sxm", ParallelPlan(tp=8))])
+def test_prefill_flops_is_the_steps_flops_without_pricing_it(model, device, plan):
+    """The summary's prefill FLOPs equal those of the step ``iteration`` prices, bit for bit, whether the step's
+    costs are cached whole, cached for its token count only, or not at all (and it prices nothing)."""
+    from llmsim.execution import model as model_module
+    spec = load_model(model, "fp8") if model == "Llama-3-70B" else load_model(model)
+    model_module.forget_shared_costs()
+    ex = ExecutionModel(spec, load_profile(device), plan)
+    chunks = [(1, 0), (7, 3), (512, 0), (300, 1200), (4096, 0), (1234, 8191)]
+    for new, cached in chunks:  # nothing cached: priced by nothing
+        ex.prefill_flops(new, cached)
+    assert not ex._token_cache and not ex._fixed_cache
+    for new, cached in chunks:
+        ex.iteration(((new, cached),), 0, 0, 0)  # the token count's costs cached, not the step's
+        assert ex.prefill_flops(new, cached) == ex.iteration(((new, cached),), 0, 0, 1).flops
+        assert ex.prefill_flops(new, cached) == ex.iteration(((new, cached),), 0, 0, 1).flops  # the step's, cached
+    model_module.forget_shared_costs()
+    fresh = ExecutionModel(spec, load_profile(device), plan)
+    assert [fresh.prefill_flops(n, c) for n, c in chunks] == [ex.iteration(((n, c),), 0, 0, 1).flops
+                                                              for n, c in chunks]
+
+
 def test_prefill_attention_moves_a_batch_that_fits_in_l2_faster_but_not_a_cached_prefix():
     """The L2 term (``PrefillAttentionFit.l2_speedup``): on both calibrated GPUs the fit finds about 1.6-2.2x
     for batches whose bytes fit in about half the L2 (A100 1.63x; H100 1.77x until FlashAttention 3's 64-row tiles

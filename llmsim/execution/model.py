@@ -271,6 +271,27 @@ class ExecutionModel:
                 time_s = cpu_s
         return IterationCost(time_s, flops, num_bytes)
 
+    def prefill_flops(self, new_tokens: int, cached_tokens: int) -> float:
+        """FLOPs of a step of one prefill chunk that samples its token, ``iteration(((new_tokens, cached_tokens),),
+        0, 0, 1).flops``, without pricing the step: the summary counts what prefix-cache hits saved over every
+        prompt length, mostly lengths no step had, whose op times would be computed for nothing. The same sums,
+        in the same order, as ``_fixed`` and ``iteration`` (``tests/test_execution.py`` holds the two equal)."""
+        s, layers, tp = self.shapes, self.model.num_layers, self.plan.tp
+        cost = self._fixed_cache.get((new_tokens, 1))
+        if cost is not None:
+            fixed = cost.flops
+        else:
+            part = self._token_cache.get(new_tokens)
+            if part is not None:
+                layer_flops, other = part[1], part[4]
+            else:
+                layer_flops = sum(op.flops for op in ops.dense_layer_ops(s, new_tokens, self._moe_default_config))
+                other = ops.embedding(s, new_tokens).flops
+            for op in ops.lm_head(s, 1):
+                other += op.flops
+            fixed = (layers * layer_flops + other) * tp
+        return fixed + layers * ops.prefill_attention(s, ((new_tokens, cached_tokens),)).flops * tp
+
     def cpu_step_s(self, num_requests: int, num_samples: int) -> float:
         cpu = self.cpu_overhead
         return 0.0 if cpu is None else cpu.step_s(num_requests, num_samples)
