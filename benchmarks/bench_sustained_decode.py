@@ -12,10 +12,11 @@ over time: a short phase at the light operating point (84 running requests of 69
 to 1%), the heavy one for ``--seconds``, the light one again.
 
 The kernels are torch's (cuBLAS GEMMs, SDPA's flash attention, the experts as one GEMM pair per expert over a fixed
-routing), not vLLM's: what this measures is how one fixed amount of work per step changes in time, not vLLM's
-latency. No all-reduce (one GPU).
+routing), not vLLM's: what this measures is how one fixed amount of work per step changes in time, and how much
+more the heavy point costs than the light one, not vLLM's latency. No all-reduce (one GPU). ``--model
+codellama-34b-tp2`` runs CodeLlama-34B's TP 2 shard at its runs' points instead (128 of 1,806; 69 of 699).
 
-    python benchmarks/bench_sustained_decode.py --seconds 240 --out sustained.csv
+    python benchmarks/bench_sustained_decode.py --seconds 240 --out sustained.csv [--model codellama-34b-tp2]
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+# Per GPU of a TP 2 pair, and the operating points of the measured runs' step check (running requests, KV tokens
+# each): Mixtral-8x7B (32/8 heads of 128, 8 experts of 14,336, top 2) and CodeLlama-34B (64/8 heads, a gated MLP
+# of 22,016), vocabulary 32,000 split in two.
+SHARDS = {
+    "mixtral-8x7b-tp2": (dict(layers=32, hidden=4096, q_heads=16, kv_heads=4, head_dim=128, experts=8, top_k=2,
+                              inter=7168, vocab=16000), "128,1792", "84,694"),
+    "codellama-34b-tp2": (dict(layers=48, hidden=8192, q_heads=32, kv_heads=4, head_dim=128, experts=1, top_k=1,
+                               inter=11008, vocab=16000), "128,1806", "69,699"),
+}
 
 
 def build_step(batch: int, kv_len: int, layers: int, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -72,6 +84,10 @@ def build_step(batch: int, kv_len: int, layers: int, hidden: int, q_heads: int, 
             a = F.scaled_dot_product_attention(q, k, v)
             x = x + a.reshape(batch, q_heads * head_dim) @ layer["out"]
             hn = rms(x, layer["norm2"])
+            if experts == 1:  # a dense gated MLP
+                up = hn @ layer["w13"][0]
+                x = x + (F.silu(up[:, :inter]) * up[:, inter:]) @ layer["w2"][0]
+                continue
             _ = hn @ layer["router"]  # the router's GEMM (its top-2 is the fixed routing)
             y = torch.zeros_like(x)
             for e in range(experts):
@@ -130,18 +146,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=240.0, help="the heavy phase")
     ap.add_argument("--light-seconds", type=float, default=15.0)
     ap.add_argument("--window-s", type=float, default=2.0)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--heavy", default="128,1792", help="running requests,KV tokens each")
-    ap.add_argument("--light", default="84,694")
+    ap.add_argument("--model", choices=sorted(SHARDS), default="mixtral-8x7b-tp2")
+    ap.add_argument("--layers", type=int, help="default: the model's")
+    ap.add_argument("--heavy", help="running requests,KV tokens each (default: the model's reasoning run)")
+    ap.add_argument("--light", help="the same at a light point (default: the model's general run)")
     ap.add_argument("--no-nvml", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    # Mixtral-8x7B's TP 2 shard: 32/8 heads of 128 split in two, 8 experts of 14,336 split in two, vocab 32,000.
-    shape = dict(layers=args.layers, hidden=4096, q_heads=16, kv_heads=4, head_dim=128, experts=8, top_k=2,
-                 inter=7168, vocab=16000)
+    shape, heavy, light = SHARDS[args.model]
+    shape = dict(shape, layers=args.layers or shape["layers"])
+    args.heavy, args.light = args.heavy or heavy, args.light or light
     graphs, steps, weights = {}, [], None  # a graph reads its captured tensors: keep them alive
     for name, point in (("heavy", args.heavy), ("light", args.light)):
         batch, kv_len = (int(v) for v in point.split(","))
