@@ -93,9 +93,10 @@ def test_cpu_profile_calibrates_end_to_end(tmp_path, capsys):
     """Measure the small grid here, fit the CPU profile with Llama-3-8B held out, validate.
     Bound (README): held-out MAPE of every GEMM op <= 35%; each collective's fit within 50%.
 
-    What makes this hold on a loaded 2-core machine: one torch thread, rows timed in interleaved rounds (a busy
-    spell slows fit and held-out rows alike, and the median discards it) and collectives judged by their
-    uncontended samples. A wrong model (FLOPs or bytes miscounted for some shapes, a wrong collective form)
+    What makes this hold on a loaded 2-core machine: one torch thread, the last-level cache flushed before each
+    repetition (else a shape whose weights fit in it times from cache or from memory by what else runs), rows
+    timed in interleaved rounds (a busy spell slows fit and held-out rows alike, and the median discards it) and
+    collectives judged by their uncontended samples. A wrong model (FLOPs or bytes miscounted for some shapes, a wrong collective form)
     still misses: the fit cannot absorb an error that differs between the fitted and the held-out model."""
     profile, table = _calibrate_here(tmp_path)
     if not _within_bounds(table):
@@ -121,6 +122,27 @@ def test_gpu_request_without_gpu_is_a_clear_error(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert main(["microbench", "--device", "cuda", "--out", str(tmp_path / "x.csv")]) == 2
     assert "sees no GPU" in capsys.readouterr().err
+
+
+def test_the_cpu_timer_flushes_its_last_level_cache(tmp_path, monkeypatch):
+    """The CPU flush reads 1.5x the largest cache sysfs lists (capped, with a default where none is listed), before
+    every timed repetition and never inside one."""
+    from llmsim.microbench import timer as timer_module
+
+    for level, size in ((1, "48K"), (2, "1024K"), (3, "32768K")):
+        (tmp_path / f"index{level}").mkdir()
+        (tmp_path / f"index{level}" / "size").write_text(size + "\n")
+    assert timer_module._cpu_flush_bytes(tmp_path) == 48 * 2**20
+    (tmp_path / "index3" / "size").write_text("480M\n")
+    assert timer_module._cpu_flush_bytes(tmp_path) == timer_module._CPU_FLUSH_MAX_BYTES
+    assert timer_module._cpu_flush_bytes(tmp_path / "none") == timer_module._CPU_FLUSH_DEFAULT_BYTES
+
+    events = []
+    timer = Timer(torch.device("cpu"), 2, 3)
+    monkeypatch.setattr(timer, "_flush", type("Buffer", (), {"sum": lambda self: events.append("flush")})())
+    timer.samples(lambda: events.append("run"))
+    assert events == ["run", "run"] + ["flush", "run"] * 3  # warm-up calls unflushed, then one flush a repetition
+    assert Timer(torch.device("cpu"), 1, 3, flush="none")._flush is None
 
 
 def test_the_timer_knows_its_flushes():

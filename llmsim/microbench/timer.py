@@ -2,20 +2,28 @@
 
 On CUDA and ROCm (torch exposes both as ``cuda``) each repetition is bracketed by CUDA events, and a buffer larger
 than the L2 cache is read before it, so weights are read from HBM as they are in a real forward pass (the next
-layer's weights are never still in cache). On CPU, ``perf_counter_ns`` brackets each call; CPU caches are not
-flushed (the last-level cache can be hundreds of MB), which the CPU profile states.
+layer's weights are never still in cache). On CPU, ``perf_counter_ns`` brackets each call, and a buffer half as
+large again as the last-level cache (as the OS reports it; at most ``_CPU_FLUSH_MAX_BYTES``) is read before it, for
+the same reason: a shape's weights that fit in the cache would otherwise be timed from it or from memory depending
+on what else the machine runs, and the grid's small shapes then time two ways from one run to the next.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 _FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB, MI325X: 256 MB Infinity Cache)
+# A CPU's flush reads 1.5x its last-level cache, up to this much (a server's LLC of hundreds of MB would cost
+# tens of ms a repetition; weights that big are past the grid's shapes anyway).
+_CPU_FLUSH_MAX_BYTES = 128 * 2**20
+_CPU_FLUSH_DEFAULT_BYTES = 64 * 2**20  # where the OS does not say
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,10 @@ class Timer:
         if flush not in ("read", "write", "none"):
             raise ValueError(f"flush {flush!r}: read, write or none")
         self.device, self.warmup, self.repetitions, self.flush = device, warmup, repetitions, flush
-        self._flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device) \
-            if device.type == "cuda" else None
+        if device.type == "cuda":
+            self._flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+        else:
+            self._flush = None if flush == "none" else _cpu_flush_buffer(_cpu_flush_bytes())
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
         return Timing.of(self.samples(fn))
@@ -80,6 +90,10 @@ class Timer:
     def _cpu_times(self, fn) -> list[float]:
         times = []
         for _ in range(self.repetitions):
+            if self.flush == "read":
+                self._flush.sum()
+            elif self.flush == "write":
+                self._flush.fill_(1.0)
             start = time.perf_counter_ns()
             fn()
             times.append((time.perf_counter_ns() - start) / 1e6)
@@ -103,3 +117,24 @@ class Timer:
             pairs.append((start, end))
         torch.cuda.synchronize()
         return [s.elapsed_time(e) for s, e in pairs]
+
+
+def _cpu_flush_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """1.5x the largest CPU cache the OS lists (Linux sysfs), at most ``_CPU_FLUSH_MAX_BYTES``."""
+    sizes = []
+    for entry in cache_dir.glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    if not sizes:
+        return _CPU_FLUSH_DEFAULT_BYTES
+    return min(int(1.5 * max(sizes)), _CPU_FLUSH_MAX_BYTES)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flush_buffer(num_bytes: int) -> torch.Tensor:
+    """One buffer for every CPU timer of the process (a run makes a timer per round); written once, so reading it
+    touches memory rather than the zero page."""
+    return torch.ones(num_bytes // 4, dtype=torch.float32)
