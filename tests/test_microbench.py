@@ -96,8 +96,9 @@ def test_cpu_profile_calibrates_end_to_end(tmp_path, capsys):
     What makes this hold on a loaded 2-core machine: one torch thread, the last-level cache flushed before each
     repetition (else a shape whose weights fit in it times from cache or from memory by what else runs), rows
     timed in interleaved rounds (a busy spell slows fit and held-out rows alike, and the median discards it) and
-    collectives judged by their uncontended samples. A wrong model (FLOPs or bytes miscounted for some shapes, a wrong collective form)
-    still misses: the fit cannot absorb an error that differs between the fitted and the held-out model."""
+    collectives judged by their uncontended samples. A wrong model (FLOPs or bytes miscounted for some shapes, a
+    wrong collective form) still misses: the fit cannot absorb an error that differs between the fitted and the
+    held-out model."""
     profile, table = _calibrate_here(tmp_path)
     if not _within_bounds(table):
         # A busy spell that lands on most rounds of some rows (rare, but a shared machine has them) only ever

@@ -103,6 +103,7 @@ class PrefixAware:
         if excess > 0:
             _consume(map(tree.__delitem__, list(islice(tree, excess))))
 
+
 def _consume(calls) -> None:
     """Run an iterator of calls for their effect, in C (no bytecode per item)."""
     deque(calls, maxlen=0)
