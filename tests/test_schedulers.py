@@ -1,9 +1,13 @@
+from types import SimpleNamespace
+
 import pandas as pd
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmsim.cluster.router import PrefixAware
 from llmsim.cluster.simulation import simulate
-from llmsim.kv_cache import BlockManager
+from llmsim.config import ClusterConfig
+from llmsim.kv_cache import BlockManager, request_block_hashes
 from llmsim.request import Request, RequestStatus
 from llmsim.schedulers import FCFSScheduler, SarathiScheduler
 from tests.factories import make_config, make_requests
@@ -154,13 +158,13 @@ def test_sarathi_admits_only_when_the_whole_prompt_fits_and_reserves_it():
     assert blocks.num_held(short) == 7  # all 100 prompt tokens' blocks, not the chunk's 4
 
 
+def router_replicas(count: int, num_blocks: int) -> list[SimpleNamespace]:
+    """Stand-ins for replicas, as a router sees them: an id, a routed-request count and a KV cache's size."""
+    return [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(num_blocks, 16)) for i in range(count)]
+
+
 def test_prefix_aware_router_follows_cached_prefixes_until_loads_drift_apart():
-    from types import SimpleNamespace
-
-    from llmsim.cluster.router import PrefixAware
-    from llmsim.config import ClusterConfig
-
-    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(3)]
+    replicas = router_replicas(3, 1000)
     router = PrefixAware(ClusterConfig(router="prefix_aware",
                                        prefix_aware={"balance_abs_threshold": 4, "balance_rel_threshold": 1.5}))
 
@@ -185,12 +189,7 @@ def test_prefix_aware_router_follows_cached_prefixes_until_loads_drift_apart():
 def test_prefix_aware_router_knows_the_prompts_it_routed_not_their_answers():
     """A conversation turn names its answer (for the next turn's prompt), but the router only ever saw the
     prompt: the next turn shares 20 of its 50 prompt blocks with that replica (below the 0.5 threshold), not 40."""
-    from types import SimpleNamespace
-
-    from llmsim.cluster.router import PrefixAware
-    from llmsim.config import ClusterConfig
-
-    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(2)]
+    replicas = router_replicas(2, 1000)
     router = PrefixAware(ClusterConfig(router="prefix_aware"))
     turn = Request(0, 0.0, 320, 320, prefix_segments=((7, 320), (8, 320)))  # message, named answer
     first = router.pick(turn, replicas)
@@ -203,12 +202,7 @@ def test_prefix_aware_router_forgets_the_ends_of_prompts_first():
     """The router's memory of a replica is bounded by its KV blocks and forgets the least recently routed blocks
     first -- a prompt's last blocks before its first, as a radix tree drops leaves (and vLLM's free queue a freed
     request's last block): what it still remembers of a prompt is a prefix, which a later request can match."""
-    from types import SimpleNamespace
-
-    from llmsim.cluster.router import PrefixAware
-    from llmsim.config import ClusterConfig
-
-    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(25, 16)) for i in range(2)]
+    replicas = router_replicas(2, 25)
     router = PrefixAware(ClusterConfig(router="prefix_aware"))
     first = router.pick(Request(0, 0.0, 320, 8, prefix_segments=((7, 320),)), replicas)  # 20 blocks
     assert router.pick(Request(1, 0.0, 160, 8, prefix_segments=((8, 160),)), replicas) is first  # idle: tie
@@ -224,14 +218,9 @@ def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(see
     prompts sharing prefixes of several lengths, loads drifting apart, a memory a fraction of a prompt."""
     import random
     from collections import OrderedDict
-    from types import SimpleNamespace
-
-    from llmsim.cluster.router import PrefixAware
-    from llmsim.config import ClusterConfig
-    from llmsim.kv_cache import request_block_hashes
 
     rng = random.Random(seed)
-    replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(capacity, 16)) for i in range(3)]
+    replicas = router_replicas(3, capacity)
     router = PrefixAware(ClusterConfig(router="prefix_aware", prefix_aware={"balance_abs_threshold": 2}))
     reference = {rep.id: OrderedDict() for rep in replicas}
     for i in range(60):
@@ -258,15 +247,11 @@ def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(see
 def test_prefix_aware_router_follows_a_match_above_the_threshold_of_the_whole_prompt():
     """SGLang's match rate: the matched part over the whole prompt, not over its named content; a match of
     exactly ``cache_threshold`` is not followed."""
-    from types import SimpleNamespace
-
-    from llmsim.cluster.router import PrefixAware
-    from llmsim.config import ClusterConfig
 
     def follows(prompt_tokens: int) -> bool:
         """A replica that was sent a 160-token system prompt, and has one request more than the other, is sent
         a prompt of ``prompt_tokens`` that starts with it."""
-        replicas = [SimpleNamespace(id=i, num_outstanding=0, blocks=BlockManager(1000, 16)) for i in range(2)]
+        replicas = router_replicas(2, 1000)
         router = PrefixAware(ClusterConfig(router="prefix_aware"))
         first = router.pick(Request(0, 0.0, 800, 8, prefix_segments=((7, 160),)), replicas)
         first.num_outstanding += 1

@@ -163,10 +163,11 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
     assert_fast_forward_equals_stepping(cfg)
 
 
-def assert_fast_forward_equals_stepping(cfg) -> None:
-    """``cfg(fast_forward)`` run both ways gives bit-identical request and iteration records and totals."""
+def assert_fast_forward_equals_stepping(cfg, workload=_wl) -> None:
+    """``cfg(fast_forward)`` run both ways, on ``workload(config)`` (default: the config's own), gives
+    bit-identical request and iteration records and totals."""
     ff, step = cfg(True), cfg(False)
-    a, b = simulate(ff, _wl(ff)), simulate(step, _wl(step))
+    a, b = simulate(ff, workload(ff)), simulate(step, workload(step))
     a_req, a_it = frames(a)
     b_req, b_it = frames(b)
     pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
@@ -399,11 +400,7 @@ def test_fast_forward_equals_stepping_where_prompts_refill_cached_content(seed, 
                                       "num_gpu_blocks_override": num_blocks, "enable_prefix_caching": True},
                            simulation={"fast_forward": ff})
 
-    def workload():
+    def workload(_):
         return [Request(i, t, p, o, prefix_segments=s) for i, (t, p, o, s) in enumerate(specs)]
 
-    a, b = simulate(cfg(True), workload()), simulate(cfg(False), workload())
-    a_req, a_it = frames(a)
-    b_req, b_it = frames(b)
-    pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
-    pd.testing.assert_frame_equal(a_it, b_it, check_exact=True)
+    assert_fast_forward_equals_stepping(cfg, workload)
