@@ -497,6 +497,34 @@ def test_prefill_flops_is_the_steps_flops_without_pricing_it(model, device, plan
                                                               for n, c in chunks]
 
 
+@pytest.mark.parametrize("model,device,plan", [("Llama-3-8B", "a100-80gb", ParallelPlan(tp=1)),
+                                               ("Mixtral-8x7B", "h100-sxm", ParallelPlan(tp=2)),
+                                               ("Llama-3-70B", "h100-sxm", ParallelPlan(tp=4, pp=2))])
+@pytest.mark.parametrize("cpu_overlaps", [None, False, True])
+def test_a_chunk_runs_costs_are_its_steps_iterations(model, device, plan, cpu_overlaps):
+    """``chunk_run_costs`` (a mixed run's chunk steps) gives each step what ``iteration`` gives it, bit for bit:
+    time, FLOPs and bytes, with the decodes' KV growing a step at a time, with no CPU time, CPU time added, or
+    CPU time overlapping the GPU's; steps whose costs are cached or not; and with no decodes."""
+    from llmsim.execution import model as model_module
+    from llmsim.execution.cpu_overhead import CpuOverhead
+    spec = load_model(model, "fp8") if model == "Llama-3-70B" else load_model(model)
+    cpu = None if cpu_overlaps is None else CpuOverhead(2e-3, 4e-5, 1e-5)
+    steps = [(512, 0, 9), (512, 512, 9), (512, 1024, 9), (137, 1536, 10), (1, 1673, 10)]
+    for num_decode, kv in ((9, 9 * 700), (0, 0)):
+        samples = [n - 9 + num_decode for _, _, n in steps]
+        chunk_steps = [(new, cached, n) for (new, cached, _), n in zip(steps, samples)]
+        model_module.forget_shared_costs()
+        ex = ExecutionModel(spec, load_profile(device), plan, cpu, bool(cpu_overlaps))
+        for _ in range(2):  # cold, then from the caches
+            times, flops, num_bytes = ex.chunk_run_costs(chunk_steps, num_decode, kv)
+            model_module.forget_shared_costs()
+            ref = ExecutionModel(spec, load_profile(device), plan, cpu, bool(cpu_overlaps))
+            costs = [ref.iteration(((new, cached),), num_decode, kv + num_decode * j, n)
+                     for j, (new, cached, n) in enumerate(chunk_steps)]
+            assert times == [c.time_s for c in costs]
+            assert flops == [c.flops for c in costs] and num_bytes == [c.num_bytes for c in costs]
+
+
 def test_prefill_attention_moves_a_batch_that_fits_in_l2_faster_but_not_a_cached_prefix():
     """The L2 term (``PrefillAttentionFit.l2_speedup``): on both calibrated GPUs the fit finds about 1.6-2.2x
     for batches whose bytes fit in about half the L2 (A100 1.63x; H100 1.77x until FlashAttention 3's 64-row tiles

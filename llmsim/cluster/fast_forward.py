@@ -159,16 +159,13 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
                    for j in range(min(num_steps, num_full))]
     if num_steps > num_full:
         chunk_steps.append((last, cached0 + c * num_full, num_decode + 1))
-    times, step_flops, step_bytes = [start], [], []
-    t, kv_tokens = start, out.decode_kv_tokens
-    for new_tokens, cached, samples in chunk_steps:
-        cost = execution.iteration(((new_tokens, cached),), num_decode, kv_tokens, samples)
-        t = t + (cost.time_s + 0.0)  # as stepping adds the (zero) swap time
+    step_times, step_flops, step_bytes = execution.chunk_run_costs(chunk_steps, num_decode, out.decode_kv_tokens)
+    times = [start]
+    t = start
+    for dt in step_times:
+        t = t + (dt + 0.0)  # as stepping adds the (zero) swap time
         times.append(t)
-        step_flops.append(cost.flops)
-        step_bytes.append(cost.num_bytes)
-        kv_tokens += num_decode
-    tail_kv = kv_tokens + prompt_kv + 1
+    tail_kv = out.decode_kv_tokens + num_decode * len(chunk_steps) + prompt_kv + 1
     if tail:
         for dt in execution.decode_run_times(num_decode + 1, tail_kv, tail):
             t = t + dt

@@ -271,6 +271,49 @@ class ExecutionModel:
                 time_s = cpu_s
         return IterationCost(time_s, flops, num_bytes)
 
+    def chunk_run_costs(self, chunk_steps: list[tuple[int, int, int]], num_decode: int, kv_tokens: int
+                        ) -> tuple[list[float], list[float], list[float]]:
+        """Times, FLOPs and bytes of a mixed run's chunk steps: each (new tokens, cached tokens, sampled tokens)
+        of one prompt beside ``num_decode`` decodes whose KV grows by ``num_decode`` tokens a step, each
+        ``iteration(((new, cached),), num_decode, kv_tokens, sampled)``: the same arithmetic in the same order,
+        with what the steps share looked up once (Sarathi's and vLLM V1's runs cost most of their steps here;
+        ``tests/test_execution.py`` holds the two equal)."""
+        layers, tp = self.model.num_layers, self.plan.tp
+        prefill_cache, fixed = self._prefill_cache, self._fixed
+        cpu, overlaps = self.cpu_overhead, self.cpu_overlaps
+        decode_attention = self._decode_attention
+        times, flops_out, bytes_out = [], [], []
+        for new, cached, samples in chunk_steps:
+            time_s, flops, num_bytes = fixed(num_decode + new, samples)
+            chunks = ((new, cached),)
+            part = prefill_cache.get(chunks)
+            if part is None:
+                op = ops.prefill_attention(self.shapes, chunks)
+                part = (layers * self._prefill_attention_s(op, chunks), layers * op.flops * tp,
+                        layers * op.num_bytes * tp)
+                if len(prefill_cache) >= _PREFILL_CACHE_ENTRIES:
+                    prefill_cache.clear()
+                prefill_cache[chunks] = part
+            time_s += part[0]
+            flops += part[1]
+            num_bytes += part[2]
+            if num_decode:
+                attn_s, attn_flops, attn_bytes = decode_attention(num_decode, kv_tokens, False)
+                time_s += attn_s
+                flops += attn_flops
+                num_bytes += attn_bytes
+            if cpu is not None:
+                cpu_s = cpu.step_s(1 + num_decode, samples)
+                if not overlaps:
+                    time_s = time_s + cpu_s
+                elif cpu_s > time_s:
+                    time_s = cpu_s
+            times.append(time_s)
+            flops_out.append(flops)
+            bytes_out.append(num_bytes)
+            kv_tokens += num_decode
+        return times, flops_out, bytes_out
+
     def prefill_flops(self, new_tokens: int, cached_tokens: int) -> float:
         """FLOPs of a step of one prefill chunk that samples its token, ``iteration(((new_tokens, cached_tokens),),
         0, 0, 1).flops``, without pricing the step: the summary counts what prefix-cache hits saved over every
