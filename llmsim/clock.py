@@ -5,17 +5,48 @@ iteration end times themselves (``t + dt``, accumulated the same way whether the
 they need events at exactly those times: ``at(t)`` puts an event on simpy's queue at ``t`` itself.
 Arrivals use ``urgent_at``: a request arriving exactly at an iteration boundary is seen by that boundary.
 This uses simpy's event queue layout (``(time, priority, id, event)``), stable across simpy 4.x.
+
+``last_active_s`` is the time of the last event that had something to do. A fast-forwarded run waits on its last
+planned boundary; when something cuts it short, the process waits on an earlier boundary instead, and the event
+it no longer waits on stays queued with no callbacks. Draining the queue then moves ``now`` to that stale time,
+where a stepped replica's clock would have stopped earlier: the simulated span is read from ``last_active_s``,
+which is the same either way.
 """
 
 from __future__ import annotations
 
-from heapq import heappush
+from heapq import heappop, heappush
 
 import simpy
-from simpy.core import NORMAL, URGENT
+from simpy.core import NORMAL, URGENT, EmptySchedule, EventPriority, StopSimulation
 
 
 class Clock(simpy.Environment):
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_active_s = self._now
+
+    def step(self) -> None:
+        """simpy's ``Environment.step``, which also notes the time of each event that has callbacks."""
+        try:
+            self._now, _, _, event = heappop(self._queue)
+        except IndexError:
+            raise EmptySchedule from None
+        callbacks, event.callbacks = event.callbacks, None
+        if callbacks:
+            self.last_active_s = self._now
+        try:
+            for callback in callbacks:
+                callback(event)
+        except StopSimulation:
+            event.callbacks = callbacks[callbacks.index(callback) + 1:]
+            self.schedule(event, EventPriority(-1))
+            raise
+        if not event._ok and not hasattr(event, "_defused"):
+            exc = type(event._value)(*event._value.args)
+            exc.__cause__ = event._value
+            raise exc
+
     def _at(self, time_s: float, priority: int) -> simpy.Event:
         if time_s < self._now:
             raise ValueError(f"cannot schedule in the past: {time_s} < {self._now}")

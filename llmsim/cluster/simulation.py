@@ -293,7 +293,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     for rep in replicas:
         rep.blocks.check_integrity()
     return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
-                            len(in_flight), env.now, time.perf_counter() - wall0, pools, replica_pool,
+                            len(in_flight), env.last_active_s, time.perf_counter() - wall0, pools, replica_pool,
                             migrator.stats if migrator is not None else None,
                             network.stats if network.stats.copies else None,
                             [rep.moe_compiles for rep in replicas])
