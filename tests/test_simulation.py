@@ -376,6 +376,35 @@ def test_fast_forward_equals_stepping_where_the_decode_rate_follows_the_kv_lengt
     assert_fast_forward_equals_stepping(cfg)
 
 
+@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync"]),
+       policy=st.sampled_from(["colocated", "distserve", "llumnix"]),
+       traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), stop=st.floats(0.3, 20.0),
+       rate=st.floats(1.0, 40.0), budget=st.sampled_from([4096, 512]), pp=st.sampled_from([1, 2]))
+def test_fast_forward_equals_stepping_up_to_an_early_stop(seed, scheduler, policy, traffic, stop, rate, budget, pp):
+    """``simulation.max_time_s``: a simulation stopped part-way has the same records either way. Stepping has
+    applied the steps that end before the stop and recorded the one in progress (a step is recorded as it starts);
+    a run that spans the stop ends at its last boundary before it, and one whose first step spans it records that
+    step as it starts. Found by comparing the two on random configurations: fast-forward had lost every step of
+    the runs in progress at the stop, and the stepped run's in-progress step."""
+    lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
+               "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
+    if traffic == "shared_prefix":
+        lengths = {"shared_prefix": SHARED_PREFIX}
+    elif traffic == "conversation":
+        lengths["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
+
+    def cfg(ff):
+        return make_config(seed=seed, parallel={"pp": 1 if policy == "llumnix" else pp},
+                           cluster={"num_replicas": 2, "router": "least_outstanding", "policy": policy,
+                                    "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+                           scheduler={**scheduler_named(scheduler), "chunk_size": 256,
+                                      "max_num_batched_tokens": budget if scheduler.startswith("vllm_v1") else 4096},
+                           workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
+                                     **lengths},
+                           simulation={"fast_forward": ff, "max_time_s": stop})
+    assert_fast_forward_equals_stepping(cfg)
+
+
 @given(seed=st.integers(0, 2**31), budget=st.sampled_from([48, 96]), num_blocks=st.sampled_from([40, 64, 120]))
 def test_fast_forward_equals_stepping_where_prompts_refill_cached_content(seed, budget, num_blocks):
     """Exactness of chunked-prefill runs under prefix caching, whose prompts' named blocks are booked (taken,

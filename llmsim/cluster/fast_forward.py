@@ -67,6 +67,11 @@ def decode_run(replica: Replica, out: SchedulerOutput, start: float):
     for dt in execution.decode_run_times(num_decode, kv_tokens, num_steps):
         t = t + dt
         times.append(t)
+    if stops_in_first_step(replica, times):
+        step_flops, step_bytes = execution.decode_run_work(num_decode, kv_tokens, 1)
+        record_steps(replica, times, 0, 1, step_flops, step_bytes, num_decode, used0, cum_blocks)
+        yield from wait_for_stop(replica, times)
+        return
     replica.run_state = (times, cum_blocks, requests, None)
     done = yield from wait_out(replica, times)
     # The work of the steps done only: about half the steps computed are cut off by an arrival.
@@ -171,6 +176,11 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
             t = t + dt
             times.append(t)
         order = list(scheduler.running)  # the tail's decodes, in the order stepping schedules them
+    if stops_in_first_step(replica, times):  # its first step is ``out``: a chunk, or the whole short prompt
+        record_steps(replica, times, 0, 1, step_flops[:1], step_bytes[:1], num_decode, used0, cum_blocks,
+                     [c if num_full else last])
+        yield from wait_for_stop(replica, times)
+        return
     replica.run_state = (times, cum_blocks, decodes, (request, c))
     done = yield from wait_out(replica, times, arrivals_from=num_full)
 
@@ -213,12 +223,32 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
         replica.finish_done(prefilled, decodes)
 
 
+def stops_in_first_step(replica: Replica, times: list[float]) -> bool:
+    """Whether the simulation stops (``simulation.max_time_s``) before the run's first step ends."""
+    return replica.stop_s is not None and times[1] >= replica.stop_s
+
+
+def wait_for_stop(replica: Replica, times: list[float]):
+    """Wait out a run's first step, which the simulation stops during, as stepping waits out that step: the caller
+    recorded it (stepping records a step as it starts it), and nothing cuts it (its end never comes)."""
+    replica.step_start_s, replica.step_end_s = times[0], times[1]
+    yield replica.env.at(times[1])
+
+
 def wait_out(replica: Replica, times: list[float], arrivals_from: int = 0):
     """Wait until the run's last boundary, or until the boundary where something cuts it; returns the number
     of steps done. An arrival the scheduler could admit ends the run at the next boundary, or at the one after
     for a request held by async scheduling -- but not before boundary ``arrivals_from``: the steps up to there
     leave no budget to admit it (a mixed run's full chunks)."""
     done = len(times) - 1
+    stop = replica.stop_s
+    if stop is not None and times[done] >= stop:
+        # The simulation stops at ``stop`` (``simulation.max_time_s``) and runs no event of its own time after it:
+        # stepping has applied the steps that end before it and is in the middle of the next. So the run ends at its
+        # last boundary before the stop (its steps are recorded), and the replica schedules its next step there.
+        last = bisect_left(times, stop, 1) - 1
+        if last >= 1:
+            done = last
     replica.cuttable = done > 1
     while True:
         try:

@@ -46,8 +46,9 @@ class Replica:
                  execution: ExecutionModel, recorder: Recorder, *, fast_forward: bool = True,
                  on_prefilled: Callable[[Replica, list[Request]], None] | None = None,
                  micro_batches: int = 1, async_scheduling: bool = False,
-                 moe_compiles: FusedMoeCompiles | None = None):
+                 moe_compiles: FusedMoeCompiles | None = None, stop_s: float | None = None):
         self.env = env
+        self.stop_s = stop_s  # where the simulation stops (``simulation.max_time_s``); None: it runs to the end
         self.id = replica_id
         self.scheduler = scheduler
         self.blocks: BlockManager = scheduler.blocks  # read-only here: the scheduler owns it

@@ -160,7 +160,8 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
                                                          s.max_num_batched_tokens, scheduler.pads_every_step_to_graphs)
     return Replica(env, replica_id, scheduler, pool.execution, recorder, fast_forward=cfg.simulation.fast_forward,
                    on_prefilled=on_prefilled, micro_batches=min(cfg.parallel.micro_batches or pp, pp),
-                   async_scheduling=s.schedules_ahead and not decode_pool, moe_compiles=moe_compiles)
+                   async_scheduling=s.schedules_ahead and not decode_pool, moe_compiles=moe_compiles,
+                   stop_s=cfg.simulation.max_time_s)
 
 
 def rejection_reason(r: Request, max_model_len: int, entry: Replica, whole: Replica) -> str:
