@@ -607,11 +607,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
                           f"run it with {command} {path}")
     data = apply_overrides(data, overrides, str(path))
     # Every relative path in a YAML (traces, lengths_from, output_dir) is relative to that YAML file, so an
-    # experiment runs the same from any working directory. Command-line paths (--out) are relative to it.
+    # experiment runs the same from any working directory. Command-line paths (--out) are relative to it. They
+    # are made absolute, so the config.yaml a results folder records runs again from anywhere.
     if isinstance(data, dict):
         _resolve_paths(data.get("workload"), path.parent)
         if isinstance(data.get("output_dir"), str) and not Path(data["output_dir"]).is_absolute():
-            data["output_dir"] = os.path.normpath(path.parent / data["output_dir"])
+            data["output_dir"] = os.path.abspath(path.parent / data["output_dir"])
     source = str(path) + (" with " + " ".join(f"--set {k}={v}" for k, v in overrides.items()) if overrides else "")
     return parse_config(data, source)
 
@@ -624,4 +625,4 @@ def _resolve_paths(workload, base: Path) -> None:
         if isinstance(section, dict) and isinstance(section.get("path"), str):
             p = Path(section["path"])
             if not p.is_absolute():
-                section["path"] = str(base / p)
+                section["path"] = os.path.abspath(base / p)

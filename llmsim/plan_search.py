@@ -89,7 +89,7 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: price_per_gpu_hour: rank_by goodput_per_dollar needs a price for "
                               f"{', '.join(missing)}")
     if not cfg.output_dir.is_absolute():
-        cfg = cfg.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / cfg.output_dir))})
+        cfg = cfg.model_copy(update={"output_dir": Path(os.path.abspath(path.parent / cfg.output_dir))})
     candidates = []
     for values in (dict(zip(cfg.candidates, v)) for v in itertools.product(*cfg.candidates.values())):
         try:

@@ -91,6 +91,35 @@ def test_model_precisions_reach_the_execution_model():
         make_config(model={"name": "Llama-2-7B", "activation_dtype": "fp8"})
 
 
+def test_a_results_folders_config_runs_again_from_anywhere(tmp_path, monkeypatch):
+    """The config.yaml a results folder records reproduces the run, from another working directory: the paths
+    the experiment named relative to its YAML are recorded absolute (they had been recorded relative to the
+    working directory of the first run, so a rerun from the results folder could not find its trace)."""
+    import json
+    import shutil
+
+    from llmsim.cli import main
+
+    exp = tmp_path / "exp"
+    (exp / "traces").mkdir(parents=True)
+    shutil.copy(ROOT / "workloads" / "mooncake_conversation.jsonl", exp / "traces" / "mc.jsonl")
+    (exp / "run.yaml").write_text("name: t\nmodel: {name: Llama-3-8B}\nhardware: {device: h100-sxm}\n"
+                                  "output_dir: out\nworkload:\n  num_requests: 30\n"
+                                  "  trace: {path: traces/mc.jsonl, format: mooncake}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "exp/run.yaml", "-q"]) == 0  # the YAML named relative to the working directory
+    first = exp / "out"
+    monkeypatch.chdir(first)
+    assert main(["run", "config.yaml", "--out", str(tmp_path / "again"), "-q"]) == 0
+
+    def summary(folder):
+        data = json.loads((folder / "summary.json").read_text())
+        data.pop("simulation")  # wall-clock readings
+        return data
+
+    assert summary(first) == summary(tmp_path / "again") and summary(first)["requests"]["arrived"] == 30
+
+
 def test_every_relative_path_in_a_yaml_is_relative_to_that_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the working directory does not matter
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")

@@ -65,6 +65,24 @@ def test_a_sweep_folder_holds_one_sweep_s_files(tmp_path, monkeypatch, capsys):
     assert not (out / "results.csv").exists()
 
 
+def test_a_trace_path_in_a_sweeps_grid_is_relative_to_the_sweep_file(tmp_path, monkeypatch):
+    """Grid and variant values are set after the base experiment's paths are resolved: a relative trace path
+    among them is relative to the sweep file too (it had been left relative to the working directory), and every
+    point's folder is recorded absolute."""
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "a.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                               "2023-11-16 18:15:46.6805900,374,44\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "workload": {"num_requests": 1, "trace": {
+        "path": "traces/a.csv", "format": "azure"}}}))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "base": "base.yaml", "output_dir": "out",
+                                    "grid": {"workload.trace.path": ["traces/a.csv"]}}))
+    monkeypatch.chdir(tmp_path.parent)
+    sweep, points = load_sweep(path)
+    assert points[0].config.workload.trace.path == tmp_path / "traces" / "a.csv"
+    assert sweep.output_dir == tmp_path / "out"
+
+
 def test_sweep_variants_apply_their_overrides_together(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "cluster": {"num_replicas": 2}}))
     path = tmp_path / "sweep.yaml"

@@ -24,7 +24,9 @@ from llmsim.sweep.spec import Point
 
 
 def point_dir(root: Path, point: Point) -> Path:
-    return root / point.name
+    """The point's results folder, absolute: its config.yaml records it, and a worker (a Ray task) may run in
+    another working directory."""
+    return (root / point.name).absolute()
 
 
 def point_config(root: Path, point: Point) -> dict:

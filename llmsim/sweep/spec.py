@@ -116,7 +116,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
     base = load_base(path, sweep.base, overrides)
     if not sweep.output_dir.is_absolute():
-        sweep = sweep.model_copy(update={"output_dir": Path(os.path.normpath(path.parent / sweep.output_dir))})
+        sweep = sweep.model_copy(update={"output_dir": Path(os.path.abspath(path.parent / sweep.output_dir))})
     if sweep.x is None:
         sweep = sweep.model_copy(update={"x": next((p for p in RATE_PATHS if p in sweep.grid), None)})
     elif sweep.x not in sweep.grid:
@@ -130,6 +130,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         for key, value in [*overrides.items(), *values.items()]:
             if key != "variant":
                 set_path(data, key, value)
+        _resolve_paths(data.get("workload"), path.parent)  # a trace path in the grid: relative to this file
         data["name"] = f"{sweep.name}/{index}"
         where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
         config = parse_config(data, where)
