@@ -60,8 +60,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from llmsim.cluster.simulation import build_pools
     from llmsim.config import load_config, parse_overrides
 
+    from llmsim.workload.build import check_trace_rows
+
     cfg = load_config(args.config, parse_overrides(args.set))
     model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
+    check_trace_rows(cfg.workload)  # every row the run would read
     gib = 2**30
     plans = []
     for pool in pools:
@@ -90,10 +93,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from llmsim.config import parse_overrides
 
+    from llmsim.workload.build import check_trace_rows
+
     sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
     prepare_output(root, setting)
+    for point in points:  # a bad trace row fails the sweep before any point runs (the same rows: read once)
+        check_trace_rows(point.config.workload)
     with progress(len(points), "point", sweep.name, args.quiet) as bar:
         summaries = run_points(root, points, args.executor, args.workers, args.address,
                                on_done=lambda point, summary: bar.update(1))
@@ -130,10 +137,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from llmsim.config import parse_overrides
 
+    from llmsim.workload.build import check_trace_rows
+
     cfg, base, candidates = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
     prepare_output(out, setting)
+    for candidate in candidates:  # a bad trace row fails the search before any plan runs (the same rows: read once)
+        if candidate.probe is not None:
+            check_trace_rows(candidate.probe.workload)
     with progress(len(candidates), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, candidates, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))

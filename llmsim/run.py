@@ -21,6 +21,7 @@ from llmsim.request import Request
 from llmsim.results_folder import write_folder
 from llmsim.version import code_version
 from llmsim.workload import build_workload
+from llmsim.workload.build import check_trace_rows
 from llmsim.workload.conversations import ClosedLoop
 
 
@@ -73,6 +74,8 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     out = Path(output_dir or cfg.output_dir)
     if write:
         prepare_output(out)
+    if min(cfg.simulation.workers, cfg.cluster.num_replicas) <= 1:  # workers route every request before they start
+        check_trace_rows(cfg.workload)
     workload = build_workload(cfg.workload, cfg.seed)
     if isinstance(workload, ClosedLoop):
         workload.first_turns = first_request(workload.first_turns, cfg)

@@ -195,6 +195,29 @@ def test_unwritable_output_folder_is_refused_before_simulating(tmp_path, capsys,
     assert "output_dir: cannot write to" in capsys.readouterr().err and not ran
 
 
+def test_a_bad_trace_row_late_in_the_file_is_an_error_before_simulating(tmp_path, capsys, monkeypatch):
+    """The simulation streams its trace: a bad row among the last ones had stopped a run only once the simulation
+    reached it (a million-row replay: after minutes). ``run``, ``check`` and ``sweep`` now read the rows the run
+    will read first; rows past the run's ``num_requests`` are not its input."""
+    rows = "".join(f"{i},ChatGPT,{100 + i % 50},{10 + i % 7},0,Conversation log\n" for i in range(3000))
+    path = _trace(tmp_path, rows + "3000,ChatGPT,12x,5,17,Conversation log\n")
+    ran = []
+    monkeypatch.setattr("llmsim.run.simulate", lambda *a, **k: ran.append(1))
+    assert main(["run", str(path), "-q", "--out", str(tmp_path / "out")]) == 2
+    assert "t.csv:3002: column 'Request tokens' is '12x'" in capsys.readouterr().err and not ran
+    assert main(["check", str(path)]) == 2
+    assert "t.csv:3002" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": "exp.yaml", "output_dir": "sw",
+                                                     "grid": {"scheduler.name": ["fcfs", "sarathi"]}}))
+    monkeypatch.setattr("llmsim.sweep.execute.run_points", lambda *a, **k: ran.append(1))
+    assert main(["sweep", str(tmp_path / "s.yaml"), "-q"]) == 2
+    assert "t.csv:3002" in capsys.readouterr().err and not ran
+    data = yaml.safe_load(path.read_text())
+    data["workload"]["num_requests"] = 3000  # the bad row is past what the run reads
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path)]) == 0
+
+
 def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
     sweep = tmp_path / "s.yaml"
