@@ -137,15 +137,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from llmsim.config import parse_overrides
 
-    from llmsim.workload.build import check_trace_rows
-
     cfg, base, candidates = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
     prepare_output(out, setting)
-    for candidate in candidates:  # a bad trace row fails the search before any plan runs (the same rows: read once)
-        if candidate.probe is not None:
-            check_trace_rows(candidate.probe.workload)
     with progress(len(candidates), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, candidates, out / "runs", args.executor, args.workers, args.address,
                              on_done=lambda: bar.update(1))
