@@ -144,6 +144,33 @@ def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 
+@pytest.mark.parametrize("file, entry, needle", [
+    ("", {"arrival_time_us": 10**12, "output_tokens": 5}, "requests[399]: missing input_tokens"),
+    ("", {"arrival_time_us": 10**12, "input_tokens": "12", "output_tokens": 5}, "requests[399]: input_tokens '12'"),
+    ("", {"arrival_time_us": -1, "input_tokens": 12, "output_tokens": 5}, "requests[399]: arrival_time_us -1"),
+    ("_ground_truth", {"oops": 1}, "[399]: ttft_s None: expected seconds >= 0 (only a failed request"),
+    ("_ground_truth", {"ttft_s": 0.1, "e2e_s": "1.0"}, "[399]: e2e_s '1.0'"),
+])
+def test_a_bad_entry_in_a_replay_file_is_a_clear_error_before_any_replay(tmp_path, capsys, monkeypatch, file,
+                                                                          entry, needle):
+    """Each request and measurement is checked when the runs are read, before the first replay: a bad one
+    had been a KeyError traceback (or, in the ground truth, a silently missing measurement) once the other
+    runs had been replayed."""
+    broken = tmp_path / "d"
+    shutil.copytree(SLICE, broken)
+    path = broken / "replay" / f"{RUN}{file}.json.gz"
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    entries = data["requests"] if isinstance(data, dict) else data
+    entries[-1] = entry
+    with gzip.open(path, "wt") as f:
+        json.dump(data, f)
+    replays = []
+    monkeypatch.setattr("llmsim.e2e.workflow.replay", lambda *a, **k: replays.append(1))
+    assert main(["validate-e2e", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert needle in capsys.readouterr().err and not replays
+
+
 def test_max_requests_slices_each_run(tmp_path):
     assert main(["validate-e2e", str(SLICE), "--max-requests", "50", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "e2e_errors.csv").set_index(["stage", "metric"])

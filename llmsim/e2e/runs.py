@@ -71,6 +71,39 @@ def _need(data: dict, keys: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
 
 
+def _number(value, allow_none: bool = False) -> bool:
+    if value is None:
+        return allow_none
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= 0
+
+
+def _check_entries(requests: list, truth: list, replay_path: Path, truth_path: Path) -> None:
+    """Every request and measurement as the replay reads them, checked before any run is replayed (a bad entry
+    in the last run had surfaced as a KeyError after the others' replays): a request's arrival (microseconds,
+    in order) and token counts; a measurement's E2E and TTFT in seconds, TTFT absent only for a failed request."""
+    last = 0
+    for i, (r, t) in enumerate(zip(requests, truth)):
+        where = f"{replay_path}: requests[{i}]"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where}: expected an object")
+        _need(r, ("arrival_time_us", "input_tokens", "output_tokens"), where)
+        if not _number(r["arrival_time_us"]) or r["arrival_time_us"] < last:
+            raise ConfigError(f"{where}: arrival_time_us {r['arrival_time_us']!r}: expected microseconds >= 0, "
+                              "in arrival order")
+        last = r["arrival_time_us"]
+        for k in ("input_tokens", "output_tokens"):
+            if isinstance(r[k], bool) or not isinstance(r[k], int) or r[k] < 0:
+                raise ConfigError(f"{where}: {k} {r[k]!r}: expected a whole number >= 0")
+        where = f"{truth_path}: [{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: expected an object")
+        failed = bool(t.get("has_error")) or bool(r.get("has_error"))
+        for k in ("ttft_s", "e2e_s"):
+            if not _number(t.get(k), allow_none=failed):
+                raise ConfigError(f"{where}: {k} {t.get(k)!r}: expected seconds >= 0"
+                                  + ("" if failed else " (only a failed request, has_error, may have none)"))
+
+
 def load_run(root: Path, name: str) -> MeasuredRun:
     replay_path = root / "replay" / f"{name}.json.gz"
     truth_path = root / "replay" / f"{name}_ground_truth.json.gz"
@@ -84,8 +117,11 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     _need(config, ("tensor_parallelism", "max_num_seqs", "max_num_batched_tokens", "kv_blocks_total_gpu"),
           f"{replay_path}: config")
     requests = replay["requests"]
+    if not isinstance(requests, list):
+        raise ConfigError(f"{replay_path}: requests: expected a list")
     if len(truth) != len(requests):
         raise ConfigError(f"{truth_path}: {len(truth)} measurements for {len(requests)} requests")
+    _check_entries(requests, truth, replay_path, truth_path)
     run_dir = root / "runs" / name
     stages, shared, ignore_eos = [], {}, False
     profile_path = run_dir / "profile.yaml"
