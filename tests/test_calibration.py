@@ -385,6 +385,13 @@ def test_bad_measurement_row_names_file_and_line(tmp_path):
     df.loc[0, "op"] = "flash_attn"
     with pytest.raises(TraceError, match=r"x:2: unknown op 'flash_attn'; allowed: emb, "):
         check(df, "x")
+    # A value that is no number (its whole column then reads as text) had been a ValueError traceback.
+    for column, value in (("median_ms", "abc"), ("num_tokens", "x")):
+        df = compute_rows({"llama7": LLAMA_7B}).head(3).astype({column: object})
+        df.loc[2, column] = value
+        df.to_csv(path, index=False)
+        with pytest.raises(TraceError, match=rf"bad\.csv:4: column '{column}' is '{value}', expected a number"):
+            read_measurements(path)
 
 
 def test_validate_cli(tmp_path, capsys):

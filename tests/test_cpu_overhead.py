@@ -85,6 +85,14 @@ def test_calibrate_cpu_cli_and_its_errors(tmp_path, capsys):
     bad.write_text("model_name,batch_size\nx,1\n")
     assert main(["calibrate-cpu", "--measurements", str(bad), "--out", str(out)]) != 0
     assert "missing Vidur columns" in capsys.readouterr().err
+    lines = A100_CSV.read_text().splitlines()
+    cells = lines[-1].split(",")
+    cells[lines[0].split(",").index("SAMPLER_E2E_MEAN")] = "abc"  # had been a TypeError traceback
+    bad.write_text("\n".join(lines[:-1] + [",".join(cells)]) + "\n")
+    assert main(["calibrate-cpu", "--measurements", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.csv:{len(lines)}: column 'SAMPLER_E2E_MEAN' is 'abc', expected a number >= 0" in err
+    assert "Traceback" not in err
 
 
 def _models(overlaps: bool):

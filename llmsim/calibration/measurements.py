@@ -37,6 +37,8 @@ SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "
                  "devices_per_node", "impl", "gemm_n", "gemm_k", "num_experts", "experts_per_token")
 TIME_COLUMNS = ("median_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
 COLUMNS = ("device", "op", "dtype", *SHAPE_COLUMNS, *TIME_COLUMNS, "repetitions", "torch_version", "date", "source")
+TEXT_COLUMNS = ("device", "op", "model", "dtype", "gated", "kv_dtype", "impl", "torch_version", "date", "source")
+NUMBER_COLUMNS = tuple(c for c in COLUMNS if c not in TEXT_COLUMNS)
 
 _MODEL_COLUMNS = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "tp", "num_tokens")
 _REQUIRED = {
@@ -89,14 +91,20 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise TraceError(f"{path}: measurements file not found")
     try:
-        df = pd.read_csv(path, dtype={"device": str, "op": str, "model": str, "dtype": str, "gated": str,
-                                      "kv_dtype": str, "impl": str, "torch_version": str, "date": str,
-                                      "source": str})
+        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise TraceError(f"{path}: not a measurements CSV: {exc}") from None
     missing = [c for c in ("device", "op", "median_ms") if c not in df.columns]
     if missing:
         raise TraceError(f"{path}: missing columns {', '.join(missing)}; the schema is: {', '.join(COLUMNS)}")
+    for column in NUMBER_COLUMNS:  # one value that is no number leaves its whole column as text
+        if column in df.columns and not pd.api.types.is_numeric_dtype(df[column]):
+            numbers = pd.to_numeric(df[column], errors="coerce")
+            bad = numbers.isna() & df[column].notna()
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise TraceError(f"{path}:{i + 2}: column {column!r} is {df[column].iloc[i]!r}, expected a number")
+            df[column] = numbers
     return check(normalize(df), str(path))
 
 
