@@ -99,6 +99,16 @@ CASES = {
     "HF sizes as strings": (lambda tmp: _hf(tmp, hidden_size="4096"), "hidden_size is '4096'"),
     "HF zero heads": (lambda tmp: _hf(tmp, num_attention_heads=0), "num_attention_heads is 0"),
     "HF heads not a multiple of KV heads": (lambda tmp: _hf(tmp, num_key_value_heads=5), "not a multiple"),
+    # These four had run: on a guessed MLP width (4x hidden), with more experts a token than the layer has, as a
+    # 16-bit model (a quantised checkpoint; an unknown torch_dtype), or a raw pydantic message (the context).
+    "HF without an MLP width": (lambda tmp: _hf(tmp, intermediate_size=None),
+                                "lacks the field 'intermediate_size' (or 'ffn_dim')"),
+    "HF top-k above its experts": (lambda tmp: _hf(tmp, num_local_experts=8, num_experts_per_tok=16),
+                                   "num_experts_per_tok 16 is more than num_local_experts 8"),
+    "HF quantised checkpoint": (lambda tmp: _hf(tmp, quantization_config={"quant_method": "awq"}),
+                                "is a quantised checkpoint (quantization_config, quant_method 'awq'): set model.dtype"),
+    "HF unknown torch_dtype": (lambda tmp: _hf(tmp, torch_dtype="int3"), "torch_dtype 'int3' is none of float32"),
+    "HF zero context": (lambda tmp: _hf(tmp, max_position_embeddings=0), "max_position_embeddings is 0, expected"),
     "profile empty": (lambda tmp: _profile(tmp, ""), "is not a YAML mapping"),
     "profile a list": (lambda tmp: _profile(tmp, "- 1\n"), "is not a YAML mapping"),
     "profile's tuned MoE list of an unknown dtype": (

@@ -109,10 +109,26 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise ConfigError(f"model: HuggingFace config {path} is not a JSON object")
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
-                "intermediate_size", "head_dim", "num_local_experts", "num_experts_per_tok"):
+                "intermediate_size", "ffn_dim", "head_dim", "num_local_experts", "num_experts_per_tok",
+                "max_position_embeddings"):
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
+    if cfg.get("num_experts_per_tok", 1) > cfg.get("num_local_experts", 1):
+        raise ConfigError(f"model: HuggingFace config {path}: num_experts_per_tok {cfg['num_experts_per_tok']} is "
+                          f"more than num_local_experts {cfg.get('num_local_experts', 1)}")
+    torch_dtype = cfg.get("torch_dtype")
+    if dtype is None and torch_dtype is not None and torch_dtype not in _HF_DTYPES:
+        raise ConfigError(f"model: HuggingFace config {path}: torch_dtype {torch_dtype!r} is none of "
+                          f"{', '.join(_HF_DTYPES)}; set model.dtype")
+    quantization = cfg.get("quantization_config")
+    if dtype is None and quantization is not None:
+        # The engine runs the checkpoint's quantised weights; reading the 16-bit torch_dtype would price them as
+        # 16-bit, so the precision is the user's to say.
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ConfigError(f"model: HuggingFace config {path} is a quantised checkpoint (quantization_config, "
+                          f"quant_method {method!r}): set model.dtype to the precision its GEMMs run at (fp8 or "
+                          "int8; weights of fewer bits are not modelled)")
     try:
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
@@ -123,6 +139,9 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         if not cfg.get("head_dim") and hidden % heads:
             raise ConfigError(f"model: HuggingFace config {path}: hidden_size {hidden} is not a multiple of "
                               f"num_attention_heads {heads} (and there is no head_dim)")
+        ffn = cfg.get("intermediate_size") or cfg.get("ffn_dim")  # OPT's name for it
+        if ffn is None:  # no default: a guessed MLP width would price every layer wrong
+            raise ConfigError(f"model: HuggingFace config {path} lacks the field 'intermediate_size' (or 'ffn_dim')")
         arch = (cfg.get("architectures") or [""])[0].lower()
         is_opt = cfg.get("model_type") == "opt" or "opt" in arch
         spec = ModelSpec(
@@ -132,7 +151,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
-            ffn_size=cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden,
+            ffn_size=ffn,
             gated_mlp=not is_opt,
             norm="layernorm" if is_opt else "rmsnorm",
             vocab_size=cfg["vocab_size"],
@@ -148,8 +167,13 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     return spec
 
 
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def _hf_dtype(torch_dtype: str | None) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype or "", "fp16")
+    """The weights' precision from ``torch_dtype`` (fp16 where the config names none, as HF's default)."""
+    return _HF_DTYPES.get(torch_dtype or "float16")
+
 
 
 def load_model(name: str, dtype: str | None = None, activation_dtype: str | None = None,
