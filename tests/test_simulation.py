@@ -91,6 +91,18 @@ def scheduler_named(name: str) -> dict:
     return {"name": name}
 
 
+def traffic_lengths(traffic: str) -> dict:
+    """The workload's lengths for the fast-forward property tests: unrelated prompts (``plain``), inference-perf's
+    shared-prefix multi-turn chat, or closed-loop conversations whose turns wait for the previous answer."""
+    if traffic == "shared_prefix":
+        return {"shared_prefix": SHARED_PREFIX}
+    lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
+               "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
+    if traffic == "conversation":
+        lengths["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
+    return lengths
+
+
 @given(seed=st.integers(0, 2**31),
        scheduler=st.sampled_from(["fcfs", "fcfs_cached", "sarathi", "sarathi_cached", "vllm_v1", "vllm_v1_sync",
                                   "vllm_v1_cpu", "spf"]),
@@ -141,12 +153,7 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
     (vllm_v1 with prefix caching on, on shared-prefix multi-turn traffic, closed-loop conversations whose turns
     wait for the previous answer, or unrelated prompts). ``budget``: vLLM V1's token budget per step, which at
     512 chunks most prompts (mixed runs of several chunks) and at 4096 few."""
-    lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
-               "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
-    if traffic == "shared_prefix":
-        lengths = {"shared_prefix": SHARED_PREFIX}
-    elif traffic == "conversation":
-        lengths["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
+    lengths = traffic_lengths(traffic)
 
     def cfg(ff):
         return make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
@@ -386,12 +393,7 @@ def test_fast_forward_equals_stepping_up_to_an_early_stop(seed, scheduler, polic
     a run that spans the stop ends at its last boundary before it, and one whose first step spans it records that
     step as it starts. Found by comparing the two on random configurations: fast-forward had lost every step of
     the runs in progress at the stop, and the stepped run's in-progress step."""
-    lengths = {"prompt_tokens": {"kind": "lognormal", "median": 600, "sigma": 1.0, "max": 3000},
-               "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 1000}}
-    if traffic == "shared_prefix":
-        lengths = {"shared_prefix": SHARED_PREFIX}
-    elif traffic == "conversation":
-        lengths["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
+    lengths = traffic_lengths(traffic)
 
     def cfg(ff):
         return make_config(seed=seed, parallel={"pp": 1 if policy == "llumnix" else pp},

@@ -243,16 +243,8 @@ class ExecutionModel:
         ``with_cpu``: include the engine's CPU time (a pipeline charges it once per micro-batch, not per stage)."""
         num_tokens = num_decode + sum(new for new, _ in prefill_chunks)
         time_s, flops, num_bytes = self._fixed(num_tokens, num_samples)
-        layers, tp = self.model.num_layers, self.plan.tp
         if prefill_chunks:
-            part = self._prefill_cache.get(prefill_chunks)
-            if part is None:
-                op = ops.prefill_attention(self.shapes, prefill_chunks)
-                part = (layers * self._prefill_attention_s(op, prefill_chunks), layers * op.flops * tp,
-                        layers * op.num_bytes * tp)
-                if len(self._prefill_cache) >= _PREFILL_CACHE_ENTRIES:
-                    self._prefill_cache.clear()
-                self._prefill_cache[prefill_chunks] = part
+            part = self._prefill_cache.get(prefill_chunks) or self._prefill_part(prefill_chunks)
             time_s += part[0]
             flops += part[1]
             num_bytes += part[2]
@@ -278,7 +270,6 @@ class ExecutionModel:
         ``iteration(((new, cached),), num_decode, kv_tokens, sampled)``: the same arithmetic in the same order,
         with what the steps share looked up once (Sarathi's and vLLM V1's runs cost most of their steps here;
         ``tests/test_execution.py`` holds the two equal)."""
-        layers, tp = self.model.num_layers, self.plan.tp
         prefill_cache, fixed = self._prefill_cache, self._fixed
         cpu, overlaps = self.cpu_overhead, self.cpu_overlaps
         decode_attention = self._decode_attention
@@ -286,14 +277,7 @@ class ExecutionModel:
         for new, cached, samples in chunk_steps:
             time_s, flops, num_bytes = fixed(num_decode + new, samples)
             chunks = ((new, cached),)
-            part = prefill_cache.get(chunks)
-            if part is None:
-                op = ops.prefill_attention(self.shapes, chunks)
-                part = (layers * self._prefill_attention_s(op, chunks), layers * op.flops * tp,
-                        layers * op.num_bytes * tp)
-                if len(prefill_cache) >= _PREFILL_CACHE_ENTRIES:
-                    prefill_cache.clear()
-                prefill_cache[chunks] = part
+            part = prefill_cache.get(chunks) or self._prefill_part(chunks)
             time_s += part[0]
             flops += part[1]
             num_bytes += part[2]
@@ -313,6 +297,16 @@ class ExecutionModel:
             bytes_out.append(num_bytes)
             kv_tokens += num_decode
         return times, flops_out, bytes_out
+
+    def _prefill_part(self, chunks: tuple[tuple[int, int], ...]) -> tuple[float, float, float]:
+        """A step's prefill attention over all layers (time, FLOPs, bytes), priced and kept by its chunks."""
+        layers, tp = self.model.num_layers, self.plan.tp
+        op = ops.prefill_attention(self.shapes, chunks)
+        part = (layers * self._prefill_attention_s(op, chunks), layers * op.flops * tp, layers * op.num_bytes * tp)
+        if len(self._prefill_cache) >= _PREFILL_CACHE_ENTRIES:
+            self._prefill_cache.clear()
+        self._prefill_cache[chunks] = part
+        return part
 
     def prefill_flops(self, new_tokens: int, cached_tokens: int) -> float:
         """FLOPs of a step of one prefill chunk that samples its token, ``iteration(((new_tokens, cached_tokens),),
