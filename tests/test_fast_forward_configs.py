@@ -7,6 +7,8 @@ user writes them. Comparing the two modes on random configurations found two bug
 fast-forwarded run cut short left its planned last boundary queued, which moved the reported simulated span; and
 with ``simulation.max_time_s`` the runs in progress at the cut-off lost their steps."""
 
+from pathlib import Path
+
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from llmsim.config import parse_config
 from llmsim.errors import ConfigError, PlanError
 from tests.test_simulation import assert_fast_forward_equals_stepping
 
+WORKLOADS = Path(__file__).resolve().parents[1] / "workloads"
 # (model, devices it is drawn on, TP degrees): shapes that fit those devices at those degrees.
 MODELS = [("Llama-2-7B", ("a100-80gb", "h100-sxm", "a100-40gb"), (1, 2)),
           ("Llama-3-8B", ("a100-80gb", "h100-sxm", "h200", "mi325x"), (1, 2, 4)),
@@ -60,11 +63,11 @@ def configurations(draw):
     elif traffic == "conversation":
         workload["conversation"] = {"mean_turns": 3, "mean_think_time_s": 0.5}
     elif traffic == "mooncake":
-        workload = {"num_requests": n, "trace": {"path": "workloads/mooncake_conversation.jsonl",
+        workload = {"num_requests": n, "trace": {"path": str(WORKLOADS / "mooncake_conversation.jsonl"),
                                                  "format": "mooncake", "time_scale": draw(st.sampled_from([1.0, 4.0]))}}
     elif traffic == "azure":
         workload = {**workload, "prompt_tokens": None, "output_tokens": None,
-                    "lengths_from": {"path": "workloads/azure_conv_2023.csv", "format": "azure"}}
+                    "lengths_from": {"path": str(WORKLOADS / "azure_conv_2023.csv"), "format": "azure"}}
     workload = {k: v for k, v in workload.items() if v is not None}
     simulation = {"client_timeout_s": draw(st.sampled_from([None, 2.0])),
                   "max_time_s": draw(st.sampled_from([None, None, 4.0]))}
