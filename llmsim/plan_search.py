@@ -82,6 +82,12 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "plan file")) from None
     base = load_base(path, cfg.base, overrides)
+    workload = base.get("workload") if isinstance(base, dict) else None
+    if isinstance(workload, dict) and workload.get("trace") is not None:
+        # Every candidate had failed on the lengths the dropped trace left missing, one row each.
+        raise ConfigError(f"{path}: base: a plan search sets its own arrival rates, so its base workload replays no "
+                          "trace; give lengths instead (lengths_from: {path: <trace>, format: ...} samples a trace's "
+                          "prompt and output lengths; or prompt_tokens and output_tokens)")
     if cfg.rank_by == "goodput_per_dollar":
         devices = cfg.candidates.get("hardware.device") or [base.get("hardware", {}).get("device", "a100-80gb")]
         missing = [d for d in devices if d not in cfg.price_per_gpu_hour]
@@ -113,7 +119,6 @@ def candidate_config(base: dict, values: dict[str, Any], gpus: int, rate: float)
         per_replica = int(parallel.get("tp", 1)) * int(parallel.get("pp", 1))
         set_path(data, "cluster.num_replicas", max(1, gpus // per_replica))
     workload = data.setdefault("workload", {})
-    workload.pop("trace", None)
     workload["arrival"] = {**(workload.get("arrival") or {"kind": "poisson"}), "rate_per_s": rate}
     return data
 

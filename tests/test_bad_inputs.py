@@ -252,6 +252,12 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
     assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o")]) == 2
     assert "p.yaml (candidate model.name=Llama-9): model: unknown model 'Llama-9'" in capsys.readouterr().err
     assert not (tmp_path / "o" / "runs").exists()
+    (tmp_path / "traced.yaml").write_text(yaml.safe_dump({**BASE, "workload": {"trace": {
+        "path": str(ROOT / "workloads" / "azure_conv_2023.csv"), "format": "azure"}}}))
+    plan.write_text(yaml.safe_dump({"base": "traced.yaml", "gpus": 1, "candidates": {"seed": [1]}}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o")]) == 2  # every candidate had failed alike
+    assert "p.yaml: base: a plan search sets its own arrival rates, so its base workload replays no trace" in \
+        capsys.readouterr().err
     plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]},
                                     "price_per_gpu_hour": {"a100-80gb": 0}}))
     assert main(["plan", str(plan), "-q"]) == 2
