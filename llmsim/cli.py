@@ -274,14 +274,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
-    return n
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n}: must be at least {low}")
+        return n
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def _version() -> str:
@@ -304,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "summary.json and config.yaml, and prints a summary table.")
     run.add_argument("config", help="experiment YAML")
     run.add_argument("--out", help="results folder (default: output_dir from the config)")
-    run.add_argument("--seed", type=int, help="override the config's seed")
+    run.add_argument("--seed", type=_at_least(0), help="override the config's seed")
     run.add_argument("--step", action="store_true",
                      help="step every iteration instead of fast-forwarding decode runs (same results, slower)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
@@ -345,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--executor", choices=("local", "ray"), default="local")
     pl.add_argument("--workers", type=_positive, help="local processes (default: CPU count)")
     pl.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    pl.add_argument("--top", type=int, default=20, help="rows to print")
+    pl.add_argument("--top", type=_positive, default=20, help="rows to print")
     pl.add_argument("-q", "--quiet", action="store_true")
     pl.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help + ' (to the base experiment)')
     pl.set_defaults(func=_cmd_plan)
@@ -359,10 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--grid", choices=("small", "full"), default="small",
                     help="small: a minute on a CPU; full: the catalog's dense models, TP 1-8, 1-4096 tokens")
     mb.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on cpu, bf16 on GPUs")
-    mb.add_argument("--warmup", type=int, default=2)
-    mb.add_argument("--repetitions", type=int, default=7)
+    mb.add_argument("--warmup", type=_at_least(0), default=2)
+    mb.add_argument("--repetitions", type=_positive, default=7)
     mb.add_argument("--no-collectives", action="store_true", help="skip the torch.distributed collectives")
-    mb.add_argument("--threads", type=int, help="CPU threads for torch (default: every core)")
+    mb.add_argument("--threads", type=_positive, help="CPU threads for torch (default: every core)")
     mb.add_argument("-q", "--quiet", action="store_true")
     mb.set_defaults(func=_cmd_microbench)
 
@@ -377,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="convert NVIDIA aiconfigurator's measured vLLM kernel tables to the measurements schema")
     aic.add_argument("root", help="aiconfigurator's systems/data/<gpu>/ folder")
     aic.add_argument("--device", required=True, help="profile name to record on the rows, e.g. h100-sxm")
-    aic.add_argument("--gpus-per-node", type=int, default=8)
+    aic.add_argument("--gpus-per-node", type=_positive, default=8)
     aic.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
     aic.set_defaults(func=_cmd_import_aiconfigurator)
 
@@ -389,11 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measurements CSV (llmsim microbench, import-vidur or import-aiconfigurator); repeatable")
     cal.add_argument("--hold-out-model", action="append", default=[], metavar="MODEL",
                      help="keep this model's rows out of the fit (repeatable)")
-    cal.add_argument("--hold-out-workers", action="append", default=[], type=int, metavar="N",
+    cal.add_argument("--hold-out-workers", action="append", default=[], type=_positive, metavar="N",
                      help="keep collectives over N workers out of the fit (repeatable)")
     cal.add_argument("--hold-out-heads", action="append", default=[], metavar="Q/KV",
                      help="keep attention rows of this head layout per GPU (e.g. 32/8) out of the fit (repeatable)")
-    cal.add_argument("--hold-out-gemm-k", action="append", default=[], type=int, metavar="K",
+    cal.add_argument("--hold-out-gemm-k", action="append", default=[], type=_positive, metavar="K",
                      help="keep bare GEMMs with this inner dimension (e.g. 5120) out of the fit (repeatable)")
     cal.add_argument("--gemm-source", metavar="PREFIX",
                      help="fit the GEMM curves only on rows whose source starts with PREFIX (e.g. aiconfigurator: "

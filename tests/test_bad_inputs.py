@@ -268,6 +268,24 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
     assert "parallel: Input should be a valid dictionary" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "EXP", "--seed", "-1"], "argument --seed: -1: must be at least 0"),  # had been numpy's traceback
+    (["microbench", "--out", "m.csv", "--repetitions", "0"], "--repetitions: 0: must be at least 1"),  # after the grid
+    (["microbench", "--out", "m.csv", "--threads", "0"], "--threads: 0: must be at least 1"),  # had timed the grid
+    (["microbench", "--out", "m.csv", "--warmup", "-1"], "--warmup: -1: must be at least 0"),
+    (["plan", "EXP", "--top", "0"], "--top: 0: must be at least 1"),
+    (["calibrate", "--device", "cpu", "--measurements", "m.csv", "--hold-out-workers", "0"],
+     "--hold-out-workers: 0: must be at least 1"),
+])
+def test_a_count_on_the_command_line_is_checked_where_it_is_parsed(tmp_path, capsys, argv, needle):
+    argv = [str(_experiment(tmp_path)) if a == "EXP" else a for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
 def test_every_command_refuses_an_output_it_cannot_write_before_working(tmp_path, capsys):
     """An output folder that is a file, or an output file that is a folder, is one clear error naming the
     option, for every command that writes, before any work (it was a raw traceback for all but run)."""
