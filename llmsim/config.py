@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from llmsim.errors import ConfigError
 from llmsim.execution.cpu_overhead import CpuOverheadParams, load_cpu_profile, shipped_profiles
+from llmsim.yaml_text import load_yaml_text
 
 
 
@@ -545,7 +546,7 @@ def yaml_error_where(path: Path, exc: Exception) -> str:
 def read_yaml(path: Path, what: str):
     """A YAML file's content; a missing file or bad YAML is a ConfigError naming ``what`` and the path."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml_text(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -77,6 +77,11 @@ CASES = {
     "top level is a list": (lambda tmp: _raw(tmp, "- 1\n- 2\n"), "expected a mapping at the top level"),
     "top level is binary": (lambda tmp: _raw(tmp, bytes(range(256))), "not a text YAML file"),
     "YAML syntax": (lambda tmp: _raw(tmp, "model: [1, 2\n"), "exp.yaml:2 is not valid YAML"),
+    # YAML itself keeps the last of two equal keys: the first section was dropped without a word.
+    "a key written twice": (lambda tmp: _raw(tmp, yaml.safe_dump(BASE) + "cluster: {num_replicas: 2}\n"),
+                            "is not valid YAML: the key 'cluster' is written twice"),
+    "a profile key written twice": (lambda tmp: _profile(tmp, "name: x\nname: y\n"),
+                                    "p.yaml:2 is not valid YAML: the key 'name' is written twice"),
     "a sweep file run as an experiment": (lambda tmp: _raw(tmp, "base: b.yaml\ngrid: {seed: [1]}\n"),
                                           "a sweep file (it has a base experiment), not an experiment; run it with "
                                           "llmsim sweep"),

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.errors import ConfigError
+from llmsim.yaml_text import load_yaml_text
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 
@@ -308,7 +309,7 @@ def _profile_fields(path: Path, seen: tuple[Path, ...]) -> dict:
     ``_NOT_INHERITED``) and the file's own fields over them, mappings merged key by key: a part that shares a
     chip with a profiled one (``h200`` on ``h100-sxm``) states only what differs."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, format_validation_error, parse_config,
                            read_yaml, set_path)
 from llmsim.errors import ConfigError
+from llmsim.yaml_text import load_yaml_text
 
 RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
 
@@ -92,7 +93,7 @@ def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = N
     if isinstance(base, str):
         base_path = path.parent / base
         try:
-            data = yaml.safe_load(base_path.read_text()) or {}
+            data = load_yaml_text(base_path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
