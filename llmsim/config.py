@@ -475,6 +475,11 @@ class ExperimentConfig(_Strict):
     energy: EnergyConfig = EnergyConfig()
     simulation: SimulationConfig = SimulationConfig()
 
+    @property
+    def in_worker_processes(self) -> bool:
+        """Whether the replicas are simulated in worker processes (``simulation.workers``, at most one a replica)."""
+        return min(self.simulation.workers, self.cluster.num_replicas) > 1
+
     def scheduler_for(self, role: str) -> SchedulerConfig:
         """The scheduler config a pool runs: a DistServe prefill or decode pool may set its own batch limits."""
         if self.cluster.policy != "distserve" or role not in ("prefill", "decode"):

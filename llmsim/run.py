@@ -74,7 +74,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     out = Path(output_dir or cfg.output_dir)
     if write:
         prepare_output(out)
-    if min(cfg.simulation.workers, cfg.cluster.num_replicas) <= 1:  # workers route every request before they start
+    if not cfg.in_worker_processes:  # workers route every request before they start
         check_trace_rows(cfg.workload)
     workload = build_workload(cfg.workload, cfg.seed)
     if isinstance(workload, ClosedLoop):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from llmsim.calibration.measurements import number_column
 from llmsim.errors import TraceError
 from llmsim.execution.cpu_overhead import CpuOverhead, CpuOverheadParams
 
@@ -45,12 +46,7 @@ def read_vidur_cpu(path: str | Path) -> pd.DataFrame:
     if missing:
         raise TraceError(f"{path}: missing Vidur columns {', '.join(missing)}")
     for column in (*_SHAPE[1:], *_PREPARE, *_SAMPLE, _REST):  # a value that is no number had been a TypeError
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = (values.isna() | (values < 0)).to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise TraceError(f"{path}:{i + 2}: column {column!r} is {df[column].iloc[i]!r}, expected a number >= 0")
-        df[column] = values
+        df[column] = number_column(df, column, path, minimum=0)
     unknown = sorted(set(df["model_name"]) - set(CATALOG_IDS))
     if unknown:
         raise TraceError(f"{path}: models without a catalog entry: {', '.join(unknown)}")

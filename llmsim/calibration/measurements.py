@@ -99,13 +99,22 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
         raise TraceError(f"{path}: missing columns {', '.join(missing)}; the schema is: {', '.join(COLUMNS)}")
     for column in NUMBER_COLUMNS:  # one value that is no number leaves its whole column as text
         if column in df.columns and not pd.api.types.is_numeric_dtype(df[column]):
-            numbers = pd.to_numeric(df[column], errors="coerce")
-            bad = numbers.isna() & df[column].notna()
-            if bad.any():
-                i = int(np.flatnonzero(bad.to_numpy())[0])
-                raise TraceError(f"{path}:{i + 2}: column {column!r} is {df[column].iloc[i]!r}, expected a number")
-            df[column] = numbers
+            df[column] = number_column(df, column, path)
     return check(normalize(df), str(path))
+
+
+def number_column(df: pd.DataFrame, column: str, path, minimum: float | None = None) -> pd.Series:
+    """``df[column]`` (read from the CSV ``path``) as numbers. A value that is no number -- or, with ``minimum``,
+    one that is missing or below it -- is one error naming the file, line (header is line 1) and column."""
+    numbers = pd.to_numeric(df[column], errors="coerce")
+    bad = numbers.isna() & df[column].notna()
+    if minimum is not None:
+        bad |= numbers.isna() | (numbers < minimum)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        expected = "a number" if minimum is None else f"a number >= {minimum:g}"
+        raise TraceError(f"{path}:{i + 2}: column {column!r} is {df[column].iloc[i]!r}, expected {expected}")
+    return numbers
 
 
 def write_measurements(df: pd.DataFrame, path: str | Path) -> None:

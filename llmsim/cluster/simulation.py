@@ -188,7 +188,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     """Run one experiment. ``on_progress(n)`` is called as requests arrive (n new arrivals). A closed-loop
     workload sends each later turn when the turn before it has ended (``llmsim/workload/conversations.py``).
     ``router``: in place of the configured one (a worker of ``simulation.workers``)."""
-    if min(cfg.simulation.workers, cfg.cluster.num_replicas) > 1 and router is None:  # else one process's work
+    if cfg.in_worker_processes and router is None:  # else one process's work
         if isinstance(requests, ClosedLoop):
             raise ConfigError(f"simulation.workers: {cfg.simulation.workers} needs open-loop traffic (a "
                               "conversation's next turn waits on the replica serving the one before)")

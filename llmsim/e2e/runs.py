@@ -71,10 +71,16 @@ def _need(data: dict, keys: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
 
 
-def _number(value, allow_none: bool = False) -> bool:
+def non_negative(value, allow_none: bool = False) -> bool:
+    """A number >= 0 (not a bool, not NaN); None only where ``allow_none``."""
     if value is None:
         return allow_none
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= 0
+
+
+def whole_count(value) -> bool:
+    """A whole number >= 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
 
 
 def _check_entries(requests: list, truth: list, replay_path: Path, truth_path: Path) -> None:
@@ -87,19 +93,19 @@ def _check_entries(requests: list, truth: list, replay_path: Path, truth_path: P
         if not isinstance(r, dict):
             raise ConfigError(f"{where}: expected an object")
         _need(r, ("arrival_time_us", "input_tokens", "output_tokens"), where)
-        if not _number(r["arrival_time_us"]) or r["arrival_time_us"] < last:
+        if not non_negative(r["arrival_time_us"]) or r["arrival_time_us"] < last:
             raise ConfigError(f"{where}: arrival_time_us {r['arrival_time_us']!r}: expected microseconds >= 0, "
                               "in arrival order")
         last = r["arrival_time_us"]
         for k in ("input_tokens", "output_tokens"):
-            if isinstance(r[k], bool) or not isinstance(r[k], int) or r[k] < 0:
+            if not whole_count(r[k]):
                 raise ConfigError(f"{where}: {k} {r[k]!r}: expected a whole number >= 0")
         where = f"{truth_path}: [{i}]"
         if not isinstance(t, dict):
             raise ConfigError(f"{where}: expected an object")
         failed = bool(t.get("has_error")) or bool(r.get("has_error"))
         for k in ("ttft_s", "e2e_s"):
-            if not _number(t.get(k), allow_none=failed):
+            if not non_negative(t.get(k), allow_none=failed):
                 raise ConfigError(f"{where}: {k} {t.get(k)!r}: expected seconds >= 0"
                                   + ("" if failed else " (only a failed request, has_error, may have none)"))
 

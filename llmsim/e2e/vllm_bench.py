@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from llmsim.e2e.runs import MeasuredRun, stages_until_last_arrival
+from llmsim.e2e.runs import MeasuredRun, non_negative, stages_until_last_arrival, whole_count
 from llmsim.errors import ConfigError
 
 VLLM_BENCH_TIMEOUT_S = 6 * 60 * 60.0  # vllm bench serve's aiohttp timeout
@@ -100,11 +100,11 @@ def load_bench_run(root: Path, name: str) -> MeasuredRun:
     for i in range(n):
         for k in ("start_times", "ttfts"):
             v = lists[k][i]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+            if not non_negative(v):
                 raise ConfigError(f"{path}: {k}[{i}]: expected seconds >= 0, got {v!r}")
         for k in ("input_lens", "output_lens"):
             v = lists[k][i]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not whole_count(v):
                 raise ConfigError(f"{path}: {k}[{i}]: expected a whole number >= 0, got {v!r}")
     t0 = min(lists["start_times"], default=0.0)
     order = sorted(range(n), key=lambda i: lists["start_times"][i])  # the replay wants arrival order

@@ -175,7 +175,6 @@ def _hf_dtype(torch_dtype: str | None) -> str:
     return _HF_DTYPES.get(torch_dtype or "float16")
 
 
-
 def load_model(name: str, dtype: str | None = None, activation_dtype: str | None = None,
                kv_cache_dtype: str | None = None) -> ModelSpec:
     """A catalog name (case-insensitive) or a path to a HuggingFace ``config.json`` (or its folder), with the

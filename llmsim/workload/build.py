@@ -140,10 +140,7 @@ def check_trace_rows(cfg: WorkloadConfig) -> None:
     key = (trace.model_dump_json(), cfg.num_requests, cfg.duration_s, stat.st_mtime_ns, stat.st_size)
     if key in _CHECKED:
         return
-    stream = _trace_requests(cfg)
-    if cfg.duration_s is not None:
-        stream = _until(stream, cfg.duration_s)
-    for _ in islice(stream, cfg.num_requests):
+    for _ in build_workload(cfg, 0):  # the run's own stream (the seed only marks priorities)
         pass
     if len(_CHECKED) >= _LENGTHS_MAX:
         _CHECKED.clear()
