@@ -1,6 +1,7 @@
 """Fast-forward equals stepping across the configuration space: models (dense, MoE), devices, tensor and pipeline
 parallelism, FP8 weights and KV, every scheduler and cluster policy, prefix caching, async scheduling, the engine's
-CPU time, client timeouts, a front end, a cut-off, and trace, shared-prefix and conversation traffic.
+CPU time, client timeouts, a front end, a cut-off, and trace, shared-prefix and conversation traffic (BurstGPT
+conversations replayed closed-loop among them).
 
 ``tests/test_simulation.py`` explores scheduling on one model and device; this draws whole configurations, as a
 user writes them. Comparing the two modes on random configurations found two bugs the narrower tests had not: a
@@ -18,6 +19,9 @@ from llmsim.errors import ConfigError, PlanError
 from tests.test_simulation import assert_fast_forward_equals_stepping
 
 WORKLOADS = Path(__file__).resolve().parents[1] / "workloads"
+# BurstGPT v1.2 rows with sessions (29 rows, 8 conversations), made up: turns often come sooner than the real
+# service's Elapsed time, so a closed-loop replay sends them the instant the simulated answer ends.
+SESSIONS = Path(__file__).resolve().parent / "data" / "burstgpt_sessions.csv"
 # (model, devices it is drawn on, TP degrees): shapes that fit those devices at those degrees.
 MODELS = [("Llama-2-7B", ("a100-80gb", "h100-sxm", "a100-40gb"), (1, 2)),
           ("Llama-3-8B", ("a100-80gb", "h100-sxm", "h200", "mi325x"), (1, 2, 4)),
@@ -51,7 +55,7 @@ def configurations(draw):
                "frontend_latency_s": draw(st.sampled_from([0.0, 0.002])),
                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}}
     n = 40
-    traffic = draw(st.sampled_from(["plain", "shared_prefix", "conversation", "mooncake", "azure"]))
+    traffic = draw(st.sampled_from(["plain", "shared_prefix", "conversation", "mooncake", "azure", "sessions"]))
     workload = {"num_requests": n, "arrival": {"kind": "gamma", "rate_per_s": draw(st.floats(1.0, 30.0)), "cv": 2.0},
                 "prompt_tokens": {"kind": "lognormal", "median": 500, "sigma": 1.0, "max": 3000},
                 "output_tokens": {"kind": "zipf", "a": 0.8, "min": 1, "max": 600}}
@@ -65,6 +69,10 @@ def configurations(draw):
     elif traffic == "mooncake":
         workload = {"num_requests": n, "trace": {"path": str(WORKLOADS / "mooncake_conversation.jsonl"),
                                                  "format": "mooncake", "time_scale": draw(st.sampled_from([1.0, 4.0]))}}
+    elif traffic == "sessions":
+        workload = {"trace": {"path": str(SESSIONS), "format": "burstgpt", "closed_loop": draw(st.booleans()),
+                              "failed": draw(st.sampled_from(["skip", "reject"])),
+                              "time_scale": draw(st.sampled_from([0.1, 1.0]))}}
     elif traffic == "azure":
         workload = {**workload, "prompt_tokens": None, "output_tokens": None,
                     "lengths_from": {"path": str(WORKLOADS / "azure_conv_2023.csv"), "format": "azure"}}

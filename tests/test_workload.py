@@ -255,6 +255,51 @@ def test_closed_loop_replay_sends_a_turn_its_think_time_after_the_simulated_answ
     assert slow.loc[560, "arrival_s"] == slow.loc[400, "finish_s"] + 27.0 > by_prompt.loc[560, "arrival_s"]
 
 
+def test_closed_loop_turn_sent_as_the_answer_ends_under_async_scheduling():
+    """A turn whose trace time came before the real answer ended is sent the instant the simulated answer ends:
+    it reaches the engine as the next step starts. With async scheduling that step was scheduled without it, so
+    the engine schedules it at the next boundary -- one step, where a request arriving during a step waits two.
+    A fast-forwarded run that began at that instant used to hold it a step longer than stepping does."""
+    from llmsim.cluster.simulation import simulate
+    from tests.factories import make_config
+    from tests.test_simulation import assert_fast_forward_equals_stepping
+
+    sessions = Path(__file__).parent / "data" / "burstgpt_sessions.csv"
+
+    def cfg(ff):
+        return make_config(scheduler={"name": "vllm_v1", "async_scheduling": True},
+                           workload={"trace": {"path": str(sessions), "format": "burstgpt", "closed_loop": True}},
+                           simulation={"fast_forward": ff})
+
+    df = simulate(cfg(True), build_workload(cfg(True).workload, 0)).recorder.request_frame()
+    ended = set(df["finish_s"])
+    assert (df["arrival_s"].isin(ended)).sum() == 4  # turns sent as the answer before them ended
+    assert_fast_forward_equals_stepping(cfg)
+
+
+def test_closed_loop_turn_after_a_timed_out_one_is_not_sent_before_the_client_gives_up(tmp_path):
+    """After a turn that timed out the next is sent the trace's gap after it, or when the client gives up on it
+    where that comes later; it used to be dated the trace's gap after the turn even when that was before the
+    client had given up, so its TTFT counted time before it was sent."""
+    from llmsim.cluster.simulation import simulate
+    from tests.factories import make_config
+
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n"
+                    "0,ChatGPT,3000,900,3900,Conversation log,s1,0.3\n"
+                    "0.5,ChatGPT,3000,10,3010,Conversation log,s1,0.1\n"   # gap 0.5 s < the 1 s timeout
+                    "0.6,ChatGPT,500,900,1400,Conversation log,s2,0.2\n"
+                    "5.0,ChatGPT,500,10,510,Conversation log,s2,0.1\n")    # gap 4.4 s > the timeout
+    for ff in (True, False):
+        cfg = make_config(scheduler={"name": "vllm_v1"}, simulation={"client_timeout_s": 1.0, "fast_forward": ff},
+                          workload={"trace": {"path": str(path), "format": "burstgpt", "closed_loop": True}})
+        df = simulate(cfg, build_workload(cfg.workload, 0)).recorder.request_frame().set_index("num_output_tokens")
+        first, second = df.loc[900].sort_values("arrival_s"), df.loc[10].sort_values("arrival_s")
+        assert list(first["status"]) == ["timed_out", "timed_out"]
+        assert list(second["arrival_s"]) == [1.0, 0.6 + 4.4]  # as s1's client gives up; s2's trace gap
+        assert (second["scheduled_s"] >= second["arrival_s"]).all()
+
+
 def test_closed_loop_replay_errors(tmp_path):
     from tests.factories import make_config
 

@@ -257,8 +257,11 @@ def wait_out(replica: Replica, times: list[float], arrivals_from: int = 0):
         except simpy.Interrupt as cut:
             end = bisect_left(times, replica.env.now, 1)  # the next boundary
             if cut.cause in ("arrival", "pending"):
-                if cut.cause == "pending" and end < done:
-                    end += 1  # the one after: there the engine first schedules the held request
+                if cut.cause == "pending":
+                    # The engine first schedules a held request at the first boundary whose step began at or after
+                    # its arrival (``Replica.release_pending``): the one after the next, or the next itself for an
+                    # arrival at the instant the run's first step began (a turn sent as the answer before it ends).
+                    end = bisect_left(times, replica.env.now) + 1
                 if end < arrivals_from:
                     end = arrivals_from
             done = min(done, end)

@@ -227,11 +227,16 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     timeout_s = cfg.simulation.client_timeout_s
     timeout_reason = f"client timeout ({timeout_s:g} s after arrival)" if timeout_s else ""
 
+    closed_loop = requests if isinstance(requests, ClosedLoop) else None
+
     def give_up(r: Request) -> None:
         """The client's deadline passed: if the request is still being served, its replica aborts it at its next
-        boundary (as an engine takes an abort between steps)."""
+        boundary (as an engine takes an abort between steps). A closed-loop client moves on now: its next turn
+        follows the deadline, not the abort."""
         if r.status in DONE:
             return
+        if closed_loop is not None:
+            send_next_turn(r, "timed_out")
         if distserve is not None:  # it may move between instances before its instance's next boundary
             distserve.abort(r, timeout_reason)
             return
@@ -248,8 +253,6 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
                 rep.abort(r, timeout_reason)
 
         rep.post(abort)
-
-    closed_loop = requests if isinstance(requests, ClosedLoop) else None
 
     def arrivals(stream: Iterable[Request]):
         for r in stream:
@@ -271,15 +274,17 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
                 deadline = max(r.arrival_s + timeout_s, env.now)  # the client's clock starts when it sends
                 env.at(deadline).callbacks.append(lambda _, r=r: give_up(r))
 
+    def send_next_turn(r: Request, status: str) -> None:
+        """``r`` ended for its client now (a timed-out turn: when the client gave up, before the engine aborts it;
+        its abort then finds no turn left to send)."""
+        follow = closed_loop.next_turn(r, status, env.now)
+        if follow is not None and status != "in_flight":  # sent after the user's think time
+            env.process(arrivals((follow,)))
+
     if closed_loop is None:
         env.process(arrivals(requests))
     else:
-        def turn_ended(r: Request, status: str) -> None:
-            follow = closed_loop.next_turn(r, status)
-            if follow is not None and status != "in_flight":  # sent after the user's think time
-                env.process(arrivals((follow,)))
-
-        recorder.on_request_end = turn_ended
+        recorder.on_request_end = send_next_turn
         env.process(arrivals(closed_loop.first_turns))
     env.run(until=cfg.simulation.max_time_s)
     if on_progress is not None:

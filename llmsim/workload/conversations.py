@@ -38,7 +38,8 @@ class _Conversation:
 class ClosedLoop:
     """A workload whose later requests wait on earlier ones. ``first_turns`` yields the requests that wait on
     nothing, in arrival order; when a request ends (its status: ``finished``, ``rejected``, ``timed_out``,
-    ``in_flight``), the simulator calls ``next_turn`` and sends what it returns at its ``arrival_s``.
+    ``in_flight``) for its client -- a timed-out turn when the client gives up, not when the engine aborts it --
+    the simulator calls ``next_turn`` and sends what it returns at its ``arrival_s``.
 
     Caps: ``num_requests`` counts requests as they are sent -- a first turn when it arrives, a later turn when
     the wait before it starts (so no turn is drawn that the cap would then drop); ``duration_s`` sends nothing at
@@ -55,7 +56,8 @@ class ClosedLoop:
         self.num_sent += 1
         return True
 
-    def next_turn(self, ended: Request, status: str) -> Request | None:  # pragma: no cover - abstract
+    def next_turn(self, ended: Request, status: str, ended_s: float) -> Request | None:  # pragma: no cover
+        """The turn to send after ``ended``, which ended for its client at ``ended_s`` (now) with ``status``."""
         raise NotImplementedError
 
 
@@ -109,7 +111,7 @@ class ClosedLoopChat(ClosedLoop):
                 return
             yield self._turn(self._plan(), t)
 
-    def next_turn(self, ended: Request, status: str) -> Request | None:
+    def next_turn(self, ended: Request, status: str, ended_s: float) -> Request | None:
         """The next turn of a finished turn's conversation; None when the conversation (or the workload) is over,
         or the turn got no answer (rejected, timed out, in flight at the end)."""
         conv = self._live.pop(ended, None)
@@ -135,7 +137,8 @@ class ClosedLoopReplay(ClosedLoop):
     simulated answer to the turn before it: the trace's gap between the two turns less the real service's
     response time to the first (its ``Elapsed time``). A trace whose next turn came before that response ended
     (a negative think time) has the turn sent as the simulated answer finishes. After a turn that got no answer
-    (rejected, timed out) the next is sent the trace's gap after it. The trace is read whole."""
+    (rejected, timed out) the next is sent the trace's gap after it, or as the client gives up on it where that
+    comes later (a turn is never sent before the one it follows has ended). The trace is read whole."""
 
     def __init__(self, turns: list[tuple[Request, str, float]], num_requests: int | None, duration_s: float | None):
         """``turns``: (request with its trace arrival and named content, session, elapsed s), in trace order."""
@@ -155,14 +158,14 @@ class ClosedLoopReplay(ClosedLoop):
                 last[session] = (r, elapsed_s)
         self.first_turns = (r for r in first if self._take_slot(r.arrival_s))
 
-    def next_turn(self, ended: Request, status: str) -> Request | None:
+    def next_turn(self, ended: Request, status: str, ended_s: float) -> Request | None:
         follow = self._next.pop(ended, None)
         if follow is None or status == "in_flight":
             return None
         if status == "finished":
             at = ended.finish_s + (follow.think_s if follow.think_s > 0.0 else 0.0)
         else:
-            at = ended.arrival_s + follow.gap_s
+            at = max(ended.arrival_s + follow.gap_s, ended_s)
         if not self._take_slot(at):
             return None
         follow.request.arrival_s = at
