@@ -150,6 +150,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"{cfg.name}: {cfg.gpus} GPUs per plan, ranked by {cfg.rank_by} "
           "(goodput = highest req/s with SLO attainment at target)")
     print(df[shown].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    capped = int(df["capped"].fillna(False).astype(bool).sum()) if "capped" in df else 0
+    if capped:
+        plans = "1 plan" if capped == 1 else f"{capped} plans"
+        print(f"{plans} met the SLO at rates.max ({cfg.rates.max:g} req/s), the highest rate the search tries: "
+              "goodput at least that ('capped' in plans.csv); raise rates.max to measure it")
     print(f"{len(df)} candidates in {out}/plans.csv")
     return 0
 

@@ -133,7 +133,9 @@ def _attainment(data: dict) -> tuple[float, dict]:
 @dataclass
 class RateBracket:
     """One candidate's goodput search: double the rate until attainment misses the target, then bisect to
-    ``tolerance``. ``next_rate()`` is the next rate to try (None when done); ``record`` takes its result."""
+    ``tolerance``. The doubling ends at ``rates.max`` itself, so a candidate that meets the target there is known to
+    (``bad`` stays None: its goodput is at least ``max``, and the search says no more). ``next_rate()`` is the next
+    rate to try (None when done); ``record`` takes its result."""
 
     rates: RateSearch
     target: float
@@ -148,8 +150,10 @@ class RateBracket:
         if self.error:
             return None
         if self._doubling:
-            rate = self.rates.start if self.runs == 0 else self.good * 2.0
-            return rate if rate <= self.rates.max else None
+            if self.runs == 0:
+                return self.rates.start
+            # the last doubling stops at max: a plan that holds 100 req/s with max 100 must not read 64
+            return min(self.good * 2.0, self.rates.max) if self.good < self.rates.max else None
         lo, hi = self.good, self.bad
         floor = self.rates.start / 64.0  # below this, report no goodput rather than bisect towards zero
         if hi - lo > self.rates.tolerance * hi and hi > floor:

@@ -57,3 +57,21 @@ def test_plan_search_resumes_from_its_probe_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("llmsim.run.run_experiment", no_rerun)
     assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "plans.csv"), first)
+
+
+def test_a_plan_that_meets_the_slo_at_the_highest_rate_is_probed_there_and_flagged(tmp_path, capsys):
+    """The doubling ends at rates.max itself (2, 4, 8, then 12, not a stop at 8), and a plan that meets the SLO
+    there is reported with goodput rates.max, marked capped, and the printed table says its goodput is a lower
+    bound. Before, a plan holding 12 req/s read 8 with max 12, and nothing on screen said it was capped."""
+    base = {**BASE, "slo": {"ttft_s": 60.0, "tpot_s": 1.0, "attainment": 0.9}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
+            "candidates": {"hardware.device": ["h100-sxm"]}, "rates": {"start": 2.0, "max": 12.0, "tolerance": 0.2}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
+    row = pd.read_csv(tmp_path / "out" / "plans.csv").iloc[0]
+    assert row["goodput_rate"] == 12.0 and bool(row["capped"]) and row["runs"] == 4
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("c*/rate=*")) == \
+        ["rate=12.0", "rate=2.0", "rate=4.0", "rate=8.0"]
+    assert "1 plan met the SLO at rates.max (12 req/s)" in capsys.readouterr().out
