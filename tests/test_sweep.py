@@ -43,6 +43,20 @@ def test_sweep_runs_grid_writes_table_curves_and_goodput(tmp_path, capsys):
     assert (out / "goodput_curve.png").stat().st_size > 5000 and (out / "energy_curve.png").exists()
 
 
+def test_sweep_goodput_says_when_the_grid_ends_before_the_curve_misses_its_target(tmp_path, capsys):
+    """A curve that meets the target at every rate swept has a goodput of at least the highest: goodput.csv marks
+    it capped and the printed summary says so, as it says when no rate met the target."""
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0], "slo.ttft_s": [60.0, 0.001]},
+                       base={**BASE, "slo": {"ttft_s": 60.0, "tpot_s": 1.0}})
+    assert main(["sweep", str(path), "--workers", "1"]) == 0
+    best = pd.read_csv(tmp_path / "out" / "goodput.csv").set_index("slo.ttft_s")
+    assert best.loc[60.0, "goodput_rate"] == 2.0 and bool(best.loc[60.0, "capped"])
+    assert best.loc[0.001, "goodput_rate"] == 0.0 and not best.loc[0.001, "capped"]
+    out = capsys.readouterr().out
+    assert "1 of 2 curves met the target at the highest workload.arrival.rate_per_s swept ('capped')" in out
+    assert "1 of 2 curves met the target at no workload.arrival.rate_per_s swept (goodput 0)" in out
+
+
 def test_a_sweep_folder_holds_one_sweep_s_files(tmp_path, monkeypatch, capsys):
     """The sweep's own files are written together, results.csv last: a sweep over no rate (no curves, no
     goodput) takes away the curves and goodput.csv an earlier sweep left in the folder, and one killed while

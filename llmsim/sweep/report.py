@@ -41,7 +41,9 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
 
 
 def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame:
-    """DistServe's goodput: for each curve, the highest rate whose SLO attainment reaches ``target``."""
+    """DistServe's goodput: for each curve, the highest rate whose SLO attainment reaches ``target``; ``capped``
+    where that is the highest rate the curve ran (the goodput is at least that: the grid stops before the curve
+    misses the target)."""
     x = sweep.x
     if x is None or "attainment" not in df:
         return pd.DataFrame()
@@ -51,9 +53,11 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
         key = key if isinstance(key, tuple) else (key,)
         ok = group[group["attainment"] >= target]
         best = float(ok[x].max()) if len(ok) else 0.0
+        ran = group[x][group["attainment"].notna()]
         gpus = int(group["num_gpus"].dropna().iloc[0]) if group["num_gpus"].notna().any() else 0
         out.append({**dict(zip(others, key)), "goodput_rate": best,
-                    "goodput_rate_per_gpu": best / gpus if gpus else 0.0, "num_gpus": gpus})
+                    "goodput_rate_per_gpu": best / gpus if gpus else 0.0, "num_gpus": gpus,
+                    "capped": bool(len(ok)) and best == float(ran.max())})
     return pd.DataFrame(out)
 
 
