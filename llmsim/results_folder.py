@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from llmsim.errors import ConfigError
 
@@ -40,3 +41,32 @@ def _write(out: Path, files: dict[str, Callable[[Path], None]], marker: str, sta
         raise
     for name in sorted(staged, key=lambda n: n == marker):  # the marker last
         os.replace(staged[name], out / name)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet: what creating ``path`` creates."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+@contextmanager
+def removed_if_left_empty(out: Path, made: Path | None) -> Iterator[None]:
+    """Work meant for ``out``, a folder created for it from ``made`` (``first_missing`` before; None: it existed):
+    if the work fails or is interrupted, the folders created for it go again while empty, so a run stopped by a
+    bad input or Ctrl-C leaves no empty results folder behind."""
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            for folder in (out, *out.parents):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): leave it and its parents
+                    break
+                if folder == made:
+                    break
+        raise

@@ -18,7 +18,7 @@ from llmsim.errors import ConfigError
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo, summarize
 from llmsim.request import Request
-from llmsim.results_folder import write_folder
+from llmsim.results_folder import first_missing, removed_if_left_empty, write_folder
 from llmsim.version import code_version
 from llmsim.workload import build_workload
 from llmsim.workload.build import check_trace_rows
@@ -71,9 +71,19 @@ def first_request(requests: Iterator[Request], cfg: ExperimentConfig) -> Iterato
 
 def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None = None,
                    output_dir: Path | None = None, write: bool = True) -> tuple[SimulationResult, dict]:
-    out = Path(output_dir or cfg.output_dir)
-    if write:
-        prepare_output(out)
+    """Simulate ``cfg`` and summarize it; with ``write``, into its results folder (``output_dir`` or the config's),
+    which is checked first and, where this created it, removed again if the run fails or is interrupted."""
+    if not write:
+        return _run(cfg, on_progress, None)
+    out = Path(output_dir or cfg.output_dir).absolute()
+    made = first_missing(out)
+    prepare_output(out)
+    with removed_if_left_empty(out, made):
+        return _run(cfg, on_progress, out)
+
+
+def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
+         out: Path | None) -> tuple[SimulationResult, dict]:
     if not cfg.in_worker_processes:  # workers route every request before they start
         check_trace_rows(cfg.workload)
     workload = build_workload(cfg.workload, cfg.seed)
@@ -117,7 +127,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
-    if write:
+    if out is not None:
         write_results(out, cfg, requests, rec, summary)
     return result, summary
 

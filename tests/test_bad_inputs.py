@@ -220,6 +220,12 @@ def test_a_bad_trace_row_late_in_the_file_is_an_error_before_simulating(tmp_path
     monkeypatch.setattr("llmsim.run.simulate", lambda *a, **k: ran.append(1))
     assert main(["run", str(path), "-q", "--out", str(tmp_path / "out")]) == 2
     assert "t.csv:3002: column 'Request tokens' is '12x'" in capsys.readouterr().err and not ran
+    # The results folder, made for the run and checked writable first, does not stay behind empty; one that
+    # existed stays, and so does what else the user keeps there.
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["run", str(path), "-q", "--out", str(tmp_path / "kept" / "a" / "b")]) == 2
+    assert [p.name for p in tmp_path.joinpath("kept").iterdir()] == []
     assert main(["check", str(path)]) == 2
     assert "t.csv:3002" in capsys.readouterr().err
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": "exp.yaml", "output_dir": "sw",
