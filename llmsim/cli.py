@@ -120,15 +120,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                              "error") if c in df]
         print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         if not best.empty:
-            print(f"\ngoodput (highest {sweep.x} with attainment >= {target:.0%}):")
+            scale = "goodput_time_scale" in best
+            heaviest = "lowest" if scale else "highest"
+            print(f"\ngoodput ({heaviest} {sweep.x} with attainment >= {target:.0%}):")
             print(best.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            capped, none = int(best["capped"].sum()), int((best["goodput_rate"] == 0.0).sum())
+            found = best["goodput_time_scale"].notna() if scale else best["goodput_rate"] > 0.0
+            capped, none = int(best["capped"].sum()), int((~found).sum())
             if capped:
-                print(f"{capped} of {len(best)} curves met the target at the highest {sweep.x} swept ('capped'): "
+                print(f"{capped} of {len(best)} curves met the target at the {heaviest} {sweep.x} swept ('capped'): "
                       "their goodput is at least that; extend the grid to measure it")
             if none:
-                print(f"{none} of {len(best)} curves met the target at no {sweep.x} swept (goodput 0): theirs is "
-                      "below the lowest")
+                print(f"{none} of {len(best)} curves met the target at no {sweep.x} swept: their goodput is below "
+                      "the lightest load swept")
     errors = int((df["error"].fillna("") != "").sum()) if "error" in df else 0
     print(f"{len(points)} points ({errors} failed) in {root}/: results.csv"
           + (", goodput.csv" if not best.empty else "") + "".join(f", {name}" for name in plots))

@@ -41,23 +41,27 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
 
 
 def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame:
-    """DistServe's goodput: for each curve, the highest rate whose SLO attainment reaches ``target``; ``capped``
-    where that is the highest rate the curve ran (the goodput is at least that: the grid stops before the curve
-    misses the target)."""
+    """DistServe's goodput per curve: the highest arrival rate whose SLO attainment reaches ``target``, also per
+    GPU (0 where none does). On a ``time_scale`` axis, where a smaller scale replays the trace faster, the lowest
+    scale that does (``goodput_time_scale``; empty where none does). ``capped`` where that is the heaviest load the
+    curve ran: the grid stops before the curve misses the target, so the goodput is at least that."""
     x = sweep.x
     if x is None or "attainment" not in df:
         return pd.DataFrame()
+    scale = x.endswith("time_scale")  # heavier load at smaller values
     others = sweep.curve_keys
     out = []
     for key, group in (df.groupby(others, sort=False) if others else [((), df)]):
         key = key if isinstance(key, tuple) else (key,)
-        ok = group[group["attainment"] >= target]
-        best = float(ok[x].max()) if len(ok) else 0.0
+        ok = group[group["attainment"] >= target][x]
         ran = group[x][group["attainment"].notna()]
-        gpus = int(group["num_gpus"].dropna().iloc[0]) if group["num_gpus"].notna().any() else 0
-        out.append({**dict(zip(others, key)), "goodput_rate": best,
-                    "goodput_rate_per_gpu": best / gpus if gpus else 0.0, "num_gpus": gpus,
-                    "capped": bool(len(ok)) and best == float(ran.max())})
+        heaviest = (lambda v: float(v.min())) if scale else (lambda v: float(v.max()))
+        best = heaviest(ok) if len(ok) else (float("nan") if scale else 0.0)
+        row = {**dict(zip(others, key)), ("goodput_time_scale" if scale else "goodput_rate"): best}
+        if not scale:
+            gpus = int(group["num_gpus"].dropna().iloc[0]) if group["num_gpus"].notna().any() else 0
+            row.update(goodput_rate_per_gpu=best / gpus if gpus else 0.0, num_gpus=gpus)
+        out.append({**row, "capped": bool(len(ok)) and best == heaviest(ran)})
     return pd.DataFrame(out)
 
 
