@@ -132,6 +132,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             if none:
                 print(f"{none} of {len(best)} curves met the target at no {sweep.x} swept: their goodput is below "
                       "the lightest load swept")
+    if best.empty and sweep.x is not None and not args.quiet:
+        print(f"no goodput.csv: x ({sweep.x}) is not an arrival rate or a trace's time_scale")
     errors = int((df["error"].fillna("") != "").sum()) if "error" in df else 0
     print(f"{len(points)} points ({errors} failed) in {root}/: results.csv"
           + (", goodput.csv" if not best.empty else "") + "".join(f", {name}" for name in plots))

@@ -236,3 +236,17 @@ def test_sweep_goodput_on_a_time_scale_axis_is_the_fastest_replay_that_meets_the
     out = capsys.readouterr().out
     assert "goodput (lowest workload.trace.time_scale with attainment >= 90%)" in out
     assert "met the target at the lowest workload.trace.time_scale swept ('capped')" in out
+
+
+def test_sweep_over_another_axis_writes_its_curves_but_no_goodput(tmp_path, capsys):
+    """Goodput is a load: with x a grid path that is not an arrival rate or a time_scale (here the replica count)
+    the curves are drawn against it, and no goodput.csv claims the highest replica count meeting the target as
+    a rate."""
+    path = tmp_path / "sweep.yaml"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    path.write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "output_dir": "out", "x": "cluster.num_replicas",
+                                    "grid": {"cluster.num_replicas": [1, 2], "workload.arrival.rate_per_s": [2.0]}}))
+    assert main(["sweep", str(path), "--workers", "1"]) == 0
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "goodput_curve.png" in files and "goodput.csv" not in files
+    assert "no goodput.csv: x (cluster.num_replicas) is not an arrival rate" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from typing import Callable
 
 import pandas as pd
 
-from llmsim.sweep.spec import Point, SweepConfig
+from llmsim.sweep.spec import RATE_PATHS, Point, SweepConfig
 
 
 def _label(value) -> str:
@@ -46,7 +46,7 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
     scale that does (``goodput_time_scale``; empty where none does). ``capped`` where that is the heaviest load the
     curve ran: the grid stops before the curve misses the target, so the goodput is at least that."""
     x = sweep.x
-    if x is None or "attainment" not in df:
+    if x not in RATE_PATHS or "attainment" not in df:  # the highest replica count meeting it is no goodput
         return pd.DataFrame()
     scale = x.endswith("time_scale")  # heavier load at smaller values
     others = sweep.curve_keys
