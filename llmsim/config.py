@@ -497,8 +497,6 @@ class ExperimentConfig(_Strict):
             # As in Llumnix itself: a request in a micro-batch in flight cannot be taken out of the batch.
             raise ValueError("cluster.policy: llumnix runs with parallel.pp: 1 (no live migration out of a "
                              "pipeline)")
-        if self.simulation.client_timeout_s is not None and pipelined:
-            raise ValueError("simulation.client_timeout_s: modelled for replicas without pipeline stages (pp: 1)")
         if self.simulation.workers > 1:
             why = ("cluster.router: round_robin (a router that reads the replicas' state needs them in one process)"
                    if self.cluster.router != "round_robin" else

@@ -121,6 +121,58 @@ def test_nothing_lost_with_micro_batches(specs, scheduler, pp, preemption):
         assert not rep.scheduler.busy
 
 
+@given(st.lists(st.tuples(st.floats(0, 10), st.integers(1, 3000), st.integers(1, 400)), min_size=1, max_size=40),
+       st.sampled_from(["fcfs", "sarathi", "vllm_v1"]), st.sampled_from([2, 3]), st.floats(0.05, 3.0))
+def test_client_timeouts_on_a_pipeline_lose_nothing(specs, scheduler, pp, timeout_s):
+    """Clients give up on pipelined replicas too: every request finishes, is rejected or times out, a timed-out
+    one never gets its last token (one aborted while its micro-batch was in flight has that batch's token
+    dropped), and every KV block is free again."""
+    specs.sort()
+    cfg = make_config(parallel={"pp": pp}, cluster={"num_replicas": 2},
+                      scheduler={"name": scheduler, "gpu_memory_utilization": 0.5, "max_num_batched_tokens": 4096},
+                      simulation={"client_timeout_s": timeout_s})
+    result = simulate(cfg, make_requests(specs))
+    df = result.recorder.request_frame()
+    assert sorted(df["id"]) == list(range(len(specs)))
+    assert set(df["status"]) <= {"finished", "rejected", "timed_out"}
+    fin, out = df[df["status"] == "finished"], df[df["status"] == "timed_out"]
+    assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
+    assert (out["num_generated_tokens"] < out["num_output_tokens"]).all()
+    assert sum(result.recorder.tbt_count) <= (df["num_generated_tokens"].clip(lower=1) - 1).sum()
+    for rep in result.replicas:
+        rep.blocks.check_integrity()
+        assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
+        assert not rep.scheduler.busy and not rep.aborted_in_flight
+
+
+def test_a_request_aborted_in_flight_gets_no_token_from_its_batch(monkeypatch):
+    """A client that gives up while its request's micro-batch is in the pipeline: the request leaves at once (its
+    KV freed, as vLLM frees an aborted request's blocks) and the batch's token for it, landing later, is dropped."""
+    landed = []
+
+    def drop_aborted(out, aborted):
+        before = {r.id: r.num_generated_tokens for r in [c.request for c in out.prefills] + out.decodes}
+        kept = pipeline_drop_aborted(out, aborted)
+        landed.append((before, set(kept.request_ids())))
+        return kept
+
+    pipeline_drop_aborted = pipeline.drop_aborted
+    monkeypatch.setattr(pipeline, "drop_aborted", drop_aborted)
+    cfg = make_config(parallel={"pp": 4}, cluster={"num_replicas": 1}, model={"name": "Llama-2-13B"},
+                      scheduler={"name": "fcfs"}, simulation={"client_timeout_s": 0.5})
+    result = simulate(cfg, make_requests([(0.0, 300, 400), (0.0, 3000, 400)]))  # decoding / prefilling then
+    df = result.recorder.request_frame().set_index("id")
+    assert list(df["status"]) == ["timed_out", "timed_out"] and 0 < df.loc[0, "num_generated_tokens"] < 400
+    dropped = [(before, kept) for before, kept in landed if set(before) - kept]
+    assert dropped  # the deadline fell while a micro-batch holding a request was in flight
+    for before, kept in dropped:
+        for rid in set(before) - kept:  # its token from that batch was not delivered
+            assert df.loc[rid, "num_generated_tokens"] == before[rid]
+    rep = result.replicas[0]
+    rep.blocks.check_integrity()
+    assert rep.blocks.num_free_blocks == rep.blocks.num_blocks and not rep.aborted_in_flight
+
+
 def test_pipeline_config_errors():
     with pytest.raises(ConfigError, match="micro_batches"):
         make_config(parallel={"pp": 2, "micro_batches": 3})

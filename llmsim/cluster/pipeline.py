@@ -14,11 +14,16 @@ The engine's CPU time per step (``ExecutionModel.cpu_step_s``) is the driver's: 
 the batch can enter stage 0, one micro-batch at a time, and starts on the next one as long before stage 0 frees
 as the last one's preparation took (vLLM v0 runs one virtual engine per stage, so one micro-batch's CPU work
 overlaps the others' GPU work). Without CPU time a batch is scheduled when stage 0 frees.
+
+A client timeout (``Replica.abort``, run as the loop wakes) takes a request out at once, even from a batch in
+flight, its KV freed as vLLM frees an aborted request's blocks; that batch's token for it is dropped when the batch
+lands (``drop_aborted``), as vLLM discards an aborted request's output.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import simpy
@@ -41,6 +46,8 @@ def run_pipeline(replica: Replica):
         while flights and flights[0][0] <= now:
             end, out, start = flights.popleft()
             scheduler.land_flight(out)
+            if replica.aborted_in_flight:
+                out = drop_aborted(out, replica.aborted_in_flight)
             replica.apply(out, start, end)
         can_launch = len(flights) < replica.micro_batches and scheduler.has_schedulable_work
         ready = stage_free[0] - lead_s
@@ -87,3 +94,14 @@ def launch(replica: Replica, out: SchedulerOutput, now: float, stage_free: list[
                                out.num_prefill_tokens, num_decode, replica.blocks.num_used_blocks)
     replica.scheduler.start_flight(out)
     return stage_free[-1], cpu_s
+
+
+def drop_aborted(out: SchedulerOutput, aborted: set[int]) -> SchedulerOutput:
+    """The landed batch without the requests whose clients gave up while it was in flight (their ids leave
+    ``aborted``): as vLLM discards an aborted request's output, none of their tokens is delivered."""
+    ids = set(out.request_ids()) & aborted
+    if not ids:
+        return out
+    aborted -= ids
+    return replace(out, prefills=[c for c in out.prefills if c.request.id not in ids],
+                   decodes=[r for r in out.decodes if r.id not in ids])

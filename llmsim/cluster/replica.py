@@ -72,6 +72,8 @@ class Replica:
         self.async_scheduling = async_scheduling and not self.pipelined
         self.pending: deque[tuple[float, Request]] = deque()
         self.step_start_s = self.step_end_s = float("-inf")
+        # Pipelines: requests aborted while a micro-batch holding them was in flight, dropped from it as it lands.
+        self.aborted_in_flight: set[int] = set()
         # The fused-MoE kernel variants this engine has built (a cold Triton cache), or None: nothing to build.
         self.moe_compiles = moe_compiles
         self.process = env.process(run_pipeline(self) if self.pipelined else self._run())
@@ -141,6 +143,8 @@ class Replica:
         if held is not None:
             del self.pending[held]
         else:
+            if request.id in self.scheduler.busy:  # in a pipeline micro-batch in flight: its output is dropped
+                self.aborted_in_flight.add(request.id)
             self.scheduler.abort(request)
         self.abandon(request, reason)
 

@@ -167,9 +167,12 @@ class Scheduler:
         self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
 
     def abort(self, request: Request) -> None:
-        """The client gave up (at a boundary): the request leaves the batch or the queue; its KV is freed."""
+        """The client gave up (at a boundary): the request leaves the batch or the queue; its KV is freed. One in a
+        pipeline micro-batch still in flight leaves too (as vLLM frees an aborted request's blocks at once); the
+        replica drops it from that batch when the batch lands."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+            self.busy.discard(request.id)
         else:
             self.waiting.remove(request)
         self.blocks.free(request)
