@@ -173,6 +173,9 @@ class SchedulerConfig(_Strict):
     enable_prefix_caching: bool | None = None
     block_size: int = Field(default=16, ge=1)  # tokens per KV block
     preemption: Literal["recompute", "swap"] = "recompute"
+    # vLLM's --swap-space: host memory per GPU for swapped-out KV (v0's default 4). With preemption: swap, a
+    # preemption that does not fit stops the engine, as vLLM v0's does ("Aborted due to the lack of CPU swap space").
+    swap_space_gib: float = Field(default=4.0, gt=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     watermark: float = Field(default=0.01, ge=0, lt=1)  # share of KV blocks kept free at admission
     max_model_len: int | None = Field(default=None, ge=1)  # default: the model's max position

@@ -15,3 +15,15 @@ class TraceError(LLMSimError):
 
 class PlanError(LLMSimError):
     """A parallel plan cannot run, e.g. the weights plus the minimum KV cache do not fit."""
+
+
+class EngineAborted(PlanError):
+    """The simulated engine stopped where the real one would (vLLM v0 with its CPU swap space full). ``at_s``: the
+    simulated time, so that the earliest of several replicas' aborts is the one reported."""
+
+    def __init__(self, message: str, at_s: float = float("nan")):
+        super().__init__(message)
+        self.at_s = at_s
+
+    def __reduce__(self):  # pickled from a worker process with its time
+        return type(self), (str(self), self.at_s)

@@ -162,9 +162,9 @@ class RateBracket:
 
     def record(self, rate: float, summary: dict) -> None:
         self.runs += 1
-        if "error" in summary:
+        if "error" in summary and not summary.get("engine_aborted"):
             self.error = summary["error"].splitlines()[0]
-        elif summary["slo"]["attainment"] >= self.target:
+        elif "error" not in summary and summary["slo"]["attainment"] >= self.target:
             self.good, self.good_summary = rate, summary
         else:
             self.bad = rate

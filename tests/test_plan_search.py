@@ -75,3 +75,24 @@ def test_a_plan_that_meets_the_slo_at_the_highest_rate_is_probed_there_and_flagg
     assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("c*/rate=*")) == \
         ["rate=12.0", "rate=2.0", "rate=4.0", "rate=8.0"]
     assert "1 plan met the SLO at rates.max (12 req/s)" in capsys.readouterr().out
+
+
+def test_an_engine_that_stops_at_a_rate_misses_the_slo_there_and_the_plan_still_ranks(tmp_path):
+    """A probe whose engine stops as vLLM v0's would (swap space full) is a rate the plan cannot serve, not a plan
+    that cannot run: the search brackets the goodput below it."""
+    base = {**BASE, "scheduler": {"name": "fcfs", "preemption": "swap", "gpu_memory_utilization": 0.4,
+                                  "swap_space_gib": 0.5},
+            "workload": {"num_requests": 150, "arrival": {"kind": "poisson", "rate_per_s": 1.0},
+                         "prompt_tokens": {"kind": "uniform", "min": 500, "max": 3000},
+                         "output_tokens": {"kind": "uniform", "min": 100, "max": 1000}},
+            "slo": {"ttft_s": 60.0, "tpot_s": 1.0, "attainment": 0.9}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
+            "candidates": {"hardware.device": ["a100-80gb"]}, "rates": {"start": 0.5, "max": 8.0, "tolerance": 0.2}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
+    row = pd.read_csv(tmp_path / "out" / "plans.csv").iloc[0]
+    assert pd.isna(row["error"]) and 0.5 <= row["goodput_rate"] < 1.0 and not row["capped"]
+    errors = sorted((tmp_path / "out" / "runs").glob("c*/rate=*/error.txt"))
+    assert errors and all("lack of CPU swap space" in e.read_text() for e in errors)

@@ -1,6 +1,7 @@
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,6 +76,38 @@ def test_swap_preemption_keeps_kv_and_charges_transfer():
     assert out.preempted == [b]
     assert b.num_computed_tokens == 32  # its prompt's KV is kept, not dropped
     assert out.swap_bytes == b.num_computed_tokens * 100.0
+    assert s.swapped_blocks == {1: 2} and s.num_swapped_blocks == 2  # host blocks of its 32 tokens
+
+
+def test_swapped_kv_takes_host_blocks_until_it_comes_back_and_a_full_host_stops_the_engine():
+    """vLLM's --swap-space: a request preempted by swap holds host blocks for its KV until it is swapped back in
+    (or its client gives up); one that does not fit stops the engine, as vLLM v0's scheduler raises "Aborted due
+    to the lack of CPU swap space", before anything changes."""
+    from llmsim.errors import EngineAborted
+
+    def scheduler(swap_space_blocks):
+        s = FCFSScheduler(BlockManager(4, 16), max_num_seqs=8, max_num_batched_tokens=1000, preemption="swap",
+                          kv_bytes_per_token=100.0, swap_space_blocks=swap_space_blocks)
+        for i in range(2):
+            s.add(Request(i, 0, 32, 50))
+        apply(s.schedule())
+        return s
+
+    s = scheduler(2)
+    apply(s.schedule())  # the second request goes to the host: both host blocks
+    assert s.num_swapped_blocks == 2
+    s.abort(s.running[0])  # the first leaves; the second comes back and frees its host blocks
+    out = s.schedule()
+    assert out.swap_bytes == 32 * 100.0 and s.num_swapped_blocks == 0 and not s.swapped_blocks
+    s = scheduler(1)
+    with pytest.raises(EngineAborted, match=r"swapping out request 1 needs 2 KV blocks of host memory, 1 of 1"):
+        s.schedule()
+    assert [r.id for r in s.running] == [0, 1] and s.num_swapped_blocks == 0  # nothing changed
+    s = scheduler(2)
+    apply(s.schedule())
+    victim = s.waiting[0]
+    s.abort(victim)  # a swapped-out request whose client gives up frees its host blocks too
+    assert s.num_swapped_blocks == 0
 
 
 def test_sarathi_decodes_first_then_chunks_within_budget():

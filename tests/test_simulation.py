@@ -5,6 +5,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmsim.cluster.simulation import simulate
+from llmsim.errors import EngineAborted
 from llmsim.request import Request
 from llmsim.run import run_experiment
 from tests.factories import assert_nothing_lost, make_config, make_requests
@@ -106,7 +107,7 @@ def traffic_lengths(traffic: str) -> dict:
        scheduler=st.sampled_from(["fcfs", "fcfs_cached", "sarathi", "sarathi_cached", "vllm_v1", "vllm_v1_sync",
                                   "vllm_v1_cpu", "spf"]),
        rate=st.floats(1.0, 60.0), router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
-       mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap"]),
+       mem=st.sampled_from([0.22, 0.9]), preemption=st.sampled_from(["recompute", "swap", "swap_to_a_small_host"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]), high_priority=st.sampled_from([0.0, 0.2]),
        traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), timeout=st.sampled_from([None, 1.5]),
        budget=st.sampled_from([4096, 512]))
@@ -159,7 +160,9 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
                                                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
                                                "llumnix": {"priority_headroom": 0.2}},
                            scheduler={**scheduler_named(scheduler), "gpu_memory_utilization": mem, "chunk_size": 256,
-                                      "preemption": preemption,
+                                      # a host of a few blocks stops some runs (vLLM v0's swap abort): both alike
+                                      "preemption": preemption[:4] if preemption.startswith("swap") else preemption,
+                                      "swap_space_gib": 0.05 if preemption == "swap_to_a_small_host" else 4.0,
                                       "max_num_batched_tokens": budget if scheduler.startswith("vllm_v1") else 4096},
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths, "high_priority_fraction": high_priority},
@@ -173,7 +176,10 @@ def assert_fast_forward_equals_stepping(cfg, workload=_wl) -> None:
     """``cfg(fast_forward)`` run both ways, on ``workload(config)`` (default: the config's own), gives
     bit-identical request and iteration records and totals, and the same simulated span."""
     ff, step = cfg(True), cfg(False)
-    a, b = simulate(ff, workload(ff)), simulate(step, workload(step))
+    a, b = _simulate_or_abort(ff, workload(ff)), _simulate_or_abort(step, workload(step))
+    if isinstance(a, EngineAborted) or isinstance(b, EngineAborted):  # both stop at the same preemption
+        assert str(a) == str(b) and a.at_s == b.at_s
+        return
     assert a.sim_time_s == b.sim_time_s
     a_req, a_it = frames(a)
     b_req, b_it = frames(b)
@@ -182,6 +188,14 @@ def assert_fast_forward_equals_stepping(cfg, workload=_wl) -> None:
     totals = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
     assert [a.recorder.total(f) for f in totals] == [b.recorder.total(f) for f in totals]
     assert token_gaps(a) == token_gaps(b)
+
+
+def _simulate_or_abort(cfg, workload):
+    """The simulation's result, or the error of an engine that stopped as vLLM v0's would (swap space full)."""
+    try:
+        return simulate(cfg, workload)
+    except EngineAborted as exc:
+        return exc
 
 
 def token_gaps(result) -> dict[float, int]:
@@ -435,3 +449,49 @@ def test_fast_forward_equals_stepping_where_prompts_refill_cached_content(seed, 
         return [Request(i, t, p, o, prefix_segments=s) for i, (t, p, o, s) in enumerate(specs)]
 
     assert_fast_forward_equals_stepping(cfg, workload)
+
+
+def test_a_full_host_swap_space_stops_the_run_where_vllm_v0_would_in_every_mode(monkeypatch):
+    """``scheduler.swap_space_gib`` (vLLM's --swap-space, per GPU): host blocks for swapped-out KV. Sized to the
+    most a run ever swaps out at once, the run is the unbounded one's; one block less and the engine stops at the
+    preemption that does not fit, with the same error and time fast-forwarded, stepped and in two worker
+    processes (forked or spawned: the earliest abort over the workers)."""
+    import llmsim.cluster.workers as workers
+    from llmsim.cluster.simulation import build_pools
+    from llmsim.schedulers.base import Scheduler
+
+    def cfg(swap_space_gib, **simulation):
+        return make_config(cluster={"num_replicas": 2}, simulation=simulation,
+                           scheduler={"name": "fcfs", "preemption": "swap", "gpu_memory_utilization": 0.3,
+                                      "swap_space_gib": swap_space_gib},
+                           workload={"num_requests": 300, "arrival": {"kind": "poisson", "rate_per_s": 30.0},
+                                     "prompt_tokens": {"kind": "uniform", "min": 500, "max": 3000},
+                                     "output_tokens": {"kind": "uniform", "min": 100, "max": 1000}})
+
+    peak = [0]
+    swap_out = Scheduler._swap_out
+
+    def watched(self, request):
+        swap_out(self, request)
+        peak[0] = max(peak[0], self.num_swapped_blocks)
+
+    monkeypatch.setattr(Scheduler, "_swap_out", watched)
+    unbounded, unbounded_summary = run_experiment(cfg(1e6), write=False)
+    monkeypatch.setattr(Scheduler, "_swap_out", swap_out)
+    assert unbounded_summary["requests"]["preemptions"] > 20 and peak[0] > 1
+    block_bytes = build_pools(cfg(1.0))[1][0].memory.largest_kv_bytes_per_block
+    fits = (peak[0] + 0.5) * block_bytes / 2**30  # room for the peak's blocks and not one more
+    short = (peak[0] - 0.5) * block_bytes / 2**30
+    result, summary = run_experiment(cfg(fits), write=False)
+    pd.testing.assert_frame_equal(result.recorder.request_frame(), unbounded.recorder.request_frame())
+    assert all(rep.scheduler.num_swapped_blocks == 0 for rep in result.replicas)
+    messages = set()
+    for simulation in ({}, {"fast_forward": False}, {"workers": 2}):
+        with pytest.raises(EngineAborted, match=r"Aborted due to the lack of CPU swap space.*swap_space_gib") as e:
+            run_experiment(cfg(short, **simulation), write=False)
+        messages.add(str(e.value))
+    monkeypatch.setattr(workers.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(EngineAborted) as e:
+        run_experiment(cfg(short, workers=2), write=False)
+    messages.add(str(e.value))
+    assert len(messages) == 1 and messages.pop().startswith("at ")

@@ -250,3 +250,22 @@ def test_sweep_over_another_axis_writes_its_curves_but_no_goodput(tmp_path, caps
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert "goodput_curve.png" in files and "goodput.csv" not in files
     assert "no goodput.csv: x (cluster.num_replicas) is not an arrival rate" in capsys.readouterr().out
+
+
+def test_a_point_whose_engine_stops_counts_as_missing_the_target(tmp_path, capsys):
+    """A load at which the engine stops as vLLM v0's would (preemption by swap with the host's swap space full)
+    is a result: the point reports the error with attainment 0, and the curve's goodput is the rate below it,
+    not capped."""
+    base = {**BASE, "scheduler": {"name": "fcfs", "preemption": "swap", "gpu_memory_utilization": 0.4,
+                                  "swap_space_gib": 0.5},
+            "workload": {"num_requests": 150, "arrival": {"kind": "poisson", "rate_per_s": 1.0},
+                         "prompt_tokens": {"kind": "uniform", "min": 500, "max": 3000},
+                         "output_tokens": {"kind": "uniform", "min": 100, "max": 1000}},
+            "slo": {"ttft_s": 60.0, "tpot_s": 1.0}}
+    path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [0.5, 30.0]}, base=base)
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    df = pd.read_csv(tmp_path / "out" / "results.csv").set_index("workload.arrival.rate_per_s")
+    assert pd.isna(df.loc[0.5, "error"]) and df.loc[0.5, "attainment"] >= 0.9
+    assert "Aborted due to the lack of CPU swap space" in df.loc[30.0, "error"] and df.loc[30.0, "attainment"] == 0
+    best = pd.read_csv(tmp_path / "out" / "goodput.csv").iloc[0]
+    assert best["goodput_rate"] == 0.5 and not best["capped"]

@@ -17,7 +17,7 @@ from llmsim.cluster.router import ROUTERS
 from llmsim.cluster.workers import simulate_in_workers
 from llmsim.config import ExperimentConfig
 from llmsim.energy import PowerModel, power_model
-from llmsim.errors import ConfigError, PlanError
+from llmsim.errors import ConfigError, EngineAborted, PlanError
 from llmsim.execution.cpu_overhead import CpuOverhead
 from llmsim.execution.memory import MemoryPlan, plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
@@ -147,7 +147,8 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks),
                           enable_prefix_caching=s.prefix_caching)
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-                  preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token())
+                  preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token(),
+                  swap_space_blocks=pool.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else None)
     if decode_pool:
         scheduler = DecodeScheduler(blocks, **kwargs)
     else:
@@ -286,7 +287,10 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     else:
         recorder.on_request_end = send_next_turn
         env.process(arrivals(closed_loop.first_turns))
-    env.run(until=cfg.simulation.max_time_s)
+    try:
+        env.run(until=cfg.simulation.max_time_s)
+    except EngineAborted as exc:
+        raise EngineAborted(f"at {env.now:.6g} s simulated, {exc}", env.now) from None
     if on_progress is not None:
         on_progress(counts["arrived"] % 1024)
     in_flight = [r for rep in replicas for r in rep.in_flight()]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from llmsim.clock import Clock
 from llmsim.cluster.router import RoundRobin
 from llmsim.config import ExperimentConfig
+from llmsim.errors import EngineAborted, LLMSimError
 from llmsim.metrics.recorder import Recorder
 from llmsim.request import Request, RequestStatus
 
@@ -76,10 +77,16 @@ def simulate_in_workers(cfg: ExperimentConfig, requests: Iterable[Request],
         jobs = None
     else:  # spawn: each job is pickled to its worker, each outcome back (a worker that dies raises, not hangs)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as processes:
-            outcomes = []
-            for outcome in processes.map(_simulate_share, jobs):
+            outcomes, errors = [], []
+            for future in [processes.submit(_simulate_share, job) for job in jobs]:
+                try:
+                    outcome = future.result()
+                except LLMSimError as exc:
+                    errors.append(exc)
+                    continue
                 recorder.absorb(outcome[0])
                 outcomes.append(outcome[1:])
+        _raise_first(errors)
     moe_compiles = [None] * n
     sim_time_s, num_in_flight = last_arrival_s, 0
     for engines, now, in_flight in outcomes:
@@ -111,7 +118,7 @@ def _run_forked(jobs: list, recorder: Recorder) -> list:
     finally:
         _JOBS = []
     jobs.clear()  # the workers have their copies: this process needs the requests no more
-    outcomes = []
+    outcomes, errors = [], []
     try:
         for reader, process in readers.items():  # in worker order, so the merged records' order is fixed
             try:
@@ -121,6 +128,9 @@ def _run_forked(jobs: list, recorder: Recorder) -> list:
                 raise RuntimeError(f"a simulation worker died (exit code {process.exitcode})") from None
             if status == "error":
                 raise RuntimeError(f"a simulation worker failed:\n{head}")
+            if status == "llmsim_error":  # its replicas' engine stopped (say): the others may stop earlier
+                errors.append(head)
+                continue
             worker_recorder, num_columns = head[0], head[-1]
             recorder.absorb(worker_recorder, (reader.recv_bytes() for _ in range(num_columns)))
             outcomes.append(head[1:-1])
@@ -132,7 +142,15 @@ def _run_forked(jobs: list, recorder: Recorder) -> list:
             if process.is_alive():
                 process.terminate()
             process.join()
+    _raise_first(errors)
     return outcomes
+
+
+def _raise_first(errors: list[LLMSimError]) -> None:
+    """Raise what one process would have: an error of the input before any engine abort, else the abort at the
+    earliest simulated time (the replicas run apart, so each worker's first abort is as one process has it)."""
+    if errors:
+        raise min(errors, key=lambda exc: exc.at_s if isinstance(exc, EngineAborted) else float("-inf"))
 
 
 def _worker(index: int, writer) -> None:
@@ -144,6 +162,10 @@ def _worker(index: int, writer) -> None:
         columns = worker_recorder.columns()
         worker_recorder.detach_columns()  # pickled without them: they follow raw
         head = (worker_recorder, *rest, len(columns))
+    except LLMSimError as exc:  # the user's to read, as in one process (pickled with its time)
+        writer.send(("llmsim_error", exc))
+        writer.close()
+        return
     except BaseException:
         writer.send(("error", traceback.format_exc()))
         writer.close()

@@ -21,6 +21,12 @@ class MemoryPlan:
     reserve_bytes: float  # CUDA context, communicator buffers, allocator slack
     kv_bytes_per_block: float  # per GPU (on that stage)
     num_blocks: int  # KV blocks per replica (every GPU holds its shard of each block)
+    largest_kv_bytes_per_block: float = 0.0  # per GPU, on the stage with the most layers' KV
+
+    def swap_space_blocks(self, swap_space_gib: float) -> int:
+        """Blocks of swapped-out KV the host holds: vLLM gives every worker ``swap_space_gib`` and takes the
+        fewest blocks any worker has room for (``num_cpu_blocks``)."""
+        return int(swap_space_gib * GIB // (self.largest_kv_bytes_per_block or self.kv_bytes_per_block))
 
 
 def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan, *, block_size: int,
@@ -58,4 +64,4 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
             f"{num_blocks} KV blocks but one {max_model_len}-token sequence needs {needed}. "
             "Raise tp/pp, use a larger device or lower max_model_len / max_num_batched_tokens."
         )
-    return MemoryPlan(weights, activations, reserve, kv_per_block, num_blocks)
+    return MemoryPlan(weights, activations, reserve, kv_per_block, num_blocks, max(stage[2] for stage in stages))

@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from llmsim.errors import EngineAborted
 from llmsim.kv_cache import NO_HIT, BlockManager, PrefixHit
 from llmsim.request import Request, RequestStatus
 
@@ -93,12 +94,17 @@ class Scheduler:
     pads_every_step_to_graphs: bool = False
 
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption: str = "recompute", kv_bytes_per_token: float = 0.0):
+                 preemption: str = "recompute", kv_bytes_per_token: float = 0.0,
+                 swap_space_blocks: int | None = None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption = preemption  # "recompute" drops the KV; "swap" parks it in host memory
         self.kv_bytes_per_token = kv_bytes_per_token
+        # Swap: the host's blocks for swapped-out KV (None: unbounded), and those each swapped-out request holds.
+        self.swap_space_blocks = swap_space_blocks
+        self.swapped_blocks: dict[int, int] = {}
+        self.num_swapped_blocks = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is evicted first
         self.num_reserved_seqs = 0  # batch slots held for requests migrating in
@@ -175,6 +181,7 @@ class Scheduler:
             self.busy.discard(request.id)
         else:
             self.waiting.remove(request)
+            self._swapped_back(request)  # a swapped-out request's host blocks are freed too
         self.blocks.free(request)
 
     def commit_decode_run(self, requests: list[Request], num_steps: int | None = None) -> None:
@@ -304,6 +311,7 @@ class Scheduler:
         cached = request.num_computed_tokens
         if request.status is RequestStatus.PREEMPTED and self.preemption == "swap" and cached:
             out.swap_bytes += cached * self.kv_bytes_per_token  # swap its KV back in
+            self._swapped_back(request)
         self.blocks.allocate(request, num_new_tokens if reserve_tokens is None else reserve_tokens)
         self._start(request, num_new_tokens, out)
 
@@ -343,6 +351,24 @@ class Scheduler:
         self.blocks.allocate(request, num_new_tokens)
         return True
 
+    def _swap_out(self, request: Request) -> None:
+        """Host blocks for a request preempted by swap (its computed KV), or the engine stops as vLLM v0's does
+        (``Scheduler._swap_out``: "Aborted due to the lack of CPU swap space"), before anything changes."""
+        need = self.blocks.blocks_for(request.num_computed_tokens)
+        if self.swap_space_blocks is not None and self.num_swapped_blocks + need > self.swap_space_blocks:
+            raise EngineAborted(
+                f"swapping out request {request.id} needs {need} KV blocks of host memory, "
+                f"{self.swap_space_blocks - self.num_swapped_blocks} of {self.swap_space_blocks} are free "
+                f"({len(self.swapped_blocks)} requests swapped out): vLLM v0 aborts the engine here (\"Aborted due "
+                "to the lack of CPU swap space\"); raise scheduler.swap_space_gib or use preemption: recompute")
+        if need:
+            self.swapped_blocks[request.id] = need
+            self.num_swapped_blocks += need
+
+    def _swapped_back(self, request: Request) -> None:
+        """A swapped-out request's KV came back (or it left): its host blocks are free again."""
+        self.num_swapped_blocks -= self.swapped_blocks.pop(request.id, 0)
+
     def _schedule_decodes(self, candidates: list[Request], out: SchedulerOutput) -> None:
         """One new token for each candidate still running, in order."""
         blocks = self.blocks
@@ -358,6 +384,8 @@ class Scheduler:
                 out.decode_kv_tokens += request.num_computed_tokens + 1
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        if self.preemption == "swap":
+            self._swap_out(request)
         self.running.remove(request)
         # A recomputed request's KV stays valid in the cache until evicted (vLLM v1 frees it into the prefix
         # cache); swapped-out KV is in host memory and comes back whole.

@@ -19,7 +19,7 @@ from typing import Callable
 import yaml
 
 from llmsim.config import parse_config
-from llmsim.errors import LLMSimError
+from llmsim.errors import EngineAborted, LLMSimError
 from llmsim.sweep.spec import Point
 
 
@@ -58,7 +58,8 @@ def run_point(config_json: dict, folder: str) -> dict:
     except LLMSimError as exc:  # a plan that does not fit is a result of the sweep, not a crash
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "error.txt").write_text(str(exc))
-        return {"error": str(exc)}
+        # An engine that stopped under this load (its swap space full) missed the SLO here; the plan itself runs.
+        return {"error": str(exc), **({"engine_aborted": True} if isinstance(exc, EngineAborted) else {})}
 
 
 def _job(root: Path, point: Point) -> tuple[dict, str]:

@@ -22,7 +22,9 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
         s = summaries.get(p.index, {})
         row = {"point": p.name, **{k: _label(v) if isinstance(v, dict) else v for k, v in p.values.items()}}
         if "error" in s or not s:
-            rows.append({**row, "error": s.get("error", "not run")})
+            # An engine that stopped under the load (swap space full) served no request to the end: attainment 0.
+            rows.append({**row, **({"attainment": 0.0} if s.get("engine_aborted") else {}),
+                         "error": s.get("error", "not run")})
             continue
         rows.append({
             **row,
@@ -59,7 +61,8 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
         best = heaviest(ok) if len(ok) else (float("nan") if scale else 0.0)
         row = {**dict(zip(others, key)), ("goodput_time_scale" if scale else "goodput_rate"): best}
         if not scale:
-            gpus = int(group["num_gpus"].dropna().iloc[0]) if group["num_gpus"].notna().any() else 0
+            known = group["num_gpus"].dropna() if "num_gpus" in group else ()  # none where every point failed
+            gpus = int(known.iloc[0]) if len(known) else 0
             row.update(goodput_rate_per_gpu=best / gpus if gpus else 0.0, num_gpus=gpus)
         out.append({**row, "capped": bool(len(ok)) and best == heaviest(ran)})
     return pd.DataFrame(out)
