@@ -59,18 +59,23 @@ def test_plan_search_resumes_from_its_probe_folders(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "plans.csv"), first)
 
 
+def _one_candidate(tmp_path, base: dict, device: str, rates: dict) -> pd.Series:
+    """``llmsim plan`` over one device on one GPU; its plans.csv row."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
+            "candidates": {"hardware.device": [device]}, "rates": rates}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
+    return pd.read_csv(tmp_path / "out" / "plans.csv").iloc[0]
+
+
 def test_a_plan_that_meets_the_slo_at_the_highest_rate_is_probed_there_and_flagged(tmp_path, capsys):
     """The doubling ends at rates.max itself (2, 4, 8, then 12, not a stop at 8), and a plan that meets the SLO
     there is reported with goodput rates.max, marked capped, and the printed table says its goodput is a lower
     bound. Before, a plan holding 12 req/s read 8 with max 12, and nothing on screen said it was capped."""
     base = {**BASE, "slo": {"ttft_s": 60.0, "tpot_s": 1.0, "attainment": 0.9}}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
-            "candidates": {"hardware.device": ["h100-sxm"]}, "rates": {"start": 2.0, "max": 12.0, "tolerance": 0.2}}
-    path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
-    row = pd.read_csv(tmp_path / "out" / "plans.csv").iloc[0]
+    row = _one_candidate(tmp_path, base, "h100-sxm", {"start": 2.0, "max": 12.0, "tolerance": 0.2})
     assert row["goodput_rate"] == 12.0 and bool(row["capped"]) and row["runs"] == 4
     assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("c*/rate=*")) == \
         ["rate=12.0", "rate=2.0", "rate=4.0", "rate=8.0"]
@@ -86,13 +91,7 @@ def test_an_engine_that_stops_at_a_rate_misses_the_slo_there_and_the_plan_still_
                          "prompt_tokens": {"kind": "uniform", "min": 500, "max": 3000},
                          "output_tokens": {"kind": "uniform", "min": 100, "max": 1000}},
             "slo": {"ttft_s": 60.0, "tpot_s": 1.0, "attainment": 0.9}}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    plan = {"name": "p", "base": "base.yaml", "gpus": 1, "output_dir": "out",
-            "candidates": {"hardware.device": ["a100-80gb"]}, "rates": {"start": 0.5, "max": 8.0, "tolerance": 0.2}}
-    path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    assert main(["plan", str(path), "--workers", "1", "-q"]) == 0
-    row = pd.read_csv(tmp_path / "out" / "plans.csv").iloc[0]
+    row = _one_candidate(tmp_path, base, "a100-80gb", {"start": 0.5, "max": 8.0, "tolerance": 0.2})
     assert pd.isna(row["error"]) and 0.5 <= row["goodput_rate"] < 1.0 and not row["capped"]
     errors = sorted((tmp_path / "out" / "runs").glob("c*/rate=*/error.txt"))
     assert errors and all("lack of CPU swap space" in e.read_text() for e in errors)
