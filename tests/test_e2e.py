@@ -144,6 +144,19 @@ def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 
+def test_validate_e2e_stopped_part_way_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """Its folder is made (and checked writable) before the replays; interrupted during them (Ctrl-C), it goes
+    again, with the parents made for it."""
+    import llmsim.e2e.workflow as workflow
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "replay", interrupted)
+    assert main(["validate-e2e", str(SLICE), "--out", str(tmp_path / "a" / "o")]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("file, entry, needle", [
     ("", {"arrival_time_us": 10**12, "output_tokens": 5}, "requests[399]: missing input_tokens"),
     ("", {"arrival_time_us": 10**12, "input_tokens": "12", "output_tokens": 5}, "requests[399]: input_tokens '12'"),
