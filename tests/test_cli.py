@@ -101,6 +101,19 @@ def test_check_shows_every_distserve_pool_and_names_the_one_that_does_not_fit(ca
     assert "cluster.distserve.decode: Llama-2-13B does not fit" in capsys.readouterr().err
 
 
+def test_check_shows_the_host_swap_space_of_swap_preemption(capsys):
+    """With preemption: swap, ``check`` shows the host's KV blocks for swapped-out KV (vLLM's num_cpu_blocks:
+    scheduler.swap_space_gib over a block's bytes per GPU; Llama-2-7B at TP 1: 16 x 512 KiB = 8 MiB a block)."""
+    config = str(ROOT / "experiments" / "quickstart.yaml")
+    assert main(["check", config, "--set", "model.name=Llama-2-7B", "--set", "scheduler.preemption=swap"]) == 0
+    assert "host swap space 512 KV blocks per replica" in capsys.readouterr().out
+    assert main(["check", config, "--set", "model.name=Llama-2-7B", "--set", "scheduler.preemption=swap",
+                 "--set", "scheduler.swap_space_gib=1", "--set", "parallel.tp=2"]) == 0
+    assert "host swap space 256 KV blocks per replica" in capsys.readouterr().out  # half a block per GPU
+    assert main(["check", config]) == 0
+    assert "swap" not in capsys.readouterr().out
+
+
 def test_check_does_not_load_the_results_stack():
     """``llmsim check`` starts fast because the simulator imports neither pandas nor pyarrow."""
     code = ("import sys; from llmsim.cli import main; main(['check', %r]); "
