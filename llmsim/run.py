@@ -124,6 +124,7 @@ def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
         **({"migration": result.migration.summary()} if result.migration is not None else {}),
         **({"kv_copies": result.kv_copies.summary()} if result.kv_copies is not None else {}),
         **_kernel_builds(result.moe_compiles),
+        **_host_swap(cfg, result),
         "simulation": {"simulated_s": result.sim_time_s, "wall_s": result.wall_s,
                        "requests_per_wall_s": result.num_arrived / max(result.wall_s, 1e-9)},
     }
@@ -156,6 +157,21 @@ def _kernel_builds(moe_compiles: list) -> dict:
                               "wait_s": sum(e.num_built_serving * e.variant_s for e in engines)}}
 
 
+def _host_swap(cfg: ExperimentConfig, result: SimulationResult) -> dict:
+    """With preemption by swap: the most KV blocks any replica had swapped out to the host at once, and that as a
+    share of its host swap space (vLLM's "CPU KV cache usage"); nothing otherwise."""
+    capacity = []
+    for pool_index in result.replica_pool:
+        pool = result.pools[pool_index]
+        s = cfg.scheduler_for(pool.role)
+        capacity.append(pool.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else 0)
+    if not any(capacity):
+        return {}
+    peaks = result.peak_swapped_blocks
+    return {"host_swap": {"peak_blocks": max(peaks),
+                          "peak_share": max(p / c for p, c in zip(peaks, capacity) if c)}}
+
+
 def _policy_lines(summary: dict) -> list[str]:
     lines = []
     pc = summary.get("prefix_cache")
@@ -163,6 +179,10 @@ def _policy_lines(summary: dict) -> list[str]:
         lines.append(f"prefix cache: {pc['hit_rate_tokens']:.1%} of prompt tokens cached, "
                      f"{pc['hit_rate_requests']:.1%} of requests hit, "
                      f"{pc['prefill_flops_saved'] / 1e12:.1f} TFLOP of prefill saved")
+    if "host_swap" in summary:
+        h = summary["host_swap"]
+        lines.append(f"host swap space: at most {h['peak_blocks']} KV blocks swapped out at once, "
+                     f"{h['peak_share']:.1%} of a replica's")
     if "migration" in summary:
         lines.append(migration_line(summary["migration"]))
     if summary.get("kernel_builds", {}).get("fused_moe_variants"):

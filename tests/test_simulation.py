@@ -485,6 +485,10 @@ def test_a_full_host_swap_space_stops_the_run_where_vllm_v0_would_in_every_mode(
     result, summary = run_experiment(cfg(fits), write=False)
     pd.testing.assert_frame_equal(result.recorder.request_frame(), unbounded.recorder.request_frame())
     assert all(rep.scheduler.num_swapped_blocks == 0 for rep in result.replicas)
+    # The summary's host swap (vLLM's CPU KV cache usage): the peak, here all of the host's blocks.
+    assert unbounded_summary["host_swap"]["peak_blocks"] == summary["host_swap"]["peak_blocks"] == peak[0]
+    assert summary["host_swap"]["peak_share"] == 1.0
+    assert run_experiment(cfg(fits, workers=2), write=False)[1]["host_swap"] == summary["host_swap"]
     messages = set()
     for simulation in ({}, {"fast_forward": False}, {"workers": 2}):
         with pytest.raises(EngineAborted, match=r"Aborted due to the lack of CPU swap space.*swap_space_gib") as e:

@@ -66,6 +66,8 @@ class SimulationResult:
     # Each replica's record of the fused-MoE kernel variants it built (None: a dense model or a warm cache). With
     # ``simulation.workers`` > 1 the replicas ran in worker processes and ``replicas`` is empty.
     moe_compiles: list = field(default_factory=list)
+    # Each replica's most KV blocks swapped out to the host at once (preemption: swap).
+    peak_swapped_blocks: list[int] = field(default_factory=list)
 
 
 def check_plan(model: ModelSpec, plan: ParallelPlan, where: str = "parallel") -> None:
@@ -306,4 +308,5 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
                             len(in_flight), env.last_active_s, time.perf_counter() - wall0, pools, replica_pool,
                             migrator.stats if migrator is not None else None,
                             network.stats if network.stats.copies else None,
-                            [rep.moe_compiles for rep in replicas])
+                            [rep.moe_compiles for rep in replicas],
+                            [rep.scheduler.peak_swapped_blocks for rep in replicas])

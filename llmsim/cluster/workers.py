@@ -87,15 +87,18 @@ def simulate_in_workers(cfg: ExperimentConfig, requests: Iterable[Request],
                 recorder.absorb(outcome[0])
                 outcomes.append(outcome[1:])
         _raise_first(errors)
-    moe_compiles = [None] * n
+    moe_compiles, peak_swapped = [None] * n, [0] * n
     sim_time_s, num_in_flight = last_arrival_s, 0
-    for engines, now, in_flight in outcomes:
+    for engines, swapped, now, in_flight in outcomes:
         for rid, engine in engines.items():
             moe_compiles[rid] = engine
+        for rid, peak in swapped.items():
+            peak_swapped[rid] = peak
         sim_time_s = max(sim_time_s, now)
         num_in_flight += in_flight
     return SimulationResult(cfg, model, pool.execution, pool.memory, recorder, [], num_arrived, num_in_flight,
-                            sim_time_s, time.perf_counter() - wall0, pools, [0] * n, moe_compiles=moe_compiles)
+                            sim_time_s, time.perf_counter() - wall0, pools, [0] * n, moe_compiles=moe_compiles,
+                            peak_swapped_blocks=peak_swapped)
 
 
 _JOBS: list = []  # the jobs of forked workers, set while they start
@@ -178,7 +181,7 @@ def _worker(index: int, writer) -> None:
 
 def _simulate_share(job):
     """One worker: the usual simulation of its requests, each sent to its replica; returns its records, the
-    fused-MoE build records of the replicas it served, its clock's end and its requests in flight."""
+    fused-MoE build records and swap peaks of the replicas it served, its clock's end and its requests in flight."""
     from llmsim.cluster.simulation import simulate
 
     cfg, share, replica_of = job
@@ -186,7 +189,8 @@ def _simulate_share(job):
     result.recorder.totals  # folds the iteration rows (power, totals) here, in the worker
     served = set(replica_of.values())
     engines = {rid: engine for rid, engine in enumerate(result.moe_compiles) if rid in served}
-    return result.recorder, engines, result.sim_time_s, result.num_in_flight
+    swapped = {rid: peak for rid, peak in enumerate(result.peak_swapped_blocks) if rid in served}
+    return result.recorder, engines, swapped, result.sim_time_s, result.num_in_flight
 
 
 def _drain(requests: list[Request]):

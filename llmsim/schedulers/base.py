@@ -104,7 +104,7 @@ class Scheduler:
         # Swap: the host's blocks for swapped-out KV (None: unbounded), and those each swapped-out request holds.
         self.swap_space_blocks = swap_space_blocks
         self.swapped_blocks: dict[int, int] = {}
-        self.num_swapped_blocks = 0
+        self.num_swapped_blocks = self.peak_swapped_blocks = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is evicted first
         self.num_reserved_seqs = 0  # batch slots held for requests migrating in
@@ -364,6 +364,7 @@ class Scheduler:
         if need:
             self.swapped_blocks[request.id] = need
             self.num_swapped_blocks += need
+            self.peak_swapped_blocks = max(self.peak_swapped_blocks, self.num_swapped_blocks)
 
     def _swapped_back(self, request: Request) -> None:
         """A swapped-out request's KV came back (or it left): its host blocks are free again."""
