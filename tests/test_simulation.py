@@ -499,3 +499,23 @@ def test_a_full_host_swap_space_stops_the_run_where_vllm_v0_would_in_every_mode(
         run_experiment(cfg(short, workers=2), write=False)
     messages.add(str(e.value))
     assert len(messages) == 1 and messages.pop().startswith("at ")
+
+
+def test_a_swap_moves_each_gpus_shard_over_its_own_host_link():
+    """vLLM's workers each copy their own blocks to and from the host, all at once: what a step's swap waits for
+    is one GPU's shard (its KV heads, its stage's layers), not the replica's whole KV over one link."""
+    from llmsim.cluster.simulation import build_pools, make_replica
+    from llmsim.clock import Clock
+    from llmsim.metrics.recorder import Recorder
+
+    def per_token(tp, pp):
+        cfg = make_config(model={"name": "Llama-2-7B"}, parallel={"tp": tp, "pp": pp},
+                          scheduler={"name": "fcfs", "preemption": "swap"})
+        model, pools, _ = build_pools(cfg)
+        rep = make_replica(Clock(), 0, cfg, pools[0], Recorder([pools[0].power], False))
+        return rep.scheduler.kv_bytes_per_token, model.kv_bytes_per_token()
+
+    whole = per_token(1, 1)
+    assert whole[0] == whole[1] == 2 * 32 * 4096 * 2  # one GPU holds it all: K and V, 32 layers, fp16
+    assert per_token(2, 1)[0] == whole[1] / 2 and per_token(4, 1)[0] == whole[1] / 4  # its KV heads
+    assert per_token(1, 2)[0] == whole[1] / 2  # its stage's 16 layers

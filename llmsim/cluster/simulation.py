@@ -148,8 +148,10 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
     decode_pool = pool.role == "decode"  # DistServe's decode instances: handed-over KV
     blocks = BlockManager(num_blocks, s.block_size, watermark_blocks=int(s.watermark * num_blocks),
                           enable_prefix_caching=s.prefix_caching)
+    # A swap moves each GPU's shard of the KV over its own host link, all at once (vLLM's workers each copy their
+    # own blocks): the time is a shard's bytes, on the stage holding the most layers' KV, over one link.
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-                  preemption=s.preemption, kv_bytes_per_token=pool.execution.model.kv_bytes_per_token(),
+                  preemption=s.preemption, kv_bytes_per_token=pool.memory.largest_kv_bytes_per_block / s.block_size,
                   swap_space_blocks=pool.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else None)
     if decode_pool:
         scheduler = DecodeScheduler(blocks, **kwargs)

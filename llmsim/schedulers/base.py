@@ -58,7 +58,7 @@ class SchedulerOutput:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Request] = field(default_factory=list)  # one new token each
     preempted: list[Request] = field(default_factory=list)  # evicted this step to make room
-    swap_bytes: float = 0.0  # KV moved between GPU and host memory this step
+    swap_bytes: float = 0.0  # KV each GPU moves between its memory and the host this step (its shard)
     decode_kv_tokens: int = 0  # KV tokens the decodes attend over, summed
 
     @property
@@ -100,7 +100,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption = preemption  # "recompute" drops the KV; "swap" parks it in host memory
-        self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_bytes_per_token = kv_bytes_per_token  # per GPU: what one worker swaps per token
         # Swap: the host's blocks for swapped-out KV (None: unbounded), and those each swapped-out request holds.
         self.swap_space_blocks = swap_space_blocks
         self.swapped_blocks: dict[int, int] = {}
