@@ -70,12 +70,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for pool in pools:
         ex, memory = pool.execution, pool.memory
         role = "" if pool.role == "colocated" else f"{pool.role} pool ({pool.num_replicas}x) "
-        s = cfg.scheduler_for(pool.role)
-        host = (f", host swap space {memory.swap_space_blocks(s.swap_space_gib)} KV blocks"
-                if s.preemption == "swap" else "")
+        swap_blocks = pool.host_swap_blocks(cfg)
+        host = f", host swap space {swap_blocks} KV blocks" if swap_blocks is not None else ""
         plans.append(f"{role}TP={ex.plan.tp} PP={ex.plan.pp}: per GPU weights {memory.weights_bytes / gib:.1f} GiB, "
                      f"activations {memory.activation_bytes / gib:.2f} GiB, {memory.num_blocks} KV blocks "
-                     f"({memory.num_blocks * s.block_size} tokens){host} per replica")
+                     f"({memory.num_blocks * cfg.scheduler_for(pool.role).block_size} tokens){host} per replica")
     print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {pools[0].execution.hardware.name}, "
           + "; ".join(plans) + f", max_model_len {max_len}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +47,17 @@ def prepare_output(out: Path, setting: str = "output_dir") -> None:
         raise ConfigError(f"{setting}: cannot write to {out}: {exc.strerror}") from None
 
 
+@contextmanager
+def output_folder(out: Path, setting: str = "output_dir") -> Iterator[Path]:
+    """For work that writes its results to ``out``: the folder checked first (``prepare_output``), and yielded as an
+    absolute path; where this created it (with its parents), it goes again if the work fails or is interrupted
+    while it is still empty, so a bad input or Ctrl-C leaves no empty results folder behind."""
+    made = first_missing(out.absolute())
+    prepare_output(out, setting)
+    with removed_if_left_empty(out.absolute(), made):
+        yield out.absolute()
+
+
 def prepare_output_file(path: Path, setting: str) -> None:
     """A file to write: not a folder, in a folder that exists (or is created) and is writable -- checked before
     the work that produces it."""
@@ -75,10 +87,7 @@ def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | N
     which is checked first and, where this created it, removed again if the run fails or is interrupted."""
     if not write:
         return _run(cfg, on_progress, None)
-    out = Path(output_dir or cfg.output_dir).absolute()
-    made = first_missing(out)
-    prepare_output(out)
-    with removed_if_left_empty(out, made):
+    with output_folder(Path(output_dir or cfg.output_dir)) as out:
         return _run(cfg, on_progress, out)
 
 
@@ -160,11 +169,7 @@ def _kernel_builds(moe_compiles: list) -> dict:
 def _host_swap(cfg: ExperimentConfig, result: SimulationResult) -> dict:
     """With preemption by swap: the most KV blocks any replica had swapped out to the host at once, and that as a
     share of its host swap space (vLLM's "CPU KV cache usage"); nothing otherwise."""
-    capacity = []
-    for pool_index in result.replica_pool:
-        pool = result.pools[pool_index]
-        s = cfg.scheduler_for(pool.role)
-        capacity.append(pool.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else 0)
+    capacity = [result.pools[i].host_swap_blocks(cfg) or 0 for i in result.replica_pool]
     if not any(capacity):
         return {}
     peaks = result.peak_swapped_blocks

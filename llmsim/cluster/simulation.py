@@ -46,6 +46,12 @@ class Pool:
     def num_gpus(self) -> int:  # per replica
         return self.execution.plan.num_gpus
 
+    def host_swap_blocks(self, cfg: ExperimentConfig) -> int | None:
+        """The host's KV blocks for a replica's swapped-out KV (vLLM's num_cpu_blocks); None where its scheduler
+        preempts by recompute."""
+        s = cfg.scheduler_for(self.role)
+        return self.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else None
+
 
 @dataclass
 class SimulationResult:
@@ -152,7 +158,7 @@ def make_replica(env: Clock, replica_id: int, cfg: ExperimentConfig, pool: Pool,
     # own blocks): the time is a shard's bytes, on the stage holding the most layers' KV, over one link.
     kwargs = dict(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                   preemption=s.preemption, kv_bytes_per_token=pool.memory.largest_kv_bytes_per_block / s.block_size,
-                  swap_space_blocks=pool.memory.swap_space_blocks(s.swap_space_gib) if s.preemption == "swap" else None)
+                  swap_space_blocks=pool.host_swap_blocks(cfg))
     if decode_pool:
         scheduler = DecodeScheduler(blocks, **kwargs)
     else:

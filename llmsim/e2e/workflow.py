@@ -21,8 +21,8 @@ from llmsim.e2e.step_check import step_ratios, summarize
 from llmsim.e2e.vllm_bench import bench_names, load_bench_run
 from llmsim.errors import ConfigError
 from llmsim.hardware.profile import load_profile
-from llmsim.results_folder import first_missing, removed_if_left_empty, write_folder
-from llmsim.run import prepare_output
+from llmsim.results_folder import write_folder
+from llmsim.run import output_folder
 
 HEADLINE = ("ttft_mean", "ttft_p99", "e2e_mean", "tpot_mean", "request_throughput", "errors")
 
@@ -55,9 +55,7 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
         load_profile(device)
     except ConfigError as exc:
         raise ConfigError(f"--device: {str(exc).removeprefix('hardware.device: ')}") from None
-    made = first_missing(Path(out).absolute())  # removed again if the replays fail or are interrupted
-    prepare_output(out, "--out")
-    with removed_if_left_empty(Path(out).absolute(), made):
+    with output_folder(Path(out), "--out"):  # removed again if the replays fail or are interrupted
         return _replay_all(runs, root, out, device, max_requests, on_run, intervals)
 
 
