@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from llmsim.errors import ConfigError
 from llmsim.execution.cpu_overhead import CpuOverheadParams, load_cpu_profile, shipped_profiles
+from llmsim.models.spec import hf_config_file
 from llmsim.yaml_text import load_yaml_text
 
 
@@ -43,7 +44,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str  # catalog name or path to a HuggingFace config.json
+    name: str  # catalog name or path to a HuggingFace config.json (or its folder), relative to the working directory
     # Weights' dtype (default the model's); fp8/int8 is a quantised checkpoint, GEMMs at that dtype's peak.
     dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] | None = None
     # Activations (and TP all-reduce payloads): default the weights' dtype when 16/32-bit, else bf16.
@@ -51,13 +52,25 @@ class ModelConfig(_Strict):
     # vLLM's --kv-cache-dtype: default the activations'.
     kv_cache_dtype: Literal["fp32", "fp16", "bf16", "fp8"] | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _absolute_path(cls, name: str) -> str:
+        # A path is made absolute (on the working directory), so the config.yaml a results folder records it in
+        # runs again from anywhere.
+        return os.path.abspath(name) if hf_config_file(name) is not None else name
+
 
 class HardwareConfig(_Strict):
-    device: str = "a100-80gb"  # profile name in hardware_profiles/ or a path to a profile YAML
+    device: str = "a100-80gb"  # profile name in hardware_profiles/ or a path to a profile YAML (working directory)
     # What-if multipliers on the modelled kernel times, by group (1 where absent): "attention 20% slower" is
     # {attention_decode: 1.2}. ``llmsim validate-e2e --intervals`` draws them from the held-out kernel errors.
     time_factors: dict[Literal["gemm", "attention_prefill", "attention_decode", "collective", "other"],
                        Annotated[float, Field(gt=0, allow_inf_nan=False)]] = {}
+
+    @field_validator("device")
+    @classmethod
+    def _absolute_path(cls, device: str) -> str:
+        return os.path.abspath(device) if Path(device).suffix else device  # as model.name's
 
 
 class ParallelConfig(_Strict):
@@ -466,6 +479,7 @@ class ExperimentConfig(_Strict):
     # Written into a result's config.yaml: the llmsim (version + source digest) that produced it. A config read
     # back keeps it only as a record; the code that runs it writes its own.
     llmsim_version: str | None = None
+    input_digests: dict[str, str] | None = None  # the same: the content of the files it read (``llmsim.run``)
     seed: int = Field(default=0, ge=0)
     output_dir: Path = Path("results")
     model: ModelConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,19 +17,36 @@ from llmsim.cluster.migration import migration_line
 from llmsim.cluster.simulation import SimulationResult, simulate
 from llmsim.config import ExperimentConfig
 from llmsim.errors import ConfigError
+from llmsim.hardware.profile import profile_files
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo, summarize
+from llmsim.models.spec import hf_config_file
 from llmsim.request import Request
 from llmsim.results_folder import first_missing, removed_if_left_empty, write_folder
-from llmsim.version import code_version
+from llmsim.version import code_version, file_digest
 from llmsim.workload import build_workload
 from llmsim.workload.build import check_trace_rows
 from llmsim.workload.conversations import ClosedLoop
 
 
 def resolved_config(cfg: ExperimentConfig) -> dict:
-    """The config as a results folder records it, with the llmsim that ran it."""
-    return cfg.model_dump(mode="json") | {"llmsim_version": code_version()}
+    """The config as a results folder records it, with the llmsim that ran it and the content of the files it read
+    (so that a sweep resumed after a trace, a model's config.json or a profile changed under the same path reruns
+    the points that read it)."""
+    return cfg.model_dump(mode="json") | {"llmsim_version": code_version(), "input_digests": input_digests(cfg)}
+
+
+def input_digests(cfg: ExperimentConfig) -> dict[str, str]:
+    """{path: digest} of every file the experiment reads besides llmsim's own (which ``code_version`` covers): its
+    trace or lengths file, a HuggingFace config.json, a profile YAML given by path and the profiles it is based
+    on. Files that do not exist are left out (reading them is the error)."""
+    files = [section.path for section in (cfg.workload.trace, cfg.workload.lengths_from) if section is not None]
+    model_file = hf_config_file(cfg.model.name)
+    if model_file is not None:
+        files.append(model_file)
+    if Path(cfg.hardware.device).suffix:
+        files += profile_files(cfg.hardware.device)
+    return {str(path): file_digest(path) for path in map(Path, files) if path.is_file()}
 
 
 RESULT_FILES = ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml")
@@ -52,10 +70,11 @@ def output_folder(out: Path, setting: str = "output_dir") -> Iterator[Path]:
     """For work that writes its results to ``out``: the folder checked first (``prepare_output``), and yielded as an
     absolute path; where this created it (with its parents), it goes again if the work fails or is interrupted
     while it is still empty, so a bad input or Ctrl-C leaves no empty results folder behind."""
-    made = first_missing(out.absolute())
+    folder = Path(os.path.abspath(out))
+    made = first_missing(folder)
     prepare_output(out, setting)
-    with removed_if_left_empty(out.absolute(), made):
-        yield out.absolute()
+    with removed_if_left_empty(folder, made):
+        yield folder
 
 
 def prepare_output_file(path: Path, setting: str) -> None:
@@ -151,7 +170,9 @@ def write_results(out: Path, cfg: ExperimentConfig, requests, rec, summary: dict
         iterations = rec.iteration_frame().sort_values(["replica_id", "start_s"], kind="stable")
         files["iterations.parquet"] = lambda p: iterations.reset_index(drop=True).to_parquet(p, index=False)
     files["summary.json"] = lambda p: p.write_text(json.dumps(summary, indent=2))
-    files["config.yaml"] = lambda p: p.write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    # The folder it is in, which ``--out`` may have set: rerun from it, it writes there again.
+    config = resolved_config(cfg) | {"output_dir": str(out)}
+    files["config.yaml"] = lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False))
     write_folder(out, files, marker="config.yaml", stale=[n for n in RESULT_FILES if n not in files])
 
 

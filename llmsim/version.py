@@ -1,8 +1,9 @@
-"""What code produced a result: the package version plus a digest of the sources and shipped data.
+"""What produced a result: the package version plus a digest of the sources and shipped data, and digests of the
+user's files a run read.
 
-Results record it (``config.yaml``'s ``llmsim_version``) so that a sweep resumed after the code, a hardware
-profile or the model catalog changed reruns its points instead of keeping results the current code would not
-produce.
+Results record them (``config.yaml``'s ``llmsim_version`` and ``input_digests``) so that a sweep resumed after the
+code, a hardware profile, the model catalog or an input file changed reruns its points instead of keeping results
+the current code and inputs would not produce.
 """
 
 from __future__ import annotations
@@ -28,3 +29,16 @@ def code_version() -> str:
         digest.update(str(path.relative_to(PACKAGE_DIR.parent)).encode())
         digest.update(path.read_bytes())
     return f"{__version__}+src.{digest.hexdigest()[:12]}"
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<16 hex digits>`` of a file's bytes, computed once per version of the file (its size and
+    modification time) in a process: a resumed sweep checks every point's inputs."""
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]

@@ -120,6 +120,44 @@ def test_a_results_folders_config_runs_again_from_anywhere(tmp_path, monkeypatch
     assert summary(first) == summary(tmp_path / "again") and summary(first)["requests"]["arrived"] == 30
 
 
+def test_a_model_or_profile_path_is_recorded_absolute_and_the_folder_where_it_was_written(tmp_path, monkeypatch):
+    """A HuggingFace config.json and a profile YAML named relative to the working directory (as documented) are
+    recorded absolute, so the results folder's config.yaml reruns from anywhere (they had been recorded as
+    written, so the rerun looked for them in the wrong place); the folder ``--out`` chose is the one recorded (the
+    YAML's output_dir had been, so a rerun wrote elsewhere); and a model without ``_name_or_path`` is named after
+    its folder (a config.json named relative to its own folder had an empty name)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from llmsim.cli import main
+
+    (tmp_path / "my-7b").mkdir()
+    (tmp_path / "my-7b" / "config.json").write_text(json.dumps({
+        "hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16, "num_hidden_layers": 8,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "torch_dtype": "float16"}))
+    shutil.copy(ROOT / "hardware_profiles" / "h100-sxm.yaml", tmp_path / "my-h100.yaml")
+    (tmp_path / "run.yaml").write_text(
+        "name: t\nmodel: {name: config.json}\nhardware: {device: ../my-h100.yaml}\noutput_dir: out\n"
+        "workload: {num_requests: 5, arrival: {kind: poisson, rate_per_s: 2.0}, prompt_tokens: {kind: fixed, "
+        "value: 100}, output_tokens: {kind: fixed, value: 10}}\n")
+    monkeypatch.chdir(tmp_path / "my-7b")
+    assert main(["run", "../run.yaml", "--out", "../first", "-q"]) == 0
+    recorded = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert recorded["model"]["name"] == str(tmp_path / "my-7b" / "config.json")
+    assert recorded["hardware"]["device"] == str(tmp_path / "my-h100.yaml")
+    assert recorded["output_dir"] == str(tmp_path / "first")
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert first["model"] == "my-7b"
+    monkeypatch.chdir(ROOT)
+    assert main(["run", str(tmp_path / "first" / "config.yaml"), "-q"]) == 0  # writes into the folder again
+    again = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert [{k: v for k, v in s.items() if k != "simulation"} for s in (first, again)] == [
+        {k: v for k, v in first.items() if k != "simulation"}] * 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_relative_path_in_a_yaml_is_relative_to_that_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the working directory does not matter
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")

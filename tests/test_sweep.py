@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -139,6 +140,35 @@ def test_sweep_resumes_without_redoing_finished_points(tmp_path):
     write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0, 2.0, 3.0]}, {**BASE, "seed": 2})
     assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
     assert all((f / "summary.json").stat().st_mtime_ns != stamps[f.name] for f in folders if f != folders[1])
+
+
+def test_sweep_resumed_after_an_input_file_changed_reruns_the_points_that_read_it(tmp_path):
+    """A trace, a HuggingFace config.json or a profile YAML rewritten under the same path: the points that read it
+    rerun on a resumed sweep (they had kept results the new file would not give), the others are read back."""
+    rows = "".join(f"2023-11-16 18:15:{10 + i:02d}.0000000,{300 + 40 * i},{20 + i}\n" for i in range(12))
+    trace = tmp_path / "a.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    (tmp_path / "hf").mkdir()
+    hf = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16, "num_hidden_layers": 8,
+          "vocab_size": 32000, "max_position_embeddings": 4096, "torch_dtype": "float16"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    base = {**BASE, "workload": {"trace": {"path": "a.csv", "format": "azure"}}}
+    path = write_sweep(tmp_path, {"model.name": ["Llama-2-7B", str(tmp_path / "hf")]}, base)
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    catalog, own = sorted((tmp_path / "out").glob("p*"))
+    assert f"{trace}: sha256:" in (own / "config.yaml").read_text()
+    stamp = {f: (f / "summary.json").stat().st_mtime_ns for f in (catalog, own)}
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert {f: (f / "summary.json").stat().st_mtime_ns for f in (catalog, own)} == stamp  # nothing changed
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": 16}))
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert (catalog / "summary.json").stat().st_mtime_ns == stamp[catalog]
+    assert (own / "summary.json").stat().st_mtime_ns != stamp[own]
+    stamp = {f: (f / "summary.json").stat().st_mtime_ns for f in (catalog, own)}
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows[: len(rows) // 2])
+    assert main(["sweep", str(path), "--workers", "1", "-q"]) == 0
+    assert all((f / "summary.json").stat().st_mtime_ns != stamp[f] for f in (catalog, own))
+    assert pd.read_csv(tmp_path / "out" / "results.csv")["finished"].tolist() == [6, 6]
 
 
 def test_plan_that_does_not_fit_is_a_row_not_a_crash(tmp_path):

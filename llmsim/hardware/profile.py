@@ -324,7 +324,7 @@ def _profile_fields(path: Path, seen: tuple[Path, ...]) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: a profile name or a path to a profile YAML, not {base!r}")
-    base_path = PROFILES_DIR / f"{base.lower()}.yaml" if not Path(base).suffix else path.parent / base
+    base_path = _base_file(path, base)
     if not base_path.exists():
         raise ConfigError(f"{path}: base: unknown profile {base!r}; allowed: {', '.join(available_profiles())} "
                           "or a path to a profile YAML")
@@ -334,6 +334,34 @@ def _profile_fields(path: Path, seen: tuple[Path, ...]) -> dict:
     for key in _NOT_INHERITED:
         fields.pop(key, None)
     return _merged(fields, raw)
+
+
+def _base_file(path: Path, base: str) -> Path:
+    """The file a profile's ``base:`` names: a shipped profile's name, or a path relative to the profile."""
+    return PROFILES_DIR / f"{base.lower()}.yaml" if not Path(base).suffix else path.parent / base
+
+
+def profile_file(name_or_path: str) -> Path:
+    """The YAML file of a shipped profile's name (case-insensitive), or the path itself."""
+    return PROFILES_DIR / f"{name_or_path.lower()}.yaml" if not Path(name_or_path).suffix else Path(name_or_path)
+
+
+def profile_files(name_or_path: str) -> list[Path]:
+    """The files a profile is read from: its own, then the profiles its ``base:`` chain names (those that exist;
+    ``load_profile`` reports the others)."""
+    files = []
+    path = profile_file(name_or_path)
+    while path.is_file() and path.resolve() not in files:
+        files.append(path.resolve())
+        try:
+            raw = load_yaml_text(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            break
+        base = raw.get("base") if isinstance(raw, dict) else None
+        if not isinstance(base, str):
+            break
+        path = _base_file(path, base)
+    return files
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -346,9 +374,7 @@ def _merged(base: dict, over: dict) -> dict:
 @lru_cache(maxsize=32)
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path.lower()}.yaml"
+    path = profile_file(name_or_path)
     if not path.exists():
         raise ConfigError(
             f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "

@@ -102,6 +102,7 @@ def catalog() -> dict[str, dict]:
 
 def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     """Read the fields that decide cost from a HuggingFace ``config.json``."""
+    path = Path(path).absolute()
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -145,7 +146,8 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         arch = (cfg.get("architectures") or [""])[0].lower()
         is_opt = cfg.get("model_type") == "opt" or "opt" in arch
         spec = ModelSpec(
-            name=cfg.get("_name_or_path") or Path(path).parent.name,
+            # Without _name_or_path: the folder's name, as HuggingFace lays a model out (or the file's own).
+            name=cfg.get("_name_or_path") or (path.parent.name if path.name == "config.json" else path.stem),
             num_layers=cfg["num_hidden_layers"],
             hidden_size=hidden,
             num_heads=heads,
@@ -185,10 +187,19 @@ def load_model(name: str, dtype: str | None = None, activation_dtype: str | None
     return spec
 
 
-def _load_model(name: str, dtype: str | None) -> ModelSpec:
+def hf_config_file(name: str) -> Path | None:
+    """The HuggingFace ``config.json`` a model name is a path to (the file, or its folder); None for a catalog
+    name."""
     path = Path(name)
-    if name.endswith(".json") or path.is_dir():
-        return from_hf_config(path / "config.json" if path.is_dir() else path, dtype)
+    if name.endswith(".json"):
+        return path
+    return path / "config.json" if path.is_dir() else None
+
+
+def _load_model(name: str, dtype: str | None) -> ModelSpec:
+    path = hf_config_file(name)
+    if path is not None:
+        return from_hf_config(path, dtype)
     entries = {k.lower(): (k, v) for k, v in catalog().items()}
     if name.lower() not in entries:
         raise ConfigError(

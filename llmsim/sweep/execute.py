@@ -26,7 +26,7 @@ from llmsim.sweep.spec import Point
 def point_dir(root: Path, point: Point) -> Path:
     """The point's results folder, absolute: its config.yaml records it, and a worker (a Ray task) may run in
     another working directory."""
-    return (root / point.name).absolute()
+    return Path(os.path.abspath(root / point.name))
 
 
 def point_config(root: Path, point: Point) -> dict:
