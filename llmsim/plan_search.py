@@ -115,9 +115,10 @@ def candidate_config(base: dict, values: dict[str, Any], gpus: int, rate: float)
     for key, value in values.items():
         set_path(data, key, value)
     parallel = data.get("parallel") or {}
-    if isinstance(parallel, dict):  # else not a plan: parse_config says so, for this candidate's row
-        per_replica = int(parallel.get("tp", 1)) * int(parallel.get("pp", 1))
-        set_path(data, "cluster.num_replicas", max(1, gpus // per_replica))
+    degrees = [parallel.get("tp", 1), parallel.get("pp", 1)] if isinstance(parallel, dict) else []
+    # Else not a plan (not a mapping, a degree not a whole number >= 1): parse_config says so, in its row.
+    if degrees and all(type(d) is int and d >= 1 for d in degrees):
+        set_path(data, "cluster.num_replicas", max(1, gpus // (degrees[0] * degrees[1])))
     workload = data.setdefault("workload", {})
     workload["arrival"] = {**(workload.get("arrival") or {"kind": "poisson"}), "rate_per_s": rate}
     return data
@@ -190,6 +191,9 @@ def _finish_row(row: dict, search: RateBracket) -> dict:
 
 def rank(rows: list[dict], cfg: PlanSearchConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows)
+    for column in ("replicas", "gpus_used"):  # counts, left empty in a failed candidate's row (not 2.000 beside NaN)
+        if column in df:
+            df[column] = df[column].astype("Int64")
     if "goodput_rate" not in df:
         df["goodput_rate"] = float("nan")
     ok = df["error"] == ""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -277,6 +278,18 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
                                     "rates": {"start": 1.0, "max": 1.0}}))
     assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o")]) == 0
     assert "parallel: Input should be a valid dictionary" in capsys.readouterr().out
+    # A degree that is not a whole number >= 1 is its candidate's row too (it crashed the search: 0 divided the
+    # GPUs by zero, a mapping was no number); 2.5 is not rounded to 2.
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 2, "candidates": {"parallel": [
+        {"tp": 0}, {"tp": 2.5}, {"pp": {"x": 1}}, {"tp": 1}]}, "rates": {"start": 1.0, "max": 1.0}}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o2")]) == 0
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["tp=1", "2"] in [line[:2] for line in printed]  # a count, not 2.000 beside the failed rows' NaN
+    rows = pd.read_csv(tmp_path / "o2" / "plans.csv").set_index("parallel")["error"].fillna("")
+    assert "parallel.tp: Input should be greater than or equal to 1" in rows["tp=0"]
+    assert "parallel.tp: Input should be a valid integer" in rows["tp=2.5"]
+    assert "parallel.pp: Input should be a valid integer" in rows["pp={'x': 1}"]
+    assert rows["tp=1"] == ""
 
 
 @pytest.mark.parametrize("argv, needle", [
