@@ -56,7 +56,7 @@ class PlanSearchConfig(BaseModel):
     name: str = "plan-search"
     base: str | dict[str, Any]
     gpus: int = Field(ge=1)
-    candidates: dict[str, list[Any]] = Field(min_length=1)
+    candidates: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
     rates: RateSearch = RateSearch()
     price_per_gpu_hour: dict[str, Annotated[float, Field(gt=0)]] = {}
     rank_by: Literal["goodput_per_gpu", "goodput_per_dollar", "goodput_per_watt"] = "goodput_per_gpu"
@@ -90,7 +90,8 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
                           "prompt and output lengths; or prompt_tokens and output_tokens)")
     if cfg.rank_by == "goodput_per_dollar":
         devices = cfg.candidates.get("hardware.device") or [base.get("hardware", {}).get("device", "a100-80gb")]
-        missing = [d for d in devices if d not in cfg.price_per_gpu_hour]
+        # A device that is not a name is its candidate's error (parse_config's), not a missing price.
+        missing = [d for d in devices if isinstance(d, str) and d not in cfg.price_per_gpu_hour]
         if missing:
             raise ConfigError(f"{path}: price_per_gpu_hour: rank_by goodput_per_dollar needs a price for "
                               f"{', '.join(missing)}")
@@ -192,18 +193,19 @@ def _finish_row(row: dict, search: RateBracket) -> dict:
 def rank(rows: list[dict], cfg: PlanSearchConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for column in ("replicas", "gpus_used"):  # counts, left empty in a failed candidate's row (not 2.000 beside NaN)
-        if column in df:
-            df[column] = df[column].astype("Int64")
-    if "goodput_rate" not in df:
+        df[column] = df[column].astype("Int64") if column in df else pd.array([pd.NA] * len(df), dtype="Int64")
+    if "goodput_rate" not in df:  # no candidate ran
         df["goodput_rate"] = float("nan")
     ok = df["error"] == ""
-    df["goodput_per_gpu"] = df["goodput_rate"] / df.get("gpus_used", float("nan"))
+    gpus_used = df["gpus_used"].astype(float)
+    df["goodput_per_gpu"] = df["goodput_rate"] / gpus_used
     if "power_w" in df:
         df["goodput_per_watt"] = df["goodput_rate"] / df["power_w"]  # requests per joule
     if cfg.price_per_gpu_hour:
         device = df["hardware.device"] if "hardware.device" in df else None
         if device is not None:
-            price = device.map(cfg.price_per_gpu_hour) * df["gpus_used"]
+            prices = cfg.price_per_gpu_hour
+            price = device.map(lambda d: prices.get(d) if isinstance(d, str) else None).astype(float) * gpus_used
             df["goodput_per_dollar"] = df["goodput_rate"] * 3600.0 / price  # requests per dollar
     key = cfg.rank_by if cfg.rank_by in df else "goodput_per_gpu"
     return pd.concat([df[ok].sort_values(key, ascending=False, kind="stable"), df[~ok]], ignore_index=True)

@@ -290,6 +290,17 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
     assert "parallel.tp: Input should be a valid integer" in rows["tp=2.5"]
     assert "parallel.pp: Input should be a valid integer" in rows["pp={'x': 1}"]
     assert rows["tp=1"] == ""
+    # Ranked by price: a device that is not a name is its row's error (a list crashed the price check), and a
+    # search where no candidate runs still writes its table (it crashed on the missing GPU counts).
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 10**12, "candidates": {"hardware.device": [
+        "a100-80gb", [1, 2]]}, "price_per_gpu_hour": {"a100-80gb": 2.0}, "rank_by": "goodput_per_dollar"}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o3")]) == 0
+    errors = pd.read_csv(tmp_path / "o3" / "plans.csv")["error"].tolist()
+    assert "cluster.num_replicas: Input should be less than or equal to 10000" in errors[0]
+    assert "hardware.device: Input should be a valid string" in errors[1]
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1], "hardware.device": []}}))
+    assert main(["plan", str(plan), "-q", "--out", str(tmp_path / "o4")]) == 2
+    assert "candidates.hardware.device: List should have at least 1 item" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
