@@ -66,6 +66,39 @@ def test_bad_trace_row_names_file_and_line(tmp_path, row, needle):
     assert f"{path}:3" in str(err.value) and needle in str(err.value)
 
 
+@pytest.mark.parametrize("fmt,text,needle", [
+    # A short or long row of a DictReader-read format (a short one read as a missing value: "is None"; a long
+    # one's extra field was dropped).
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,374,44\n2023-11-16 18:15:47,374\n",
+     ":3: expected 3 columns (as the header has), got 2"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,374,44,9\n",
+     ":2: expected 3 columns (as the header has), got 4"),
+    ("prefill_decode", "num_prefill_tokens,num_decode_tokens\n5,5\n7\n", ":3: expected 2 columns (as the header has), got 1"),
+    # BurstGPT v1.2's header has 8 columns: the message had said 6.
+    ("burstgpt", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n"
+     "1,ChatGPT,5,5,10,API log\n", ":2: expected 8 columns (as the header has), got 6"),
+    # A JSON line that is not an object (it was Python's "list indices must be integers"), or lacks a field.
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 2}\n[1, 2]\n',
+     ":2: not a Mooncake row (a JSON object with timestamp, input_length, output_length and hash_ids), but a JSON list"),
+    ("mooncake", '{"timestamp": 0, "output_length": 2}\n', ":1: not a Mooncake row: no 'input_length'"),
+])
+def test_a_row_of_the_wrong_shape_names_file_line_and_shape(tmp_path, fmt, text, needle):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError) as err:
+        list(read_trace(TraceConfig(path=path, format=fmt)))
+    assert str(err.value) == f"{path}{needle}"
+
+
+def test_lengths_from_a_trace_with_no_usable_row_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("num_prefill_tokens,num_decode_tokens\n")  # it was a ValueError's traceback
+    wl = WorkloadConfig(num_requests=3, arrival={"kind": "poisson", "rate_per_s": 1.0},
+                        lengths_from=TraceConfig(path=path, format="prefill_decode"))
+    with pytest.raises(TraceError, match=f"workload.lengths_from: {path} has no row to sample lengths from"):
+        list(build_workload(wl, 0))
+
+
 def test_unsorted_trace_is_an_error(tmp_path):
     path = burstgpt_file(tmp_path, ["10,ChatGPT,5,5,10,API log\n", "3,ChatGPT,5,5,10,API log\n"])
     with pytest.raises(TraceError, match=":3: timestamp goes backwards"):

@@ -91,7 +91,11 @@ _LENGTHS_MAX = 8
 
 def _pairs(cfg: WorkloadConfig, length_rng: np.random.Generator) -> Iterator[tuple[int, int]]:
     if cfg.lengths_from is not None:
-        return empirical_pairs(*_empirical_source(cfg), length_rng)
+        prompts, outputs = _empirical_source(cfg)
+        if not len(prompts):
+            raise TraceError(f"workload.lengths_from: {cfg.lengths_from.path} has no row to sample lengths from (none, "
+                             "or each failed or without prompt tokens)")
+        return empirical_pairs(prompts, outputs, length_rng)
     return length_pairs(cfg.prompt_tokens, cfg.output_tokens, length_rng)
 
 

@@ -101,6 +101,14 @@ def _check_header(header: list[str] | None, expected: list[str], path: Path) -> 
         raise TraceError(f"{path}:1: header lacks {missing}; expected columns {expected}")
 
 
+def _check_width(row: dict, width: int, path: Path, line: int) -> None:
+    """A ``csv.DictReader`` row has the header's number of fields (it fills a short row with None, and keeps a long
+    row's extra fields under None)."""
+    if None in row or None in row.values():
+        got = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+        raise TraceError(f"{path}:{line}: expected {width} columns (as the header has), got {got}")
+
+
 def read_burstgpt(cfg: TraceConfig) -> Iterator[TraceRow]:
     path = Path(cfg.path)
     with _open(path) as f:
@@ -119,7 +127,7 @@ def read_burstgpt(cfg: TraceConfig) -> Iterator[TraceRow]:
                 continue  # a blank line
             line = reader.line_num
             if len(row) != width:
-                raise TraceError(f"{path}:{line}: expected {len(BURSTGPT_COLUMNS)} columns")
+                raise TraceError(f"{path}:{line}: expected {width} columns (as the header has), got {len(row)}")
             if cfg.model and row[i_model] != cfg.model:
                 continue
             if cfg.log_type and row[i_log] != cfg.log_type:
@@ -141,7 +149,8 @@ def read_azure(cfg: TraceConfig) -> Iterator[TraceRow]:
         _check_header(reader.fieldnames, AZURE_COLUMNS, path)
         for row in reader:
             line = reader.line_num
-            stamp = row["TIMESTAMP"] or ""
+            _check_width(row, len(reader.fieldnames), path, line)
+            stamp = row["TIMESTAMP"]
             t = _azure_time(stamp, path, line)
             t0 = t if t0 is None else t0
             prompt = _int(row["ContextTokens"], path, line, "ContextTokens", minimum=1)
@@ -158,6 +167,7 @@ def read_prefill_decode(cfg: TraceConfig) -> Iterator[TraceRow]:
         _check_header(reader.fieldnames, PREFILL_DECODE_COLUMNS, path)
         for i, row in enumerate(reader):
             line = reader.line_num
+            _check_width(row, len(reader.fieldnames), path, line)
             prompt = _int(row["num_prefill_tokens"], path, line, "num_prefill_tokens", minimum=1)
             output = _int(row["num_decode_tokens"], path, line, "num_decode_tokens", minimum=1)
             yield TraceRow(float(i), prompt, output, False, line)
@@ -194,10 +204,15 @@ def read_mooncake(cfg: TraceConfig) -> Iterator[TraceRow]:
                 continue
             try:
                 row = json.loads(text)
+                if not isinstance(row, dict):
+                    raise TraceError(f"{path}:{line}: not a Mooncake row (a JSON object with timestamp, input_length, "
+                                     f"output_length and hash_ids), but a JSON {type(row).__name__}")
                 raw_t = row["timestamp"]
                 prompt, output = row["input_length"], row["output_length"]
                 hash_ids = tuple(row.get("hash_ids", ()))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            except KeyError as exc:
+                raise TraceError(f"{path}:{line}: not a Mooncake row: no {exc}") from None
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
                 raise TraceError(f"{path}:{line}: not a Mooncake row ({exc})") from None
             t = _seconds(raw_t, path, line, "timestamp", "milliseconds", 1e-3)
             if not all(type(h) is int and h >= 0 for h in hash_ids):
