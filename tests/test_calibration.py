@@ -394,6 +394,35 @@ def test_bad_measurement_row_names_file_and_line(tmp_path):
             read_measurements(path)
 
 
+def test_measurement_values_the_prediction_cannot_use_name_file_line_and_column(tmp_path):
+    """A dtype nobody models had been a KeyError deep in the prediction, 'abc' in gated read as not gated, an
+    infinite shape an OverflowError, an infinite time a least-squares failure, and a fractional count used as is."""
+    path = tmp_path / "bad.csv"
+    cases = [("dtype", "fp4", "column 'dtype' is 'fp4', expected one of fp32, fp16, bf16, fp8, int8, fp8_block"),
+             ("kv_dtype", "True", "column 'kv_dtype' is 'True', expected one of"),
+             ("gated", "abc", "column 'gated' is 'abc', expected true or false"),
+             ("n_embd", float("inf"), "column 'n_embd' is inf, expected a finite number"),
+             ("median_ms", float("inf"), "column 'median_ms' is inf, expected a finite number"),
+             ("tp", 2.5, "op mlp_up_proj needs a non-negative whole 'tp', got 2.5")]
+    for column, value, needle in cases:
+        df = compute_rows({"llama7": LLAMA_7B}).head(3).astype({column: object})
+        df.loc[1, column] = value
+        df.to_csv(path, index=False)
+        with pytest.raises(TraceError) as err:
+            read_measurements(path)
+        assert str(err.value).startswith(f"{path}:3: ") and needle in str(err.value)
+
+
+def test_calibrating_rows_of_a_dtype_the_profile_has_no_peak_for_is_an_error(tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    compute_rows({"llama7": LLAMA_7B}).assign(dtype="fp16", device="cpu").to_csv(path, index=False)
+    assert main(["calibrate", "--device", "cpu", "--measurements", str(path), "--out", str(tmp_path / "p.yaml"),
+                 "--report-dir", str(tmp_path)]) == 2  # it had been scipy's "Residuals are not finite"
+    assert ("cpu: the measurements to fit have rows of dtype fp16, for which the profile has no peak_flops (it has "
+            "fp32, bf16)") in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
 def test_validate_cli(tmp_path, capsys):
     assert main(["validate", "--device", "a100-80", "--report-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

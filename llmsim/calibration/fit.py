@@ -287,6 +287,12 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
     """A copy of ``profile`` with every kind present in the fitting rows refitted; the rest kept as they were."""
     train = (~split.held_out(rows.df) & ~l2_resident(profile, rows) & ~split.other_gemm_source(rows)
              & ~validation_only(profile, rows.kind))
+    computed = train & (rows.kind != "unmodelled") & ~np.array([is_link_kind(k) for k in rows.kind], dtype=bool)
+    no_peak = sorted({str(d) for d in rows.dtype[computed]} - set(profile.peak_flops))
+    if no_peak:  # their predictions are NaN, which the least-squares fit cannot start from
+        raise ConfigError(f"{profile.name}: the measurements to fit have rows of dtype {', '.join(no_peak)}, for which "
+                          f"the profile has no peak_flops (it has {', '.join(profile.peak_flops)}): add a peak or "
+                          "leave those rows out")
     efficiency = dict(profile.efficiency)
     links: dict[str, LinkModel] = {}
     kernels: dict[str, object] = {}
