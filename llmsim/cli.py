@@ -13,9 +13,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llmsim.progress import progress
 
     from llmsim.config import load_config, parse_overrides
-    from llmsim.run import format_summary, run_experiment
+    from llmsim.run import changed_inputs, format_summary, run_experiment
 
     cfg = load_config(args.config, parse_overrides(args.set))
+    for line in changed_inputs(cfg):  # a results folder's config.yaml rerun on files that have changed since
+        print(f"llmsim: note: {line}", file=sys.stderr)
     updates = {}
     if args.seed is not None:
         updates["seed"] = args.seed

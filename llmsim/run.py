@@ -36,6 +36,17 @@ def resolved_config(cfg: ExperimentConfig) -> dict:
     return cfg.model_dump(mode="json") | {"llmsim_version": code_version(), "input_digests": input_digests(cfg)}
 
 
+def changed_inputs(cfg: ExperimentConfig) -> list[str]:
+    """What differs between the input files a config records (``input_digests``, in a results folder's config.yaml)
+    and the files as they are now: rerun, it would not reproduce that folder's results."""
+    if not cfg.input_digests:
+        return []
+    now = input_digests(cfg)
+    return [f"{path} has changed since the config was recorded ({digest}, now {now[path]})" if path in now else
+            f"{path}, which the config records ({digest}), is gone" for path, digest in cfg.input_digests.items()
+            if now.get(path) != digest]
+
+
 def input_digests(cfg: ExperimentConfig) -> dict[str, str]:
     """{path: digest} of every file the experiment reads besides llmsim's own (which ``code_version`` covers): its
     trace or lengths file, a HuggingFace config.json, a profile YAML given by path and the profiles it is based

@@ -158,6 +158,21 @@ def test_a_model_or_profile_path_is_recorded_absolute_and_the_folder_where_it_wa
     assert not (tmp_path / "out").exists()
 
 
+def test_rerunning_a_results_folder_on_changed_input_files_says_so(tmp_path, capsys):
+    from llmsim.cli import main
+
+    trace = tmp_path / "t.csv"
+    trace.write_text((ROOT / "workloads" / "azure_code_2023.csv").read_text())
+    (tmp_path / "e.yaml").write_text("name: t\nmodel: {name: Llama-2-7B}\noutput_dir: out\n"
+                                     "workload: {num_requests: 10, trace: {path: t.csv, format: azure}}\n")
+    assert main(["run", str(tmp_path / "e.yaml"), "-q"]) == 0
+    assert main(["run", str(tmp_path / "out" / "config.yaml"), "-q", "--out", str(tmp_path / "same")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    trace.write_text("\n".join(trace.read_text().splitlines()[:5]) + "\n")
+    assert main(["run", str(tmp_path / "out" / "config.yaml"), "-q", "--out", str(tmp_path / "other")]) == 0
+    assert f"llmsim: note: {trace} has changed since the config was recorded (sha256:" in capsys.readouterr().err
+
+
 def test_every_relative_path_in_a_yaml_is_relative_to_that_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the working directory does not matter
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
