@@ -43,8 +43,9 @@ def changed_inputs(cfg: ExperimentConfig) -> list[str]:
         return []
     now = input_digests(cfg)
     return [f"{path} has changed since the config was recorded ({digest}, now {now[path]})" if path in now else
-            f"{path}, which the config records ({digest}), is gone" for path, digest in cfg.input_digests.items()
-            if now.get(path) != digest]
+            f"{path}, which the config records ({digest}), is " + (
+                "no longer one of its inputs" if Path(path).is_file() else "gone")
+            for path, digest in cfg.input_digests.items() if now.get(path) != digest]
 
 
 def input_digests(cfg: ExperimentConfig) -> dict[str, str]:
