@@ -59,26 +59,75 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from llmsim.config import load_config, parse_overrides, read_yaml
+
+    raw = read_yaml(Path(args.config), "config")
+    if isinstance(raw, dict) and "base" in raw:  # a sweep or a plan search: every point or candidate
+        return _check_points(args, raw)
     from llmsim.cluster.simulation import build_pools
-    from llmsim.config import load_config, parse_overrides
 
     from llmsim.workload.build import check_trace_rows
 
     cfg = load_config(args.config, parse_overrides(args.set))
     model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
     check_trace_rows(cfg.workload)  # every row the run would read
+    print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
+    return 0
+
+
+def _memory_plan(cfg, model, pools, max_len: int) -> str:
+    """The model, device and each pool's per-GPU memory plan, in one line."""
     gib = 2**30
     plans = []
     for pool in pools:
         ex, memory = pool.execution, pool.memory
-        role = "" if pool.role == "colocated" else f"{pool.role} pool ({pool.num_replicas}x) "
+        role = f"{pool.num_replicas}x " if pool.role == "colocated" else f"{pool.role} pool ({pool.num_replicas}x) "
         swap_blocks = pool.host_swap_blocks(cfg)
         host = f", host swap space {swap_blocks} KV blocks" if swap_blocks is not None else ""
         plans.append(f"{role}TP={ex.plan.tp} PP={ex.plan.pp}: per GPU weights {memory.weights_bytes / gib:.1f} GiB, "
                      f"activations {memory.activation_bytes / gib:.2f} GiB, {memory.num_blocks} KV blocks "
                      f"({memory.num_blocks * cfg.scheduler_for(pool.role).block_size} tokens){host} per replica")
-    print(f"{args.config}: valid. {model.name} ({model.num_params / 1e9:.1f}B) on {pools[0].execution.hardware.name}, "
-          + "; ".join(plans) + f", max_model_len {max_len}")
+    return (f"{model.name} ({model.num_params / 1e9:.1f}B) on {pools[0].execution.hardware.name}, " + "; ".join(plans)
+            + f", max_model_len {max_len}")
+
+
+def _check_points(args: argparse.Namespace, raw: dict) -> int:
+    """``llmsim check`` on a sweep or a plan-search file: loading it checks every point's (every candidate's)
+    config as the command does before it runs anything; then each one's memory plan, or why it does not fit (which
+    the command reports in that point's row rather than stopping)."""
+    from llmsim.cluster.simulation import build_pools
+    from llmsim.config import parse_overrides
+    from llmsim.errors import PlanError
+
+    from llmsim.workload.build import check_trace_rows
+
+    overrides = parse_overrides(args.set)
+    if "candidates" in raw:
+        from llmsim.plan_search import _candidate_row, load_plan_search
+
+        _, _, candidates = load_plan_search(args.config, overrides)
+        labelled = [(", ".join(f"{k}={v}" for k, v in _candidate_row(c.values).items()), c.probe, c.error)
+                    for c in candidates]
+        what = "candidates"
+    else:
+        from llmsim.sweep.spec import load_sweep
+
+        _, points = load_sweep(args.config, overrides)
+        labelled = [(point.name, point.config, "") for point in points]
+        what = "points"
+    failing = 0
+    for label, cfg, error in labelled:
+        if cfg is not None:
+            try:
+                model, pools, max_len = build_pools(cfg)
+                check_trace_rows(cfg.workload)
+                error = ""
+            except PlanError as exc:
+                error = str(exc)
+        failing += bool(error)
+        print(f"{label}: " + (error.replace("\n", " ") if error else _memory_plan(cfg, model, pools, max_len)))
+    print(f"{args.config}: {len(labelled)} {what}, " + (f"{failing} of them will be rows with their error (above)"
+                                                        if failing else "all valid"))
     return 0
 
 
@@ -337,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help)
     run.set_defaults(func=_cmd_run)
 
-    check = sub.add_parser("check", help="validate an experiment YAML and show its memory plan")
-    check.add_argument("config", help="experiment YAML")
+    check = sub.add_parser("check", help="validate an experiment YAML and show its memory plan (of a sweep's every "
+                                         "point, of a plan search's every candidate)")
+    check.add_argument("config", help="experiment, sweep or plan-search YAML")
     check.add_argument("--set", action="append", metavar="PATH=VALUE", help=set_help)
     check.set_defaults(func=_cmd_check)
 

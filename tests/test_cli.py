@@ -35,6 +35,35 @@ def test_plan_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
     assert "does not fit" in capsys.readouterr().err
 
 
+def test_check_shows_every_sweep_point_and_plan_candidate(tmp_path, capsys):
+    """``llmsim check`` on a sweep or a plan-search file (it had refused them): each point's or candidate's memory
+    plan, or the error its row will carry; a mistake that stops the command stops the check too."""
+    import yaml
+
+    base = {"model": {"name": "Llama-2-70B"}, "workload": {"num_requests": 1, "arrival": {
+        "kind": "poisson", "rate_per_s": 1}, "prompt_tokens": {"kind": "fixed", "value": 5},
+        "output_tokens": {"kind": "fixed", "value": 5}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"hardware.device": ["h100-sxm", "t4"],
+                                                                   "parallel.tp": [2]}}))
+    assert main(["check", str(sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("p000_device=h100-sxm_tp=2: Llama-2-70B (69.0B) on h100-sxm, 1x TP=2 PP=1: per GPU")
+    assert lines[1].startswith("p001_device=t4_tp=2: ") and "does not fit" in lines[1]
+    assert lines[2] == f"{sweep}: 2 points, 1 of them will be rows with their error (above)"
+    plan = tmp_path / "p.yaml"
+    plan.write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 8, "candidates": {"parallel": [{"tp": 4}, {"tp": 0}]}}))
+    assert main(["check", str(plan)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("parallel=tp=4: Llama-2-70B (69.0B) on a100-80gb, 2x TP=4 PP=1: per GPU")
+    assert lines[1].startswith("parallel=tp=0: ") and "parallel.tp: Input should be greater than or equal to 1" in lines[1]
+    assert lines[2] == f"{plan}: 2 candidates, 1 of them will be rows with their error (above)"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"scheduler.nam": ["fcfs"]}}))
+    assert main(["check", str(sweep)]) == 2
+    assert "scheduler.nam" in capsys.readouterr().err
+
+
 def test_help_documents_every_command():
     proc = subprocess.run([sys.executable, "-m", "llmsim.cli", "--help"], capture_output=True, text=True)
     for command in ("run", "check", "models", "devices"):
