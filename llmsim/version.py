@@ -20,13 +20,19 @@ PROFILES_DIR = PACKAGE_DIR.parent / "hardware_profiles"
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """``<version>+src.<12 hex digits>`` over every module, the catalog and the hardware profiles."""
+    """``<version>+src.<12 hex digits>`` over every module, the catalog and the hardware profiles (the engines' CPU
+    overhead profiles in ``cpu_overhead/`` among them: they had been left out, so a refitted one kept a resumed
+    sweep's results)."""
+    return _digest(PACKAGE_DIR, PROFILES_DIR)
+
+
+def _digest(package_dir: Path, profiles_dir: Path) -> str:
     digest = hashlib.sha256()
-    files = sorted(PACKAGE_DIR.rglob("*.py")) + sorted(PACKAGE_DIR.rglob("*.yaml"))
-    if PROFILES_DIR.is_dir():
-        files += sorted(PROFILES_DIR.glob("*.yaml"))
+    files = sorted(package_dir.rglob("*.py")) + sorted(package_dir.rglob("*.yaml"))
+    if profiles_dir.is_dir():
+        files += sorted(profiles_dir.rglob("*.yaml"))
     for path in files:
-        digest.update(str(path.relative_to(PACKAGE_DIR.parent)).encode())
+        digest.update(str(path.relative_to(package_dir.parent)).encode())
         digest.update(path.read_bytes())
     return f"{__version__}+src.{digest.hexdigest()[:12]}"
 

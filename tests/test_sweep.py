@@ -229,6 +229,22 @@ def test_sweep_resumed_under_other_code_reruns_its_points(tmp_path, monkeypatch)
     assert {yaml.safe_load((f / "config.yaml").read_text())["llmsim_version"] for f in folders} == {"0.0.0+src.other"}
 
 
+def test_the_code_version_covers_every_profile_a_run_reads(tmp_path):
+    """The engines' CPU overhead profiles (``hardware_profiles/cpu_overhead/``) were left out of the digest: a
+    refitted one kept a resumed sweep's results."""
+    from llmsim.version import _digest
+
+    (tmp_path / "llmsim").mkdir()
+    (tmp_path / "llmsim" / "m.py").write_text("x = 1\n")
+    (tmp_path / "hardware_profiles" / "cpu_overhead").mkdir(parents=True)
+    (tmp_path / "hardware_profiles" / "gpu.yaml").write_text("a: 1\n")
+    cpu = tmp_path / "hardware_profiles" / "cpu_overhead" / "engine.yaml"
+    cpu.write_text("params: {per_step_ms: 1.0}\n")
+    before = _digest(tmp_path / "llmsim", tmp_path / "hardware_profiles")
+    cpu.write_text("params: {per_step_ms: 2.0}\n")
+    assert _digest(tmp_path / "llmsim", tmp_path / "hardware_profiles") != before
+
+
 def test_set_overrides_the_base_experiment_of_a_sweep(tmp_path):
     path = write_sweep(tmp_path, {"workload.arrival.rate_per_s": [1.0]})
     _, points = load_sweep(path, {"workload.num_requests": 7, "scheduler.max_num_seqs": 3})
