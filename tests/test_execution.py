@@ -584,3 +584,23 @@ def test_a_short_kv_history_splits_less_and_decode_runs_follow_it_exactly():
             assert ex._decode_rate(4, kv) == decode_memory_rate(fit, bw, 4, ex.shapes.kv_heads, False, kv / 4)
         big = int(fit.min_splits) + 1  # at least min_splits sequences: the splits are never capped
         assert ex._decode_attention_constants(big)[5] is not None
+
+
+def test_a_profile_edited_while_the_process_runs_is_read_again(tmp_path):
+    """A notebook that edits its profile YAML (or the profile it is based on) and simulates again gets the edit: the
+    profiles were cached by path alone, so the process kept simulating the profile as first read."""
+    import os
+
+    base = tmp_path / "base.yaml"
+    base.write_text("base: h100-sxm\nmemory_bytes: 85899345920\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: base.yaml\nname: mine\n")
+    assert load_profile(str(mine)).memory_bytes == 85899345920
+    mine.write_text("base: base.yaml\nname: mine\nmemory_bytes: 42949672960\n")
+    os.utime(mine, ns=(1, 1))  # a new version even within the file system's clock tick
+    assert load_profile(str(mine)).memory_bytes == 42949672960
+    mine.write_text("base: base.yaml\nname: mine\n")
+    os.utime(mine, ns=(2, 2))
+    base.write_text("base: h100-sxm\nmemory_bytes: 21474836480\n")
+    os.utime(base, ns=(3, 3))
+    assert load_profile(str(mine)).memory_bytes == 21474836480

@@ -20,7 +20,8 @@ from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
 from llmsim.calibration.report import collective_table, compare, error_table, markdown, parity_plot, summary
 from llmsim.errors import ConfigError
-from llmsim.hardware.profile import PROFILES_DIR, HardwareProfile, available_profiles, load_profile
+from llmsim.hardware.profile import (PROFILES_DIR, HardwareProfile, available_profiles, forget_loaded_profiles,
+                                     load_profile)
 
 METHOD = ("scipy.optimize.least_squares on log(predicted/measured), soft-L1 loss (scale 5%), per op kind "
           "(roofline max_eff, half_tokens, memory_eff, overhead_s; GEMMs also half_k, half_n, half_tiles, softness, "
@@ -214,7 +215,7 @@ def write_profile(profile: HardwareProfile, path: Path) -> None:
             del eff["k_latency_s"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
-    load_profile.cache_clear()
+    forget_loaded_profiles()
 
 
 def _path_from(base: Path, target: Path) -> str:

@@ -371,15 +371,46 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-@lru_cache(maxsize=32)
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML."""
+    """A profile name from ``hardware_profiles/`` (case-insensitive) or a path to a profile YAML. Read once per
+    version of its files (the profile and its ``base:`` chain, by modification time and size): a profile edited
+    while a process runs (a notebook's) is read again, not served from before the edit."""
     path = profile_file(name_or_path)
     if not path.exists():
         raise ConfigError(
             f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
             "or a path to a profile YAML"
         )
+    return _load_profile(name_or_path, _versions(_chain(name_or_path, _version(path))))
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _versions(files: tuple[Path, ...]) -> tuple:
+    return tuple(_version(p) for p in files)
+
+
+@lru_cache(maxsize=64)
+def _chain(name_or_path: str, version: tuple[int, int] | None) -> tuple[Path, ...]:
+    """``profile_files``, once per version of the profile's own file (which names its bases)."""
+    return tuple(profile_files(name_or_path))
+
+
+def forget_loaded_profiles() -> None:
+    """Read every profile afresh (after rewriting one: two writes in the same clock tick keep its time)."""
+    _chain.cache_clear()
+    _load_profile.cache_clear()
+
+
+@lru_cache(maxsize=32)
+def _load_profile(name_or_path: str, versions: tuple) -> HardwareProfile:
+    path = profile_file(name_or_path)
     raw = _profile_fields(path, ())
     try:
         return HardwareProfile(**raw)
