@@ -103,11 +103,10 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
 
     overrides = parse_overrides(args.set)
     if "candidates" in raw:
-        from llmsim.plan_search import _candidate_row, load_plan_search
+        from llmsim.plan_search import candidate_label, load_plan_search
 
         _, _, candidates = load_plan_search(args.config, overrides)
-        labelled = [(", ".join(f"{k}={v}" for k, v in _candidate_row(c.values).items()), c.probe, c.error)
-                    for c in candidates]
+        labelled = [(candidate_label(c.values), c.probe, c.error) for c in candidates]
         what = "candidates"
     else:
         from llmsim.sweep.spec import load_sweep

@@ -105,8 +105,7 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
             candidates.append(Candidate(values, error=" ".join(line.strip() for line in str(exc).splitlines()[:2])))
             continue
         # A device or model that does not exist is a typo here, not a plan that does not fit.
-        check_names_at(probe, f"{path} (candidate " + ", ".join(f"{k}={v}" for k, v in
-                                                            _candidate_row(values).items()) + ")")
+        check_names_at(probe, f"{path} (candidate {candidate_label(values)})")
         candidates.append(Candidate(values, probe))
     return cfg, base, candidates
 
@@ -175,6 +174,11 @@ class RateBracket:
 
 def _candidate_row(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v) for k, v in values.items()}
+
+
+def candidate_label(values: dict[str, Any]) -> str:
+    """A candidate as messages name it: ``hardware.device=h100-sxm, parallel=tp=4,pp=1``."""
+    return ", ".join(f"{k}={v}" for k, v in _candidate_row(values).items())
 
 
 def _finish_row(row: dict, search: RateBracket) -> dict:
