@@ -338,7 +338,7 @@ def _profile_fields(path: Path, seen: tuple[Path, ...]) -> dict:
 
 def _base_file(path: Path, base: str) -> Path:
     """The file a profile's ``base:`` names: a shipped profile's name, or a path relative to the profile."""
-    return PROFILES_DIR / f"{base.lower()}.yaml" if not Path(base).suffix else path.parent / base
+    return path.parent / base if Path(base).suffix else profile_file(base)
 
 
 def profile_file(name_or_path: str) -> Path:
@@ -346,9 +346,15 @@ def profile_file(name_or_path: str) -> Path:
     return PROFILES_DIR / f"{name_or_path.lower()}.yaml" if not Path(name_or_path).suffix else Path(name_or_path)
 
 
-def profile_files(name_or_path: str) -> list[Path]:
+def profile_files(name_or_path: str) -> tuple[Path, ...]:
     """The files a profile is read from: its own, then the profiles its ``base:`` chain names (those that exist;
-    ``load_profile`` reports the others)."""
+    ``load_profile`` reports the others). Walked once per version of the profile's own file, which names its bases
+    (``load_profile`` and every resumed sweep point's ``input_digests`` ask)."""
+    return _chain(name_or_path, _version(profile_file(name_or_path)))
+
+
+@lru_cache(maxsize=64)
+def _chain(name_or_path: str, version: tuple[int, int] | None) -> tuple[Path, ...]:
     files = []
     path = profile_file(name_or_path)
     while path.is_file() and path.resolve() not in files:
@@ -361,7 +367,7 @@ def profile_files(name_or_path: str) -> list[Path]:
         if not isinstance(base, str):
             break
         path = _base_file(path, base)
-    return files
+    return tuple(files)
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -381,7 +387,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             f"hardware.device: unknown device {name_or_path!r}; allowed: {', '.join(available_profiles())} "
             "or a path to a profile YAML"
         )
-    return _load_profile(name_or_path, _versions(_chain(name_or_path, _version(path))))
+    return _load_profile(name_or_path, _versions(profile_files(name_or_path)))
 
 
 def _version(path: Path) -> tuple[int, int] | None:
@@ -394,12 +400,6 @@ def _version(path: Path) -> tuple[int, int] | None:
 
 def _versions(files: tuple[Path, ...]) -> tuple:
     return tuple(_version(p) for p in files)
-
-
-@lru_cache(maxsize=64)
-def _chain(name_or_path: str, version: tuple[int, int] | None) -> tuple[Path, ...]:
-    """``profile_files``, once per version of the profile's own file (which names its bases)."""
-    return tuple(profile_files(name_or_path))
 
 
 def forget_loaded_profiles() -> None:

@@ -104,7 +104,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     """Read the fields that decide cost from a HuggingFace ``config.json``."""
     path = Path(path).absolute()
     try:
-        cfg = json.loads(Path(path).read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"model: cannot read HuggingFace config {path}: {exc}") from None
     if not isinstance(cfg, dict):
