@@ -145,6 +145,8 @@ def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
         attainment_target=cfg.slo.attainment, pue=cfg.energy.pue,
         prefill_flops=result.pools[0].execution.prefill_flops if cfg.scheduler.prefix_caching else None)
+    if result.num_not_arrived is not None:  # a cut-off (simulation.max_time_s): what came after it
+        summary["requests"]["not_arrived"] = result.num_not_arrived
     if cfg.slo.definition == "pooled":
         summary["slo"] = pooled_slo(summary, cfg.slo.p99_itl_s, cfg.slo.median_queueing_s)
         summary.update(request_goodput=summary["slo"]["goodput_requests_per_s"])
@@ -280,6 +282,7 @@ def format_summary(summary: dict) -> str:
         f"scheduler={summary['scheduler']})",
         f"requests: {r['arrived']} arrived, {r['finished']} finished, {r['rejected']} rejected, "
         f"{r['in_flight']} in flight, "
+        + (f"{r['not_arrived']} not arrived by max_time_s, " if r.get("not_arrived") else "")
         + (f"{r['timed_out']} timed out, " if r.get("timed_out") else "")
         + f"{r['preemptions']} preemptions, {r['migrations']} migrations",
         *([f"rejected, e.g. {r['rejected_example']}"] if r.get("rejected_example") else []),

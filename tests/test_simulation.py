@@ -50,6 +50,35 @@ def test_stopping_early_reports_in_flight():
     assert len(df) == arrived and result.num_in_flight > 0
     assert set(df["status"]) <= {"finished", "in_flight", "rejected"}
     assert (df["status"] == "in_flight").sum() == result.num_in_flight
+    # Nothing lost: the requests that reach the engine only after the cut-off are counted too.
+    assert arrived == sum(1 for r in make_requests([(0.05 * i, 500, 400) for i in range(200)]) if r.arrival_s < 5.0)
+    assert result.num_not_arrived == 200 - arrived > 0
+
+
+def test_a_cut_off_counts_what_had_not_arrived(tmp_path):
+    """``summary.json`` says how many requests came after ``simulation.max_time_s``, on a synthetic workload seen
+    after a front end, and on closed-loop chat: every turn sent is arrived or not arrived."""
+    from llmsim.run import run_experiment
+
+    lengths = {"prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+               "output_tokens": {"kind": "uniform", "min": 1, "max": 300}}
+    cfg = make_config(cluster={"num_replicas": 2, "router": "least_outstanding", "frontend_latency_s": 0.5},
+                      simulation={"max_time_s": 3.0},
+                      workload={"num_requests": 50, "arrival": {"kind": "poisson", "rate_per_s": 5.0}, **lengths})
+    result, summary = run_experiment(cfg, write=False)
+    arrivals = [r.arrival_s for r in _wl(cfg)]
+    assert summary["requests"]["arrived"] == sum(a + 0.5 < 3.0 for a in arrivals)
+    assert summary["requests"]["not_arrived"] == sum(a + 0.5 >= 3.0 for a in arrivals) > 0
+    assert "not_arrived" not in run_experiment(make_config(), write=False)[1]["requests"]
+
+    chat = make_config(simulation={"max_time_s": 20.0},
+                       workload={"num_requests": 80, "arrival": {"kind": "poisson", "rate_per_s": 2.0}, **lengths,
+                                 "conversation": {"mean_turns": 4, "mean_think_time_s": 5.0}})
+    from llmsim.workload import build_workload
+    loop = build_workload(chat.workload, chat.seed)
+    result = simulate(chat, loop)
+    assert loop.num_sent == result.num_arrived + result.num_not_arrived
+    assert result.num_not_arrived > 0
 
 
 def test_same_seed_is_bit_identical_and_seed_matters():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from llmsim.clock import Clock
 from llmsim.cluster.distserve import DistServe
@@ -74,6 +74,9 @@ class SimulationResult:
     moe_compiles: list = field(default_factory=list)
     # Each replica's most KV blocks swapped out to the host at once (preemption: swap).
     peak_swapped_blocks: list[int] = field(default_factory=list)
+    # With ``simulation.max_time_s``: requests the workload sends that reach the engine only after the cut-off
+    # (None without one: every request arrived).
+    num_not_arrived: int | None = None
 
 
 def check_plan(model: ModelSpec, plan: ParallelPlan, where: str = "parallel") -> None:
@@ -232,7 +235,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
     else:
         router = router or ROUTERS[cfg.cluster.router](cfg.cluster)
     migrator = llumnix.migrator if llumnix is not None else None
-    counts = {"arrived": 0}
+    counts = {"arrived": 0, "drawn": 0}  # drawn: taken from an open-loop stream (then waited for)
 
     frontend_s = cfg.cluster.frontend_latency_s
     timeout_s = cfg.simulation.client_timeout_s
@@ -265,8 +268,10 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
 
         rep.post(abort)
 
-    def arrivals(stream: Iterable[Request]):
+    def arrivals(stream: Iterable[Request], drawn: bool = True):
         for r in stream:
+            if drawn:
+                counts["drawn"] += 1
             at = r.arrival_s + frontend_s if frontend_s else r.arrival_s  # the engine sees it after the front end
             if at > env.now:
                 yield env.urgent_at(at)
@@ -290,9 +295,10 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         its abort then finds no turn left to send)."""
         follow = closed_loop.next_turn(r, status, env.now)
         if follow is not None and status != "in_flight":  # sent after the user's think time
-            env.process(arrivals((follow,)))
+            env.process(arrivals((follow,), drawn=False))
 
     if closed_loop is None:
+        requests = iter(requests)  # what is left of it at a cut-off is counted below
         env.process(arrivals(requests))
     else:
         recorder.on_request_end = send_next_turn
@@ -312,9 +318,24 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         recorder.request(r, "in_flight")
     for rep in replicas:
         rep.blocks.check_integrity()
+    num_not_arrived = None
+    if cfg.simulation.max_time_s is not None:
+        num_not_arrived = not_arrived(requests, closed_loop, counts)
     return SimulationResult(cfg, model, pools[0].execution, pools[0].memory, recorder, replicas, counts["arrived"],
                             len(in_flight), env.last_active_s, time.perf_counter() - wall0, pools, replica_pool,
                             migrator.stats if migrator is not None else None,
                             network.stats if network.stats.copies else None,
                             [rep.moe_compiles for rep in replicas],
-                            [rep.scheduler.peak_swapped_blocks for rep in replicas])
+                            [rep.scheduler.peak_swapped_blocks for rep in replicas], num_not_arrived)
+
+
+def not_arrived(stream: Iterator[Request], closed_loop: ClosedLoop | None, counts: dict[str, int]) -> int:
+    """Requests the workload sends that had not reached the engine at the cut-off: one drawn and waited for,
+    and the rest of the stream (drawn now, as the run would have: a trace's rows to its end). Closed-loop: the
+    turns sent and still on their way (a later turn is sent when the one before it ends, so none is counted for
+    a turn in flight), and the first turns still to come."""
+    if closed_loop is not None:
+        for _ in closed_loop.first_turns:  # each takes its slot in num_sent
+            pass
+        return closed_loop.num_sent - counts["arrived"]
+    return counts["drawn"] - counts["arrived"] + sum(1 for _ in stream)
