@@ -16,7 +16,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from llmsim.errors import ConfigError
+from llmsim.bool_numbers import numbers_not_bools
+from llmsim.errors import ConfigError, validation_error_loc
 from llmsim.execution.cpu_overhead import CpuOverheadParams, load_cpu_profile, shipped_profiles
 from llmsim.models.spec import hf_config_file
 from llmsim.yaml_text import load_yaml_text
@@ -29,6 +30,11 @@ MAX_REPLICAS = 10_000
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data):
+        return numbers_not_bools(cls, data)
 
     @model_validator(mode="before")
     @classmethod
@@ -536,15 +542,11 @@ class ExperimentConfig(_Strict):
 def format_validation_error(exc: ValidationError, source: str, what: str = "experiment config") -> str:
     lines = [f"invalid {what} {source}:"]
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed",
-                                                                                 "uniform", "zipf", "lognormal",
-                                                                                 "cpu_params", "cpu_profile", "[key]"}))
+        loc = tuple(p for p in validation_error_loc(err)
+                    if not (isinstance(p, str) and p in {"poisson", "gamma", "fixed", "uniform", "zipf", "lognormal",
+                                                          "cpu_params", "cpu_profile", "[key]"}))
         where = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "unknown_key":
-            key = ".".join(str(p) for p in (*loc, err["ctx"]["key"]))
-            lines.append(f"  {key}: {err['msg']}")
-        else:
-            lines.append(f"  {where}: {err['msg']}")
+        lines.append(f"  {where}: {err['msg']}")
     return "\n".join(lines)
 
 

@@ -27,3 +27,12 @@ class EngineAborted(PlanError):
 
     def __reduce__(self):  # pickled from a worker process with its time
         return type(self), (str(self), self.at_s)
+
+
+def validation_error_loc(err: dict) -> tuple:
+    """Where one of pydantic's errors points, as a path of keys: for an error a model raised about one of its keys
+    (an unknown key, a boolean given for a number), through that key (``ctx["key"]``)."""
+    key = (err.get("ctx") or {}).get("key")
+    if key is not None and err["type"] in ("unknown_key", "bool_number"):
+        return (*err["loc"], key)
+    return tuple(err["loc"])

@@ -54,6 +54,16 @@ def _profile(tmp_path: Path, text) -> Path:
     return _experiment(tmp_path, hardware={"device": str(p)})
 
 
+def _profile_changed(tmp_path: Path, where: tuple, value) -> Path:
+    """The shipped T4 profile (roofline attention) with one value changed."""
+    profile = yaml.safe_load((ROOT / "hardware_profiles" / "t4.yaml").read_text())
+    leaf = profile
+    for key in where[:-1]:
+        leaf = leaf[key]
+    leaf[where[-1]] = value
+    return _profile(tmp_path, yaml.safe_dump(profile))
+
+
 def _raw(tmp_path: Path, content) -> Path:
     p = tmp_path / "exp.yaml"
     p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
@@ -178,6 +188,19 @@ CASES = {
         "simulation.workers: 2 needs cluster.policy: colocated"),
     "workers with a time limit": (lambda tmp: _experiment(tmp, simulation={"workers": 2, "max_time_s": 10}),
                                   "simulation.workers: 2 needs no simulation.max_time_s"),
+    # pydantic reads true as 1: a boolean for a number ran as 1 request/s (YAML's yes/on are booleans too).
+    "boolean for a number": (lambda tmp: _experiment(tmp, workload={**BASE["workload"], "arrival": {
+        "kind": "poisson", "rate_per_s": True}}), "workload.arrival.rate_per_s: expected a number, got a boolean"),
+    "boolean for a CPU time": (lambda tmp: _experiment(tmp, scheduler={"cpu_overhead": {"per_step_ms": False}}),
+                               "scheduler.cpu_overhead.per_step_ms: expected a number, got a boolean"),
+    "boolean in a profile": (lambda tmp: _profile_changed(tmp, ("efficiency", "linear", "compute", "max_eff"), True),
+                             "efficiency.linear.compute.max_eff: expected a number, got a boolean"),
+    # An infinite half-saturation point divided by zero in the decode cost, far from the file.
+    "infinite profile number": (lambda tmp: _profile_changed(
+        tmp, ("efficiency", "attention_decode", "compute", "half_tokens"), math.inf),
+        "efficiency.attention_decode.compute.half_tokens: Input should be a finite number"),
+    "zero peak FLOPS": (lambda tmp: _profile_changed(tmp, ("peak_flops", "fp16"), 0.0),
+                        "peak_flops.fp16: Input should be greater than 0"),
     "lengths file replayed": (lambda tmp: _experiment(tmp, workload={"trace": {
         "path": str(Path(__file__).resolve().parents[1] / "workloads" / "sharegpt_8k_sarathi_serve.csv"),
         "format": "prefill_decode"}}), "prefill_decode has lengths but no arrival times"),

@@ -8,7 +8,7 @@ from llmsim.execution.memory import plan_memory
 from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
                                        prefill_tiles)
-from llmsim.hardware.profile import load_profile
+from llmsim.hardware.profile import PROFILES_DIR, load_profile, profile_files
 from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, custom_all_reduce_rounds, op_time_s
 from llmsim.models import load_model
 
@@ -604,3 +604,15 @@ def test_a_profile_edited_while_the_process_runs_is_read_again(tmp_path):
     base.write_text("base: h100-sxm\nmemory_bytes: 21474836480\n")
     os.utime(base, ns=(3, 3))
     assert load_profile(str(mine)).memory_bytes == 21474836480
+    # The base re-pointed at another base: that one's edits count from then on (the chain was walked once per
+    # version of the first file only, so the new base was never watched).
+    other = tmp_path / "other.yaml"
+    other.write_text("base: h100-sxm\nmemory_bytes: 10737418240\n")
+    base.write_text("base: other.yaml\n")
+    os.utime(base, ns=(4, 4))
+    assert load_profile(str(mine)).memory_bytes == 10737418240
+    assert profile_files(str(mine)) == (mine.resolve(), base.resolve(), other.resolve(),
+                                        PROFILES_DIR / "h100-sxm.yaml")
+    other.write_text("base: h100-sxm\nmemory_bytes: 5368709120\n")
+    os.utime(other, ns=(5, 5))
+    assert load_profile(str(mine)).memory_bytes == 5368709120

@@ -7,19 +7,27 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmsim.errors import ConfigError
+from llmsim.bool_numbers import numbers_not_bools
+from llmsim.errors import ConfigError, validation_error_loc
 from llmsim.yaml_text import load_yaml_text
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A profile's numbers are rates, times and fitted shapes: an infinite or NaN one is a typo, which the cost
+    # models would turn into a division by zero or NaN step times far from the file.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data):
+        return numbers_not_bools(cls, data)
 
 
 GEMM_TILE = 128  # output tile edge of the GEMM kernels cuBLAS / CUTLASS run on A100 and H100 (128 x 128)
@@ -207,7 +215,7 @@ class HardwareProfile(_Frozen):
     name: str
     description: str
     calibrated: bool  # False: efficiencies are documented assumptions, not fits
-    peak_flops: dict[str, float]  # dense, per dtype
+    peak_flops: dict[str, Annotated[float, Field(gt=0)]]  # dense, per dtype
     memory_bytes: float = Field(gt=0)
     memory_bandwidth_bytes_per_s: float = Field(gt=0)
     gpus_per_node: int = Field(default=8, ge=1)
@@ -346,15 +354,26 @@ def profile_file(name_or_path: str) -> Path:
     return PROFILES_DIR / f"{name_or_path.lower()}.yaml" if not Path(name_or_path).suffix else Path(name_or_path)
 
 
+# name or path -> (its chain of files, their versions, the version of its own file when walked)
+_chains: dict[str, tuple[tuple[Path, ...], tuple, tuple[int, int] | None]] = {}
+
+
 def profile_files(name_or_path: str) -> tuple[Path, ...]:
     """The files a profile is read from: its own, then the profiles its ``base:`` chain names (those that exist;
-    ``load_profile`` reports the others). Walked once per version of the profile's own file, which names its bases
-    (``load_profile`` and every resumed sweep point's ``input_digests`` ask)."""
-    return _chain(name_or_path, _version(profile_file(name_or_path)))
+    ``load_profile`` reports the others). Walked again only when one of those files has changed, since any of
+    them may name another base (``load_profile`` and every resumed sweep point's ``input_digests`` ask)."""
+    own = _version(profile_file(name_or_path))
+    cached = _chains.get(name_or_path)
+    if cached is not None and cached[2] == own and _versions(cached[0]) == cached[1]:
+        return cached[0]
+    files = _walk_chain(name_or_path)
+    if len(_chains) >= 64:
+        _chains.clear()
+    _chains[name_or_path] = (files, _versions(files), own)
+    return files
 
 
-@lru_cache(maxsize=64)
-def _chain(name_or_path: str, version: tuple[int, int] | None) -> tuple[Path, ...]:
+def _walk_chain(name_or_path: str) -> tuple[Path, ...]:
     files = []
     path = profile_file(name_or_path)
     while path.is_file() and path.resolve() not in files:
@@ -404,7 +423,7 @@ def _versions(files: tuple[Path, ...]) -> tuple:
 
 def forget_loaded_profiles() -> None:
     """Read every profile afresh (after rewriting one: two writes in the same clock tick keep its time)."""
-    _chain.cache_clear()
+    _chains.clear()
     _load_profile.cache_clear()
 
 
@@ -416,6 +435,7 @@ def _load_profile(name_or_path: str, versions: tuple) -> HardwareProfile:
         return HardwareProfile(**raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # pydantic's marker for a dict's key
+        # "[key]": pydantic's marker for a dict's key
+        where = ".".join(str(p) for p in validation_error_loc(first) if p != "[key]")
         msg = first["msg"].removeprefix("Value error, ")  # a validator's own message says what and where
         raise ConfigError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}") from None

@@ -7,8 +7,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llmsim.bool_numbers import numbers_not_bools
 from llmsim.errors import ConfigError
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
@@ -26,6 +27,11 @@ class ModelSpec(BaseModel):
     ``--kv-cache-dtype``, default the activations')."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data):
+        return numbers_not_bools(cls, data)
 
     name: str
     num_layers: int = Field(gt=0)
