@@ -40,3 +40,18 @@ def test_hf_config_missing_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ConfigError, match="lacks the field"):
         load_model(str(tmp_path / "config.json"))
+
+
+def test_hf_config_null_fields_are_absent_ones(tmp_path):
+    """transformers reads a null field as absent (its default applies); llmsim compared null with numbers and
+    crashed on null expert counts, context lengths and KV heads."""
+    cfg = {"hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32, "intermediate_size": 11008,
+           "vocab_size": 32000}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "nulls").mkdir()
+    (tmp_path / "nulls" / "config.json").write_text(json.dumps({
+        **cfg, "num_key_value_heads": None, "num_local_experts": None, "num_experts_per_tok": None,
+        "max_position_embeddings": None, "head_dim": None, "torch_dtype": None, "architectures": None}))
+    plain, nulls = load_model(str(tmp_path / "plain")), load_model(str(tmp_path / "nulls"))
+    assert nulls.model_dump(exclude={"name"}) == plain.model_dump(exclude={"name"})

@@ -115,17 +115,30 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         raise ConfigError(f"model: cannot read HuggingFace config {path}: {exc}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"model: HuggingFace config {path} is not a JSON object")
+    # A null field is an absent one, as transformers' PretrainedConfig reads it (its default applies).
+    cfg = {key: value for key, value in cfg.items() if value is not None}
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
                 "intermediate_size", "ffn_dim", "head_dim", "num_local_experts", "num_experts_per_tok",
                 "max_position_embeddings"):
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if key not in cfg:
+            raise ConfigError(f"model: HuggingFace config {path} lacks the field {key!r}")
+    for key in ("_name_or_path", "model_type"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise ConfigError(f"model: HuggingFace config {path}: {key} is {cfg[key]!r}, expected a string")
+    architectures = cfg.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"model: HuggingFace config {path}: architectures is {architectures!r}, expected a list of "
+                          "class names")
     if cfg.get("num_experts_per_tok", 1) > cfg.get("num_local_experts", 1):
         raise ConfigError(f"model: HuggingFace config {path}: num_experts_per_tok {cfg['num_experts_per_tok']} is "
                           f"more than num_local_experts {cfg.get('num_local_experts', 1)}")
     torch_dtype = cfg.get("torch_dtype")
-    if dtype is None and torch_dtype is not None and torch_dtype not in _HF_DTYPES:
+    if dtype is None and torch_dtype is not None and not (isinstance(torch_dtype, str) and torch_dtype in _HF_DTYPES):
         raise ConfigError(f"model: HuggingFace config {path}: torch_dtype {torch_dtype!r} is none of "
                           f"{', '.join(_HF_DTYPES)}; set model.dtype")
     quantization = cfg.get("quantization_config")
