@@ -318,6 +318,44 @@ def test_aiconfigurator_import_maps_columns(tmp_path):
         import_aiconfigurator(tmp_path / "attention", "h100-sxm")
 
 
+def test_vidur_rows_the_fit_cannot_use_name_their_csv_line(tmp_path):
+    """Each op of a Vidur row becomes a row of its own, so errors had named lines of the combined rows, past the
+    CSV's end; and use_gated_mlp went through bool(), which reads any text, "False" too, as gated."""
+    import shutil
+
+    shutil.copytree(DATA / "vidur_sample", tmp_path / "v")
+    mlp = tmp_path / "v" / "compute" / "a100" / "meta-llama" / "Llama-2-7b-hf" / "mlp.csv"
+    df = pd.read_csv(mlp)
+    last = len(df) + 1  # its line (the header is line 1)
+    for column, value, needle in (("num_tokens", 0, "op emb needs a whole 'num_tokens' of at least 1, got 0"),
+                                  ("use_gated_mlp", "maybe", "column 'gated' is 'maybe', expected true or false")):
+        bad = df.astype({column: object})
+        bad.loc[len(df) - 1, column] = value
+        bad.to_csv(mlp, index=False)
+        with pytest.raises(TraceError) as err:
+            import_vidur(tmp_path / "v", "a100")
+        assert str(err.value).startswith(f"{mlp}:{last}: {needle}"), err.value
+
+
+def test_aiconfigurator_rows_the_fit_cannot_use_name_their_table_and_row(tmp_path):
+    """A GEMM of K 0 had been imported (and priced as no GEMM); errors had named the folder and a line of the
+    combined rows, or no file at all for an unknown dtype."""
+    folder = tmp_path / "gemm" / "vllm" / "0.14.0"
+    folder.mkdir(parents=True)
+    table = folder / "gemm_perf.parquet"
+    rows = [{"gemm_dtype": "bfloat16", "m": m, "n": 4096, "k": 4096, "latency": 0.01} for m in (1, 2, 4)]
+    pd.DataFrame(rows).to_parquet(table)
+    assert len(import_aiconfigurator(tmp_path, "h100-sxm")) == 3
+    for column, value, needle in (("k", 0, "row 2: op gemm needs a whole 'gemm_k' of at least 1, got 0"),
+                                  ("gemm_dtype", "fp4", "row 2: gemm_dtype is 'fp4'; known: bfloat16")):
+        bad = [dict(r) for r in rows]
+        bad[2][column] = value
+        pd.DataFrame(bad).to_parquet(table)
+        with pytest.raises(TraceError) as err:
+            import_aiconfigurator(tmp_path, "h100-sxm")
+        assert str(err.value).startswith(f"{table}: {needle}"), err.value
+
+
 def test_validating_on_unseen_shapes_labels_them_held_out(tmp_path):
     """Rows of shapes the profile's own measurements do not contain are never reported under "fit"."""
     df = read_measurements(ROOT / "hardware_profiles" / "measurements" / "vidur-a100.csv.gz")
@@ -396,14 +434,17 @@ def test_bad_measurement_row_names_file_and_line(tmp_path):
 
 def test_measurement_values_the_prediction_cannot_use_name_file_line_and_column(tmp_path):
     """A dtype nobody models had been a KeyError deep in the prediction, 'abc' in gated read as not gated, an
-    infinite shape an OverflowError, an infinite time a least-squares failure, and a fractional count used as is."""
+    infinite shape an OverflowError, an infinite time a least-squares failure, and a fractional or zero count used
+    as is."""
     path = tmp_path / "bad.csv"
     cases = [("dtype", "fp4", "column 'dtype' is 'fp4', expected one of fp32, fp16, bf16, fp8, int8, fp8_block"),
              ("kv_dtype", "True", "column 'kv_dtype' is 'True', expected one of"),
              ("gated", "abc", "column 'gated' is 'abc', expected true or false"),
              ("n_embd", float("inf"), "column 'n_embd' is inf, expected a finite number"),
              ("median_ms", float("inf"), "column 'median_ms' is inf, expected a finite number"),
-             ("tp", 2.5, "op mlp_up_proj needs a non-negative whole 'tp', got 2.5")]
+             ("tp", 2.5, "op mlp_up_proj needs a whole 'tp' of at least 1, got 2.5"),
+             # A zero count is no kernel: a GEMM of K 0 had been priced as no GEMM.
+             ("num_tokens", 0, "op mlp_up_proj needs a whole 'num_tokens' of at least 1, got 0")]
     for column, value, needle in cases:
         df = compute_rows({"llama7": LLAMA_7B}).head(3).astype({column: object})
         df.loc[1, column] = value

@@ -37,14 +37,24 @@ def _table(root: Path, pattern: str, needed: tuple[str, ...]) -> pd.DataFrame | 
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise TraceError(f"{found[-1]}: missing aiconfigurator columns {', '.join(missing)}")
+    df = df.reset_index(drop=True)  # the table's own rows, 0.., which its imported rows keep and errors name
+    df.attrs["path"] = found[-1]
     return df.assign(source=f"aiconfigurator {found[-1].relative_to(root)}")
 
 
-def _dtype(series: pd.Series, where: str) -> pd.Series:
-    unknown = sorted(set(series) - set(_DTYPES))
-    if unknown:
-        raise TraceError(f"{where}: unknown dtype {unknown[0]!r}; known: {', '.join(_DTYPES)}")
-    return series.map(_DTYPES)
+def _checked(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` imported from ``table``, checked as measurements; an error names the table's file and row."""
+    return check(normalize(rows), str(table.attrs["path"]), table_rows=[f": row {i}" for i in rows.index])
+
+
+def _dtype(df: pd.DataFrame, column: str) -> pd.Series:
+    """``df[column]`` as the schema's dtype names; an unknown one names the table's file and row."""
+    known = df[column].isin(list(_DTYPES))
+    if not known.all():
+        row = known.index[~known.to_numpy()][0]
+        raise TraceError(f"{df.attrs.get('path', 'aiconfigurator table')}: row {row}: {column} is "
+                         f"{df[column][row]!r}; known: {', '.join(_DTYPES)}")
+    return df[column].map(_DTYPES)
 
 
 def _attention(df: pd.DataFrame, device: str, op: str) -> pd.DataFrame:
@@ -52,11 +62,11 @@ def _attention(df: pd.DataFrame, device: str, op: str) -> pd.DataFrame:
     # A decode step's query attends over the prompt (isl) and the ``step`` tokens generated before it.
     kv_len = df["isl"] + df["step"] if decode else 0
     return pd.DataFrame({
-        "device": device, "op": op, "dtype": _dtype(df["attn_dtype"], op), "tp": 1,
+        "device": device, "op": op, "dtype": _dtype(df, "attn_dtype"), "tp": 1,
         "model": [f"heads{h}/kv{k}" for h, k in zip(df["num_heads"], df["num_key_value_heads"])],
         "n_head": df["num_heads"], "n_kv_head": df["num_key_value_heads"], "n_embd": df["num_heads"] * df["head_dim"],
         "batch_size": df["batch_size"], "seq_len": 1 if decode else df["isl"], "kv_len": kv_len,
-        "kv_dtype": _dtype(df["kv_cache_dtype"], op), "median_ms": df["latency"], "source": df["source"],
+        "kv_dtype": _dtype(df, "kv_cache_dtype"), "median_ms": df["latency"], "source": df["source"],
     })
 
 
@@ -66,7 +76,7 @@ def _collectives(df: pd.DataFrame, device: str, gpus_per_node: int, dtype_column
     own size switches confirm it: vLLM's custom all-reduce goes two-stage on 8 GPUs at 131,072 (256 KiB of bf16)
     and hands over to NCCL at 4,194,304 (its 8 MiB limit)."""
     df = df[df["op_name"].isin(["all_reduce", "all_gather"])]
-    dtype = _dtype(df[dtype_column], "collective")
+    dtype = _dtype(df, dtype_column)
     return pd.DataFrame({
         "device": device, "op": df["op_name"], "dtype": dtype,
         "size_bytes": df["message_size"] * dtype.map(_ELEMENT_BYTES), "num_workers": df["num_gpus"],
@@ -77,7 +87,7 @@ def _collectives(df: pd.DataFrame, device: str, gpus_per_node: int, dtype_column
 
 def _gemms(df: pd.DataFrame, device: str) -> pd.DataFrame:
     return pd.DataFrame({
-        "device": device, "op": "gemm", "dtype": _dtype(df["gemm_dtype"], "gemm"), "model": "gemm", "tp": 1,
+        "device": device, "op": "gemm", "dtype": _dtype(df, "gemm_dtype"), "model": "gemm", "tp": 1,
         "num_tokens": df["m"], "gemm_n": df["n"], "gemm_k": df["k"], "median_ms": df["latency"],
         "source": df["source"],
     })
@@ -86,7 +96,7 @@ def _gemms(df: pd.DataFrame, device: str) -> pd.DataFrame:
 def _moe(df: pd.DataFrame, device: str) -> pd.DataFrame:
     df = df[(df["distribution"] == "balanced") & (df["moe_ep_size"] == 1) & (df["kernel_source"] == "vllm_fused_moe")]
     return pd.DataFrame({
-        "device": device, "op": "moe", "dtype": _dtype(df["moe_dtype"], "moe"), "tp": df["moe_tp_size"],
+        "device": device, "op": "moe", "dtype": _dtype(df, "moe_dtype"), "tp": df["moe_tp_size"],
         "model": [f"moe h{h} i{i} e{e} k{k}" for h, i, e, k in zip(df["hidden_size"], df["inter_size"],
                                                                     df["num_experts"], df["topk"])],
         "num_tokens": df["num_tokens"], "n_embd": df["hidden_size"], "n_expanded_embd": df["inter_size"],
@@ -107,23 +117,23 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
                         ("attention/vllm/*/generation_attention_perf.parquet", "attn_decode")):
         table = _table(root, pattern, attention)
         if table is not None:
-            frames.append(_attention(table, device, op))
+            frames.append(_checked(_attention(table, device, op), table))
     gemm = _table(root, "gemm/vllm/*/gemm_perf.parquet", ("gemm_dtype", "m", "n", "k", "latency"))
     if gemm is not None:
-        frames.append(_gemms(gemm, device))
+        frames.append(_checked(_gemms(gemm, device), gemm))
     moe = _table(root, "moe/vllm/*/moe_perf.parquet", ("moe_dtype", "num_tokens", "hidden_size", "inter_size",
                                                        "topk", "num_experts", "moe_tp_size", "moe_ep_size",
                                                        "distribution", "kernel_source", "latency"))
     if moe is not None and len(_moe(moe, device)):
-        frames.append(_moe(moe, device))
+        frames.append(_checked(_moe(moe, device), moe))
     comm = ("op_name", "kernel_source", "num_gpus", "message_size", "latency")
     custom = _table(root, "comm/vllm/*/custom_allreduce_perf.parquet", comm + ("allreduce_dtype",))
     if custom is not None:
-        frames.append(_collectives(custom, device, gpus_per_node, "allreduce_dtype"))
+        frames.append(_checked(_collectives(custom, device, gpus_per_node, "allreduce_dtype"), custom))
     nccl = _table(root, "comm/nccl/*/nccl_perf.parquet", comm + ("nccl_dtype",))
     if nccl is not None:
-        frames.append(_collectives(nccl[nccl["nccl_dtype"] == "half"], device, gpus_per_node, "nccl_dtype"))
+        frames.append(_checked(_collectives(nccl[nccl["nccl_dtype"] == "half"], device, gpus_per_node, "nccl_dtype"),
+                               nccl))
     if not frames:
         raise TraceError(f"{root}: no aiconfigurator attention, GEMM or communication tables found")
-    df = normalize(pd.concat(frames, ignore_index=True))
-    return check(df, str(root))
+    return normalize(pd.concat(frames, ignore_index=True))

@@ -77,30 +77,43 @@ def _shown(value) -> str:
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def _first_bad(df: pd.DataFrame, bad: pd.Series, where: str, column: str, expected: str) -> None:
+def _row(where: str, i: int, table_rows: list[str] | None) -> str:
+    """Where row ``i`` came from: its line in the CSV (whose header is line 1), or as ``table_rows`` names it."""
+    return f"{where}:{i + 2}" if table_rows is None else f"{where}{table_rows[i]}"
+
+
+def _first_bad(df: pd.DataFrame, bad: pd.Series, where: str, column: str, expected: str,
+               table_rows: list[str] | None) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise TraceError(f"{where}:{i + 2}: column {column!r} is {_shown(df[column].iloc[i])}, expected {expected}")
+        raise TraceError(f"{_row(where, i, table_rows)}: column {column!r} is {_shown(df[column].iloc[i])}, "
+                         f"expected {expected}")
 
 
-def check(df: pd.DataFrame, where: str) -> pd.DataFrame:
-    """Reject rows that calibration could not use, naming the file and line (header is line 1)."""
+def check(df: pd.DataFrame, where: str, table_rows: list[str] | None = None) -> pd.DataFrame:
+    """Reject rows that calibration could not use, naming the file and line (header is line 1), or, for rows
+    imported from another file, where in it each came from (``table_rows``: ``":12"``, ``": row 10"``)."""
     for column in ("dtype", "kv_dtype"):  # a typo had been a KeyError deep in the prediction
-        _first_bad(df, df[column].notna() & ~df[column].isin(DTYPES), where, column, f"one of {', '.join(DTYPES)}")
+        _first_bad(df, df[column].notna() & ~df[column].isin(DTYPES), where, column, f"one of {', '.join(DTYPES)}",
+                   table_rows)
     # Any other text had been read as not gated.
     _first_bad(df, df["gated"].notna() & ~df["gated"].astype(str).str.lower().isin(_GATED), where, "gated",
-               "true or false")
+               "true or false", table_rows)
     for column in NUMBER_COLUMNS:  # an infinite shape crashed the prediction, an infinite time the fit
-        _first_bad(df, np.isinf(df[column].astype(float)), where, column, "a finite number")
+        _first_bad(df, np.isinf(df[column].astype(float)), where, column, "a finite number", table_rows)
     for i, row in enumerate(df.itertuples(index=False)):
-        line = f"{where}:{i + 2}"
+        line = _row(where, i, table_rows)
         op = row.op
         if op not in _REQUIRED:
             raise TraceError(f"{line}: unknown op {op!r}; allowed: {', '.join(OPS)}")
         for column in _REQUIRED[op]:
             value = getattr(row, column)
-            if pd.isna(value) or float(value) < 0 or float(value) != int(value):  # counts: sizes, tokens, GPUs
-                raise TraceError(f"{line}: op {op} needs a non-negative whole {column!r}, got {_shown(value)}")
+            if op == "attn_prefill" and column == "kv_len":  # a prompt with nothing cached before it: 0
+                if pd.isna(value) or float(value) < 0 or float(value) != int(value):
+                    raise TraceError(f"{line}: op {op} needs a non-negative whole {column!r}, got {_shown(value)}")
+            # Counts (sizes, tokens, heads, GPUs): a zero one is no kernel (a GEMM of K 0 was priced as no GEMM).
+            elif pd.isna(value) or float(value) < 1 or float(value) != int(value):
+                raise TraceError(f"{line}: op {op} needs a whole {column!r} of at least 1, got {_shown(value)}")
         impl = row.impl
         if op in COLLECTIVE_OPS and isinstance(impl, str) and impl not in COLLECTIVE_IMPLS:
             raise TraceError(f"{line}: unknown impl {impl!r}; allowed: {', '.join(COLLECTIVE_IMPLS)}")

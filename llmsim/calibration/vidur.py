@@ -42,7 +42,7 @@ def import_compute_csv(path: str | Path, device: str, model: str) -> pd.DataFram
             "tp": df["num_tensor_parallel_workers"], "num_tokens": df["num_tokens"],
             "n_head": df["n_head"], "n_kv_head": df["n_kv_head"], "n_embd": df["n_embd"],
             "n_expanded_embd": df["n_expanded_embd"], "vocab_size": df["vocab_size"],
-            "gated": df["use_gated_mlp"].astype(bool),
+            "gated": df["use_gated_mlp"],  # as written: check() refuses what is no true or false
         })
         for stat, column in _STATS.items():
             rows[column] = df.get(f"time_stats.{op}.{stat}")
@@ -50,7 +50,13 @@ def import_compute_csv(path: str | Path, device: str, model: str) -> pd.DataFram
         frames.append(rows)
     if not frames:
         raise TraceError(f"{path}: no time_stats.<op>.median columns for any of {', '.join(LAYER_OPS)}")
-    return check(normalize(pd.concat(frames, ignore_index=True)), str(path))
+    return _checked(frames, path)
+
+
+def _checked(frames: list[pd.DataFrame], path: Path) -> pd.DataFrame:
+    """Rows made from a CSV's rows (each frame indexed by the CSV's row), checked; an error names the CSV's line."""
+    rows = pd.concat(frames)
+    return check(normalize(rows), str(path), table_rows=[f":{i + 2}" for i in rows.index])
 
 
 def import_network_csv(path: str | Path, device: str, node: str) -> pd.DataFrame:
@@ -66,7 +72,7 @@ def import_network_csv(path: str | Path, device: str, node: str) -> pd.DataFrame
             rows[column] = group.get(f"time_stats.{collective}.{stat}")
         rows["source"] = f"vidur:network/{node}/{path.name}"
         frames.append(rows)
-    return check(normalize(pd.concat(frames, ignore_index=True)), str(path))
+    return _checked(frames, path)
 
 
 def import_vidur(root: str | Path, device: str, node: str | None = None) -> pd.DataFrame:
