@@ -184,6 +184,49 @@ def test_a_bad_entry_in_a_replay_file_is_a_clear_error_before_any_replay(tmp_pat
     assert needle in capsys.readouterr().err and not replays
 
 
+@pytest.mark.parametrize("change, needle", [
+    # int() had cut a fractional setting (TP 0.5 ran as 0) and read true as 1.
+    (("config", "tensor_parallelism", 0.5), "config.tensor_parallelism 0.5: expected a whole number >= 1"),
+    (("config", "max_num_seqs", True), "config.max_num_seqs True: expected a whole number >= 1"),
+    (("model_id", None, 7), "model_id 7: expected a HuggingFace id"),  # had been an AttributeError
+    (("requests", 3, {"has_error": "no"}), "requests[3]: has_error 'no': expected true or false"),  # any text had been a failure
+    (("profile.yaml", None, {"load": {"stages": [None]}}), "load.stages[0]: expected a mapping with a duration"),
+    (("profile.yaml", None, {"load": {"stages": 5}}), "load.stages: expected a list of stages"),
+    (("profile.yaml", None, {"load": {"stages": [{"duration": -5}]}}), "duration -5: expected seconds > 0"),
+    (("profile.yaml", None, {"data": {"shared_prefix": {"system_prompt_len": 2.5}}}),
+     "data.shared_prefix.system_prompt_len 2.5: expected a whole number >= 0"),
+    (("profile.yaml", None, {"server": {"ignore_eos": "yes please"}}), "server.ignore_eos 'yes please'"),
+    (("exp-config.yaml", None, [1, 2]), "exp-config.yaml: expected a mapping of vLLM's flags"),
+    (("exp-config.yaml", None, {"max_model_len": 0.5}), "max_model_len 0.5: expected a whole number >= 1"),
+])
+def test_a_bad_run_setting_is_a_clear_error_before_any_replay(tmp_path, capsys, monkeypatch, change, needle):
+    """The server's settings, the model id, inference-perf's profile and vLLM's flags of a run are checked when
+    the runs are read: each of these had been a traceback, or a value silently cut or read as true."""
+    broken = tmp_path / "d"
+    shutil.copytree(SLICE, broken)
+    where, key, value = change
+    if where.endswith(".yaml"):
+        (broken / "runs" / RUN).mkdir(parents=True, exist_ok=True)
+        (broken / "runs" / RUN / where).write_text(json.dumps(value))  # JSON is YAML, as inference-perf writes it
+    else:
+        path = broken / "replay" / f"{RUN}.json.gz"
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+        if key is None:
+            data[where] = value
+        elif where == "requests":
+            data[where][key].update(value)
+        else:
+            data[where][key] = value
+        with gzip.open(path, "wt") as f:
+            json.dump(data, f)
+    replays = []
+    monkeypatch.setattr("llmsim.e2e.workflow.replay", lambda *a, **k: replays.append(1))
+    assert main(["validate-e2e", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not replays, err
+
+
 def test_max_requests_slices_each_run(tmp_path):
     assert main(["validate-e2e", str(SLICE), "--max-requests", "50", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "e2e_errors.csv").set_index(["stage", "metric"])

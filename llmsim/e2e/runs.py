@@ -103,6 +103,9 @@ def _check_entries(requests: list, truth: list, replay_path: Path, truth_path: P
         where = f"{truth_path}: [{i}]"
         if not isinstance(t, dict):
             raise ConfigError(f"{where}: expected an object")
+        for entry, entry_where in ((r, f"{replay_path}: requests[{i}]"), (t, where)):
+            if entry.get("has_error") is not None and not isinstance(entry["has_error"], bool):
+                raise ConfigError(f"{entry_where}: has_error {entry['has_error']!r}: expected true or false")
         failed = bool(t.get("has_error")) or bool(r.get("has_error"))
         for k in ("ttft_s", "e2e_s"):
             if not non_negative(t.get(k), allow_none=failed):
@@ -119,9 +122,16 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     if not isinstance(replay, dict) or not isinstance(truth, list):
         raise ConfigError(f"{replay_path}: expected an object with requests, and a list of measurements")
     _need(replay, ("model_id", "config", "requests"), str(replay_path))
+    if not isinstance(replay["model_id"], str):
+        raise ConfigError(f"{replay_path}: model_id {replay['model_id']!r}: expected a HuggingFace id")
     config = replay["config"]
+    if not isinstance(config, dict):
+        raise ConfigError(f"{replay_path}: config: expected an object of the server's settings")
     _need(config, ("tensor_parallelism", "max_num_seqs", "max_num_batched_tokens", "kv_blocks_total_gpu"),
           f"{replay_path}: config")
+    for key in ("tensor_parallelism", "max_num_seqs", "max_num_batched_tokens", "kv_blocks_total_gpu", "block_size"):
+        if key in config and not (whole_count(config[key]) and config[key] >= 1):  # int() had cut 0.5 to 0
+            raise ConfigError(f"{replay_path}: config.{key} {config[key]!r}: expected a whole number >= 1")
     requests = replay["requests"]
     if not isinstance(requests, list):
         raise ConfigError(f"{replay_path}: requests: expected a list")
@@ -136,24 +146,63 @@ def load_run(root: Path, name: str) -> MeasuredRun:
             profile = yaml.safe_load(profile_path.read_text())  # JSON is YAML
         except yaml.YAMLError as exc:
             raise ConfigError(f"{profile_path}: not valid YAML/JSON: {exc}") from None
-        start = 0.0
-        for k, stage in enumerate((profile.get("load") or {}).get("stages") or []):
-            _need(stage, ("duration",), f"{profile_path}: load.stages[{k}]")
-            stages.append((start, start + float(stage["duration"])))
-            start += float(stage["duration"])
-        shared = ((profile.get("data") or {}).get("shared_prefix")) or {}
-        ignore_eos = bool((profile.get("server") or {}).get("ignore_eos"))
+        stages, shared, ignore_eos = _profile(profile, profile_path)
     stages = stages_until_last_arrival(stages, requests)
     max_model_len = None
     exp_path = run_dir / "exp-config.yaml"
     if exp_path.exists():
-        max_model_len = (yaml.safe_load(exp_path.read_text()) or {}).get("max_model_len")
+        try:
+            flags = yaml.safe_load(exp_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{exp_path}: not valid YAML: {exc}") from None
+        if not isinstance(flags, dict):
+            raise ConfigError(f"{exp_path}: expected a mapping of vLLM's flags")
+        max_model_len = flags.get("max_model_len")
+        if max_model_len is not None and not (whole_count(max_model_len) and max_model_len >= 1):
+            raise ConfigError(f"{exp_path}: max_model_len {max_model_len!r}: expected a whole number >= 1")
     return MeasuredRun(
         name=name, model_id=replay["model_id"], model_config=replay.get("model_config") or {},
         tp=int(config["tensor_parallelism"]), max_num_seqs=int(config["max_num_seqs"]),
         max_num_batched_tokens=int(config["max_num_batched_tokens"]), block_size=int(config.get("block_size", 16)),
         kv_blocks=int(config["kv_blocks_total_gpu"]), max_model_len=max_model_len, requests=requests, truth=truth,
         stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
+
+
+def _mapping(value, where: str) -> dict:
+    """An optional section of a profile: absent (or null) is empty; anything but a mapping is an error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _profile(profile, path: Path) -> tuple[list[tuple[float, float]], dict, bool]:
+    """inference-perf's load stages (start, end), its shared-prefix data section and whether the server ignored
+    EOS, from its client config, checked as the replay reads them."""
+    profile = _mapping(profile, str(path))
+    stage_list = _mapping(profile.get("load"), f"{path}: load").get("stages") or []
+    if not isinstance(stage_list, list):
+        raise ConfigError(f"{path}: load.stages: expected a list of stages")
+    stages, start = [], 0.0
+    for k, stage in enumerate(stage_list):
+        where = f"{path}: load.stages[{k}]"
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{where}: expected a mapping with a duration")
+        _need(stage, ("duration",), where)
+        if not (non_negative(stage["duration"]) and stage["duration"] > 0):
+            raise ConfigError(f"{where}: duration {stage['duration']!r}: expected seconds > 0")
+        stages.append((start, start + float(stage["duration"])))
+        start += float(stage["duration"])
+    shared = _mapping(_mapping(profile.get("data"), f"{path}: data").get("shared_prefix"),
+                      f"{path}: data.shared_prefix")
+    for key in ("num_unique_system_prompts", "system_prompt_len", "question_len", "output_len"):
+        if shared.get(key) is not None and not whole_count(shared[key]):
+            raise ConfigError(f"{path}: data.shared_prefix.{key} {shared[key]!r}: expected a whole number >= 0")
+    ignore_eos = _mapping(profile.get("server"), f"{path}: server").get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ConfigError(f"{path}: server.ignore_eos {ignore_eos!r}: expected true or false")
+    return stages, shared, ignore_eos
 
 
 def last_arrival_s(requests: list[dict]) -> float:
