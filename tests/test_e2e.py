@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from llmsim.cli import main
 from llmsim.cluster.simulation import simulate
@@ -360,6 +361,30 @@ def test_vllm_bench_results_from_itls_and_bad_files(tmp_path, capsys):
     assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no per-request start_times" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("with_e2els, change, needle", [
+    (True, ("errors", 5, float("nan")), "errors[5]: expected the error's text"),  # bool(NaN): a failure
+    (True, ("e2els", 5, -2.0), "e2els[5]: expected seconds >= 0, got -2.0"),  # had been measured as it stood
+    (False, ("itls", 5, 0.5), "itls[5]: expected a list of seconds >= 0, got 0.5"),  # had been a TypeError
+    (True, ("server", "model", []), "model: expected a HuggingFace id, got []"),  # had fallen back to model_id
+    (True, ("server", "max_model_len", 0), "max_model_len: expected a whole number >= 1, got 0"),
+])
+def test_a_bad_vllm_bench_entry_is_a_clear_error(tmp_path, capsys, with_e2els, change, needle):
+    bench = _bench_dir(tmp_path, with_e2els=with_e2els)
+    where, key, value = change
+    if where == "server":
+        server = bench / f"{RUN}.server.yaml"
+        flags = yaml.safe_load(server.read_text())
+        flags[key] = value
+        server.write_text(yaml.safe_dump(flags))
+    else:
+        result = json.loads((bench / f"{RUN}.json").read_text())
+        result[where][key] = value
+        (bench / f"{RUN}.json").write_text(json.dumps(result))
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
 
 
 def test_step_check_recovers_the_steps_of_a_run_measured_from_the_model_itself():

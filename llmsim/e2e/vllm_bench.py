@@ -29,8 +29,10 @@ from llmsim.errors import ConfigError
 
 VLLM_BENCH_TIMEOUT_S = 6 * 60 * 60.0  # vllm bench serve's aiohttp timeout
 REQUIRED_LISTS = ("start_times", "input_lens", "output_lens", "ttfts")
+# Each flag's default (None: required; max_model_len unset: the model's own context length).
 SERVER_INTS = {"num_gpu_blocks": None, "max_num_seqs": None, "max_num_batched_tokens": None,
                "tensor_parallel_size": 1, "block_size": 16, "max_model_len": 0, "output_len": 0}
+_MAY_BE_ZERO = ("output_len",)  # 0: none requested
 
 
 def bench_names(root: Path) -> list[str]:
@@ -59,8 +61,9 @@ def _server_flags(path: Path) -> dict:
         value = flags.get(key, default)
         if value is None:
             raise ConfigError(f"{path}: {key}: missing")
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if default == 0 else 1):
-            raise ConfigError(f"{path}: {key}: expected a whole number >= {0 if default == 0 else 1}, got {value!r}")
+        least = 0 if key in _MAY_BE_ZERO or key not in flags else 1  # a max_model_len written as 0 is no length
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{path}: {key}: expected a whole number >= {least}, got {value!r}")
         out[key] = value
     timeout = flags.get("timeout_s", VLLM_BENCH_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -69,6 +72,8 @@ def _server_flags(path: Path) -> dict:
     if not isinstance(flags.get("ignore_eos", False), bool):
         raise ConfigError(f"{path}: ignore_eos: expected true or false")
     out["ignore_eos"] = flags.get("ignore_eos", False)
+    if flags.get("model") is not None and not (isinstance(flags["model"], str) and flags["model"]):
+        raise ConfigError(f"{path}: model: expected a HuggingFace id, got {flags['model']!r}")
     out["model"] = flags.get("model")
     return out
 
@@ -106,6 +111,17 @@ def load_bench_run(root: Path, name: str) -> MeasuredRun:
             v = lists[k][i]
             if not whole_count(v):
                 raise ConfigError(f"{path}: {k}[{i}]: expected a whole number >= 0, got {v!r}")
+        if "errors" in lists and not (lists["errors"][i] is None or isinstance(lists["errors"][i], str)):
+            # bool() had read any other value, a NaN too, as a failure
+            raise ConfigError(f"{path}: errors[{i}]: expected the error's text (\"\" for a success), "
+                              f"got {lists['errors'][i]!r}")
+        if "e2els" in lists:
+            if not non_negative(lists["e2els"][i]):  # a negative E2E had been measured as it stood
+                raise ConfigError(f"{path}: e2els[{i}]: expected seconds >= 0, got {lists['e2els'][i]!r}")
+        else:
+            itls = lists["itls"][i]
+            if not (itls is None or isinstance(itls, list) and all(non_negative(v) for v in itls)):
+                raise ConfigError(f"{path}: itls[{i}]: expected a list of seconds >= 0, got {itls!r}")
     t0 = min(lists["start_times"], default=0.0)
     order = sorted(range(n), key=lambda i: lists["start_times"][i])  # the replay wants arrival order
     errors = lists.get("errors") or [""] * n
