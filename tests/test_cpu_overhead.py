@@ -93,6 +93,14 @@ def test_calibrate_cpu_cli_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"bad.csv:{len(lines)}: column 'SAMPLER_E2E_MEAN' is 'abc', expected a number >= 0" in err
     assert "Traceback" not in err
+    # Rows that cannot tell the terms apart had been "fitted" all the same (least squares' minimum norm).
+    df = pd.read_csv(A100_CSV)
+    for rows, needs in ((df.head(1), "of models of at least two context lengths"),
+                        (df[df["tensor_parallel_degree"] == 1], "at TP 1 and at TP 2 or more"),
+                        (df.head(0), "no rows to fit")):
+        rows.to_csv(bad, index=False)
+        assert main(["calibrate-cpu", "--measurements", str(bad), "--out", str(out)]) == 2
+        assert needs in capsys.readouterr().err
 
 
 def _models(overlaps: bool):

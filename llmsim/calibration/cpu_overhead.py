@@ -59,19 +59,26 @@ def read_vidur_cpu(path: str | Path) -> pd.DataFrame:
         "rest_ms": df[_REST]})
 
 
-def _solve(columns: list[np.ndarray], y: np.ndarray) -> np.ndarray:
-    coef = np.linalg.lstsq(np.column_stack(columns), y, rcond=None)[0]
+def _solve(columns: list[np.ndarray], y: np.ndarray, where: str, needs: str) -> np.ndarray:
+    design = np.column_stack(columns)
+    # Terms the rows cannot tell apart had been split by least squares' minimum norm (a one-row file gave five
+    # "fitted" terms; a file of one TP degree, multi-GPU terms of 0): say what the fit needs instead.
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise TraceError(f"{where}: the rows to fit cannot tell the terms apart: they need {needs}")
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]
     return np.maximum(coef, 0.0)  # a negative time has no reading; none came out negative on Vidur's data
 
 
-def fit_cpu_overhead(rows: pd.DataFrame) -> CpuOverheadParams:
+def fit_cpu_overhead(rows: pd.DataFrame, where: str = "CPU overhead fit") -> CpuOverheadParams:
     b = rows["batch"].to_numpy()
     k = rows["max_model_len"].to_numpy() / 1000.0
     multi = (rows["tp"].to_numpy() > 1).astype(float)
     one = np.ones_like(b)
-    p0, p1, p2 = _solve([one, b, b * k], rows["prepare_ms"].to_numpy())
-    s0, s1, s2 = _solve([one, b, b * k], rows["sample_ms"].to_numpy())
-    r0, r1, m0, m1 = _solve([one, b, multi, multi * b], rows["rest_ms"].to_numpy())
+    contexts = "steps of at least two batch sizes, of models of at least two context lengths"
+    p0, p1, p2 = _solve([one, b, b * k], rows["prepare_ms"].to_numpy(), where, contexts)
+    s0, s1, s2 = _solve([one, b, b * k], rows["sample_ms"].to_numpy(), where, contexts)
+    r0, r1, m0, m1 = _solve([one, b, multi, multi * b], rows["rest_ms"].to_numpy(), where,
+                            "steps of at least two batch sizes at TP 1 and at TP 2 or more")
     contexts = rows["max_model_len"]
     return CpuOverheadParams(per_step_ms=p0 + s0 + r0, per_request_ms=p1 + r1, per_request_per_1k_context_ms=p2,
                              per_sampled_token_ms=s1, per_sampled_token_per_1k_context_ms=s2,
@@ -105,10 +112,12 @@ def calibrate_cpu(measurements: str | Path, hold_out_models: list[str], check: l
     if unknown:
         raise TraceError(f"{measurements}: --hold-out-model {', '.join(unknown)} has no rows; models: "
                          f"{', '.join(sorted(set(rows['model'])))}")
+    if rows.empty:
+        raise TraceError(f"{measurements}: no rows to fit")
     held = rows["model"].isin(hold_out_models)
     if held.all():
         raise TraceError(f"{measurements}: every model is held out; nothing is left to fit")
-    params = fit_cpu_overhead(rows[~held])
+    params = fit_cpu_overhead(rows[~held], str(measurements))
     tables = [error_table(params, rows[~held], "fit")]
     if held.any():
         tables.append(error_table(params, rows[held], "held-out model"))
