@@ -464,6 +464,18 @@ def test_calibrating_rows_of_a_dtype_the_profile_has_no_peak_for_is_an_error(tmp
     assert not (tmp_path / "p.yaml").exists()
 
 
+def test_calibrating_an_op_on_fewer_rows_than_its_parameters_is_an_error(tmp_path, capsys):
+    """Least squares had 'fitted' every parameter of an op measured at two shapes and written them into the
+    profile."""
+    path = tmp_path / "m.csv"
+    compute_rows({"llama7": LLAMA_7B}, ops=("mlp_up_proj",)).assign(dtype="fp32", device="cpu").head(2).to_csv(
+        path, index=False)
+    assert main(["calibrate", "--device", "cpu", "--measurements", str(path), "--out", str(tmp_path / "p.yaml"),
+                 "--report-dir", str(tmp_path)]) == 2
+    assert "linear: 2 measured rows to fit" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
 def test_validate_cli(tmp_path, capsys):
     assert main(["validate", "--device", "a100-80", "--report-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

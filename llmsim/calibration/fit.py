@@ -109,6 +109,15 @@ def _eff(max_eff, half_tokens, memory_eff, overhead_s, half_k=0.0, half_n=0.0, h
                                         k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=softness)
 
 
+def _enough_rows(mask: np.ndarray, num_params: int, what: str) -> None:
+    """A fit needs at least as many measured rows as it has parameters: with fewer, least squares had returned
+    parameters the rows never determined, and written them into the profile."""
+    num_rows = int(mask.sum())
+    if num_rows < num_params:
+        raise ConfigError(f"{what}: {num_rows} measured rows to fit {num_params} parameters; measure more shapes, "
+                          "or leave its rows out")
+
+
 def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidth: float,
                         num_sms: int | None = None) -> OpEfficiency:
     """Least-squares fit of a GEMM kind: the roofline's four parameters, the shape terms (``half_k``,
@@ -136,6 +145,7 @@ def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidt
     upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0] + ([1e6] if split else [])
     if fits_factor:
         x0, lower, upper = x0 + [1.2], lower + [1.0], upper + [4.0]
+    _enough_rows(mask, len(x0), str(rows.kind[mask][0]) if mask.any() else "GEMMs")
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     extra = {"unaligned_factor": round(x[at_factor], 4)} if fits_factor else {}
@@ -170,6 +180,7 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
     lower, upper = [0.01, 0.0, 0.01, 0.0], [1.0, 1e5, 1.0, 1e4]
     if not fit_compute:
         x0, lower, upper = x0[2:], lower[2:], upper[2:]
+    _enough_rows(mask, len(x0), kind)
     fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
                         f_scale=_LOSS_SCALE)
     max_eff, half_tokens, memory_eff, overhead_us = (float(v) for v in unpack(fit.x))
@@ -191,6 +202,7 @@ def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
     x0, lower, upper = list(LINK_START), [0.0, 0.01], [1e5, 1e5]
     if per_peer:
         x0, lower, upper = x0 + [0.1], lower + [0.0], upper + [100.0]
+    _enough_rows(mask, len(x0), kind)
     fit = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), loss="soft_l1",
                         f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
@@ -231,6 +243,7 @@ def fit_prefill_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray
         x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
     if l2:  # speed-up 1-4x, from 5% to twice the L2's size
         x0, lower, upper = x0 + [1.5, 0.5], lower + [1.0, 0.05], upper + [4.0, 2.0]
+    _enough_rows(mask, len(x0), "prefill attention")
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [round(float(v), 4) for v in fit.x]
     extra = {"swapped_copy_s": round(x[7] * 1e-6, 9)} if copies else {}
@@ -270,6 +283,7 @@ def fit_decode_attention(profile: HardwareProfile, rows: Rows, mask: np.ndarray)
     if copies:
         x0, lower, upper = x0 + [5.0], lower + [0.0], upper + [100.0]
     x0, lower, upper = x0 + [128.0], lower + [1.0], upper + [1e5]  # split_keys: a KV block of 128 to start
+    _enough_rows(mask, len(x0), "decode attention")
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     extra = {"gqa_only_split_kv": True} if gqa_only else {}
