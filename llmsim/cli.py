@@ -177,13 +177,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"\ngoodput ({heaviest} {sweep.x} with attainment >= {target:.0%}):")
             print(best.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
             found = best["goodput_time_scale"].notna() if scale else best["goodput_rate"] > 0.0
-            capped, none = int(best["capped"].sum()), int((~found).sum())
+            capped, none = int(best["capped"].sum()), int((~found & ~best["non_monotone"]).sum())
             if capped:
                 print(f"{capped} of {len(best)} curves met the target at the {heaviest} {sweep.x} swept ('capped'): "
                       "their goodput is at least that; extend the grid to measure it")
             if none:
                 print(f"{none} of {len(best)} curves met the target at no {sweep.x} swept: their goodput is below "
                       "the lightest load swept")
+            wavy = int(best["non_monotone"].sum())
+            if wavy:
+                print(f"{wavy} of {len(best)} curves met the target again at a heavier {sweep.x} after missing it "
+                      "('non_monotone'): their goodput stops before the first miss")
     if best.empty and sweep.x is not None and not args.quiet:
         print(f"no goodput.csv: x ({sweep.x}) is not an arrival rate or a trace's time_scale")
     errors = int((df["error"].fillna("") != "").sum()) if "error" in df else 0

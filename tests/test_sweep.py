@@ -265,6 +265,29 @@ def test_a_path_set_on_a_sweep_resolves_as_on_its_base_experiment():
     assert Path(run).is_file()
 
 
+def test_goodput_stops_at_the_first_load_that_misses_the_target():
+    """A curve that misses the target at one rate and meets it again at a heavier one (noise, or a policy whose
+    behaviour changes with load) had the heavier rate as its goodput, though a lighter load missed; the goodput
+    now holds at every lighter rate swept, and the curve is marked non_monotone."""
+    from llmsim.sweep.report import goodput
+    from llmsim.sweep.spec import SweepConfig
+
+    rate = "workload.arrival.rate_per_s"
+    sweep = SweepConfig(base={}, grid={rate: [1, 2, 3, 4], "scheduler.name": ["a", "b", "c"]}, x=rate)
+    attainment = {"a": [0.99, 0.85, 0.95, 0.5], "b": [0.99, 0.95, 0.92, 0.91], "c": [0.5, 0.95, 0.2, 0.1]}
+    df = pd.DataFrame([{rate: r, "scheduler.name": name, "attainment": values[r - 1], "num_gpus": 1}
+                       for name, values in attainment.items() for r in (3, 1, 4, 2)])  # rows out of load order
+    best = goodput(df, sweep, 0.9).set_index("scheduler.name")
+    assert best["goodput_rate"].to_dict() == {"a": 1.0, "b": 4.0, "c": 0.0}
+    assert best["non_monotone"].to_dict() == {"a": True, "b": False, "c": True}
+    assert best["capped"].to_dict() == {"a": False, "b": True, "c": False}
+    time_scale = "workload.trace.time_scale"  # heavier load at smaller scales
+    sweep = SweepConfig(base={}, grid={time_scale: [1.0, 0.5, 0.25]}, x=time_scale)
+    df = pd.DataFrame({time_scale: [1.0, 0.5, 0.25], "attainment": [0.95, 0.8, 0.93]})
+    best = goodput(df, sweep, 0.9).iloc[0]
+    assert best["goodput_time_scale"] == 1.0 and best["non_monotone"] and not best["capped"]
+
+
 def test_sweep_goodput_on_a_time_scale_axis_is_the_fastest_replay_that_meets_the_target(tmp_path, capsys):
     """On ``workload.trace.time_scale`` a smaller scale replays the trace faster: the goodput is the lowest scale
     whose attainment meets the target (reported as ``goodput_time_scale``), not the highest, which is the lightest

@@ -43,10 +43,13 @@ def table(points: list[Point], summaries: dict[int, dict]) -> pd.DataFrame:
 
 
 def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame:
-    """DistServe's goodput per curve: the highest arrival rate whose SLO attainment reaches ``target``, also per
-    GPU (0 where none does). On a ``time_scale`` axis, where a smaller scale replays the trace faster, the lowest
-    scale that does (``goodput_time_scale``; empty where none does). ``capped`` where that is the heaviest load the
-    curve ran: the grid stops before the curve misses the target, so the goodput is at least that."""
+    """DistServe's goodput per curve: the highest arrival rate whose SLO attainment reaches ``target``, and every
+    lighter rate swept reaches it too, also per GPU (0 where the lightest misses). On a ``time_scale`` axis, where
+    a smaller scale replays the trace faster, the lowest scale that does (``goodput_time_scale``; empty where none
+    does). ``capped`` where that is the heaviest load the curve ran: the grid stops before the curve misses the
+    target, so the goodput is at least that. ``non_monotone`` where a heavier load meets the target again after
+    one that misses (noise, or a policy that changes behaviour with load): the goodput stays below the miss, where
+    a capacity plan can rely on every lighter load."""
     x = sweep.x
     if x not in RATE_PATHS or "attainment" not in df:  # the highest replica count meeting it is no goodput
         return pd.DataFrame()
@@ -55,16 +58,16 @@ def goodput(df: pd.DataFrame, sweep: SweepConfig, target: float) -> pd.DataFrame
     out = []
     for key, group in (df.groupby(others, sort=False) if others else [((), df)]):
         key = key if isinstance(key, tuple) else (key,)
-        ok = group[group["attainment"] >= target][x]
-        ran = group[x][group["attainment"].notna()]
-        heaviest = (lambda v: float(v.min())) if scale else (lambda v: float(v.max()))
-        best = heaviest(ok) if len(ok) else (float("nan") if scale else 0.0)
+        ran = group[group["attainment"].notna()].sort_values(x, ascending=not scale)  # lightest load first
+        meets = (ran["attainment"] >= target).to_numpy()
+        held = int(meets.argmin()) if not meets.all() else len(meets)  # loads up to the first miss
+        best = float(ran[x].iloc[held - 1]) if held else (float("nan") if scale else 0.0)
         row = {**dict(zip(others, key)), ("goodput_time_scale" if scale else "goodput_rate"): best}
         if not scale:
             known = group["num_gpus"].dropna() if "num_gpus" in group else ()  # none where every point failed
             gpus = int(known.iloc[0]) if len(known) else 0
             row.update(goodput_rate_per_gpu=best / gpus if gpus else 0.0, num_gpus=gpus)
-        out.append({**row, "capped": bool(len(ok)) and best == heaviest(ran)})
+        out.append({**row, "capped": bool(held) and held == len(meets), "non_monotone": bool(meets[held:].any())})
     return pd.DataFrame(out)
 
 
