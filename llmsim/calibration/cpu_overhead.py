@@ -74,9 +74,9 @@ def fit_cpu_overhead(rows: pd.DataFrame, where: str = "CPU overhead fit") -> Cpu
     k = rows["max_model_len"].to_numpy() / 1000.0
     multi = (rows["tp"].to_numpy() > 1).astype(float)
     one = np.ones_like(b)
-    contexts = "steps of at least two batch sizes, of models of at least two context lengths"
-    p0, p1, p2 = _solve([one, b, b * k], rows["prepare_ms"].to_numpy(), where, contexts)
-    s0, s1, s2 = _solve([one, b, b * k], rows["sample_ms"].to_numpy(), where, contexts)
+    two_contexts = "steps of at least two batch sizes, of models of at least two context lengths"
+    p0, p1, p2 = _solve([one, b, b * k], rows["prepare_ms"].to_numpy(), where, two_contexts)
+    s0, s1, s2 = _solve([one, b, b * k], rows["sample_ms"].to_numpy(), where, two_contexts)
     r0, r1, m0, m1 = _solve([one, b, multi, multi * b], rows["rest_ms"].to_numpy(), where,
                             "steps of at least two batch sizes at TP 1 and at TP 2 or more")
     contexts = rows["max_model_len"]
