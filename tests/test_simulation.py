@@ -201,15 +201,17 @@ def test_fast_forward_equals_stepping(seed, scheduler, rate, router, mem, preemp
     assert_fast_forward_equals_stepping(cfg)
 
 
-def assert_fast_forward_equals_stepping(cfg, workload=_wl) -> None:
+def assert_fast_forward_equals_stepping(cfg, workload=_wl):
     """``cfg(fast_forward)`` run both ways, on ``workload(config)`` (default: the config's own), gives
-    bit-identical request and iteration records and totals, and the same simulated span."""
+    bit-identical request and iteration records and totals, and the same simulated span; returns the
+    fast-forwarded result (or the error both stopped with)."""
     ff, step = cfg(True), cfg(False)
     a, b = _simulate_or_abort(ff, workload(ff)), _simulate_or_abort(step, workload(step))
     if isinstance(a, EngineAborted) or isinstance(b, EngineAborted):  # both stop at the same preemption
         assert str(a) == str(b) and a.at_s == b.at_s
-        return
+        return a
     assert a.sim_time_s == b.sim_time_s
+    assert (a.num_arrived, a.num_not_arrived) == (b.num_arrived, b.num_not_arrived)
     a_req, a_it = frames(a)
     b_req, b_it = frames(b)
     pd.testing.assert_frame_equal(a_req, b_req, check_exact=True)
@@ -217,6 +219,7 @@ def assert_fast_forward_equals_stepping(cfg, workload=_wl) -> None:
     totals = ("busy_s", "flops", "num_bytes", "kv_block_s", "num_iterations")
     assert [a.recorder.total(f) for f in totals] == [b.recorder.total(f) for f in totals]
     assert token_gaps(a) == token_gaps(b)
+    return a
 
 
 def _simulate_or_abort(cfg, workload):
@@ -446,7 +449,9 @@ def test_fast_forward_equals_stepping_up_to_an_early_stop(seed, scheduler, polic
                            workload={"num_requests": 60, "arrival": {"kind": "gamma", "rate_per_s": rate, "cv": 2.0},
                                      **lengths},
                            simulation={"fast_forward": ff, "max_time_s": stop})
-    assert_fast_forward_equals_stepping(cfg)
+    result = assert_fast_forward_equals_stepping(cfg)
+    if traffic != "conversation" and not isinstance(result, EngineAborted):  # nothing lost: sent or still to come
+        assert result.num_arrived + result.num_not_arrived == 60
 
 
 @given(seed=st.integers(0, 2**31), budget=st.sampled_from([48, 96]), num_blocks=st.sampled_from([40, 64, 120]))
