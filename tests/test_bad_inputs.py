@@ -476,6 +476,41 @@ def test_fuzzed_trace_rows_succeed_or_fail_clearly(tmp_path_factory, rows):
     assert np.isfinite(df["arrival_s"]).all()
 
 
+def test_a_byte_order_mark_is_read_past_and_bytes_that_are_not_utf8_are_a_clear_error(tmp_path, capsys):
+    """A trace saved with a byte-order mark (Excel's "CSV UTF-8") had lacked its first column ("header lacks
+    ['Timestamp']") and a HuggingFace config.json with one was no JSON; a config.json, a sweep's base or a
+    measured run's profile of bytes that are not UTF-8 had been a UnicodeDecodeError traceback."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.csv").write_bytes(bom + (HEADER + "0.5,ChatGPT,100,20,120,Conversation log\n").encode())
+    path = _experiment(tmp_path, workload={"trace": {"path": str(tmp_path / "t.csv"), "format": "burstgpt"}})
+    assert main(["run", str(path), "-q", "--out", str(tmp_path / "o1")]) == 0
+    hf = _hf(tmp_path)  # a config.json with a byte-order mark reads as without it
+    config = tmp_path / "hf" / "config.json"
+    config.write_bytes(bom + config.read_bytes())
+    assert main(["check", str(hf)]) == 0
+    config.write_bytes(b'{"hidden_size": \xff}')
+    assert main(["check", str(hf)]) == 2
+    assert "cannot read HuggingFace config" in capsys.readouterr().err
+    (tmp_path / "base.yaml").write_bytes(b"name: \xff\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": [1]}, "output_dir": "out"}))
+    assert main(["sweep", str(sweep)]) == 2
+    assert "is not a text YAML file" in capsys.readouterr().err
+    run = tmp_path / "e2e" / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "profile.yaml").write_bytes(b"load: \xff\n")
+    (tmp_path / "e2e" / "replay").mkdir()
+    import gzip
+    with gzip.open(tmp_path / "e2e" / "replay" / "r.json.gz", "wt") as f:
+        json.dump({"model_id": "meta-llama/Llama-2-7b-hf", "requests": [], "config": {
+            "tensor_parallelism": 1, "max_num_seqs": 8, "max_num_batched_tokens": 512, "kv_blocks_total_gpu": 100}}, f)
+    with gzip.open(tmp_path / "e2e" / "replay" / "r_ground_truth.json.gz", "wt") as f:
+        json.dump([], f)
+    assert main(["validate-e2e", str(tmp_path / "e2e"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "profile.yaml: not valid YAML/JSON" in err and "Traceback" not in err
+
+
 def test_trace_formats_are_parsed_as_they_are_defined(tmp_path):
     from llmsim.config import TraceConfig
     from llmsim.errors import TraceError

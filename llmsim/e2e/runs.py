@@ -61,7 +61,7 @@ def _json_gz(path: Path):
     try:
         with gzip.open(path, "rt") as f:
             return json.load(f)
-    except (OSError, EOFError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not a gzipped JSON replay file: {exc}") from None
 
 
@@ -143,8 +143,8 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     profile_path = run_dir / "profile.yaml"
     if profile_path.exists():
         try:
-            profile = yaml.safe_load(profile_path.read_text())  # JSON is YAML
-        except yaml.YAMLError as exc:
+            profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))  # JSON is YAML
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{profile_path}: not valid YAML/JSON: {exc}") from None
         stages, shared, ignore_eos = _profile(profile, profile_path)
     stages = stages_until_last_arrival(stages, requests)
@@ -152,8 +152,8 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     exp_path = run_dir / "exp-config.yaml"
     if exp_path.exists():
         try:
-            flags = yaml.safe_load(exp_path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            flags = yaml.safe_load(exp_path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{exp_path}: not valid YAML: {exc}") from None
         if not isinstance(flags, dict):
             raise ConfigError(f"{exp_path}: expected a mapping of vLLM's flags")

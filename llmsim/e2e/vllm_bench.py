@@ -47,8 +47,8 @@ def _server_flags(path: Path) -> dict:
         raise ConfigError(f"{path}: missing (the server's flags beside {path.name.replace('.server.yaml', '.json')}:"
                           " model, num_gpu_blocks, max_num_seqs, max_num_batched_tokens)")
     try:
-        flags = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        flags = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(flags, dict):
         raise ConfigError(f"{path}: expected a mapping of server flags")

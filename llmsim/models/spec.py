@@ -110,8 +110,8 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     """Read the fields that decide cost from a HuggingFace ``config.json``."""
     path = Path(path).absolute()
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        cfg = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, if any, is no JSON
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"model: cannot read HuggingFace config {path}: {exc}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"model: HuggingFace config {path} is not a JSON object")

@@ -36,15 +36,20 @@ def point_config(root: Path, point: Point) -> dict:
     return resolved_config(point.config) | {"output_dir": str(point_dir(root, point))}
 
 
-def is_done(root: Path, point: Point) -> bool:
+def done_summary(root: Path, point: Point) -> dict | None:
+    """The summary of a point its folder already holds for the identical config; None where it must run (no
+    result, another config, or files that no longer read: such a point runs again, as an unfinished one does)."""
     folder = point_dir(root, point)
     summary, config = folder / "summary.json", folder / "config.yaml"
     if not (summary.exists() and config.exists() and (folder / "requests.parquet").exists()):
-        return False
+        return None
     try:
-        return yaml.safe_load(config.read_text()) == point_config(root, point)
-    except yaml.YAMLError:
-        return False
+        if yaml.safe_load(config.read_text(encoding="utf-8")) != point_config(root, point):
+            return None
+        done = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError):
+        return None
+    return done if isinstance(done, dict) else None
 
 
 def run_point(config_json: dict, folder: str) -> dict:
@@ -117,10 +122,11 @@ def execute_points(root: Path, points: list[Point], executor: str, workers: int 
     results: dict[int, dict] = {}
     todo = []
     for point in points:
-        if is_done(root, point):
-            results[point.index] = json.loads((point_dir(root, point) / "summary.json").read_text())
+        done = done_summary(root, point)
+        if done is not None:
+            results[point.index] = done
             if on_done:
-                on_done(point, results[point.index])
+                on_done(point, done)
         else:
             todo.append(point)
     if not todo:

@@ -96,6 +96,8 @@ def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = N
             data = load_yaml_text(base_path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: base: {base_path} is not a text YAML file (bytes that are not UTF-8)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: base: {base_path} is not valid YAML: {exc}") from None
         base_dir = base_path.parent

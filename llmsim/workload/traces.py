@@ -38,7 +38,8 @@ class TraceRow:
 
 def _open(path: Path):
     try:
-        return _Text(path.open(newline="", encoding="utf-8"), path)
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" writes one) is no part of the header's first name
+        return _Text(path.open(newline="", encoding="utf-8-sig"), path)
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
 
