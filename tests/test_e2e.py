@@ -324,8 +324,12 @@ def _bench_dir(tmp_path, with_e2els: bool = True):
     return bench
 
 
-def test_vllm_bench_results_replay_like_the_same_run(tmp_path):
+def test_vllm_bench_results_replay_like_the_same_run(tmp_path, capsys):
     _bench_dir(tmp_path)
+    shutil.copytree(SLICE / "replay", tmp_path / "replay")  # the same name in both forms is a clear error
+    assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"run '{RUN}' is both replay/{RUN}.json.gz and bench/{RUN}.json" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "replay")
     assert main(["validate-e2e", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     assert main(["validate-e2e", str(SLICE), "--out", str(tmp_path / "r")]) == 0
     bench = pd.read_csv(tmp_path / "o" / "e2e_errors.csv").set_index(["stage", "metric"])
