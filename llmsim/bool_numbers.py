@@ -2,9 +2,9 @@
 
 pydantic (in its default, lax mode) reads ``true`` as 1 for an int or float field, so ``rate_per_s: yes`` (YAML
 1.1's booleans include yes/no/on/off) or ``peak_flops: {bf16: true}`` would run as 1 request/s or 1 FLOP/s,
-silently. The project's config models check their input with ``numbers_not_bools`` before validating it: a
-boolean, at any depth of a value's lists and mappings, in a field that holds numbers and nothing a boolean could
-stand for (no bool, Any or nested model in its type) is an error naming the key.
+silently. The project's config models derive from ``NumbersNotBools``, which checks their input before validating
+it: a boolean, at any depth of a value's lists and mappings, in a field that holds numbers and nothing a boolean
+could stand for (no bool, Any or nested model in its type) is an error naming the key.
 """
 
 from __future__ import annotations
@@ -12,8 +12,17 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 from pydantic_core import PydanticCustomError
+
+
+class NumbersNotBools(BaseModel):
+    """A config model whose number fields refuse booleans (``numbers_not_bools``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data):
+        return numbers_not_bools(cls, data)
 
 
 def numbers_not_bools(model: type[BaseModel], data):

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+from pydantic import (ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from llmsim.bool_numbers import numbers_not_bools
+from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError, validation_error_loc
 from llmsim.execution.cpu_overhead import CpuOverheadParams, load_cpu_profile, shipped_profiles
 from llmsim.models.spec import hf_config_file
@@ -28,13 +28,8 @@ from llmsim.yaml_text import load_yaml_text
 # like 1e16 read as a whole number), not a cluster; it would exhaust memory before simulating anything.
 MAX_REPLICAS = 10_000
 
-class _Strict(BaseModel):
+class _Strict(NumbersNotBools):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
 
     @model_validator(mode="before")
     @classmethod

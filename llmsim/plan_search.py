@@ -30,22 +30,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from llmsim.bool_numbers import numbers_not_bools
+from llmsim.bool_numbers import NumbersNotBools
 from llmsim.config import format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.sweep.execute import execute_points, folder_lock
 from llmsim.sweep.spec import Point, check_names_at, load_base, values_label
 
 
-class RateSearch(BaseModel):
+class RateSearch(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
     start: float = Field(default=1.0, gt=0)
     max: float = Field(default=256.0, gt=0)
     tolerance: float = Field(default=0.05, gt=0, lt=1)
@@ -57,13 +52,8 @@ class RateSearch(BaseModel):
         return self
 
 
-class PlanSearchConfig(BaseModel):
+class PlanSearchConfig(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
     name: str = "plan-search"
     base: str | dict[str, Any]
     gpus: int = Field(ge=1)

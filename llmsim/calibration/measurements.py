@@ -108,12 +108,12 @@ def check(df: pd.DataFrame, where: str, table_rows: list[str] | None = None) -> 
             raise TraceError(f"{line}: unknown op {op!r}; allowed: {', '.join(OPS)}")
         for column in _REQUIRED[op]:
             value = getattr(row, column)
-            if op == "attn_prefill" and column == "kv_len":  # a prompt with nothing cached before it: 0
-                if pd.isna(value) or float(value) < 0 or float(value) != int(value):
-                    raise TraceError(f"{line}: op {op} needs a non-negative whole {column!r}, got {_shown(value)}")
-            # Counts (sizes, tokens, heads, GPUs): a zero one is no kernel (a GEMM of K 0 was priced as no GEMM).
-            elif pd.isna(value) or float(value) < 1 or float(value) != int(value):
-                raise TraceError(f"{line}: op {op} needs a whole {column!r} of at least 1, got {_shown(value)}")
+            # Counts (sizes, tokens, heads, GPUs) of at least 1: a zero one is no kernel (a GEMM of K 0 was priced as
+            # no GEMM); only a prompt with nothing cached before it has a kv_len of 0.
+            least = 0 if op == "attn_prefill" and column == "kv_len" else 1
+            if pd.isna(value) or float(value) < least or float(value) != int(value):
+                wanted = f"a non-negative whole {column!r}" if least == 0 else f"a whole {column!r} of at least 1"
+                raise TraceError(f"{line}: op {op} needs {wanted}, got {_shown(value)}")
         impl = row.impl
         if op in COLLECTIVE_OPS and isinstance(impl, str) and impl not in COLLECTIVE_IMPLS:
             raise TraceError(f"{line}: unknown impl {impl!r}; allowed: {', '.join(COLLECTIVE_IMPLS)}")

@@ -142,19 +142,12 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     stages, shared, ignore_eos = [], {}, False
     profile_path = run_dir / "profile.yaml"
     if profile_path.exists():
-        try:
-            profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))  # JSON is YAML
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{profile_path}: not valid YAML/JSON: {exc}") from None
-        stages, shared, ignore_eos = _profile(profile, profile_path)
+        stages, shared, ignore_eos = _profile(yaml_file(profile_path, "YAML/JSON"), profile_path)  # JSON is YAML
     stages = stages_until_last_arrival(stages, requests)
     max_model_len = None
     exp_path = run_dir / "exp-config.yaml"
     if exp_path.exists():
-        try:
-            flags = yaml.safe_load(exp_path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{exp_path}: not valid YAML: {exc}") from None
+        flags = yaml_file(exp_path) or {}
         if not isinstance(flags, dict):
             raise ConfigError(f"{exp_path}: expected a mapping of vLLM's flags")
         max_model_len = flags.get("max_model_len")
@@ -166,6 +159,14 @@ def load_run(root: Path, name: str) -> MeasuredRun:
         max_num_batched_tokens=int(config["max_num_batched_tokens"]), block_size=int(config.get("block_size", 16)),
         kv_blocks=int(config["kv_blocks_total_gpu"]), max_model_len=max_model_len, requests=requests, truth=truth,
         stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
+
+
+def yaml_file(path: Path, what: str = "YAML"):
+    """A measured run's YAML file (a client's or a server's settings); one that does not read is an error naming it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {what}: {exc}") from None
 
 
 def _mapping(value, where: str) -> dict:

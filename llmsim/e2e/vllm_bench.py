@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from llmsim.e2e.runs import MeasuredRun, non_negative, stages_until_last_arrival, whole_count
+from llmsim.e2e.runs import MeasuredRun, non_negative, stages_until_last_arrival, whole_count, yaml_file
 from llmsim.errors import ConfigError
 
 VLLM_BENCH_TIMEOUT_S = 6 * 60 * 60.0  # vllm bench serve's aiohttp timeout
@@ -46,10 +44,7 @@ def _server_flags(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{path}: missing (the server's flags beside {path.name.replace('.server.yaml', '.json')}:"
                           " model, num_gpu_blocks, max_num_seqs, max_num_batched_tokens)")
-    try:
-        flags = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    flags = yaml_file(path)
     if not isinstance(flags, dict):
         raise ConfigError(f"{path}: expected a mapping of server flags")
     unknown = sorted(set(flags) - set(SERVER_INTS) - {"model", "ignore_eos", "timeout_s"})

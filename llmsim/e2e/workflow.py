@@ -43,8 +43,9 @@ def validate_e2e(root: Path, device: str, out: Path, select: list[str] | None = 
     ``out`` with the report and plots, complete or absent. ``intervals``: Monte Carlo samples of the held-out
     kernel errors (``llmsim.e2e.intervals``); with any, also writes ``e2e_intervals.csv`` and the intervals'
     coverage in the report."""
-    names = [(n, load_run) for n in find_runs(root)] + [(n, load_bench_run) for n in bench_names(root)]
-    twice = sorted(set(find_runs(root)) & set(bench_names(root)))
+    replayed, benched = find_runs(root), bench_names(root)
+    names = [(n, load_run) for n in replayed] + [(n, load_bench_run) for n in benched]
+    twice = sorted(set(replayed) & set(benched))
     if twice:  # every table keys a run's rows by its name (two had crashed the summary after every replay)
         raise ConfigError(f"{root}: run {twice[0]!r} is both replay/{twice[0]}.json.gz and bench/{twice[0]}.json; "
                           "give the two different names")

@@ -21,24 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
-from llmsim.bool_numbers import numbers_not_bools
+from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError
 
 CPU_PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles" / "cpu_overhead"
 
 
-class CpuOverheadParams(BaseModel):
+class CpuOverheadParams(NumbersNotBools):
     """Milliseconds, as fitted or as a user states them (``scheduler.cpu_overhead``)."""
 
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
-
     per_step_ms: float = Field(default=0.0, ge=0)
     per_request_ms: float = Field(default=0.0, ge=0)
     per_request_per_1k_context_ms: float = Field(default=0.0, ge=0)

@@ -10,24 +10,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from llmsim.bool_numbers import numbers_not_bools
+from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError, validation_error_loc
 from llmsim.yaml_text import load_yaml_text
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 
 
-class _Frozen(BaseModel):
+class _Frozen(NumbersNotBools):
     # A profile's numbers are rates, times and fitted shapes: an infinite or NaN one is a typo, which the cost
     # models would turn into a division by zero or NaN step times far from the file.
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
 
 
 GEMM_TILE = 128  # output tile edge of the GEMM kernels cuBLAS / CUTLASS run on A100 and H100 (128 x 128)

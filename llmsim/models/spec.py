@@ -7,9 +7,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
-from llmsim.bool_numbers import numbers_not_bools
+from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
@@ -19,7 +19,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 WIDE_DTYPES = ("fp32", "fp16", "bf16")  # dtypes activations can have
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(NumbersNotBools):
     """Transformer decoder shapes. Sizes are counts. Precision as engines have it: ``dtype`` is the weights'
     (``fp8``/``int8``: a quantised checkpoint, GEMMs at that dtype's peak, W8A8 as vLLM's ``--quantization fp8``
     runs them); activations, and so TP all-reduce payloads, stay 16-bit (``activation_dtype``, default the
@@ -27,11 +27,6 @@ class ModelSpec(BaseModel):
     ``--kv-cache-dtype``, default the activations')."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_not_bools(cls, data):
-        return numbers_not_bools(cls, data)
 
     name: str
     num_layers: int = Field(gt=0)
@@ -127,7 +122,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         if key not in cfg:
             raise ConfigError(f"model: HuggingFace config {path} lacks the field {key!r}")
     for key in ("_name_or_path", "model_type"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+        if key in cfg and not isinstance(cfg[key], str):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {cfg[key]!r}, expected a string")
     architectures = cfg.get("architectures")
     if architectures is not None and not (isinstance(architectures, list)
@@ -181,8 +176,6 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             max_position=cfg.get("max_position_embeddings", 4096),
             dtype=dtype or _hf_dtype(cfg.get("torch_dtype")),
         )
-    except KeyError as exc:
-        raise ConfigError(f"model: HuggingFace config {path} lacks the field {exc}") from None
     except ValidationError as exc:
         raise ConfigError(f"model: HuggingFace config {path} is not usable: {exc}") from None
     return spec
