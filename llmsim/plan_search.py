@@ -78,6 +78,8 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
                      ) -> tuple[PlanSearchConfig, dict, list[Candidate]]:
     path = Path(path)
     raw = read_yaml(path, "plan file") or {}
+    if not isinstance(raw, dict):  # had been a TypeError traceback
+        raise ConfigError(f"invalid plan file {path}: expected a mapping at the top level")
     try:
         cfg = PlanSearchConfig(**raw)
     except ValidationError as exc:

@@ -330,6 +330,25 @@ def test_sweep_and_plan_argument_mistakes(tmp_path, capsys):
     assert "candidates.hardware.device: List should have at least 1 item" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["sweep", "plan", "check"])
+def test_a_sweep_or_plan_file_or_base_that_is_no_mapping_is_a_clear_error(tmp_path, capsys, command):
+    """A sweep or plan file, or its base, that is a YAML list had been a TypeError or AttributeError traceback; an
+    empty base had made every plan candidate fail alike in its own row, and the search exit 0."""
+    spec = {"base": "base.yaml", "grid": {"seed": [1]}} if command != "plan" else {
+        "base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]}}
+    path = tmp_path / "s.yaml"
+    for file_text, base_text, needle in (
+            ("- 1\n", yaml.safe_dump(BASE), "s.yaml: expected a mapping at the top level"),
+            (yaml.safe_dump(spec), "- 1\n", f"s.yaml: base: {tmp_path / 'base.yaml'} is a YAML list, not a mapping"),
+            (yaml.safe_dump(spec), "", f"s.yaml: base: {tmp_path / 'base.yaml'} is empty, not a mapping")):
+        path.write_text(file_text)
+        (tmp_path / "base.yaml").write_text(base_text)
+        assert main([command, str(path), *(["-q", "--out", str(tmp_path / "o")] if command != "check" else [])]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["run", "EXP", "--seed", "-1"], "argument --seed: -1: must be at least 0"),  # had been numpy's traceback
     (["microbench", "--out", "m.csv", "--repetitions", "0"], "--repetitions: 0: must be at least 1"),  # after the grid

@@ -318,6 +318,50 @@ def test_aiconfigurator_import_maps_columns(tmp_path):
         import_aiconfigurator(tmp_path / "attention", "h100-sxm")
 
 
+def test_aiconfigurator_import_takes_the_newest_version_by_number_and_reads_a_broken_link(tmp_path):
+    """The newest version folder had been the last as text (0.9.0 after 0.14.0), so an older table was imported;
+    a link to nothing was skipped as if its table were not there; the GPUs' parent folder said nothing of them."""
+    gpu = tmp_path / "h100_sxm"
+    for version, latency in (("0.14.0", 0.005), ("0.9.0", 0.009)):
+        comm = gpu / "comm" / "vllm" / version
+        comm.mkdir(parents=True)
+        pd.DataFrame([{"op_name": "all_reduce", "kernel_source": "vLLM_custom_graph", "allreduce_dtype": "bfloat16",
+                       "num_gpus": 4, "message_size": 8192, "latency": latency}]
+                     ).to_parquet(comm / "custom_allreduce_perf.parquet")
+    df = import_aiconfigurator(gpu, "h100-sxm")
+    assert list(df["median_ms"]) == [0.005] and list(df["source"]) == [
+        "aiconfigurator comm/vllm/0.14.0/custom_allreduce_perf.parquet"]
+    with pytest.raises(TraceError, match=f"give one GPU's folder: {gpu}$"):
+        import_aiconfigurator(tmp_path, "h100-sxm")
+    table = gpu / "comm" / "vllm" / "0.14.0" / "custom_allreduce_perf.parquet"
+    table.unlink()
+    table.symlink_to(tmp_path / "nowhere.parquet")
+    with pytest.raises(TraceError, match=f"{table}: not an aiconfigurator table"):
+        import_aiconfigurator(gpu, "h100-sxm")
+
+
+def test_an_empty_or_unreadable_vidur_csv_is_a_clear_error(tmp_path):
+    """An empty file or a folder in a CSV's place had been pandas' EmptyDataError or IsADirectoryError."""
+    import shutil
+
+    shutil.copytree(DATA / "vidur_sample", tmp_path / "v")
+    for rel in ("compute/a100/meta-llama/Llama-2-7b-hf/mlp.csv", "network/a100_dgx/all_reduce.csv"):
+        csv = tmp_path / "v" / rel
+        saved = csv.read_bytes()
+        csv.write_bytes(b"")
+        with pytest.raises(TraceError, match=f"{csv}: not a Vidur profiling CSV: No columns to parse"):
+            import_vidur(tmp_path / "v", "a100", "a100_dgx")
+        csv.unlink()
+        csv.mkdir()
+        with pytest.raises(TraceError, match=f"{csv}: not a Vidur profiling CSV: .*Is a directory"):
+            import_vidur(tmp_path / "v", "a100", "a100_dgx")
+        csv.rmdir()
+        csv.write_bytes(saved)
+    (tmp_path / "m.csv").mkdir()
+    with pytest.raises(TraceError, match="m.csv: not a measurements CSV: .*Is a directory"):
+        read_measurements(tmp_path / "m.csv")
+
+
 def test_vidur_rows_the_fit_cannot_use_name_their_csv_line(tmp_path):
     """Each op of a Vidur row becomes a row of its own, so errors had named lines of the combined rows, past the
     CSV's end; and use_gated_mlp went through bool(), which reads any text, "False" too, as gated."""

@@ -85,6 +85,9 @@ def test_calibrate_cpu_cli_and_its_errors(tmp_path, capsys):
     bad.write_text("model_name,batch_size\nx,1\n")
     assert main(["calibrate-cpu", "--measurements", str(bad), "--out", str(out)]) != 0
     assert "missing Vidur columns" in capsys.readouterr().err
+    bad.write_text("")  # had been pandas' EmptyDataError traceback
+    assert main(["calibrate-cpu", "--measurements", str(bad), "--out", str(out)]) == 2
+    assert "bad.csv: not a Vidur cpu_overheads.csv: No columns to parse from file" in capsys.readouterr().err
     lines = A100_CSV.read_text().splitlines()
     cells = lines[-1].split(",")
     cells[lines[0].split(",").index("SAMPLER_E2E_MEAN")] = "abc"  # had been a TypeError traceback

@@ -142,6 +142,23 @@ def test_bad_run_folders_are_clear_errors(tmp_path, capsys):
     bad_profile.write_text("name: [unclosed\n")
     assert main(["validate-e2e", str(SLICE), "--device", str(bad_profile), "--out", str(tmp_path / "o")]) == 2
     assert f"--device: profile {bad_profile}:2 is not valid YAML" in capsys.readouterr().err  # file:line kept
+    # A run's optional files that are links to nothing had been taken for absent: the run was replayed as one
+    # load stage without its shared prefixes, or with the catalog's model in place of its own config.
+    shutil.rmtree(broken)
+    shutil.copytree(SLICE, broken)
+    for rel in (f"runs/{RUN}/profile.yaml", f"runs/{RUN}/exp-config.yaml",
+                "model_configs/Llama-2-7b-hf/config.json"):
+        link = broken / rel
+        saved = link.read_bytes() if link.exists() else None
+        link.unlink(missing_ok=True)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(tmp_path / "nowhere")
+        assert main(["validate-e2e", str(broken), "--max-requests", "20", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert str(link) in err and "No such file or directory" in err and "Traceback" not in err, err
+        link.unlink()
+        if saved is not None:
+            link.write_bytes(saved)
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 

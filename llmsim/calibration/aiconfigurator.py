@@ -26,8 +26,20 @@ _ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp8_block": 1}
 _IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eager", "NCCL": "nccl"}
 
 
+def _version_key(folder: Path) -> tuple:
+    """A version folder's name as numbers where it has them: 0.14.0 is newer than 0.9.0, which sorts after it
+    as text."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in folder.name.replace("-", ".").split("."))
+
+
 def _table(root: Path, pattern: str, needed: tuple[str, ...]) -> pd.DataFrame | None:
-    found = sorted(root.glob(pattern))
+    """The table ``pattern`` (``<kind>/<framework>/*/<file>``, ``*`` the version) of the newest version folder
+    that has it; a link to nothing there is read, and so an error, not a table skipped."""
+    folders, name = pattern.rsplit("/", 1)
+    found = sorted((folder / name for folder in root.glob(folders)
+                    if (folder / name).exists() or (folder / name).is_symlink()),
+                   key=lambda table: _version_key(table.parent))
     if not found:
         return None
     try:
@@ -135,5 +147,7 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
         frames.append(_checked(_collectives(nccl[nccl["nccl_dtype"] == "half"], device, gpus_per_node, "nccl_dtype"),
                                nccl))
     if not frames:
-        raise TraceError(f"{root}: no aiconfigurator attention, GEMM or communication tables found")
+        gpus = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*/vllm/*/*_perf.parquet")))
+        hint = f"; give one GPU's folder: {', '.join(str(root / g) for g in gpus)}" if gpus else ""
+        raise TraceError(f"{root}: no aiconfigurator attention, GEMM or communication tables found{hint}")
     return normalize(pd.concat(frames, ignore_index=True))

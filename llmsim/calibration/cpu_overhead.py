@@ -40,7 +40,7 @@ def read_vidur_cpu(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:
         df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: pandas' parser and empty-file errors, bytes not UTF-8
         raise TraceError(f"{path}: not a Vidur cpu_overheads.csv: {exc}") from None
     missing = [c for c in (*_SHAPE, *_PREPARE, *_SAMPLE, _REST) if c not in df.columns]
     if missing:

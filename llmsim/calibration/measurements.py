@@ -129,7 +129,7 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
         raise TraceError(f"{path}: measurements file not found")
     try:
         df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: pandas' parser and empty-file errors, bytes not UTF-8
         raise TraceError(f"{path}: not a measurements CSV: {exc}") from None
     missing = [c for c in ("device", "op", "median_ms") if c not in df.columns]
     if missing:

@@ -19,7 +19,7 @@ _STATS = {"median": "median_ms", "mean": "mean_ms", "std": "std_ms", "min": "min
 def _read(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: pandas' parser and empty-file errors, bytes not UTF-8
         raise TraceError(f"{path}: not a Vidur profiling CSV: {exc}") from None
     missing = [c for c in needed if c not in df.columns]
     if missing:

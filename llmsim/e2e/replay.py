@@ -10,7 +10,7 @@ import numpy as np
 
 from llmsim.cluster.simulation import build_execution, simulate
 from llmsim.config import ExperimentConfig, parse_config
-from llmsim.e2e.runs import MeasuredRun, last_arrival_s
+from llmsim.e2e.runs import MeasuredRun, last_arrival_s, present
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.execution.model import ExecutionModel
 from llmsim.request import Request
@@ -40,7 +40,7 @@ class Replayed:
 
 def model_name(run: MeasuredRun, root: Path) -> str:
     local = root / "model_configs" / run.model_id.split("/")[-1] / "config.json"
-    if local.exists():
+    if present(local):
         return str(local)
     if run.model_id in CATALOG_IDS:
         return CATALOG_IDS[run.model_id]

@@ -141,12 +141,12 @@ def load_run(root: Path, name: str) -> MeasuredRun:
     run_dir = root / "runs" / name
     stages, shared, ignore_eos = [], {}, False
     profile_path = run_dir / "profile.yaml"
-    if profile_path.exists():
+    if present(profile_path):
         stages, shared, ignore_eos = _profile(yaml_file(profile_path, "YAML/JSON"), profile_path)  # JSON is YAML
     stages = stages_until_last_arrival(stages, requests)
     max_model_len = None
     exp_path = run_dir / "exp-config.yaml"
-    if exp_path.exists():
+    if present(exp_path):
         flags = yaml_file(exp_path) or {}
         if not isinstance(flags, dict):
             raise ConfigError(f"{exp_path}: expected a mapping of vLLM's flags")
@@ -159,6 +159,12 @@ def load_run(root: Path, name: str) -> MeasuredRun:
         max_num_batched_tokens=int(config["max_num_batched_tokens"]), block_size=int(config.get("block_size", 16)),
         kv_blocks=int(config["kv_blocks_total_gpu"]), max_model_len=max_model_len, requests=requests, truth=truth,
         stages=stages, shared_prefix=shared, ignore_eos=ignore_eos)
+
+
+def present(path: Path) -> bool:
+    """Whether an optional file is there to read: a link to nothing is (reading it is the error that names it),
+    where ``exists()`` had taken it for absent and the run was replayed without it."""
+    return path.exists() or path.is_symlink()
 
 
 def yaml_file(path: Path, what: str = "YAML"):

@@ -93,7 +93,7 @@ def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = N
     if isinstance(base, str):
         base_path = path.parent / base
         try:
-            data = load_yaml_text(base_path.read_text()) or {}
+            data = load_yaml_text(base_path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -101,11 +101,15 @@ def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = N
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: base: {base_path} is not valid YAML: {exc}") from None
         base_dir = base_path.parent
+        if not isinstance(data, dict):
+            # A list had surfaced as an AttributeError; an empty file as every plan candidate's own error row.
+            raise ConfigError(f"{path}: base: {base_path} is "
+                              + ("empty" if data is None else f"a YAML {type(data).__name__}")
+                              + ", not a mapping of experiment settings")
     else:
         data, base_dir = copy.deepcopy(base), path.parent
     data = apply_overrides(data, overrides, str(path))
-    if isinstance(data, dict):
-        _resolve_paths(data.get("workload"), base_dir)
+    _resolve_paths(data.get("workload"), base_dir)
     return data
 
 
@@ -113,6 +117,8 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
     """The sweep's points; ``overrides`` ({dotted path: value}, from ``--set``) apply to the base experiment."""
     path = Path(path)
     raw = read_yaml(path, "sweep file")
+    if raw is not None and not isinstance(raw, dict):  # had been a TypeError traceback
+        raise ConfigError(f"invalid sweep file {path}: expected a mapping at the top level")
     try:
         sweep = SweepConfig(**(raw or {}))
     except ValidationError as exc:
