@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -586,6 +587,45 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
     return overrides
+
+
+def check_config_path(path: str, where: str) -> None:
+    """A dotted path that a sweep's grid or variant, or a plan's candidates, sets in every experiment: each key
+    one the schema has, as far as its sections are plain models (a union, such as an arrival process, is checked
+    when the experiment is parsed). A typo here is the same mistake in every point, so it is one error before any
+    of them, naming ``where``."""
+    keys = path.split(".")
+    if not all(keys):
+        raise ConfigError(f"{where}: {path!r} is not a dotted path of config keys (it has an empty key)")
+    model = ExperimentConfig
+    for depth, key in enumerate(keys[:-1] + [keys[-1]]):
+        if key not in model.model_fields:
+            section = ".".join(keys[:depth]) or "the top level"
+            raise ConfigError(f"{where}: {path}: {key!r} is no key of {section}; allowed keys: "
+                              f"{', '.join(sorted(model.model_fields))}")
+        if depth == len(keys) - 1:
+            return
+        annotation = model.model_fields[key].annotation
+        members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], _Strict):
+            model = members[0]  # a section, or an optional one
+            continue
+        if not _holds_sections(annotation):
+            raise ConfigError(f"{where}: {path}: {'.'.join(keys[:depth + 1])} is a value, not a section that "
+                              f"holds {keys[depth + 1]!r}")
+        return
+
+
+def _holds_sections(annotation) -> bool:
+    """Whether a field of this type can be a mapping (a model, a dict, a union with one of them, Any)."""
+    if annotation is Any or annotation is dict:
+        return True
+    if isinstance(annotation, type):
+        return issubclass(annotation, (BaseModel, dict))
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return True
+    return any(_holds_sections(arg) for arg in typing.get_args(annotation))
 
 
 def set_path(data: dict, path: str, value: Any) -> None:

@@ -33,7 +33,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.bool_numbers import NumbersNotBools
-from llmsim.config import format_validation_error, parse_config, read_yaml, set_path
+from llmsim.config import check_config_path, format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.sweep.execute import execute_points, folder_lock
 from llmsim.sweep.spec import Point, check_names_at, load_base, values_label
@@ -84,8 +84,10 @@ def load_plan_search(path: str | Path, overrides: dict[str, Any] | None = None
         cfg = PlanSearchConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "plan file")) from None
+    for key in cfg.candidates:  # a typo had made every candidate fail alike, each in its own row
+        check_config_path(key, f"{path}: candidates")
     base = load_base(path, cfg.base, overrides)
-    workload = base.get("workload") if isinstance(base, dict) else None
+    workload = base.get("workload")
     if isinstance(workload, dict) and workload.get("trace") is not None:
         # Every candidate had failed on the lengths the dropped trace left missing, one row each.
         raise ConfigError(f"{path}: base: a plan search sets its own arrival rates, so its base workload replays no "

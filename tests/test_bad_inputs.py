@@ -349,6 +349,29 @@ def test_a_sweep_or_plan_file_or_base_that_is_no_mapping_is_a_clear_error(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command, key, needle", [
+    # The results' column "variant" had been dropped as a grid key: both points ran the same experiment.
+    ("sweep", "variant", "s.yaml: grid: variant: 'variant' is no key of the top level; allowed keys: cluster,"),
+    ("sweep", "seed.x", "s.yaml: grid: seed.x: seed is a value, not a section that holds 'x'"),  # had no file
+    ("variant", "scheduler..name", "s.yaml: variants.v: 'scheduler..name' is not a dotted path of config keys"),
+    # A plan's typo had made every candidate fail alike, each a row of plans.csv, and the search exit 0.
+    ("plan", "schedular.name", "s.yaml: candidates: schedular.name: 'schedular' is no key of the top level"),
+    ("plan", "", "s.yaml: candidates: '' is not a dotted path of config keys (it has an empty key)"),
+])
+def test_a_grid_variant_or_candidate_key_that_is_no_config_path_is_one_error(tmp_path, capsys, command, key,
+                                                                             needle):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    spec = ({"base": "base.yaml", "gpus": 1, "candidates": {key: [1]}} if command == "plan" else
+            {"base": "base.yaml", "grid": {"seed": [1]}, "variants": {"v": {key: 1}}} if command == "variant" else
+            {"base": "base.yaml", "grid": {key: [1, 2]}})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    argv = ["plan" if command == "plan" else "sweep", str(tmp_path / "s.yaml"), "-q", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["run", "EXP", "--seed", "-1"], "argument --seed: -1: must be at least 0"),  # had been numpy's traceback
     (["microbench", "--out", "m.csv", "--repetitions", "0"], "--repetitions: 0: must be at least 1"),  # after the grid

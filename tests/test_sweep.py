@@ -180,10 +180,15 @@ def test_plan_that_does_not_fit_is_a_row_not_a_crash(tmp_path):
     assert df["error"].fillna("").str.contains("does not fit").all()
 
 
-def test_bad_grid_path_names_the_sweep_point_and_allowed_keys(tmp_path):
+def test_bad_grid_path_names_the_grid_key_and_allowed_keys(tmp_path):
     path = write_sweep(tmp_path, {"scheduler.nam": ["fcfs"]})
-    with pytest.raises(ConfigError, match=r"(?s)grid point 0: scheduler.nam=fcfs.*scheduler.nam: unknown key; "
+    with pytest.raises(ConfigError, match=r"sweep.yaml: grid: scheduler.nam: 'nam' is no key of scheduler; "
                                           r"allowed keys: .*max_num_seqs, name, num_gpu_blocks_override, preemption"):
+        load_sweep(path)
+    # A value of the base in the way of a grid path names the point.
+    path = write_sweep(tmp_path, {"scheduler.name": ["fcfs"]}, base={**BASE, "scheduler": "fcfs"})
+    with pytest.raises(ConfigError, match=r"grid point 0: scheduler.name=fcfs\): scheduler.name: scheduler is "
+                                          r"'fcfs', not a section that can hold 'name'"):
         load_sweep(path)
 
 

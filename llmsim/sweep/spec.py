@@ -31,8 +31,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, format_validation_error, parse_config,
-                           read_yaml, set_path)
+from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, check_config_path,
+                           format_validation_error, parse_config, read_yaml, set_path)
 from llmsim.errors import ConfigError
 from llmsim.yaml_text import load_yaml_text
 
@@ -123,6 +123,13 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         sweep = SweepConfig(**(raw or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), "sweep file")) from None
+    # A key that is no config path had been set in every point alike; "variant" had been dropped silently (the
+    # results' column of that name), so its points ran the same experiment.
+    for key in sweep.grid:
+        check_config_path(key, f"{path}: grid")
+    for name, settings in sweep.variants.items():
+        for key in settings:
+            check_config_path(key, f"{path}: variants.{name}")
     base = load_base(path, sweep.base, overrides)
     if not sweep.output_dir.is_absolute():
         sweep = sweep.model_copy(update={"output_dir": Path(os.path.abspath(path.parent / sweep.output_dir))})
@@ -136,12 +143,15 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
     for index, ((variant, overrides), combo) in enumerate(combos):
         values = ({"variant": variant} if variant is not None else {}) | dict(zip(sweep.grid, combo))
         data = copy.deepcopy(base)
+        where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
         for key, value in [*overrides.items(), *values.items()]:
-            if key != "variant":
-                set_path(data, key, value)
+            if key != "variant":  # the variant's name, a results column (checked above: no config path)
+                try:
+                    set_path(data, key, value)
+                except ConfigError as exc:  # a value of the base or of a variant in the way of a grid path
+                    raise ConfigError(f"{where}: {exc}") from None
         _resolve_paths(data.get("workload"), path.parent)  # a trace path in the grid: relative to this file
         data["name"] = f"{sweep.name}/{index}"
-        where = f"{path} (grid point {index}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
         config = parse_config(data, where)
         check_names_at(config, where)
         points.append(Point(index, values, config))
