@@ -36,7 +36,7 @@ from llmsim.bool_numbers import NumbersNotBools
 from llmsim.config import check_config_path, format_validation_error, parse_config, read_yaml, set_path
 from llmsim.errors import ConfigError, LLMSimError
 from llmsim.sweep.execute import execute_points, folder_lock
-from llmsim.sweep.spec import Point, check_names_at, load_base, values_label
+from llmsim.sweep.spec import Point, check_distinct, check_names_at, load_base, values_label
 
 
 class RateSearch(NumbersNotBools):
@@ -62,6 +62,12 @@ class PlanSearchConfig(NumbersNotBools):
     price_per_gpu_hour: dict[str, Annotated[float, Field(gt=0)]] = {}
     rank_by: Literal["goodput_per_gpu", "goodput_per_dollar", "goodput_per_watt"] = "goodput_per_gpu"
     output_dir: Path = Path("results/plan_search")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PlanSearchConfig":
+        for path, values in self.candidates.items():
+            check_distinct(values, f"candidates.{path}")
+        return self
 
 
 @dataclass(frozen=True)

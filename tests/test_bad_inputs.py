@@ -372,6 +372,20 @@ def test_a_grid_variant_or_candidate_key_that_is_no_config_path_is_one_error(tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_grid_or_candidate_value_listed_twice_is_an_error(tmp_path, capsys):
+    """It had run the same experiments twice, both in the table (and twice on the goodput curve)."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    for command, spec, needle in (
+            ("sweep", {"grid": {"workload.arrival.rate_per_s": [1, 2, 1.0]}},
+             "grid.workload.arrival.rate_per_s: 1.0 is listed twice"),
+            ("plan", {"gpus": 2, "candidates": {"parallel": [{"tp": 2, "pp": 1}, {"pp": 1, "tp": 2}]}},
+             "candidates.parallel: {'pp': 1, 'tp': 2} is listed twice")):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", **spec}))
+        assert main([command, str(tmp_path / "s.yaml"), "-q", "--out", str(tmp_path / "o")]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["run", "EXP", "--seed", "-1"], "argument --seed: -1: must be at least 0"),  # had been numpy's traceback
     (["microbench", "--out", "m.csv", "--repetitions", "0"], "--repetitions: 0: must be at least 1"),  # after the grid

@@ -39,6 +39,13 @@ from llmsim.yaml_text import load_yaml_text
 RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
 
 
+def check_distinct(values: list, where: str) -> None:
+    """A value listed twice (1 and 1.0 too) would run the same experiments twice and put both in the table."""
+    for i, value in enumerate(values):
+        if any(value == earlier for earlier in values[:i]):
+            raise ValueError(f"{where}: {value!r} is listed twice")
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +61,7 @@ class SweepConfig(BaseModel):
         for path, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid.{path}: an empty list of values gives no points")
+            check_distinct(values, f"grid.{path}")
         return self
 
     @property
