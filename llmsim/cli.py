@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -234,6 +235,11 @@ def _cmd_microbench(args: argparse.Namespace) -> int:
         raise LLMSimError(f"microbench needs torch: pip install -e '.[bench]' ({exc})") from None
     from llmsim.run import prepare_output_file
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        # More threads than cores times the kernels with threads waiting their turn (and 100,000 of them had
+        # crashed OpenMP out of memory).
+        raise LLMSimError(f"--threads {args.threads}: this machine lets llmsim use {cores} cores")
     prepare_output_file(Path(args.out), "--out")
     try:
         df = microbench(args.device, Path(args.out), args.grid, args.dtype, args.warmup, args.repetitions,

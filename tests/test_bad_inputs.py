@@ -404,6 +404,32 @@ def test_a_count_on_the_command_line_is_checked_where_it_is_parsed(tmp_path, cap
     assert needle in err and "Traceback" not in err
 
 
+def test_microbench_threads_past_the_cores_are_refused_and_a_sweep_starts_no_more_workers_than_points(
+        tmp_path, capsys, monkeypatch):
+    """100,000 threads had crashed OpenMP out of memory after the grid was built; a sweep's pool (forked) had
+    started every worker asked for, a thousand for two points."""
+    import os
+
+    import llmsim.sweep.execute as execute
+
+    cores = len(os.sched_getaffinity(0))
+    assert main(["microbench", "--out", str(tmp_path / "m.csv"), "--threads", str(cores + 1)]) == 2
+    assert f"--threads {cores + 1}: this machine lets llmsim use {cores} cores" in capsys.readouterr().err
+    assert not (tmp_path / "m.csv").exists()
+    started = []
+
+    class Pool(execute.ProcessPoolExecutor):
+        def __init__(self, max_workers):
+            started.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(execute, "ProcessPoolExecutor", Pool)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": [1, 2]}}))
+    assert main(["sweep", str(tmp_path / "s.yaml"), "-q", "--workers", "1000", "--out", str(tmp_path / "o")]) == 0
+    assert started == [2]
+
+
 def test_every_command_refuses_an_output_it_cannot_write_before_working(tmp_path, capsys):
     """An output folder that is a file, or an output file that is a folder, is one clear error naming the
     option, for every command that writes, before any work (it was a raw traceback for all but run)."""

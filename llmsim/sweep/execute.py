@@ -134,7 +134,9 @@ def execute_points(root: Path, points: list[Point], executor: str, workers: int 
     if executor == "ray":
         results.update(_run_ray(root, todo, address, on_done))
         return results
-    workers = workers or max(1, (os.cpu_count() or 1))
+    # No more processes than points: with fork, the pool starts every worker at once (--workers 1000 had
+    # forked a thousand processes for a sixteen-point sweep).
+    workers = min(workers or max(1, (os.cpu_count() or 1)), len(todo))
     if workers == 1:
         for point in todo:
             results[point.index] = run_point(*_job(root, point))
