@@ -65,6 +65,27 @@ def test_fcfs_preempts_latest_by_recompute_when_cache_full():
     s.blocks.check_integrity()
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_fcfs_drops_a_recomputed_request_whose_tokens_outgrew_the_budget_as_vllm_v0_does(fast_forward):
+    """Preempted by recompute, a request re-runs its prompt and what it generated in one step; past the token
+    budget it had waited at the head of the queue for ever, and the engine stopped ("empty batch with work
+    queued"). vLLM v0 drops it (FINISHED_IGNORED): it is rejected with that reason; the others run."""
+    cfg = make_config(
+        cluster={"num_replicas": 1},
+        scheduler={"name": "fcfs", "max_num_batched_tokens": 512, "num_gpu_blocks_override": 100},
+        workload={"num_requests": 6, "arrival": {"kind": "poisson", "rate_per_s": 1000.0},
+                  "prompt_tokens": {"kind": "fixed", "value": 450}, "output_tokens": {"kind": "fixed", "value": 400}},
+        simulation={"fast_forward": fast_forward})
+    result = simulate(cfg, make_requests([(0.0, 450, 400)] * 6))
+    df = result.recorder.request_frame()
+    dropped = df[df["reason"].str.contains("FINISHED_IGNORED")]
+    assert len(dropped) >= 1 and (dropped["status"] == "rejected").all()
+    assert (dropped["num_preemptions"] >= 1).all() and (dropped["num_generated_tokens"] > 62).all()
+    assert "exceed max_num_batched_tokens 512 (vLLM v0 drops it" in dropped["reason"].iloc[0]
+    assert set(df["status"]) == {"finished", "rejected"} and len(df) == 6
+    assert (df[df["status"] == "finished"]["num_generated_tokens"] == 400).all()
+
+
 def test_swap_preemption_keeps_kv_and_charges_transfer():
     s = FCFSScheduler(BlockManager(4, 16), max_num_seqs=8, max_num_batched_tokens=1000, preemption="swap",
                       kv_bytes_per_token=100.0)

@@ -55,6 +55,8 @@ def run_pipeline(replica: Replica):
             ready = driver_free
         if can_launch and ready <= now:
             out = scheduler.schedule()
+            if scheduler.ignored:
+                replica.record_ignored()
             if not out.is_empty:
                 leaves_s, lead_s = launch(replica, out, now, stage_free)
                 flights.append((leaves_s, out, now))

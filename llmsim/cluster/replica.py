@@ -155,6 +155,12 @@ class Replica:
         self.num_outstanding -= 1
         record_timed_out(self.recorder, request, reason)
 
+    def record_ignored(self) -> None:
+        """Record the requests the scheduler dropped as never runnable (rejected, with their reason)."""
+        for request in self.scheduler.take_ignored():
+            self.num_outstanding -= 1
+            self.recorder.request(request, "rejected")
+
     def release(self, request: Request) -> None:
         """Let a running request go (with its KV, which is freed here); call at a boundary."""
         self.scheduler.release(request)
@@ -258,6 +264,8 @@ class Replica:
                 continue
             start = env.now
             out = scheduler.schedule()
+            if scheduler.ignored:
+                self.record_ignored()
             if out.is_empty:
                 if not scheduler.has_work:
                     continue  # what was queued left the queue without running (a DistServe pull started)

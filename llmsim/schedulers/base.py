@@ -112,6 +112,7 @@ class Scheduler:
         # Requests in a pipeline micro-batch still in flight: they sit out (and are never evicted) until it lands.
         self.busy: set[int] = set()
         self.micro_batches = 1  # set by a pipelined replica
+        self.ignored: list[Request] = []  # dropped from the queue as never runnable: the replica takes them
 
     def add(self, request: Request) -> None:
         """Queue in arrival order, except that a request goes ahead of every waiting request of lower priority."""
@@ -165,6 +166,12 @@ class Scheduler:
         return ""
 
     # --- operations for the replica and the cluster policies (see the module docstring) -----------------
+
+    def take_ignored(self) -> list[Request]:
+        """Requests the last ``schedule()`` dropped as never runnable (REJECTED, their reason set, their KV freed):
+        the replica records them."""
+        ignored, self.ignored = self.ignored, []
+        return ignored
 
     def retire(self, finished: list[Request]) -> None:
         """``finished`` (already marked FINISHED) leave the batch and free their KV."""
@@ -350,6 +357,14 @@ class Scheduler:
             out.prefills = [c for c in out.prefills if c.request is not victim]
         self.blocks.allocate(request, num_new_tokens)
         return True
+
+    def _ignore(self, request: Request, reason: str) -> None:
+        """Drop the head of the waiting queue, which this policy can never run (vLLM v0's FINISHED_IGNORED)."""
+        self.waiting.popleft()
+        self.blocks.free(request)  # what a recompute preemption left cached for it is cached for nobody now
+        request.status = RequestStatus.REJECTED
+        request.reject_reason = reason
+        self.ignored.append(request)
 
     def _swap_out(self, request: Request) -> None:
         """Host blocks for a request preempted by swap (its computed KV), or the engine stops as vLLM v0's does

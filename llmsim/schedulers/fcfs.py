@@ -34,8 +34,20 @@ class FCFSScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        while self.waiting and self.has_seq_room():
+        while self.waiting:
             request = self.waiting[0]
+            if (not request.num_computed_tokens and request.num_tokens > self.max_num_batched_tokens
+                    and not self._first_chunk(request, self.max_num_batched_tokens)):
+                # Preempted by recompute, its prompt and the tokens it generated no longer fit one step (a
+                # prompt that never did is rejected at arrival). vLLM v0 drops it (``_schedule_prefills``: more
+                # tokens than the prompt limit, cached or not, is FINISHED_IGNORED); it had waited at the head of
+                # the queue for ever, and the engine stopped with work queued.
+                self._ignore(request, f"preempted by recompute after {request.num_generated_tokens} output tokens: "
+                                      f"its {request.num_tokens} tokens exceed max_num_batched_tokens "
+                                      f"{self.max_num_batched_tokens} (vLLM v0 drops it, FINISHED_IGNORED)")
+                continue
+            if not self.has_seq_room():
+                break
             hit = self._hit(request)  # looked up once: nothing changes the cache until it is admitted
             n = request.num_pending_tokens - hit.num_tokens  # all it has pending, less its cached prefix
             take = n if n <= budget else self._first_chunk(request, budget)
