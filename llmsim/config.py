@@ -598,7 +598,7 @@ def check_config_path(path: str, where: str) -> None:
     if not all(keys):
         raise ConfigError(f"{where}: {path!r} is not a dotted path of config keys (it has an empty key)")
     model = ExperimentConfig
-    for depth, key in enumerate(keys[:-1] + [keys[-1]]):
+    for depth, key in enumerate(keys):
         if key not in model.model_fields:
             section = ".".join(keys[:depth]) or "the top level"
             raise ConfigError(f"{where}: {path}: {key!r} is no key of {section}; allowed keys: "
