@@ -69,9 +69,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     from llmsim.workload.build import check_trace_rows
 
+    from llmsim.workload.build import check_has_requests
+
     cfg = load_config(args.config, parse_overrides(args.set))
     model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
     check_trace_rows(cfg.workload)  # every row the run would read
+    check_has_requests(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
     print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
     return 0
 
@@ -98,7 +101,8 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
     the command reports in that point's row rather than stopping)."""
     from llmsim.cluster.simulation import build_pools
     from llmsim.config import parse_overrides
-    from llmsim.errors import PlanError
+    from llmsim.errors import ConfigError, PlanError
+    from llmsim.workload.build import check_has_requests
 
     from llmsim.workload.build import check_trace_rows
 
@@ -118,11 +122,12 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
     failing = 0
     for label, cfg, error in labelled:
         if cfg is not None:
+            check_trace_rows(cfg.workload)  # a bad row stops the sweep or plan before anything runs
             try:
                 model, pools, max_len = build_pools(cfg)
-                check_trace_rows(cfg.workload)
+                check_has_requests(cfg.workload, cfg.seed)
                 error = ""
-            except PlanError as exc:
+            except (PlanError, ConfigError) as exc:  # what the point's (candidate's) run would fail with, in its row
                 error = str(exc)
         failing += bool(error)
         print(f"{label}: " + (error.replace("\n", " ") if error else _memory_plan(cfg, model, pools, max_len)))

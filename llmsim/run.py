@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import tempfile
@@ -21,11 +20,10 @@ from llmsim.hardware.profile import profile_files
 from llmsim.metrics.recorder import ReplicaTotals
 from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo, summarize
 from llmsim.models.spec import hf_config_file
-from llmsim.request import Request
 from llmsim.results_folder import first_missing, removed_if_left_empty, write_folder
 from llmsim.version import code_version, file_digest
 from llmsim.workload import build_workload
-from llmsim.workload.build import check_trace_rows
+from llmsim.workload.build import check_trace_rows, first_request
 from llmsim.workload.conversations import ClosedLoop
 
 
@@ -97,21 +95,6 @@ def prepare_output_file(path: Path, setting: str) -> None:
     prepare_output(path.parent, setting)
 
 
-def first_request(requests: Iterator[Request], cfg: ExperimentConfig) -> Iterator[Request]:
-    """``requests`` unchanged, after checking there is at least one (lazily read traces included)."""
-    first = next(requests, None)
-    if first is None:
-        w = cfg.workload
-        why = ("the trace has no rows" if w.trace is None else
-               f"no row of {w.trace.path} passes the filters and window (model={w.trace.model!r}, "
-               f"log_type={w.trace.log_type!r}, start_s={w.trace.start_s}, end_s={w.trace.end_s}, "
-               f"failed={w.trace.failed!r})") if w.trace is not None else (
-               f"duration_s {w.duration_s} ends before the first arrival" if w.duration_s is not None
-               else "num_requests is 0")
-        raise ConfigError(f"workload: no requests to simulate: {why}")
-    return itertools.chain((first,), requests)
-
-
 def run_experiment(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None = None,
                    output_dir: Path | None = None, write: bool = True) -> tuple[SimulationResult, dict]:
     """Simulate ``cfg`` and summarize it; with ``write``, into its results folder (``output_dir`` or the config's),
@@ -128,9 +111,9 @@ def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
         check_trace_rows(cfg.workload)
     workload = build_workload(cfg.workload, cfg.seed)
     if isinstance(workload, ClosedLoop):
-        workload.first_turns = first_request(workload.first_turns, cfg)
+        workload.first_turns = first_request(workload.first_turns, cfg.workload)
     else:
-        workload = first_request(iter(workload), cfg)
+        workload = first_request(iter(workload), cfg.workload)
     result = simulate(cfg, workload, on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())

@@ -143,6 +143,25 @@ def test_check_shows_the_host_swap_space_of_swap_preemption(capsys):
     assert "swap" not in capsys.readouterr().out
 
 
+def test_check_finds_a_workload_with_no_request_as_run_does(tmp_path, capsys):
+    """A duration that ends before the first arrival had passed ``check`` ("valid") and failed ``run``; in a
+    sweep it is that point's row, as the sweep gives it."""
+    import yaml
+
+    exp = {"model": {"name": "Llama-2-7B"}, "workload": {"duration_s": 0.001, "arrival": {
+        "kind": "poisson", "rate_per_s": 1}, "prompt_tokens": {"kind": "fixed", "value": 5},
+        "output_tokens": {"kind": "fixed", "value": 5}}}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    needle = "workload: no requests to simulate: duration_s 0.001 ends before the first arrival"
+    assert main(["check", str(tmp_path / "e.yaml")]) == 2
+    assert needle in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "e.yaml", "grid": {"workload.duration_s": [0.001, 60]}}))
+    assert main(["check", str(tmp_path / "s.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"p000_duration_s=0.001: {needle}"
+    assert lines[2] == f"{tmp_path / 's.yaml'}: 2 points, 1 of them will be rows with their error (above)"
+
+
 def test_check_does_not_load_the_results_stack():
     """``llmsim check`` starts fast because the simulator imports neither pandas nor pyarrow."""
     code = ("import sys; from llmsim.cli import main; main(['check', %r]); "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from itertools import islice
+from itertools import chain, islice
 from typing import Iterator
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from llmsim.config import TraceConfig, WorkloadConfig
 from llmsim.request import Request, RequestStatus
 from llmsim.workload.arrivals import arrival_times
-from llmsim.errors import TraceError
+from llmsim.errors import ConfigError, TraceError
 from llmsim.workload.conversations import ClosedLoop, ClosedLoopChat, ClosedLoopReplay
 from llmsim.workload.shared_prefix import shared_prefix_requests
 from llmsim.workload.lengths import empirical_pairs, length_pairs
@@ -171,3 +171,24 @@ def _until(stream: Iterator[Request], end_s: float) -> Iterator[Request]:
         if r.arrival_s >= end_s:
             return
         yield r
+
+
+def first_request(requests: Iterator[Request], w: WorkloadConfig) -> Iterator[Request]:
+    """``requests`` unchanged, after checking there is at least one (lazily read traces included)."""
+    first = next(requests, None)
+    if first is None:
+        why = ("the trace has no rows" if w.trace is None else
+               f"no row of {w.trace.path} passes the filters and window (model={w.trace.model!r}, "
+               f"log_type={w.trace.log_type!r}, start_s={w.trace.start_s}, end_s={w.trace.end_s}, "
+               f"failed={w.trace.failed!r})") if w.trace is not None else (
+               f"duration_s {w.duration_s} ends before the first arrival" if w.duration_s is not None
+               else "num_requests is 0")
+        raise ConfigError(f"workload: no requests to simulate: {why}")
+    return chain((first,), requests)
+
+
+def check_has_requests(w: WorkloadConfig, seed: int) -> None:
+    """``first_request`` without simulating, for ``llmsim check``: a workload with no request to simulate is the
+    error ``run`` gives (a generated workload's first arrival comes from its seed, so only drawing it tells)."""
+    workload = build_workload(w, seed)
+    first_request(iter(workload.first_turns if isinstance(workload, ClosedLoop) else workload), w)
