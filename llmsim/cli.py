@@ -145,7 +145,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from llmsim.results_folder import write_folder
     from llmsim.run import prepare_output
-    from llmsim.sweep.execute import run_points
+    from llmsim.sweep.execute import run_points, start_executor
     from llmsim.sweep.report import CURVE_FILES, curves, goodput, table
     from llmsim.sweep.spec import load_sweep
 
@@ -156,6 +156,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep, points = load_sweep(args.sweep, parse_overrides(args.set))
     root = Path(args.out) if args.out else sweep.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
+    start_executor(args.executor, args.workers, args.address)
     prepare_output(root, setting)
     for point in points:  # a bad trace row fails the sweep before any point runs (the same rows: read once)
         check_trace_rows(point.config.workload)
@@ -207,6 +208,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from llmsim.plan_search import load_plan_search, run_plan_search
     from llmsim.results_folder import write_folder
+    from llmsim.sweep.execute import start_executor
     from llmsim.run import prepare_output
 
     from llmsim.config import parse_overrides
@@ -214,6 +216,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg, base, candidates = load_plan_search(args.plan, parse_overrides(args.set))
     out = Path(args.out) if args.out else cfg.output_dir
     setting = "--out" if args.out else "output_dir"  # how the user chose the folder, for its errors
+    start_executor(args.executor, args.workers, args.address)
     prepare_output(out, setting)
     with progress(len(candidates), "plan", cfg.name, args.quiet) as bar:
         df = run_plan_search(cfg, base, candidates, out / "runs", args.executor, args.workers, args.address,

@@ -430,6 +430,33 @@ def test_microbench_threads_past_the_cores_are_refused_and_a_sweep_starts_no_mor
     assert started == [2]
 
 
+def test_executor_options_are_checked_and_an_unreachable_ray_cluster_is_an_error_before_any_folder(
+        tmp_path, capsys, monkeypatch):
+    """--address without --executor ray had been ignored (the sweep ran locally), --workers with it too; a Ray
+    cluster that could not be reached had been Ray's ConnectionError traceback, an empty folder left behind."""
+    import ray
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": [1]}}))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "gpus": 1, "candidates": {"seed": [1]}}))
+
+    def unreachable(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    for command, spec in (("sweep", "s.yaml"), ("plan", "p.yaml")):
+        out = ["-q", "--out", str(tmp_path / "o")]
+        for extra, needle in ((["--address", "x:1"], "--address x:1: names a Ray cluster; it needs --executor ray"),
+                              (["--executor", "ray", "--workers", "2"], "--workers: the local executor's processes"),
+                              (["--executor", "ray", "--address", "10.0.0.1:6379"],
+                               "--executor ray: cannot start or reach a Ray cluster at --address 10.0.0.1:6379: "
+                               "Failed to connect")):
+            assert main([command, str(tmp_path / spec), *out, *extra]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and "Traceback" not in err, err
+            assert not (tmp_path / "o").exists()
+
+
 def test_every_command_refuses_an_output_it_cannot_write_before_working(tmp_path, capsys):
     """An output folder that is a file, or an output file that is a folder, is one clear error naming the
     option, for every command that writes, before any work (it was a raw traceback for all but run)."""

@@ -162,12 +162,35 @@ def execute_points(root: Path, points: list[Point], executor: str, workers: int 
     return results
 
 
-def _run_ray(root: Path, todo: list[Point], address: str | None, on_done) -> dict[int, dict]:
+def start_executor(executor: str, workers: int | None, address: str | None) -> None:
+    """Check the executor's options and start Ray (or reach its cluster) now, so that a cluster that cannot be
+    reached is one error before any output folder is made (it had been Ray's ConnectionError traceback, an empty
+    folder left behind). An option of the other executor is an error, not ignored."""
+    if executor != "ray":
+        if address is not None:
+            raise LLMSimError(f"--address {address}: names a Ray cluster; it needs --executor ray")
+        return
+    if workers is not None:
+        raise LLMSimError("--workers: the local executor's processes; with --executor ray the cluster places the "
+                          "points")
+    _ray_init(address)
+
+
+def _ray_init(address: str | None):
     try:
         import ray
     except ImportError:
         raise LLMSimError("--executor ray needs Ray: pip install -e '.[ray]'") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f" at --address {address}" if address else ""
+        raise LLMSimError(f"--executor ray: cannot start or reach a Ray cluster{where}: {exc}") from None
+    return ray
+
+
+def _run_ray(root: Path, todo: list[Point], address: str | None, on_done) -> dict[int, dict]:
+    ray = _ray_init(address)
     remote = ray.remote(run_point)
     refs = {remote.remote(*_job(root, p)): p for p in todo}
     results = {}
