@@ -553,3 +553,39 @@ def test_a_swap_moves_each_gpus_shard_over_its_own_host_link():
     assert whole[0] == whole[1] == 2 * 32 * 4096 * 2  # one GPU holds it all: K and V, 32 layers, fp16
     assert per_token(2, 1)[0] == whole[1] / 2 and per_token(4, 1)[0] == whole[1] / 4  # its KV heads
     assert per_token(1, 2)[0] == whole[1] / 2  # its stage's 16 layers
+
+
+@given(seed=st.integers(0, 2**31),
+       scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "fcfs_cached", "sarathi_cached"]),
+       traffic=st.sampled_from(["plain", "shared_prefix", "conversation"]), tp=st.sampled_from([1, 2]),
+       pp=st.sampled_from([1, 2]), replicas=st.sampled_from([1, 2]), budget=st.sampled_from([4096, 512]))
+def test_twice_the_kernel_times_and_the_gaps_between_arrivals_give_every_time_twice(seed, scheduler, traffic, tp, pp,
+                                                                                   replicas, budget):
+    """A metamorphic check that every latency comes from the modelled kernels and the traffic: with every kernel
+    group twice as slow (``hardware.time_factors``) and every gap in the traffic twice as long (arrivals, think
+    times), each request's arrival, first token and finish come out twice, and its batches, token counts and
+    preemptions the same. A time constant outside the kernels (a step floor, a delay in async scheduling or in the
+    pipeline) would break it; the engine's CPU time per step is not a kernel, so it is off here. Twice is exact
+    in floating point but for the fitted decode kernel's soft maximum (a power with a fractional exponent), a few
+    units in the last place."""
+    lengths = traffic_lengths(traffic)
+
+    def records(k: float):
+        workload = {"num_requests": 50, "arrival": {"kind": "gamma", "rate_per_s": 12.0 / k, "cv": 2.0}, **lengths}
+        if "conversation" in workload:
+            workload["conversation"] = {**workload["conversation"],
+                                        "mean_think_time_s": workload["conversation"]["mean_think_time_s"] * k}
+        cfg = make_config(seed=seed, hardware={"device": "h100-sxm", "time_factors": {
+                              g: k for g in ("gemm", "attention_prefill", "attention_decode", "collective", "other")}},
+                          parallel={"tp": tp, "pp": pp}, cluster={"num_replicas": replicas},
+                          scheduler={**scheduler_named(scheduler), "cpu_overhead": "off", "chunk_size": 256,
+                                     "max_num_batched_tokens": budget},
+                          workload=workload)
+        return run_experiment(cfg, write=False)[0].recorder.request_frame()
+
+    once, twice = records(1.0), records(2.0)
+    for column in ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "max_tbt_s"):
+        pd.testing.assert_series_equal(twice[column], once[column] * 2.0, check_exact=False, rtol=1e-12, atol=0.0,
+                                       obj=column)
+    for column in ("id", "replica_id", "num_generated_tokens", "num_preemptions", "num_cached_tokens", "status"):
+        pd.testing.assert_series_equal(twice[column], once[column], obj=column)
