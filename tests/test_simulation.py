@@ -589,3 +589,32 @@ def test_twice_the_kernel_times_and_the_gaps_between_arrivals_give_every_time_tw
                                        obj=column)
     for column in ("id", "replica_id", "num_generated_tokens", "num_preemptions", "num_cached_tokens", "status"):
         pd.testing.assert_series_equal(twice[column], once[column], obj=column)
+
+
+@given(seed=st.integers(0, 2**31),
+       scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "fcfs_cached"]),
+       policy=st.sampled_from(["colocated", "distserve", "llumnix"]),
+       router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
+       traffic=st.sampled_from(["plain", "shared_prefix"]), cut=st.integers(10, 50), budget=st.sampled_from([4096, 512]))
+def test_requests_that_finish_before_the_next_arrival_do_not_depend_on_it(seed, scheduler, policy, router, traffic,
+                                                                          cut, budget):
+    """Causality: a run of the first ``cut`` requests of a workload gives every request that finished before the
+    next one arrives exactly the record the whole workload gives it (nothing looks ahead at arrivals to come: not
+    the schedulers, routers, cluster policies, nor fast-forward)."""
+    lengths = traffic_lengths(traffic)
+
+    def records(n: int) -> pd.DataFrame:
+        cfg = make_config(seed=seed, cluster={"num_replicas": 2, "router": router, "policy": policy,
+                                              "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+                          scheduler={**scheduler_named(scheduler), "chunk_size": 256,
+                                     "max_num_batched_tokens": budget if scheduler.startswith("vllm_v1") else 4096},
+                          workload={"num_requests": n, "arrival": {"kind": "gamma", "rate_per_s": 5.0, "cv": 2.0},
+                                    **lengths})
+        df = run_experiment(cfg, write=False)[0].recorder.request_frame()
+        return df.astype({"status": str}).set_index("id")
+
+    whole, part = records(60), records(cut)
+    assert (part["arrival_s"] == whole["arrival_s"][part.index]).all()  # the same first requests
+    next_arrival = whole["arrival_s"].drop(part.index).min()
+    done = whole.index[(whole["finish_s"] < next_arrival) & whole.index.isin(part.index)]
+    pd.testing.assert_frame_equal(part.loc[done], whole.loc[done])
