@@ -327,7 +327,7 @@ def _report_dir(args: argparse.Namespace, profile: Path) -> Path:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from llmsim.calibration.fit import Split
     from llmsim.calibration.workflow import profile_path, run_calibration
-    from llmsim.run import prepare_output, prepare_output_file
+    from llmsim.run import output_folder, prepare_output_file
 
     path = profile_path(args.device)
     out = Path(args.out) if args.out else path
@@ -337,8 +337,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                             + " ".join(f"--measurements {m}" for m in args.measurements))
     report_dir = _report_dir(args, out)
     prepare_output_file(out, "--out")
-    prepare_output(report_dir, "--report-dir")
-    profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out, report_dir, command)
+    with output_folder(report_dir, "--report-dir"):  # a folder it made goes again if the fit fails
+        profile, result = run_calibration(path, [Path(m) for m in args.measurements], split, out, report_dir,
+                                          command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"fitted profile written to {out}; report {result.report_path}, parity plot {result.plot_path}")
@@ -347,14 +348,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from llmsim.calibration.workflow import profile_path, validate
-    from llmsim.run import prepare_output
+    from llmsim.run import output_folder
 
     path = profile_path(args.device)
     measurements = [Path(m) for m in args.measurements] if args.measurements else None
     command = _command_line(f"llmsim validate --device {args.device}")
     report_dir = _report_dir(args, path)
-    prepare_output(report_dir, "--report-dir")
-    result = validate(path, measurements, report_dir, command)
+    with output_folder(report_dir, "--report-dir"):  # a folder it made goes again if the validation fails
+        result = validate(path, measurements, report_dir, command)
     for split_name in ("fit", "held-out", "l2-resident"):
         _print_errors(result.table, split_name)
     print(f"report {result.report_path}, parity plot {result.plot_path}")

@@ -362,6 +362,26 @@ def test_an_empty_or_unreadable_vidur_csv_is_a_clear_error(tmp_path):
         read_measurements(tmp_path / "m.csv")
 
 
+def test_rows_measured_on_a_part_with_another_profile_neither_calibrate_nor_validate_this_one(tmp_path, capsys):
+    """A T4 profile fitted on the CPU's rows had been written (its report scoring it on the rows it was fitted
+    to); A100 errors had been reported from H100 rows. A profile's base chain is its own (h200 reads h100-sxm's
+    fit); a device no profile is named after (``cuda``) is the user's call. Nothing is written on the refusal."""
+    cpu_rows = ROOT / "hardware_profiles" / "measurements" / "cpu-small.csv"
+    assert main(["calibrate", "--device", "t4", "--measurements", str(cpu_rows), "--out", str(tmp_path / "t4.yaml"),
+                 "--report-dir", str(tmp_path / "rep")]) == 2
+    assert "cpu-small.csv: rows measured on cpu, not on t4; give their own profile (--device cpu)" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    df = pd.read_csv(cpu_rows)
+    for device, profile, code in (("h100-sxm", "a100-80gb", 2), ("h100-sxm", "h200", 0), ("cuda", "a100-80gb", 0)):
+        df.assign(device=device).to_csv(tmp_path / "m.csv", index=False)
+        assert main(["validate", "--device", profile, "--measurements", str(tmp_path / "m.csv"),
+                     "--report-dir", str(tmp_path / f"rep-{profile}-{device}")]) == code
+        err = capsys.readouterr().err
+        assert (f"rows measured on {device}, not on {profile}" in err) == (code == 2), err
+        assert (tmp_path / f"rep-{profile}-{device}").exists() == (code == 0)
+
+
 def test_vidur_rows_the_fit_cannot_use_name_their_csv_line(tmp_path):
     """Each op of a Vidur row becomes a row of its own, so errors had named lines of the combined rows, past the
     CSV's end; and use_gated_mlp went through bool(), which reads any text, "False" too, as gated."""

@@ -21,7 +21,7 @@ from llmsim.calibration.predict import Rows
 from llmsim.calibration.report import collective_table, compare, error_table, markdown, parity_plot, summary
 from llmsim.errors import ConfigError
 from llmsim.hardware.profile import (PROFILES_DIR, HardwareProfile, available_profiles, forget_loaded_profiles,
-                                     load_profile)
+                                     load_profile, profile_files)
 
 METHOD = ("scipy.optimize.least_squares on log(predicted/measured), soft-L1 loss (scale 5%), per op kind "
           "(roofline max_eff, half_tokens, memory_eff, overhead_s; GEMMs also half_k, half_n, half_tiles, softness, "
@@ -85,6 +85,18 @@ def read_all(paths: list[Path], profile: HardwareProfile) -> Rows:
     return Rows(pd.concat([read_measurements(p) for p in paths], ignore_index=True), profile)
 
 
+def _check_devices(rows: Rows, profile: HardwareProfile, path: Path, measurements: list[Path]) -> None:
+    """Rows measured on a part llmsim has another profile of (their ``device`` names it) neither calibrate nor
+    validate this one: a T4 profile fitted on the CPU's rows had been written, its report measuring it against the
+    rows it was fitted to. A profile's ``base:`` chain counts as its own (h200 takes h100-sxm's fit). Rows of a
+    device no profile is named after (``cuda`` from the microbenchmarks, ``a100`` from Vidur) are the user's call."""
+    own = {profile.name, *(p.stem for p in profile_files(str(path.resolve())))}
+    wrong = sorted(set(rows.df["device"].astype(str)) & (set(available_profiles()) - own))
+    if wrong:
+        raise ConfigError(f"{', '.join(map(str, measurements))}: rows measured on {', '.join(wrong)}, not on "
+                          f"{profile.name}; give their own profile (--device {wrong[0]}) or measurements of this part")
+
+
 def unseen(rows: Rows, fitted: Rows | None, split: Split) -> np.ndarray:
     """Rows the fit cannot have seen: held out by the split, or of a model, head layout or collective the
     profile's own measurements do not contain (validating on another file must not label its rows "fit")."""
@@ -116,6 +128,7 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
             raise ConfigError(f"{path}: no calibration.measurements recorded; pass --measurements FILE")
         measurements = stored
     rows = read_all(measurements, profile)
+    _check_devices(rows, profile, path, measurements)
     split = _split(profile)
     own = all(m.resolve() in {s.resolve() for s in stored} for m in measurements)
     # What the fit saw, where its files are at hand; otherwise (an uncalibrated profile, or a copy moved away
@@ -146,6 +159,7 @@ def run_calibration(path: Path, measurements: list[Path], split: Split, out: Pat
     """Fit ``path``'s profile to ``measurements``, write the fitted profile to ``out``, validate it."""
     profile = _read_profile(path)
     rows = read_all(measurements, profile)
+    _check_devices(rows, profile, path, measurements)
     _check_split(rows, split)
     fitted = calibrate(profile, rows, split)
     calibration = {
