@@ -86,6 +86,22 @@ def test_fcfs_drops_a_recomputed_request_whose_tokens_outgrew_the_budget_as_vllm
     assert (df[df["status"] == "finished"]["num_generated_tokens"] == 400).all()
 
 
+@pytest.mark.parametrize("scheduler", ["fcfs", "sarathi", "vllm_v1"])
+def test_a_resumption_hit_on_its_own_blocks_is_not_reported_as_a_prefix_cache_hit(scheduler):
+    """``num_cached_tokens`` is the prefix-cache hit of a request's first admission. With fcfs or sarathi a
+    request admitted without a hit had kept -1 until a recompute preemption's resumption hit its own blocks, and
+    that hit (prompt and output so far, above the prompt) had been reported: no request here shares content."""
+    cfg = make_config(cluster={"num_replicas": 1},
+                      scheduler={"name": scheduler, "enable_prefix_caching": True, "num_gpu_blocks_override": 150,
+                                 "max_num_batched_tokens": 2048},
+                      workload={"num_requests": 40, "arrival": {"kind": "poisson", "rate_per_s": 1000.0},
+                                "prompt_tokens": {"kind": "fixed", "value": 300},
+                                "output_tokens": {"kind": "fixed", "value": 300}})
+    df = simulate(cfg, make_requests([(0.0, 300, 300)] * 40)).recorder.request_frame()
+    assert df["num_preemptions"].sum() > 0
+    assert (df["num_cached_tokens"] == 0).all(), df[df["num_cached_tokens"] != 0]
+
+
 def test_swap_preemption_keeps_kv_and_charges_transfer():
     s = FCFSScheduler(BlockManager(4, 16), max_num_seqs=8, max_num_batched_tokens=1000, preemption="swap",
                       kv_bytes_per_token=100.0)

@@ -335,6 +335,11 @@ class Scheduler:
 
     def _start(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
         """The head of the waiting queue, its blocks allocated, joins the batch with ``num_new_tokens``."""
+        if request.num_cached_tokens < 0:
+            # Its first admission, without a cached prefix (one with a hit has set it): a resumption's hit on its
+            # own blocks, after a recompute preemption, had been reported as its prefix-cache hit, up to more
+            # tokens than its prompt.
+            request.num_cached_tokens = request.num_computed_tokens
         self.waiting.popleft()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
