@@ -39,6 +39,11 @@ def assert_nothing_lost(result, num_requests: int):
     assert set(df["status"]) <= {"finished", "rejected"}
     fin = df[df["status"] == "finished"]
     assert (fin["num_generated_tokens"] == fin["num_output_tokens"]).all()
+    # Each request's times in order, and its prefix-cache hit within its prompt (a resumption's hit on its own
+    # blocks had been reported as its hit).
+    assert (fin["arrival_s"] <= fin["scheduled_s"]).all() and (fin["scheduled_s"] < fin["first_token_s"]).all()
+    assert (fin["first_token_s"] <= fin["finish_s"]).all()
+    assert ((0 <= df["num_cached_tokens"]) & (df["num_cached_tokens"] < df["num_prompt_tokens"])).all()
     for rep in result.replicas:
         rep.blocks.check_integrity()
         assert rep.blocks.num_free_blocks == rep.blocks.num_blocks
