@@ -127,7 +127,8 @@ def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
         requests, usage, np.frombuffer(rec.tbt_gap_s, dtype=float), np.frombuffer(rec.tbt_count, dtype=np.int64),
         ttft_slo_s=cfg.slo.ttft_s, tpot_slo_s=cfg.slo.tpot_s, tbt_slo_s=cfg.slo.tbt_s,
         attainment_target=cfg.slo.attainment, pue=cfg.energy.pue,
-        prefill_flops=result.pools[0].execution.prefill_flops if cfg.scheduler.prefix_caching else None)
+        prefill_flops=result.pools[0].execution.prefill_flops if cfg.scheduler.prefix_caching else None,
+        last_step_end_s=max(rec.last_end_s.values(), default=None))
     if result.num_not_arrived is not None:  # a cut-off (simulation.max_time_s): what came after it
         summary["requests"]["not_arrived"] = result.num_not_arrived
     if cfg.slo.definition == "pooled":

@@ -51,3 +51,32 @@ def test_idle_cluster_draws_idle_power_and_pue_scales():
     assert quiet["energy"]["mean_power_w_per_gpu"] <= 63.0 + busy_share * (400.0 - 63.0)
     _, with_pue = _run(0.2, pue=1.5)
     assert with_pue["energy"]["total_j"] == pytest.approx(1.5 * quiet["energy"]["total_j"], rel=1e-12)
+
+
+@pytest.mark.parametrize("timeout_s, max_time_s", [(1.5, None), (0.05, None), (None, 3.0)])
+def test_the_hardware_is_observed_until_its_last_step_not_the_last_finish(timeout_s, max_time_s):
+    """Steps that ran for requests that timed out, or were still running at a cut-off, end after the last finish.
+    Over the span to the last finish the busy fraction, MFU and MBU had come out above 1 (about 1e12 with no
+    request finished) and the idle energy short; they are over the time to the last step's end, while
+    throughput keeps the span to the last finish (vLLM's benchmark duration)."""
+    cfg = make_config(cluster={"num_replicas": 1},
+                      workload={"num_requests": 150, "arrival": {"kind": "poisson", "rate_per_s": 40.0},
+                                "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                                "output_tokens": {"kind": "uniform", "min": 1, "max": 300}},
+                      simulation={"client_timeout_s": timeout_s, "max_time_s": max_time_s})
+    result, summary = run_experiment(cfg, write=False)
+    it = result.recorder.iteration_frame()
+    last_step_end = (it["start_s"] + it["duration_s"]).max()
+    df = result.recorder.request_frame()
+    finished = df[df["status"] == "finished"]
+    start = df["arrival_s"].min()
+    assert last_step_end > (finished["finish_s"].max() if len(finished) else start)  # the case in question
+    u, e = summary["utilization"], summary["energy"]
+    assert u["busy_fraction"] == pytest.approx(it["duration_s"].sum() / (last_step_end - start), rel=1e-9)
+    assert 0 < u["busy_fraction"] <= 1 and 0 < u["mfu"] <= 1 and 0 < u["mbu"] <= 1
+    gpus = result.execution.plan.num_gpus
+    idle_s = (last_step_end - start - it["duration_s"].sum()) * gpus
+    assert e["idle_j"] == pytest.approx(63.0 * idle_s, rel=1e-9)
+    assert 63.0 <= e["mean_power_w_per_gpu"] <= 400.0
+    if len(finished):
+        assert summary["throughput"]["duration_s"] == finished["finish_s"].max() - start

@@ -62,6 +62,9 @@ class Recorder:
         self.tbt_count = array("q")
         # Called with each request as it ends (its status): a closed-loop workload sends the next turn.
         self.on_request_end: Callable[[Request, str], None] | None = None
+        # Replica id -> when its latest iteration ends: the hardware is observed until the last of these, which
+        # may come after the last finish (steps for requests that timed out, or ran on at a cut-off).
+        self.last_end_s: dict[int, float] = {}
 
     def request(self, r: Request, status: str) -> None:
         cols = self.requests
@@ -77,6 +80,9 @@ class Recorder:
     def iteration(self, replica_id: int, start_s: float, duration_s: float, flops: float, num_bytes: float,
                   num_prefill_tokens: int, num_decode_tokens: int, kv_used_blocks: int) -> None:
         it = self.iterations
+        end = start_s + duration_s
+        if end > self.last_end_s.get(replica_id, 0.0):
+            self.last_end_s[replica_id] = end
         it["replica_id"].append(replica_id)
         it["duration_s"].append(duration_s)
         it["flops"].append(flops)
@@ -95,6 +101,10 @@ class Recorder:
         """Several iterations of one composition at once (a fast-forwarded run; prefill tokens the same in each
         or one per iteration)."""
         it, n = self.iterations, len(durations)
+        if n:
+            end = starts[-1] + durations[-1]
+            if end > self.last_end_s.get(replica_id, 0.0):
+                self.last_end_s[replica_id] = end
         it["replica_id"].extend([replica_id] * n)
         it["duration_s"].extend(durations)
         it["flops"].extend(flops)
@@ -181,6 +191,7 @@ class Recorder:
         self.status += other.status
         self.reason += other.reason
         self._totals.update(other._totals)
+        self.last_end_s.update(other.last_end_s)
         if self.record_iterations:
             self._folded = len(self.iterations["duration_s"])
 

@@ -142,15 +142,22 @@ class ReplicaUsage:
 
 def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.ndarray, gap_counts: np.ndarray, *,
               ttft_slo_s: float, tpot_slo_s: float, tbt_slo_s: float | None, attainment_target: float,
-              pue: float, prefill_flops: Callable[[int, int], float] | None = None) -> dict:
+              pue: float, prefill_flops: Callable[[int, int], float] | None = None,
+              last_step_end_s: float | None = None) -> dict:
     """``prefill_flops(new, cached)``: FLOPs of prefilling ``new`` tokens after ``cached`` ones, given when
-    the KV cache reuses prefixes (the summary then reports what the cache saved)."""
+    the KV cache reuses prefixes (the summary then reports what the cache saved). ``last_step_end_s``: when the
+    last iteration of any replica ended."""
     df = requests
     finished = df[df["status"] == "finished"]
     n_arrived = len(df)
     start = float(df["arrival_s"].min()) if n_arrived else 0.0
     end = float(finished["finish_s"].max()) if len(finished) else start
     span = max(end - start, 1e-12)
+    # Throughput counts over the span to the last finish (vLLM's benchmark duration); the hardware is observed
+    # until its last step ends, which comes later where steps ran for requests that timed out or were still
+    # running at a cut-off. Over the finish span alone, busy fractions, MFU and MBU had come out above 1 (and
+    # ~1e12 with no request finished) and idle energy short.
+    observed = max(max(end, last_step_end_s or end) - start, 1e-12)
     tpot_ok = finished["tpot_s"].fillna(0.0) <= tpot_slo_s  # one-token outputs have no TPOT to miss
     met = (finished["ttft_s"] <= ttft_slo_s) & tpot_ok
     if tbt_slo_s is not None:
@@ -195,16 +202,16 @@ def summarize(requests: pd.DataFrame, replicas: list[ReplicaUsage], gaps: np.nda
         },
         "utilization": {
             "kv_cache_busy_mean": kv_util,
-            "busy_fraction": float(busy / (span * len(replicas))),
+            "busy_fraction": float(busy / (observed * len(replicas))),
             # MFU/MBU over the whole run, idle time included.
             "mfu": float(sum(r.totals.flops for r in replicas)
-                         / (span * sum(r.num_gpus * r.peak_flops for r in replicas))),
+                         / (observed * sum(r.num_gpus * r.peak_flops for r in replicas))),
             "mbu": float(sum(r.totals.num_bytes for r in replicas)
-                         / (span * sum(r.num_gpus * r.bandwidth for r in replicas))),
+                         / (observed * sum(r.num_gpus * r.bandwidth for r in replicas))),
             "iterations": int(sum(r.totals.num_iterations for r in replicas)),
             "num_gpus": int(total_gpus),
         },
-        "energy": energy(replicas, span, pue, len(finished), out_tokens, in_tokens),
+        "energy": energy(replicas, observed, pue, len(finished), out_tokens, in_tokens),
     }
     if prefill_flops is not None:
         summary["prefix_cache"] = prefix_cache_stats(df, prefill_flops)
@@ -240,13 +247,14 @@ def prefix_cache_stats(df: pd.DataFrame, prefill_flops: Callable[[int, int], flo
     }
 
 
-def energy(replicas: list[ReplicaUsage], span: float, pue: float, finished: int, out_tokens: int,
+def energy(replicas: list[ReplicaUsage], observed_s: float, pue: float, finished: int, out_tokens: int,
            in_tokens: int) -> dict:
-    """Busy energy from each iteration's power, idle power for every GPU-second between iterations, times PUE."""
+    """Busy energy from each iteration's power, idle power for every GPU-second between iterations over the
+    ``observed_s`` the hardware is observed, times PUE."""
     busy_j = sum(r.totals.busy_energy_j for r in replicas)
-    idle_j = sum(r.idle_w * r.num_gpus * max(span - r.totals.busy_s, 0.0) for r in replicas)
+    idle_j = sum(r.idle_w * r.num_gpus * max(observed_s - r.totals.busy_s, 0.0) for r in replicas)
     total_j = (busy_j + idle_j) * pue
-    gpu_s = span * sum(r.num_gpus for r in replicas)
+    gpu_s = observed_s * sum(r.num_gpus for r in replicas)
 
     def per(count: float) -> float | None:
         return total_j / count if count else None
