@@ -6,7 +6,8 @@ they need events at exactly those times: ``at(t)`` puts an event on simpy's queu
 Arrivals use ``urgent_at``: a request arriving exactly at an iteration boundary is seen by that boundary.
 This uses simpy's event queue layout (``(time, priority, id, event)``), stable across simpy 4.x.
 
-``last_active_s`` is the time of the last event that had something to do. A fast-forwarded run waits on its last
+``last_active_s`` is the time of the last event that had something to do (a client's deadline for a request that
+had finished long before has nothing to: it had stretched a run's simulated span to the last deadline). A fast-forwarded run waits on its last
 planned boundary; when something cuts it short, the process waits on an earlier boundary instead, and the event
 it no longer waits on stays queued with no callbacks. Draining the queue then moves ``now`` to that stale time,
 where a stepped replica's clock would have stopped earlier: the simulated span is read from ``last_active_s``,
@@ -21,6 +22,11 @@ import simpy
 from simpy.core import NORMAL, URGENT, EmptySchedule, EventPriority, StopSimulation
 
 
+class _Passive(simpy.Event):
+    """An event whose callbacks may find nothing to do (a client's deadline for a request that finished long
+    before): it moves ``last_active_s`` only where a callback calls ``mark_active``."""
+
+
 class Clock(simpy.Environment):
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +39,7 @@ class Clock(simpy.Environment):
         except IndexError:
             raise EmptySchedule from None
         callbacks, event.callbacks = event.callbacks, None
-        if callbacks:
+        if callbacks and type(event) is not _Passive:
             self.last_active_s = self._now
         try:
             for callback in callbacks:
@@ -47,10 +53,10 @@ class Clock(simpy.Environment):
             exc.__cause__ = event._value
             raise exc
 
-    def _at(self, time_s: float, priority: int) -> simpy.Event:
+    def _at(self, time_s: float, priority: int, kind: type = simpy.Event) -> simpy.Event:
         if time_s < self._now:
             raise ValueError(f"cannot schedule in the past: {time_s} < {self._now}")
-        event = simpy.Event(self)
+        event = kind(self)
         event._ok = True
         event._value = None
         heappush(self._queue, (time_s, priority, next(self._eid), event))
@@ -61,3 +67,10 @@ class Clock(simpy.Environment):
 
     def urgent_at(self, time_s: float) -> simpy.Event:
         return self._at(time_s, URGENT)
+
+    def passive_at(self, time_s: float) -> simpy.Event:
+        """``at``, for an event that counts as activity only where its callback says so (``mark_active``)."""
+        return self._at(time_s, NORMAL, _Passive)
+
+    def mark_active(self) -> None:
+        self.last_active_s = self._now

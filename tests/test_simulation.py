@@ -618,3 +618,18 @@ def test_requests_that_finish_before_the_next_arrival_do_not_depend_on_it(seed, 
     next_arrival = whole["arrival_s"].drop(part.index).min()
     done = whole.index[(whole["finish_s"] < next_arrival) & whole.index.isin(part.index)]
     pd.testing.assert_frame_equal(part.loc[done], whole.loc[done])
+
+
+def test_deadlines_of_requests_that_finished_do_not_stretch_the_simulated_span():
+    """A client's deadline (``simulation.client_timeout_s``) for a request that finished long before has nothing
+    to do: the simulated span had run on to the last such deadline (300 s past the last arrival for a 10 s run)."""
+    def span(timeout_s):
+        cfg = make_config(workload={"num_requests": 30, "arrival": {"kind": "poisson", "rate_per_s": 5.0},
+                                    "prompt_tokens": {"kind": "fixed", "value": 200},
+                                    "output_tokens": {"kind": "fixed", "value": 20}},
+                          simulation={"client_timeout_s": timeout_s})
+        result, summary = run_experiment(cfg, write=False)
+        assert summary["requests"]["finished"] == 30
+        return summary["simulation"]["simulated_s"]
+
+    assert span(300.0) == span(None)

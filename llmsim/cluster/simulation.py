@@ -249,6 +249,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         follows the deadline, not the abort."""
         if r.status in DONE:
             return
+        env.mark_active()
         if closed_loop is not None:
             send_next_turn(r, "timed_out")
         if distserve is not None:  # it may move between instances before its instance's next boundary
@@ -288,7 +289,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
             router.pick(r, entry).submit(r)
             if timeout_s:
                 deadline = max(r.arrival_s + timeout_s, env.now)  # the client's clock starts when it sends
-                env.at(deadline).callbacks.append(lambda _, r=r: give_up(r))
+                env.passive_at(deadline).callbacks.append(lambda _, r=r: give_up(r))
 
     def send_next_turn(r: Request, status: str) -> None:
         """``r`` ended for its client now (a timed-out turn: when the client gave up, before the engine aborts it;
