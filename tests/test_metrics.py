@@ -76,3 +76,35 @@ def test_pooled_slo_is_sarathi_serves_capacity_criterion():
     _, p = run_experiment(make_config(**base, slo={"definition": "pooled", "p99_itl_s": 10.0,
                                                    "median_queueing_s": queueing * 0.5}), write=False)
     assert not p["slo"]["meets_target"]
+
+
+@given(seed=st.integers(0, 2**31), scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1"]),
+       policy=st.sampled_from(["colocated", "distserve", "llumnix"]), pp=st.sampled_from([1, 2]),
+       timeout_s=st.sampled_from([None, 0.3, 2.0]), max_time_s=st.sampled_from([None, 2.0, 8.0]),
+       rate=st.sampled_from([5.0, 40.0]))
+def test_summary_invariants_hold_on_any_run(seed, scheduler, policy, pp, timeout_s, max_time_s, rate):
+    """What the summary says agrees with the per-request records and the physics: SLO attainment is recomputed
+    from the records, utilization and MFU/MBU stay within 1, energy is positive and the mean power within the
+    device's range. Runs with client timeouts and cut-offs included: their steps after the last finish had put
+    utilization above 1."""
+    cfg = make_config(seed=seed, parallel={"pp": 1 if policy == "llumnix" else pp},
+                      cluster={"num_replicas": 2, "policy": policy,
+                               "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+                      scheduler={"name": scheduler, "chunk_size": 256, "max_num_batched_tokens": 4096},
+                      workload={"num_requests": 60, "arrival": {"kind": "poisson", "rate_per_s": rate},
+                                "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                                "output_tokens": {"kind": "uniform", "min": 1, "max": 300}},
+                      simulation={"client_timeout_s": timeout_s, "max_time_s": max_time_s})
+    result, summary = run_experiment(cfg, write=False)
+    df = result.recorder.request_frame()
+    fin = df[df["status"] == "finished"]
+    ttft = fin["first_token_s"] - fin["arrival_s"]
+    tpot = ((fin["finish_s"] - fin["first_token_s"]) / (fin["num_generated_tokens"] - 1)).where(
+        fin["num_generated_tokens"] > 1)
+    met = (ttft <= cfg.slo.ttft_s) & (tpot.fillna(0.0) <= cfg.slo.tpot_s)
+    assert summary["slo"]["attainment"] == (met.sum() / len(df) if len(df) else 0.0)
+    u, e = summary["utilization"], summary["energy"]
+    assert 0 <= u["busy_fraction"] <= 1 and 0 <= u["mfu"] <= 1 and 0 <= u["mbu"] <= 1
+    assert 0 <= u["kv_cache_busy_mean"] <= 1
+    assert e["busy_j"] >= 0 and e["idle_j"] >= 0
+    assert 63.0 <= e["mean_power_w_per_gpu"] <= 400.0  # the A100's idle and maximum draw
