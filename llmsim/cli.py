@@ -67,9 +67,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return _check_points(args, raw)
     from llmsim.cluster.simulation import build_pools
 
-    from llmsim.workload.build import check_trace_rows
-
-    from llmsim.workload.build import check_has_requests
+    from llmsim.workload.build import check_has_requests, check_trace_rows
 
     cfg = load_config(args.config, parse_overrides(args.set))
     model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
@@ -102,9 +100,8 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
     from llmsim.cluster.simulation import build_pools
     from llmsim.config import parse_overrides
     from llmsim.errors import ConfigError, PlanError
-    from llmsim.workload.build import check_has_requests
 
-    from llmsim.workload.build import check_trace_rows
+    from llmsim.workload.build import check_has_requests, check_trace_rows
 
     overrides = parse_overrides(args.set)
     if "candidates" in raw:

@@ -7,11 +7,11 @@ Arrivals use ``urgent_at``: a request arriving exactly at an iteration boundary 
 This uses simpy's event queue layout (``(time, priority, id, event)``), stable across simpy 4.x.
 
 ``last_active_s`` is the time of the last event that had something to do (a client's deadline for a request that
-had finished long before has nothing to: it had stretched a run's simulated span to the last deadline). A fast-forwarded run waits on its last
-planned boundary; when something cuts it short, the process waits on an earlier boundary instead, and the event
-it no longer waits on stays queued with no callbacks. Draining the queue then moves ``now`` to that stale time,
-where a stepped replica's clock would have stopped earlier: the simulated span is read from ``last_active_s``,
-which is the same either way.
+had finished long before has nothing to: it had stretched a run's simulated span to the last deadline). A
+fast-forwarded run waits on its last planned boundary; when something cuts it short, the process waits on an
+earlier boundary instead, and the event it no longer waits on stays queued with no callbacks. Draining the queue
+then moves ``now`` to that stale time, where a stepped replica's clock would have stopped earlier: the simulated
+span is read from ``last_active_s``, which is the same either way.
 """
 
 from __future__ import annotations

@@ -595,7 +595,8 @@ def test_twice_the_kernel_times_and_the_gaps_between_arrivals_give_every_time_tw
        scheduler=st.sampled_from(["fcfs", "sarathi", "vllm_v1", "vllm_v1_sync", "fcfs_cached"]),
        policy=st.sampled_from(["colocated", "distserve", "llumnix"]),
        router=st.sampled_from(["round_robin", "least_outstanding", "prefix_aware"]),
-       traffic=st.sampled_from(["plain", "shared_prefix"]), cut=st.integers(10, 50), budget=st.sampled_from([4096, 512]))
+       traffic=st.sampled_from(["plain", "shared_prefix"]), cut=st.integers(10, 50),
+       budget=st.sampled_from([4096, 512]))
 def test_requests_that_finish_before_the_next_arrival_do_not_depend_on_it(seed, scheduler, policy, router, traffic,
                                                                           cut, budget):
     """Causality: a run of the first ``cut`` requests of a workload gives every request that finished before the
