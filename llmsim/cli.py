@@ -67,12 +67,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return _check_points(args, raw)
     from llmsim.cluster.simulation import build_pools
 
-    from llmsim.workload.build import check_has_requests, check_trace_rows
+    from llmsim.workload.build import check_trace_rows, checked_workload
 
     cfg = load_config(args.config, parse_overrides(args.set))
     model, pools, max_len = build_pools(cfg)  # every pool's plan: a DistServe decode pool may not fit alone
     check_trace_rows(cfg.workload)  # every row the run would read
-    check_has_requests(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
+    checked_workload(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
     print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
     return 0
 
@@ -101,7 +101,7 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
     from llmsim.config import parse_overrides
     from llmsim.errors import ConfigError, PlanError
 
-    from llmsim.workload.build import check_has_requests, check_trace_rows
+    from llmsim.workload.build import check_trace_rows, checked_workload
 
     overrides = parse_overrides(args.set)
     if "candidates" in raw:
@@ -122,7 +122,7 @@ def _check_points(args: argparse.Namespace, raw: dict) -> int:
             check_trace_rows(cfg.workload)  # a bad row stops the sweep or plan before anything runs
             try:
                 model, pools, max_len = build_pools(cfg)
-                check_has_requests(cfg.workload, cfg.seed)
+                checked_workload(cfg.workload, cfg.seed)
                 error = ""
             except (PlanError, ConfigError) as exc:  # what the point's (candidate's) run would fail with, in its row
                 error = str(exc)

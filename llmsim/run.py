@@ -22,9 +22,7 @@ from llmsim.metrics.summary import ReplicaUsage, add_derived_columns, pooled_slo
 from llmsim.models.spec import hf_config_file
 from llmsim.results_folder import first_missing, removed_if_left_empty, write_folder
 from llmsim.version import code_version, file_digest
-from llmsim.workload import build_workload
-from llmsim.workload.build import check_trace_rows, first_request
-from llmsim.workload.conversations import ClosedLoop
+from llmsim.workload.build import check_trace_rows, checked_workload
 
 
 def resolved_config(cfg: ExperimentConfig) -> dict:
@@ -109,12 +107,7 @@ def _run(cfg: ExperimentConfig, on_progress: Callable[[int], None] | None,
          out: Path | None) -> tuple[SimulationResult, dict]:
     if not cfg.in_worker_processes:  # workers route every request before they start
         check_trace_rows(cfg.workload)
-    workload = build_workload(cfg.workload, cfg.seed)
-    if isinstance(workload, ClosedLoop):
-        workload.first_turns = first_request(workload.first_turns, cfg.workload)
-    else:
-        workload = first_request(iter(workload), cfg.workload)
-    result = simulate(cfg, workload, on_progress)
+    result = simulate(cfg, checked_workload(cfg.workload, cfg.seed), on_progress)
     rec = result.recorder
     requests = add_derived_columns(rec.request_frame())
     usage = []

@@ -136,8 +136,9 @@ def import_aiconfigurator(root: str | Path, device: str, gpus_per_node: int = 8)
     moe = _table(root, "moe/vllm/*/moe_perf.parquet", ("moe_dtype", "num_tokens", "hidden_size", "inter_size",
                                                        "topk", "num_experts", "moe_tp_size", "moe_ep_size",
                                                        "distribution", "kernel_source", "latency"))
-    if moe is not None and len(_moe(moe, device)):
-        frames.append(_checked(_moe(moe, device), moe))
+    moe_rows = _moe(moe, device) if moe is not None else None
+    if moe_rows is not None and len(moe_rows):
+        frames.append(_checked(moe_rows, moe))
     comm = ("op_name", "kernel_source", "num_gpus", "message_size", "latency")
     custom = _table(root, "comm/vllm/*/custom_allreduce_perf.parquet", comm + ("allreduce_dtype",))
     if custom is not None:

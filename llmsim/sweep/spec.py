@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.config import (ExperimentConfig, _resolve_paths, apply_overrides, check_config_path,
                            format_validation_error, parse_config, read_yaml, set_path)
 from llmsim.errors import ConfigError
-from llmsim.yaml_text import load_yaml_text
 
 RATE_PATHS = ("workload.arrival.rate_per_s", "workload.trace.time_scale")
 
@@ -101,13 +99,9 @@ def load_base(path: Path, base: str | dict, overrides: dict[str, Any] | None = N
     if isinstance(base, str):
         base_path = path.parent / base
         try:
-            data = load_yaml_text(base_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: base: cannot read {base_path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: base: {base_path} is not a text YAML file (bytes that are not UTF-8)") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: base: {base_path} is not valid YAML: {exc}") from None
+            data = read_yaml(base_path, "experiment")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: base: {exc}") from None
         base_dir = base_path.parent
         if not isinstance(data, dict):
             # A list had surfaced as an AttributeError; an empty file as every plan candidate's own error row.

@@ -187,8 +187,11 @@ def first_request(requests: Iterator[Request], w: WorkloadConfig) -> Iterator[Re
     return chain((first,), requests)
 
 
-def check_has_requests(w: WorkloadConfig, seed: int) -> None:
-    """``first_request`` without simulating, for ``llmsim check``: a workload with no request to simulate is the
-    error ``run`` gives (a generated workload's first arrival comes from its seed, so only drawing it tells)."""
+def checked_workload(w: WorkloadConfig, seed: int) -> Iterator[Request] | ClosedLoop:
+    """``build_workload``, after checking it has a request to simulate (``first_request``); ``llmsim check`` draws
+    it too (a generated workload's first arrival comes from its seed, so only drawing it tells)."""
     workload = build_workload(w, seed)
-    first_request(iter(workload.first_turns if isinstance(workload, ClosedLoop) else workload), w)
+    if isinstance(workload, ClosedLoop):
+        workload.first_turns = first_request(workload.first_turns, w)
+        return workload
+    return first_request(iter(workload), w)
