@@ -136,3 +136,26 @@ def test_dense_models_build_nothing_and_a_bad_cache_setting_is_named():
     assert result.replicas[0].moe_compiles is None
     with pytest.raises(ConfigError, match="scheduler.triton_cache"):
         make_config(scheduler={"name": "vllm_v1", "triton_cache": "hot"})
+
+
+@pytest.mark.parametrize("min_prompt_tokens", [520, 16])
+def test_worker_processes_report_the_builds_as_one_process_does(min_prompt_tokens):
+    """``simulation.workers``: the summary's ``kernel_builds`` is the one-process summary's, also where no replica
+    served a request (every prompt longer than fcfs's step budget is rejected at arrival), whose engines built
+    nothing but still report."""
+    from llmsim.run import run_experiment
+
+    summaries = []
+    for workers in (1, 2):
+        cfg = make_config(model={"name": "Mixtral-8x7B"}, hardware={"device": "h100-sxm"}, parallel={"tp": 2},
+                          cluster={"num_replicas": 3, "router": "round_robin"},
+                          scheduler={"name": "fcfs", "max_num_batched_tokens": 512},
+                          simulation={"workers": workers},
+                          workload={"num_requests": 12, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                                    "prompt_tokens": {"kind": "uniform", "min": min_prompt_tokens, "max": 3000},
+                                    "output_tokens": {"kind": "uniform", "min": 1, "max": 20}})
+        summaries.append(run_experiment(cfg, write=False)[1])
+    one, two = summaries
+    assert one["kernel_builds"] == two["kernel_builds"]
+    assert one["requests"] == two["requests"]
+    assert (one["requests"]["finished"] == 0) == (min_prompt_tokens > 512)

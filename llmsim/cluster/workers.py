@@ -87,7 +87,9 @@ def simulate_in_workers(cfg: ExperimentConfig, requests: Iterable[Request],
                 recorder.absorb(outcome[0])
                 outcomes.append(outcome[1:])
         _raise_first(errors)
-    moe_compiles, peak_swapped = [None] * n, [0] * n
+    # A replica no request reached built no kernel: it reports as the probe does, fresh (a replica serving nothing
+    # in one process still has its record, so the summary's ``kernel_builds`` is the same where none served).
+    moe_compiles, peak_swapped = [probe.moe_compiles] * n, [0] * n
     sim_time_s, num_in_flight = last_arrival_s, 0
     for engines, swapped, now, in_flight in outcomes:
         for rid, engine in engines.items():
