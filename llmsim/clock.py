@@ -53,6 +53,17 @@ class Clock(simpy.Environment):
             exc.__cause__ = event._value
             raise exc
 
+    def run(self, until: float | None = None) -> None:
+        """simpy's ``run``; a cut-off ``until`` counts as activity only where it stops something still going (an
+        event with something to do is queued past it): one the work ended before changes no result, the simulated
+        span included."""
+        if until is None:
+            return super().run()
+        stop = self._at(float(until), URGENT, _Passive)  # before the steps ending at the cut-off, as simpy's is
+        super().run(stop)
+        if any(event.callbacks and type(event) is not _Passive for _, _, _, event in self._queue):
+            self.last_active_s = self._now
+
     def _at(self, time_s: float, priority: int, kind: type = simpy.Event) -> simpy.Event:
         if time_s < self._now:
             raise ValueError(f"cannot schedule in the past: {time_s} < {self._now}")

@@ -81,6 +81,33 @@ def test_a_cut_off_counts_what_had_not_arrived(tmp_path):
     assert result.num_not_arrived > 0
 
 
+@pytest.mark.parametrize("cluster", [
+    {"num_replicas": 2, "router": "least_outstanding"},
+    {"num_replicas": 2, "policy": "llumnix"},
+    {"num_replicas": 2, "policy": "distserve", "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+])
+def test_a_cut_off_after_the_work_ended_changes_nothing(cluster):
+    """``simulation.max_time_s`` past the end of every request (clients' deadlines still queued after it) gives the
+    run without one, its simulated span included (it had read the cut-off); one that stops work still going
+    reports the span up to it."""
+    from llmsim.run import run_experiment
+
+    def summary(max_time_s):
+        cfg = make_config(cluster=cluster, simulation={"max_time_s": max_time_s, "client_timeout_s": 1000.0},
+                          workload={"num_requests": 40, "arrival": {"kind": "poisson", "rate_per_s": 8.0},
+                                    "prompt_tokens": {"kind": "uniform", "min": 16, "max": 1500},
+                                    "output_tokens": {"kind": "uniform", "min": 1, "max": 300}})
+        out = run_experiment(cfg, write=False)[1]
+        out["simulation"] = out["simulation"]["simulated_s"]  # the rest: wall-clock readings
+        return out, out["requests"].pop("not_arrived", None)
+
+    (whole, _), (late, late_not_arrived) = summary(None), summary(900.0)
+    assert late == whole and late_not_arrived == 0
+    cut, not_arrived = summary(1.5)
+    assert cut["requests"]["in_flight"] + not_arrived > 0
+    assert cut["simulation"] == 1.5 < whole["simulation"]
+
+
 def test_same_seed_is_bit_identical_and_seed_matters():
     a = frames(simulate(make_config(), _wl(make_config())))
     b = frames(simulate(make_config(), _wl(make_config())))
