@@ -59,6 +59,9 @@ class Request:
     prefix_segments: tuple[tuple[int, int], ...] = ()
     block_hashes: tuple[int, ...] | None = None  # chained hashes of the blocks those segments fill (KV manager)
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache when first scheduled (-1: not yet)
+    # Its token gaps so far, where a run may end it unfinished (``Recorder.logs_gaps``): each gap, or a run's
+    # (durations, first, end) for ``durations[first:end]``; None otherwise.
+    gap_log: list | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -84,9 +87,11 @@ def test_pooled_slo_is_sarathi_serves_capacity_criterion():
        rate=st.sampled_from([5.0, 40.0]))
 def test_summary_invariants_hold_on_any_run(seed, scheduler, policy, pp, timeout_s, max_time_s, rate):
     """What the summary says agrees with the per-request records and the physics: SLO attainment is recomputed
-    from the records, utilization and MFU/MBU stay within 1, energy is positive and the mean power within the
-    device's range. Runs with client timeouts and cut-offs included: their steps after the last finish had put
-    utilization above 1."""
+    from the records; ITL pools the gaps of the finished requests alone, as vLLM's benchmark those of the
+    successful ones (a request's gaps add up to its decode span; the largest is the largest request's max TBT);
+    utilization and MFU/MBU stay within 1, energy is positive and the mean power within the device's range. Runs
+    with client timeouts and cut-offs included: their steps after the last finish had put utilization above 1,
+    and the gaps of the requests they ended had counted in ITL."""
     cfg = make_config(seed=seed, parallel={"pp": 1 if policy == "llumnix" else pp},
                       cluster={"num_replicas": 2, "policy": policy,
                                "distserve": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
@@ -103,6 +108,12 @@ def test_summary_invariants_hold_on_any_run(seed, scheduler, policy, pp, timeout
         fin["num_generated_tokens"] > 1)
     met = (ttft <= cfg.slo.ttft_s) & (tpot.fillna(0.0) <= cfg.slo.tpot_s)
     assert summary["slo"]["attainment"] == (met.sum() / len(df) if len(df) else 0.0)
+    itl = summary["itl"]
+    assert itl["count"] == (fin["num_generated_tokens"] - 1).clip(lower=0).sum()
+    if itl["count"]:
+        span_s = math.fsum(fin["finish_s"] - fin["first_token_s"])
+        assert itl["mean_s"] * itl["count"] == pytest.approx(span_s, rel=1e-9)
+        assert itl["max_s"] == fin["max_tbt_s"].max()
     u, e = summary["utilization"], summary["energy"]
     assert 0 <= u["busy_fraction"] <= 1 and 0 <= u["mfu"] <= 1 and 0 <= u["mbu"] <= 1
     assert 0 <= u["kv_cache_busy_mean"] <= 1

@@ -210,6 +210,8 @@ def mixed_run(replica: Replica, out: SchedulerOutput, start: float, chunk_size: 
         max_gap = max(durations[ran:])
         if max_gap > request.max_tbt_s:
             request.max_tbt_s = max_gap
+        if request.gap_log is not None:
+            request.gap_log.append((durations, ran, done))
     # The KV bookkeeping. Where the prompt ended in ``out`` (whose blocks the scheduler booked), the tail's
     # steps are a decode run of every running request whose first step is ``out``: booked as one, with the
     # prompt's named blocks filled like any decode's (prefix caching).
@@ -305,6 +307,10 @@ def apply_decode_steps(replica: Replica, requests: list[Request], times: list[fl
                 steady += 1
             else:
                 off_gaps.append(gap)
+            if r.gap_log is not None:
+                r.gap_log.append(gap)
+        if more and r.gap_log is not None:
+            r.gap_log.append((durations, 1, num_steps))
         r.num_computed_tokens += num_steps
         if more:
             r.num_generated_tokens = generated + more

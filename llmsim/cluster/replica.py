@@ -82,6 +82,8 @@ class Replica:
 
     def submit(self, request: Request) -> None:
         request.replica_id = self.id
+        if self.recorder.logs_gaps and request.gap_log is None:
+            request.gap_log = []
         self.num_outstanding += 1
         if self.async_scheduling and self._idle is None:  # a step is running: the engine sees it later
             self.pending.append((self.env.now, request))
@@ -337,6 +339,8 @@ class Replica:
         gap = end - r.last_token_s
         if gap > r.max_tbt_s:
             r.max_tbt_s = gap
+        if r.gap_log is not None:
+            r.gap_log.append(gap)
         steady = r.last_token_s == start
         if not steady:
             self.recorder.gap(gap, 1)

@@ -224,6 +224,10 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         on_prefilled = distserve.on_prefilled if pool.role == "prefill" else None
         replicas.append(make_replica(env, rid, cfg, pool, recorder, on_prefilled))
     entry = [rep for rep, i in zip(replicas, replica_pool) if pools[i].role != "decode"]
+    # Where a request can end unfinished after generating tokens, its gaps are logged so that they can leave the
+    # ITL sample if it does (``Recorder.logs_gaps``).
+    recorder.logs_gaps = (cfg.simulation.client_timeout_s is not None or cfg.simulation.max_time_s is not None
+                          or any(rep.scheduler.may_drop_started(max_model_len) for rep in replicas))
     if distserve is not None:
         distserve.connect(replicas, [rep for rep, i in zip(replicas, replica_pool) if pools[i].role == "decode"])
     whole = distserve.decode_replicas[0] if distserve is not None else entry[0]

@@ -57,9 +57,14 @@ class Recorder:
         self.reason: list[str] = []
         self.iterations = {name: array("d") for name in ITERATION_FIELDS}
         self.iterations.update({name: array("q") for name in ITERATION_INT_FIELDS})
-        # Gaps between consecutive output tokens, with how many tokens saw each gap.
+        # Gaps between consecutive output tokens, with how many tokens saw each gap. ITL counts the gaps of
+        # finished requests only, as vLLM's benchmark counts those of successful ones: where a request can end
+        # otherwise after two tokens (a client timeout, a cut-off, a policy that drops a started request), its
+        # replica logs its gaps on it (``Request.gap_log``), and if it ends unfinished they are taken back as
+        # negative counts of the same values (``summary.itl_stats`` nets them out).
         self.tbt_gap_s = array("d")
         self.tbt_count = array("q")
+        self.logs_gaps = False
         # Called with each request as it ends (its status): a closed-loop workload sends the next turn.
         self.on_request_end: Callable[[Request, str], None] | None = None
         # Replica id -> when its latest iteration ends: the hardware is observed until the last of these, which
@@ -67,6 +72,11 @@ class Recorder:
         self.last_end_s: dict[int, float] = {}
 
     def request(self, r: Request, status: str) -> None:
+        log = r.gap_log
+        if log is not None:
+            r.gap_log = None
+            if status != "finished" and log:
+                self._take_back_gaps(log)
         cols = self.requests
         for name in REQUEST_FLOAT_FIELDS + REQUEST_INT_FIELDS:
             cols[name].append(getattr(r, name))
@@ -212,6 +222,18 @@ class Recorder:
     def gap(self, gap_s: float, count: int) -> None:
         self.tbt_gap_s.append(gap_s)
         self.tbt_count.append(count)
+
+    def _take_back_gaps(self, log: list) -> None:
+        """The gaps of a request that ended unfinished leave the ITL sample: each again, counted -1."""
+        gaps, counts = self.tbt_gap_s, self.tbt_count
+        for entry in log:
+            if type(entry) is tuple:
+                durations, first, end = entry
+                gaps.extend(durations[first:end])
+                counts.extend([-1] * (end - first))
+            else:
+                gaps.append(entry)
+                counts.append(-1)
 
     @property
     def num_requests(self) -> int:

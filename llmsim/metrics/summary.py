@@ -1,7 +1,8 @@
 """Summary statistics computed from the records after a run.
 
 TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). ITL (inter-token latency, as
-vLLM's benchmark defines it): every gap between consecutive tokens of a request, pooled over requests. E2EL:
+vLLM's benchmark defines it): every gap between consecutive tokens of a request, pooled over the finished requests
+(vLLM's: the successful ones; ``net_gaps``). E2EL:
 arrival -> last token. Every percentile is numpy's default (linear interpolation between the closest ranks), as in
 vLLM's ``benchmark_serving``; pooled ITL gaps, kept as (gap, count) pairs, get the same definition. SLO
 attainment: the share of *arrived* requests that finished within both the TTFT and TPOT SLOs (rejected and
@@ -90,7 +91,21 @@ def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -
     return out
 
 
+def net_gaps(gaps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled gaps with the gaps taken back (counted -1: a request that ended unfinished,
+    ``Recorder._take_back_gaps``) netted out: each value once, with its net count, where that is above 0. A take-back
+    repeats a recorded value bit for bit, so the nets are exact."""
+    if not (counts < 0).any():
+        return gaps, counts
+    values, where = np.unique(gaps, return_inverse=True)
+    net = np.zeros(len(values), dtype=np.int64)
+    np.add.at(net, where.reshape(-1), counts)
+    kept = net > 0
+    return values[kept], net[kept]
+
+
 def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
+    gaps, counts = net_gaps(gaps, counts)
     if len(gaps) == 0:
         return {"count": 0}
     total = counts.sum()

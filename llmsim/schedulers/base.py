@@ -161,6 +161,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         raise NotImplementedError
 
+    def may_drop_started(self, max_model_len: int) -> bool:
+        """Whether the policy may drop a request that has generated tokens (``_ignore``), with requests of up to
+        ``max_model_len`` tokens."""
+        return False
+
     def rejection_reason(self, request: Request) -> str:
         """Why this policy can never run ``request``, or "" (the cluster checks memory and length)."""
         return ""

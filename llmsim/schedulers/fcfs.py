@@ -20,6 +20,10 @@ from llmsim.schedulers.base import Scheduler, SchedulerOutput
 class FCFSScheduler(Scheduler):
     supports_prefix_caching = True
 
+    def may_drop_started(self, max_model_len: int) -> bool:
+        # A request preempted by recompute whose prompt and output outgrew the step budget (``schedule``).
+        return self.preemption == "recompute" and self.max_num_batched_tokens < max_model_len
+
     def rejection_reason(self, request: Request) -> str:
         # A prompt runs in one step, within the token budget.
         if request.num_prompt_tokens > self.max_num_batched_tokens:
