@@ -16,8 +16,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llmsim.config import load_config, parse_overrides
     from llmsim.run import changed_inputs, format_summary, run_experiment
 
+    from llmsim.cluster.simulation import check_names
+    from llmsim.config_notes import unused_settings
+
     cfg = load_config(args.config, parse_overrides(args.set))
-    for line in changed_inputs(cfg):  # a results folder's config.yaml rerun on files that have changed since
+    check_names(cfg)
+    notes = unused_settings(cfg, _num_experts(cfg))
+    # and a results folder's config.yaml rerun on files that have changed since
+    for line in notes + changed_inputs(cfg):
         print(f"llmsim: note: {line}", file=sys.stderr)
     updates = {}
     if args.seed is not None:
@@ -34,6 +40,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_summary(summary))
     print(f"results written to {out}/ (requests.parquet, iterations.parquet, summary.json, config.yaml)")
     return 0
+
+
+def _num_experts(cfg) -> int:
+    from llmsim.models.spec import load_model
+
+    m = cfg.model
+    return load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype).num_experts
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -74,6 +87,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check_trace_rows(cfg.workload)  # every row the run would read
     checked_workload(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
     print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
+    from llmsim.config_notes import unused_settings
+
+    for line in unused_settings(cfg, model.num_experts):
+        print(f"llmsim: note: {line}", file=sys.stderr)
     return 0
 
 

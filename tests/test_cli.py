@@ -180,3 +180,28 @@ def test_long_commands_print_progress_lines_when_not_on_a_terminal(capsys):
         bar.update(3)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("sweep: 1/4 point (25%) after") and lines[1].startswith("sweep: 4/4 point (100%)")
+
+
+def test_a_setting_that_has_no_effect_is_named(tmp_path, capsys):
+    """A field of another scheduler, the section of a policy or router the experiment does not run, a MoE kernel
+    setting on a dense model: valid (a sweep's base may hold them for some points), but ``check`` and ``run`` name
+    each; a default never counts, nor does a results folder's config.yaml, which writes out every field."""
+    quickstart = str(ROOT / "experiments" / "quickstart.yaml")
+    assert main(["check", quickstart]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert main(["check", quickstart, "--set", "scheduler.chunk_size=256", "--set", "cluster.llumnix.defrag=false",
+                 "--set", "scheduler.triton_cache=warm", "--set", "cluster.prefix_aware.cache_threshold=0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "scheduler.chunk_size has no effect: it is sarathi's step budget; vllm_v1 steps" in err
+    assert "cluster.llumnix has no effect: cluster.policy is colocated" in err
+    assert "scheduler.triton_cache has no effect: Llama-3-8B is a dense model" in err
+    assert "cluster.prefix_aware has no effect: cluster.router is least_outstanding" in err
+    assert main(["check", quickstart, "--set", "scheduler.name=sarathi", "--set", "scheduler.chunk_size=256",
+                 "--set", "cluster.router=prefix_aware", "--set", "cluster.prefix_aware.cache_threshold=0.2"]) == 0
+    assert "note" not in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["run", quickstart, "--out", str(out), "--quiet", "--set", "workload.num_requests=20",
+                 "--set", "cluster.policy=distserve", "--set", "cluster.num_replicas=3"]) == 0
+    assert "cluster.num_replicas has no effect: cluster.policy distserve" in capsys.readouterr().err
+    assert main(["run", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert "has no effect" not in capsys.readouterr().err
