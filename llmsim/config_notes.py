@@ -22,8 +22,9 @@ def unused_settings(cfg: ExperimentConfig, num_experts: int) -> list[str]:
         if section in given and cluster.policy != section:
             notes.append(f"cluster.{section} has no effect: cluster.policy is {cluster.policy}")
     if cluster.policy == "llumnix":
-        if "router" in given:
-            notes.append("cluster.router has no effect: cluster.policy llumnix dispatches by its instances' load")
+        for name in ("router", "prefix_aware"):
+            if name in given:
+                notes.append(f"cluster.{name} has no effect: cluster.policy llumnix dispatches by its instances' load")
     elif "prefix_aware" in given and cluster.router != "prefix_aware":
         notes.append(f"cluster.prefix_aware has no effect: cluster.router is {cluster.router}")
     if cluster.policy == "distserve":

@@ -203,5 +203,10 @@ def test_a_setting_that_has_no_effect_is_named(tmp_path, capsys):
     assert main(["run", quickstart, "--out", str(out), "--quiet", "--set", "workload.num_requests=20",
                  "--set", "cluster.policy=distserve", "--set", "cluster.num_replicas=3"]) == 0
     assert "cluster.num_replicas has no effect: cluster.policy distserve" in capsys.readouterr().err
+    assert main(["check", quickstart, "--set", "cluster.policy=llumnix",
+                 "--set", "cluster.prefix_aware.cache_threshold=0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "cluster.router has no effect: cluster.policy llumnix dispatches by its instances' load" in err
+    assert "cluster.prefix_aware has no effect: cluster.policy llumnix" in err
     assert main(["run", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert "has no effect" not in capsys.readouterr().err
