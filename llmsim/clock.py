@@ -79,9 +79,10 @@ class Clock(simpy.Environment):
     def urgent_at(self, time_s: float) -> simpy.Event:
         return self._at(time_s, URGENT)
 
-    def passive_at(self, time_s: float) -> simpy.Event:
-        """``at``, for an event that counts as activity only where its callback says so (``mark_active``)."""
-        return self._at(time_s, NORMAL, _Passive)
+    def passive_at(self, time_s: float, urgent: bool = False) -> simpy.Event:
+        """``at`` (``urgent_at``), for an event that counts as activity only where its callback says so
+        (``mark_active``)."""
+        return self._at(time_s, URGENT if urgent else NORMAL, _Passive)
 
     def mark_active(self) -> None:
         self.last_active_s = self._now

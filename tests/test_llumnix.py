@@ -294,3 +294,26 @@ def test_dispatch_reads_reported_load_plus_its_own_dispatches():
     assert llumnix.dispatch_freeness(a) < before
     exact = Llumnix(env, replicas, LlumnixConfig(migration=False, dispatch_load="exact"), transfer)
     assert exact.dispatch_freeness(a) == llumnix.dispatch_freeness(a)  # right after a report they agree
+
+
+@pytest.mark.parametrize("timeout_s", [None, 0.5])
+def test_migration_that_can_never_start_changes_nothing(timeout_s):
+    """Live migration whose thresholds no instance crosses migrates nothing: the run is the run without migration
+    (same dispatch), its simulated span included. The poll after the cluster's last work, which finds nothing to
+    act on, had stretched that span by up to a polling interval."""
+    def summary(llumnix: dict):
+        cfg = bursty("llumnix", llumnix={"dispatch_load": "exact", **llumnix},
+                     workload={"num_requests": 150, "arrival": {"kind": "gamma", "rate_per_s": 5.0, "cv": 3.0},
+                               "prompt_tokens": {"kind": "zipf", "a": 0.7, "min": 16, "max": 3000},
+                               "output_tokens": {"kind": "lognormal", "median": 180, "sigma": 0.8, "min": 1,
+                                                 "max": 1500}},
+                     simulation={"client_timeout_s": timeout_s})
+        result, out = run_experiment(cfg, write=False)
+        out["simulation"] = out["simulation"]["simulated_s"]  # the rest: wall-clock readings
+        return out, result.recorder.request_frame()
+
+    (still, still_requests), (idle, idle_requests) = summary({"migration": False}), summary(
+        {"migration": True, "migrate_out_threshold": -1e18, "migrate_in_threshold": 1e18})
+    assert idle.pop("migration")["started"] == 0
+    assert idle == still
+    pd.testing.assert_frame_equal(idle_requests, still_requests, check_exact=True)

@@ -115,8 +115,11 @@ class Llumnix:
                 yield self._poller_idle
                 self._poller_idle = None
             # Urgent: a poll at an iteration boundary sees the state before that boundary, in stepping and in
-            # fast-forward alike.
-            yield env.urgent_at(env.now + interval)
+            # fast-forward alike. Passive: the poll after the cluster's last work has nothing to act on, and does
+            # not stretch the simulated span (as a migration that can never start would have).
+            yield env.passive_at(env.now + interval, urgent=True)
+            if self._busy():
+                env.mark_active()
             if self.reported:
                 self.report()
             if self.migrator is not None:
