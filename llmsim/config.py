@@ -438,7 +438,7 @@ class WorkloadConfig(_Strict):
 class SLOConfig(_Strict):
     """``per_request`` (DistServe's): a request meets the SLO when its TTFT, TPOT (and max token gap, with
     ``tbt_s``) are within bounds; attainment is the share of requests that do. ``pooled`` (Sarathi-Serve's
-    capacity): the run meets the SLO when the P99 of every token gap pooled over requests is within
+    capacity): the run meets the SLO when the P99 of every token gap pooled over finished requests (ITL's) is within
     ``p99_itl_s`` and the median scheduling delay (arrival to first scheduled) within ``median_queueing_s``;
     attainment is then 1 or 0, so sweeps and plan searches find the highest rate that meets it."""
 
