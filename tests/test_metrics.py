@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmsim.metrics.summary import pooled_percentiles
+from llmsim.metrics.summary import pooled_max, pooled_percentiles
 from llmsim.run import run_experiment
 from tests.factories import make_config
 
@@ -33,6 +33,25 @@ def test_pooled_percentile_over_any_magnitudes_and_signs(pairs, q):
     counts = np.array([c for _, c in pairs], dtype=np.int64)
     qs = (q, 0.0, 50.0, 100.0)
     assert pooled_percentiles(values, counts, qs) == [np.percentile(np.repeat(values, counts), x) for x in qs]
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 10.0) | st.sampled_from([0.0125, 0.5]), st.integers(1, 6)), min_size=1,
+                max_size=40), st.data())
+def test_gaps_taken_back_leave_the_sample(pairs, data):
+    """Gaps a request that ended unfinished takes back (the same values, counted -1, recorded after the others)
+    leave the pooled sample: percentiles and max are numpy's over what is left."""
+    values = [v for v, _ in pairs]
+    counts = [c for _, c in pairs]
+    kept = list(np.repeat(values, counts))
+    taken = data.draw(st.lists(st.integers(0, len(kept) - 1), unique=True, max_size=len(kept) - 1))
+    back = [kept[i] for i in taken]
+    for i in sorted(taken, reverse=True):
+        del kept[i]
+    all_values = np.array(values + back)
+    all_counts = np.array(counts + [-1] * len(back), dtype=np.int64)
+    qs = (0.0, 50.0, 90.0, 99.0, 100.0)
+    assert pooled_percentiles(all_values, all_counts, qs) == [np.percentile(kept, x) for x in qs]
+    assert pooled_max(all_values, all_counts) == max(kept)
 
 
 def test_pooled_percentile_of_many_gaps_is_numpys():

@@ -2,7 +2,7 @@
 
 TTFT: arrival -> first token. TPOT: (finish - first token) / (output tokens - 1). ITL (inter-token latency, as
 vLLM's benchmark defines it): every gap between consecutive tokens of a request, pooled over the finished requests
-(vLLM's: the successful ones; ``net_gaps``). E2EL:
+(vLLM's: the successful ones; ``itl_stats``). E2EL:
 arrival -> last token. Every percentile is numpy's default (linear interpolation between the closest ranks), as in
 vLLM's ``benchmark_serving``; pooled ITL gaps, kept as (gap, count) pairs, get the same definition. SLO
 attainment: the share of *arrived* requests that finished within both the TTFT and TPOT SLOs (rejected and
@@ -42,7 +42,9 @@ def pooled_percentiles(values: np.ndarray, counts: np.ndarray, qs) -> list[float
     interpolation between the closest ranks, with numpy's own interpolation arithmetic. A 1M-request run pools
     tens of millions of gaps, and an argsort of them took seconds: the values are bucketed instead by the top bits
     of their order-preserving integer keys, the counts summed per bucket, and only the buckets that hold a
-    wanted rank are sorted (``_values_at_ranks``). The order statistics, and so the results, are the same."""
+    wanted rank are sorted (``_values_at_ranks``). The order statistics, and so the results, are the same. Counts
+    may be negative: the gaps a request that ended unfinished takes back (``Recorder._take_back_gaps``), each a
+    recorded value repeated bit for bit, which nets out exactly; the sample is what is left."""
     n = int(counts.sum())
     positions = [(q / 100.0) * float(n - 1) for q in qs]
     ranks = set()
@@ -64,14 +66,34 @@ def pooled_percentiles(values: np.ndarray, counts: np.ndarray, qs) -> list[float
 _BUCKET_SHIFT = 44  # a float's sign, exponent and top 8 mantissa bits: buckets ~0.4% wide, at most 2^20 of them
 
 
-def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -> dict[int, float]:
-    """The value at each 0-based rank of the expanded, sorted sample (``np.repeat(values, counts)``, sorted)."""
+def _bucket_keys(values: np.ndarray) -> np.ndarray:
+    """Each value's bucket, numbered from 0 in the values' order."""
     bits = values.view(np.int64)
     key = bits >> 63  # -1 for a negative float: flip its other bits, so the keys order as the floats do
     key &= 0x7FFFFFFFFFFFFFFF
     key ^= bits
     key >>= _BUCKET_SHIFT
     key -= key.min()
+    return key
+
+
+def _bucket_sample(values: np.ndarray, counts: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One bucket's values in order, with their counts; where some are taken back (negative counts), each value
+    once with its net count, those above 0."""
+    bucket_values, bucket_counts = values[inside], counts[inside]
+    if (bucket_counts < 0).any():
+        bucket_values, where = np.unique(bucket_values, return_inverse=True)
+        net = np.zeros(len(bucket_values), dtype=np.int64)
+        np.add.at(net, where.reshape(-1), bucket_counts)
+        kept = net > 0
+        return bucket_values[kept], net[kept]
+    order = np.argsort(bucket_values, kind="stable")
+    return bucket_values[order], bucket_counts[order]
+
+
+def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -> dict[int, float]:
+    """The value at each 0-based rank of the expanded, sorted sample (``np.repeat(values, counts)``, sorted)."""
+    key = _bucket_keys(values)
     # Per-bucket counts, summed as float64: exact integers below 2^53 tokens.
     cum = np.cumsum(np.bincount(key, weights=counts))
     out: dict[int, float] = {}
@@ -79,11 +101,8 @@ def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -
     for rank in ranks:
         by_bucket.setdefault(int(np.searchsorted(cum, rank, side="right")), []).append(rank)
     for bucket, bucket_ranks in by_bucket.items():
-        inside = key == bucket
-        bucket_values = values[inside]
-        order = np.argsort(bucket_values, kind="stable")
-        bucket_values = bucket_values[order]
-        bucket_cum = np.cumsum(counts[inside][order])
+        bucket_values, bucket_counts = _bucket_sample(values, counts, key == bucket)
+        bucket_cum = np.cumsum(bucket_counts)
         before = int(cum[bucket - 1]) if bucket else 0
         for rank in bucket_ranks:
             i = int(np.searchsorted(bucket_cum, rank - before, side="right"))
@@ -91,30 +110,27 @@ def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -
     return out
 
 
-def net_gaps(gaps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled gaps with the gaps taken back (counted -1: a request that ended unfinished,
-    ``Recorder._take_back_gaps``) netted out: each value once, with its net count, where that is above 0. A take-back
-    repeats a recorded value bit for bit, so the nets are exact."""
+def pooled_max(values: np.ndarray, counts: np.ndarray) -> float:
+    """``np.repeat(values, counts).max()``, counts taken back (negative) netted out (``pooled_percentiles``)."""
     if not (counts < 0).any():
-        return gaps, counts
-    values, where = np.unique(gaps, return_inverse=True)
-    net = np.zeros(len(values), dtype=np.int64)
-    np.add.at(net, where.reshape(-1), counts)
-    kept = net > 0
-    return values[kept], net[kept]
+        return float(values.max())
+    key = _bucket_keys(values)
+    top = int(np.flatnonzero(np.bincount(key, weights=counts) > 0)[-1])
+    return float(_bucket_sample(values, counts, key == top)[0][-1])
 
 
 def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
-    gaps, counts = net_gaps(gaps, counts)
-    if len(gaps) == 0:
+    """ITL over the pooled (gap, count) pairs, the gaps that unfinished requests took back (negative counts,
+    ``Recorder._take_back_gaps``) left out."""
+    total = int(counts.sum())
+    if total == 0:
         return {"count": 0}
-    total = counts.sum()
     # Summed exactly (fsum), so the mean does not depend on the order the gaps were recorded in (one process
     # or several, ``simulation.workers``).
-    out = {"count": int(total), "mean_s": math.fsum(gaps * counts) / float(total)}
+    out = {"count": total, "mean_s": math.fsum(gaps * counts) / float(total)}
     for p, value in zip(PERCENTILES, pooled_percentiles(gaps, counts, PERCENTILES)):
         out[f"p{p}_s"] = value
-    out["max_s"] = float(gaps.max())
+    out["max_s"] = pooled_max(gaps, counts)
     return out
 
 
