@@ -321,6 +321,7 @@ def simulate(cfg: ExperimentConfig, requests: Iterable[Request] | ClosedLoop,
         in_flight += migrator.in_flight()
     for r in in_flight:
         recorder.request(r, "in_flight")
+    recorder.flush_take_backs()
     for rep in replicas:
         rep.blocks.check_integrity()
     num_not_arrived = None

@@ -36,6 +36,7 @@ class ReplicaTotals:
 
 
 _FOLD_ROWS = 1 << 16  # without records: iteration rows buffered between folds into the totals (~2.6 MB)
+_BACK_FLUSH = 1 << 14  # runs and gap values taken back, gathered before they are written (``flush_take_backs``)
 
 
 def _sum_on(total: float, values: np.ndarray) -> float:
@@ -61,10 +62,14 @@ class Recorder:
         # finished requests only, as vLLM's benchmark counts those of successful ones: where a request can end
         # otherwise after two tokens (a client timeout, a cut-off, a policy that drops a started request), its
         # replica logs its gaps on it (``Request.gap_log``), and if it ends unfinished they are taken back as
-        # negative counts of the same values (``summary.itl_stats`` nets them out).
+        # negative counts of the same values (``summary.itl_stats`` nets them out). Take-backs are gathered
+        # first (the requests of one run share its gaps, and often time out together), then written as one
+        # entry a run's gap or a value (``flush_take_backs``).
         self.tbt_gap_s = array("d")
         self.tbt_count = array("q")
         self.logs_gaps = False
+        self._back_runs: dict[tuple[int, int, int], list] = {}  # (id of durations, first, end) -> [durations, .., n]
+        self._back_gaps: dict[float, int] = {}  # gap -> times taken back
         # Called with each request as it ends (its status): a closed-loop workload sends the next turn.
         self.on_request_end: Callable[[Request, str], None] | None = None
         # Replica id -> when its latest iteration ends: the hardware is observed until the last of these, which
@@ -224,16 +229,33 @@ class Recorder:
         self.tbt_count.append(count)
 
     def _take_back_gaps(self, log: list) -> None:
-        """The gaps of a request that ended unfinished leave the ITL sample: each again, counted -1."""
-        gaps, counts = self.tbt_gap_s, self.tbt_count
+        """The gaps of a request that ended unfinished leave the ITL sample (counted -1 each, once flushed)."""
+        runs, singles = self._back_runs, self._back_gaps
         for entry in log:
             if type(entry) is tuple:
-                durations, first, end = entry
-                gaps.extend(durations[first:end])
-                counts.extend([-1] * (end - first))
+                key = (id(entry[0]), entry[1], entry[2])  # the list is held in the value: its id stays its own
+                held = runs.get(key)
+                if held is None:
+                    runs[key] = [*entry, 1]
+                else:
+                    held[3] += 1
             else:
-                gaps.append(entry)
-                counts.append(-1)
+                singles[entry] = singles.get(entry, 0) + 1
+        if len(runs) + len(singles) >= _BACK_FLUSH:
+            self.flush_take_backs()
+
+    def flush_take_backs(self) -> None:
+        """Write the gaps taken back so far into the pooled gaps, with negative counts (the simulation does at its
+        end; ``summary.itl_stats`` gives the same figures however they were grouped)."""
+        gaps, counts = self.tbt_gap_s, self.tbt_count
+        for durations, first, end, times in self._back_runs.values():
+            gaps.extend(durations[first:end])
+            counts.extend([-times] * (end - first))
+        for gap, times in self._back_gaps.items():
+            gaps.append(gap)
+            counts.append(-times)
+        self._back_runs.clear()
+        self._back_gaps.clear()
 
     @property
     def num_requests(self) -> int:

@@ -110,6 +110,18 @@ def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -
     return out
 
 
+def _exact_sum_of_products(values: np.ndarray, times: np.ndarray) -> float:
+    """``sum(values * times)`` rounded once: each value split into two halves of 26 significant bits (Dekker's
+    split), whose products with counts below 2**26 are exact, summed exactly (fsum). So the result is the same
+    however the same gaps are grouped into (value, count) entries."""
+    if len(times) and times.max() >= 1 << 26:
+        raise ValueError("a gap was taken back 2**26 times or more")
+    scaled = values * 134217729.0  # 2**27 + 1
+    high = scaled - (scaled - values)
+    low = values - high
+    return math.fsum(np.concatenate((high * times, low * times)))
+
+
 def pooled_max(values: np.ndarray, counts: np.ndarray) -> float:
     """``np.repeat(values, counts).max()``, counts taken back (negative) netted out (``pooled_percentiles``)."""
     if not (counts < 0).any():
@@ -126,8 +138,15 @@ def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     if total == 0:
         return {"count": 0}
     # Summed exactly (fsum), so the mean does not depend on the order the gaps were recorded in (one process
-    # or several, ``simulation.workers``).
-    out = {"count": total, "mean_s": math.fsum(gaps * counts) / float(total)}
+    # or several, ``simulation.workers``); the gaps taken back exactly, products included, so neither does it
+    # depend on how they were grouped.
+    back = counts < 0
+    if back.any():
+        kept = ~back
+        sum_s = math.fsum(gaps[kept] * counts[kept]) - _exact_sum_of_products(gaps[back], -counts[back])
+    else:
+        sum_s = math.fsum(gaps * counts)
+    out = {"count": total, "mean_s": sum_s / float(total)}
     for p, value in zip(PERCENTILES, pooled_percentiles(gaps, counts, PERCENTILES)):
         out[f"p{p}_s"] = value
     out["max_s"] = pooled_max(gaps, counts)
