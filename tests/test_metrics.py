@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmsim.metrics.summary import pooled_max, pooled_percentiles
+from llmsim.metrics.summary import _exact_sum_of_products, pooled_max, pooled_percentiles
 from llmsim.run import run_experiment
 from tests.factories import make_config
 
@@ -52,6 +53,15 @@ def test_gaps_taken_back_leave_the_sample(pairs, data):
     qs = (0.0, 50.0, 90.0, 99.0, 100.0)
     assert pooled_percentiles(all_values, all_counts, qs) == [np.percentile(kept, x) for x in qs]
     assert pooled_max(all_values, all_counts) == max(kept)
+
+
+@given(st.lists(st.tuples(st.floats(1e-7, 100.0), st.integers(1, 2**45)), min_size=1, max_size=20))
+def test_gaps_taken_back_are_summed_exactly(pairs):
+    """ITL's mean subtracts the gaps taken back as one exact sum of their products (rounded once), so that the mean
+    does not depend on how the same gaps were grouped into (value, count) entries."""
+    values = np.array([v for v, _ in pairs])
+    times = np.array([t for _, t in pairs], dtype=np.int64)
+    assert _exact_sum_of_products(values, times) == float(sum(Fraction(v) * t for v, t in pairs))
 
 
 def test_pooled_percentile_of_many_gaps_is_numpys():

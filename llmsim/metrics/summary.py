@@ -111,15 +111,15 @@ def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -
 
 
 def _exact_sum_of_products(values: np.ndarray, times: np.ndarray) -> float:
-    """``sum(values * times)`` rounded once: each value split into two halves of 26 significant bits (Dekker's
-    split), whose products with counts below 2**26 are exact, summed exactly (fsum). So the result is the same
-    however the same gaps are grouped into (value, count) entries."""
-    if len(times) and times.max() >= 1 << 26:
-        raise ValueError("a gap was taken back 2**26 times or more")
+    """``sum(values * times)`` rounded once: each value split into two halves of at most 26 significant bits
+    (Dekker's split) and each count into two of 26 bits, whose products are exact, summed exactly (fsum). So the
+    result is the same however the same gaps are grouped into (value, count) entries."""
     scaled = values * 134217729.0  # 2**27 + 1
     high = scaled - (scaled - values)
     low = values - high
-    return math.fsum(np.concatenate((high * times, low * times)))
+    times_high, times_low = np.divmod(times, 1 << 26)
+    times_high = times_high * float(1 << 26)  # a power of two: exact
+    return math.fsum(np.concatenate((high * times_low, low * times_low, high * times_high, low * times_high)))
 
 
 def pooled_max(values: np.ndarray, counts: np.ndarray) -> float:
