@@ -14,16 +14,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llmsim.progress import progress
 
     from llmsim.config import load_config, parse_overrides
+    from llmsim.config_notes import unused_settings
     from llmsim.run import changed_inputs, format_summary, run_experiment
 
-    from llmsim.cluster.simulation import check_names
-    from llmsim.config_notes import unused_settings
-
     cfg = load_config(args.config, parse_overrides(args.set))
-    check_names(cfg)
-    notes = unused_settings(cfg, _num_experts(cfg))
-    # and a results folder's config.yaml rerun on files that have changed since
-    for line in notes + changed_inputs(cfg):
+    # Settings that have no effect, and (a results folder's config.yaml rerun) inputs changed since.
+    for line in unused_settings(cfg, _num_experts(cfg)) + changed_inputs(cfg):
         print(f"llmsim: note: {line}", file=sys.stderr)
     updates = {}
     if args.seed is not None:
@@ -79,7 +75,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if isinstance(raw, dict) and "base" in raw:  # a sweep or a plan search: every point or candidate
         return _check_points(args, raw)
     from llmsim.cluster.simulation import build_pools
-
+    from llmsim.config_notes import unused_settings
     from llmsim.workload.build import check_trace_rows, checked_workload
 
     cfg = load_config(args.config, parse_overrides(args.set))
@@ -87,8 +83,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check_trace_rows(cfg.workload)  # every row the run would read
     checked_workload(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
     print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
-    from llmsim.config_notes import unused_settings
-
     for line in unused_settings(cfg, model.num_experts):
         print(f"llmsim: note: {line}", file=sys.stderr)
     return 0

@@ -66,17 +66,6 @@ def pooled_percentiles(values: np.ndarray, counts: np.ndarray, qs) -> list[float
 _BUCKET_SHIFT = 44  # a float's sign, exponent and top 8 mantissa bits: buckets ~0.4% wide, at most 2^20 of them
 
 
-def _bucket_keys(values: np.ndarray) -> np.ndarray:
-    """Each value's bucket, numbered from 0 in the values' order."""
-    bits = values.view(np.int64)
-    key = bits >> 63  # -1 for a negative float: flip its other bits, so the keys order as the floats do
-    key &= 0x7FFFFFFFFFFFFFFF
-    key ^= bits
-    key >>= _BUCKET_SHIFT
-    key -= key.min()
-    return key
-
-
 def _bucket_sample(values: np.ndarray, counts: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One bucket's values in order, with their counts; where some are taken back (negative counts), each value
     once with its net count, those above 0."""
@@ -93,7 +82,12 @@ def _bucket_sample(values: np.ndarray, counts: np.ndarray, inside: np.ndarray) -
 
 def _values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) -> dict[int, float]:
     """The value at each 0-based rank of the expanded, sorted sample (``np.repeat(values, counts)``, sorted)."""
-    key = _bucket_keys(values)
+    bits = values.view(np.int64)
+    key = bits >> 63  # -1 for a negative float: flip its other bits, so the keys order as the floats do
+    key &= 0x7FFFFFFFFFFFFFFF
+    key ^= bits
+    key >>= _BUCKET_SHIFT
+    key -= key.min()
     # Per-bucket counts, summed as float64: exact integers below 2^53 tokens.
     cum = np.cumsum(np.bincount(key, weights=counts))
     out: dict[int, float] = {}
@@ -122,15 +116,6 @@ def _exact_sum_of_products(values: np.ndarray, times: np.ndarray) -> float:
     return math.fsum(np.concatenate((high * times_low, low * times_low, high * times_high, low * times_high)))
 
 
-def pooled_max(values: np.ndarray, counts: np.ndarray) -> float:
-    """``np.repeat(values, counts).max()``, counts taken back (negative) netted out (``pooled_percentiles``)."""
-    if not (counts < 0).any():
-        return float(values.max())
-    key = _bucket_keys(values)
-    top = int(np.flatnonzero(np.bincount(key, weights=counts) > 0)[-1])
-    return float(_bucket_sample(values, counts, key == top)[0][-1])
-
-
 def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     """ITL over the pooled (gap, count) pairs, the gaps that unfinished requests took back (negative counts,
     ``Recorder._take_back_gaps``) left out."""
@@ -147,9 +132,11 @@ def itl_stats(gaps: np.ndarray, counts: np.ndarray) -> dict:
     else:
         sum_s = math.fsum(gaps * counts)
     out = {"count": total, "mean_s": sum_s / float(total)}
-    for p, value in zip(PERCENTILES, pooled_percentiles(gaps, counts, PERCENTILES)):
+    # The max is the 100th percentile (the last rank): the same bucketing serves it, take-backs netted out.
+    *percentiles, max_s = pooled_percentiles(gaps, counts, (*PERCENTILES, 100.0))
+    for p, value in zip(PERCENTILES, percentiles):
         out[f"p{p}_s"] = value
-    out["max_s"] = pooled_max(gaps, counts)
+    out["max_s"] = max_s
     return out
 
 

@@ -177,12 +177,14 @@ def first_request(requests: Iterator[Request], w: WorkloadConfig) -> Iterator[Re
     """``requests`` unchanged, after checking there is at least one (lazily read traces included)."""
     first = next(requests, None)
     if first is None:
-        why = ("the trace has no rows" if w.trace is None else
-               f"no row of {w.trace.path} passes the filters and window (model={w.trace.model!r}, "
-               f"log_type={w.trace.log_type!r}, start_s={w.trace.start_s}, end_s={w.trace.end_s}, "
-               f"failed={w.trace.failed!r})") if w.trace is not None else (
-               f"duration_s {w.duration_s} ends before the first arrival" if w.duration_s is not None
-               else "num_requests is 0")
+        if w.trace is not None:
+            why = (f"no row of {w.trace.path} passes the filters and window (model={w.trace.model!r}, "
+                   f"log_type={w.trace.log_type!r}, start_s={w.trace.start_s}, end_s={w.trace.end_s}, "
+                   f"failed={w.trace.failed!r})")
+        elif w.duration_s is not None:
+            why = f"duration_s {w.duration_s} ends before the first arrival"
+        else:
+            why = "num_requests is 0"
         raise ConfigError(f"workload: no requests to simulate: {why}")
     return chain((first,), requests)
 
