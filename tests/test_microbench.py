@@ -16,7 +16,10 @@ from llmsim.calibration.workflow import run_calibration  # noqa: E402
 from llmsim.cli import main  # noqa: E402
 from llmsim.hardware.profile import PROFILES_DIR  # noqa: E402
 from llmsim.microbench.grid import GRIDS, compute_specs, model_columns  # noqa: E402
-from llmsim.microbench.kernels import attention_kernel, gemm_kernel, layer_kernel  # noqa: E402
+from llmsim.microbench.grid import Grid  # noqa: E402
+from llmsim.microbench.kernels import (attention_kernel, balanced_routing, fp8_gemm_kernel, gemm_kernel,  # noqa: E402
+                                      layer_kernel, moe_kernel)
+from llmsim.microbench.run import run_microbench  # noqa: E402
 from llmsim.microbench.timer import Timer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -56,6 +59,124 @@ def test_bare_gemm_kernel_does_the_flops_the_model_counts():
     with FlopCounterMode(display=False) as counter:
         gemm_kernel(24, 96, 64, "fp32", CPU)()
     assert counter.get_total_flops() == row_work(row).flops == 2 * 24 * 96 * 64
+
+
+def test_fp8_gemm_kernel_quantizes_its_activations_then_multiplies():
+    """W8A8 as vLLM runs it: the bf16 activations quantized to FP8 (e4m3) with a dynamic per-tensor scale, the FP8
+    GEMM with both scales, a bf16 output; the FLOPs the model prices for fp8 rows."""
+    tensors: dict = {}
+    torch.manual_seed(0)
+    kernel, impl = fp8_gemm_kernel(24, 96, 64, CPU, tensors)
+    assert impl == "quant_eager"  # compiled on GPUs only
+    out = kernel()
+    x, w = tensors[((24, 64), torch.bfloat16)], tensors[((96, 64), torch.float8_e4m3fn)]
+    scale = x.float().abs().max() / 448.0
+    q = (x.float() / scale).to(torch.float8_e4m3fn)
+    assert q.float().abs().max() == 448.0  # the largest activation lands on FP8's largest value
+    assert out.dtype == torch.bfloat16 and out.shape == (24, 96)
+    # Within one bf16 ulp of the output (the kernel sums in its own order before rounding to bf16; atol: sums that
+    # cancel to about 0).
+    torch.testing.assert_close(out.float(), q.float() @ w.float().t() * scale, rtol=2**-7, atol=1e-4)
+    exact = x.float() @ w.float().t()
+    assert ((out.float() - exact).norm() / exact.norm()).item() < 0.05  # no more than FP8's rounding
+    work = row_work(SimpleNamespace(op="gemm", dtype="fp8", num_tokens=24, gemm_n=96, gemm_k=64))
+    assert work.kind == "linear_fp8" and work.flops == 2 * 24 * 96 * 64
+
+
+def moe_spec(tokens, tp=1, hidden=64, inter=96, experts=4, top_k=2):
+    return SimpleNamespace(op="moe", dtype="fp32", tp=tp, num_tokens=tokens, n_embd=hidden, n_expanded_embd=inter,
+                           num_experts=experts, experts_per_token=top_k)
+
+
+def _moe_reference(x, w_up, w_down, ids, weights, ffn):
+    """Token by token: each of its experts' gated MLP, weighted by the routing weight, summed."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            up = w_up[e] @ x[t]
+            out[t] += weights[t, j] * (w_down[e] @ (torch.nn.functional.silu(up[:ffn]) * up[ffn:]))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "per_expert"])
+def test_moe_kernel_computes_the_routed_experts(impl, monkeypatch):
+    """The suite's fused-MoE layer (grouped by expert, both grouped GEMMs, SiLU-and-mul, the weighted top-k sum)
+    gives what each token's experts give, in one grouped GEMM and, where torch's grouped GEMM is missing, one
+    GEMM per expert; the per-expert path does the matrix FLOPs the model counts."""
+    if impl == "per_expert":
+        def missing(*args, **kwargs):
+            raise NotImplementedError("no grouped GEMM here")
+        monkeypatch.setattr(torch, "_grouped_mm", missing)
+    s, tensors = moe_spec(tokens=7, tp=2), {}
+    torch.manual_seed(0)
+    kernel, used = moe_kernel(s, CPU, tensors)
+    assert used == impl
+    with FlopCounterMode(display=False) as counter:
+        out = kernel()
+    ffn = 96 // 2
+    x, w_up, w_down = tensors[((7, 64), torch.float32)], tensors[((4, 2 * ffn, 64), torch.float32)], tensors[
+        ((4, 64, ffn), torch.float32)]
+    ids = balanced_routing(7, 4, 2, CPU)
+    assert out.shape == (7, 64)
+    routed = 7 * 2
+    model = row_work(s)
+    assert model.flops == 2 * routed * 64 * 2 * ffn + 5 * routed * ffn + 2 * routed * ffn * 64
+    if impl == "per_expert":
+        assert counter.get_total_flops() == model.flops - 5 * routed * ffn
+    # The routing weights are the kernel's own draw: each token's output must be a combination of its own
+    # experts' outputs, with positive weights that sum to 1.
+    per_expert = torch.stack([_moe_reference(x, w_up, w_down, torch.full_like(ids, e), torch.ones(7, 2) / 2, ffn)
+                              for e in range(4)])  # [expert, token, hidden]: expert e's output
+    for t in range(7):
+        experts = ids[t].tolist()
+        basis = per_expert[experts, t].T  # [hidden, top_k]
+        coef = torch.linalg.lstsq(basis, out[t, :, None]).solution.flatten()
+        torch.testing.assert_close(basis @ coef, out[t], atol=1e-5, rtol=1e-4)
+        assert coef.sum().item() == pytest.approx(1.0, abs=1e-4) and (coef > 0).all()
+
+
+def test_balanced_routing_gives_every_expert_its_share():
+    ids = balanced_routing(10, 8, 3, CPU)
+    assert all(len(set(row)) == 3 for row in ids.tolist())  # a token's experts are distinct
+    counts = torch.bincount(ids.flatten(), minlength=8)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 30
+
+
+def test_fp8_and_moe_rows_are_measured_in_the_schema(tmp_path):
+    """The suite times FP8 GEMMs and fused-MoE layers (on a GPU with FP8 tensor cores; forced here on the CPU)
+    into rows that read back and that the prediction prices as the measured tables' rows are priced."""
+    grid = Grid(models=(), tps=(1,), tokens=(), prefill=(), decode=(), attention_tp=1, memcpy_bytes=(),
+                collective_bytes=(), world_sizes=(), gemms=((4, 64, 128),), moe=((64, 96, 4, 2),), moe_tps=(1, 2),
+                moe_tokens=(1, 5))
+    df = run_microbench("cpu", grid, "fp32", 1, 3, collectives=False, threads=1, fp8=True)
+    write_measurements(df, tmp_path / "m.csv")
+    back = read_measurements(tmp_path / "m.csv")
+    assert list(zip(back["op"], back["dtype"])) == [("gemm", "fp32"), ("gemm", "fp8")] + [("moe", "fp32")] * 4
+    assert (back["median_ms"] > 0).all()
+    moe = back[back["op"] == "moe"]
+    assert set(moe["impl"]) == {"grouped_mm"} and list(moe["tp"]) == [1, 1, 2, 2]
+    assert list(back.loc[back["dtype"] == "fp8", "impl"]) == ["quant_eager"]
+    kinds = [row_work(r).kind for r in back.itertuples()]
+    assert kinds == ["linear", "linear_fp8", "moe", "moe", "moe", "moe"]
+    assert "fp8" not in set(run_microbench("cpu", grid, "fp32", 1, 1, collectives=False, threads=1)["dtype"])
+
+
+def test_full_grid_moe_shapes_are_those_of_the_measured_vllm_table():
+    """The GPU grid's fused-MoE shapes and TP degrees are rows of NVIDIA's measured vLLM table, so a GPU's own
+    measurements and the shipped ones fit and validate alike."""
+    import pandas as pd
+    from llmsim.hardware.profile import PROFILES_DIR as profiles
+    shipped = pd.read_csv(profiles / "measurements" / "aiconfigurator-h100.csv.gz", low_memory=False)
+    shipped = shipped[(shipped["op"] == "moe") & (shipped["dtype"] == "bf16")]
+    measured = {tuple(int(v) for v in row) for row in shipped[["n_embd", "n_expanded_embd", "num_experts",
+                                                               "experts_per_token", "tp"]].to_numpy()}
+    specs = [s for s in compute_specs(GRIDS["full"], "bf16") if s["op"] == "moe"]
+    assert len(specs) == 5 * 4 * 14
+    for s in specs:
+        assert (s["n_embd"], s["n_expanded_embd"], s["num_experts"], s["experts_per_token"], s["tp"]) in measured
+    assert not any(s["dtype"] == "fp8" for s in compute_specs(GRIDS["full"], "bf16"))
+    fp8 = [s for s in compute_specs(GRIDS["full"], "bf16", fp8=True) if s["dtype"] == "fp8"]
+    assert [(s["num_tokens"], s["gemm_n"], s["gemm_k"]) for s in fp8] == list(GRIDS["full"].gemms)
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "send_recv")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llmsim.calibration.measurements import check, normalize
+from llmsim.calibration.measurements import check, moe_model_name, normalize
 from llmsim.errors import TraceError
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", "int8": "int8",
@@ -109,8 +109,8 @@ def _moe(df: pd.DataFrame, device: str) -> pd.DataFrame:
     df = df[(df["distribution"] == "balanced") & (df["moe_ep_size"] == 1) & (df["kernel_source"] == "vllm_fused_moe")]
     return pd.DataFrame({
         "device": device, "op": "moe", "dtype": _dtype(df, "moe_dtype"), "tp": df["moe_tp_size"],
-        "model": [f"moe h{h} i{i} e{e} k{k}" for h, i, e, k in zip(df["hidden_size"], df["inter_size"],
-                                                                    df["num_experts"], df["topk"])],
+        "model": [moe_model_name(h, i, e, k) for h, i, e, k in zip(df["hidden_size"], df["inter_size"],
+                                                                     df["num_experts"], df["topk"])],
         "num_tokens": df["num_tokens"], "n_embd": df["hidden_size"], "n_expanded_embd": df["inter_size"],
         "num_experts": df["num_experts"], "experts_per_token": df["topk"], "median_ms": df["latency"],
         "source": df["source"],

@@ -25,11 +25,21 @@ ATTENTION_OPS = ("attn_prefill", "attn_decode")
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "send_recv")
 COLLECTIVE_IMPLS = ("nccl", "custom_graph", "custom_eager")
 MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
-# A bare GEMM [num_tokens, gemm_k] x [gemm_k, gemm_n] with weights in dtype (fp8: W8A8), output 16-bit.
+# A bare GEMM [num_tokens, gemm_k] x [gemm_k, gemm_n] with weights in dtype (fp8: W8A8, the 16-bit activations
+# quantized first, as vLLM does), output 16-bit. The microbenchmark suite's impl on an fp8 row says how that
+# quantization ran: as vLLM's two kernels in a CUDA graph (triton_quant+graph) or as torch's eager ops
+# (quant_eager); on a moe row, whether the experts ran as one grouped GEMM (grouped_mm) or one GEMM each
+# (per_expert). Neither changes the prediction.
 GEMM_OPS = ("gemm",)
 # vLLM's fused MoE layer over num_tokens tokens: n_embd hidden, n_expanded_embd per-expert intermediate size,
 # num_experts experts, experts_per_token (top-k), experts sharded over tp GPUs.
 MOE_OPS = ("moe",)
+
+
+def moe_model_name(hidden: int, intermediate: int, experts: int, top_k: int) -> str:
+    """A fused-MoE row's ``model``: its expert shape (what ``--hold-out-model`` names), as imported and measured."""
+    return f"moe h{hidden} i{intermediate} e{experts} k{top_k}"
+
 OPS = LAYER_OPS + ATTENTION_OPS + COLLECTIVE_OPS + MEMORY_OPS + GEMM_OPS + MOE_OPS
 
 SHAPE_COLUMNS = ("model", "tp", "num_tokens", "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size",

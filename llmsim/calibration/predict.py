@@ -84,13 +84,19 @@ def row_work(row) -> ops.OpWork:
     return next(w for w in ops.dense_layer_ops(s, tokens) if w.name == op)
 
 
+def moe_row_shapes(row) -> ops.ShardShapes:
+    """Shard shapes of a fused-MoE row: gated experts of n_expanded_embd / tp intermediate each (the same function
+    gives the microbenchmark's kernel its shapes)."""
+    return _shapes(1, 1, int(row.n_embd), int(row.n_expanded_embd), 32000, True, row.dtype, int(row.tp), "bf16",
+                   int(row.num_experts), int(row.experts_per_token))
+
+
 def moe_row_work(row, default_config: bool = False) -> ops.OpWork:
     """vLLM's fused MoE over num_tokens tokens, experts sharded by tp; ``default_config``: run with vLLM's
     default kernel configuration (``ops.vllm_default_moe_block_m``)."""
     if row.dtype == "fp8_block":
         return ops.OpWork("moe", "unmodelled", 0.0, 0.0, 0.0)
-    s = _shapes(1, 1, int(row.n_embd), int(row.n_expanded_embd), 32000, True, row.dtype, int(row.tp), "bf16",
-                int(row.num_experts), int(row.experts_per_token))
+    s = moe_row_shapes(row)
     tokens = int(row.num_tokens)
     block_m = ops.vllm_default_moe_block_m(tokens, s.num_experts) if default_config else 0
     return ops.moe_experts(s, tokens, block_m)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmsim.calibration.measurements import LAYER_OPS
+from llmsim.calibration.measurements import LAYER_OPS, moe_model_name
 from llmsim.models.spec import load_model
 
 
@@ -27,6 +27,12 @@ class Grid:
     # Bare GEMMs (m, n, k), the shapes of NVIDIA aiconfigurator's vLLM GEMM table, so measurements made here
     # and the shipped ones are fitted and validated alike.
     gemms: tuple[tuple[int, int, int], ...] = ()
+    # Fused-MoE layers (hidden, intermediate per expert, experts, top-k) over ``moe_tps`` x ``moe_tokens``, shapes of
+    # aiconfigurator's vLLM fused-MoE table (Mixtral-8x7B and -8x22B, Qwen3-235B-A22B, Qwen3-Coder-480B-A35B,
+    # DeepSeek-V3).
+    moe: tuple[tuple[int, int, int, int], ...] = ()
+    moe_tps: tuple[int, ...] = (1,)
+    moe_tokens: tuple[int, ...] = ()
 
 
 _MB = 2**20
@@ -49,7 +55,10 @@ GRIDS = {
         memcpy_bytes=tuple(2**e for e in range(20, 31)),
         collective_bytes=tuple(2**e for e in range(11, 29, 1)), world_sizes=(2, 4, 8),
         gemms=tuple((m, n, k) for m in (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-                    for n in (1024, 4096, 8192, 16384) for k in (1024, 4096, 8192))),
+                    for n in (1024, 4096, 8192, 16384) for k in (1024, 4096, 8192)),
+        moe=((4096, 14336, 8, 2), (6144, 16384, 8, 2), (4096, 1536, 128, 8), (6144, 2560, 160, 8),
+             (7168, 2048, 256, 8)),
+        moe_tps=(1, 2, 4, 8), moe_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
 }
 
 
@@ -59,8 +68,9 @@ def model_columns(name: str, tp: int) -> dict:
             "n_expanded_embd": m.ffn_size, "vocab_size": m.vocab_size, "gated": m.gated_mlp}
 
 
-def compute_specs(grid: Grid, dtype: str) -> list[dict]:
-    """Every compute row to measure, as schema columns (times filled in by the runner)."""
+def compute_specs(grid: Grid, dtype: str, fp8: bool = False) -> list[dict]:
+    """Every compute row to measure, as schema columns (times filled in by the runner). ``fp8``: the bare GEMMs
+    once more as W8A8 FP8 (a device with FP8 tensor cores)."""
     specs = []
     for name in grid.models:
         for tp in grid.tps:
@@ -80,4 +90,12 @@ def compute_specs(grid: Grid, dtype: str) -> list[dict]:
     specs += [{"op": "memcpy", "dtype": dtype, "size_bytes": size} for size in grid.memcpy_bytes]
     specs += [{"op": "gemm", "dtype": dtype, "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n, "gemm_k": k}
               for m, n, k in grid.gemms]
+    if fp8:
+        specs += [{"op": "gemm", "dtype": "fp8", "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n, "gemm_k": k}
+                  for m, n, k in grid.gemms]
+    specs += [{"op": "moe", "dtype": dtype, "model": moe_model_name(hidden, inter, experts, top_k), "tp": tp,
+               "num_tokens": tokens, "n_embd": hidden, "n_expanded_embd": inter, "num_experts": experts,
+               "experts_per_token": top_k}
+              for hidden, inter, experts, top_k in grid.moe for tp in grid.moe_tps if inter % tp == 0
+              for tokens in grid.moe_tokens]
     return specs

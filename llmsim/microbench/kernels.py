@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmsim.calibration.predict import row_shapes
+from llmsim.calibration.predict import moe_row_shapes, row_shapes
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,6 +34,151 @@ def gemm_kernel(m: int, n: int, k: int, dtype: str, device: torch.device,
             tensors[(shape, torch_dtype)] = torch.randn(*shape, dtype=torch_dtype, device=device)
     x, w = tensors[((m, k), torch_dtype)], tensors[((n, k), torch_dtype)]
     return lambda: F.linear(x, w)
+
+
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16-bit tensor to FP8 (e4m3) with one dynamic scale, its absolute maximum over the format's largest value,
+    as vLLM's ``scaled_fp8_quant`` does for the activations of an FP8 checkpoint (``activation_scheme: dynamic``):
+    a reduction over the tensor, then a pass that scales and converts it. The clamp keeps a value that rounds past
+    the maximum finite (the cast would make it NaN)."""
+    scale = (x.abs().amax().float() / FP8_E4M3_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """``fn`` captured into a CUDA graph (after two warm-up calls on a side stream, which also compile any Triton
+    kernel in it), or None where it cannot be captured. A kernel of several launches is timed as one replay: vLLM
+    runs its decode steps (and, in V1, the pieces between attention of every step) as CUDA graphs, and launched
+    one by one from Python the launches of a small shape outlast its GPU work, so the host would be timed."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception:  # noqa: BLE001 -- an op that syncs or allocates oddly: torch raises several kinds
+        torch.cuda.synchronize()
+        return None
+
+    def replay():
+        graph.replay()
+        return out  # the captured output, rewritten by every replay
+    return replay
+
+
+def fp8_gemm_kernel(m: int, n: int, k: int, device: torch.device,
+                    tensors: dict | None = None) -> tuple[Callable[[], object], str]:
+    """W8A8 FP8 linear layer as vLLM runs one of an FP8 checkpoint (per-tensor scales): the bf16 activations
+    quantized to FP8 with a dynamic scale, then the FP8 GEMM with both scales and a bf16 output (vLLM:
+    ``scaled_fp8_quant`` and ``cutlass_scaled_mm``; here ``torch._scaled_mm``, cuBLASLt on NVIDIA GPUs). This is
+    what NVIDIA's measured vLLM FP8 GEMMs time and what the ``linear_fp8`` curve prices: time per input element for
+    the quantization besides the GEMM's. The weight is stored [n, k] and passed transposed (column-major), as the
+    kernel wants its second operand.
+
+    On an NVIDIA GPU the quantization is vLLM's two kernels (``fp8_quant``) and the layer one CUDA graph
+    (``cuda_graphed``): impl ``triton_quant+graph``. Elsewhere torch's eager ops (``quant_eager``; more passes
+    over the activations than vLLM's). Returns the kernel and its impl, for the row's ``impl`` column."""
+    tensors = {} if tensors is None else tensors
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    if ((m, k), bf16) not in tensors:
+        tensors[((m, k), bf16)] = torch.randn(m, k, dtype=bf16, device=device)
+    if ((n, k), fp8) not in tensors:
+        tensors[((n, k), fp8)] = torch.randn(n, k, device=device).to(fp8)
+    x, w = tensors[((m, k), bf16)], tensors[((n, k), fp8)]
+    w_scale = torch.ones((), dtype=torch.float32, device=device)
+    if device.type == "cuda" and torch.version.hip is None:
+        try:
+            from llmsim.microbench.fp8_quant import quantize_fp8_per_tensor_triton
+        except ImportError:  # no Triton
+            pass
+        else:
+            q = torch.empty(m, k, dtype=fp8, device=device)
+            x_scale = torch.zeros((), dtype=torch.float32, device=device)
+
+            def run_triton():
+                quantize_fp8_per_tensor_triton(x, q, x_scale)
+                return torch._scaled_mm(q, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=bf16)
+            replay = cuda_graphed(run_triton)
+            if replay is not None:
+                return replay, "triton_quant+graph"
+
+    def run_eager():
+        q, x_scale = quantize_fp8_per_tensor(x)
+        return torch._scaled_mm(q, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=bf16)
+    return run_eager, "quant_eager"
+
+
+def balanced_routing(tokens: int, num_experts: int, top_k: int, device: torch.device) -> torch.Tensor:
+    """[tokens, top_k] expert ids that give every expert the same number of routed tokens (within one): token t
+    goes to experts t*k .. t*k+k-1 (mod E), distinct for k <= E. The fused-MoE model prices balanced routing, and
+    NVIDIA's measured fused-MoE table routes so too."""
+    return (torch.arange(tokens * top_k, device=device) % num_experts).view(tokens, top_k)
+
+
+def moe_kernel(spec: SimpleNamespace, device: torch.device,
+               tensors: dict | None = None) -> tuple[Callable[[], object], str]:
+    """One fused-MoE layer's experts over ``num_tokens`` tokens on one shard (gated experts of n_expanded_embd / tp
+    intermediate), what vLLM's ``fused_experts`` does but the grouping of the routed tokens by expert (done once,
+    untimed): gather each expert's tokens, the up (gate and up) grouped GEMM, SiLU-and-mul, the down grouped GEMM,
+    and the routing-weighted sum over each token's top-k.
+    Routing is balanced (``balanced_routing``) and given, as in the measured table (the router's GEMM and top-k are
+    ops of their own). The grouped GEMMs are torch's ``_grouped_mm`` (one kernel over every expert) where the
+    device runs it; elsewhere one GEMM per expert. Launched eagerly: captured in a CUDA graph (as vLLM's decode
+    steps are), torch 2.11's grouped GEMM replayed with out-of-range groups on an H100 (a device-side assert at 37
+    tokens over 8 experts, where 1 and 1,024 tokens replayed right), so at a few tokens the layer's ten or so launches
+    from Python, not the GPU, set the time (Mixtral-8x7B's TP 8 shard, 1 token: 140 us eagerly, 77 us as a graph).
+    Returns the kernel and which GEMMs ran (``grouped_mm`` or ``per_expert``), for the row's ``impl`` column."""
+    s = moe_row_shapes(spec)
+    dtype = TORCH_DTYPES[spec.dtype]
+    T, h, ffn, E, k = int(spec.num_tokens), s.hidden, s.ffn, s.num_experts, s.experts_per_token
+    tensors = {} if tensors is None else tensors
+
+    def randn(*shape):
+        key = (shape, dtype)
+        if key not in tensors:
+            tensors[key] = torch.randn(*shape, dtype=dtype, device=device) / shape[-1] ** 0.5
+        return tensors[key]
+
+    x = randn(T, h)
+    w_up, w_down = randn(E, 2 * ffn, h), randn(E, h, ffn)  # stored [out, in] per expert, as vLLM's w13 and w2
+    ids = balanced_routing(T, E, k, device)
+    weights = torch.softmax(torch.randn(T, k, device=device), dim=-1).to(dtype)
+
+    # The routed tokens grouped by expert (vLLM's moe_align_block_size, a sort of a few microseconds) are worked
+    # out once here, untimed, as the routing itself is given: torch.bincount would sync with the host every call.
+    order = ids.flatten().argsort(stable=True)
+    offs = torch.searchsorted(ids.flatten()[order], torch.arange(E, device=device), right=True).to(torch.int32)
+    source_rows = order // k
+
+    def grouped(a, w, offs):
+        return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+
+    # The routing is fixed, so the per-expert path knows its group bounds on the host (no device sync inside it).
+    host_offs = offs.tolist()
+
+    def per_expert(a, w, offs):
+        starts = [0] + host_offs[:-1]
+        return torch.cat([F.linear(a[start:end], w[e]) for e, (start, end) in enumerate(zip(starts, host_offs))])
+
+    def run(gemm):
+        up = gemm(x[source_rows], w_up, offs)
+        down = gemm(F.silu(up[:, :ffn]) * up[:, ffn:], w_down, offs)
+        out = torch.empty_like(down)
+        out[order] = down * weights.flatten()[order, None]
+        return out.view(T, k, h).sum(dim=1)
+
+    try:
+        run(grouped)
+    except (RuntimeError, NotImplementedError):  # a GPU (or build) torch's grouped GEMM does not support
+        return (lambda: run(per_expert)), "per_expert"
+    return (lambda: run(grouped)), "grouped_mm"
 
 
 def layer_kernel(spec: SimpleNamespace, device: torch.device,

@@ -14,13 +14,21 @@ import torch
 from llmsim.calibration.measurements import normalize, write_measurements
 from llmsim.microbench.collectives import measure_collectives
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs
-from llmsim.microbench.kernels import attention_kernel, gemm_kernel, layer_kernel, memcpy_kernel
+from llmsim.microbench.kernels import (attention_kernel, fp8_gemm_kernel, gemm_kernel, layer_kernel, memcpy_kernel,
+                                       moe_kernel)
 from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
 def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], object]:
     if spec["op"] == "memcpy":
         return memcpy_kernel(int(spec["size_bytes"]), device)
+    if spec["op"] == "gemm" and spec["dtype"] == "fp8":
+        kernel, spec["impl"] = fp8_gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]),
+                                               device, tensors)
+        return kernel
+    if spec["op"] == "moe":
+        kernel, spec["impl"] = moe_kernel(SimpleNamespace(**spec), device, tensors)
+        return kernel
     if spec["op"] == "gemm":
         return gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]), spec["dtype"], device,
                            tensors)
@@ -32,6 +40,12 @@ def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], obj
     return layer_kernel(row, device, tensors)
 
 
+def has_fp8(device: torch.device) -> bool:
+    """Whether the device has FP8 tensor cores torch's ``_scaled_mm`` runs on: NVIDIA compute capability 8.9 (Ada)
+    and above. ROCm's FP8 formats differ (e4m3fnuz on MI300) and are not timed."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 # On a CPU the grid is timed in interleaved rounds: a shared machine's load comes and goes over minutes, and
 # timing each row in one block would let a busy spell land on one model's rows only (for example every row of
 # the model a calibration holds out). Spread over rounds, a busy spell slows every row alike, and the median
@@ -41,14 +55,16 @@ CPU_ROUNDS = 5
 
 def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repetitions: int,
                    collectives: bool = True, on_progress: Callable[[int], None] | None = None,
-                   threads: int | None = None) -> pd.DataFrame:
+                   threads: int | None = None, fp8: bool | None = None) -> pd.DataFrame:
+    """``fp8``: time the bare GEMMs in FP8 too (None: where the device has FP8 tensor cores, ``has_fp8``)."""
     device = torch_device(device_kind)
+    fp8 = has_fp8(device) if fp8 is None else fp8
     if device.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     rounds = min(CPU_ROUNDS, repetitions) if device.type == "cpu" else 1
     timers = [Timer(device, warmup, repetitions // rounds + (k < repetitions % rounds)) for k in range(rounds)]
     name = device_name(device)
-    specs = compute_specs(grid, dtype)
+    specs = compute_specs(grid, dtype, fp8)
     samples: list[list[float]] = [[] for _ in specs]
     with torch.inference_mode():
         for timer in timers:
@@ -80,8 +96,9 @@ def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup:
 
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
-    total = len(compute_specs(grid, dtype)) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
+    fp8 = has_fp8(torch_device(device_kind))
+    total = len(compute_specs(grid, dtype, fp8)) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
     with progress(total, "op", "microbench", quiet) as bar:
-        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads)
+        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads, fp8)
     write_measurements(df, out)
     return df
