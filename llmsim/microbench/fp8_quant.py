@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_E4M3_MAX = 448.0
+from llmsim.microbench.kernels import FP8_E4M3_MAX
 _BLOCK = 1024
 _MAX_PROGRAMS = 1024  # vLLM launches at most 1024 blocks for the reduction
 

@@ -1,8 +1,9 @@
-"""What the suite measures: op x model x TP shard x token count, attention shapes, bare GEMMs, copies and
-collectives.
+"""What the suite measures: op x model x TP shard x token count, attention shapes, bare GEMMs (also in FP8 on a GPU
+with FP8 tensor cores), fused-MoE layers, copies and collectives.
 
 ``small`` is sized for a CPU in CI (about a minute on two cores); ``full`` is for a GPU and covers the catalog's
-dense models at every TP degree up to 8 and 1-4096 tokens, like Vidur's profiling grid.
+dense models at every TP degree up to 8 and 1-4096 tokens, like Vidur's profiling grid, and five expert shapes of
+aiconfigurator's fused-MoE table at TP 1-8 and 1-8,192 tokens.
 """
 
 from __future__ import annotations

@@ -42,10 +42,10 @@ FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 def quantize_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16-bit tensor to FP8 (e4m3) with one dynamic scale, its absolute maximum over the format's largest value,
     as vLLM's ``scaled_fp8_quant`` does for the activations of an FP8 checkpoint (``activation_scheme: dynamic``):
-    a reduction over the tensor, then a pass that scales and converts it. The clamp keeps a value that rounds past
-    the maximum finite (the cast would make it NaN)."""
+    a reduction over the tensor, then a pass that multiplies by the scale's inverse and converts (as vLLM's kernel
+    does). The clamp keeps a value that rounds past the largest finite one (the cast would make it NaN)."""
     scale = (x.abs().amax().float() / FP8_E4M3_MAX).clamp(min=1e-12)
-    return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
