@@ -453,13 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
-                        description="Measure GEMMs (layer shapes and bare m x n x k), attention (SDPA), norms, "
+                        description="Measure GEMMs (layer shapes and bare m x n x k; also in FP8 on an NVIDIA GPU "
+                                    "with FP8 tensor cores), fused-MoE layers (--grid full), attention (SDPA), norms, "
                                     "activation, rotary, add, embedding, "
                                     "memory copies and collectives; write the measurements CSV that calibrate reads.")
     mb.add_argument("--device", choices=("cpu", "cuda", "rocm"), default="cpu")
     mb.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")
     mb.add_argument("--grid", choices=("small", "full"), default="small",
-                    help="small: a minute on a CPU; full: the catalog's dense models, TP 1-8, 1-4096 tokens")
+                    help="small: a minute on a CPU; full: the catalog's dense models, TP 1-8, 1-4096 tokens, and "
+                         "five MoE expert shapes, TP 1-8, 1-8192 tokens")
     mb.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on cpu, bf16 on GPUs")
     mb.add_argument("--warmup", type=_at_least(0), default=2)
     mb.add_argument("--repetitions", type=_positive, default=7)

@@ -161,6 +161,26 @@ def test_fp8_and_moe_rows_are_measured_in_the_schema(tmp_path):
     assert "fp8" not in set(run_microbench("cpu", grid, "fp32", 1, 1, collectives=False, threads=1)["dtype"])
 
 
+def test_moe_rows_that_do_not_fit_the_device_are_left_out_with_a_note(monkeypatch, capsys):
+    """A fused-MoE row holds every expert's weights at once: rows needing more than nine tenths of the free memory
+    are not timed (an out-of-memory error would end the run partway), and a note names them."""
+    from llmsim.microbench import run as run_module
+    from llmsim.microbench.kernels import moe_bytes
+
+    grid = Grid(models=(), tps=(1,), tokens=(), prefill=(), decode=(), attention_tp=1, memcpy_bytes=(),
+                collective_bytes=(), world_sizes=(), gemms=((4, 64, 128),), moe=((64, 96, 4, 2), (64, 960, 4, 2)),
+                moe_tps=(1,), moe_tokens=(1,))
+    small, large = (moe_bytes({"op": "moe", "dtype": "fp32", "tp": 1, "num_tokens": 1, "n_embd": 64,
+                               "n_expanded_embd": inter, "num_experts": 4, "experts_per_token": 2})
+                    for inter in (96, 960))
+    assert large > 9 * small
+    monkeypatch.setattr(run_module, "_free_bytes", lambda device: int(2 * small / 0.9))
+    df = run_microbench("cpu", grid, "fp32", 1, 1, collectives=False, threads=1)
+    assert list(df["model"]) == ["gemm", "moe h64 i96 e4 k2"]
+    err = capsys.readouterr().err
+    assert "leaves out 1 fused-MoE rows" in err and "moe h64 i960 e4 k2 tp 1" in err
+
+
 def test_full_grid_moe_shapes_are_those_of_the_measured_vllm_table():
     """The GPU grid's fused-MoE shapes and TP degrees are rows of NVIDIA's measured vLLM table, so a GPU's own
     measurements and the shipped ones fit and validate alike."""

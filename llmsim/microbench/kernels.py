@@ -143,7 +143,7 @@ def moe_kernel(spec: SimpleNamespace, device: torch.device,
     def randn(*shape):
         key = (shape, dtype)
         if key not in tensors:
-            tensors[key] = torch.randn(*shape, dtype=dtype, device=device) / shape[-1] ** 0.5
+            tensors[key] = torch.randn(*shape, dtype=dtype, device=device).div_(shape[-1] ** 0.5)  # in place: no copy
         return tensors[key]
 
     x = randn(T, h)
@@ -179,6 +179,14 @@ def moe_kernel(spec: SimpleNamespace, device: torch.device,
     except (RuntimeError, NotImplementedError):  # a GPU (or build) torch's grouped GEMM does not support
         return (lambda: run(per_expert)), "per_expert"
     return (lambda: run(grouped)), "grouped_mm"
+
+
+def moe_bytes(spec: dict) -> int:
+    """Device memory ``moe_kernel`` holds for a row: every expert's weights and the layer's activations."""
+    s = moe_row_shapes(SimpleNamespace(**spec))
+    tokens, routed = int(spec["num_tokens"]), int(spec["num_tokens"]) * s.experts_per_token
+    elements = s.num_experts * 3 * s.hidden * s.ffn + 2 * tokens * s.hidden + routed * (2 * s.hidden + 4 * s.ffn)
+    return elements * TORCH_DTYPES[spec["dtype"]].itemsize
 
 
 def layer_kernel(spec: SimpleNamespace, device: torch.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -15,7 +16,7 @@ from llmsim.calibration.measurements import normalize, write_measurements
 from llmsim.microbench.collectives import measure_collectives
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs
 from llmsim.microbench.kernels import (attention_kernel, fp8_gemm_kernel, gemm_kernel, layer_kernel, memcpy_kernel,
-                                       moe_kernel)
+                                       moe_bytes, moe_kernel)
 from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
@@ -46,6 +47,31 @@ def has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def _free_bytes(device: torch.device) -> int:
+    """Memory free on the device (a CPU: the host's available memory, where the OS says)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux
+        return sys.maxsize
+
+
+def measured_specs(grid: Grid, dtype: str, fp8: bool, device: torch.device) -> list[dict]:
+    """The grid's rows this device can hold: a fused-MoE row needs every expert's weights at once (DeepSeek-V3's
+    at TP 1 are 22.5 GB in bf16), so rows that would not fit in nine tenths of the free memory are left out, and a
+    note says which, rather than the run ending in an out-of-memory error partway."""
+    specs = compute_specs(grid, dtype, fp8)
+    room = 0.9 * _free_bytes(device)
+    too_big = [s for s in specs if s["op"] == "moe" and moe_bytes(s) > room]
+    if too_big:
+        shapes = sorted({f"{s['model']} tp {s['tp']}" for s in too_big})
+        print(f"llmsim: note: microbench leaves out {len(too_big)} fused-MoE rows that need more than the "
+              f"{room / 2**30:.1f} GiB this device has free: {', '.join(shapes)}", file=sys.stderr)
+        specs = [s for s in specs if not (s["op"] == "moe" and moe_bytes(s) > room)]
+    return specs
+
+
 # On a CPU the grid is timed in interleaved rounds: a shared machine's load comes and goes over minutes, and
 # timing each row in one block would let a busy spell land on one model's rows only (for example every row of
 # the model a calibration holds out). Spread over rounds, a busy spell slows every row alike, and the median
@@ -64,7 +90,7 @@ def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repeti
     rounds = min(CPU_ROUNDS, repetitions) if device.type == "cpu" else 1
     timers = [Timer(device, warmup, repetitions // rounds + (k < repetitions % rounds)) for k in range(rounds)]
     name = device_name(device)
-    specs = compute_specs(grid, dtype, fp8)
+    specs = measured_specs(grid, dtype, fp8, device)
     samples: list[list[float]] = [[] for _ in specs]
     with torch.inference_mode():
         for timer in timers:
@@ -96,9 +122,10 @@ def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup:
 
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
-    fp8 = has_fp8(torch_device(device_kind))
-    total = len(compute_specs(grid, dtype, fp8)) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
+    device = torch_device(device_kind)
+    total = len(measured_specs(grid, dtype, has_fp8(device), device))
+    total *= min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1
     with progress(total, "op", "microbench", quiet) as bar:
-        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads, fp8)
+        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads)
     write_measurements(df, out)
     return df
