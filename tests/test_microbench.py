@@ -98,15 +98,18 @@ def _moe_reference(x, w_up, w_down, ids, weights, ffn):
     return out
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "per_expert"])
-def test_moe_kernel_computes_the_routed_experts(impl, monkeypatch):
+@pytest.mark.parametrize("grouped_gemm", ["runs", "unsupported", "absent"])
+def test_moe_kernel_computes_the_routed_experts(grouped_gemm, monkeypatch):
     """The suite's fused-MoE layer (grouped by expert, both grouped GEMMs, SiLU-and-mul, the weighted top-k sum)
-    gives what each token's experts give, in one grouped GEMM and, where torch's grouped GEMM is missing, one
-    GEMM per expert; the per-expert path does the matrix FLOPs the model counts."""
-    if impl == "per_expert":
+    gives what each token's experts give, in one grouped GEMM and, where torch's grouped GEMM does not run or a
+    torch before 2.8 has none, one GEMM per expert; the per-expert path does the matrix FLOPs the model counts."""
+    impl = "grouped_mm" if grouped_gemm == "runs" else "per_expert"
+    if grouped_gemm == "unsupported":
         def missing(*args, **kwargs):
             raise NotImplementedError("no grouped GEMM here")
         monkeypatch.setattr(torch, "_grouped_mm", missing)
+    elif grouped_gemm == "absent":
+        monkeypatch.delattr(torch, "_grouped_mm")
     s, tensors = moe_spec(tokens=7, tp=2), {}
     torch.manual_seed(0)
     kernel, used = moe_kernel(s, CPU, tensors)

@@ -176,7 +176,8 @@ def moe_kernel(spec: SimpleNamespace, device: torch.device,
 
     try:
         run(grouped)
-    except (RuntimeError, NotImplementedError):  # a GPU (or build) torch's grouped GEMM does not support
+    # A GPU or dtype torch's grouped GEMM does not support, or a torch before 2.8 (no _grouped_mm at all).
+    except (RuntimeError, NotImplementedError, AttributeError):
         return (lambda: run(per_expert)), "per_expert"
     return (lambda: run(grouped)), "grouped_mm"
 
