@@ -131,9 +131,10 @@ def moe_kernel(spec: SimpleNamespace, device: torch.device,
     Routing is balanced (``balanced_routing``) and given, as in the measured table (the router's GEMM and top-k are
     ops of their own). The grouped GEMMs are torch's ``_grouped_mm`` (one kernel over every expert) where the
     device runs it; elsewhere one GEMM per expert. Launched eagerly: captured in a CUDA graph (as vLLM's decode
-    steps are), torch 2.11's grouped GEMM replayed with out-of-range groups on an H100 (a device-side assert at 37
-    tokens over 8 experts, where 1 and 1,024 tokens replayed right), so at a few tokens the layer's ten or so launches
-    from Python, not the GPU, set the time (Mixtral-8x7B's TP 8 shard, 1 token: 140 us eagerly, 77 us as a graph).
+    steps are) with torch 2.11 on an H100, the layer failed on replay at 37 tokens over 8 experts (device-side
+    asserts on a scatter's index and on the grouped GEMM's group bounds), where 1 and 1,024 tokens replayed right; so
+    at a few tokens the layer's ten or so launches from Python, not the GPU, set the time (Mixtral-8x7B's TP 8 shard,
+    1 token: 140 us eagerly, 77 us as a graph).
     Returns the kernel and which GEMMs ran (``grouped_mm`` or ``per_expert``), for the row's ``impl`` column."""
     s = moe_row_shapes(spec)
     dtype = TORCH_DTYPES[spec.dtype]
