@@ -707,3 +707,22 @@ def test_collective_table_reports_per_gpu_count_and_nccl_at_the_sizes_it_gets():
     assert table.loc[("held-out", "all_reduce", 8), "mape_engine_sizes"] == pytest.approx(0.2)
     assert np.isnan(table.loc[("fit", "all_reduce (vLLM custom)", 2), "mape_engine_sizes"])
     assert "gemm" not in set(table.reset_index()["op"])
+
+
+def test_a_profile_without_tuned_moe_shapes_fits_one_moe_curve_over_every_shape():
+    """The microbenchmark suite's fused-MoE rows (torch's grouped GEMM: one kernel configuration for every shape)
+    recalibrate a profile that lists no vLLM-tuned MoE shapes: the simulator then runs every shape on the ``moe``
+    curve, and the fit fits that curve on them (before, such rows were only validated, so a GPU other than the
+    H100 could not get a MoE curve from its own measurements). Held out: one whole expert shape."""
+    h100 = load_profile("h100-sxm")
+    bare = h100.model_copy(update={"fused_moe_tuned": {}, "efficiency": {
+        k: v for k, v in h100.efficiency.items() if not k.startswith("moe")}})
+    df = read_measurements(ROOT / "hardware_profiles" / "measurements" / "llmsim-microbench-h100.csv.gz")
+    rows = Rows(df[df["op"] == "moe"].reset_index(drop=True), bare)
+    assert set(rows.kind) == {"moe"}  # no list: every shape on the one curve
+    held = "moe h6144 i2560 e160 k8"
+    fitted = calibrate(bare, rows, Split(held_out_models=(held,)))
+    assert "moe" in fitted.efficiency and "moe_untuned" not in fitted.efficiency
+    error = predict_s(fitted, rows) / rows.measured_s - 1
+    is_held = (rows.df["model"] == held).to_numpy()
+    assert np.mean(np.abs(error[~is_held])) < 0.08 and np.mean(np.abs(error[is_held])) < 0.12

@@ -32,14 +32,17 @@ COMPUTE_BOUND_KINDS = ("linear", "linear_fp8", "attention_prefill")
 # where it falls back to its default one; one fitted curve over both (tried: 20% on fit rows, 71% on the
 # held-out Mixtral shape) follows the untuned shapes and misprices the tuned ones. So each weight dtype gets two
 # tiled curves (``moe`` / ``moe_untuned``, ``moe_fp8`` / ``moe_fp8_untuned``) where the profile lists the
-# device's tuned shapes for that dtype (``fused_moe_tuned``); without a list, its rows are validated, not fitted.
+# device's tuned shapes for that dtype (``fused_moe_tuned``). Without a list every shape runs on the one ``moe`` /
+# ``moe_fp8`` curve, in the simulator as in the fit: right for one kernel configuration over every shape (the
+# microbenchmark suite's torch grouped GEMM), and for vLLM's kernel the README asks for the list. A profile on the
+# roofline model fits no MoE curve.
 FUSED_MOE_KINDS = {"bf16": ("moe", "moe_untuned"), "fp8": ("moe_fp8", "moe_fp8_untuned")}
 
 
 def validation_only(profile: HardwareProfile, kinds: np.ndarray) -> np.ndarray:
     """Rows of kinds the fit never sees on this profile."""
     never = [k for dtype, pair in FUSED_MOE_KINDS.items() for k in pair
-             if not (dtype in profile.fused_moe_tuned and profile.gemm_model == "tiled")]
+             if profile.gemm_model != "tiled" or (k == pair[1] and dtype not in profile.fused_moe_tuned)]
     return np.isin(kinds, never)
 
 
