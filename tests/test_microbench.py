@@ -15,8 +15,7 @@ from llmsim.calibration.predict import row_work  # noqa: E402
 from llmsim.calibration.workflow import run_calibration  # noqa: E402
 from llmsim.cli import main  # noqa: E402
 from llmsim.hardware.profile import PROFILES_DIR  # noqa: E402
-from llmsim.microbench.grid import GRIDS, compute_specs, model_columns  # noqa: E402
-from llmsim.microbench.grid import Grid  # noqa: E402
+from llmsim.microbench.grid import GRIDS, Grid, compute_specs, model_columns  # noqa: E402
 from llmsim.microbench.kernels import (attention_kernel, balanced_routing, fp8_gemm_kernel, gemm_kernel,  # noqa: E402
                                       layer_kernel, moe_kernel)
 from llmsim.microbench.run import run_microbench  # noqa: E402
@@ -67,7 +66,7 @@ def test_fp8_gemm_kernel_quantizes_its_activations_then_multiplies():
     tensors: dict = {}
     torch.manual_seed(0)
     kernel, impl = fp8_gemm_kernel(24, 96, 64, CPU, tensors)
-    assert impl == "quant_eager"  # compiled on GPUs only
+    assert impl == "quant_eager"  # vLLM's kernels (Triton) in a CUDA graph on NVIDIA GPUs only
     out = kernel()
     x, w = tensors[((24, 64), torch.bfloat16)], tensors[((96, 64), torch.float8_e4m3fn)]
     scale = x.float().abs().max() / 448.0
@@ -117,8 +116,8 @@ def test_moe_kernel_computes_the_routed_experts(grouped_gemm, monkeypatch):
     with FlopCounterMode(display=False) as counter:
         out = kernel()
     ffn = 96 // 2
-    x, w_up, w_down = tensors[((7, 64), torch.float32)], tensors[((4, 2 * ffn, 64), torch.float32)], tensors[
-        ((4, 64, ffn), torch.float32)]
+    x = tensors[((7, 64), torch.float32)]
+    w_up, w_down = tensors[((4, 2 * ffn, 64), torch.float32)], tensors[((4, 64, ffn), torch.float32)]
     ids = balanced_routing(7, 4, 2, CPU)
     assert out.shape == (7, 64)
     routed = 7 * 2
