@@ -183,6 +183,23 @@ def test_moe_rows_that_do_not_fit_the_device_are_left_out_with_a_note(monkeypatc
     assert "leaves out 1 fused-MoE rows" in err and "moe h64 i960 e4 k2 tp 1" in err
 
 
+def test_the_cli_leaves_rows_out_once_with_one_note(tmp_path, monkeypatch, capsys):
+    """``llmsim microbench`` works out the rows it times once: the progress bar's count and the rows timed come
+    from the same list, and the note on rows left out is printed once."""
+    from llmsim.microbench import grid as grid_module
+    from llmsim.microbench import run as run_module
+
+    tiny = Grid(models=(), tps=(1,), tokens=(), prefill=(), decode=(), attention_tp=1, memcpy_bytes=(),
+                collective_bytes=(), world_sizes=(), gemms=((4, 64, 128),), moe=((64, 96, 4, 2), (64, 960, 4, 2)),
+                moe_tps=(1,), moe_tokens=(1,))
+    monkeypatch.setitem(grid_module.GRIDS, "small", tiny)
+    monkeypatch.setattr(run_module, "_free_bytes", lambda device: 10**6)
+    assert main(["microbench", "--device", "cpu", "--out", str(tmp_path / "m.csv"), "--threads", "1", "-q",
+                 "--repetitions", "1"]) == 0
+    assert capsys.readouterr().err.count("leaves out 1 fused-MoE rows") == 1
+    assert list(read_measurements(tmp_path / "m.csv")["model"]) == ["gemm", "moe h64 i96 e4 k2"]
+
+
 def test_full_grid_moe_shapes_are_those_of_the_measured_vllm_table():
     """The GPU grid's fused-MoE shapes and TP degrees are rows of NVIDIA's measured vLLM table, so a GPU's own
     measurements and the shipped ones fit and validate alike."""

@@ -89,11 +89,8 @@ def compute_specs(grid: Grid, dtype: str, fp8: bool = False) -> list[dict]:
             specs.append({"op": "attn_decode", "dtype": dtype, **cols, "batch_size": batch, "seq_len": 1,
                           "kv_len": kv_len})
     specs += [{"op": "memcpy", "dtype": dtype, "size_bytes": size} for size in grid.memcpy_bytes]
-    specs += [{"op": "gemm", "dtype": dtype, "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n, "gemm_k": k}
-              for m, n, k in grid.gemms]
-    if fp8:
-        specs += [{"op": "gemm", "dtype": "fp8", "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n, "gemm_k": k}
-                  for m, n, k in grid.gemms]
+    specs += [{"op": "gemm", "dtype": gemm_dtype, "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n,
+               "gemm_k": k} for gemm_dtype in ((dtype, "fp8") if fp8 else (dtype,)) for m, n, k in grid.gemms]
     specs += [{"op": "moe", "dtype": dtype, "model": moe_model_name(hidden, inter, experts, top_k), "tp": tp,
                "num_tokens": tokens, "n_embd": hidden, "n_expanded_embd": inter, "num_experts": experts,
                "experts_per_token": top_k}

@@ -63,12 +63,13 @@ def measured_specs(grid: Grid, dtype: str, fp8: bool, device: torch.device) -> l
     note says which, rather than the run ending in an out-of-memory error partway."""
     specs = compute_specs(grid, dtype, fp8)
     room = 0.9 * _free_bytes(device)
-    too_big = [s for s in specs if s["op"] == "moe" and moe_bytes(s) > room]
-    if too_big:
+    fits = [s["op"] != "moe" or moe_bytes(s) <= room for s in specs]
+    if not all(fits):
+        too_big = [s for s, ok in zip(specs, fits) if not ok]
         shapes = sorted({f"{s['model']} tp {s['tp']}" for s in too_big})
         print(f"llmsim: note: microbench leaves out {len(too_big)} fused-MoE rows that need more than the "
               f"{room / 2**30:.1f} GiB this device has free: {', '.join(shapes)}", file=sys.stderr)
-        specs = [s for s in specs if not (s["op"] == "moe" and moe_bytes(s) > room)]
+        specs = [s for s, ok in zip(specs, fits) if ok]
     return specs
 
 
@@ -81,16 +82,18 @@ CPU_ROUNDS = 5
 
 def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repetitions: int,
                    collectives: bool = True, on_progress: Callable[[int], None] | None = None,
-                   threads: int | None = None, fp8: bool | None = None) -> pd.DataFrame:
-    """``fp8``: time the bare GEMMs in FP8 too (None: where the device has FP8 tensor cores, ``has_fp8``)."""
+                   threads: int | None = None, fp8: bool | None = None,
+                   specs: list[dict] | None = None) -> pd.DataFrame:
+    """``fp8``: time the bare GEMMs in FP8 too (None: where the device has FP8 tensor cores, ``has_fp8``).
+    ``specs``: the rows to time, where the caller has them already (default: ``measured_specs`` of the grid)."""
     device = torch_device(device_kind)
-    fp8 = has_fp8(device) if fp8 is None else fp8
+    if specs is None:
+        specs = measured_specs(grid, dtype, has_fp8(device) if fp8 is None else fp8, device)
     if device.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     rounds = min(CPU_ROUNDS, repetitions) if device.type == "cpu" else 1
     timers = [Timer(device, warmup, repetitions // rounds + (k < repetitions % rounds)) for k in range(rounds)]
     name = device_name(device)
-    specs = measured_specs(grid, dtype, fp8, device)
     samples: list[list[float]] = [[] for _ in specs]
     with torch.inference_mode():
         for timer in timers:
@@ -123,9 +126,10 @@ def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup:
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
     device = torch_device(device_kind)
-    total = len(measured_specs(grid, dtype, has_fp8(device), device))
-    total *= min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1
+    specs = measured_specs(grid, dtype, has_fp8(device), device)  # once: its note too
+    total = len(specs) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
     with progress(total, "op", "microbench", quiet) as bar:
-        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads)
+        df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads,
+                            specs=specs)
     write_measurements(df, out)
     return df
