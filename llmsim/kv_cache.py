@@ -181,8 +181,13 @@ class BlockManager:
         # Prefix caching only:
         self._segs: dict[int, list[_Seg]] = {}  # request id -> runs of its named blocks, positions 0.. in order
         self._num_cached: dict[int, int] = {}  # request id -> how many of its named blocks are full
-        self._cached_hashes: set[int] = set()  # every hash some cached run maps to itself
-        self._starts: dict[int, _Seg] = {}  # hash of a cached run's first block -> the run
+        # Hash of a cached run's first block -> the run. A hash is cached once, so a block's content is cached
+        # where a run starting at or before its position caches it (``_holds_cached``); the runs' other hashes
+        # are not indexed, so that filling and evicting a block costs nothing per block.
+        self._starts: dict[int, _Seg] = {}
+        # Requests that may hold copies among their full named blocks (filled while an equal block was cached, not
+        # cached themselves): only for these can a run starting below their next block cache content past it.
+        self._copying: set[int] = set()
         self._runs: dict[int, _Run] = {}  # request id -> its cached run
         self._queue: deque = deque([num_blocks]) if num_blocks else deque()  # int | [_Seg | None] cell | _Run
 
@@ -291,7 +296,8 @@ class BlockManager:
         requests never fill blocks of one hash in a run: a decode fills the request's own answer, which nobody
         else generates."""
         bs = self.block_size
-        held, num_cached, cached_hashes = self._held, self._num_cached, self._cached_hashes
+        held, num_cached, copying = self._held, self._num_cached, self._copying
+        starts = self._starts.keys()
         fills, grows = [], []  # grows: (id, blocks to hold) of requests with no named block left to fill
         take = 0
         copies = False
@@ -318,7 +324,8 @@ class BlockManager:
                         if has < named:
                             end = n if n < named else named
                     new = True
-                    if full > done and not cached_hashes.isdisjoint(hashes[done:full]):
+                    if full > done and (not starts.isdisjoint(hashes[done:full]) if rid not in copying
+                                        else self._holds_cached(rid, hashes, done, full)):  # _holds_cached, inlined
                         new, copies = False, True
                     fills.append((rid, hashes, has, n, end, done, full, new))
                     continue
@@ -356,7 +363,7 @@ class BlockManager:
         if not self.caching or not request.prefix_segments:
             return False
         hashes = request_block_hashes(request, self.block_size)
-        return not self._cached_hashes.isdisjoint(hashes[self._num_cached.get(request.id, 0):])
+        return self._holds_cached(request.id, hashes, self._num_cached.get(request.id, 0), len(hashes))
 
     def grow_to_computed(self, requests: list[Request], num_steps: int | None = None) -> None:
         """``grow_to`` each request's computed tokens (after a fast-forwarded decode run), in one loop.
@@ -604,6 +611,7 @@ class BlockManager:
         how many are free now (the others are still held by requests sharing them)."""
         segs = self._segs.pop(rid, None)
         self._num_cached.pop(rid, None)
+        self._copying.discard(rid)
         if not segs:
             return 0
         released = 0
@@ -624,27 +632,63 @@ class BlockManager:
         return released
 
     def _caches_all(self, hashes: tuple[int, ...]) -> bool:
-        return self._cached_hashes.issuperset(hashes)
+        # Every block cached is every block matched: a run caching block p but not p - 1 would start at p.
+        return self._match(hashes, len(hashes))[1] == len(hashes)
+
+    def _holds_cached(self, rid: int, hashes: tuple[int, ...], done: int, full: int) -> bool:
+        """Whether some block caches the content of positions ``done .. full - 1`` of the chain ``hashes``, the
+        chain of request ``rid``, which holds its named blocks before ``done`` (or holds none and ``done`` is 0).
+
+        A run caching block p starts at some q <= p, and as hashes are chained it holds the chain's content from
+        q to p: ``_starts`` has ``hashes[q]``. For q < done that content is in blocks the request holds, cached
+        only if they are that run's, which ends before ``done``; so unless the request holds copies (full blocks
+        it filled while an equal one was cached, not cached themselves; ``_copying``) below ``done``, only runs
+        starting at ``done .. full - 1`` can cache any of those blocks, and one starting there does. One pass of
+        the runs' index over the blocks' hashes answers that."""
+        if done >= full:
+            return False
+        starts = self._starts
+        if rid not in self._copying:
+            return not starts.keys().isdisjoint(hashes[done:full])
+        if starts.keys().isdisjoint(hashes[:full]):
+            return False
+        for q in range(full):
+            seg = starts.get(hashes[q])
+            if seg is not None:
+                p = q if q > done else done
+                if p < seg.end and seg.chain[p] == hashes[p]:
+                    return True
+        return False
+
+    def _cached_positions(self, hashes: tuple[int, ...], lo: int, hi: int) -> list[bool]:
+        """For each position ``lo .. hi - 1`` of the chain ``hashes``, whether some block caches its content (the
+        scan of ``_holds_cached`` over every run that could start before it; for the rare fills that hold
+        copies)."""
+        cached = [False] * (hi - lo)
+        starts = self._starts
+        for q in range(hi):
+            seg = starts.get(hashes[q])
+            if seg is None:
+                continue
+            p = q if q > lo else lo
+            stop = seg.end if seg.end < hi else hi
+            while p < stop and seg.chain[p] == hashes[p]:  # chained: once they differ, they differ on
+                cached[p - lo] = True
+                p += 1
+        return cached
 
     def _cache_filled(self, rid: int, done: int, full: int) -> None:
         """Cache the request's named blocks ``done .. full - 1``, just filled: each whose hash no block caches
         yet (an equal block cached already keeps the entry, and this one stays a copy nobody can hit). They
         lie in its own runs not cached, which only it holds."""
         segs = self._segs[rid]
-        cached_hashes, starts = self._cached_hashes, self._starts
+        starts = self._starts
         last = segs[-1]
-        if last.start == done:
-            # The usual case: new content, at the start of its last run. Adding the hashes tells whether all are
-            # new in the same pass (one pass over hundreds of hashes, not two); where some were not, the set is
-            # rebuilt from the cached runs as it was (rare: a prompt part-cached elsewhere that missed its hit).
-            size = len(cached_hashes)
-            cached_hashes.update(last.chain[done:full])
-            if len(cached_hashes) - size == full - done:
-                self._extend_cached_run(rid, done, full, hashed=True)
-                return
-            cached_hashes.clear()
-            for seg in starts.values():
-                cached_hashes.update(seg.chain[seg.start:seg.end])
+        if last.start == done and not self._holds_cached(rid, last.chain, done, full):
+            # The usual case: new content, at the start of its last run.
+            self._extend_cached_run(rid, done, full)
+            return
+        self._copying.add(rid)  # some of these blocks may copy cached ones (or did before)
         i = len(segs) - 1
         while segs[i].start > done:
             i -= 1
@@ -656,14 +700,12 @@ class BlockManager:
             self._split(filled[-1], full)
         for seg in filled:
             chain, start, end = seg.chain, seg.start, seg.end
-            blocks = chain[start:end]
-            if cached_hashes.isdisjoint(blocks):
+            is_new = [not cached for cached in self._cached_positions(chain, start, end)]
+            if all(is_new):
                 seg.cached = True
-                cached_hashes.update(blocks)
                 starts[chain[start]] = seg
                 continue
             # Some blocks copy cached ones: split the run where that changes and cache the rest.
-            is_new = [h not in cached_hashes for h in blocks]
             at = start
             while seg is not None:
                 state = is_new[at - start]
@@ -673,21 +715,17 @@ class BlockManager:
                 rest = self._split(seg, stop) if stop < end else None
                 if state:
                     seg.cached = True
-                    cached_hashes.update(chain[at:stop])
                     starts[chain[at]] = seg
                 seg, at = rest, stop
 
-    def _extend_cached_run(self, rid: int, done: int, full: int, hashed: bool = False) -> bool:
+    def _extend_cached_run(self, rid: int, done: int, full: int) -> bool:
         """``_cache_filled`` for blocks ``done .. full - 1`` of content no block caches: if they start the request's
-        last run (a prefill's next chunk, a decode's answer), cache them there and return True. ``hashed``: their
-        hashes are in the cached set already."""
+        last run (a prefill's next chunk, a decode's answer), cache them there and return True."""
         segs = self._segs[rid]
         last = segs[-1]
         if last.start != done:
             return False
         chain = last.chain
-        if not hashed:
-            self._cached_hashes.update(chain[done:full])
         before = segs[-2] if len(segs) > 1 else None
         if (before is not None and before.cached and before.end == done and before.chain is chain
                 and len(before.holders) == 1):
@@ -760,13 +798,11 @@ class BlockManager:
             return 0
         start, end, chain = seg.start, seg.end, seg.chain
         if end - start > num_blocks:  # the run's last blocks go first
-            self._cached_hashes.difference_update(chain[end - num_blocks:end])
             seg.end = end - num_blocks
             return num_blocks
         self._queue.popleft()
         seg.cell = None
         seg.cached = False
-        self._cached_hashes.difference_update(chain[start:end])
         del self._starts[chain[start]]
         return end - start
 
@@ -777,7 +813,12 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Blocks whose content a request could hit (held or free)."""
-        return len(self._cached_hashes) + sum(run.count for run in self._runs.values())
+        named = sum(seg.end - seg.start for seg in self._starts.values())
+        return named + sum(run.count for run in self._runs.values())
+
+    def cached_hashes(self) -> set[int]:
+        """The hashes of every cached named block (for checks and tests)."""
+        return {h for seg in self._starts.values() for h in seg.chain[seg.start:seg.end]}
 
     def check_integrity(self) -> None:
         assert all(v > 0 for v in self._held.values()), "a request holds a non-positive number of blocks"
@@ -818,7 +859,10 @@ class BlockManager:
                 assert seg.start == position < seg.end, "a request's runs do not tile its named blocks"
                 position = seg.end
                 listed.setdefault(seg, []).append(rid)
-            assert self._num_cached.get(rid, 0) <= position
+            done = self._num_cached.get(rid, 0)
+            assert done <= position
+            assert rid in self._copying or all(seg.cached for seg in segs if seg.start < done), (
+                "a request holds copies among its full named blocks but is not marked as copying")
         for seg, rids in listed.items():
             assert sorted(seg.holders) == sorted(rids), "a run's holders are not the requests listing it"
             assert seg.cell is None, "a held run is in the free queue"
@@ -826,8 +870,7 @@ class BlockManager:
         cached_runs = [seg for seg in listed if seg.cached]
         cached_runs += [entry[0] for entry in self._queue if type(entry) is list and entry[0] is not None]
         hashes = [h for seg in cached_runs for h in seg.chain[seg.start:seg.end]]
-        assert len(hashes) == len(set(hashes)) and set(hashes) == self._cached_hashes, (
-            "the cached hashes are not those of the cached runs, each once")
+        assert len(hashes) == len(set(hashes)), "a hash is cached twice"
         assert self._starts == {seg.chain[seg.start]: seg for seg in cached_runs}, "a cached run's start is lost"
         return sum(seg.end - seg.start for seg in listed)
 

@@ -71,6 +71,10 @@ class BlockManager(kv_cache.BlockManager):
         cached = self._cached
         return all(h in cached for h in hashes)
 
+    def _holds_cached(self, rid: int, hashes: tuple[int, ...], done: int, full: int) -> bool:
+        cached = self._cached
+        return any(h in cached for h in hashes[done:full])
+
     def _cache_filled(self, rid: int, done: int, full: int) -> None:
         cached = self._cached
         for block in self._shared[rid][done:full]:
@@ -109,6 +113,9 @@ class BlockManager(kv_cache.BlockManager):
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached) + sum(run.count for run in self._runs.values())
+
+    def cached_hashes(self) -> set[int]:
+        return set(self._cached)
 
     def _check_named(self) -> int:
         holders: dict[Block, int] = {}  # each shared block -> how many requests list it

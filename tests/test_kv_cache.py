@@ -89,7 +89,7 @@ def _run_with_evictions(bulk: bool, pool: int, pre: int, x_tokens: int, steps: i
         bm.grow_to_computed(batch, steps)
     bm.check_integrity()
     hit = bm.lookup(r32)
-    return hit.num_tokens, hit.num_evictable, bm.num_free_blocks, sorted(bm._cached_hashes)
+    return hit.num_tokens, hit.num_evictable, bm.num_free_blocks, sorted(bm.cached_hashes())
 
 
 @given(pool=st.integers(14, 30), pre=st.sampled_from([48, 56, 63, 64, 70]), x_tokens=st.integers(2, 20).map(lambda k: 8 * k),

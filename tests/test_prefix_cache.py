@@ -336,9 +336,12 @@ def _drive_both(ops, shape):
             bm.check_integrity()
         new, ref = managers
         assert (new.num_free_blocks, new.num_cached_blocks) == (ref.num_free_blocks, ref.num_cached_blocks)
+        assert new.cached_hashes() == ref.cached_hashes()
         for k in running:
             assert new.num_held(twins[k][0]) == ref.num_held(twins[k][1])
             assert new.fills_named_blocks(twins[k][0]) == ref.fills_named_blocks(twins[k][1])
+        for a, b in twins.values():  # the manager finds cached content from its runs' first blocks alone
+            assert new.fills_cached_content(a) == ref.fills_cached_content(b)
 
 
 @pytest.mark.parametrize("scheduler", ["fcfs", "sarathi"])
