@@ -311,7 +311,22 @@ def test_prefix_aware_router_memory_is_the_plain_lru_of_the_blocks_it_routed(see
                 tree[h] = None
         while len(tree) > capacity:
             tree.popitem(last=False)
-        assert list(router._trees.get(choice.id, {})) == list(tree)
+        assert router.memory_blocks(choice.id) == list(tree)
+
+
+def test_prefix_aware_router_memory_lets_go_of_prompts_a_later_one_took_over():
+    """A prompt whose blocks a later one all touches leaves an empty entry in the memory's queue; with no eviction
+    to pop them (a memory larger than all it is sent), they are dropped in bulk, and the memory stays the LRU."""
+    replicas = router_replicas(1, 10_000)
+    router = PrefixAware(ClusterConfig(router="prefix_aware"))
+    for i in range(300):  # a 20-block system prompt and one of three one-block questions: each prompt is repeated
+        router.pick(Request(i, 0.0, 336, 4, prefix_segments=((7, 320), (100 + i % 3, 16))), replicas)
+        memory = router._memories[0]
+        assert memory.size == len(memory.blocks()) == 20 + min(i + 1, 3)
+    assert len(memory.queue) < 150 and memory.size == len(memory.blocks()) == 23
+    last = request_block_hashes(Request(0, 0.0, 336, 1, prefix_segments=((7, 320), (100 + 299 % 3, 16))), 16)
+    assert memory.blocks()[-21:] == list(reversed(last))  # the last prompt: most recent, its first block last
+    assert router._known(replicas[0], last) == 21
 
 
 def test_prefix_aware_router_follows_a_match_above_the_threshold_of_the_whole_prompt():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
-from itertools import islice
 
 from llmsim.cluster.replica import Replica
 from llmsim.kv_cache import request_block_hashes
@@ -45,7 +43,7 @@ class PrefixAware:
         self.cache_threshold = p.cache_threshold
         self.balance_abs = p.balance_abs_threshold
         self.balance_rel = p.balance_rel_threshold
-        self._trees: dict[int, dict[int, None]] = {}  # per replica: block hash -> None, least recent first
+        self._memories: dict[int, _Memory] = {}  # per replica
 
     def pick(self, request: Request, replicas: list[Replica]) -> Replica:
         least = min(replicas, key=lambda r: (r.num_outstanding, r.id))
@@ -57,11 +55,11 @@ class PrefixAware:
         imbalanced = (busiest - least.num_outstanding > self.balance_abs
                       and busiest > least.num_outstanding * self.balance_rel)
         choice = least
-        known = {}  # replica id -> how many of the prompt's first blocks its memory holds
+        found = {}  # replica id -> (how many of the prompt's first blocks its memory holds, where they lie)
         if hashes and not imbalanced:
             best, matched = least, -1
             for rep in replicas:
-                n = known[rep.id] = self._known(rep, hashes)
+                n, runs = found[rep.id] = self._memory(rep).find(hashes)
                 if n > matched or (n == matched and (rep.num_outstanding, rep.id) < (best.num_outstanding, best.id)):
                     best, matched = rep, n
             # SGLang's match rate: the matched part over the whole prompt (tokens past the named content never
@@ -69,44 +67,121 @@ class PrefixAware:
             if matched * block_size / request.num_prompt_tokens > self.cache_threshold:
                 choice = best
         if hashes:
-            n = known.get(choice.id)
-            self._remember(choice, hashes, self._known(choice, hashes) if n is None else n)
+            memory = self._memory(choice)
+            where = found.get(choice.id)
+            memory.remember(hashes, (where or memory.find(hashes))[1], choice.blocks.num_blocks)
         return choice
 
+    def _memory(self, replica: Replica) -> _Memory:
+        memory = self._memories.get(replica.id)
+        if memory is None:
+            memory = self._memories[replica.id] = _Memory()
+        return memory
+
     def _known(self, replica: Replica, hashes: tuple[int, ...]) -> int:
-        """How many of the prompt's first blocks the replica's memory holds. What the memory holds of any chain is a
-        prefix of it (``_remember``), and a block's hash names its whole prefix, so the blocks held are a prefix of
-        the prompt too: a binary search finds where it ends."""
-        tree = self._trees.get(replica.id)
-        if not tree:
-            return 0
-        return bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in tree)
+        """How many of the prompt's first blocks the replica's memory holds."""
+        memory = self._memories.get(replica.id)
+        return memory.find(hashes)[0] if memory is not None else 0
 
-    def _remember(self, replica: Replica, hashes: tuple[int, ...], num_known: int) -> None:
-        """The prompt's blocks become the most recent in the replica's memory, the last first, so that a prompt's
-        first blocks are forgotten last: what is left of a prompt is a prefix (a radix tree drops leaves first),
-        which later prompts can still match. Of the prompt, the memory holds its first ``num_known`` blocks and no
-        others (a block is touched only together with every block before it in its chain, and just before
-        them, so a chain's blocks are dropped deepest first and what is left of a chain is a prefix): the rest
-        go in without a lookup, and only the known ones are moved."""
-        tree = self._trees.setdefault(replica.id, {})
-        # A dict in recency order (insertion order; a key moved is deleted and put back), each step one C-level
-        # pass, since a prompt has hundreds of blocks and this runs for every request routed (an OrderedDict's
-        # per-key bookkeeping took most of the router's time): the known blocks out; the new ones in at the end,
-        # last first; the known ones back after them, last first; the least recent dropped from the front until
-        # the memory fits.
-        known = hashes[:num_known]
-        _consume(map(tree.__delitem__, known))
-        tree.update(dict.fromkeys(reversed(hashes[num_known:])))
-        tree.update(dict.fromkeys(reversed(known)))
-        excess = len(tree) - replica.blocks.num_blocks
-        if excess > 0:
-            _consume(map(tree.__delitem__, list(islice(tree, excess))))
+    def memory_blocks(self, replica_id: int) -> list[int]:
+        """The block hashes the router remembers of a replica, least recent first (for checks and tests)."""
+        memory = self._memories.get(replica_id)
+        return memory.blocks() if memory is not None else []
 
 
-def _consume(calls) -> None:
-    """Run an iterator of calls for their effect, in C (no bytecode per item)."""
-    deque(calls, maxlen=0)
+class _Routed:
+    """What a replica's memory still holds of one routed prompt: positions ``start .. end - 1`` of its hash chain,
+    recent in reverse (its last block least recent, its first the most)."""
+
+    __slots__ = ("chain", "start", "end")
+
+    def __init__(self, chain: tuple[int, ...], start: int, end: int):
+        self.chain, self.start, self.end = chain, start, end
+
+
+class _Memory:
+    """The block hashes routed to a replica as an LRU of blocks, kept a prompt at a time (a prompt has hundreds of
+    blocks and this runs for every request routed; one entry a block took most of the router's time).
+
+    Routing a prompt makes all its blocks the most recent, its last block first, and drops the least recent until
+    the memory fits the replica's KV blocks. So a block is touched only together with every block before it in
+    its chain, and just after them in recency: what is left of any chain is a prefix of it (a radix tree drops
+    leaves first), and each block is held once, by the entry of the prompt that touched it last. The queue holds
+    the entries oldest first, each least recent from its end; a prompt's blocks that a later one touches leave its
+    entry's start. Hashes are chained, so the entry holding block p of a prompt, if p - 1 is held elsewhere or p
+    is 0, starts at p: an index of the entries' first hashes finds a prompt's known blocks a run at a time, as the
+    KV manager's prefix lookup does."""
+
+    def __init__(self) -> None:
+        self.queue: deque[_Routed] = deque()  # oldest first; entries emptied by a later prompt stay until popped
+        self.starts: dict[int, _Routed] = {}  # hash of an entry's first block -> the entry
+        self.size = 0  # blocks held
+        self.emptied = 0  # empty entries in the queue
+
+    def find(self, hashes: tuple[int, ...]) -> tuple[int, list[tuple[_Routed, int]]]:
+        """How many of the prompt's first blocks the memory holds, and the entries holding them (each with the
+        position its part ends at)."""
+        starts = self.starts
+        runs = []
+        p, limit = 0, len(hashes)
+        while p < limit:
+            entry = starts.get(hashes[p])
+            if entry is None:
+                break
+            chain = entry.chain
+            end = entry.end if entry.end < limit else limit
+            if chain[end - 1] != hashes[end - 1]:  # the prompt leaves this chain inside the entry: bisect
+                lo, hi = p + 1, end - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if chain[mid] == hashes[mid]:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                end = lo
+            runs.append((entry, end))
+            p = end
+        return p, runs
+
+    def remember(self, hashes: tuple[int, ...], runs: list[tuple[_Routed, int]], capacity: int) -> None:
+        """The prompt's blocks become the most recent (``runs``: where its known ones lie, from ``find``); then the
+        least recent go until ``capacity`` blocks are left."""
+        starts = self.starts
+        for entry, end in runs:  # the known blocks leave the entries holding them (each one's most recent)
+            del starts[entry.chain[entry.start]]
+            self.size -= end - entry.start
+            entry.start = end
+            if end < entry.end:
+                starts[entry.chain[end]] = entry
+            else:
+                self.emptied += 1
+        routed = _Routed(hashes, 0, len(hashes))
+        self.queue.append(routed)
+        starts[hashes[0]] = routed
+        self.size += len(hashes)
+        excess = self.size - capacity
+        queue = self.queue
+        while excess > 0:
+            entry = queue[0]
+            held = entry.end - entry.start
+            if held > excess:
+                entry.end -= excess
+                self.size -= excess
+                break
+            queue.popleft()
+            if held:
+                del starts[entry.chain[entry.start]]
+                self.size -= held
+                excess -= held
+            else:
+                self.emptied -= 1
+        if self.emptied > 64 and self.emptied * 2 > len(queue):  # drop emptied entries the queue still lists
+            self.queue = deque(entry for entry in queue if entry.end > entry.start)
+            self.emptied = 0
+
+    def blocks(self) -> list[int]:
+        """Every block's hash, least recent first."""
+        return [h for entry in self.queue for h in reversed(entry.chain[entry.start:entry.end])]
 
 
 ROUTERS = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "prefix_aware": PrefixAware}
