@@ -325,9 +325,15 @@ class BlockManager:
                         if has < named:
                             end = n if n < named else named
                     new = True
-                    if full > done and (not starts.isdisjoint(hashes[done:full]) if rid not in copying
-                                        else self._holds_cached(rid, hashes, done, full)):  # _holds_cached, inlined
-                        new, copies = False, True
+                    if full > done:  # _holds_cached, inlined (a decode run fills a block or two of most requests)
+                        if rid in copying:
+                            new = not self._holds_cached(rid, hashes, done, full)
+                        elif full - done == 1:
+                            new = hashes[done] not in starts
+                        else:
+                            new = starts.isdisjoint(hashes[done:full])
+                        if not new:
+                            copies = True
                     fills.append((rid, hashes, has, n, end, done, full, new))
                     continue
             if n > has:
