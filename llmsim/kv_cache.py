@@ -168,6 +168,35 @@ def request_block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
     return hashes
 
 
+def match_chain(starts: dict, hashes: tuple[int, ...], limit: int) -> tuple[list, int]:
+    """The longest prefix of the chain ``hashes`` (up to ``limit`` blocks) that runs of blocks hold, each run an
+    object with the ``chain`` it is part of and the ``end`` of its positions, indexed in ``starts`` by the hash of
+    its first block: (each run matched with the position its part of the match ends at, blocks matched). A hash is
+    held once, so a run holding block p but not p - 1 starts at p: the runs are found one at a time from ``p``."""
+    runs = []
+    p = 0
+    while p < limit:
+        run = starts.get(hashes[p])
+        if run is None:
+            break
+        chain = run.chain
+        end = run.end if run.end < limit else limit
+        if chain[end - 1] != hashes[end - 1]:
+            # The chain leaves this run's inside it. Hashes are chained, so the blocks match up to the first
+            # that differs: bisect for it.
+            lo, hi = p + 1, end - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if chain[mid] == hashes[mid]:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            end = lo
+        runs.append((run, end))
+        p = end
+    return runs, p
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, watermark_blocks: int = 0,
                  enable_prefix_caching: bool = False):
@@ -487,32 +516,14 @@ class BlockManager:
     def _match(self, hashes: tuple[int, ...], limit: int) -> tuple[tuple, int, int]:
         """The cached runs matching the chain ``hashes`` from its start, up to ``limit`` blocks: (each run with
         the position its part of the match ends at, blocks matched, of those the ones in the free queue)."""
-        starts = self._starts
-        segments = []
+        segments, matched = match_chain(self._starts, hashes, limit)
         evictable = 0
-        p = 0  # blocks matched so far; a cached run matching block p starts there (a hash is cached once)
-        while p < limit:
-            seg = starts.get(hashes[p])
-            if seg is None:
-                break
-            chain = seg.chain
-            end = seg.end if seg.end < limit else limit
-            if chain[end - 1] != hashes[end - 1]:
-                # The request leaves this run's chain inside it. Hashes are chained, so the blocks match up to
-                # the first that differs: bisect for it.
-                lo, hi = p + 1, end - 1
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if chain[mid] == hashes[mid]:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                end = lo
-            segments.append((seg, end))
+        p = 0
+        for seg, end in segments:
             if not seg.holders:
                 evictable += end - p
             p = end
-        return tuple(segments), p, evictable
+        return tuple(segments), matched, evictable
 
     def free_blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks a request that holds none uses to hold ``num_tokens`` tokens from its cached prefix

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from llmsim.cluster.replica import Replica
-from llmsim.kv_cache import request_block_hashes
+from llmsim.kv_cache import match_chain, request_block_hashes
 from llmsim.request import Request
 
 
@@ -121,27 +121,8 @@ class _Memory:
     def find(self, hashes: tuple[int, ...]) -> tuple[int, list[tuple[_Routed, int]]]:
         """How many of the prompt's first blocks the memory holds, and the entries holding them (each with the
         position its part ends at)."""
-        starts = self.starts
-        runs = []
-        p, limit = 0, len(hashes)
-        while p < limit:
-            entry = starts.get(hashes[p])
-            if entry is None:
-                break
-            chain = entry.chain
-            end = entry.end if entry.end < limit else limit
-            if chain[end - 1] != hashes[end - 1]:  # the prompt leaves this chain inside the entry: bisect
-                lo, hi = p + 1, end - 1
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if chain[mid] == hashes[mid]:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                end = lo
-            runs.append((entry, end))
-            p = end
-        return p, runs
+        runs, matched = match_chain(self.starts, hashes, len(hashes))
+        return matched, runs
 
     def remember(self, hashes: tuple[int, ...], runs: list[tuple[_Routed, int]], capacity: int) -> None:
         """The prompt's blocks become the most recent (``runs``: where its known ones lie, from ``find``); then the
