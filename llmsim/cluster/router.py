@@ -59,7 +59,8 @@ class PrefixAware:
         if hashes and not imbalanced:
             best, matched = least, -1
             for rep in replicas:
-                n, runs = found[rep.id] = self._memory(rep).find(hashes)
+                found[rep.id] = self._memory(rep).find(hashes)
+                n = found[rep.id][0]
                 if n > matched or (n == matched and (rep.num_outstanding, rep.id) < (best.num_outstanding, best.id)):
                     best, matched = rep, n
             # SGLang's match rate: the matched part over the whole prompt (tokens past the named content never
@@ -69,7 +70,9 @@ class PrefixAware:
         if hashes:
             memory = self._memory(choice)
             where = found.get(choice.id)
-            memory.remember(hashes, (where or memory.find(hashes))[1], choice.blocks.num_blocks)
+            if where is None:  # loads apart: no replica was looked at
+                where = memory.find(hashes)
+            memory.remember(hashes, where[1], choice.blocks.num_blocks)
         return choice
 
     def _memory(self, replica: Replica) -> _Memory:
