@@ -29,6 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmsim.microbench.kernels import capture_cuda_graph
+
 
 # Per GPU of a TP 2 pair, and the operating points of the measured runs' step check (running requests, KV tokens
 # each): Mixtral-8x7B (32/8 heads of 128, 8 experts of 14,336, top 2) and CodeLlama-34B (64/8 heads, a gated MLP
@@ -164,16 +166,7 @@ def main() -> None:
         batch, kv_len = (int(v) for v in point.split(","))
         step, weights = build_step(batch, kv_len, device=device, dtype=dtype, weights=weights, **shape)
         steps.append(step)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graphs[name] = graph
+        graphs[name], _ = capture_cuda_graph(step, warmups=3)
         torch.cuda.synchronize()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated", flush=True)

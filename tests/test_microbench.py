@@ -1,6 +1,7 @@
 """The torch microbenchmark suite on this machine's CPU: kernels run what the execution model counts, and the CPU
 profile calibrates end to end from the suite's own measurements within the bound the README states."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from llmsim.calibration.predict import row_work  # noqa: E402
 from llmsim.calibration.workflow import run_calibration  # noqa: E402
 from llmsim.cli import main  # noqa: E402
 from llmsim.hardware.profile import PROFILES_DIR  # noqa: E402
+from llmsim.microbench import kernels  # noqa: E402
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs, model_columns  # noqa: E402
 from llmsim.microbench.kernels import (attention_kernel, balanced_routing, fp8_gemm_kernel, gemm_kernel,  # noqa: E402
                                       layer_kernel, moe_kernel)
@@ -312,3 +314,60 @@ def test_the_timer_knows_its_flushes():
     assert len(Timer(torch.device("cpu"), 1, 3, flush="write").samples(lambda: None)) == 3
     with pytest.raises(ValueError, match="flush 'evict'"):
         Timer(torch.device("cpu"), 1, 3, flush="evict")
+
+
+def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeypatch):
+    """The capture both the suite's FP8 layer and the sustained-decode benchmark use, on a stand-in for torch.cuda
+    (no GPU here): the warm-up calls run on a side stream the current one waits for, then one call is captured;
+    the suite's wrapper replays the graph and returns the captured output, or gives None where capture fails."""
+    events = []
+
+    class FakeStream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append(f"on {stream.name}")
+        yield
+        events.append(f"off {stream.name}")
+
+    @contextlib.contextmanager
+    def capturing(graph):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    main = FakeStream("main")
+    for name, value in (("Stream", FakeStream), ("current_stream", lambda: main), ("stream", on_stream),
+                        ("CUDAGraph", FakeGraph), ("graph", capturing),
+                        ("synchronize", lambda: events.append("synchronize"))):
+        monkeypatch.setattr(kernels.torch.cuda, name, value)
+
+    def fn():
+        events.append("fn")
+        return "out"
+
+    graph, out = kernels.capture_cuda_graph(fn, warmups=3)
+    assert isinstance(graph, FakeGraph) and out == "out"
+    assert events == ["side waits for main", "on side", "fn", "fn", "fn", "off side", "main waits for side",
+                      "capture", "fn", "captured"]
+    events.clear()
+    replay = kernels.cuda_graphed(fn)
+    assert events.count("fn") == 3  # two warm-ups and the capture
+    events.clear()
+    assert replay() == "out" and events == ["replay"]
+
+    def fails():
+        if "capture" in events:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    events.clear()
+    assert kernels.cuda_graphed(fails) is None and events[-1] == "synchronize"

@@ -48,21 +48,28 @@ def quantize_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+def capture_cuda_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn`` captured into a CUDA graph, after ``warmups`` calls on a side stream (as torch's CUDA-graph notes ask;
+    they also compile any Triton kernel in it): the graph and the output each replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
-    """``fn`` captured into a CUDA graph (after two warm-up calls on a side stream, which also compile any Triton
-    kernel in it), or None where it cannot be captured. A kernel of several launches is timed as one replay: vLLM
-    runs its decode steps (and, in V1, the pieces between attention of every step) as CUDA graphs, and launched
-    one by one from Python the launches of a small shape outlast its GPU work, so the host would be timed."""
+    """``fn`` as one replay of its CUDA graph (``capture_cuda_graph``), or None where it cannot be captured. A kernel
+    of several launches is timed as one replay: vLLM runs its decode steps (and, in V1, the pieces between
+    attention of every step) as CUDA graphs, and launched one by one from Python the launches of a small shape
+    outlast its GPU work, so the host would be timed."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_cuda_graph(fn)
     except Exception:  # noqa: BLE001 -- an op that syncs or allocates oddly: torch raises several kinds
         torch.cuda.synchronize()
         return None
