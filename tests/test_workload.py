@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmsim.config import TraceConfig, WorkloadConfig
 from llmsim.errors import ConfigError, TraceError
@@ -344,3 +346,61 @@ def test_closed_loop_replay_errors(tmp_path):
         build_workload(cfg.workload, 0)
     with pytest.raises(ConfigError, match="closed_loop replays BurstGPT conversations"):
         make_config(workload={"trace": {"path": str(path), "format": "azure", "closed_loop": True}})
+
+
+
+def _burstgpt_both_ways(path, rows):
+    """Rows of (timestamp, request tokens, response tokens) fields as ``read_burstgpt`` reads them, and as the
+    field checks alone read them: (rows read, error message or None) each."""
+    from llmsim.workload.traces import _int, _seconds, read_burstgpt
+
+    path.write_text(HEADER + "".join(f"{t},ChatGPT,{p},{r},0,API log\n" for t, p, r in rows))
+    expected, error = [], None
+    try:
+        for line, (t, p, r) in enumerate(rows, start=2):
+            time_s = _seconds(t, path, line, "Timestamp")
+            response = _int(r, path, line, "Response tokens")
+            prompt = _int(p, path, line, "Request tokens", minimum=1)
+            expected.append((time_s, prompt, response, response == 0, line))
+    except TraceError as exc:
+        error = str(exc)
+    read, got_error = [], None
+    try:
+        for row in read_burstgpt(TraceConfig(path=path, format="burstgpt")):
+            read.append((row.time_s, row.prompt_tokens, row.output_tokens, row.failed, row.line))
+            assert type(row.time_s) is float and type(row.prompt_tokens) is int and type(row.output_tokens) is int
+    except TraceError as exc:
+        got_error = str(exc)
+    return (read, got_error), (expected, error)
+
+
+# Fields a BurstGPT row may hold: plain numbers (the reader's fast path) and whatever else it must accept ("12.0",
+# " 7 ", "1e3") or reject with the file, line and column ("nan", "-3", "12.5", "", beyond MAX_TOKENS).
+_SPECIAL_FIELDS = ["0", "1", "-1", "-0", "12.0", " 7 ", "1e3", "+5", "1_000", "nan", "inf", "-inf", "1e309", "",
+                   "abc", "12.5", "-0.5", "0x10", "99999999999999999999", "2147483647", "2147483648", "3.0e1"]
+
+
+def test_burstgpt_numbers_are_read_as_the_field_checks_read_them(tmp_path):
+    """The BurstGPT reader parses plain numbers directly and leaves everything else to the field checks
+    (``_seconds``, ``_int``): each special value in each of the three columns reads as those checks alone read it
+    -- the same values, or the same error naming the file, line and column."""
+    from llmsim.config import MAX_TOKENS
+
+    assert MAX_TOKENS == 2147483647  # the boundary values above
+    for column in range(3):
+        for value in _SPECIAL_FIELDS:
+            fields = ["5", "10", "20"]
+            fields[column] = value
+            got, expected = _burstgpt_both_ways(tmp_path / "t.csv", [tuple(fields)])
+            assert got == expected, (column, value)
+
+
+_FIELDS = st.one_of(st.integers(-3, 3), st.integers(0, 2_000_000), st.floats(-5, 1e4, allow_nan=False),
+                    st.sampled_from(_SPECIAL_FIELDS)).map(str)
+
+
+@given(rows=st.lists(st.tuples(_FIELDS, _FIELDS, _FIELDS), min_size=1, max_size=6))
+def test_burstgpt_rows_are_read_as_the_field_checks_read_them(tmp_path_factory, rows):
+    """Rows of random fields: what the reader reads, and the first error, are the field checks' alone."""
+    got, expected = _burstgpt_both_ways(tmp_path_factory.mktemp("trace") / "t.csv", rows)
+    assert got == expected
