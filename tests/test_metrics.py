@@ -148,3 +148,25 @@ def test_summary_invariants_hold_on_any_run(seed, scheduler, policy, pp, timeout
     assert 0 <= u["kv_cache_busy_mean"] <= 1
     assert e["busy_j"] >= 0 and e["idle_j"] >= 0
     assert 63.0 <= e["mean_power_w_per_gpu"] <= 400.0  # the A100's idle and maximum draw
+
+
+def test_record_frames_keep_their_column_types_with_or_without_rows():
+    """The request and iteration tables are read from the packed columns as float64 / int64, whether or not any row
+    was recorded (pandas had read an empty ``array.array`` as an object column), and equal what they hold."""
+    from llmsim.energy import PowerModel
+    from llmsim.metrics.recorder import ITERATION_INT_FIELDS, REQUEST_INT_FIELDS, Recorder
+
+    power = PowerModel(idle_w=100.0, max_w=400.0, w_per_flop_s=1e-12, w_per_byte_s=1e-10, num_gpus=1)
+    empty = Recorder([power], True)
+    for frame, ints in ((empty.request_frame(), REQUEST_INT_FIELDS), (empty.iteration_frame(), ITERATION_INT_FIELDS)):
+        assert len(frame) == 0
+        for name in frame.columns.drop(["status", "reason"], errors="ignore"):
+            assert frame[name].dtype == (np.int64 if name in ints else np.float64), name
+    cfg = make_config(workload={"num_requests": 20, "arrival": {"kind": "poisson", "rate_per_s": 10.0},
+                                "prompt_tokens": {"kind": "uniform", "min": 16, "max": 200},
+                                "output_tokens": {"kind": "uniform", "min": 1, "max": 30}})
+    rec = run_experiment(cfg, write=False)[0].recorder
+    requests, iterations = rec.request_frame(), rec.iteration_frame()
+    assert requests["id"].tolist() == list(range(20)) and requests["id"].dtype == np.int64
+    assert iterations["duration_s"].tolist() == list(rec.iterations["duration_s"])
+    assert iterations["kv_used_blocks"].dtype == np.int64 and len(iterations) == len(rec.iterations["start_s"])

@@ -264,7 +264,7 @@ class Recorder:
     def request_frame(self) -> pd.DataFrame:
         import pandas as pd  # here, not at import: the simulator itself runs without pandas (fast start-up)
 
-        df = pd.DataFrame({name: pd.Series(col) for name, col in self.requests.items()})
+        df = pd.DataFrame({name: _column(col) for name, col in self.requests.items()})
         df["status"] = pd.Categorical(self.status)
         df["reason"] = self.reason
         return df.sort_values("id", kind="stable").reset_index(drop=True)
@@ -273,4 +273,10 @@ class Recorder:
         import pandas as pd
 
         self.totals  # fills the power column (and, without records, empties the rows)
-        return pd.DataFrame({name: pd.Series(col) for name, col in self.iterations.items()})
+        return pd.DataFrame({name: _column(col) for name, col in self.iterations.items()})
+
+
+def _column(col: array) -> np.ndarray:
+    """A packed column as a numpy array of its own (float64 or int64, as pandas reads the array): pandas copies an
+    ``array.array`` element by element (~0.1 s a million rows), numpy its buffer at once."""
+    return np.frombuffer(col, dtype=col.typecode).copy()
