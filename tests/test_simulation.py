@@ -324,6 +324,41 @@ def test_replicas_in_worker_processes_give_the_results_of_one_process(scheduler,
         assert a["prefix_cache"]["hit_rate_tokens"] > 0.5
 
 
+def test_with_fork_this_process_simulates_the_first_share_and_adopts_its_records(monkeypatch):
+    """Forked workers: this process simulates the first share itself, meanwhile (one process fewer to start, and
+    its records are not sent), and the merged recorder takes that share's columns as they are, without a copy;
+    the second share's come from its worker, appended after them."""
+    import multiprocessing
+    import os
+
+    import llmsim.cluster.workers as workers
+    from llmsim.metrics.recorder import Recorder
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    here, shares, taken = os.getpid(), [], []
+    simulate_share, absorb = workers._simulate_share, Recorder.absorb
+
+    def watched_share(job):
+        outcome = simulate_share(job)
+        shares.append((os.getpid(), sorted(set(job[2].values()))))  # a forked worker's append stays in it
+        return outcome
+
+    def watched_absorb(self, other, columns=None):
+        before = (other.tbt_gap_s, other.iterations["start_s"]) if columns is None else None
+        absorb(self, other, columns)
+        if before is not None:
+            taken.append(self.tbt_gap_s is before[0] and self.iterations["start_s"] is before[1]
+                         and len(other.tbt_gap_s) == 0)
+
+    monkeypatch.setattr(workers, "_simulate_share", watched_share)
+    monkeypatch.setattr(Recorder, "absorb", watched_absorb)
+    cfg = make_config(cluster={"num_replicas": 4, "router": "round_robin"}, simulation={"workers": 2})
+    result, _ = run_experiment(cfg, write=False)
+    assert shares == [(here, [0, 2])] and taken == [True]
+    assert sorted(set(result.recorder.iteration_frame()["replica_id"])) == [0, 1, 2, 3]
+
+
 def test_worker_processes_started_by_spawn_give_the_same_results(monkeypatch):
     """Where fork is not available (macOS's default, Windows), jobs and records are pickled to and from spawned
     workers: the same results as one process."""

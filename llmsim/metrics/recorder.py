@@ -198,11 +198,22 @@ class Recorder:
         self.totals, other.totals  # both folded: their rows' power and totals are counted
         if set(self._totals) & set(other._totals):
             raise RuntimeError("absorb: the two recorders share a replica")
-        mine = self.columns()
-        if columns is None:
-            columns = (col.tobytes() for col in other.columns())
-        for col, data in zip(mine, columns, strict=True):
-            col.frombytes(data)
+        if columns is None:  # in this process: an empty column takes the other's as it is (no second copy)
+            for mine, theirs in ((self.requests, other.requests), (self.iterations, other.iterations)):
+                for name, col in theirs.items():
+                    if mine[name]:
+                        mine[name].extend(col)
+                    else:
+                        mine[name] = col
+            for name in ("tbt_gap_s", "tbt_count"):
+                if getattr(self, name):
+                    getattr(self, name).extend(getattr(other, name))
+                else:
+                    setattr(self, name, getattr(other, name))
+            other.detach_columns()
+        else:
+            for col, data in zip(self.columns(), columns, strict=True):
+                col.frombytes(data)
         self.status += other.status
         self.reason += other.reason
         self._totals.update(other._totals)
