@@ -5,11 +5,10 @@ the arrival order alone, and nothing one replica does reaches another: each repl
 the requests routed to it. So the requests are routed (and the ones no replica can serve rejected) up front,
 each worker simulates its share of the replicas -- the usual simulation, with only its requests, each sent to the
 replica round-robin gave it -- and the workers' records are merged. Where processes are forked, this process is
-the first worker (its records need no sending: ~2 s less of a million-request replay, for ~0.25 GB more memory
-in this process, whose heap then holds a simulation too). A replica sees the same arrivals
-at the same times as in one process, and its events keep their order, so the results are bit-identical
-(``tests/test_simulation.py`` compares them); the summary reads every record in an order-free way (requests by
-id, iterations per replica in time order, pooled token gaps by exact summation).
+the first worker: its records need no sending, and its memory then holds a simulation too (README, Speed). A
+replica sees the same arrivals at the same times as in one process, and its events keep their order, so the
+results are bit-identical (``tests/test_simulation.py`` compares them); the summary reads every record in an
+order-free way (requests by id, iterations per replica in time order, pooled token gaps by exact summation).
 """
 
 from __future__ import annotations

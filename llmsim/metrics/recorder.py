@@ -288,6 +288,7 @@ class Recorder:
 
 
 def _column(col: array) -> np.ndarray:
-    """A packed column as a numpy array of its own (float64 or int64, as pandas reads the array): pandas copies an
-    ``array.array`` element by element (~0.1 s a million rows), numpy its buffer at once."""
+    """A packed column as a numpy array of its own, float64 or int64 (as pandas read a non-empty one; an empty one
+    it read as objects): pandas copies an ``array.array`` element by element (~0.1 s a million rows), numpy its
+    buffer at once."""
     return np.frombuffer(col, dtype=col.typecode).copy()
