@@ -132,7 +132,7 @@ def check_trace_rows(cfg: WorkloadConfig) -> None:
     """Read the trace rows a run will read (``num_requests``, ``duration_s`` and the trace's window and filters
     applied), so that a bad row is an error before the simulation starts, not when the simulation reaches it: the
     run streams its trace, and a bad row at the end of a million would otherwise end minutes of simulation (a
-    million BurstGPT rows read in about 3.5 s). Once per process for a file version and these settings: a
+    million BurstGPT rows read in about 2 s). Once per process for a file version and these settings: a
     sweep's or a plan search's points replay the same rows. A closed-loop replay reads every row up front anyway."""
     trace = cfg.trace
     if trace is None or trace.closed_loop:
