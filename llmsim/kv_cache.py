@@ -669,19 +669,11 @@ class BlockManager:
             return not self._start_hashes.isdisjoint(hashes[done:full])
         if self._start_hashes.isdisjoint(hashes[:full]):
             return False
-        starts = self._starts
-        for q in range(full):
-            seg = starts.get(hashes[q])
-            if seg is not None:
-                p = q if q > done else done
-                if p < seg.end and seg.chain[p] == hashes[p]:
-                    return True
-        return False
+        return any(self._cached_positions(hashes, done, full))
 
     def _cached_positions(self, hashes: tuple[int, ...], lo: int, hi: int) -> list[bool]:
-        """For each position ``lo .. hi - 1`` of the chain ``hashes``, whether some block caches its content (the
-        scan of ``_holds_cached`` over every run that could start before it; for the rare fills that hold
-        copies)."""
+        """For each position ``lo .. hi - 1`` of the chain ``hashes``, whether some block caches its content: a scan
+        over every run that could start at or before it (for the rare requests that hold copies)."""
         cached = [False] * (hi - lo)
         starts = self._starts
         for q in range(hi):
