@@ -26,7 +26,8 @@ SESSIONS = Path(__file__).resolve().parent / "data" / "burstgpt_sessions.csv"
 MODELS = [("Llama-2-7B", ("a100-80gb", "h100-sxm", "a100-40gb"), (1, 2)),
           ("Llama-3-8B", ("a100-80gb", "h100-sxm", "h200", "mi325x"), (1, 2, 4)),
           ("Phi-2", ("a100-80gb", "t4", "h100-sxm"), (1, 2)),
-          ("Mixtral-8x7B", ("h100-sxm", "h200", "a100-80gb"), (2, 4))]
+          ("Mixtral-8x7B", ("h100-sxm", "h200", "a100-80gb"), (2, 4)),
+          ("Qwen3-30B-A3B", ("h100-sxm", "a100-80gb"), (1, 2))]
 
 
 @st.composite

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -10,7 +11,7 @@ from llmsim.models.spec import catalog
 @pytest.mark.parametrize("name,billions", [("Llama-2-7B", 6.74), ("Llama-2-13B", 13.0), ("Llama-2-70B", 69.0),
                                            ("Llama-3-8B", 8.03), ("Llama-3-70B", 70.6), ("Mistral-7B", 7.24),
                                            ("Mixtral-8x7B", 46.7), ("Qwen2-72B", 72.7),
-                                           ("Yi-34B", 34.4)])
+                                           ("Yi-34B", 34.4), ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.0)])
 def test_catalog_parameter_counts_match_published_sizes(name, billions):
     assert load_model(name).num_params / 1e9 == pytest.approx(billions, rel=0.02)
 
@@ -55,3 +56,88 @@ def test_hf_config_null_fields_are_absent_ones(tmp_path):
         "max_position_embeddings": None, "head_dim": None, "torch_dtype": None, "architectures": None}))
     plain, nulls = load_model(str(tmp_path / "plain")), load_model(str(tmp_path / "nulls"))
     assert nulls.model_dump(exclude={"name"}) == plain.model_dump(exclude={"name"})
+
+
+# Published config.json fields of the models below (the fields that decide cost, and a few that do not).
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                 "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                 "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                 "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                 "sliding_window": None, "use_sliding_window": False, "torch_dtype": "bfloat16"}
+QWEN3_235B_A22B = {**QWEN3_30B_A3B, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+                   "num_hidden_layers": 94, "num_attention_heads": 64}
+DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
+                    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+                    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+                    "vocab_size": 102400, "max_position_embeddings": 163840, "torch_dtype": "bfloat16"}
+PHI_2 = {"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240,
+         "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 51200,
+         "max_position_embeddings": 2048, "partial_rotary_factor": 0.4, "tie_word_embeddings": False,
+         "torch_dtype": "float16"}
+GEMMA_2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+              "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+              "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192, "sliding_window": 4096,
+              "torch_dtype": "float32"}  # as published: no tie_word_embeddings (Gemma2Config ties by default)
+
+
+def _config(tmp_path, fields) -> str:
+    path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+@pytest.mark.parametrize("fields,name", [(QWEN3_30B_A3B, "Qwen3-30B-A3B"), (QWEN3_235B_A22B, "Qwen3-235B-A22B"),
+                                         (PHI_2, "Phi-2")])
+def test_hf_configs_of_catalog_models_read_as_the_catalog_has_them(tmp_path, fields, name):
+    """Qwen-MoE names its experts num_experts and their width moe_intermediate_size (intermediate_size is a dense
+    MLP's): read as Mixtral's names only, Qwen3-30B-A3B was refused ("num_experts_per_tok 8 is more than
+    num_local_experts 1") and, without a top-k, would have been priced dense. Phi-2's MLP has no gate: it was read
+    as gated, its MLP priced 1.5x."""
+    spec = load_model(_config(tmp_path, fields))
+    assert spec.model_dump(exclude={"name"}) == load_model(name).model_dump(exclude={"name"})
+
+
+def test_gemma_ties_its_lm_head_to_the_embedding_unless_the_config_says_not(tmp_path):
+    """Gemma's published config.json does not say tie_word_embeddings (its config class ties them): counted twice,
+    Gemma-2-9B came to 10.2B parameters."""
+    assert load_model(_config(tmp_path, GEMMA_2_9B)).num_params / 1e9 == pytest.approx(9.24, rel=0.01)
+    untied = load_model(_config(tmp_path, {**GEMMA_2_9B, "tie_word_embeddings": False}))
+    assert untied.num_params - load_model(_config(tmp_path, GEMMA_2_9B)).num_params == 256000 * 3584
+    assert load_model(_config(tmp_path, {**QWEN3_30B_A3B, "tie_word_embeddings": True})).tied_embeddings
+
+
+def test_tied_embeddings_are_one_matrix_where_one_stage_holds_both():
+    from llmsim.execution.memory import plan_memory
+    from llmsim.execution.model import ParallelPlan
+    from llmsim.hardware.profile import load_profile
+
+    untied = load_model("Llama-3-8B")
+    tied = untied.model_copy(update={"tied_embeddings": True})
+    device = load_profile("a100-80gb")
+    kwargs = dict(block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=8192, max_num_seqs=256,
+                  runtime_reserve_gib=1.0, max_model_len=8192)
+    one = [plan_memory(m, device, ParallelPlan(tp=2, pp=1), **kwargs) for m in (untied, tied)]
+    assert one[0].weights_bytes - one[1].weights_bytes == untied.vocab_size * untied.hidden_size / 2 * 2
+    assert one[1].num_blocks > one[0].num_blocks
+    two = [plan_memory(m, device, ParallelPlan(tp=2, pp=2), **kwargs) for m in (untied, tied)]
+    assert two[0] == two[1]  # the first stage holds the embedding, the last the LM head: one matrix each
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (DEEPSEEK_V2_LITE, "kv_lora_rank 512: multi-head latent attention"),
+    ({**QWEN3_30B_A3B, "shared_expert_intermediate_size": 5632}, "shared_expert_intermediate_size 5632: shared experts"),
+    ({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]}, "mlp_only_layers [0, 1]: dense layers among the MoE ones"),
+    ({**QWEN3_30B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers among the MoE ones"),
+    ({**QWEN3_30B_A3B, "num_experts_per_tok": None}, "num_experts 128 but no num_experts_per_tok"),
+    ({**QWEN3_30B_A3B, "num_local_experts": 64}, "num_local_experts 64 and num_experts 128 disagree"),
+    ({**PHI_2, "num_experts_per_tok": 2}, "num_experts_per_tok 2 with no expert count"),
+    ({**QWEN3_30B_A3B, "n_shared_experts": "2"}, "n_shared_experts is '2', expected a whole number"),
+    ({**GEMMA_2_9B, "tie_word_embeddings": "yes"}, "tie_word_embeddings is 'yes', expected true or false"),
+])
+def test_hf_config_features_that_are_not_modelled_are_named(tmp_path, fields, needle):
+    """MLA, shared experts and dense layers between MoE ones would be priced as layers they are not; each is an
+    error naming its field."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_model(_config(tmp_path, fields))

@@ -47,8 +47,12 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
     stages = []  # (weights, activations, KV bytes per block, blocks) per stage
     for k, layers in enumerate(pipeline_layers(model.num_layers, plan.pp, plan.layer_partition)):
         first, last = k == 0, k == plan.pp - 1
-        # The embedding on the first stage, the LM head and the final norm on the last (both where one stage).
-        head = embed_params * ((1 if first else 0) + (1 if last else 0)) + (model.hidden_size if last else 0)
+        # The embedding on the first stage, the LM head and the final norm on the last (both where one stage; one
+        # matrix for both where they are tied, as a stage holding both ties them).
+        tables = (1 if first else 0) + (1 if last else 0)
+        if tables == 2 and model.tied_embeddings:
+            tables = 1
+        head = embed_params * tables + (model.hidden_size if last else 0)
         weights = layers * model.params_per_layer / plan.tp * w + head * d
         activations = layer_activations + (logits if last else 0)
         kv_per_block = 2 * layers * s.kv * model.kv_dtype_bytes * block_size

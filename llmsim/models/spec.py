@@ -41,6 +41,9 @@ class ModelSpec(NumbersNotBools):
     num_experts: int = Field(default=1, ge=1)
     experts_per_token: int = Field(default=1, ge=1)
     max_position: int = Field(default=4096, gt=0)
+    # The LM head is the embedding's own matrix (HuggingFace's tie_word_embeddings): held once where one stage
+    # holds both.
+    tied_embeddings: bool = False
     dtype: str = "fp16"
     activation_dtype: str | None = None
     kv_cache_dtype: str | None = None
@@ -84,7 +87,7 @@ class ModelSpec(NumbersNotBools):
     @property
     def num_params(self) -> int:
         embed = self.vocab_size * self.hidden_size
-        return self.num_layers * self.params_per_layer + 2 * embed + self.hidden_size
+        return self.num_layers * self.params_per_layer + (1 if self.tied_embeddings else 2) * embed + self.hidden_size
 
     @property
     def weight_bytes(self) -> int:
@@ -113,8 +116,8 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     # A null field is an absent one, as transformers' PretrainedConfig reads it (its default applies).
     cfg = {key: value for key, value in cfg.items() if value is not None}
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
-                "intermediate_size", "ffn_dim", "head_dim", "num_local_experts", "num_experts_per_tok",
-                "max_position_embeddings"):
+                "intermediate_size", "ffn_dim", "head_dim", *_EXPERT_FIELDS, "num_experts_per_tok",
+                "moe_intermediate_size", "max_position_embeddings"):
         value = cfg.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
@@ -124,14 +127,16 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     for key in ("_name_or_path", "model_type"):
         if key in cfg and not isinstance(cfg[key], str):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {cfg[key]!r}, expected a string")
+    tied = cfg.get("tie_word_embeddings", cfg.get("model_type") in _TIED_MODEL_TYPES)
+    if type(tied) is not bool:
+        raise ConfigError(f"model: HuggingFace config {path}: tie_word_embeddings is {tied!r}, expected true or false")
     architectures = cfg.get("architectures")
     if architectures is not None and not (isinstance(architectures, list)
                                           and all(isinstance(a, str) for a in architectures)):
         raise ConfigError(f"model: HuggingFace config {path}: architectures is {architectures!r}, expected a list of "
                           "class names")
-    if cfg.get("num_experts_per_tok", 1) > cfg.get("num_local_experts", 1):
-        raise ConfigError(f"model: HuggingFace config {path}: num_experts_per_tok {cfg['num_experts_per_tok']} is "
-                          f"more than num_local_experts {cfg.get('num_local_experts', 1)}")
+    num_experts, experts_per_token, expert_ffn = _experts(cfg, path)
+    _refuse_unmodelled(cfg, path, num_experts > 1)
     torch_dtype = cfg.get("torch_dtype")
     if dtype is None and torch_dtype is not None and not (isinstance(torch_dtype, str) and torch_dtype in _HF_DTYPES):
         raise ConfigError(f"model: HuggingFace config {path}: torch_dtype {torch_dtype!r} is none of "
@@ -154,11 +159,11 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         if not cfg.get("head_dim") and hidden % heads:
             raise ConfigError(f"model: HuggingFace config {path}: hidden_size {hidden} is not a multiple of "
                               f"num_attention_heads {heads} (and there is no head_dim)")
-        ffn = cfg.get("intermediate_size") or cfg.get("ffn_dim")  # OPT's name for it
+        ffn = expert_ffn or cfg.get("intermediate_size") or cfg.get("ffn_dim")  # OPT's name for it
         if ffn is None:  # no default: a guessed MLP width would price every layer wrong
             raise ConfigError(f"model: HuggingFace config {path} lacks the field 'intermediate_size' (or 'ffn_dim')")
-        arch = (cfg.get("architectures") or [""])[0].lower()
-        is_opt = cfg.get("model_type") == "opt" or "opt" in arch
+        ungated = (cfg.get("model_type") in _UNGATED_MODEL_TYPES
+                   or (cfg.get("architectures") or [""])[0] in _UNGATED_ARCHITECTURES)
         spec = ModelSpec(
             # Without _name_or_path: the folder's name, as HuggingFace lays a model out (or the file's own).
             name=cfg.get("_name_or_path") or (path.parent.name if path.name == "config.json" else path.stem),
@@ -168,12 +173,13 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             num_kv_heads=kv_heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             ffn_size=ffn,
-            gated_mlp=not is_opt,
-            norm="layernorm" if is_opt else "rmsnorm",
+            gated_mlp=not ungated,
+            norm="layernorm" if ungated else "rmsnorm",
             vocab_size=cfg["vocab_size"],
-            num_experts=cfg.get("num_local_experts", 1),
-            experts_per_token=cfg.get("num_experts_per_tok", 1),
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
             max_position=cfg.get("max_position_embeddings", 4096),
+            tied_embeddings=tied,
             dtype=dtype or _hf_dtype(cfg.get("torch_dtype")),
         )
     except ValidationError as exc:
@@ -182,6 +188,80 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
 
 
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+# The routed-expert count under each family's name: Mixtral's (also MiniMax's and gpt-oss's), Qwen-MoE's (and
+# OLMoE's), DeepSeek's. The expert's width is ``moe_intermediate_size`` where the config has one (Qwen-MoE,
+# DeepSeek, whose ``intermediate_size`` is a dense MLP's), else ``intermediate_size`` (Mixtral).
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+# Architectures whose MLP is an up projection and an activation, no gate, with LayerNorm (as vLLM's model files for
+# them run it): by model_type, or by class name. Every other architecture is read as Llama's descendants are built:
+# a gated (SwiGLU-style) MLP and RMSNorm.
+_UNGATED_MODEL_TYPES = {"opt", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "starcoder2", "falcon", "bloom",
+                        "mpt"}
+_UNGATED_ARCHITECTURES = {"OPTForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM",
+                          "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "Starcoder2ForCausalLM", "FalconForCausalLM",
+                          "BloomForCausalLM", "MPTForCausalLM"}
+
+
+# Families whose config class ties the LM head to the embedding when the file does not say (transformers' Gemma
+# configs; Llama's and its descendants' default to untied, as do the families not listed here).
+_TIED_MODEL_TYPES = {"gemma", "gemma2", "gemma3_text"}
+
+
+def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
+    """(routed experts, experts a token is routed to, an expert's MLP width or None: ``intermediate_size``'s) of
+    a config; a dense model is one expert of one."""
+    named = [(key, cfg[key]) for key in _EXPERT_FIELDS if key in cfg]
+    if len({n for _, n in named}) > 1:
+        raise ConfigError(f"model: HuggingFace config {path}: "
+                          f"{' and '.join(f'{key} {n}' for key, n in named)} disagree on the number of experts")
+    top_k = cfg.get("num_experts_per_tok")
+    if not named:
+        if top_k is not None and top_k > 1:
+            raise ConfigError(f"model: HuggingFace config {path}: num_experts_per_tok {top_k} with no expert count "
+                              f"({', '.join(_EXPERT_FIELDS)})")
+        return 1, 1, None
+    key, num_experts = named[0]
+    if num_experts > 1 and top_k is None:  # transformers' defaults differ by family (Mixtral 2, Qwen3-MoE 8)
+        raise ConfigError(f"model: HuggingFace config {path}: {key} {num_experts} but no num_experts_per_tok (the "
+                          "experts each token is routed to)")
+    if (top_k or 1) > num_experts:
+        raise ConfigError(f"model: HuggingFace config {path}: num_experts_per_tok {top_k} is more than {key} "
+                          f"{num_experts}")
+    return num_experts, top_k or 1, cfg.get("moe_intermediate_size") if num_experts > 1 else None
+
+
+def _refuse_unmodelled(cfg: dict, path: Path, moe: bool) -> None:
+    """A config whose layers hold what the model does not price is an error naming the field, not a model priced
+    as if it had Llama's or Mixtral's layers."""
+    def count(key: str) -> int:
+        value = cfg.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 0")
+        return value
+
+    if "kv_lora_rank" in cfg:
+        raise ConfigError(f"model: HuggingFace config {path}: kv_lora_rank {cfg['kv_lora_rank']!r}: multi-head latent "
+                          "attention (DeepSeek-V2/V3's, a compressed KV cache) is not modelled")
+    if not moe:
+        return
+    for key in ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size"):
+        if count(key):
+            raise ConfigError(f"model: HuggingFace config {path}: {key} {cfg[key]}: shared experts (a dense MLP "
+                              "beside the routed ones) are not modelled")
+    mlp_only = cfg.get("mlp_only_layers", [])
+    if not isinstance(mlp_only, list):
+        raise ConfigError(f"model: HuggingFace config {path}: mlp_only_layers is {mlp_only!r}, expected a list")
+    dense_layers = [(key, cfg[key]) for key in ("first_k_dense_replace",) if count(key)]
+    dense_layers += [(key, cfg[key]) for key in ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
+                     if count(key) > 1]
+    if mlp_only:
+        dense_layers.append(("mlp_only_layers", mlp_only))
+    if dense_layers:
+        key, value = dense_layers[0]
+        raise ConfigError(f"model: HuggingFace config {path}: {key} {value}: dense layers among the MoE ones are not "
+                          "modelled (every layer is priced alike)")
 
 
 def _hf_dtype(torch_dtype: str | None) -> str:
