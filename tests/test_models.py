@@ -11,7 +11,8 @@ from llmsim.models.spec import catalog
 @pytest.mark.parametrize("name,billions", [("Llama-2-7B", 6.74), ("Llama-2-13B", 13.0), ("Llama-2-70B", 69.0),
                                            ("Llama-3-8B", 8.03), ("Llama-3-70B", 70.6), ("Mistral-7B", 7.24),
                                            ("Mixtral-8x7B", 46.7), ("Qwen2-72B", 72.7),
-                                           ("Yi-34B", 34.4), ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.0)])
+                                           ("Yi-34B", 34.4), ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.0),
+                                           ("OPT-13B", 12.85)])
 def test_catalog_parameter_counts_match_published_sizes(name, billions):
     assert load_model(name).num_params / 1e9 == pytest.approx(billions, rel=0.02)
 

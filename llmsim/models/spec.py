@@ -205,8 +205,9 @@ _UNGATED_ARCHITECTURES = {"OPTForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalL
 
 
 # Families whose config class ties the LM head to the embedding when the file does not say (transformers' Gemma
-# configs; Llama's and its descendants' default to untied, as do the families not listed here).
-_TIED_MODEL_TYPES = {"gemma", "gemma2", "gemma3_text"}
+# configs, and OPT's, which keeps PretrainedConfig's default: OPT-13B's published 12.85B parameters count its
+# embedding once); Llama's and its descendants' default to untied, as do the families not listed here.
+_TIED_MODEL_TYPES = {"gemma", "gemma2", "gemma3_text", "opt"}
 
 
 def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
