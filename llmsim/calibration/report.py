@@ -30,6 +30,7 @@ def compare(profile: HardwareProfile, rows: Rows, held_out: np.ndarray,
         "predicted_s": predicted,
         "num_workers": rows.num_workers,  # collectives: the GPU count (a TP degree); NaN elsewhere
         "size_bytes": rows.size_bytes,
+        "tp": rows.df["tp"],  # layer ops and fused-MoE rows: the TP degree of the shard
     })
     out = pd.concat([out, _layer_sums(out, rows.df)], ignore_index=True)
     out["rel_error"] = out["predicted_s"] / out["measured_s"] - 1.0
@@ -101,6 +102,17 @@ def collective_table(comparison: pd.DataFrame, custom_max_bytes: float | None) -
     return table.reset_index()
 
 
+def moe_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    """MAPE and median signed error of the fused-MoE rows per split, kind, expert shape (the measurements' model
+    name, ``moe h<hidden> i<expert width> e<experts> k<top-k>``) and TP degree: a model's shape may sit well or badly
+    on a curve whose MAPE over every shape looks fine."""
+    c = comparison[comparison["op"].str.startswith("moe")]
+    c = c.assign(abs_err=c["rel_error"].abs(), tp=c["tp"].astype(int))
+    table = c.groupby(["split", "op", "model", "tp"], sort=True).agg(
+        rows=("abs_err", "size"), mape=("abs_err", "mean"), bias=("rel_error", "median"))
+    return table.reset_index()
+
+
 def parity_plot(comparison: pd.DataFrame, title: str, path: Path) -> None:
     import matplotlib
 
@@ -127,7 +139,7 @@ def parity_plot(comparison: pd.DataFrame, title: str, path: Path) -> None:
 
 
 def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, split: Split, png_name: str,
-             command: str, collectives: pd.DataFrame | None = None) -> str:
+             command: str, collectives: pd.DataFrame | None = None, moe: pd.DataFrame | None = None) -> str:
     lines = [
         f"# Validation: {profile.name} ({profile.description})",
         "",
@@ -168,6 +180,12 @@ def markdown(profile: HardwareProfile, table: pd.DataFrame, measurements: str, s
         for r in collectives.itertuples(index=False):
             engine = "" if not limit else " - |" if pd.isna(r.mape_engine_sizes) else f" {r.mape_engine_sizes:.1%} |"
             lines.append(f"| {r.split} | {r.op} | {r.gpus} | {r.rows} | {r.mape:.1%} |{engine}")
+    if moe is not None and len(moe):
+        lines += ["", "Fused MoE by expert shape (hidden size, expert width, experts, top-k) and TP degree.", "",
+                  "| split | op | expert shape | TP | rows | MAPE | bias |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in moe.itertuples(index=False):
+            lines.append(f"| {r.split} | {r.op} | {r.model.removeprefix('moe ')} | {r.tp} | {r.rows} | {r.mape:.1%} | "
+                         f"{r.bias:+.1%} |")
     lines += ["", f"![parity plot]({png_name})", ""]
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ import yaml
 from llmsim.calibration.fit import Split, calibrate, l2_resident, validation_only
 from llmsim.calibration.measurements import read_measurements
 from llmsim.calibration.predict import Rows
-from llmsim.calibration.report import collective_table, compare, error_table, markdown, parity_plot, summary
+from llmsim.calibration.report import (collective_table, compare, error_table, markdown, moe_table, parity_plot,
+                                       summary)
 from llmsim.errors import ConfigError
 from llmsim.hardware.profile import (PROFILES_DIR, HardwareProfile, available_profiles, forget_loaded_profiles,
                                      load_profile, profile_files)
@@ -150,7 +151,7 @@ def validate(path: Path, measurements: Path | None, out_dir: Path, command: str)
     report = out_dir / f"{path.stem}.md"
     shown = ", ".join(_relative(m, path.parent) for m in measurements)
     collectives = collective_table(comparison, profile.custom_all_reduce_max_bytes)
-    report.write_text(markdown(profile, table, shown, split, plot.name, command, collectives))
+    report.write_text(markdown(profile, table, shown, split, plot.name, command, collectives, moe_table(comparison)))
     return Validation(table, report, plot)
 
 
