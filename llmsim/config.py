@@ -47,8 +47,9 @@ class _Strict(NumbersNotBools):
 
 class ModelConfig(_Strict):
     name: str  # catalog name or path to a HuggingFace config.json (or its folder), relative to the working directory
-    # Weights' dtype (default the model's); fp8/int8 is a quantised checkpoint, GEMMs at that dtype's peak.
-    dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] | None = None
+    # Weights' dtype (default the model's); fp8/int8 is a quantised checkpoint, GEMMs at that dtype's peak;
+    # fp8_block a block-scaled FP8 one (128 x 128 weight blocks, DeepSeek-V3's and Qwen3's FP8 checkpoints).
+    dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8", "fp8_block"] | None = None
     # Activations (and TP all-reduce payloads): default the weights' dtype when 16/32-bit, else bf16.
     activation_dtype: Literal["fp32", "fp16", "bf16"] | None = None
     # vLLM's --kv-cache-dtype: default the activations'.

@@ -206,6 +206,10 @@ def test_shipped_validation_reproduces_and_meets_bound(tmp_path, device, stack_g
     assert held.loc["gemm", "mape"] <= 0.08
     if device == "h100-sxm":
         assert held.loc["gemm (fp8)", "mape"] <= 0.07
+        # Block-scaled FP8 (DeepSeek-V3's and Qwen3's FP8 checkpoints), on its own curves: held-out K and Mixtral's
+        # expert shape within 6% (README); until this round its rows were imported and left unmodelled.
+        assert held.loc["gemm (fp8 block-scaled)", "mape"] <= 0.06
+        assert held.loc["moe (fp8 block-scaled)", "mape"] <= 0.06
     for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"):
         assert stack_gap[0] <= held.loc[op, "bias"] <= stack_gap[1], (op, held.loc[op, "bias"])
     assert "fit" not in set(table.loc[table["op"].isin(("attn_pre_proj", "layer (sum of ops)")), "split"])

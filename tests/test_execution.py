@@ -358,6 +358,33 @@ def test_precision_as_engines_have_it():
     assert fp8_kv8.kv_bytes_per_token() == bf16.kv_bytes_per_token() / 2
 
 
+def test_block_scaled_fp8_runs_its_own_kernels_where_a_profile_has_them():
+    """Block-scaled FP8 checkpoints (128 x 128 weight blocks; DeepSeek-V3's, Qwen3's) run vLLM's block-FP8 GEMM
+    and fused MoE, which aiconfigurator measured at 1.3-2x the per-tensor FP8 kernels' time on H100: priced as
+    per-tensor FP8 they came out that much fast. A profile without those curves refuses them by name."""
+    h100 = load_profile("h100-sxm")
+    block, fp8 = load_model("Llama-3-8B", "fp8_block"), load_model("Llama-3-8B", "fp8")
+    s = ops.ShardShapes.of(block, 1)
+    assert (s.weight_bytes, s.dtype_bytes, s.gemm_kind, s.moe_kind) == (1, 2, "linear_fp8_block", "moe_fp8_block")
+    ex_block, ex_fp8 = (ExecutionModel(m, h100, ParallelPlan(tp=1)) for m in (block, fp8))
+    assert ex_block.peak_flops == h100.peak("fp8")
+    up_block, up_fp8 = (by_name(ops.dense_layer_ops(ops.ShardShapes.of(m, 1), 2048))["mlp_up_proj"]
+                        for m in (block, fp8))
+    assert up_block.num_bytes == up_fp8.num_bytes and up_block.flops == up_fp8.flops
+    assert ex_block.op_cost(up_block) == op_time_s(h100.efficiency["linear_fp8_block"], h100.peak("fp8"),
+                                                   h100.memory_bandwidth_bytes_per_s, up_block.flops,
+                                                   up_block.num_bytes, up_block.num_tokens, up_block.gemm_k,
+                                                   up_block.gemm_n, h100.num_sms)
+    steps = {t: ex_block.iteration(((t, 0),), 0, 0, 1).time_s / ex_fp8.iteration(((t, 0),), 0, 0, 1).time_s
+             for t in (16, 8192)}
+    assert 1.3 < steps[16] < 2.5 and 1.05 < steps[8192] < steps[16], steps  # the gap narrows as M grows
+    assert ops.ShardShapes.of(load_model("Qwen3-30B-A3B", "fp8_block"), 1).moe_kind == "moe_fp8_block"
+    with pytest.raises(ConfigError, match=r"mi325x has no curve for block-scaled FP8 \(linear_fp8_block"):
+        ExecutionModel(block, load_profile("mi325x"), ParallelPlan(tp=1)).iteration(((512, 0),), 0, 0, 1)
+    with pytest.raises(ConfigError, match=r"no peak FLOPS for dtype 'fp8' \(model.dtype fp8_block\)"):
+        load_profile("a100-80gb").peak("fp8_block")
+
+
 def test_moe_layer_is_one_fused_expert_kernel():
     """Mixtral at TP2: the gate, then vLLM's fused MoE kernel over the experts the tokens are routed to."""
     mixtral = load_model("Mixtral-8x7B", "bf16")

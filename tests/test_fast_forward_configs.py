@@ -48,7 +48,7 @@ def configurations(draw):
         s["cpu_overhead"] = "vllm_v0"
     m = {"name": model}
     if device in ("h100-sxm", "h200") and draw(st.booleans()):
-        m["dtype"] = "fp8"
+        m["dtype"] = draw(st.sampled_from(["fp8", "fp8_block"]))
     if draw(st.booleans()):
         m["kv_cache_dtype"] = "fp8"
     cluster = {"num_replicas": draw(st.sampled_from([1, 2])), "policy": policy,

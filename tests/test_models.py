@@ -142,3 +142,16 @@ def test_hf_config_features_that_are_not_modelled_are_named(tmp_path, fields, ne
     error naming its field."""
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_model(_config(tmp_path, fields))
+
+
+def test_a_block_scaled_fp8_checkpoint_asks_for_fp8_block(tmp_path):
+    """Qwen3's and DeepSeek-V3's FP8 checkpoints scale weights per 128 x 128 block; vLLM runs them on its block-FP8
+    kernels, not the per-tensor ones that model.dtype fp8 prices."""
+    fp8 = {**QWEN3_30B_A3B, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    path = _config(tmp_path, fp8)
+    with pytest.raises(ConfigError, match=re.escape("(fp8_block: its weight_block_size [128, 128] is block-scaled")):
+        load_model(path)
+    spec = load_model(path, "fp8_block")
+    assert (spec.dtype, spec.dtype_bytes, spec.act_dtype) == ("fp8_block", 1, "bf16")
+    with pytest.raises(ConfigError, match=re.escape("(fp8, fp8_block or int8; weights of fewer bits")):
+        load_model(_config(tmp_path, {**QWEN3_30B_A3B, "quantization_config": {"quant_method": "awq"}}))

@@ -21,7 +21,7 @@ from llmsim.errors import ConfigError
 from llmsim.execution.model import split_k_sms
 from llmsim.hardware.attention import packing_copies
 from llmsim.hardware.profile import (ComputeEfficiency, DecodeAttentionFit, HardwareProfile, LinkModel, OpEfficiency,
-                                     PrefillAttentionFit)
+                                     PrefillAttentionFit, peak_dtype)
 from llmsim.hardware.roofline import custom_all_reduce_serves
 
 _LOSS_SCALE = 0.05  # residuals beyond ~5% relative error count linearly, not quadratically
@@ -305,7 +305,7 @@ def calibrate(profile: HardwareProfile, rows: Rows, split: Split) -> HardwarePro
     train = (~split.held_out(rows.df) & ~l2_resident(profile, rows) & ~split.other_gemm_source(rows)
              & ~validation_only(profile, rows.kind))
     computed = train & (rows.kind != "unmodelled") & ~np.array([is_link_kind(k) for k in rows.kind], dtype=bool)
-    no_peak = sorted({str(d) for d in rows.dtype[computed]} - set(profile.peak_flops))
+    no_peak = sorted({str(d) for d in rows.dtype[computed] if peak_dtype(str(d)) not in profile.peak_flops})
     if no_peak:  # their predictions are NaN, which the least-squares fit cannot start from
         raise ConfigError(f"{profile.name}: the measurements to fit have rows of dtype {', '.join(no_peak)}, for which "
                           f"the profile has no peak_flops (it has {', '.join(profile.peak_flops)}): add a peak or "

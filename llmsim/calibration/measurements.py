@@ -76,8 +76,8 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(COLUMNS) + extra].reset_index(drop=True)
 
 
-# Precisions a row's dtype and kv_dtype may name: the models' (``DTYPE_BYTES``) and aiconfigurator's block-scaled
-# FP8 GEMMs (``fp8_block``, read and left unmodelled by the prediction).
+# Precisions a row's dtype and kv_dtype may name: the models' (``DTYPE_BYTES``, block-scaled FP8 ``fp8_block``
+# among them).
 DTYPES = ("fp32", "fp16", "bf16", "fp8", "int8", "fp8_block")
 _GATED = ("true", "false", "1", "0", "1.0", "0.0")
 

@@ -18,7 +18,8 @@ from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency, prefill_grid, split_k_sms
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
                                        swap_copy_s)
-from llmsim.hardware.profile import GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
+from llmsim.hardware.profile import (GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit,
+                                     peak_dtype)
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
                                       custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
                                       split_k_splits)
@@ -66,8 +67,6 @@ def row_work(row) -> ops.OpWork:
     if op == "moe":
         return moe_row_work(row)
     if op == "gemm":  # [num_tokens, gemm_k] x [gemm_k, gemm_n], weights in dtype, activations 16-bit
-        if row.dtype == "fp8_block":  # block-scaled FP8 (DeepSeek-style): not modelled
-            return ops.OpWork("gemm", "unmodelled", 0.0, 0.0, 0.0)
         return ops.linear("gemm", int(row.num_tokens), int(row.gemm_k), int(row.gemm_n), _gemm_shapes(row.dtype))
     s = row_shapes(row)
     if op == "attn_prefill":
@@ -94,8 +93,6 @@ def moe_row_shapes(row) -> ops.ShardShapes:
 def moe_row_work(row, default_config: bool = False) -> ops.OpWork:
     """vLLM's fused MoE over num_tokens tokens, experts sharded by tp; ``default_config``: run with vLLM's
     default kernel configuration (``ops.vllm_default_moe_block_m``)."""
-    if row.dtype == "fp8_block":
-        return ops.OpWork("moe", "unmodelled", 0.0, 0.0, 0.0)
     s = moe_row_shapes(row)
     tokens = int(row.num_tokens)
     block_m = ops.vllm_default_moe_block_m(tokens, s.num_experts) if default_config else 0
@@ -256,8 +253,8 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
                 out[m & ~custom_all_reduce_serves(profile.custom_all_reduce_max_bytes, rows.size_bytes)] = np.nan
             continue
         if kind == "unmodelled" or (profile.efficiency.get(kind) is None
-                                    and not kind.startswith(("linear", "moe"))):
-            continue
+                                    and (kind.endswith("_fp8_block") or not kind.startswith(("linear", "moe")))):
+            continue  # block-scaled FP8 has no stand-in curve (``gemm_efficiency``)
         eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
                             rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
@@ -269,7 +266,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
 
 def peak_flops(profile: HardwareProfile, rows: Rows, m: np.ndarray) -> np.ndarray:
     """The profile's peak FLOP/s for each of rows ``m`` by its dtype; NaN where the profile has no peak."""
-    return np.array([profile.peak_flops.get(d, np.nan) for d in rows.dtype[m]])
+    return np.array([profile.peak_flops.get(peak_dtype(d), np.nan) for d in rows.dtype[m]])
 
 
 def prefill_s(profile: HardwareProfile, rows: Rows, m: np.ndarray, fit: PrefillAttentionFit) -> np.ndarray:

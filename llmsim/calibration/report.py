@@ -45,11 +45,12 @@ def _op_labels(rows: Rows) -> pd.Series:
     op = op.where(~kind.str.endswith("_inter_node"), op + " (inter-node)")
     op = op.where(~kind.str.endswith("_custom"), op + " (vLLM custom)")
     op = op.where(~((rows.df["op"] == "gemm") & (kind == "linear_fp8")), op + " (fp8)")
-    op = op.where(~((rows.df["op"] == "gemm") & (kind == "unmodelled")), op + " (fp8 block-scaled)")
+    op = op.where(~((rows.df["op"] == "gemm") & (kind == "linear_fp8_block")), op + " (fp8 block-scaled)")
     op = op.where(~(kind.str.startswith("attention_") & (rows.kv_dtype_bytes == 1)), op + " (8-bit KV)")
     op = op.where(kind != "moe_untuned", op + " (vLLM default config)")
     op = op.where(kind != "moe_fp8", op + " (fp8)")
     op = op.where(kind != "moe_fp8_untuned", op + " (fp8, vLLM default config)")
+    op = op.where(kind != "moe_fp8_block", op + " (fp8 block-scaled)")
     return op.where(kind != "unmodelled", op + " (vLLM custom, eager)")
 
 

@@ -63,9 +63,15 @@ def prefill_grid(fit: PrefillAttentionFit, s: ops.ShardShapes, chunks: tuple[tup
 
 def gemm_efficiency(hardware: HardwareProfile, kind: str) -> OpEfficiency:
     """The profile's curve for ``kind``. Without a fit of its own, an FP8 GEMM runs on the 16-bit GEMM curve
-    (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype."""
+    (at the FP8 peak), a fused-MoE kernel on the fused-MoE curve, else the GEMM curve of its dtype. Block-scaled
+    FP8 has no stand-in: its kernels take 1.3-2x the per-tensor FP8 ones where both are measured (H100), so a
+    profile without its curves cannot price it."""
     efficiency = hardware.efficiency
     eff = efficiency.get(kind)
+    if eff is None and kind.endswith("_fp8_block"):
+        raise ConfigError(f"hardware: {hardware.name} has no curve for block-scaled FP8 ({kind}; model.dtype "
+                          "fp8_block): calibrate it on measured block-FP8 GEMMs and fused MoE, or use a profile "
+                          "that has them (h100-sxm, h200)")
     if eff is None and kind.endswith("_untuned"):  # fused MoE without a default-configuration curve
         kind = kind.removesuffix("_untuned")
         eff = efficiency.get(kind)

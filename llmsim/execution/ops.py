@@ -43,7 +43,7 @@ class ShardShapes:
     dtype_bytes: int  # activations (and TP all-reduce payloads)
     kv_dtype_bytes: int  # the KV cache's element size (vLLM's --kv-cache-dtype)
     weight_bytes: int  # weights (1 for an fp8 / int8 checkpoint)
-    gemm_kind: str  # efficiency class of the GEMMs: "linear", or "linear_fp8" for FP8 weights
+    gemm_kind: str  # efficiency class of the GEMMs: "linear", "linear_fp8" (FP8 weights), "linear_fp8_block"
 
     @classmethod
     def of(cls, m: ModelSpec, tp: int) -> "ShardShapes":
@@ -52,7 +52,7 @@ class ShardShapes:
                    head_dim=m.head_dim, gated=m.gated_mlp, num_experts=m.num_experts,
                    experts_per_token=m.experts_per_token, dtype_bytes=m.act_bytes,
                    kv_dtype_bytes=m.kv_dtype_bytes, weight_bytes=m.dtype_bytes,
-                   gemm_kind="linear_fp8" if m.dtype == "fp8" else "linear")
+                   gemm_kind=_GEMM_KINDS.get(m.dtype, "linear"))
 
     @property
     def kv_heads(self) -> int:
@@ -60,13 +60,19 @@ class ShardShapes:
 
     @property
     def moe_kind(self) -> str:
-        """Efficiency class of the fused MoE: ``moe``, or ``moe_fp8`` for FP8 weights (as ``gemm_kind``)."""
-        return "moe_fp8" if self.gemm_kind == "linear_fp8" else "moe"
+        """Efficiency class of the fused MoE: ``moe``, ``moe_fp8`` for FP8 weights, ``moe_fp8_block`` for
+        block-scaled ones (as ``gemm_kind``)."""
+        return "moe" + self.gemm_kind.removeprefix("linear")
 
     @property
     def mha(self) -> bool:
         """As many KV heads as query heads on this shard (no grouped-query attention)."""
         return self.kv_heads == self.num_heads
+
+
+# The GEMM curve of a weight dtype: per-tensor FP8 (W8A8) and block-scaled FP8 run different kernels (vLLM quantises
+# the activations per 128-element group for the latter, and its block GEMM measures 1.3-2x the per-tensor one).
+_GEMM_KINDS = {"fp8": "linear_fp8", "fp8_block": "linear_fp8_block"}
 
 
 def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quantised: bool = True) -> OpWork:

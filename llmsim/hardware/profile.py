@@ -291,11 +291,17 @@ class HardwareProfile(_Frozen):
 
     def peak(self, dtype: str) -> float:
         try:
-            return self.peak_flops[dtype]
+            return self.peak_flops[peak_dtype(dtype)]
         except KeyError:
+            named = f"{peak_dtype(dtype)!r} (model.dtype {dtype})" if peak_dtype(dtype) != dtype else repr(dtype)
             raise ConfigError(
-                f"hardware: {self.name} has no peak FLOPS for dtype {dtype!r}; allowed: {', '.join(self.peak_flops)}"
+                f"hardware: {self.name} has no peak FLOPS for dtype {named}; allowed: {', '.join(self.peak_flops)}"
             ) from None
+
+
+def peak_dtype(dtype: str) -> str:
+    """The dtype whose peak FLOP/s a GEMM of weights ``dtype`` runs at: block-scaled FP8 at FP8's."""
+    return "fp8" if dtype == "fp8_block" else dtype
 
 
 def available_profiles() -> list[str]:

@@ -13,7 +13,7 @@ from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "fp8_block": 1}
 
 
 WIDE_DTYPES = ("fp32", "fp16", "bf16")  # dtypes activations can have
@@ -22,7 +22,8 @@ WIDE_DTYPES = ("fp32", "fp16", "bf16")  # dtypes activations can have
 class ModelSpec(NumbersNotBools):
     """Transformer decoder shapes. Sizes are counts. Precision as engines have it: ``dtype`` is the weights'
     (``fp8``/``int8``: a quantised checkpoint, GEMMs at that dtype's peak, W8A8 as vLLM's ``--quantization fp8``
-    runs them); activations, and so TP all-reduce payloads, stay 16-bit (``activation_dtype``, default the
+    runs them; ``fp8_block``: FP8 weights scaled per 128 x 128 block and activations per 128-element group, as
+    DeepSeek-V3's and Qwen3's FP8 checkpoints are and vLLM's block-FP8 kernels run them); activations, and so TP all-reduce payloads, stay 16-bit (``activation_dtype``, default the
     weights' dtype when it is 16/32-bit, else bf16); the KV cache has its own (``kv_cache_dtype``, vLLM's
     ``--kv-cache-dtype``, default the activations')."""
 
@@ -146,9 +147,11 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         # The engine runs the checkpoint's quantised weights; reading the 16-bit torch_dtype would price them as
         # 16-bit, so the precision is the user's to say.
         method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        blocks = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+        hint = (f"fp8_block: its weight_block_size {blocks} is block-scaled FP8" if blocks is not None else
+                "fp8, fp8_block or int8; weights of fewer bits are not modelled")
         raise ConfigError(f"model: HuggingFace config {path} is a quantised checkpoint (quantization_config, "
-                          f"quant_method {method!r}): set model.dtype to the precision its GEMMs run at (fp8 or "
-                          "int8; weights of fewer bits are not modelled)")
+                          f"quant_method {method!r}): set model.dtype to the precision its GEMMs run at ({hint})")
     try:
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
