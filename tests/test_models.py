@@ -155,3 +155,16 @@ def test_a_block_scaled_fp8_checkpoint_asks_for_fp8_block(tmp_path):
     assert (spec.dtype, spec.dtype_bytes, spec.act_dtype) == ("fp8_block", 1, "bf16")
     with pytest.raises(ConfigError, match=re.escape("(fp8, fp8_block or int8; weights of fewer bits")):
         load_model(_config(tmp_path, {**QWEN3_30B_A3B, "quantization_config": {"quant_method": "awq"}}))
+
+
+def test_a_multimodal_config_says_where_its_language_model_is(tmp_path):
+    """Gemma 3's, Llama 4's and Qwen-VL's configs nest the language model under text_config: 'lacks the field
+    hidden_size' alone did not say so."""
+    nested = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": {"hidden_size": 2560, "num_hidden_layers": 34, "num_attention_heads": 8,
+                              "vocab_size": 262208, "intermediate_size": 10240},
+              "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27}}
+    with pytest.raises(ConfigError, match="lacks the field 'hidden_size': it is a multimodal model's, whose "
+                                          "language model is under text_config"):
+        load_model(_config(tmp_path, nested))
+    assert load_model(_config(tmp_path, {**nested["text_config"], "model_type": "gemma3_text"})).tied_embeddings

@@ -124,6 +124,13 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
+            if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
+                # A multimodal model (Gemma 3, Llama 4, Qwen-VL, ...): its language model's fields are nested, and
+                # its vision encoder's weights and encoder cache, which the engine holds too, are not modelled.
+                raise ConfigError(f"model: HuggingFace config {path} lacks the field {key!r}: it is a multimodal "
+                                  "model's, whose language model is under text_config (vision encoders are not "
+                                  "modelled); to price the language model alone, give a config.json of its "
+                                  "text_config's fields")
             raise ConfigError(f"model: HuggingFace config {path} lacks the field {key!r}")
     for key in ("_name_or_path", "model_type"):
         if key in cfg and not isinstance(cfg[key], str):
