@@ -128,7 +128,8 @@ def test_tied_embeddings_are_one_matrix_where_one_stage_holds_both():
 
 @pytest.mark.parametrize("fields,needle", [
     (DEEPSEEK_V2_LITE, "kv_lora_rank 512: multi-head latent attention"),
-    ({**QWEN3_30B_A3B, "shared_expert_intermediate_size": 5632}, "shared_expert_intermediate_size 5632: shared experts"),
+    ({**QWEN3_30B_A3B, "shared_expert_intermediate_size": 5632},
+     "shared_expert_intermediate_size 5632: shared experts"),
     ({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]}, "mlp_only_layers [0, 1]: dense layers among the MoE ones"),
     ({**QWEN3_30B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers among the MoE ones"),
     ({**QWEN3_30B_A3B, "num_experts_per_tok": None}, "num_experts 128 but no num_experts_per_tok"),

@@ -23,9 +23,9 @@ class ModelSpec(NumbersNotBools):
     """Transformer decoder shapes. Sizes are counts. Precision as engines have it: ``dtype`` is the weights'
     (``fp8``/``int8``: a quantised checkpoint, GEMMs at that dtype's peak, W8A8 as vLLM's ``--quantization fp8``
     runs them; ``fp8_block``: FP8 weights scaled per 128 x 128 block and activations per 128-element group, as
-    DeepSeek-V3's and Qwen3's FP8 checkpoints are and vLLM's block-FP8 kernels run them); activations, and so TP all-reduce payloads, stay 16-bit (``activation_dtype``, default the
-    weights' dtype when it is 16/32-bit, else bf16); the KV cache has its own (``kv_cache_dtype``, vLLM's
-    ``--kv-cache-dtype``, default the activations')."""
+    DeepSeek-V3's and Qwen3's FP8 checkpoints are and vLLM's block-FP8 kernels run them); activations, and so TP
+    all-reduce payloads, stay 16-bit (``activation_dtype``, default the weights' dtype when it is 16/32-bit, else
+    bf16); the KV cache has its own (``kv_cache_dtype``, vLLM's ``--kv-cache-dtype``, default the activations')."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
