@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from llmsim.cli import main
 from llmsim.config import parse_config
-from llmsim.errors import LLMSimError
+from llmsim.errors import ConfigError, LLMSimError
+from llmsim.models import load_model
 from llmsim.run import run_experiment
 
 BASE = {"model": {"name": "Llama-2-7B"}, "cluster": {"num_replicas": 1},
@@ -664,3 +665,34 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_says_what_finished(tmp_path, cap
     assert not (tmp_path / "out" / ".llmsim.lock").exists()
     monkeypatch.setattr(execute, "run_point", real)
     assert main(["sweep", str(sweep), "-q", "--workers", "1"]) == 0  # resumes: the first point is read back
+
+
+_HF_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
+            "intermediate_size", "head_dim", "max_position_embeddings", "torch_dtype", "model_type", "architectures",
+            "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace", "decoder_sparse_step",
+            "mlp_only_layers", "moe_layer_freq", "kv_lora_rank", "tie_word_embeddings", "quantization_config",
+            "text_config", "_name_or_path"]
+_HF_BASE = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "num_hidden_layers": 4, "vocab_size": 1000, "intermediate_size": 6144, "moe_intermediate_size": 768,
+            "num_experts": 16, "num_experts_per_tok": 4, "model_type": "qwen3_moe", "torch_dtype": "bfloat16"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_HF_KEYS), _VALUES), min_size=1, max_size=4))
+def test_fuzzed_hf_config_fields_load_or_fail_clearly(tmp_path_factory, changes):
+    """Any value in any field a config.json is read for (MoE and the refused features among them) loads a model or
+    is a ConfigError naming the config, never another exception; a model that loads has the parameters its
+    shapes add up to."""
+    config = {**_HF_BASE, **dict(changes)}
+    path = tmp_path_factory.mktemp("hf") / "config.json"
+    path.write_text(json.dumps(config))
+    try:
+        spec = load_model(str(path))
+    except ConfigError as exc:
+        assert str(path) in str(exc)
+        return
+    assert 1 <= spec.experts_per_token <= spec.num_experts and spec.num_params > 0
+    embed = spec.vocab_size * spec.hidden_size
+    assert spec.num_params == spec.num_layers * spec.params_per_layer + embed * (1 if spec.tied_embeddings else 2) + \
+        spec.hidden_size
