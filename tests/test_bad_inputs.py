@@ -671,6 +671,7 @@ _HF_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_si
             "intermediate_size", "head_dim", "max_position_embeddings", "torch_dtype", "model_type", "architectures",
             "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
             "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace", "decoder_sparse_step",
+            "num_shared_experts",
             "mlp_only_layers", "moe_layer_freq", "kv_lora_rank", "tie_word_embeddings", "quantization_config",
             "text_config", "_name_or_path"]
 _HF_BASE = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
@@ -694,5 +695,6 @@ def test_fuzzed_hf_config_fields_load_or_fail_clearly(tmp_path_factory, changes)
         return
     assert 1 <= spec.experts_per_token <= spec.num_experts and spec.num_params > 0
     embed = spec.vocab_size * spec.hidden_size
-    assert spec.num_params == spec.num_layers * spec.params_per_layer + embed * (1 if spec.tied_embeddings else 2) + \
-        spec.hidden_size
+    dense = spec.num_dense_layers
+    assert spec.num_params == ((spec.num_layers - dense) * spec.params_per_layer + dense * spec.dense_layer_params
+                               + embed * (1 if spec.tied_embeddings else 2) + spec.hidden_size)

@@ -12,7 +12,7 @@ from llmsim.models.spec import catalog
                                            ("Llama-3-8B", 8.03), ("Llama-3-70B", 70.6), ("Mistral-7B", 7.24),
                                            ("Mixtral-8x7B", 46.7), ("Qwen2-72B", 72.7),
                                            ("Yi-34B", 34.4), ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.0),
-                                           ("OPT-13B", 12.85)])
+                                           ("OPT-13B", 12.85), ("GLM-4.5-Air", 106.0)])
 def test_catalog_parameter_counts_match_published_sizes(name, billions):
     assert load_model(name).num_params / 1e9 == pytest.approx(billions, rel=0.02)
 
@@ -128,10 +128,11 @@ def test_tied_embeddings_are_one_matrix_where_one_stage_holds_both():
 
 @pytest.mark.parametrize("fields,needle", [
     (DEEPSEEK_V2_LITE, "kv_lora_rank 512: multi-head latent attention"),
-    ({**QWEN3_30B_A3B, "shared_expert_intermediate_size": 5632},
-     "shared_expert_intermediate_size 5632: shared experts"),
-    ({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]}, "mlp_only_layers [0, 1]: dense layers among the MoE ones"),
-    ({**QWEN3_30B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers among the MoE ones"),
+    ({**QWEN3_30B_A3B, "mlp_only_layers": [0, 1]}, "mlp_only_layers [0, 1]: dense layers interleaved with the MoE"),
+    ({**QWEN3_30B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers interleaved with the MoE"),
+    ({**QWEN3_30B_A3B, "first_k_dense_replace": 48}, "first_k_dense_replace 48 makes every one of the 48 layers"),
+    ({**QWEN3_30B_A3B, "moe_intermediate_size": None, "n_shared_experts": 1},
+     "1 shared experts without moe_intermediate_size"),
     ({**QWEN3_30B_A3B, "num_experts_per_tok": None}, "num_experts 128 but no num_experts_per_tok"),
     ({**QWEN3_30B_A3B, "num_local_experts": 64}, "num_local_experts 64 and num_experts 128 disagree"),
     ({**PHI_2, "num_experts_per_tok": 2}, "num_experts_per_tok 2 with no expert count"),
@@ -139,8 +140,8 @@ def test_tied_embeddings_are_one_matrix_where_one_stage_holds_both():
     ({**GEMMA_2_9B, "tie_word_embeddings": "yes"}, "tie_word_embeddings is 'yes', expected true or false"),
 ])
 def test_hf_config_features_that_are_not_modelled_are_named(tmp_path, fields, needle):
-    """MLA, shared experts and dense layers between MoE ones would be priced as layers they are not; each is an
-    error naming its field."""
+    """MLA and dense layers interleaved with MoE ones would be priced as layers they are not; each is an error
+    naming its field."""
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_model(_config(tmp_path, fields))
 
@@ -169,3 +170,50 @@ def test_a_multimodal_config_says_where_its_language_model_is(tmp_path):
                                           "language model is under text_config"):
         load_model(_config(tmp_path, nested))
     assert load_model(_config(tmp_path, {**nested["text_config"], "model_type": "gemma3_text"})).tied_embeddings
+
+
+GLM_4_5_AIR = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 4096,
+               "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 46,
+               "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 128,
+               "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+               "num_nextn_predict_layers": 1, "vocab_size": 151552, "max_position_embeddings": 131072,
+               "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+QWEN2_57B_A14B = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 3584,
+                  "intermediate_size": 18944, "moe_intermediate_size": 2560, "shared_expert_intermediate_size": 20480,
+                  "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "num_experts": 64,
+                  "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                  "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def test_shared_experts_and_dense_first_layers_are_read_and_priced(tmp_path):
+    """GLM-4.5-Air's MoE layers run a shared expert beside the routed ones, and its first layer a dense MLP;
+    Qwen2-57B-A14B's a 20,480-wide shared expert. Both were refused; read, their parameters come to the published
+    totals (106B, 57.4B), and a step prices each kind of layer for as many layers as it has."""
+    from llmsim.execution import ops
+    from llmsim.execution.model import ExecutionModel, ParallelPlan
+    from llmsim.hardware.profile import load_profile
+
+    glm = load_model(_config(tmp_path, GLM_4_5_AIR))
+    assert glm.model_dump(exclude={"name"}) == load_model("GLM-4.5-Air").model_dump(exclude={"name"})
+    assert (glm.shared_expert_ffn_size, glm.num_dense_layers, glm.dense_ffn_size) == (1408, 1, 10944)
+    assert load_model(_config(tmp_path, QWEN2_57B_A14B)).num_params / 1e9 == pytest.approx(57.4, rel=0.01)
+    assert glm.num_params == 45 * glm.params_per_layer + glm.dense_layer_params + 2 * 151552 * 4096 + 4096
+    ex = ExecutionModel(glm, load_profile("h100-sxm"), ParallelPlan(tp=4))
+    moe, dense = ex._layer_groups(256)
+    assert (moe[0], dense[0]) == (45, 1)
+    names = {op.name for op in moe[1]}
+    assert {"moe_gate", "moe_experts", "shared_up_proj", "shared_down_proj"} <= names and "mlp_up_proj" not in names
+    assert {op.name for op in dense[1]} >= {"mlp_up_proj", "mlp_down_proj"} and "moe_experts" not in {
+        op.name for op in dense[1]}
+    up = next(op for op in dense[1] if op.name == "mlp_up_proj")
+    assert (up.gemm_k, up.gemm_n) == (4096, 2 * 10944 // 4)
+    flops = [sum(op.flops for op in group) for _, group in (moe, dense)]
+    assert ex._token_part(256)[1] == (45 * flops[0] + flops[1]) / 46  # the mean layer's, weighed by count
+    assert ex.prefill_flops(256, 0) == ex.iteration(((256, 0),), 0, 0, 1).flops
+    # The memory plan: a pipeline's first stage holds the dense layer.
+    from llmsim.execution.memory import plan_memory
+    kwargs = dict(block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=8192, max_num_seqs=256,
+                  runtime_reserve_gib=1.0, max_model_len=8192)
+    one = plan_memory(glm, load_profile("h100-sxm"), ParallelPlan(tp=4), **kwargs)
+    assert one.weights_bytes == glm.layer_params(0, 46) / 4 * 2 + (151552 * 4096 / 4 * 2 + 4096) * 2
+    assert glm.layer_params(0, 23) - glm.layer_params(23, 23) == glm.dense_layer_params - glm.params_per_layer

@@ -40,11 +40,17 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
     embed_params = model.vocab_size * model.hidden_size / plan.tp
     routed = max_num_batched_tokens * model.experts_per_token
     # Live tensors at the widest point of a layer (residual, normed input, QKV, MLP intermediate) ...
-    layer_activations = (max_num_batched_tokens * (3 * s.hidden + s.q + 2 * s.kv) + routed * 3 * s.ffn) * d
+    mlp_live = routed * 3 * s.ffn
+    if s.shared_ffn:  # shared experts run beside the routed ones
+        mlp_live += max_num_batched_tokens * 3 * s.shared_ffn
+    if model.num_dense_layers:  # the dense layers' MLP, where it is the wider
+        mlp_live = max(mlp_live, max_num_batched_tokens * 3 * (model.dense_ffn_size // plan.tp))
+    layer_activations = (max_num_batched_tokens * (3 * s.hidden + s.q + 2 * s.kv) + mlp_live) * d
     logits = max_num_seqs * s.vocab * 4  # ... plus fp32 logits for every sequence that samples (on the last stage)
     reserve = runtime_reserve_gib * GIB
     usable = hardware.memory_bytes * gpu_memory_utilization
     stages = []  # (weights, activations, KV bytes per block, blocks) per stage
+    first_layer = 0
     for k, layers in enumerate(pipeline_layers(model.num_layers, plan.pp, plan.layer_partition)):
         first, last = k == 0, k == plan.pp - 1
         # The embedding on the first stage, the LM head and the final norm on the last (both where one stage; one
@@ -53,7 +59,8 @@ def plan_memory(model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan,
         if tables == 2 and model.tied_embeddings:
             tables = 1
         head = embed_params * tables + (model.hidden_size if last else 0)
-        weights = layers * model.params_per_layer / plan.tp * w + head * d
+        weights = model.layer_params(first_layer, layers) / plan.tp * w + head * d
+        first_layer += layers
         activations = layer_activations + (logits if last else 0)
         kv_per_block = 2 * layers * s.kv * model.kv_dtype_bytes * block_size
         free = usable - weights - activations - reserve

@@ -144,6 +144,8 @@ class ExecutionModel:
         # The engine's CPU time per step: added to the GPU time, or (async scheduling) overlapping it.
         self.cpu_overhead, self.cpu_overlaps = cpu_overhead, cpu_overlaps
         self.shapes = ops.ShardShapes.of(model, plan.tp)
+        # An MoE model's first layers may run a dense MLP instead (``ModelSpec.num_dense_layers``).
+        self._dense_shapes = ops.ShardShapes.of_dense_layers(model, plan.tp) if model.num_dense_layers else None
         # vLLM's fused MoE without a tuned kernel configuration for this shape on this device runs its default
         # one, whose block size is known (ops.vllm_default_moe_block_m): its padding is then counted.
         self._moe_default_config = self.shapes.num_experts > 1 and hardware.fused_moe_kind(
@@ -221,8 +223,16 @@ class ExecutionModel:
         part = self._token_cache.get(num_tokens)
         if part is None:
             s, tp = self.shapes, self.plan.tp
-            layer_ops = ops.dense_layer_ops(s, num_tokens, self._moe_default_config)
-            layer_s = sum(self.op_cost(op) for op in layer_ops)
+            groups = self._layer_groups(num_tokens)
+            if len(groups) == 1:
+                layer_ops = groups[0][1]
+                layer_s = sum(self.op_cost(op) for op in layer_ops)
+                layer_flops, layer_bytes = sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops)
+            else:  # a mean layer: every layer's count is weighed by how many layers it is
+                n = self.model.num_layers
+                layer_s = sum(k * sum(self.op_cost(op) for op in group) for k, group in groups) / n
+                layer_flops = sum(k * sum(op.flops for op in group) for k, group in groups) / n
+                layer_bytes = sum(k * sum(op.num_bytes for op in group) for k, group in groups) / n
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
             custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,
                                                                                  activation_bytes)
@@ -230,10 +240,18 @@ class ExecutionModel:
             layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
             emb = ops.embedding(s, num_tokens)
             hand_off_s = (self.plan.pp - 1) * self._send_recv_s(activation_bytes) if self.plan.pp > 1 else 0.0
-            part = (layer_s, sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops),
-                    self.op_cost(emb), emb.flops, emb.num_bytes, hand_off_s)
+            part = (layer_s, layer_flops, layer_bytes, self.op_cost(emb), emb.flops, emb.num_bytes, hand_off_s)
             self._token_cache[num_tokens] = part
         return part
+
+    def _layer_groups(self, num_tokens: int) -> list[tuple[int, list[ops.OpWork]]]:
+        """The layers' ops (attention itself and the all-reduces aside) by kind of layer: (how many, one's ops)."""
+        layer_ops = ops.dense_layer_ops(self.shapes, num_tokens, self._moe_default_config)
+        if self._dense_shapes is None:
+            return [(self.model.num_layers, layer_ops)]
+        dense = self.model.num_dense_layers
+        dense_ops = ops.dense_layer_ops(self._dense_shapes, num_tokens)
+        return [(self.model.num_layers - dense, layer_ops), (dense, dense_ops)]
 
     def _sample_part(self, num_samples: int) -> tuple:
         """(time, FLOPs, bytes) of the final norm and the LM head, cached by the number of sampling tokens."""
@@ -328,7 +346,9 @@ class ExecutionModel:
             if part is not None:
                 layer_flops, other = part[1], part[4]
             else:
-                layer_flops = sum(op.flops for op in ops.dense_layer_ops(s, new_tokens, self._moe_default_config))
+                groups = self._layer_groups(new_tokens)
+                layer_flops = (sum(op.flops for op in groups[0][1]) if len(groups) == 1 else
+                               sum(k * sum(op.flops for op in group) for k, group in groups) / layers)
                 other = ops.embedding(s, new_tokens).flops
             for op in ops.lm_head(s, 1):
                 other += op.flops

@@ -8,7 +8,7 @@ that decides GEMM efficiency.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmsim.models.spec import ModelSpec
 
@@ -44,6 +44,7 @@ class ShardShapes:
     kv_dtype_bytes: int  # the KV cache's element size (vLLM's --kv-cache-dtype)
     weight_bytes: int  # weights (1 for an fp8 / int8 checkpoint)
     gemm_kind: str  # efficiency class of the GEMMs: "linear", "linear_fp8" (FP8 weights), "linear_fp8_block"
+    shared_ffn: int = 0  # an MoE layer's shared experts' MLP width on this shard (0: none)
 
     @classmethod
     def of(cls, m: ModelSpec, tp: int) -> "ShardShapes":
@@ -52,7 +53,12 @@ class ShardShapes:
                    head_dim=m.head_dim, gated=m.gated_mlp, num_experts=m.num_experts,
                    experts_per_token=m.experts_per_token, dtype_bytes=m.act_bytes,
                    kv_dtype_bytes=m.kv_dtype_bytes, weight_bytes=m.dtype_bytes,
-                   gemm_kind=_GEMM_KINDS.get(m.dtype, "linear"))
+                   gemm_kind=_GEMM_KINDS.get(m.dtype, "linear"), shared_ffn=m.shared_expert_ffn_size // tp)
+
+    @classmethod
+    def of_dense_layers(cls, m: ModelSpec, tp: int) -> "ShardShapes":
+        """The shapes of an MoE model's first layers, whose MLP is dense (``ModelSpec.num_dense_layers``)."""
+        return replace(cls.of(m, tp), ffn=m.dense_ffn_size // tp, num_experts=1, experts_per_token=1, shared_ffn=0)
 
     @property
     def kv_heads(self) -> int:
@@ -87,10 +93,9 @@ def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quanti
 def dense_layer_ops(s: ShardShapes, tokens: int, moe_default_config: bool = False) -> list[OpWork]:
     """Every op of a layer except attention itself and the TP all-reduces. ``moe_default_config``: the device
     runs this model's fused MoE with vLLM's default kernel configuration (no tuned one for the shape)."""
-    d, w, h, T = s.dtype_bytes, s.weight_bytes, s.hidden, tokens
+    d, h, T = s.dtype_bytes, s.hidden, tokens
     routed = T * s.experts_per_token  # token-expert pairs (= T for dense models)
     active_experts = min(s.num_experts, routed)  # distinct expert weights that must be read
-    up_out = (2 if s.gated else 1) * s.ffn
     ops = [
         OpWork("input_layernorm", "norm", 4.0 * T * h, (2 * T * h + h) * d, T),
         linear("attn_pre_proj", T, h, s.q + 2 * s.kv, s),
@@ -101,17 +106,28 @@ def dense_layer_ops(s: ShardShapes, tokens: int, moe_default_config: bool = Fals
     if s.num_experts > 1:
         block_m = vllm_default_moe_block_m(T, s.num_experts) if moe_default_config else 0
         ops += [linear("moe_gate", T, h, s.num_experts, s), moe_experts(s, T, block_m)]
+        if s.shared_ffn:  # every token's shared experts: a dense MLP beside the routed ones
+            ops += _mlp(("shared_up_proj", "shared_act", "shared_down_proj"), s, T, s.shared_ffn, T, 1)
     else:
-        ops += [
-            OpWork("mlp_up_proj", s.gemm_kind, 2.0 * routed * h * up_out,
-                   (T * h + routed * up_out) * d + active_experts * h * up_out * w, routed, h, up_out),
-            OpWork("mlp_act", "activation", 5.0 * routed * s.ffn, (up_out + s.ffn) * routed * d, routed),
-            OpWork("mlp_down_proj", s.gemm_kind, 2.0 * routed * s.ffn * h,
-                   (routed * s.ffn + T * h) * d + active_experts * s.ffn * h * w, routed, s.ffn, h),
-        ]
+        ops += _mlp(("mlp_up_proj", "mlp_act", "mlp_down_proj"), s, T, s.ffn, routed, active_experts)
     residual_add = OpWork("add", "residual", 1.0 * T * h, 3 * T * h * d, T)  # reads two tensors, writes one
     ops += [residual_add, residual_add]  # after attention and after the MLP
     return ops
+
+
+def _mlp(names: tuple[str, str, str], s: ShardShapes, tokens: int, ffn: int, routed: int, active: int
+         ) -> list[OpWork]:
+    """Up (and gate) projection, activation, down projection of an MLP of width ``ffn`` over ``routed`` rows of
+    ``tokens`` tokens, reading the weights of ``active`` such MLPs."""
+    d, w, h, T = s.dtype_bytes, s.weight_bytes, s.hidden, tokens
+    up_out = (2 if s.gated else 1) * ffn
+    return [
+        OpWork(names[0], s.gemm_kind, 2.0 * routed * h * up_out,
+               (T * h + routed * up_out) * d + active * h * up_out * w, routed, h, up_out),
+        OpWork(names[1], "activation", 5.0 * routed * ffn, (up_out + ffn) * routed * d, routed),
+        OpWork(names[2], s.gemm_kind, 2.0 * routed * ffn * h,
+               (routed * ffn + T * h) * d + active * ffn * h * w, routed, ffn, h),
+    ]
 
 
 def vllm_default_moe_block_m(tokens: int, num_experts: int) -> int:

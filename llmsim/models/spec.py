@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from llmsim.bool_numbers import NumbersNotBools
 from llmsim.errors import ConfigError
@@ -41,6 +41,13 @@ class ModelSpec(NumbersNotBools):
     vocab_size: int = Field(gt=0)
     num_experts: int = Field(default=1, ge=1)
     experts_per_token: int = Field(default=1, ge=1)
+    # MoE layers beside the routed experts: shared experts, one gated MLP of this width that every token runs
+    # (DeepSeek's and GLM's n_shared_experts x moe_intermediate_size, Qwen2-MoE's shared_expert_intermediate_size).
+    shared_expert_ffn_size: int = Field(default=0, ge=0)
+    # The first layers with a dense MLP of dense_ffn_size instead of experts (DeepSeek's and GLM's
+    # first_k_dense_replace, their intermediate_size).
+    num_dense_layers: int = Field(default=0, ge=0)
+    dense_ffn_size: int = Field(default=0, ge=0)
     max_position: int = Field(default=4096, gt=0)
     # The LM head is the embedding's own matrix (HuggingFace's tie_word_embeddings): held once where one stage
     # holds both.
@@ -78,17 +85,45 @@ class ModelSpec(NumbersNotBools):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @model_validator(mode="after")
+    def _moe_layouts_of_moe_models(self) -> "ModelSpec":
+        if (self.shared_expert_ffn_size or self.num_dense_layers) and self.num_experts == 1:
+            raise ValueError("shared experts and dense layers among MoE ones are for a model with experts")
+        if self.num_dense_layers >= self.num_layers:
+            raise ValueError(f"num_dense_layers {self.num_dense_layers} leaves none of the {self.num_layers} layers "
+                             "MoE")
+        if self.num_dense_layers and not self.dense_ffn_size:
+            raise ValueError("num_dense_layers needs the dense layers' MLP width, dense_ffn_size")
+        return self
+
+    def _mlp_params(self, ffn_size: int) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden_size * ffn_size
+
+    @property
+    def _attention_params(self) -> int:
+        return self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+
     @property
     def params_per_layer(self) -> int:
-        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.ffn_size * self.num_experts
+        """A layer's parameters: an MoE layer's where the first layers are dense (``dense_layer_params``)."""
+        mlp = self._mlp_params(self.ffn_size) * self.num_experts + self._mlp_params(self.shared_expert_ffn_size)
         router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
-        return attn + mlp + router + 2 * self.hidden_size
+        return self._attention_params + mlp + router + 2 * self.hidden_size
+
+    @property
+    def dense_layer_params(self) -> int:
+        return self._attention_params + self._mlp_params(self.dense_ffn_size) + 2 * self.hidden_size
+
+    def layer_params(self, first: int, count: int) -> int:
+        """Parameters of layers ``first`` .. ``first + count - 1`` (a pipeline stage's)."""
+        dense = max(0, min(first + count, self.num_dense_layers) - first)
+        return (count - dense) * self.params_per_layer + dense * self.dense_layer_params
 
     @property
     def num_params(self) -> int:
         embed = self.vocab_size * self.hidden_size
-        return self.num_layers * self.params_per_layer + (1 if self.tied_embeddings else 2) * embed + self.hidden_size
+        return (self.layer_params(0, self.num_layers) + (1 if self.tied_embeddings else 2) * embed
+                + self.hidden_size)
 
     @property
     def weight_bytes(self) -> int:
@@ -144,7 +179,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         raise ConfigError(f"model: HuggingFace config {path}: architectures is {architectures!r}, expected a list of "
                           "class names")
     num_experts, experts_per_token, expert_ffn = _experts(cfg, path)
-    _refuse_unmodelled(cfg, path, num_experts > 1)
+    shared_ffn, num_dense = _moe_layout(cfg, path, num_experts > 1, expert_ffn)
     torch_dtype = cfg.get("torch_dtype")
     if dtype is None and torch_dtype is not None and not (isinstance(torch_dtype, str) and torch_dtype in _HF_DTYPES):
         raise ConfigError(f"model: HuggingFace config {path}: torch_dtype {torch_dtype!r} is none of "
@@ -188,6 +223,9 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             vocab_size=cfg["vocab_size"],
             num_experts=num_experts,
             experts_per_token=experts_per_token,
+            shared_expert_ffn_size=shared_ffn,
+            num_dense_layers=num_dense,
+            dense_ffn_size=cfg.get("intermediate_size", 0) if num_dense else 0,
             max_position=cfg.get("max_position_embeddings", 4096),
             tied_embeddings=tied,
             dtype=dtype or _hf_dtype(cfg.get("torch_dtype")),
@@ -243,9 +281,9 @@ def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
     return num_experts, top_k or 1, cfg.get("moe_intermediate_size") if num_experts > 1 else None
 
 
-def _refuse_unmodelled(cfg: dict, path: Path, moe: bool) -> None:
-    """A config whose layers hold what the model does not price is an error naming the field, not a model priced
-    as if it had Llama's or Mixtral's layers."""
+def _moe_layout(cfg: dict, path: Path, moe: bool, expert_ffn: int | None) -> tuple[int, int]:
+    """(shared experts' MLP width, dense layers first) of an MoE config; what the model does not price is an error
+    naming its field, not a model priced as if it had Llama's or Mixtral's layers."""
     def count(key: str) -> int:
         value = cfg.get(key, 0)
         if type(value) is not int or value < 0:
@@ -256,23 +294,33 @@ def _refuse_unmodelled(cfg: dict, path: Path, moe: bool) -> None:
         raise ConfigError(f"model: HuggingFace config {path}: kv_lora_rank {cfg['kv_lora_rank']!r}: multi-head latent "
                           "attention (DeepSeek-V2/V3's, a compressed KV cache) is not modelled")
     if not moe:
-        return
-    for key in ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size"):
-        if count(key):
-            raise ConfigError(f"model: HuggingFace config {path}: {key} {cfg[key]}: shared experts (a dense MLP "
-                              "beside the routed ones) are not modelled")
+        return 0, 0
+    # Shared experts, which vLLM runs as one gated MLP: a count of expert-wide ones (DeepSeek's, GLM's names) or
+    # their width (Qwen2-MoE's, whose sigmoid gate on them, one output per token, is not priced).
+    num_shared = sum(count(key) for key in ("n_shared_experts", "num_shared_experts"))
+    if num_shared and not expert_ffn:
+        raise ConfigError(f"model: HuggingFace config {path}: {num_shared} shared experts without "
+                          "moe_intermediate_size, their width")
+    shared = num_shared * (expert_ffn or 0) + count("shared_expert_intermediate_size")
+    num_dense = count("first_k_dense_replace")
+    if num_dense and "intermediate_size" not in cfg:
+        raise ConfigError(f"model: HuggingFace config {path}: first_k_dense_replace {num_dense} without "
+                          "intermediate_size, the dense layers' MLP width")
+    if num_dense >= cfg["num_hidden_layers"]:
+        raise ConfigError(f"model: HuggingFace config {path}: first_k_dense_replace {num_dense} makes every one of the "
+                          f"{cfg['num_hidden_layers']} layers dense")
     mlp_only = cfg.get("mlp_only_layers", [])
     if not isinstance(mlp_only, list):
         raise ConfigError(f"model: HuggingFace config {path}: mlp_only_layers is {mlp_only!r}, expected a list")
-    dense_layers = [(key, cfg[key]) for key in ("first_k_dense_replace",) if count(key)]
-    dense_layers += [(key, cfg[key]) for key in ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
-                     if count(key) > 1]
+    interleaved = [(key, cfg[key]) for key in ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
+                   if count(key) > 1]
     if mlp_only:
-        dense_layers.append(("mlp_only_layers", mlp_only))
-    if dense_layers:
-        key, value = dense_layers[0]
-        raise ConfigError(f"model: HuggingFace config {path}: {key} {value}: dense layers among the MoE ones are not "
-                          "modelled (every layer is priced alike)")
+        interleaved.append(("mlp_only_layers", mlp_only))
+    if interleaved:
+        key, value = interleaved[0]
+        raise ConfigError(f"model: HuggingFace config {path}: {key} {value}: dense layers interleaved with the MoE "
+                          "ones are not modelled (only the first layers may be dense: first_k_dense_replace)")
+    return shared, num_dense
 
 
 def _hf_dtype(torch_dtype: str | None) -> str:
