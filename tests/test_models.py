@@ -12,7 +12,8 @@ from llmsim.models.spec import catalog
                                            ("Llama-3-8B", 8.03), ("Llama-3-70B", 70.6), ("Mistral-7B", 7.24),
                                            ("Mixtral-8x7B", 46.7), ("Qwen2-72B", 72.7),
                                            ("Yi-34B", 34.4), ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.0),
-                                           ("OPT-13B", 12.85), ("GLM-4.5-Air", 106.0)])
+                                           ("OPT-13B", 12.85), ("GLM-4.5-Air", 106.0), ("Llama-3.1-70B", 70.6),
+                                           ("Qwen3-8B", 8.2), ("Qwen3-14B", 14.8), ("Qwen3-32B", 32.8)])
 def test_catalog_parameter_counts_match_published_sizes(name, billions):
     assert load_model(name).num_params / 1e9 == pytest.approx(billions, rel=0.02)
 
