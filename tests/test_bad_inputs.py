@@ -671,7 +671,7 @@ _HF_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_si
             "intermediate_size", "head_dim", "max_position_embeddings", "torch_dtype", "model_type", "architectures",
             "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
             "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace", "decoder_sparse_step",
-            "num_shared_experts",
+            "num_shared_experts", "layer_types", "full_attention_interval",
             "mlp_only_layers", "moe_layer_freq", "kv_lora_rank", "tie_word_embeddings", "quantization_config",
             "text_config", "_name_or_path"]
 _HF_BASE = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,

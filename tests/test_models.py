@@ -139,10 +139,14 @@ def test_tied_embeddings_are_one_matrix_where_one_stage_holds_both():
     ({**PHI_2, "num_experts_per_tok": 2}, "num_experts_per_tok 2 with no expert count"),
     ({**QWEN3_30B_A3B, "n_shared_experts": "2"}, "n_shared_experts is '2', expected a whole number"),
     ({**GEMMA_2_9B, "tie_word_embeddings": "yes"}, "tie_word_embeddings is 'yes', expected true or false"),
+    ({**QWEN3_30B_A3B, "full_attention_interval": 4, "linear_num_value_heads": 32},
+     "full_attention_interval: layers other than attention"),
+    ({**PHI_2, "layer_types": ["mamba", "attention", "mamba"]}, "layer_types (mamba): layers other than attention"),
 ])
 def test_hf_config_features_that_are_not_modelled_are_named(tmp_path, fields, needle):
-    """MLA and dense layers interleaved with MoE ones would be priced as layers they are not; each is an error
-    naming its field."""
+    """MLA, dense layers interleaved with MoE ones and layers other than attention (Qwen3-Next's linear attention,
+    Jamba's or Granite 4.0-H's state-space layers) would be priced as layers they are not; each is an error naming
+    its field. (Sliding-window layer types load: priced as full attention, as the README says.)"""
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_model(_config(tmp_path, fields))
 
@@ -218,3 +222,10 @@ def test_shared_experts_and_dense_first_layers_are_read_and_priced(tmp_path):
     one = plan_memory(glm, load_profile("h100-sxm"), ParallelPlan(tp=4), **kwargs)
     assert one.weights_bytes == glm.layer_params(0, 46) / 4 * 2 + (151552 * 4096 / 4 * 2 + 4096) * 2
     assert glm.layer_params(0, 23) - glm.layer_params(23, 23) == glm.dense_layer_params - glm.params_per_layer
+
+
+def test_sliding_window_layer_types_load(tmp_path):
+    """Gemma 3's and gpt-oss's layer_types mix sliding-window and full attention layers: priced as full attention
+    (README), not refused."""
+    spec = load_model(_config(tmp_path, {**GEMMA_2_9B, "layer_types": ["sliding_attention", "full_attention"] * 21}))
+    assert spec.num_layers == 42

@@ -178,6 +178,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
                                           and all(isinstance(a, str) for a in architectures)):
         raise ConfigError(f"model: HuggingFace config {path}: architectures is {architectures!r}, expected a list of "
                           "class names")
+    _refuse_layers_other_than_attention(cfg, path)
     num_experts, experts_per_token, expert_ffn = _experts(cfg, path)
     shared_ffn, num_dense = _moe_layout(cfg, path, num_experts > 1, expert_ffn)
     torch_dtype = cfg.get("torch_dtype")
@@ -256,6 +257,26 @@ _UNGATED_ARCHITECTURES = {"OPTForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalL
 # configs, and OPT's, which keeps PretrainedConfig's default: OPT-13B's published 12.85B parameters count its
 # embedding once); Llama's and its descendants' default to untied, as do the families not listed here.
 _TIED_MODEL_TYPES = {"gemma", "gemma2", "gemma3_text", "opt"}
+
+
+# Fields that only a model with layers other than attention has (linear attention: Qwen3-Next; state-space layers:
+# Jamba, Nemotron-H, Falcon-H1, Granite 4.0-H): read as a transformer, every layer would be priced as attention with a
+# growing KV cache.
+_NON_ATTENTION_FIELDS = ("full_attention_interval", "linear_num_value_heads", "attn_layer_period",
+                         "hybrid_override_pattern", "mamba_d_state", "mamba_d_ssm", "ssm_state_size")
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
+
+
+def _refuse_layers_other_than_attention(cfg: dict, path: Path) -> None:
+    key = next((key for key in _NON_ATTENTION_FIELDS if key in cfg), None)
+    layer_types = cfg.get("layer_types")
+    if key is None and isinstance(layer_types, list):
+        other = sorted({str(t) for t in layer_types} - _ATTENTION_LAYER_TYPES)
+        if other:
+            key = f"layer_types ({', '.join(other)})"
+    if key is not None:
+        raise ConfigError(f"model: HuggingFace config {path}: {key}: layers other than attention (linear attention, "
+                          "state-space layers) are not modelled")
 
 
 def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
