@@ -10,7 +10,8 @@ and iteration-by-iteration stepping give bit-identical times.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from operator import attrgetter
+from typing import Callable, NamedTuple
 
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
@@ -224,15 +225,9 @@ class ExecutionModel:
         if part is None:
             s, tp = self.shapes, self.plan.tp
             groups = self._layer_groups(num_tokens)
-            if len(groups) == 1:
-                layer_ops = groups[0][1]
-                layer_s = sum(self.op_cost(op) for op in layer_ops)
-                layer_flops, layer_bytes = sum(op.flops for op in layer_ops), sum(op.num_bytes for op in layer_ops)
-            else:  # a mean layer: every layer's count is weighed by how many layers it is
-                n = self.model.num_layers
-                layer_s = sum(k * sum(self.op_cost(op) for op in group) for k, group in groups) / n
-                layer_flops = sum(k * sum(op.flops for op in group) for k, group in groups) / n
-                layer_bytes = sum(k * sum(op.num_bytes for op in group) for k, group in groups) / n
+            layer_s = self._per_layer(groups, self.op_cost)
+            layer_flops = self._per_layer(groups, attrgetter("flops"))
+            layer_bytes = self._per_layer(groups, attrgetter("num_bytes"))
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
             custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,
                                                                                  activation_bytes)
@@ -252,6 +247,13 @@ class ExecutionModel:
         dense = self.model.num_dense_layers
         dense_ops = ops.dense_layer_ops(self._dense_shapes, num_tokens)
         return [(self.model.num_layers - dense, layer_ops), (dense, dense_ops)]
+
+    def _per_layer(self, groups: list[tuple[int, list[ops.OpWork]]], value: Callable[[ops.OpWork], float]) -> float:
+        """One layer's ``value`` summed over its ops; with kinds of layers (``_layer_groups``), the mean layer's,
+        each kind weighed by how many layers it is."""
+        if len(groups) == 1:
+            return sum(value(op) for op in groups[0][1])
+        return sum(k * sum(value(op) for op in group) for k, group in groups) / self.model.num_layers
 
     def _sample_part(self, num_samples: int) -> tuple:
         """(time, FLOPs, bytes) of the final norm and the LM head, cached by the number of sampling tokens."""
@@ -346,9 +348,7 @@ class ExecutionModel:
             if part is not None:
                 layer_flops, other = part[1], part[4]
             else:
-                groups = self._layer_groups(new_tokens)
-                layer_flops = (sum(op.flops for op in groups[0][1]) if len(groups) == 1 else
-                               sum(k * sum(op.flops for op in group) for k, group in groups) / layers)
+                layer_flops = self._per_layer(self._layer_groups(new_tokens), attrgetter("flops"))
                 other = ops.embedding(s, new_tokens).flops
             for op in ops.lm_head(s, 1):
                 other += op.flops

@@ -154,9 +154,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
                 "intermediate_size", "ffn_dim", "head_dim", *_EXPERT_FIELDS, "num_experts_per_tok",
                 "moe_intermediate_size", "max_position_embeddings"):
-        value = cfg.get(key)
-        if value is not None and (type(value) is not int or value < 1):
-            raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 1")
+        _whole_number(cfg, path, key, 1)
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
@@ -302,14 +300,19 @@ def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
     return num_experts, top_k or 1, cfg.get("moe_intermediate_size") if num_experts > 1 else None
 
 
+def _whole_number(cfg: dict, path: Path, key: str, minimum: int) -> int | None:
+    """The config's ``key`` (None where absent), which must be a whole number of at least ``minimum``."""
+    value = cfg.get(key)
+    if value is not None and (type(value) is not int or value < minimum):
+        raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= {minimum}")
+    return value
+
+
 def _moe_layout(cfg: dict, path: Path, moe: bool, expert_ffn: int | None) -> tuple[int, int]:
     """(shared experts' MLP width, dense layers first) of an MoE config; what the model does not price is an error
     naming its field, not a model priced as if it had Llama's or Mixtral's layers."""
     def count(key: str) -> int:
-        value = cfg.get(key, 0)
-        if type(value) is not int or value < 0:
-            raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= 0")
-        return value
+        return _whole_number(cfg, path, key, 0) or 0
 
     if "kv_lora_rank" in cfg:
         raise ConfigError(f"model: HuggingFace config {path}: kv_lora_rank {cfg['kv_lora_rank']!r}: multi-head latent "
