@@ -201,15 +201,9 @@ class Recorder:
         if columns is None:  # in this process: an empty column takes the other's as it is (no second copy)
             for mine, theirs in ((self.requests, other.requests), (self.iterations, other.iterations)):
                 for name, col in theirs.items():
-                    if mine[name]:
-                        mine[name].extend(col)
-                    else:
-                        mine[name] = col
-            for name in ("tbt_gap_s", "tbt_count"):
-                if getattr(self, name):
-                    getattr(self, name).extend(getattr(other, name))
-                else:
-                    setattr(self, name, getattr(other, name))
+                    mine[name] = _joined(mine[name], col)
+            self.tbt_gap_s = _joined(self.tbt_gap_s, other.tbt_gap_s)
+            self.tbt_count = _joined(self.tbt_count, other.tbt_count)
             other.detach_columns()
         else:
             for col, data in zip(self.columns(), columns, strict=True):
@@ -285,6 +279,14 @@ class Recorder:
 
         self.totals  # fills the power column (and, without records, empties the rows)
         return pd.DataFrame({name: _column(col) for name, col in self.iterations.items()})
+
+
+def _joined(mine: array, theirs: array) -> array:
+    """``mine`` extended by ``theirs``, or ``theirs`` itself where ``mine`` is empty (no copy)."""
+    if not mine:
+        return theirs
+    mine.extend(theirs)
+    return mine
 
 
 def _column(col: array) -> np.ndarray:
