@@ -9,7 +9,8 @@ from llmsim.execution.model import ExecutionModel, ParallelPlan
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
                                        prefill_tiles)
 from llmsim.hardware.profile import PROFILES_DIR, load_profile, profile_files
-from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_factor, custom_all_reduce_rounds, op_time_s
+from llmsim.hardware.roofline import (all_gather_s, all_reduce_s, custom_all_reduce_factor, custom_all_reduce_rounds,
+                                      op_time_s)
 from llmsim.models import load_model
 
 LLAMA7 = load_model("Llama-2-7B")
@@ -218,7 +219,45 @@ def test_time_factors_scale_each_kernel_group_and_nothing_else(profile):
     assert sum(map(gemm.op_cost, linear)) == pytest.approx(1.5 * sum(map(base.op_cost, linear)), rel=1e-12)
     comm = ExecutionModel(LLAMA7, profile, ParallelPlan(tp=2), time_factors={"collective": 3.0})
     extra = comm._fixed(64, 1).time_s - base._fixed(64, 1).time_s
-    assert extra == pytest.approx(2.0 * 32 * 2 * all_reduce_s(base._custom_link, 64 * 4096 * 2, 2, True), rel=1e-9)
+    # Two all-reduces a layer and the embedding's, and the logits' all-gather of the one sampling token.
+    assert extra == pytest.approx(2.0 * ((32 * 2 + 1) * all_reduce_s(base._custom_link, 64 * 4096 * 2, 2, True)
+                                         + all_gather_s(profile.all_gather, 32000 * 2, 2)), rel=1e-9)
+
+
+def test_vocab_parallel_embedding_and_logits_collectives():
+    """Under TP the embedding and the LM head are vocabulary-parallel, as vLLM's VocabParallelEmbedding and
+    LogitsProcessor run them: the embedding's output is all-reduced (its part of the step's fixed cost) and the
+    sampling tokens' logits are all-gathered (NCCL; the fitted all_gather link inside a node, the TP all-reduce link
+    where the profile has none), num_samples x vocabulary x activation bytes; at TP 1 neither exists."""
+    from llmsim.calibration.predict import link_s
+
+    slow = A100.model_copy(update={"all_gather": A100.all_gather.model_copy(update={"latency_s": 1.0})})
+    for tokens, samples in ((64, 1), (300, 0), (38, 38)):
+        assert ExecutionModel(LLAMA7, slow, ParallelPlan(tp=1))._fixed(tokens, samples) == \
+            ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1))._fixed(tokens, samples)
+        extra = (ExecutionModel(LLAMA7, slow, ParallelPlan(tp=2))._fixed(tokens, samples).time_s
+                 - ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2))._fixed(tokens, samples).time_s)
+        assert extra == pytest.approx(1.0 - A100.all_gather.latency_s if samples else 0.0, abs=1e-12)
+    for tp in (2, 4, 8):
+        ex = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=tp))
+        logits_bytes = 38 * 32000 * 2  # the whole vocabulary's bf16 logits of 38 sampling tokens
+        link = A100.all_gather
+        want = link.latency_s + (tp - 1) / tp * logits_bytes / link.bandwidth_bytes_per_s
+        assert ex._sample_part(38)[-1] == (pytest.approx(want, rel=1e-12), 0.0, 0.0)
+        assert all_gather_s(link, logits_bytes, tp) == pytest.approx(
+            float(link_s("all_gather", logits_bytes, tp, link.latency_s, link.bandwidth_bytes_per_s)), rel=1e-12)
+    bare = ExecutionModel(LLAMA7, A100.model_copy(update={"all_gather": None}), ParallelPlan(tp=2))
+    link = A100.all_reduce
+    want = link.latency_s + 0.5 * 38 * 32000 * 2 / link.bandwidth_bytes_per_s
+    assert bare._sample_part(38)[-1][0] == pytest.approx(want, rel=1e-12)
+    assert len(ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1))._sample_part(38)) == 2  # final norm, LM head
+    # The embedding's all-reduce: the embedding part of the step, which the first pipeline stage runs.
+    ex = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=2))
+    emb = ex.op_cost(ops.embedding(ex.shapes, 64))
+    custom = all_reduce_s(A100.all_reduce_custom, 64 * 4096 * 2, 2, True)
+    assert ex._token_part(64)[3] == pytest.approx(emb + custom, rel=1e-12)
+    one = ExecutionModel(LLAMA7, A100, ParallelPlan(tp=1))
+    assert one._token_part(64)[3] == one.op_cost(ops.embedding(one.shapes, 64))
 
 
 def test_tp_and_pp_add_communication():
@@ -246,8 +285,9 @@ def test_vllm_custom_all_reduce_kernel_by_size():
         assert custom == (tokens < 1024)
         link = h100.all_reduce_custom if custom else h100.all_reduce
         got = ex._fixed(tokens, 0).time_s - bare._fixed(tokens, 0).time_s
-        want = LLAMA7.num_layers * 2 * (all_reduce_s(link, activation_bytes, 8, custom)
-                                        - all_reduce_s(h100.all_reduce, activation_bytes, 8))
+        # Two a layer and the embedding's.
+        want = (LLAMA7.num_layers * 2 + 1) * (all_reduce_s(link, activation_bytes, 8, custom)
+                                              - all_reduce_s(h100.all_reduce, activation_bytes, 8))
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     link = h100.all_reduce_custom
     assert link.peer_latency_s > 0

@@ -20,7 +20,8 @@ from llmsim.execution.moe_jit import FusedMoeCompiles
 from llmsim.hardware.attention import (decode_memory_rate, decode_overhead_s, decode_rate_varies, decode_stream_s,
                                        prefill_attention_s, prefill_tiles, swap_copy_s)
 from llmsim.hardware.profile import HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit
-from llmsim.hardware.roofline import all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s, tp_link
+from llmsim.hardware.roofline import (all_gather_s, all_reduce_s, custom_all_reduce_serves, op_time_s, send_recv_s,
+                                      tp_link)
 from llmsim.models.spec import ModelSpec
 
 
@@ -158,6 +159,12 @@ class ExecutionModel:
         # vLLM runs its custom all-reduce inside a node for messages up to its size limit, NCCL beyond.
         self._custom_link = hardware.all_reduce_custom if plan.tp <= hardware.gpus_per_node else None
         self._custom_max_bytes = hardware.custom_all_reduce_max_bytes
+        # The LM head is vocabulary-parallel: each GPU computes its share of the logits and vLLM (V1) all-gathers
+        # them before sampling (``LogitsProcessor._gather_logits``), through NCCL outside the CUDA graph. Priced on
+        # the fitted NCCL all-gather inside a node; where the profile has none, or the TP group spans nodes, on the
+        # TP group's all-reduce link (same latency and bus bandwidth, the all-gather's bytes).
+        self._gather_link = (hardware.all_gather if hardware.all_gather is not None
+                             and plan.tp <= hardware.gpus_per_node else self._tp_link)
         # Pipeline stages hand activations over NVLink-class links inside a node, the network across nodes.
         self._pp_link = hardware.send_recv if plan.num_gpus <= hardware.gpus_per_node else LinkModel(
             latency_s=hardware.inter_node.latency_s, bandwidth_bytes_per_s=hardware.inter_node.bandwidth_bytes_per_s)
@@ -198,7 +205,8 @@ class ExecutionModel:
         return send_recv_s(self._pp_link, num_bytes) * self.time_factors["collective"]
 
     def _fixed(self, num_tokens: int, num_samples: int) -> IterationCost:
-        """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding, LM head, PP hand-offs."""
+        """Everything but attention: every layer's GEMMs/norms/all-reduces, embedding (and its all-reduce), LM head
+        (and its logits' all-gather), PP hand-offs."""
         key = (num_tokens, num_samples)
         cached = self._fixed_cache.get(key)
         if cached is not None:
@@ -232,10 +240,14 @@ class ExecutionModel:
             custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,
                                                                                  activation_bytes)
             link = self._custom_link if custom else self._tp_link
-            layer_s += 2 * all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
+            all_reduce = all_reduce_s(link, activation_bytes, tp, custom) * self.time_factors["collective"]
+            layer_s += 2 * all_reduce
             emb = ops.embedding(s, num_tokens)
+            emb_s = self.op_cost(emb)
+            if tp > 1:  # the embedding is vocabulary-parallel too: vLLM all-reduces its output (masked rows)
+                emb_s += all_reduce
             hand_off_s = (self.plan.pp - 1) * self._send_recv_s(activation_bytes) if self.plan.pp > 1 else 0.0
-            part = (layer_s, layer_flops, layer_bytes, self.op_cost(emb), emb.flops, emb.num_bytes, hand_off_s)
+            part = (layer_s, layer_flops, layer_bytes, emb_s, emb.flops, emb.num_bytes, hand_off_s)
             self._token_cache[num_tokens] = part
         return part
 
@@ -256,10 +268,16 @@ class ExecutionModel:
         return sum(k * sum(value(op) for op in group) for k, group in groups) / self.model.num_layers
 
     def _sample_part(self, num_samples: int) -> tuple:
-        """(time, FLOPs, bytes) of the final norm and the LM head, cached by the number of sampling tokens."""
+        """(time, FLOPs, bytes) of the final norm and the LM head (and, under TP, the logits' all-gather), cached by
+        the number of sampling tokens."""
         part = self._sample_cache.get(num_samples)
         if part is None:
             part = tuple((self.op_cost(op), op.flops, op.num_bytes) for op in ops.lm_head(self.shapes, num_samples))
+            tp = self.plan.tp
+            if tp > 1:  # the logits' all-gather: every GPU's share of the vocabulary, at the activations' width
+                logits_bytes = num_samples * self.shapes.vocab * tp * self.shapes.dtype_bytes
+                gather_s = all_gather_s(self._gather_link, logits_bytes, tp) * self.time_factors["collective"]
+                part += ((gather_s, 0.0, 0.0),)
             self._sample_cache[num_samples] = part
         return part
 

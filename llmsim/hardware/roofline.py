@@ -105,6 +105,14 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bo
             + all_reduce_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s)
 
 
+def all_gather_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
+    """A ring all-gather (NCCL) of a ``num_bytes`` result: the link's latency, then the ``(n - 1) / n`` of the
+    result each GPU receives (``link_s`` of calibration, which fits ``all_gather`` on NCCL's measurements)."""
+    if num_workers <= 1:
+        return 0.0
+    return link.latency_s + all_gather_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
+
+
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
     return link.latency_s + num_bytes / link.bandwidth_bytes_per_s
 
