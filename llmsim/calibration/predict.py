@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from llmsim.calibration.measurements import COLLECTIVE_OPS
+from llmsim.errors import ConfigError
 from llmsim.execution import ops
 from llmsim.execution.model import gemm_efficiency, prefill_grid, split_k_sms
 from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, decode_stream_s, prefill_attention_s,
@@ -252,10 +253,12 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             if kind.endswith("_custom"):  # beyond its size limit vLLM runs NCCL, not the custom kernel
                 out[m & ~custom_all_reduce_serves(profile.custom_all_reduce_max_bytes, rows.size_bytes)] = np.nan
             continue
-        if kind == "unmodelled" or (profile.efficiency.get(kind) is None
-                                    and (kind.endswith("_fp8_block") or not kind.startswith(("linear", "moe")))):
-            continue  # block-scaled FP8 has no stand-in curve (``gemm_efficiency``)
-        eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
+        if kind == "unmodelled":
+            continue
+        try:
+            eff: OpEfficiency = gemm_efficiency(profile, kind)  # as the execution model falls back
+        except ConfigError:  # no curve of its own and no stand-in (block-scaled FP8, a kind the profile lacks)
+            continue
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
                             rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
                             split_k_sms(profile, kind))
