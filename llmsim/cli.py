@@ -14,12 +14,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llmsim.progress import progress
 
     from llmsim.config import load_config, parse_overrides
-    from llmsim.config_notes import unused_settings
+    from llmsim.config_notes import model_notes, unused_settings
     from llmsim.run import changed_inputs, format_summary, run_experiment
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    # Settings that have no effect, and (a results folder's config.yaml rerun) inputs changed since.
-    for line in unused_settings(cfg, _num_experts(cfg)) + changed_inputs(cfg):
+    # Settings that have no effect, what the model has that is priced otherwise, and (a results folder's
+    # config.yaml rerun) inputs changed since.
+    model = _model(cfg)
+    for line in unused_settings(cfg, model.num_experts) + model_notes(model) + changed_inputs(cfg):
         print(f"llmsim: note: {line}", file=sys.stderr)
     updates = {}
     if args.seed is not None:
@@ -38,11 +40,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num_experts(cfg) -> int:
+def _model(cfg):
     from llmsim.models.spec import load_model
 
     m = cfg.model
-    return load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype).num_experts
+    return load_model(m.name, m.dtype, m.activation_dtype, m.kv_cache_dtype)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -75,7 +77,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if isinstance(raw, dict) and "base" in raw:  # a sweep or a plan search: every point or candidate
         return _check_points(args, raw)
     from llmsim.cluster.simulation import build_pools
-    from llmsim.config_notes import unused_settings
+    from llmsim.config_notes import model_notes, unused_settings
     from llmsim.workload.build import check_trace_rows, checked_workload
 
     cfg = load_config(args.config, parse_overrides(args.set))
@@ -83,7 +85,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check_trace_rows(cfg.workload)  # every row the run would read
     checked_workload(cfg.workload, cfg.seed)  # it had said "valid" where run found no request
     print(f"{args.config}: valid. {_memory_plan(cfg, model, pools, max_len)}")
-    for line in unused_settings(cfg, model.num_experts):
+    for line in unused_settings(cfg, model.num_experts) + model_notes(model):
         print(f"llmsim: note: {line}", file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ name each one. Only what the config gives counts, never a default; nor does a re
 from __future__ import annotations
 
 from llmsim.config import ExperimentConfig
+from llmsim.models.spec import ModelSpec
 
 
 def unused_settings(cfg: ExperimentConfig, num_experts: int) -> list[str]:
@@ -52,3 +53,13 @@ def unused_settings(cfg: ExperimentConfig, num_experts: int) -> list[str]:
                 notes.append(f"scheduler.{name} has no effect: {cfg.model.name} is a dense model (fused-MoE kernels "
                              "only)")
     return notes
+
+
+def model_notes(model: ModelSpec) -> list[str]:
+    """What the model has that the simulator prices otherwise, a line each (a config.json can say more than the
+    cost model reads)."""
+    if not model.num_sliding_layers:
+        return []
+    return [f"model {model.name}: sliding-window attention ({model.sliding_window} tokens, on "
+            f"{model.num_sliding_layers} of {model.num_layers} layers) is priced as full attention and its KV cache as "
+            "every layer's: past the window, attention time and KV memory come out above what vLLM spends"]

@@ -673,7 +673,8 @@ _HF_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_si
             "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace", "decoder_sparse_step",
             "num_shared_experts", "layer_types", "full_attention_interval",
             "mlp_only_layers", "moe_layer_freq", "kv_lora_rank", "tie_word_embeddings", "quantization_config",
-            "text_config", "_name_or_path"]
+            "text_config", "_name_or_path", "sliding_window", "sliding_window_pattern", "use_sliding_window",
+            "max_window_layers"]
 _HF_BASE = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
             "num_hidden_layers": 4, "vocab_size": 1000, "intermediate_size": 6144, "moe_intermediate_size": 768,
             "num_experts": 16, "num_experts_per_tok": 4, "model_type": "qwen3_moe", "torch_dtype": "bfloat16"}
@@ -694,6 +695,8 @@ def test_fuzzed_hf_config_fields_load_or_fail_clearly(tmp_path_factory, changes)
         assert str(path) in str(exc)
         return
     assert 1 <= spec.experts_per_token <= spec.num_experts and spec.num_params > 0
+    assert 0 <= spec.num_sliding_layers <= spec.num_layers
+    assert bool(spec.sliding_window) == bool(spec.num_sliding_layers)
     embed = spec.vocab_size * spec.hidden_size
     dense = spec.num_dense_layers
     assert spec.num_params == ((spec.num_layers - dense) * spec.params_per_layer + dense * spec.dense_layer_params

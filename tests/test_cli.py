@@ -210,3 +210,26 @@ def test_a_setting_that_has_no_effect_is_named(tmp_path, capsys):
     assert "cluster.prefix_aware has no effect: cluster.policy llumnix" in err
     assert main(["run", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert "has no effect" not in capsys.readouterr().err
+
+
+def test_a_model_feature_priced_otherwise_is_named(tmp_path, capsys):
+    """A config.json with sliding-window attention loads, priced as full attention: ``check`` and ``run`` say so,
+    naming the window and its layers; a model without one gets no note."""
+    import json
+
+    hf = tmp_path / "mistral-7b-v0.1" / "config.json"
+    hf.parent.mkdir()
+    hf.write_text(json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+                              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                              "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
+                              "sliding_window": 4096, "torch_dtype": "bfloat16"}))
+    quickstart = str(ROOT / "experiments" / "quickstart.yaml")
+    note = ("sliding-window attention (4096 tokens, on 32 of 32 layers) is priced as full attention and its KV "
+            "cache as every layer's")
+    assert main(["check", quickstart, "--set", f"model.name={hf}"]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["run", quickstart, "--out", str(tmp_path / "out"), "--quiet", "--set", f"model.name={hf}",
+                 "--set", "workload.num_requests=10"]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["check", quickstart]) == 0
+    assert "sliding-window" not in capsys.readouterr().err

@@ -226,6 +226,54 @@ def test_shared_experts_and_dense_first_layers_are_read_and_priced(tmp_path):
 
 def test_sliding_window_layer_types_load(tmp_path):
     """Gemma 3's and gpt-oss's layer_types mix sliding-window and full attention layers: priced as full attention
-    (README), not refused."""
+    (README), not refused; the layers that slide are counted, for the run to say so."""
     spec = load_model(_config(tmp_path, {**GEMMA_2_9B, "layer_types": ["sliding_attention", "full_attention"] * 21}))
     assert spec.num_layers == 42
+    assert (spec.sliding_window, spec.num_sliding_layers) == (4096, 21)
+
+
+MISTRAL_7B_V01 = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+                  "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
+                  "sliding_window": 4096, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("fields,window,layers", [
+    (GEMMA_2_9B, 4096, 21),  # Gemma 2: every other layer, the first sliding
+    ({**GEMMA_2_9B, "num_hidden_layers": 41}, 4096, 21),
+    ({**GEMMA_2_9B, "model_type": "gemma3_text", "num_hidden_layers": 34, "sliding_window": 1024,
+      "sliding_window_pattern": 6, "max_position_embeddings": 131072}, 1024, 29),  # 5 of each 6
+    (MISTRAL_7B_V01, 4096, 32),  # every layer
+    ({**MISTRAL_7B_V01, "sliding_window": 32768}, 0, 0),  # as long as the context: never binds
+    ({**MISTRAL_7B_V01, "sliding_window": None}, 0, 0),  # Mistral-7B v0.2 on: none
+    (QWEN3_30B_A3B, 0, 0),  # sliding_window null, use_sliding_window false
+    ({**QWEN3_30B_A3B, "sliding_window": 4096}, 0, 0),  # Qwen2's and Qwen3's: off unless use_sliding_window
+    ({**QWEN3_30B_A3B, "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 28}, 4096, 20),
+    ({**MISTRAL_7B_V01, "layer_types": ["full_attention"] * 32}, 0, 0),
+])
+def test_sliding_window_layers_as_each_family_lays_them_out(tmp_path, fields, window, layers):
+    """Which layers attend within the window, as transformers' config classes lay them out; a window is not
+    priced (every layer as full attention), and the run names it (``model_notes``)."""
+    from llmsim.config_notes import model_notes
+
+    spec = load_model(_config(tmp_path, fields))
+    assert (spec.sliding_window, spec.num_sliding_layers) == (window, layers)
+    notes = model_notes(spec)
+    assert len(notes) == (1 if layers else 0)
+    if layers:
+        assert f"({window} tokens, on {layers} of {spec.num_layers} layers) is priced as full attention" in notes[0]
+    plain = {k: v for k, v in fields.items() if k not in ("sliding_window", "sliding_window_pattern", "layer_types",
+                                                          "use_sliding_window", "max_window_layers")}
+    assert spec.num_params == load_model(_config(tmp_path, plain)).num_params  # the window prices nothing
+
+
+def test_sliding_window_fields_are_checked(tmp_path):
+    for bad, needle in (({"sliding_window": 0}, "sliding_window is 0, expected a whole number >= 1"),
+                        ({"sliding_window": 4096.0}, "sliding_window is 4096.0"),
+                        ({"use_sliding_window": "yes"}, "use_sliding_window is 'yes', expected true or false"),
+                        ({"sliding_window_pattern": 0}, "sliding_window_pattern is 0"),
+                        ({"max_window_layers": -1}, "max_window_layers is -1, expected a whole number >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_model(_config(tmp_path, {**MISTRAL_7B_V01, **bad}))
+    with pytest.raises(ConfigError, match="num_sliding_layers 33 is more than the 32 layers"):
+        load_model(_config(tmp_path, {**MISTRAL_7B_V01, "layer_types": ["sliding_attention"] * 33}))

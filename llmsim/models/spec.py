@@ -52,6 +52,11 @@ class ModelSpec(NumbersNotBools):
     # The LM head is the embedding's own matrix (HuggingFace's tie_word_embeddings): held once where one stage
     # holds both.
     tied_embeddings: bool = False
+    # Sliding-window attention, read from a config.json so that a run can say what it prices otherwise: that many
+    # layers attend to the last ``sliding_window`` tokens only (0: none). Not priced: every layer's attention and KV
+    # cache are priced as full attention's (README, What does not work yet).
+    sliding_window: int = Field(default=0, ge=0)
+    num_sliding_layers: int = Field(default=0, ge=0)
     dtype: str = "fp16"
     activation_dtype: str | None = None
     kv_cache_dtype: str | None = None
@@ -94,6 +99,11 @@ class ModelSpec(NumbersNotBools):
                              "MoE")
         if self.num_dense_layers and not self.dense_ffn_size:
             raise ValueError("num_dense_layers needs the dense layers' MLP width, dense_ffn_size")
+        if bool(self.sliding_window) != bool(self.num_sliding_layers):
+            raise ValueError("sliding_window and num_sliding_layers come together (the window's tokens and the layers "
+                             "that use it), or neither")
+        if self.num_sliding_layers > self.num_layers:
+            raise ValueError(f"num_sliding_layers {self.num_sliding_layers} is more than the {self.num_layers} layers")
         return self
 
     def _mlp_params(self, ffn_size: int) -> int:
@@ -153,8 +163,10 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     cfg = {key: value for key, value in cfg.items() if value is not None}
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_key_value_heads",
                 "intermediate_size", "ffn_dim", "head_dim", *_EXPERT_FIELDS, "num_experts_per_tok",
-                "moe_intermediate_size", "max_position_embeddings"):
+                "moe_intermediate_size", "max_position_embeddings", "sliding_window", "sliding_window_pattern"):
         _whole_number(cfg, path, key, 1)
+    for key in ("max_window_layers",):
+        _whole_number(cfg, path, key, 0)
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
@@ -168,6 +180,9 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     for key in ("_name_or_path", "model_type"):
         if key in cfg and not isinstance(cfg[key], str):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {cfg[key]!r}, expected a string")
+    if type(cfg.get("use_sliding_window", False)) is not bool:
+        raise ConfigError(f"model: HuggingFace config {path}: use_sliding_window is {cfg['use_sliding_window']!r}, "
+                          "expected true or false")
     tied = cfg.get("tie_word_embeddings", cfg.get("model_type") in _TIED_MODEL_TYPES)
     if type(tied) is not bool:
         raise ConfigError(f"model: HuggingFace config {path}: tie_word_embeddings is {tied!r}, expected true or false")
@@ -206,6 +221,8 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
         ffn = expert_ffn or cfg.get("intermediate_size") or cfg.get("ffn_dim")  # OPT's name for it
         if ffn is None:  # no default: a guessed MLP width would price every layer wrong
             raise ConfigError(f"model: HuggingFace config {path} lacks the field 'intermediate_size' (or 'ffn_dim')")
+        max_position = cfg.get("max_position_embeddings", 4096)
+        num_sliding = _sliding_layers(cfg, cfg["num_hidden_layers"], max_position)
         ungated = (cfg.get("model_type") in _UNGATED_MODEL_TYPES
                    or (cfg.get("architectures") or [""])[0] in _UNGATED_ARCHITECTURES)
         spec = ModelSpec(
@@ -225,8 +242,10 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
             shared_expert_ffn_size=shared_ffn,
             num_dense_layers=num_dense,
             dense_ffn_size=cfg.get("intermediate_size", 0) if num_dense else 0,
-            max_position=cfg.get("max_position_embeddings", 4096),
+            max_position=max_position,
             tied_embeddings=tied,
+            sliding_window=cfg["sliding_window"] if num_sliding else 0,
+            num_sliding_layers=num_sliding,
             dtype=dtype or _hf_dtype(cfg.get("torch_dtype")),
         )
     except ValidationError as exc:
@@ -275,6 +294,28 @@ def _refuse_layers_other_than_attention(cfg: dict, path: Path) -> None:
     if key is not None:
         raise ConfigError(f"model: HuggingFace config {path}: {key}: layers other than attention (linear attention, "
                           "state-space layers) are not modelled")
+
+
+def _sliding_layers(cfg: dict, num_layers: int, max_position: int) -> int:
+    """How many layers attend within ``sliding_window`` tokens (0: none), as the families' config classes lay them
+    out: ``layer_types`` where the config lists them (Gemma 3, gpt-oss, Cohere 2); Gemma 2's every other layer, the
+    first sliding; an older Gemma 3 config's every layer but each ``sliding_window_pattern``-th; Qwen2's and Qwen3's
+    only with ``use_sliding_window``, from ``max_window_layers`` on; else every layer (Mistral-7B v0.1, Phi-3). A
+    window as long as the context never binds."""
+    window = cfg.get("sliding_window", 0)
+    if not window or window >= max_position or cfg.get("use_sliding_window") is False:
+        return 0
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list):
+        return sum(1 for t in layer_types if t == "sliding_attention")
+    if cfg.get("model_type") == "gemma2":
+        return (num_layers + 1) // 2
+    pattern = cfg.get("sliding_window_pattern")
+    if pattern:
+        return num_layers - num_layers // pattern
+    if cfg.get("use_sliding_window"):
+        return max(0, num_layers - cfg.get("max_window_layers", 0))
+    return num_layers
 
 
 def _experts(cfg: dict, path: Path) -> tuple[int, int, int | None]:
