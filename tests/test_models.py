@@ -249,6 +249,7 @@ MISTRAL_7B_V01 = {"architectures": ["MistralForCausalLM"], "model_type": "mistra
     (QWEN3_30B_A3B, 0, 0),  # sliding_window null, use_sliding_window false
     ({**QWEN3_30B_A3B, "sliding_window": 4096}, 0, 0),  # Qwen2's and Qwen3's: off unless use_sliding_window
     ({**QWEN3_30B_A3B, "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 28}, 4096, 20),
+    ({**QWEN3_30B_A3B, "sliding_window": 4096, "use_sliding_window": True}, 4096, 20),  # the config class's 28
     ({**MISTRAL_7B_V01, "layer_types": ["full_attention"] * 32}, 0, 0),
 ])
 def test_sliding_window_layers_as_each_family_lays_them_out(tmp_path, fields, window, layers):

@@ -165,8 +165,7 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
                 "intermediate_size", "ffn_dim", "head_dim", *_EXPERT_FIELDS, "num_experts_per_tok",
                 "moe_intermediate_size", "max_position_embeddings", "sliding_window", "sliding_window_pattern"):
         _whole_number(cfg, path, key, 1)
-    for key in ("max_window_layers",):
-        _whole_number(cfg, path, key, 0)
+    _whole_number(cfg, path, "max_window_layers", 0)
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
@@ -300,8 +299,8 @@ def _sliding_layers(cfg: dict, num_layers: int, max_position: int) -> int:
     """How many layers attend within ``sliding_window`` tokens (0: none), as the families' config classes lay them
     out: ``layer_types`` where the config lists them (Gemma 3, gpt-oss, Cohere 2); Gemma 2's every other layer, the
     first sliding; an older Gemma 3 config's every layer but each ``sliding_window_pattern``-th; Qwen2's and Qwen3's
-    only with ``use_sliding_window``, from ``max_window_layers`` on; else every layer (Mistral-7B v0.1, Phi-3). A
-    window as long as the context never binds."""
+    only with ``use_sliding_window``, from ``max_window_layers`` on (their config classes' default: 28); else every
+    layer (Mistral-7B v0.1, Phi-3). A window as long as the context never binds."""
     window = cfg.get("sliding_window", 0)
     if not window or window >= max_position or cfg.get("use_sliding_window") is False:
         return 0
@@ -314,7 +313,7 @@ def _sliding_layers(cfg: dict, num_layers: int, max_position: int) -> int:
     if pattern:
         return num_layers - num_layers // pattern
     if cfg.get("use_sliding_window"):
-        return max(0, num_layers - cfg.get("max_window_layers", 0))
+        return max(0, num_layers - cfg.get("max_window_layers", 28))
     return num_layers
 
 
