@@ -193,11 +193,11 @@ def fit_efficiency(rows: Rows, mask: np.ndarray, kind: str, peak: np.ndarray, ba
 
 def fit_link(rows: Rows, mask: np.ndarray, kind: str) -> LinkModel:
     """Alpha-beta fit of one collective: ``latency + ring_factor * bytes / bandwidth``; vLLM's custom all-reduce
-    also fits the latency its barriers add per peer, per round, and NCCL's all-reduce inside a node the latency
-    of each of its ring's ``2 (n - 1)`` steps, where the rows span more than one GPU count (with one, the steps'
-    latency cannot be told from the fixed one)."""
+    also fits the latency its barriers add per peer, per round, and NCCL's all-reduce and all-gather inside a node
+    the latency of each of their ring's ``2 (n - 1)`` and ``n - 1`` steps, where the rows span more than one GPU count
+    (with one, the steps' latency cannot be told from the fixed one)."""
     size, workers, y = rows.size_bytes[mask], rows.num_workers[mask], rows.measured_s[mask]
-    per_peer = kind == "all_reduce_custom" or (kind == "all_reduce" and len(np.unique(workers)) > 1)
+    per_peer = kind == "all_reduce_custom" or (kind in ("all_reduce", "all_gather") and len(np.unique(workers)) > 1)
 
     def residuals(x):
         return np.log(link_s(kind, size, workers, x[0] * 1e-6, x[1] * 1e9, x[2] * 1e-6 if per_peer else 0.0) / y)

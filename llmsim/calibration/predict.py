@@ -22,8 +22,8 @@ from llmsim.hardware.attention import (decode_attention_s, decode_memory_rate, d
 from llmsim.hardware.profile import (GEMM_TILE, HardwareProfile, LinkModel, OpEfficiency, PrefillAttentionFit,
                                      peak_dtype)
 from llmsim.hardware.roofline import (all_gather_factor, all_reduce_factor, custom_all_reduce_factor,
-                                      custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_reduce_latency_s,
-                                      split_k_splits)
+                                      custom_all_reduce_latency_s, custom_all_reduce_serves, ring_all_gather_latency_s,
+                                      ring_all_reduce_latency_s, split_k_splits)
 from llmsim.models.spec import ModelSpec
 
 
@@ -225,6 +225,8 @@ def link_s(op: str, size_bytes, num_workers, latency_s, bandwidth, peer_latency_
         latency_s = custom_all_reduce_latency_s(latency_s, peer_latency_s, num_workers, size_bytes)
     elif op.startswith("all_reduce"):
         latency_s = ring_all_reduce_latency_s(latency_s, peer_latency_s, num_workers)
+    elif op.startswith("all_gather"):
+        latency_s = ring_all_gather_latency_s(latency_s, peer_latency_s, num_workers)
     return latency_s + ring_factor(op, num_workers, size_bytes) * size_bytes / bandwidth
 
 

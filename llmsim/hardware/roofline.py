@@ -94,6 +94,12 @@ def ring_all_reduce_latency_s(latency_s, peer_latency_s, num_workers):
     return latency_s + 2.0 * (num_workers - 1) * peer_latency_s
 
 
+def ring_all_gather_latency_s(latency_s, peer_latency_s, num_workers):
+    """NCCL's ring all-gather: a fixed latency, then ``n - 1`` steps, each paying the per-step latency (as
+    ``ring_all_reduce_latency_s``; an all-gather is the all-reduce's second half). Scalars or arrays."""
+    return latency_s + (num_workers - 1) * peer_latency_s
+
+
 def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bool = False) -> float:
     """``custom``: vLLM's custom all-reduce (its one- or two-stage kernel by size), else a ring (NCCL)."""
     if num_workers <= 1:
@@ -106,11 +112,12 @@ def all_reduce_s(link: LinkModel, num_bytes: float, num_workers: int, custom: bo
 
 
 def all_gather_s(link: LinkModel, num_bytes: float, num_workers: int) -> float:
-    """A ring all-gather (NCCL) of a ``num_bytes`` result: the link's latency, then the ``(n - 1) / n`` of the
+    """A ring all-gather (NCCL) of a ``num_bytes`` result: the ring's latency, then the ``(n - 1) / n`` of the
     result each GPU receives (``link_s`` of calibration, which fits ``all_gather`` on NCCL's measurements)."""
     if num_workers <= 1:
         return 0.0
-    return link.latency_s + all_gather_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s
+    return (ring_all_gather_latency_s(link.latency_s, link.peer_latency_s, num_workers)
+            + all_gather_factor(num_workers) * num_bytes / link.bandwidth_bytes_per_s)
 
 
 def send_recv_s(link: LinkModel, num_bytes: float) -> float:
