@@ -84,7 +84,7 @@ class LinkModel(_Frozen):
     ``peer_latency_s``, per peer: in vLLM's custom all-reduce each round's barrier writes a flag to every peer and
     waits for every peer's, so a round costs ``latency_s + peer_latency_s * (GPUs - 1)``; NCCL's ring all-reduce
     takes ``2 (GPUs - 1)`` steps of ``peer_latency_s`` each after ``latency_s``
-    (``roofline.ring_all_reduce_latency_s``)."""
+    (``roofline.ring_all_reduce_latency_s``), its ring all-gather ``GPUs - 1`` (``ring_all_gather_latency_s``)."""
 
     latency_s: float = Field(ge=0)
     bandwidth_bytes_per_s: float = Field(gt=0)
