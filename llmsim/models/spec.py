@@ -179,12 +179,8 @@ def from_hf_config(path: Path, dtype: str | None = None) -> ModelSpec:
     for key in ("_name_or_path", "model_type"):
         if key in cfg and not isinstance(cfg[key], str):
             raise ConfigError(f"model: HuggingFace config {path}: {key} is {cfg[key]!r}, expected a string")
-    if type(cfg.get("use_sliding_window", False)) is not bool:
-        raise ConfigError(f"model: HuggingFace config {path}: use_sliding_window is {cfg['use_sliding_window']!r}, "
-                          "expected true or false")
-    tied = cfg.get("tie_word_embeddings", cfg.get("model_type") in _TIED_MODEL_TYPES)
-    if type(tied) is not bool:
-        raise ConfigError(f"model: HuggingFace config {path}: tie_word_embeddings is {tied!r}, expected true or false")
+    _flag(cfg, path, "use_sliding_window", False)
+    tied = _flag(cfg, path, "tie_word_embeddings", cfg.get("model_type") in _TIED_MODEL_TYPES)
     architectures = cfg.get("architectures")
     if architectures is not None and not (isinstance(architectures, list)
                                           and all(isinstance(a, str) for a in architectures)):
@@ -345,6 +341,14 @@ def _whole_number(cfg: dict, path: Path, key: str, minimum: int) -> int | None:
     value = cfg.get(key)
     if value is not None and (type(value) is not int or value < minimum):
         raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected a whole number >= {minimum}")
+    return value
+
+
+def _flag(cfg: dict, path: Path, key: str, default: bool) -> bool:
+    """The config's boolean ``key`` (``default`` where absent), which must be true or false."""
+    value = cfg.get(key, default)
+    if type(value) is not bool:
+        raise ConfigError(f"model: HuggingFace config {path}: {key} is {value!r}, expected true or false")
     return value
 
 
