@@ -6,7 +6,8 @@ by side, and vLLM's default block holds 16 tokens, while the kernel measurements
 64-token blocks. This times one decode-attention layer (a split-free Triton kernel in vLLM's NHD cache layout,
 [blocks, block tokens, KV heads, head dim], fp16) over the same batch with the block table laid out contiguously
 or drawn at random from the pool, at both block sizes and two pool sizes, so the cost of either difference is
-measured rather than assumed. The kernel is this file's, not vLLM's FlashAttention, so the numbers bound the
+measured rather than assumed (``bench_fp8_kv_decode.py`` runs the same kernel over an FP8 cache, which it
+dequantizes with per-tensor scales). The kernel is this file's, not vLLM's FlashAttention, so the numbers bound the
 effect of the layout on a paged gather; they are not vLLM's latencies.
 
     python benchmarks/bench_paged_decode.py --out paged_decode.csv [--quick]
@@ -27,9 +28,9 @@ from llmsim.microbench.timer import Timer, device_name
 
 @triton.jit
 def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
-                  stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, scale,
+                  stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, scale, k_scale, v_scale,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                  TILE: tl.constexpr, MAX_LEN: tl.constexpr):
+                  TILE: tl.constexpr, MAX_LEN: tl.constexpr, KV_FP8: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
@@ -47,6 +48,8 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
         page = tl.load(table_ptr + b * stride_tb + t // BLOCK, mask=valid, other=0).to(tl.int64)
         row = page * stride_kb + (t % BLOCK) * stride_kt + kv_head * stride_kh
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if KV_FP8:  # an FP8 cache: dequantized with its per-tensor scale, as vLLM's Triton attention does
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -54,6 +57,8 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
         alpha = tl.exp(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / l_sum[:, None]
@@ -61,28 +66,30 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr,
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def paged_decode(q, k_cache, v_cache, table, lens, block_size: int, max_len: int, tile: int = 64):
+def paged_decode(q, k_cache, v_cache, table, lens, block_size: int, max_len: int, tile: int = 64,
+                 k_scale: float = 1.0, v_scale: float = 1.0):
+    """One decode step's attention; a float8_e4m3fn cache is read as FP8 and scaled by ``k_scale`` / ``v_scale``."""
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     _paged_decode[(batch, kv_heads)](
         q, k_cache, v_cache, table, lens, out, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), table.stride(0), 1.0 / math.sqrt(head_dim), GROUP=group,
+        k_cache.stride(2), table.stride(0), 1.0 / math.sqrt(head_dim), k_scale, v_scale, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK=block_size, TILE=tile,
-        MAX_LEN=max_len)
+        MAX_LEN=max_len, KV_FP8=k_cache.dtype == torch.float8_e4m3fn)
     return out
 
 
-def reference(q, k_cache, v_cache, table, lens, block_size: int):
+def reference(q, k_cache, v_cache, table, lens, block_size: int, k_scale: float = 1.0, v_scale: float = 1.0):
     """The same attention by gathering each request's KV (for the correctness check)."""
     outs = []
     group = q.shape[1] // k_cache.shape[2]
     for b in range(q.shape[0]):
         n = int(lens[b])
         pages = table[b, : -(-n // block_size)].long()
-        k = k_cache[pages].reshape(-1, *k_cache.shape[2:])[:n].float().repeat_interleave(group, 1)
-        v = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n].float().repeat_interleave(group, 1)
+        k = k_scale * k_cache[pages].reshape(-1, *k_cache.shape[2:])[:n].float().repeat_interleave(group, 1)
+        v = v_scale * v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n].float().repeat_interleave(group, 1)
         s = torch.einsum("hd,thd->ht", q[b].float(), k) / math.sqrt(q.shape[2])
         outs.append(torch.einsum("ht,thd->hd", s.softmax(-1), v))
     return torch.stack(outs)

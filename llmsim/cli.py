@@ -258,11 +258,16 @@ def _cmd_microbench(args: argparse.Namespace) -> int:
         # More threads than cores times the kernels with threads waiting their turn (and 100,000 of them had
         # crashed OpenMP out of memory).
         raise LLMSimError(f"--threads {args.threads}: this machine lets llmsim use {cores} cores")
+    from llmsim.calibration.measurements import OPS
+
+    for op in args.op or ():
+        if op not in OPS:
+            raise LLMSimError(f"--op {op}: unknown op; allowed: {', '.join(OPS)}")
     prepare_output_file(Path(args.out), "--out")
     try:
         df = microbench(args.device, Path(args.out), args.grid, args.dtype, args.warmup, args.repetitions,
-                        not args.no_collectives, args.quiet, args.threads)
-    except RuntimeError as exc:
+                        not args.no_collectives, args.quiet, args.threads, tuple(args.op) if args.op else None)
+    except (RuntimeError, ValueError) as exc:
         raise LLMSimError(str(exc)) from None
     print(f"{args.out}: {len(df)} measurements ({', '.join(f'{op} {n}' for op, n in df['op'].value_counts().items())})")
     return 0
@@ -455,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
-                        description="Measure GEMMs (layer shapes and bare m x n x k; also in FP8 on an NVIDIA GPU "
-                                    "with FP8 tensor cores), fused-MoE layers (--grid full), attention (SDPA), norms, "
+                        description="Measure GEMMs (layer shapes and bare m x n x k; also in FP8, per-tensor and "
+                                    "block-scaled, on an NVIDIA GPU with FP8 tensor cores), fused-MoE layers (--grid full), attention (SDPA), norms, "
                                     "activation, rotary, add, embedding, "
                                     "memory copies and collectives; write the measurements CSV that calibrate reads.")
     mb.add_argument("--device", choices=("cpu", "cuda", "rocm"), default="cpu")
@@ -469,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--repetitions", type=_positive, default=7)
     mb.add_argument("--no-collectives", action="store_true", help="skip the torch.distributed collectives")
     mb.add_argument("--threads", type=_positive, help="CPU threads for torch (default: every core)")
+    mb.add_argument("--op", action="append", metavar="OP",
+                    help="time only the grid's rows of this op (repeatable; e.g. gemm, moe, attn_decode; "
+                         "all_reduce, all_gather or send_recv times the collectives)")
     mb.add_argument("-q", "--quiet", action="store_true")
     mb.set_defaults(func=_cmd_microbench)
 

@@ -216,7 +216,7 @@ def test_full_grid_moe_shapes_are_those_of_the_measured_vllm_table():
     for s in specs:
         assert (s["n_embd"], s["n_expanded_embd"], s["num_experts"], s["experts_per_token"], s["tp"]) in measured
     assert not any(s["dtype"] == "fp8" for s in compute_specs(GRIDS["full"], "bf16"))
-    fp8 = [s for s in compute_specs(GRIDS["full"], "bf16", fp8=True) if s["dtype"] == "fp8"]
+    fp8 = [s for s in compute_specs(GRIDS["full"], "bf16", ("fp8",)) if s["dtype"] == "fp8"]
     assert [(s["num_tokens"], s["gemm_n"], s["gemm_k"]) for s in fp8] == list(GRIDS["full"].gemms)
 
 
@@ -371,3 +371,90 @@ def test_cuda_graph_capture_warms_up_on_a_side_stream_then_captures_once(monkeyp
 
     events.clear()
     assert kernels.cuda_graphed(fails) is None and events[-1] == "synchronize"
+
+
+def test_block_fp8_gemm_rows_are_timed_only_where_their_kernels_run(monkeypatch):
+    """Block-scaled FP8 GEMM rows (``fp8_block``) join the bare GEMMs only on an NVIDIA GPU with FP8 tensor cores
+    and Triton, whose kernels quantize the activations per group; a CPU forced to FP8 times per-tensor rows only.
+    The grid's shapes suit the 128 x 128 blocks, and the rows price on the block-FP8 curve."""
+    from llmsim.microbench import run as run_module
+
+    assert run_module.fp8_gemm_dtypes(CPU) == ()
+    assert run_module.fp8_gemm_dtypes(CPU, fp8=True) == ("fp8",)
+    monkeypatch.setattr(run_module, "has_fp8", lambda device: True)
+    monkeypatch.setattr(run_module.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert run_module.fp8_gemm_dtypes(CPU) == ("fp8", "fp8_block")
+    monkeypatch.setattr(run_module.importlib.util, "find_spec", lambda name: None)
+    assert run_module.fp8_gemm_dtypes(CPU) == ("fp8",)
+    block = [s for s in compute_specs(GRIDS["full"], "bf16", ("fp8", "fp8_block")) if s["dtype"] == "fp8_block"]
+    assert [(s["num_tokens"], s["gemm_n"], s["gemm_k"]) for s in block] == list(GRIDS["full"].gemms)
+    assert all(s["gemm_n"] % 128 == 0 and s["gemm_k"] % 128 == 0 for s in block)
+    row = SimpleNamespace(**{**{c: float("nan") for c in SHAPE_COLUMNS}, **block[0]})
+    assert row_work(row).kind == "linear_fp8_block"
+
+
+def test_per_group_fp8_quantization_follows_vllm():
+    """One scale per token and 128 columns: the group's absolute maximum over 448 (e4m3's largest value), floored
+    so an all-zero group stays finite; every value lands within its group's range."""
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    x[1, 128:] = 0
+    x[2, 5] = 1000.0
+    q, scale = kernels.quantize_fp8_per_group(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 2)
+    assert torch.equal(scale[0], x[0].float().view(2, 128).abs().amax(-1) / 448.0)
+    assert scale[1, 1] == kernels.FP8_GROUP_EPS / 448.0 and torch.all(q[1, 128:].float() == 0)
+    assert scale[2, 0] == 1000.0 / 448.0 and q[2, 5].float() == 448.0
+    back = q.float().view(3, 2, 128) * scale[..., None]
+    # e4m3 keeps 3 mantissa bits (half a step: 1/16 of a value) and steps of 2^-9 of the scale below its normals.
+    assert torch.all((back - x.float().view(3, 2, 128)).abs() <= x.float().view(3, 2, 128).abs() / 16
+                     + scale[..., None] * 2**-10)
+
+
+def test_block_fp8_triton_kernels_match_the_reference(tmp_path):
+    """The Triton group quantization and block-scaled GEMM the suite times on a GPU compute what they should, run
+    by Triton's CPU interpreter (where Triton is installed; the CI machine has none, a GPU box always does)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    script = tmp_path / "check.py"
+    script.write_text('''
+import torch
+from llmsim.microbench.fp8_block import block_scaled_matmul, quantize_fp8_per_group_triton
+from llmsim.microbench.kernels import quantize_fp8_per_group
+torch.manual_seed(0)
+m, k, n = 5, 256, 384
+x = torch.randn(m, k, dtype=torch.bfloat16)
+x[1, 128:] = 0
+q = torch.zeros(8, k, dtype=torch.float8_e4m3fn)
+scale = torch.ones(k // 128, 8).t()  # column-major, padded to 8 rows as for cuBLASLt
+quantize_fp8_per_group_triton(x, q, scale)
+q_ref, scale_ref = quantize_fp8_per_group(x)
+assert torch.allclose(scale[:m], scale_ref) and torch.all(scale[m:] == 1) and torch.all(q[m:].float() == 0)
+assert (q[:m].float() != q_ref.float()).float().mean() < 0.05  # the interpreter rounds a few ties apart
+w = torch.randn(n, k).to(torch.float8_e4m3fn)
+w_scale = torch.rand(n // 128, k // 128) + 0.5
+out = block_scaled_matmul(q[:m], scale[:m], w, w_scale, torch.empty(m, n, dtype=torch.bfloat16))
+x_deq = (q[:m].float().view(m, k // 128, 128) * scale[:m, :, None]).view(m, k)
+w_deq = w.float() * w_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+want = x_deq @ w_deq.t()
+assert ((out.float() - want).norm() / want.norm()) < 0.01
+print("ok")
+''')
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_microbench_op_option_times_only_that_op(tmp_path, capsys):
+    """``--op`` keeps the grid's rows of the named ops; an unknown op, or one the grid has no rows of, is an error
+    before anything is timed, and no file is written."""
+    out = tmp_path / "gemm.csv"
+    assert main(["microbench", "--device", "cpu", "--op", "gemm", "--threads", "1", "--repetitions", "1",
+                 "--out", str(out), "-q"]) == 0
+    back = read_measurements(out)
+    assert set(back["op"]) == {"gemm"} and len(back) == len(GRIDS["small"].gemms)
+    assert main(["microbench", "--device", "cpu", "--op", "gemms", "--out", str(tmp_path / "a.csv")]) == 2
+    assert "--op gemms: unknown op" in capsys.readouterr().err
+    assert main(["microbench", "--device", "cpu", "--op", "moe", "--out", str(tmp_path / "b.csv")]) == 2
+    assert "--grid small has no rows of moe" in capsys.readouterr().err
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()

@@ -28,7 +28,9 @@ MEMORY_OPS = ("memcpy",)  # device-to-device copy of size_bytes
 # A bare GEMM [num_tokens, gemm_k] x [gemm_k, gemm_n] with weights in dtype (fp8: W8A8, the 16-bit activations
 # quantized first, as vLLM does), output 16-bit. The microbenchmark suite's impl on an fp8 row says how that
 # quantization ran: as vLLM's two kernels in a CUDA graph (triton_quant+graph) or as torch's eager ops
-# (quant_eager); on a moe row, whether the experts ran as one grouped GEMM (grouped_mm) or one GEMM each
+# (quant_eager); on an fp8_block row (128 x 128 weight blocks, activations per token and 128 columns), which GEMM
+# ran after vLLM's group quantization (triton_group_quant+cublaslt+graph or triton_group_quant+triton_gemm+graph);
+# on a moe row, whether the experts ran as one grouped GEMM (grouped_mm) or one GEMM each
 # (per_expert). Neither changes the prediction.
 GEMM_OPS = ("gemm",)
 # vLLM's fused MoE layer over num_tokens tokens: n_embd hidden, n_expanded_embd per-expert intermediate size,

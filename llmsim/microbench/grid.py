@@ -1,5 +1,5 @@
-"""What the suite measures: op x model x TP shard x token count, attention shapes, bare GEMMs (also in FP8 on a GPU
-with FP8 tensor cores), fused-MoE layers, copies and collectives.
+"""What the suite measures: op x model x TP shard x token count, attention shapes, bare GEMMs (also in FP8, per-tensor
+and block-scaled, on a GPU with FP8 tensor cores), fused-MoE layers, copies and collectives.
 
 ``small`` is sized for a CPU in CI (about a minute on two cores); ``full`` is for a GPU and covers the catalog's
 dense models at every TP degree up to 8 and 1-4096 tokens, like Vidur's profiling grid, and five expert shapes of
@@ -69,9 +69,10 @@ def model_columns(name: str, tp: int) -> dict:
             "n_expanded_embd": m.ffn_size, "vocab_size": m.vocab_size, "gated": m.gated_mlp}
 
 
-def compute_specs(grid: Grid, dtype: str, fp8: bool = False) -> list[dict]:
-    """Every compute row to measure, as schema columns (times filled in by the runner). ``fp8``: the bare GEMMs
-    once more as W8A8 FP8 (a device with FP8 tensor cores)."""
+def compute_specs(grid: Grid, dtype: str, fp8_dtypes: tuple[str, ...] = ()) -> list[dict]:
+    """Every compute row to measure, as schema columns (times filled in by the runner). ``fp8_dtypes``: the bare
+    GEMMs once more in each of these, W8A8 FP8 with per-tensor scales (``fp8``) or 128-block scales
+    (``fp8_block``), on a device with FP8 tensor cores."""
     specs = []
     for name in grid.models:
         for tp in grid.tps:
@@ -90,7 +91,7 @@ def compute_specs(grid: Grid, dtype: str, fp8: bool = False) -> list[dict]:
                           "kv_len": kv_len})
     specs += [{"op": "memcpy", "dtype": dtype, "size_bytes": size} for size in grid.memcpy_bytes]
     specs += [{"op": "gemm", "dtype": gemm_dtype, "model": "gemm", "tp": 1, "num_tokens": m, "gemm_n": n,
-               "gemm_k": k} for gemm_dtype in ((dtype, "fp8") if fp8 else (dtype,)) for m, n, k in grid.gemms]
+               "gemm_k": k} for gemm_dtype in (dtype, *fp8_dtypes) for m, n, k in grid.gemms]
     specs += [{"op": "moe", "dtype": dtype, "model": moe_model_name(hidden, inter, experts, top_k), "tp": tp,
                "num_tokens": tokens, "n_embd": hidden, "n_expanded_embd": inter, "num_experts": experts,
                "experts_per_token": top_k}

@@ -48,6 +48,22 @@ def quantize_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+FP8_BLOCK = 128  # a block-FP8 checkpoint's weight-scale block and activation group, as every one has them
+FP8_GROUP_EPS = 1e-10  # vLLM's floor under a group's absolute maximum (an all-zero group gets a tiny scale, no NaN)
+
+
+def quantize_fp8_per_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16-bit [m, k] tensor to FP8 (e4m3) with one dynamic scale per row and 128 columns, as vLLM's
+    ``per_token_group_quant_fp8`` quantizes a block-FP8 layer's activations: the group's absolute maximum (at
+    least ``FP8_GROUP_EPS``) over the format's largest value. Returns the FP8 tensor and its [m, k / 128]
+    scales; the reference ``fp8_block.quantize_fp8_per_group_triton`` is checked against."""
+    m, k = x.shape
+    groups = x.float().view(m, k // FP8_BLOCK, FP8_BLOCK)
+    scale = groups.abs().amax(dim=-1).clamp(min=FP8_GROUP_EPS) / FP8_E4M3_MAX
+    q = (groups / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(m, k), scale
+
+
 def capture_cuda_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     """``fn`` captured into a CUDA graph, after ``warmups`` calls on a side stream (as torch's CUDA-graph notes ask;
     they also compile any Triton kernel in it): the graph and the output each replay rewrites."""
@@ -120,6 +136,59 @@ def fp8_gemm_kernel(m: int, n: int, k: int, device: torch.device,
         q, x_scale = quantize_fp8_per_tensor(x)
         return torch._scaled_mm(q, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=bf16)
     return run_eager, "quant_eager"
+
+
+def fp8_block_gemm_kernel(m: int, n: int, k: int, device: torch.device, tensors: dict | None = None,
+                          gemms: tuple[str, ...] = ("cublaslt", "triton")) -> tuple[Callable[[], object], str]:
+    """A block-scaled FP8 linear layer as vLLM runs one of a block-FP8 checkpoint (``fp8_block``: weights scaled
+    per 128 x 128 block, the bf16 activations quantized per token and 128 columns, ``fp8_block``'s kernels): the
+    group quantization, then the blockwise-scaled GEMM with a bf16 output, the two as one CUDA graph. This is what
+    NVIDIA's measured vLLM block-FP8 GEMMs time and what the ``linear_fp8_block`` curve prices.
+
+    The GEMM is cuBLASLt's blockwise-scaled one (``torch._scaled_mm``; impl ``triton_group_quant+cublaslt+graph``)
+    on activations padded to a multiple of 4 rows, as vLLM pads them for CUTLASS's on Hopper, or where torch or the
+    GPU lacks it, a Triton kernel of the form of vLLM's own (impl ``triton_group_quant+triton_gemm+graph``).
+    ``gemms``: which GEMMs to try, in order. Needs an NVIDIA GPU and Triton (``has_fp8``); k and n multiples of
+    128."""
+    from llmsim.microbench.fp8_block import GROUP, block_scaled_matmul, quantize_fp8_per_group_triton
+
+    tensors = {} if tensors is None else tensors
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    if ((m, k), bf16) not in tensors:
+        tensors[((m, k), bf16)] = torch.randn(m, k, dtype=bf16, device=device)
+    if ((n, k), fp8) not in tensors:
+        tensors[((n, k), fp8)] = torch.randn(n, k, device=device).to(fp8)
+    x, w = tensors[((m, k), bf16)], tensors[((n, k), fp8)]
+    # Weight scales near one, as a checkpoint's are for unit-variance weights over the format's range.
+    if ((n, k), "block_scales") not in tensors:
+        tensors[((n, k), "block_scales")] = torch.rand(n // GROUP, k // GROUP, device=device) + 0.5
+    w_scale = tensors[((n, k), "block_scales")]
+    padded = -(-m // 4) * 4
+    q = torch.zeros(padded, k, dtype=fp8, device=device)  # padding rows stay zero, their scales one
+    q_scale = torch.ones(k // GROUP, padded, device=device).t()  # [padded, k / 128], column-major
+
+    def run_cublaslt():
+        quantize_fp8_per_group_triton(x, q, q_scale)
+        return torch._scaled_mm(q, w.t(), scale_a=q_scale, scale_b=w_scale.t(), out_dtype=bf16)[:m]
+
+    out = torch.empty(m, n, dtype=bf16, device=device)
+
+    def run_triton():
+        quantize_fp8_per_group_triton(x, q, q_scale)
+        return block_scaled_matmul(q[:m], q_scale[:m], w, w_scale, out)
+
+    runs = {"cublaslt": (run_cublaslt, "triton_group_quant+cublaslt+graph"),
+            "triton": (run_triton, "triton_group_quant+triton_gemm+graph")}
+    for run, impl in (runs[gemm] for gemm in gemms):
+        try:
+            run()
+        except (RuntimeError, NotImplementedError):  # torch or cuBLAS without blockwise scaling, or not Hopper
+            torch.cuda.synchronize()
+            continue
+        replay = cuda_graphed(run)
+        if replay is not None:
+            return replay, impl
+    raise RuntimeError(f"no block-scaled FP8 GEMM ({', '.join(gemms)}) ran on {device} for m={m} n={n} k={k}")
 
 
 def balanced_routing(tokens: int, num_experts: int, top_k: int, device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from llmsim.calibration.measurements import normalize, write_measurements
+from llmsim.calibration.measurements import COLLECTIVE_OPS, normalize, write_measurements
 from llmsim.microbench.collectives import measure_collectives
 from llmsim.microbench.grid import GRIDS, Grid, compute_specs
-from llmsim.microbench.kernels import (attention_kernel, fp8_gemm_kernel, gemm_kernel, layer_kernel, memcpy_kernel,
-                                       moe_bytes, moe_kernel)
+from llmsim.microbench.kernels import (attention_kernel, fp8_block_gemm_kernel, fp8_gemm_kernel, gemm_kernel,
+                                       layer_kernel, memcpy_kernel, moe_bytes, moe_kernel)
 from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
@@ -26,6 +27,10 @@ def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], obj
     if spec["op"] == "gemm" and spec["dtype"] == "fp8":
         kernel, spec["impl"] = fp8_gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]),
                                                device, tensors)
+        return kernel
+    if spec["op"] == "gemm" and spec["dtype"] == "fp8_block":
+        kernel, spec["impl"] = fp8_block_gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]),
+                                                     int(spec["gemm_k"]), device, tensors)
         return kernel
     if spec["op"] == "moe":
         kernel, spec["impl"] = moe_kernel(SimpleNamespace(**spec), device, tensors)
@@ -57,11 +62,20 @@ def _free_bytes(device: torch.device) -> int:
         return sys.maxsize
 
 
-def measured_specs(grid: Grid, dtype: str, fp8: bool, device: torch.device) -> list[dict]:
+def fp8_gemm_dtypes(device: torch.device, fp8: bool | None = None) -> tuple[str, ...]:
+    """The FP8 forms of the bare GEMMs to time on ``device``: per-tensor W8A8 (``fp8``) where it has FP8 tensor
+    cores (``has_fp8``; ``fp8`` forces it either way), and block-scaled (``fp8_block``) where it also has Triton,
+    whose kernels quantize the activations per group and run the fallback GEMM (``fp8_block.py``)."""
+    if not (has_fp8(device) if fp8 is None else fp8):
+        return ()
+    return ("fp8", "fp8_block") if has_fp8(device) and importlib.util.find_spec("triton") else ("fp8",)
+
+
+def measured_specs(grid: Grid, dtype: str, fp8: bool | None, device: torch.device) -> list[dict]:
     """The grid's rows this device can hold: a fused-MoE row needs every expert's weights at once (DeepSeek-V3's
     at TP 1 are 22.5 GB in bf16), so rows that would not fit in nine tenths of the free memory are left out, and a
     note says which, rather than the run ending in an out-of-memory error partway."""
-    specs = compute_specs(grid, dtype, fp8)
+    specs = compute_specs(grid, dtype, fp8_gemm_dtypes(device, fp8))
     room = 0.9 * _free_bytes(device)
     fits = [s["op"] != "moe" or moe_bytes(s) <= room for s in specs]
     if not all(fits):
@@ -84,11 +98,11 @@ def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repeti
                    collectives: bool = True, on_progress: Callable[[int], None] | None = None,
                    threads: int | None = None, fp8: bool | None = None,
                    specs: list[dict] | None = None) -> pd.DataFrame:
-    """``fp8``: time the bare GEMMs in FP8 too (None: where the device has FP8 tensor cores, ``has_fp8``).
+    """``fp8``: time the bare GEMMs in FP8 too (None: where the device has FP8 tensor cores; ``fp8_gemm_dtypes``).
     ``specs``: the rows to time, where the caller has them already (default: ``measured_specs`` of the grid)."""
     device = torch_device(device_kind)
     if specs is None:
-        specs = measured_specs(grid, dtype, has_fp8(device) if fp8 is None else fp8, device)
+        specs = measured_specs(grid, dtype, fp8, device)
     if device.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     rounds = min(CPU_ROUNDS, repetitions) if device.type == "cpu" else 1
@@ -120,13 +134,20 @@ def run_microbench(device_kind: str, grid: Grid, dtype: str, warmup: int, repeti
 
 
 def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup: int, repetitions: int,
-         collectives: bool, quiet: bool, threads: int | None = None) -> pd.DataFrame:
+         collectives: bool, quiet: bool, threads: int | None = None, ops: tuple[str, ...] | None = None
+         ) -> pd.DataFrame:
+    """``ops``: time only the grid's rows of these ops (the collectives only if one of them is a collective)."""
     from llmsim.progress import progress
 
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
     device = torch_device(device_kind)
-    specs = measured_specs(grid, dtype, has_fp8(device), device)  # once: its note too
+    specs = measured_specs(grid, dtype, None, device)  # once: its note too
+    if ops is not None:
+        collectives = collectives and any(op in COLLECTIVE_OPS for op in ops)
+        specs = [s for s in specs if s["op"] in ops]
+        if not specs and not collectives:
+            raise ValueError(f"--grid {grid_name} has no rows of {', '.join(ops)} on this device")
     total = len(specs) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
     with progress(total, "op", "microbench", quiet) as bar:
         df = run_microbench(device_kind, grid, dtype, warmup, repetitions, collectives, bar.update, threads,
