@@ -24,6 +24,17 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8", 
            "fp8_block": "fp8_block"}
 _ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp8_block": 1}
 _IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eager", "NCCL": "nccl"}
+SOURCE_PREFIX = "aiconfigurator"  # a row's ``source`` starts so (``<prefix> <table path>``)
+
+# Bytes per input element that the quantization of an FP8 GEMM's activations moved in aiconfigurator's GEMM
+# collector (``collector/vllm/collect_gemm.py``): it builds vLLM's linear layer outside a served engine, where vLLM's
+# QuantFP8 runs its torch-native form as separate kernels with float32 intermediates. Per-tensor (static scale):
+# x.to(float32) 2 + 4, times the scale's reciprocal 4 + 4, clamp 4 + 4, to FP8 4 + 1 = 27; per 128-group (dynamic):
+# abs 2 + 2, group maximum 2, x / scale 2 + 4, clamp 4 + 4, to FP8 4 + 1 = 25. Its FP8 rows take the suite's time
+# for the same shapes plus 9 ps per input element at 2-67 M elements (median; 6-11 ps, per-tensor and block alike,
+# whatever N), what 27 bytes cost at 3.0 TB/s. A served engine quantizes in one fused pass
+# (``ops.ACTIVATION_QUANT_BYTES``).
+COLLECTOR_QUANT_BYTES = {"linear_fp8": 27.0, "linear_fp8_block": 25.0}
 
 
 def _version_key(folder: Path) -> tuple:
@@ -51,7 +62,7 @@ def _table(root: Path, pattern: str, needed: tuple[str, ...]) -> pd.DataFrame | 
         raise TraceError(f"{found[-1]}: missing aiconfigurator columns {', '.join(missing)}")
     df = df.reset_index(drop=True)  # the table's own rows, 0.., which its imported rows keep and errors name
     df.attrs["path"] = found[-1]
-    return df.assign(source=f"aiconfigurator {found[-1].relative_to(root)}")
+    return df.assign(source=f"{SOURCE_PREFIX} {found[-1].relative_to(root)}")
 
 
 def _checked(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:

@@ -104,12 +104,13 @@ def l2_resident(profile: HardwareProfile, rows: Rows) -> np.ndarray:
 
 
 def _eff(max_eff, half_tokens, memory_eff, overhead_s, half_k=0.0, half_n=0.0, half_tiles=0.0, softness=None,
-         k_latency_s=0.0, split_k_min_k=None) -> OpEfficiency:
+         k_latency_s=0.0, split_k_min_k=None, quant_memory_eff=None) -> OpEfficiency:
     """An unvalidated efficiency for the optimiser's inner loop."""
     compute = ComputeEfficiency.model_construct(max_eff=max_eff, half_tokens=half_tokens, half_k=half_k,
                                                 half_n=half_n, half_tiles=half_tiles)
     return OpEfficiency.model_construct(compute=compute, memory_eff=memory_eff, overhead_s=overhead_s,
-                                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=softness)
+                                        k_latency_s=k_latency_s, split_k_min_k=split_k_min_k, softness=softness,
+                                        quant_memory_eff=quant_memory_eff)
 
 
 def _enough_rows(mask: np.ndarray, num_params: int, what: str) -> None:
@@ -128,17 +129,20 @@ def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidt
     (cuBLAS GEMMs) also split-K's smallest K per split. A fit whose reduction latency comes out 0 has no
     split-K to speak of and keeps none."""
     f, b, t, y = rows.flops[mask], rows.num_bytes[mask], rows.num_tokens[mask], rows.measured_s[mask]
-    k, n = rows.gemm_k[mask], rows.gemm_n[mask]
+    k, n, q = rows.gemm_k[mask], rows.gemm_n[mask], rows.quant_bytes[mask]
     split = num_sms is not None
     unaligned = rows.moe_unaligned[mask]
     fits_factor = bool(unaligned.any())  # the fused MoE's unaligned-width factor, where such rows are fitted
+    fits_quant = bool(q.any())  # FP8 GEMMs: the input quantization's bandwidth fraction
     at_factor = 10 if split else 9
+    at_quant = at_factor + fits_factor
 
     def eff_of(x):  # overhead in microseconds and latency in ns per K element, for the optimiser
-        return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9, x[9] if split else None)
+        return _eff(x[0], x[1], x[2], x[3] * 1e-6, x[4], x[5], x[6], x[7], x[8] * 1e-9, x[9] if split else None,
+                    x[at_quant] if fits_quant else None)
 
     def residuals(x):
-        predicted = roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms)
+        predicted = roofline_s(eff_of(x), f, b, t, k, n, peak, bandwidth, num_sms, q)
         if fits_factor:
             predicted = predicted * np.where(unaligned, x[at_factor], 1.0)
         return np.log(predicted / y)
@@ -148,10 +152,14 @@ def fit_gemm_efficiency(rows: Rows, mask: np.ndarray, peak: np.ndarray, bandwidt
     upper = [1.0, 1e5, 1.0, 1e4, 1e5, 1e5, 1e5, 8.0, 100.0] + ([1e6] if split else [])
     if fits_factor:
         x0, lower, upper = x0 + [1.2], lower + [1.0], upper + [4.0]
+    if fits_quant:
+        x0, lower, upper = x0 + [0.8], lower + [0.05], upper + [1.0]
     _enough_rows(mask, len(x0), str(rows.kind[mask][0]) if mask.any() else "GEMMs")
     fit = least_squares(residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=_LOSS_SCALE)
     x = [float(v) for v in fit.x]
     extra = {"unaligned_factor": round(x[at_factor], 4)} if fits_factor else {}
+    if fits_quant:
+        extra["quant_memory_eff"] = round(x[at_quant], 4)
     compute = ComputeEfficiency(max_eff=round(x[0], 4), half_tokens=round(x[1], 2), half_k=round(x[4], 2),
                                 half_n=round(x[5], 2), half_tiles=round(x[6], 3))
     k_latency_s = round(x[8] * 1e-9, 13)

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from llmsim.calibration.aiconfigurator import COLLECTOR_QUANT_BYTES, SOURCE_PREFIX
 from llmsim.calibration.measurements import COLLECTIVE_OPS
 from llmsim.errors import ConfigError
 from llmsim.execution import ops
@@ -128,6 +129,9 @@ class Rows:
         self.kv_dtype_bytes = np.zeros(n)  # attention rows: the KV cache's element size
         self.mha = np.zeros(n, dtype=bool)  # attention rows: as many KV heads as query heads on the GPU
         self.moe_unaligned = np.zeros(n, dtype=bool)  # fused-MoE rows: ops.moe_width_unaligned
+        # FP8 GEMM rows: bytes their input's quantization moved, as the measuring stack ran it (collector_quant)
+        self.quant_bytes = np.zeros(n)
+        collector = collector_quant(self.df)
         # Prefill-attention rows of one new token per sequence (FlashAttention 2 packs their GQA groups).
         self.single_token = (self.df["op"] == "attn_prefill").to_numpy() & (self.df["seq_len"] == 1).to_numpy()
         is_collective = self.df["op"].isin(COLLECTIVE_OPS).to_numpy()
@@ -146,6 +150,9 @@ class Rows:
                         work = moe_row_work(row, default_config=True)
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
             self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
+            self.quant_bytes[i] = work.quant_bytes
+            if collector[i] and work.quant_bytes:
+                self.quant_bytes[i] = work.num_tokens * work.gemm_k * COLLECTOR_QUANT_BYTES[work.kind]
             if row.op in ("attn_prefill", "attn_decode"):
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads
@@ -175,6 +182,14 @@ class Rows:
         return len(self.df)
 
 
+def collector_quant(df: pd.DataFrame) -> np.ndarray:
+    """Rows measured by aiconfigurator's collector, whose FP8 GEMMs quantized their input in unfused torch ops
+    (``aiconfigurator.COLLECTOR_QUANT_BYTES``) rather than as a served engine does."""
+    if "source" not in df:
+        return np.zeros(len(df), dtype=bool)
+    return df["source"].astype(str).str.startswith(SOURCE_PREFIX).to_numpy()
+
+
 def collective_kind(row) -> str:
     """``all_reduce``, ``all_reduce_inter_node``, ``all_reduce_custom`` (vLLM's, in CUDA graphs), ... or
     ``unmodelled`` for vLLM's custom all-reduce outside CUDA graphs (reported, not fitted)."""
@@ -191,7 +206,8 @@ def is_link_kind(kind: str) -> bool:
     return kind.split("_inter_node")[0].split("_custom")[0] in COLLECTIVE_OPS
 
 
-def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, peak, bandwidth, num_sms=None):
+def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, peak, bandwidth, num_sms=None,
+               quant_bytes=0.0):
     """``op_time_s`` on arrays (``gemm_k`` 0 where a row is no GEMM)."""
     c = eff.compute
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -203,6 +219,8 @@ def roofline_s(eff: OpEfficiency, flops, num_bytes, num_tokens, gemm_k, gemm_n, 
     memory = num_bytes / (bandwidth * eff.memory_eff)
     p = eff.softness
     bound = np.maximum(compute, memory) if p is None else (compute ** p + memory ** p) ** (1.0 / p)
+    if eff.quant_memory_eff is not None:  # an FP8 GEMM's input quantization (0 bytes: none)
+        bound = bound + quant_bytes / (bandwidth * eff.quant_memory_eff)
     return bound + eff.overhead_s + eff.k_latency_s * gemm_k / split_k_splits(eff, num_tokens, gemm_k, gemm_n,
                                                                               num_sms)
 
@@ -263,7 +281,7 @@ def predict_s(profile: HardwareProfile, rows: Rows) -> np.ndarray:
             continue
         out[m] = roofline_s(eff, rows.flops[m], rows.num_bytes[m], rows.num_tokens[m], rows.gemm_k[m],
                             rows.gemm_n[m], peak_flops(profile, rows, m), profile.memory_bandwidth_bytes_per_s,
-                            split_k_sms(profile, kind))
+                            split_k_sms(profile, kind), rows.quant_bytes[m])
         if eff.unaligned_factor is not None:
             out[m] *= np.where(rows.moe_unaligned[m], eff.unaligned_factor, 1.0)
     return out

@@ -26,7 +26,8 @@ from llmsim.hardware.profile import (PROFILES_DIR, HardwareProfile, available_pr
 
 METHOD = ("scipy.optimize.least_squares on log(predicted/measured), soft-L1 loss (scale 5%), per op kind "
           "(roofline max_eff, half_tokens, memory_eff, overhead_s; GEMMs also half_k, half_n, half_tiles, softness, "
-          "k_latency_s and, for dense GEMMs on a profile with num_sms, split_k_min_k, on the rows of gemm_source "
+          "k_latency_s and, for dense GEMMs on a profile with num_sms, split_k_min_k, for FP8 GEMMs quant_memory_eff "
+          "(their input's quantization, at the bytes the measuring stack moved), on the rows of gemm_source "
           "where one is named), per attention kernel (prefill_attention, with its L2 term where the profile has "
           "l2_cache_bytes; decode_attention) and per collective "
           "(alpha-beta latency, bus bandwidth); held-out rows excluded from the fit")

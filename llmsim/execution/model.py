@@ -127,6 +127,11 @@ def split_k_sms(hardware: HardwareProfile, kind: str) -> int | None:
     return hardware.num_sms if kind.startswith("linear") else None
 
 
+def _bytes_moved(op: ops.OpWork) -> float:
+    """An op's memory traffic: its own, and an FP8 GEMM's input quantization before it."""
+    return op.num_bytes + op.quant_bytes
+
+
 def kernel_group(kind: str) -> str:
     """The group of an op kind: GEMMs (dense, FP8, fused MoE), the two attention kernels, or the rest."""
     if kind.startswith(("linear", "moe")):
@@ -186,7 +191,7 @@ class ExecutionModel:
             static = self._op_static[op.kind] = self._op_static_for(op.kind)
         eff, peak, sms, factor = static
         return op_time_s(eff, peak, self.bandwidth, op.flops, op.num_bytes, op.num_tokens, op.gemm_k, op.gemm_n,
-                         sms) * factor
+                         sms, op.quant_bytes) * factor
 
     def _op_static_for(self, op_kind: str) -> tuple:
         """What ``op_cost`` needs of an op kind besides the op's own work: its curve, peak, split-K SMs and the
@@ -235,7 +240,7 @@ class ExecutionModel:
             groups = self._layer_groups(num_tokens)
             layer_s = self._per_layer(groups, self.op_cost)
             layer_flops = self._per_layer(groups, attrgetter("flops"))
-            layer_bytes = self._per_layer(groups, attrgetter("num_bytes"))
+            layer_bytes = self._per_layer(groups, _bytes_moved)
             activation_bytes = num_tokens * s.hidden * s.dtype_bytes
             custom = self._custom_link is not None and custom_all_reduce_serves(self._custom_max_bytes,
                                                                                  activation_bytes)

@@ -24,6 +24,9 @@ class OpWork:
     num_tokens: float  # GEMM M dimension (or tokens touched)
     gemm_k: int = 0  # a GEMM's inner dimension (0: not a GEMM)
     gemm_n: int = 0  # a GEMM's output width on this shard
+    # An FP8 GEMM's quantization of its 16-bit input: the bytes that kernel moves before the GEMM runs
+    # (``ACTIVATION_QUANT_BYTES``), priced at the curve's ``quant_memory_eff``; 0 for every other op.
+    quant_bytes: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +84,26 @@ class ShardShapes:
 _GEMM_KINDS = {"fp8": "linear_fp8", "fp8_block": "linear_fp8_block"}
 
 
+# Bytes per input element that quantizing an FP8 GEMM's 16-bit activations moves, as a served vLLM runs it (its
+# CUDA kernels, or the one kernel torch.compile makes of QuantFP8): per-tensor dynamic scales read the input for its
+# absolute maximum, then read it again and write FP8 (2 + 2 + 1); per-128-group scales do both in one pass (2 + 1;
+# the group's scale, 4 bytes per 128 elements, aside).
+ACTIVATION_QUANT_BYTES = {"linear_fp8": 5.0, "linear_fp8_block": 3.0}
+
+
+def activation_quant_bytes(kind: str, tokens: float, n_in: float) -> float:
+    """Bytes the quantization of a [tokens, n_in] input of an op of ``kind`` moves (0: no FP8 GEMM)."""
+    return tokens * n_in * ACTIVATION_QUANT_BYTES.get(kind, 0.0)
+
+
 def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quantised: bool = True) -> OpWork:
     """GEMM [tokens, n_in] x [n_in, n_out]: reads input and weights, writes output. ``quantised``: the weights
-    have the checkpoint's dtype (vLLM leaves the LM head unquantised)."""
+    have the checkpoint's dtype (vLLM leaves the LM head unquantised); FP8 ones quantize the input first."""
     flops = 2.0 * tokens * n_in * n_out
     weight_bytes = s.weight_bytes if quantised else s.dtype_bytes
     num_bytes = (tokens * n_in + tokens * n_out) * s.dtype_bytes + n_in * n_out * weight_bytes
-    return OpWork(name, s.gemm_kind if quantised else "linear", flops, num_bytes, tokens, n_in, n_out)
+    kind = s.gemm_kind if quantised else "linear"
+    return OpWork(name, kind, flops, num_bytes, tokens, n_in, n_out, activation_quant_bytes(kind, tokens, n_in))
 
 
 def dense_layer_ops(s: ShardShapes, tokens: int, moe_default_config: bool = False) -> list[OpWork]:
@@ -123,10 +139,12 @@ def _mlp(names: tuple[str, str, str], s: ShardShapes, tokens: int, ffn: int, rou
     up_out = (2 if s.gated else 1) * ffn
     return [
         OpWork(names[0], s.gemm_kind, 2.0 * routed * h * up_out,
-               (T * h + routed * up_out) * d + active * h * up_out * w, routed, h, up_out),
+               (T * h + routed * up_out) * d + active * h * up_out * w, routed, h, up_out,
+               activation_quant_bytes(s.gemm_kind, T, h)),
         OpWork(names[1], "activation", 5.0 * routed * ffn, (up_out + ffn) * routed * d, routed),
         OpWork(names[2], s.gemm_kind, 2.0 * routed * ffn * h,
-               (routed * ffn + T * h) * d + active * ffn * h * w, routed, ffn, h),
+               (routed * ffn + T * h) * d + active * ffn * h * w, routed, ffn, h,
+               activation_quant_bytes(s.gemm_kind, routed, ffn)),
     ]
 
 

@@ -34,7 +34,8 @@ class ComputeEfficiency(_Frozen):
 
     A GEMM [M, K] x [K, N] also has shape terms (each 1 when its ``half_*`` is 0, or for ops that are no GEMM):
     ``K / (K + half_k)``: each output tile pays a fixed set-up and epilogue, worth ``half_k`` reduction steps;
-    ``N / (N + half_n)``: work per input row that a wide output amortises (FP8: quantising the activations);
+    ``N / (N + half_n)``: work per input row that a wide output amortises (an FP8 GEMM's input quantization has a
+    term of its own, ``OpEfficiency.quant_memory_eff``);
     ``T / (T + half_tiles)``, ``T = M N / 128^2`` output tiles: too few tiles leave streaming multiprocessors idle."""
 
     max_eff: float = Field(gt=0, le=1)
@@ -76,6 +77,10 @@ class OpEfficiency(_Frozen):
     # it vectorise loads; the down GEMM's K and the strides of the intermediate rows are that width, so without it
     # every tile loads narrower. Fitted where the measurements have such widths; None: none (no factor).
     unaligned_factor: float | None = Field(default=None, ge=1)
+    # FP8 GEMMs: the fraction of memory bandwidth at which the quantization of the 16-bit input streams its bytes
+    # (a kernel of its own before the GEMM; ``ops.ACTIVATION_QUANT_BYTES`` per input element in a served engine).
+    # None: the curve has no such term (the quantization, if any, is in its fitted shape terms).
+    quant_memory_eff: float | None = Field(default=None, gt=0, le=1)
 
 
 class LinkModel(_Frozen):

@@ -24,11 +24,14 @@ def split_k_splits(eff: OpEfficiency, num_tokens, gemm_k, gemm_n, num_sms: int |
 
 
 def op_time_s(eff: OpEfficiency, peak_flops: float, bandwidth: float, flops: float, num_bytes: float,
-              num_tokens: float, gemm_k: int = 0, gemm_n: int = 0, num_sms: int | None = None) -> float:
+              num_tokens: float, gemm_k: int = 0, gemm_n: int = 0, num_sms: int | None = None,
+              quant_bytes: float = 0.0) -> float:
     compute_s = flops / (peak_flops * eff.compute.at_shape(num_tokens, gemm_k, gemm_n)) if flops > 0 else 0.0
     memory_s = num_bytes / (bandwidth * eff.memory_eff)
     p = eff.softness
     bound_s = max(compute_s, memory_s) if p is None else (compute_s ** p + memory_s ** p) ** (1.0 / p)
+    if quant_bytes and eff.quant_memory_eff is not None:  # an FP8 GEMM's input quantization, a kernel before it
+        bound_s += quant_bytes / (bandwidth * eff.quant_memory_eff)
     if not gemm_k:
         return bound_s + eff.overhead_s
     # split_k_splits's rule on scalars, in plain Python: numpy's calls on scalars cost more than the rest of this
