@@ -461,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     mb = sub.add_parser("microbench", help="time the execution model's ops with torch on this machine's device",
                         description="Measure GEMMs (layer shapes and bare m x n x k; also in FP8, per-tensor and "
-                                    "block-scaled, on an NVIDIA GPU with FP8 tensor cores), fused-MoE layers (--grid full), attention (SDPA), norms, "
-                                    "activation, rotary, add, embedding, "
+                                    "block-scaled, on an NVIDIA GPU with FP8 tensor cores), fused-MoE layers "
+                                    "(--grid full), attention (SDPA), norms, activation, rotary, add, embedding, "
                                     "memory copies and collectives; write the measurements CSV that calibrate reads.")
     mb.add_argument("--device", choices=("cpu", "cuda", "rocm"), default="cpu")
     mb.add_argument("--out", required=True, help="measurements CSV to write (.csv or .csv.gz)")

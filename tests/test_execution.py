@@ -430,6 +430,8 @@ def test_precision_as_engines_have_it():
                                            qkv_b.num_tokens, h, n_out) == pytest.approx(
         qkv_b.quant_bytes / (bw * fp8_curve.quant_memory_eff), rel=1e-9)
     mlp = by_name(ops.dense_layer_ops(b, 64))
+    gate = by_name(ops.dense_layer_ops(ops.ShardShapes.of(load_model("Mixtral-8x7B", "fp8"), 2), 64))["moe_gate"]
+    assert (gate.kind, gate.quant_bytes, gate.num_bytes) == ("linear", 0.0, (64 * 4096 + 64 * 8 + 4096 * 8) * 2)
     assert (mlp["mlp_up_proj"].quant_bytes, mlp["mlp_down_proj"].quant_bytes) == (64 * h * 5.0, 64 * 11008 // 2 * 5.0)
     rope = by_name(ops.dense_layer_ops(b, 64))["attn_rope"]
     assert ex_b.op_cost(rope) == op_time_s(h100.efficiency["rope"], h100.peak("bf16"), bw, rope.flops,

@@ -121,7 +121,9 @@ def dense_layer_ops(s: ShardShapes, tokens: int, moe_default_config: bool = Fals
     ]
     if s.num_experts > 1:
         block_m = vllm_default_moe_block_m(T, s.num_experts) if moe_default_config else 0
-        ops += [linear("moe_gate", T, h, s.num_experts, s), moe_experts(s, T, block_m)]
+        # The router's gate stays 16-bit in a quantised checkpoint (vLLM's Mixtral, Qwen MoE and DeepSeek build it
+        # with quant_config=None).
+        ops += [linear("moe_gate", T, h, s.num_experts, s, quantised=False), moe_experts(s, T, block_m)]
         if s.shared_ffn:  # every token's shared experts: a dense MLP beside the routed ones
             ops += _mlp(("shared_up_proj", "shared_act", "shared_down_proj"), s, T, s.shared_ffn, T, 1)
     else:
