@@ -27,13 +27,14 @@ _IMPLS = {"vLLM_custom_graph": "custom_graph", "vLLM_custom_eager": "custom_eage
 SOURCE_PREFIX = "aiconfigurator"  # a row's ``source`` starts so (``<prefix> <table path>``)
 
 # Bytes per input element that the quantization of an FP8 GEMM's activations moved in aiconfigurator's GEMM
-# collector (``collector/vllm/collect_gemm.py``): it builds vLLM's linear layer outside a served engine, where vLLM's
-# QuantFP8 runs its torch-native form as separate kernels with float32 intermediates. Per-tensor (static scale):
-# x.to(float32) 2 + 4, times the scale's reciprocal 4 + 4, clamp 4 + 4, to FP8 4 + 1 = 27; per 128-group (dynamic):
-# abs 2 + 2, group maximum 2, x / scale 2 + 4, clamp 4 + 4, to FP8 4 + 1 = 25. Its FP8 rows take the suite's time
-# for the same shapes plus 9 ps per input element at 2-67 M elements (median; 6-11 ps, per-tensor and block alike,
-# whatever N), what 27 bytes cost at 3.0 TB/s. A served engine quantizes in one fused pass
-# (``ops.ACTIVATION_QUANT_BYTES``).
+# collector (``collector/vllm/collect_gemm.py``): it builds vLLM's linear layer outside a served engine under a
+# default ``VllmConfig()``, whose compilation settings (Inductor, so ``custom_ops`` "none") make vLLM's QuantFP8
+# take its torch-native form, which nothing then compiles: separate kernels with float32 intermediates.
+# Per-tensor (static scale): x.to(float32) 2 + 4, times the scale's reciprocal 4 + 4, clamp 4 + 4, to FP8 4 + 1
+# = 27; per 128-group (dynamic): abs 2 + 2, group maximum 2, x / scale 2 + 4, clamp 4 + 4, to FP8 4 + 1 = 25.
+# Its FP8 rows take the suite's time for the same shapes plus 9 ps per input element at 2-67 M elements (median;
+# 6-11 ps, per-tensor and block alike, whatever N), what 27 bytes cost at 3.0 TB/s. A served engine quantizes in
+# one fused pass (``ops.ACTIVATION_QUANT_BYTES``).
 COLLECTOR_QUANT_BYTES = {"linear_fp8": 27.0, "linear_fp8_block": 25.0}
 
 
