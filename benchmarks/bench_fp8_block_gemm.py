@@ -13,15 +13,13 @@ layer costs over a per-tensor one on this GPU and how much the GEMM kernel's cho
 
 from __future__ import annotations
 
-import argparse
-import csv
 
 import torch
 
+from gpu_bench import cuda_timer, parse_args, write_rows
 from llmsim.microbench.fp8_block import GROUP
 from llmsim.microbench.grid import GRIDS
 from llmsim.microbench.kernels import fp8_block_gemm_kernel, fp8_gemm_kernel, gemm_kernel
-from llmsim.microbench.timer import Timer, device_name
 
 
 CHECK_ROWS = 8
@@ -39,14 +37,8 @@ def reference(tensors: dict, m: int, n: int, k: int) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="a few shapes")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    timer = Timer(device, warmup=3, repetitions=20)  # the suite's: CUDA events, the L2 flushed by reading
-    gpu = device_name(device)
+    args = parse_args(__doc__, "a few shapes")
+    device, timer, gpu = cuda_timer(warmup=3, repetitions=20)
     shapes = GRIDS["full"].gemms
     if args.quick:
         shapes = [s for s in shapes if s[1] == 4096 and s[2] == 4096 and s[0] in (1, 128, 4096)]
@@ -72,10 +64,7 @@ def main() -> None:
                 rows.append({"device": gpu, "m": m, "n": n, "k": k, "kernel": name, "median_us": round(1e3 * ms, 2),
                              "rel_err": round(errors.get(name.removeprefix("fp8_block "), float("nan")), 5)})
             print({r["kernel"]: (r["median_us"], r["rel_err"]) for r in rows[-len(times):]}, m, n, k, flush=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ vLLM's, and at small batches (few programs, no split over the KV length) it is l
 
 from __future__ import annotations
 
-import argparse
-import csv
 
 import torch
 
 from bench_paged_decode import paged_decode, reference
-from llmsim.microbench.timer import Timer, device_name
+from gpu_bench import cuda_timer, parse_args, write_rows
 
 LAYOUTS = ((32, 8), (8, 1), (64, 8), (32, 32))  # (query heads, KV heads) on one GPU; head dim 128
 BATCHES = (1, 8, 32, 128, 256)
@@ -32,14 +30,8 @@ MAX_CACHE_BYTES = 24 * 2**30  # a layer's K and V in bf16 for the largest batch 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="one layout, two batches, one length")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    timer = Timer(device, warmup=5, repetitions=50)  # the suite's: CUDA events, the L2 flushed by reading
-    gpu = device_name(device)
+    args = parse_args(__doc__, "one layout, two batches, one length")
+    device, timer, gpu = cuda_timer(warmup=5, repetitions=50)
     head_dim = 128
     layouts, batches, kv_lens = ((LAYOUTS[:1], (8, 128), (2048,)) if args.quick else (LAYOUTS, BATCHES, KV_LENS))
     rows = []
@@ -76,10 +68,7 @@ def main() -> None:
                     print(rows[-1], flush=True)
                 del k16, v16, caches
                 torch.cuda.empty_cache()
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

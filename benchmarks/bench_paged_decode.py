@@ -15,15 +15,13 @@ effect of the layout on a paged gather; they are not vLLM's latencies.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from llmsim.microbench.timer import Timer, device_name
+from gpu_bench import cuda_timer, parse_args, write_rows
 
 
 @triton.jit
@@ -103,14 +101,8 @@ LAYOUTS = {  # (query heads, KV heads) per GPU
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="one layout, one pool size")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    timer = Timer(device, warmup=5, repetitions=50)  # the suite's: CUDA events, the L2 flushed by reading
-    gpu = device_name(device)
+    args = parse_args(__doc__, "one layout, one pool size")
+    device, timer, gpu = cuda_timer(warmup=5, repetitions=50)
     head_dim = 128
     rows = []
     layouts = dict(list(LAYOUTS.items())[:1]) if args.quick else LAYOUTS
@@ -149,10 +141,7 @@ def main() -> None:
                         print(rows[-1], flush=True)
                 del k_cache, v_cache
                 torch.cuda.empty_cache()
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

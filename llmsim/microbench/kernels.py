@@ -96,6 +96,15 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object] | None:
     return replay
 
 
+def _fp8_operands(m: int, n: int, k: int, device: torch.device, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 layer's bf16 input [m, k] and FP8 weight [n, k], random, kept in ``tensors`` by shape and dtype."""
+    if ((m, k), torch.bfloat16) not in tensors:
+        tensors[((m, k), torch.bfloat16)] = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    if ((n, k), torch.float8_e4m3fn) not in tensors:
+        tensors[((n, k), torch.float8_e4m3fn)] = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+    return tensors[((m, k), torch.bfloat16)], tensors[((n, k), torch.float8_e4m3fn)]
+
+
 def fp8_gemm_kernel(m: int, n: int, k: int, device: torch.device,
                     tensors: dict | None = None) -> tuple[Callable[[], object], str]:
     """W8A8 FP8 linear layer as vLLM runs one of an FP8 checkpoint (per-tensor scales): the bf16 activations
@@ -110,11 +119,7 @@ def fp8_gemm_kernel(m: int, n: int, k: int, device: torch.device,
     over the activations than vLLM's). Returns the kernel and its impl, for the row's ``impl`` column."""
     tensors = {} if tensors is None else tensors
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    if ((m, k), bf16) not in tensors:
-        tensors[((m, k), bf16)] = torch.randn(m, k, dtype=bf16, device=device)
-    if ((n, k), fp8) not in tensors:
-        tensors[((n, k), fp8)] = torch.randn(n, k, device=device).to(fp8)
-    x, w = tensors[((m, k), bf16)], tensors[((n, k), fp8)]
+    x, w = _fp8_operands(m, n, k, device, tensors)
     w_scale = torch.ones((), dtype=torch.float32, device=device)
     if device.type == "cuda" and torch.version.hip is None:
         try:
@@ -154,11 +159,7 @@ def fp8_block_gemm_kernel(m: int, n: int, k: int, device: torch.device, tensors:
 
     tensors = {} if tensors is None else tensors
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    if ((m, k), bf16) not in tensors:
-        tensors[((m, k), bf16)] = torch.randn(m, k, dtype=bf16, device=device)
-    if ((n, k), fp8) not in tensors:
-        tensors[((n, k), fp8)] = torch.randn(n, k, device=device).to(fp8)
-    x, w = tensors[((m, k), bf16)], tensors[((n, k), fp8)]
+    x, w = _fp8_operands(m, n, k, device, tensors)
     # Weight scales near one, as a checkpoint's are for unit-variance weights over the format's range.
     if ((n, k), "block_scales") not in tensors:
         tensors[((n, k), "block_scales")] = torch.rand(n // GROUP, k // GROUP, device=device) + 0.5
