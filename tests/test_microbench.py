@@ -414,6 +414,7 @@ def test_block_fp8_triton_kernels_match_the_reference(tmp_path):
     """The Triton group quantization and block-scaled GEMM the suite times on a GPU compute what they should, run
     by Triton's CPU interpreter (where Triton is installed; the CI machine has none, a GPU box always does)."""
     pytest.importorskip("triton")
+    import os
     import subprocess
     import sys
     script = tmp_path / "check.py"
@@ -441,7 +442,7 @@ assert ((out.float() - want).norm() / want.norm()) < 0.01
 print("ok")
 ''')
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
