@@ -183,6 +183,9 @@ def test_moe_rows_that_do_not_fit_the_device_are_left_out_with_a_note(monkeypatc
     assert list(df["model"]) == ["gemm", "moe h64 i96 e4 k2"]
     err = capsys.readouterr().err
     assert "leaves out 1 fused-MoE rows" in err and "moe h64 i960 e4 k2 tp 1" in err
+    # Rows of other ops than those asked for (``--op``) are neither timed nor noted.
+    specs = run_module.measured_specs(grid, "fp32", False, CPU, ops=("gemm",))
+    assert [s["op"] for s in specs] == ["gemm"] and capsys.readouterr().err == ""
 
 
 def test_the_cli_leaves_rows_out_once_with_one_note(tmp_path, monkeypatch, capsys):

@@ -150,9 +150,9 @@ class Rows:
                         work = moe_row_work(row, default_config=True)
             self.flops[i], self.num_bytes[i], self.num_tokens[i] = work.flops, work.num_bytes, work.num_tokens
             self.gemm_k[i], self.gemm_n[i] = work.gemm_k, work.gemm_n
-            self.quant_bytes[i] = work.quant_bytes
-            if collector[i] and work.quant_bytes:
-                self.quant_bytes[i] = work.num_tokens * work.gemm_k * COLLECTOR_QUANT_BYTES[work.kind]
+            self.quant_bytes[i] = (ops.activation_quant_bytes(work.kind, work.num_tokens, work.gemm_k,
+                                                              COLLECTOR_QUANT_BYTES) if collector[i]
+                                   else work.quant_bytes)
             if row.op in ("attn_prefill", "attn_decode"):
                 s = row_shapes(row)
                 self.kv_heads[i] = s.kv_heads

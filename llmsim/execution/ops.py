@@ -91,9 +91,11 @@ _GEMM_KINDS = {"fp8": "linear_fp8", "fp8_block": "linear_fp8_block"}
 ACTIVATION_QUANT_BYTES = {"linear_fp8": 5.0, "linear_fp8_block": 3.0}
 
 
-def activation_quant_bytes(kind: str, tokens: float, n_in: float) -> float:
-    """Bytes the quantization of a [tokens, n_in] input of an op of ``kind`` moves (0: no FP8 GEMM)."""
-    return tokens * n_in * ACTIVATION_QUANT_BYTES.get(kind, 0.0)
+def activation_quant_bytes(kind: str, tokens: float, n_in: float,
+                           bytes_per_element: dict[str, float] = ACTIVATION_QUANT_BYTES) -> float:
+    """Bytes the quantization of a [tokens, n_in] input of an op of ``kind`` moves (0: no FP8 GEMM), at
+    ``bytes_per_element`` of its kind (a served engine's; calibration passes a measuring stack's)."""
+    return tokens * n_in * bytes_per_element.get(kind, 0.0)
 
 
 def linear(name: str, tokens: int, n_in: int, n_out: int, s: ShardShapes, quantised: bool = True) -> OpWork:

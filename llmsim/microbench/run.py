@@ -21,16 +21,17 @@ from llmsim.microbench.kernels import (attention_kernel, fp8_block_gemm_kernel, 
 from llmsim.microbench.timer import Timer, Timing, device_name, torch_device
 
 
+# The bare GEMMs in FP8, by dtype: each kernel returns itself and the impl that ran (the row's ``impl`` column).
+_FP8_GEMM_KERNELS = {"fp8": fp8_gemm_kernel, "fp8_block": fp8_block_gemm_kernel}
+
+
 def _kernel(spec: dict, device: torch.device, tensors: dict) -> Callable[[], object]:
     if spec["op"] == "memcpy":
         return memcpy_kernel(int(spec["size_bytes"]), device)
-    if spec["op"] == "gemm" and spec["dtype"] == "fp8":
-        kernel, spec["impl"] = fp8_gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]),
-                                               device, tensors)
-        return kernel
-    if spec["op"] == "gemm" and spec["dtype"] == "fp8_block":
-        kernel, spec["impl"] = fp8_block_gemm_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]),
-                                                     int(spec["gemm_k"]), device, tensors)
+    fp8_kernel = _FP8_GEMM_KERNELS.get(spec["dtype"]) if spec["op"] == "gemm" else None
+    if fp8_kernel is not None:
+        kernel, spec["impl"] = fp8_kernel(int(spec["num_tokens"]), int(spec["gemm_n"]), int(spec["gemm_k"]), device,
+                                          tensors)
         return kernel
     if spec["op"] == "moe":
         kernel, spec["impl"] = moe_kernel(SimpleNamespace(**spec), device, tensors)
@@ -66,16 +67,20 @@ def fp8_gemm_dtypes(device: torch.device, fp8: bool | None = None) -> tuple[str,
     """The FP8 forms of the bare GEMMs to time on ``device``: per-tensor W8A8 (``fp8``) where it has FP8 tensor
     cores (``has_fp8``; ``fp8`` forces it either way), and block-scaled (``fp8_block``) where it also has Triton,
     whose kernels quantize the activations per group and run the fallback GEMM (``fp8_block.py``)."""
-    if not (has_fp8(device) if fp8 is None else fp8):
+    fp8_cores = has_fp8(device)
+    if not (fp8_cores if fp8 is None else fp8):
         return ()
-    return ("fp8", "fp8_block") if has_fp8(device) and importlib.util.find_spec("triton") else ("fp8",)
+    return ("fp8", "fp8_block") if fp8_cores and importlib.util.find_spec("triton") else ("fp8",)
 
 
-def measured_specs(grid: Grid, dtype: str, fp8: bool | None, device: torch.device) -> list[dict]:
-    """The grid's rows this device can hold: a fused-MoE row needs every expert's weights at once (DeepSeek-V3's
-    at TP 1 are 22.5 GB in bf16), so rows that would not fit in nine tenths of the free memory are left out, and a
-    note says which, rather than the run ending in an out-of-memory error partway."""
+def measured_specs(grid: Grid, dtype: str, fp8: bool | None, device: torch.device,
+                   ops: tuple[str, ...] | None = None) -> list[dict]:
+    """The grid's rows (of ``ops`` only, where given) this device can hold: a fused-MoE row needs every expert's
+    weights at once (DeepSeek-V3's at TP 1 are 22.5 GB in bf16), so rows that would not fit in nine tenths of the
+    free memory are left out, and a note says which, rather than the run ending in an out-of-memory error partway."""
     specs = compute_specs(grid, dtype, fp8_gemm_dtypes(device, fp8))
+    if ops is not None:
+        specs = [s for s in specs if s["op"] in ops]
     room = 0.9 * _free_bytes(device)
     fits = [s["op"] != "moe" or moe_bytes(s) <= room for s in specs]
     if not all(fits):
@@ -142,10 +147,9 @@ def main(device_kind: str, out: Path, grid_name: str, dtype: str | None, warmup:
     grid = GRIDS[grid_name]
     dtype = dtype or ("fp32" if device_kind == "cpu" else "bf16")
     device = torch_device(device_kind)
-    specs = measured_specs(grid, dtype, None, device)  # once: its note too
+    specs = measured_specs(grid, dtype, None, device, ops)  # once: its note too
     if ops is not None:
         collectives = collectives and any(op in COLLECTIVE_OPS for op in ops)
-        specs = [s for s in specs if s["op"] in ops]
         if not specs and not collectives:
             raise ValueError(f"--grid {grid_name} has no rows of {', '.join(ops)} on this device")
     total = len(specs) * (min(CPU_ROUNDS, repetitions) if device_kind == "cpu" else 1)
